@@ -1,0 +1,85 @@
+"""Export configuration and result, shared by every converter."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onnxforge.model_io import TensorSpec
+from onnxforge.parity import ParityReport, Tolerance
+
+__all__ = ["Exporter", "ExportConfig", "ExportResult"]
+
+
+class Exporter(enum.Enum):
+    AUTO = "auto"  # dynamo first, TorchScript when dynamo fails
+    DYNAMO = "dynamo"
+    TORCHSCRIPT = "torchscript"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """How to export.
+
+    input_shapes / input_dtypes: per input name (dtype defaults to float32).
+    dynamic_batch: axis 0 of every input and output becomes the dim ``batch``.
+    dynamic_axes: extra dynamic dims, ``{"input_ids": {1: "sequence"}}``.
+    sample_inputs: an .npz whose arrays (keyed by input name) are used for the parity check.
+    """
+
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    input_dtypes: Mapping[str, np.dtype] = field(default_factory=dict)
+    dynamic_batch: bool = False
+    dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    opset: int | None = None
+    exporter: Exporter = Exporter.AUTO
+    tolerance: Tolerance = Tolerance()
+    sample_inputs: Path | None = None
+    check_parity: bool = True
+
+    def to_json(self) -> dict:
+        return {
+            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "input_dtypes": {k: str(v) for k, v in self.input_dtypes.items()},
+            "dynamic_batch": self.dynamic_batch,
+            "dynamic_axes": {k: dict(v) for k, v in self.dynamic_axes.items()},
+            "opset": self.opset,
+            "exporter": self.exporter.value,
+            "tolerance": {"atol": self.tolerance.atol, "rtol": self.tolerance.rtol},
+            "sample_inputs": str(self.sample_inputs) if self.sample_inputs else None,
+        }
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    source_kind: str
+    exporter: str
+    parity: ParityReport | None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: int | None
+    fallback_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        return self.parity is not None and self.parity.ok
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "source_kind": self.source_kind,
+            "exporter": self.exporter,
+            "fallback_reason": self.fallback_reason,
+            "parity": self.parity.to_json() if self.parity else None,
+            "verified": self.verified,
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "opset": self.opset,
+            "notes": self.notes,
+        }

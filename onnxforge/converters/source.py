@@ -1,0 +1,143 @@
+"""Resolving a SOURCE argument to a model object: ``file.py:callable``, a TorchScript ``.pt``,
+a ``.keras`` file, an ``.onnx`` file, or ``builtin:digits_cnn`` (the demo CNN).
+
+A callable may return the model, or ``(model, example_inputs)`` where example_inputs is a tuple of
+tensors/arrays or a dict keyed by input name; example inputs fix the export shapes when no
+``--input-shape`` is given.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onnxforge.errors import ExportError
+
+__all__ = ["SourceKind", "SourceModel", "resolve_source"]
+
+
+class SourceKind(enum.Enum):
+    TORCH = "torch"
+    TORCHSCRIPT = "torchscript"
+    KERAS = "keras"
+    ONNX = "onnx"
+
+
+@dataclass
+class SourceModel:
+    kind: SourceKind
+    description: str
+    model: Any = None
+    example_inputs: Any = None
+    path: Path | None = None
+
+
+def _split_callable(source: str) -> tuple[Path, str] | None:
+    path_text, sep, attr = source.rpartition(":")
+    if sep and path_text.endswith(".py") and attr.isidentifier():
+        return Path(path_text), attr
+    return None
+
+
+def _call_factory(path: Path, attr: str) -> Any:
+    if not path.exists():
+        raise ExportError(f"{path}: no such file")
+    module_name = f"_onnxforge_source_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ExportError(f"{path}: cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ExportError(f"{path}: importing it failed: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ExportError(f"{path}: defines no {attr!r}")
+    if not callable(factory):
+        raise ExportError(f"{path}:{attr} is not callable; it should return a model")
+    try:
+        return factory()
+    except Exception as e:
+        raise ExportError(f"{path}:{attr}() raised {type(e).__name__}: {e}") from e
+
+
+def _classify(obj: Any, origin: str) -> SourceModel:
+    example = None
+    if isinstance(obj, tuple) and len(obj) == 2:
+        obj, example = obj
+    module_names = type(obj).__module__ + "." + " ".join(c.__module__ for c in type(obj).__mro__)
+    if "torch" in module_names:
+        import torch
+
+        if isinstance(obj, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+            return SourceModel(SourceKind.TORCHSCRIPT, origin, obj, example)
+        if isinstance(obj, torch.nn.Module):
+            return SourceModel(SourceKind.TORCH, origin, obj, example)
+    if "keras" in module_names:
+        return SourceModel(SourceKind.KERAS, origin, obj, example)
+    raise ExportError(
+        f"{origin} returned a {type(obj).__name__}, not a model",
+        hint="return a torch.nn.Module or a keras.Model (optionally as (model, example_inputs))",
+    )
+
+
+BUILTIN_MODELS = ("digits_cnn",)
+
+
+def _builtin(text: str) -> SourceModel:
+    name = text.split(":", 1)[1]
+    if name != "digits_cnn":
+        raise ExportError(f"{text}: unknown built-in model; built-ins are: {', '.join(BUILTIN_MODELS)}")
+    import torch
+
+    from onnxforge.converters.digits_cnn import load_pretrained
+
+    example = {"image": torch.zeros(1, 1, 32, 32)}
+    return SourceModel(SourceKind.TORCH, text, load_pretrained(), example)
+
+
+def resolve_source(source: str | Path) -> SourceModel:
+    """Load what SOURCE names; raises ExportError with the reason when it cannot."""
+    text = str(source)
+    if text.startswith("builtin:"):
+        return _builtin(text)
+    target = _split_callable(text)
+    if target is not None:
+        path, attr = target
+        return _classify(_call_factory(path, attr), f"{path}:{attr}")
+    path = Path(text)
+    suffix = path.suffix.lower()
+    if suffix == ".py":
+        raise ExportError(f"{text}: name the function that builds the model, e.g. {text}:build_model")
+    if not path.exists():
+        raise ExportError(f"{text}: no such file")
+    if suffix == ".onnx":
+        return SourceModel(SourceKind.ONNX, str(path), path=path)
+    if suffix in (".pt", ".pth", ".torchscript"):
+        import torch
+
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise ExportError(
+                f"{path}: not a TorchScript file ({type(e).__name__})",
+                hint="a state_dict has no architecture; pass file.py:callable that builds and loads the model",
+            ) from e
+        return SourceModel(SourceKind.TORCHSCRIPT, str(path), model.eval(), path=path)
+    if suffix == ".keras":
+        from onnxforge.converters.keras_export import load_keras_file
+
+        return SourceModel(SourceKind.KERAS, str(path), load_keras_file(path), path=path)
+    raise ExportError(
+        f"{text}: unknown source type {suffix or '(no suffix)'!r}",
+        hint="give file.py:callable, a TorchScript .pt, a .keras file or an .onnx file",
+    )

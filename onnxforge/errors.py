@@ -1,0 +1,72 @@
+"""The errors onnxforge raises on purpose, each with the exit code the CLI returns for it.
+
+Exit codes: 2 bad input or usage, 3 target unavailable, 4 quality gate not met (the best model
+found is still saved), 130 interrupted, 1 anything else (a bug in onnxforge: please report it).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OnnxForgeError",
+    "UsageError",
+    "InvalidModelError",
+    "ExportError",
+    "CalibrationDataError",
+    "RecipeError",
+    "OutputPathError",
+    "TargetUnavailableError",
+    "QualityGateError",
+]
+
+
+class OnnxForgeError(Exception):
+    """Base class. ``hint`` is a short suggestion printed after the message."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(OnnxForgeError):
+    """Arguments that do not make sense together, or malformed option values."""
+
+    exit_code = 2
+
+
+class InvalidModelError(UsageError):
+    """The model file is missing, unreadable, not ONNX, or fails the checker."""
+
+
+class ExportError(UsageError):
+    """The source model could not be loaded or exported to ONNX."""
+
+
+class CalibrationDataError(UsageError):
+    """Calibration or evaluation data that does not fit the model."""
+
+
+class RecipeError(UsageError):
+    """A pipeline recipe with unknown keys, wrong types or missing files."""
+
+
+class OutputPathError(UsageError):
+    """An output path that cannot be written, or that would overwrite the input."""
+
+
+class TargetUnavailableError(OnnxForgeError):
+    """The requested execution target is not usable on this machine."""
+
+    exit_code = 3
+
+
+class QualityGateError(OnnxForgeError):
+    """A stage could not meet its accuracy tolerance. ``best_path`` holds the best model found."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, hint: str | None = None, best_path: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.best_path = best_path

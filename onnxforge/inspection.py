@@ -1,0 +1,85 @@
+"""``onnxforge inspect``: what a model takes and returns, its opset, ops, parameters and size."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxforge.model_io import TensorSpec, default_opset, input_specs, load_model, model_file_size, output_specs
+
+__all__ = ["ModelInfo", "inspect_model"]
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: int | None
+    opsets: dict[str, int]
+    producer: str
+    ops: dict[str, int]
+    nodes: int
+    parameters: int
+    bytes: int
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "opset": self.opset,
+            "opsets": self.opsets,
+            "producer": self.producer,
+            "ops": self.ops,
+            "nodes": self.nodes,
+            "parameters": self.parameters,
+            "bytes": self.bytes,
+        }
+
+
+def _walk(graph: onnx.GraphProto, ops: Counter) -> None:
+    for node in graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        ops[key] += 1
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _walk(attr.g, ops)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _walk(g, ops)
+
+
+def _parameter_count(model: onnx.ModelProto) -> int:
+    total = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    total += int(np.prod(numpy_helper.to_array(attr.t).shape))
+    return total
+
+
+def inspect_model(path: str | os.PathLike) -> ModelInfo:
+    model = load_model(path)
+    ops: Counter = Counter()
+    _walk(model.graph, ops)
+    producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
+    return ModelInfo(
+        path=Path(path),
+        inputs=input_specs(model),
+        outputs=output_specs(model),
+        opset=default_opset(model),
+        opsets={(e.domain or "ai.onnx"): int(e.version) for e in model.opset_import},
+        producer=producer or "unknown",
+        ops=dict(ops.most_common()),
+        nodes=sum(ops.values()),
+        parameters=_parameter_count(model),
+        bytes=model_file_size(path),
+    )

@@ -1,0 +1,120 @@
+"""Quality metrics of a candidate model against the fp32 reference (and labels, when given).
+
+- ``accuracy``: top-1 accuracy against labels; the tolerance is the allowed drop in points.
+- ``agreement``: share of samples whose top-1 class equals the reference's; tolerance = allowed
+  disagreement in points.
+- ``cosine``: mean cosine similarity of the first output to the reference's; tolerance = minimum.
+- ``rel-error``: mean over samples of ||y - y_ref|| / ||y_ref||; tolerance = maximum.
+``auto`` picks accuracy with labels, agreement for a (N, classes) output, else cosine.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxforge.pipeline.calibration import SampleSet
+
+__all__ = ["Metric", "QualityGate", "run_outputs", "score", "resolve_metric"]
+
+
+class Metric(enum.Enum):
+    AUTO = "auto"
+    ACCURACY = "accuracy"
+    AGREEMENT = "agreement"
+    COSINE = "cosine"
+    REL_ERROR = "rel-error"
+
+
+_DEFAULT_TOLERANCE = {
+    Metric.ACCURACY: 0.5,  # points of accuracy lost
+    Metric.AGREEMENT: 1.0,  # points of top-1 disagreement
+    Metric.COSINE: 0.99,  # minimum mean cosine
+    Metric.REL_ERROR: 0.05,  # maximum mean relative error
+}
+_HIGHER_IS_BETTER = {Metric.ACCURACY: True, Metric.AGREEMENT: True, Metric.COSINE: True, Metric.REL_ERROR: False}
+
+
+@dataclass(frozen=True, kw_only=True)
+class QualityGate:
+    """A resolved metric with its tolerance; ``passes`` compares a candidate score to the reference's."""
+
+    metric: Metric
+    tolerance: float
+
+    @classmethod
+    def resolve(cls, metric: Metric, tolerance: float | None, has_labels: bool, output_shape: tuple) -> QualityGate:
+        chosen = resolve_metric(metric, has_labels, output_shape)
+        return cls(metric=chosen, tolerance=_DEFAULT_TOLERANCE[chosen] if tolerance is None else float(tolerance))
+
+    @property
+    def higher_is_better(self) -> bool:
+        return _HIGHER_IS_BETTER[self.metric]
+
+    def passes(self, candidate: float, reference: float) -> bool:
+        if self.metric is Metric.ACCURACY:
+            return (reference - candidate) * 100.0 <= self.tolerance + 1e-9
+        if self.metric is Metric.AGREEMENT:
+            return (1.0 - candidate) * 100.0 <= self.tolerance + 1e-9
+        if self.metric is Metric.COSINE:
+            return candidate >= self.tolerance
+        return candidate <= self.tolerance
+
+    def describe(self) -> str:
+        return {
+            Metric.ACCURACY: f"accuracy drop <= {self.tolerance:g} points",
+            Metric.AGREEMENT: f"top-1 agreement with fp32 >= {100 - self.tolerance:g}%",
+            Metric.COSINE: f"mean cosine to fp32 >= {self.tolerance:g}",
+            Metric.REL_ERROR: f"mean relative error to fp32 <= {self.tolerance:g}",
+        }[self.metric]
+
+    def format(self, value: float) -> str:
+        if self.metric in (Metric.ACCURACY, Metric.AGREEMENT):
+            return f"{value * 100:.2f}%"
+        return f"{value:.4f}"
+
+
+def resolve_metric(metric: Metric, has_labels: bool, output_shape: tuple) -> Metric:
+    if metric is not Metric.AUTO:
+        return metric
+    if has_labels:
+        return Metric.ACCURACY
+    if len(output_shape) == 2 and output_shape[1] > 1:
+        return Metric.AGREEMENT
+    return Metric.COSINE
+
+
+def run_outputs(session: ort.InferenceSession, samples: SampleSet, batch_size: int) -> list[np.ndarray]:
+    """All outputs of ``session`` over ``samples``, concatenated along the sample axis."""
+    chunks: list[list[np.ndarray]] = []
+    for batch in samples.batches(batch_size):
+        n = len(next(iter(batch.values())))
+        if n != batch_size and chunks:
+            # fixed-batch models: pad the last batch and drop the padding from the outputs
+            batch = {k: np.resize(v, (batch_size, *v.shape[1:])) for k, v in batch.items()}
+            chunks.append([o[:n] for o in session.run(None, batch)])
+        else:
+            chunks.append(session.run(None, batch))
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))] if chunks else []
+
+
+def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.ndarray | None) -> float:
+    """The metric of ``outputs`` (first output) against labels or the reference outputs."""
+    y = outputs[0].reshape(len(outputs[0]), -1).astype(np.float64)
+    ref = reference[0].reshape(len(reference[0]), -1).astype(np.float64)
+    if metric is Metric.ACCURACY:
+        if labels is None:
+            raise ValueError("accuracy needs labels")
+        return float((y.argmax(1) == labels).mean())
+    if metric is Metric.AGREEMENT:
+        return float((y.argmax(1) == ref.argmax(1)).mean())
+    if metric is Metric.COSINE:
+        num = (y * ref).sum(1)
+        den = np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1)
+        return float(np.mean(num / np.maximum(den, 1e-12)))
+    if metric is Metric.REL_ERROR:
+        return float(np.mean(np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)))
+    raise ValueError(f"unresolved metric {metric}")

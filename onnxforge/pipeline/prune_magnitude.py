@@ -1,0 +1,214 @@
+"""Magnitude sparsity: zero the smallest weights of Conv, ConvTranspose, Gemm and MatMul.
+
+Rule: with sparsity s, a weight w is zeroed when |w| < t, where t is the s-quantile of |w| over
+all eligible weights (``global``) or over each layer's own weights (``per-layer``). Biases,
+normalization parameters and layers with fewer than ``min_params`` weights are left alone.
+
+Dense kernels gain no speed from zeros: what sparsity buys is a smaller compressed file (we
+report the gzip size) and, on sparse-aware runtimes, speed. With evaluation data, a tolerance
+loop lowers the sparsity until the quality gate holds, keeping the sparsest model that passes.
+"""
+
+from __future__ import annotations
+
+import enum
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxforge._atomic import check_output_path
+from onnxforge.errors import QualityGateError, UsageError
+from onnxforge.model_io import input_specs, load_model, save_model
+from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
+from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
+from onnxforge.targets.cpu import CpuTarget
+
+__all__ = ["Scope", "MagnitudePruneConfig", "MagnitudePruneResult", "prune_magnitude", "sparsify_model"]
+
+_WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+class Scope(enum.Enum):
+    GLOBAL = "global"
+    PER_LAYER = "per-layer"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MagnitudePruneConfig:
+    sparsity: float = 0.5
+    scope: Scope = Scope.PER_LAYER
+    min_params: int = 64
+    exclude_nodes: tuple[str, ...] = ()
+    eval_data: Path | None = None
+    metric: Metric = Metric.AUTO
+    tolerance: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise UsageError(f"--sparsity {self.sparsity}: must be in [0, 1)")
+
+    def to_json(self) -> dict:
+        return {
+            "sparsity": self.sparsity,
+            "scope": self.scope.value,
+            "min_params": self.min_params,
+            "exclude_nodes": list(self.exclude_nodes),
+            "eval_data": str(self.eval_data) if self.eval_data else None,
+            "metric": self.metric.value,
+            "tolerance": self.tolerance,
+        }
+
+
+@dataclass
+class MagnitudePruneResult:
+    path: Path | None
+    requested_sparsity: float
+    achieved_sparsity: float
+    pruned_layers: list[str]
+    skipped_layers: list[str]
+    bytes: int
+    gzip_bytes_before: int
+    gzip_bytes_after: int
+    score_before: float | None = None
+    score_after: float | None = None
+    gate: str | None = None
+    tried: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "requested_sparsity": self.requested_sparsity,
+            "achieved_sparsity": self.achieved_sparsity,
+            "pruned_layers": self.pruned_layers,
+            "skipped_layers": self.skipped_layers,
+            "bytes": self.bytes,
+            "gzip_bytes_before": self.gzip_bytes_before,
+            "gzip_bytes_after": self.gzip_bytes_after,
+            "score_before": self.score_before,
+            "score_after": self.score_after,
+            "gate": self.gate,
+            "tried": self.tried,
+        }
+
+
+def _eligible_weights(graph: ir.Graph, config: MagnitudePruneConfig) -> tuple[list[tuple[str, ir.Value]], list[str]]:
+    chosen, skipped = [], []
+    seen: set[int] = set()
+    for node in graph:
+        index = _WEIGHT_OPS.get(node.op_type)
+        if index is None or node.domain not in ("", "ai.onnx") or len(node.inputs) <= index:
+            continue
+        weight = node.inputs[index]
+        name = node.name or (node.outputs[0].name if node.outputs else node.op_type)
+        if weight is None or weight.const_value is None:
+            continue  # activations (MatMul of two tensors) are not weights
+        if node.name in config.exclude_nodes:
+            skipped.append(f"{name} (excluded)")
+            continue
+        if weight.const_value.size < config.min_params:
+            skipped.append(f"{name} (only {weight.const_value.size} weights)")
+            continue
+        if id(weight) in seen:
+            continue  # a weight shared by several nodes is pruned once
+        seen.add(id(weight))
+        chosen.append((name, weight))
+    return chosen, skipped
+
+
+def sparsify_model(
+    model: onnx.ModelProto, config: MagnitudePruneConfig
+) -> tuple[onnx.ModelProto, float, list[str], list[str]]:
+    """Zero the smallest weights. Returns (model, achieved sparsity over eligible weights, pruned, skipped)."""
+    ir_model = ir.from_proto(model)
+    weights, skipped = _eligible_weights(ir_model.graph, config)
+    arrays = {name: value.const_value.numpy() for name, value in weights}
+    if config.scope is Scope.GLOBAL and arrays:
+        everything = np.concatenate([np.abs(a).ravel() for a in arrays.values()])
+        thresholds = {name: np.quantile(everything, config.sparsity) for name in arrays}
+    else:
+        thresholds = {name: np.quantile(np.abs(a), config.sparsity) for name, a in arrays.items()}
+    zeros = total = 0
+    for name, value in weights:
+        array = arrays[name]
+        pruned = np.where(np.abs(array) < thresholds[name], np.zeros_like(array), array)
+        zeros += int(np.count_nonzero(pruned == 0))
+        total += pruned.size
+        value.const_value = ir.tensor(pruned, name=value.name)
+    return ir.to_proto(ir_model), (zeros / total if total else 0.0), [n for n, _ in weights], skipped
+
+
+def _gzip_size(data: bytes) -> int:
+    return len(gzip.compress(data, compresslevel=6))
+
+
+def prune_magnitude(
+    input_path: str | os.PathLike, output: str | os.PathLike, config: MagnitudePruneConfig = MagnitudePruneConfig()
+) -> MagnitudePruneResult:
+    """Sparsify ``input_path`` into ``output``. With ``eval_data``, lower sparsity until the gate holds."""
+    out = check_output_path(output, input_path)
+    model = load_model(input_path)
+    before = model.SerializeToString()
+    samples: SampleSet | None = None
+    gate = None
+    reference = None
+    fp_score = None
+    target = CpuTarget()
+    batch = model_batch_size(input_specs(model), preferred=32)
+    if config.eval_data is not None:
+        samples = load_samples(config.eval_data, input_specs(model))
+        reference = run_outputs(target.session(before), samples, batch)
+        gate = QualityGate.resolve(config.metric, config.tolerance, samples.labels is not None, reference[0].shape)
+        fp_score = score(gate.metric, reference, reference, samples.labels)
+
+    tried: list[dict] = []
+    best = None
+    sparsity = config.sparsity
+    # Try the requested sparsity, then back off geometrically (x0.75) until the gate holds.
+    while True:
+        candidate_config = MagnitudePruneConfig(**{**config.__dict__, "sparsity": sparsity})
+        pruned, achieved, layers, skipped = sparsify_model(model, candidate_config)
+        serialized = pruned.SerializeToString()
+        entry = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
+        value = None
+        if samples is not None:
+            value = score(gate.metric, run_outputs(target.session(serialized), samples, batch), reference, samples.labels)
+            entry["score"] = value
+            entry["passes"] = gate.passes(value, fp_score)
+        tried.append(entry)
+        if best is None or (samples is not None and gate.passes(value, fp_score)):
+            best = (pruned, achieved, layers, skipped, serialized, value)
+        if samples is None or gate.passes(value, fp_score) or sparsity < 0.05:
+            break
+        sparsity *= 0.75
+    pruned, achieved, layers, skipped, serialized, value = best
+    passed = samples is None or gate.passes(value, fp_score)
+    if not passed:
+        pruned, achieved, value = model, 0.0, fp_score
+        serialized = before
+    save_model(pruned, out)
+    result = MagnitudePruneResult(
+        path=out,
+        requested_sparsity=config.sparsity,
+        achieved_sparsity=achieved,
+        pruned_layers=layers,
+        skipped_layers=skipped,
+        bytes=len(serialized),
+        gzip_bytes_before=_gzip_size(before),
+        gzip_bytes_after=_gzip_size(serialized),
+        score_before=fp_score,
+        score_after=value,
+        gate=gate.describe() if gate else None,
+        tried=tried,
+    )
+    if not passed:
+        raise QualityGateError(
+            f"no sparsity down to {sparsity:.3f} meets the tolerance ({gate.describe()}); "
+            f"the unpruned model is saved at {out}",
+            hint="loosen --tolerance, or exclude sensitive layers with --exclude",
+            best_path=str(out),
+        )
+    return result

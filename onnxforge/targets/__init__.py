@@ -1,0 +1,32 @@
+"""Where a model runs: one module per target, the latency profiler, availability checks."""
+
+from __future__ import annotations
+
+from onnxforge.errors import UsageError
+from onnxforge.targets.base import ActivationType, QuantFormat, QuantScheme, Target
+from onnxforge.targets.cpu import CpuTarget
+from onnxforge.targets.gpu import CudaTarget, TensorrtTarget
+
+__all__ = [
+    "Target",
+    "CpuTarget",
+    "CudaTarget",
+    "TensorrtTarget",
+    "QuantScheme",
+    "QuantFormat",
+    "ActivationType",
+    "TARGETS",
+    "get_target",
+]
+
+TARGETS: dict[str, Target] = {t.name: t for t in (CpuTarget(), CudaTarget(), TensorrtTarget())}
+
+
+def get_target(name: str | Target) -> Target:
+    """The target called ``name`` (a Target passes through). Unknown names are a UsageError."""
+    if isinstance(name, Target):
+        return name
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UsageError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}") from None

@@ -1,0 +1,98 @@
+"""What a target is: an onnxruntime execution provider setup that can make sessions and that
+knows which quantization formats it runs fast."""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+from onnxforge.errors import InvalidModelError, TargetUnavailableError
+
+__all__ = ["Target", "QuantScheme", "QuantFormat", "ActivationType"]
+
+
+class QuantFormat(enum.Enum):
+    QDQ = "qdq"
+    QOPERATOR = "qoperator"
+
+
+class ActivationType(enum.Enum):
+    UINT8 = "uint8"
+    INT8 = "int8"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantScheme:
+    """One way to quantize: the format, the activation type (weights are int8), and weight granularity."""
+
+    format: QuantFormat
+    activations: ActivationType
+    per_channel: bool = True
+    reduce_range: bool = False  # 7-bit weights, for x86 CPUs without VNNI (avoids int16 saturation)
+
+    @property
+    def label(self) -> str:
+        act = "U8" if self.activations is ActivationType.UINT8 else "S8"
+        gran = "per-channel" if self.per_channel else "per-tensor"
+        return f"{self.format.name} {act}S8 {gran}" + (" reduce-range" if self.reduce_range else "")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Base target. Subclasses set ``name``, ``providers`` and ``quant_candidates``."""
+
+    name: str = "base"
+    providers: tuple[str, ...] = ()
+    install_hint: str = ""
+
+    def unavailable_reason(self) -> str | None:
+        """None when usable here, else a one-line reason."""
+        available = set(ort.get_available_providers())
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            return (
+                f"target {self.name!r} needs {missing[0]}, but this onnxruntime "
+                f"({ort.__version__}) offers only {', '.join(sorted(available))}"
+            )
+        return None
+
+    def require(self) -> None:
+        reason = self.unavailable_reason()
+        if reason:
+            raise TargetUnavailableError(reason, hint=self.install_hint or None)
+
+    def quant_candidates(self) -> list[QuantScheme]:
+        """Quantization schemes worth measuring on this target, most promising first."""
+        return [
+            QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.UINT8),
+            QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.INT8),
+        ]
+
+    def session_options(self, threads: int | None) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        return options
+
+    def provider_options(self) -> list[tuple[str, dict]]:
+        return [(p, {}) for p in self.providers]
+
+    def session(self, model: str | os.PathLike | bytes, *, threads: int | None = None) -> ort.InferenceSession:
+        """An InferenceSession on this target; a model onnxruntime cannot load is InvalidModelError."""
+        self.require()
+        source = model if isinstance(model, bytes) else str(model)
+        try:
+            return ort.InferenceSession(
+                source, sess_options=self.session_options(threads), providers=self.provider_options()
+            )
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
+            where = "the model" if isinstance(model, bytes) else str(model)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidModelError(
+                f"{where}: onnxruntime cannot load it on target {self.name!r}: {first[:300]}"
+            ) from e

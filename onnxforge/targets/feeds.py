@@ -1,0 +1,122 @@
+"""Input feeds for a model: parsed ``--input-shape`` values and generated or sampled arrays.
+
+Generated data is deterministic (fixed seed). A dynamic first dimension takes the batch size;
+any other dynamic dimension must be given with ``--input-shape`` (we do not guess a sequence
+length or an image size that the model may not accept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from onnxforge.errors import UsageError
+from onnxforge.model_io import TensorSpec
+
+__all__ = ["parse_input_shapes", "parse_input_dtypes", "resolve_shape", "generate_feeds", "batch_from_samples"]
+
+
+def _parse_input_arg(item: str) -> tuple[str, tuple[int, ...], np.dtype | None]:
+    name, sep, rest = item.rpartition("=")
+    if not sep or not name or not rest:
+        raise UsageError(f"--input-shape {item!r}: expected NAME=DIMS, e.g. input=1x3x224x224")
+    dims, _, dtype_text = rest.partition(":")
+    try:
+        shape = tuple(int(d) for d in dims.replace(",", "x").split("x"))
+    except ValueError:
+        raise UsageError(f"--input-shape {item!r}: dims must be integers separated by 'x'") from None
+    if any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {item!r}: dims must be positive")
+    dtype = None
+    if dtype_text:
+        try:
+            dtype = np.dtype(dtype_text)
+        except TypeError:
+            raise UsageError(f"--input-shape {item!r}: unknown dtype {dtype_text!r}") from None
+    return name, shape, dtype
+
+
+def parse_input_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Parse ``NAME=1x3x224x224`` items (also ``NAME=1,3,224,224``; a ``:dtype`` suffix is allowed)."""
+    return {name: shape for name, shape, _ in map(_parse_input_arg, values)}
+
+
+def parse_input_dtypes(values: Sequence[str]) -> dict[str, np.dtype]:
+    """The dtypes given as ``NAME=1x128:int64``; inputs without a suffix are left out."""
+    return {name: dtype for name, _, dtype in map(_parse_input_arg, values) if dtype is not None}
+
+
+def resolve_shape(spec: TensorSpec, batch: int, overrides: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The concrete shape to feed for ``spec``."""
+    if spec.name in overrides:
+        shape = overrides[spec.name]
+        if len(shape) != len(spec.shape):
+            raise UsageError(
+                f"--input-shape {spec.name}: rank {len(shape)} given, the model input has rank {len(spec.shape)}"
+            )
+        for given, declared in zip(shape, spec.shape):
+            if isinstance(declared, int) and declared != given:
+                raise UsageError(
+                    f"--input-shape {spec.name}={'x'.join(map(str, shape))} does not match the model's "
+                    f"fixed shape {spec.shape_text()}"
+                )
+        return shape
+    resolved = []
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, int):
+            resolved.append(dim)
+        elif axis == 0:
+            resolved.append(batch)
+        else:
+            raise UsageError(
+                f"input {spec.name!r} has dynamic dimension {axis} ({dim or '?'}) in shape {spec.shape_text()}",
+                hint=f"give it with --input-shape {spec.name}=" + "x".join(
+                    str(d) if isinstance(d, int) else ("1" if i == 0 else "N") for i, d in enumerate(spec.shape)
+                ),
+            )
+    return tuple(resolved)
+
+
+def generate_feeds(
+    specs: Sequence[TensorSpec],
+    *,
+    batch: int = 1,
+    overrides: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Random inputs of the right shape and dtype: normal floats, small ints, ones for masks."""
+    overrides = overrides or {}
+    unknown = set(overrides) - {s.name for s in specs}
+    if unknown:
+        raise UsageError(
+            f"--input-shape names {sorted(unknown)[0]!r}, which is not a model input; "
+            f"inputs are: {', '.join(s.name for s in specs)}"
+        )
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = resolve_shape(spec, batch, overrides)
+        if spec.dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind in "iu":
+            if "mask" in spec.name.lower():
+                feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
+            else:
+                feeds[spec.name] = rng.integers(0, 100, size=shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            feeds[spec.name] = np.ones(shape, dtype=bool)
+        else:
+            raise UsageError(f"input {spec.name!r} has dtype {spec.dtype}, which onnxforge cannot generate")
+    return feeds
+
+
+def batch_from_samples(samples: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """The first ``batch`` samples of each array, repeated cyclically if there are fewer."""
+    feeds = {}
+    for name, array in samples.items():
+        if len(array) >= batch:
+            feeds[name] = np.ascontiguousarray(array[:batch])
+        else:
+            feeds[name] = np.ascontiguousarray(np.resize(array, (batch, *array.shape[1:])))
+    return feeds

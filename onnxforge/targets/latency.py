@@ -1,0 +1,113 @@
+"""Latency measurement: warm-up, then runs until a minimum count and time, summarized by
+percentiles. ``compare_latency`` interleaves several sessions round by round, so that the
+machine's drift (±15% run to run on a shared host) hits every model alike and ratios hold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["LatencyStats", "measure_latency", "compare_latency"]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Milliseconds per run; ``throughput`` is samples per second at the measured batch size."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    runs: int
+    batch: int
+
+    @property
+    def throughput(self) -> float:
+        return 1000.0 * self.batch / self.p50_ms if self.p50_ms > 0 else float("inf")
+
+    @classmethod
+    def from_times(cls, times_s: list[float], batch: int) -> LatencyStats:
+        ms = np.asarray(times_s) * 1000.0
+        return cls(
+            p50_ms=float(np.percentile(ms, 50)),
+            p90_ms=float(np.percentile(ms, 90)),
+            p99_ms=float(np.percentile(ms, 99)),
+            mean_ms=float(ms.mean()),
+            std_ms=float(ms.std()),
+            runs=len(ms),
+            batch=batch,
+        )
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "throughput_per_s": self.throughput}
+
+
+def _batch_of(feeds: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def _time_one(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    session.run(None, dict(feeds))
+    return time.perf_counter() - start
+
+
+def measure_latency(
+    session: ort.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    warmup: int = 5,
+    min_runs: int = 20,
+    min_seconds: float = 1.0,
+    max_runs: int = 10_000,
+) -> LatencyStats:
+    """Time ``session.run`` on ``feeds`` after ``warmup`` runs, for at least min_runs and min_seconds."""
+    for _ in range(warmup):
+        session.run(None, dict(feeds))
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < min_seconds):
+        times.append(_time_one(session, feeds))
+    return LatencyStats.from_times(times, _batch_of(feeds))
+
+
+def compare_latency(
+    sessions: Mapping[str, ort.InferenceSession],
+    feeds: Mapping[str, Mapping[str, np.ndarray]] | Mapping[str, np.ndarray],
+    *,
+    warmup: int = 5,
+    rounds: int = 30,
+    runs_per_round: int = 3,
+    min_seconds: float = 0.0,
+) -> dict[str, LatencyStats]:
+    """Interleave the sessions: each round runs every session ``runs_per_round`` times, in turn.
+
+    ``feeds`` is either one feed dict shared by all sessions or a dict of feeds per session name.
+    """
+    per_session = (
+        {name: feeds[name] for name in sessions}  # type: ignore[index]
+        if feeds and all(name in feeds for name in sessions)
+        and all(isinstance(v, Mapping) for v in feeds.values())
+        else {name: feeds for name in sessions}
+    )
+    for name, session in sessions.items():
+        for _ in range(warmup):
+            session.run(None, dict(per_session[name]))
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    start = time.perf_counter()
+    done = 0
+    while done < rounds or time.perf_counter() - start < min_seconds:
+        for name, session in sessions.items():
+            for _ in range(runs_per_round):
+                times[name].append(_time_one(session, per_session[name]))
+        done += 1
+    return {
+        name: LatencyStats.from_times(values, _batch_of(per_session[name])) for name, values in times.items()
+    }
