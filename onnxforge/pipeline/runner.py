@@ -185,6 +185,9 @@ def run_recipe(
     if measure:
         metric = _measure(manifest, recipe, progress)
         manifest.write()
+    from onnxforge.report import write_run_report
+
+    write_run_report(manifest.to_json(), run_dir)  # report.html beside manifest.json, built from it
     return RunResult(run_dir, manifest, metric)
 
 

@@ -6,12 +6,14 @@ from onnxforge.errors import UsageError
 from onnxforge.targets.base import ActivationType, QuantFormat, QuantScheme, Target
 from onnxforge.targets.cpu import CpuTarget
 from onnxforge.targets.gpu import CudaTarget, TensorrtTarget
+from onnxforge.targets.mobile import MobileTarget
 
 __all__ = [
     "Target",
     "CpuTarget",
     "CudaTarget",
     "TensorrtTarget",
+    "MobileTarget",
     "QuantScheme",
     "QuantFormat",
     "ActivationType",
@@ -19,7 +21,7 @@ __all__ = [
     "get_target",
 ]
 
-TARGETS: dict[str, Target] = {t.name: t for t in (CpuTarget(), CudaTarget(), TensorrtTarget())}
+TARGETS: dict[str, Target] = {t.name: t for t in (CpuTarget(), CudaTarget(), TensorrtTarget(), MobileTarget())}
 
 
 def get_target(name: str | Target) -> Target:

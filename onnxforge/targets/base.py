@@ -82,17 +82,47 @@ class Target:
     def provider_options(self) -> list[tuple[str, dict]]:
         return [(p, {}) for p in self.providers]
 
-    def session(self, model: str | os.PathLike | bytes, *, threads: int | None = None) -> ort.InferenceSession:
-        """An InferenceSession on this target; a model onnxruntime cannot load is InvalidModelError."""
+    def session(
+        self,
+        model: str | os.PathLike | bytes,
+        *,
+        threads: int | None = None,
+        profile_prefix: str | None = None,
+    ) -> ort.InferenceSession:
+        """An InferenceSession on this target; a model onnxruntime cannot load is InvalidModelError.
+
+        With ``profile_prefix`` onnxruntime's profiler is on and writes ``<prefix>_<date>.json``.
+        A provider that onnxruntime could not start is TargetUnavailableError, not a CPU fallback.
+        """
         self.require()
         source = model if isinstance(model, bytes) else str(model)
+        options = self.session_options(threads)
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         try:
-            return ort.InferenceSession(
-                source, sess_options=self.session_options(threads), providers=self.provider_options()
-            )
+            session = ort.InferenceSession(source, sess_options=options, providers=self.provider_options())
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
             where = "the model" if isinstance(model, bytes) else str(model)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InvalidModelError(
                 f"{where}: onnxruntime cannot load it on target {self.name!r}: {first[:300]}"
             ) from e
+        self.check_placement(session)
+        return session
+
+    def check_placement(self, session: ort.InferenceSession) -> None:
+        """Refuse a session that silently dropped one of our providers.
+
+        onnxruntime only logs a warning when a requested provider fails to start (missing CUDA or
+        TensorRT libraries, no GPU) and then runs everything on the CPU; a latency from that session
+        would be reported under the wrong target.
+        """
+        started = session.get_providers()
+        missing = [name for name, _ in self.provider_options() if name not in started]
+        if missing:
+            raise TargetUnavailableError(
+                f"target {self.name!r}: onnxruntime could not start {missing[0]} and fell back to "
+                f"{', '.join(started)}",
+                hint=self.install_hint or None,
+            )

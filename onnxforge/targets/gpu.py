@@ -12,7 +12,8 @@ from onnxforge.targets.base import ActivationType, QuantFormat, QuantScheme, Tar
 
 __all__ = ["CudaTarget", "TensorrtTarget"]
 
-_GPU_HINT = "pip install 'onnxforge[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU"
+# No square brackets: the CLI prints hints through rich, which would take "[gpu]" for markup.
+_GPU_HINT = "pip install onnxruntime-gpu (the onnxforge 'gpu' extra) on a machine with an NVIDIA GPU"
 
 
 @dataclass(frozen=True)

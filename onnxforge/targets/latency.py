@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -17,7 +17,11 @@ __all__ = ["LatencyStats", "measure_latency", "compare_latency"]
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Milliseconds per run; ``throughput`` is samples per second at the measured batch size."""
+    """Milliseconds per run; ``throughput`` is samples per second at the measured batch size.
+
+    ``samples_ms`` keeps every timed run (not in equality or repr); ``to_json`` summarizes it as a
+    20-bin histogram, which the HTML report draws as the latency distribution.
+    """
 
     p50_ms: float
     p90_ms: float
@@ -26,6 +30,7 @@ class LatencyStats:
     std_ms: float
     runs: int
     batch: int
+    samples_ms: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def throughput(self) -> float:
@@ -42,10 +47,35 @@ class LatencyStats:
             std_ms=float(ms.std()),
             runs=len(ms),
             batch=batch,
+            samples_ms=tuple(float(t) for t in ms),
         )
 
+    def histogram(self, bins: int = 20) -> dict | None:
+        """Counts of runs per latency bin (``edges_ms`` has one more entry than ``counts``), from the
+        fastest run to p90 + 3 x (p90 - p10) at most; slower runs are counted in ``above``, so a few
+        hiccups on a shared machine do not squeeze the distribution into a single bar."""
+        if not self.samples_ms:
+            return None
+        samples = np.asarray(self.samples_ms)
+        p10, p90 = np.percentile(samples, [10, 90])
+        low = float(samples.min())
+        high = max(min(float(samples.max()), float(p90 + 3 * (p90 - p10))), low + 1e-9)
+        counts, edges = np.histogram(samples, bins=bins, range=(low, high))
+        return {
+            "edges_ms": [round(float(e), 6) for e in edges],
+            "counts": [int(c) for c in counts],
+            "above": int((samples > high).sum()),
+        }
+
     def to_json(self) -> dict:
-        return {**asdict(self), "throughput_per_s": self.throughput}
+        summary = {
+            "p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "p99_ms": self.p99_ms, "mean_ms": self.mean_ms,
+            "std_ms": self.std_ms, "runs": self.runs, "batch": self.batch, "throughput_per_s": self.throughput,
+        }
+        histogram = self.histogram()
+        if histogram is not None:
+            summary["histogram"] = histogram
+        return summary
 
 
 def _batch_of(feeds: Mapping[str, np.ndarray]) -> int:

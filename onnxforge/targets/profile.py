@@ -1,5 +1,13 @@
 """``onnxforge profile``: latency of a model on a target over batch sizes and thread counts,
-with inputs from the user's samples or generated from the declared shapes."""
+with inputs from the user's samples or generated from the declared shapes; optionally a per-op
+profile (op_profile.py), a side-by-side comparison with a second model, and, for the mobile
+target, the ORT-format package and readiness verdicts (mobile.py).
+
+Latency rows time ``session.run`` wall-clock per call after warm-up (see latency.py). The
+comparison runs both models interleaved in one process (compare_latency) and reports the ratio
+of their p50s, the number that holds on a noisy machine. On the mobile target, rows time the
+``.ort`` model on this host with the mobile thread budget: host emulation, not a device number.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +15,21 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from onnxforge.errors import UsageError
 from onnxforge.model_io import input_specs, load_model
 from onnxforge.targets import get_target
 from onnxforge.targets.feeds import batch_from_samples, generate_feeds
-from onnxforge.targets.latency import LatencyStats, measure_latency
+from onnxforge.targets.latency import LatencyStats, compare_latency, measure_latency
 
-__all__ = ["ProfileConfig", "ProfileResult", "profile"]
+if TYPE_CHECKING:
+    from onnxforge.targets.mobile import MobileResult
+    from onnxforge.targets.op_profile import OpProfile
+
+__all__ = ["ProfileConfig", "ProfileResult", "Comparison", "profile"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +42,10 @@ class ProfileConfig:
     warmup: int = 5
     min_runs: int = 20
     min_seconds: float = 1.0
+    per_op: bool = False  # also profile per node / op type with onnxruntime's profiler
+    per_op_runs: int = 50
+    compare: Path | None = None  # a second model timed side by side with the first
+    mobile_dir: Path | None = None  # mobile target: where .ort and the ops config go
 
     def to_json(self) -> dict:
         return {
@@ -36,6 +54,8 @@ class ProfileConfig:
             "threads": list(self.threads),
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "sample_data": str(self.sample_data) if self.sample_data else None,
+            "per_op": self.per_op,
+            "compare": str(self.compare) if self.compare else None,
         }
 
 
@@ -50,13 +70,54 @@ class ProfileRow:
 
 
 @dataclass
+class Comparison:
+    """Both models timed interleaved; ``ratio`` = other p50 / model p50 (below 1: the other is faster)."""
+
+    model: Path
+    other: Path
+    model_latency: LatencyStats
+    other_latency: LatencyStats
+    batch: int
+    threads: int | None
+
+    @property
+    def ratio(self) -> float:
+        return self.other_latency.p50_ms / self.model_latency.p50_ms if self.model_latency.p50_ms > 0 else float("inf")
+
+    def to_json(self) -> dict:
+        return {
+            "model": str(self.model), "other": str(self.other), "batch": self.batch, "threads": self.threads,
+            "model_latency": self.model_latency.to_json(), "other_latency": self.other_latency.to_json(),
+            "ratio_other_over_model": self.ratio, "speedup_of_other": 1.0 / self.ratio if self.ratio else None,
+        }
+
+
+@dataclass
 class ProfileResult:
     path: Path
     target: str
     rows: list[ProfileRow]
+    op_profile: OpProfile | None = None
+    comparison: Comparison | None = None
+    mobile: MobileResult | None = None
+    host_emulation: bool = False
 
     def to_json(self) -> dict:
-        return {"path": str(self.path), "target": self.target, "rows": [r.to_json() for r in self.rows]}
+        payload = {"path": str(self.path), "target": self.target, "host_emulation": self.host_emulation,
+                   "rows": [r.to_json() for r in self.rows]}
+        if self.op_profile is not None:
+            payload["per_op"] = self.op_profile.to_json()
+        if self.comparison is not None:
+            payload["comparison"] = self.comparison.to_json()
+        if self.mobile is not None:
+            payload["mobile"] = self.mobile.to_json()
+        return payload
+
+
+def _shape_overrides(model, config: ProfileConfig, batch: int) -> dict[str, tuple[int, ...]]:
+    """--batch sets the first dim; --input-shape gives the others (a fixed batch in the model still wins)."""
+    fixed_batch = {s.name for s in input_specs(model) if s.shape and isinstance(s.shape[0], int)}
+    return {k: v if k in fixed_batch else (batch, *v[1:]) for k, v in config.input_shapes.items()}
 
 
 def _feeds(model, config: ProfileConfig, batch: int) -> dict[str, np.ndarray]:
@@ -66,26 +127,67 @@ def _feeds(model, config: ProfileConfig, batch: int) -> dict[str, np.ndarray]:
 
         samples = load_samples(config.sample_data, specs)
         return batch_from_samples(samples.inputs, batch)
-    # --batch sets the first dim; --input-shape gives the others (a fixed batch in the model still wins)
-    fixed_batch = {s.name for s in specs if s.shape and isinstance(s.shape[0], int)}
-    overrides = {k: v if k in fixed_batch else (batch, *v[1:]) for k, v in config.input_shapes.items()}
-    return generate_feeds(specs, batch=batch, overrides=overrides)
+    return generate_feeds(specs, batch=batch, overrides=_shape_overrides(model, config, batch))
+
+
+def _same_inputs(a, b) -> bool:
+    return [(s.name, s.dtype) for s in input_specs(a)] == [(s.name, s.dtype) for s in input_specs(b)]
 
 
 def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig()) -> ProfileResult:
-    """Measure latency for every (batch, threads) pair in the config."""
+    """Measure latency for every (batch, threads) pair; then, as configured, the per-op profile
+    (first batch and thread count), the interleaved comparison, and the mobile package."""
     target = get_target(config.target)
     target.require()
+    model_path = Path(model_path)
     model = load_model(model_path)
+    measured_path: Path = model_path
+    mobile = None
+    if target.name == "mobile":
+        from onnxforge.targets.mobile import MOBILE_THREADS, MobileConfig, prepare_mobile
+
+        if len(config.batch_sizes) > 1:
+            raise UsageError("the mobile target fixes input shapes: give one --batch")
+        if config.compare is not None:
+            raise UsageError("--compare is not supported with --target mobile; compare the .onnx files on cpu")
+        threads = next((t for t in config.threads if t), MOBILE_THREADS)
+        mobile = prepare_mobile(
+            model_path,
+            config.mobile_dir or model_path.with_name(model_path.stem + "_mobile"),
+            MobileConfig(input_shapes=_shape_overrides(model, config, config.batch_sizes[0]),
+                         batch=config.batch_sizes[0], threads=threads, measure_latency=False),
+            feeds=_feeds(model, config, config.batch_sizes[0]),
+        )
+        target = type(target)(threads=threads)
+        measured_path = mobile.ort_model
+    thread_counts = config.threads
+    if mobile is not None:  # onnxruntime's default would use every host core: not a phone's budget
+        thread_counts = tuple(t or target.threads for t in config.threads)
     rows = []
-    for threads in config.threads:
-        session = target.session(model_path, threads=threads)
+    for threads in thread_counts:
+        session = target.session(measured_path, threads=threads)
         for batch in config.batch_sizes:
             feeds = _feeds(model, config, batch)
             stats = measure_latency(
                 session, feeds, warmup=config.warmup, min_runs=config.min_runs, min_seconds=config.min_seconds
             )
             rows.append(ProfileRow(batch, threads, stats))
-    return ProfileResult(Path(model_path), target.name, rows)
+    if mobile is not None:
+        mobile.host_latency = rows[0].latency
+    result = ProfileResult(model_path, target.name, rows, mobile=mobile, host_emulation=mobile is not None)
+    batch, threads = config.batch_sizes[0], thread_counts[0]
+    if config.per_op:
+        from onnxforge.targets.op_profile import OpProfileConfig, profile_ops
 
-
+        op_config = OpProfileConfig(target=target, threads=threads, warmup=config.warmup, runs=config.per_op_runs)
+        result.op_profile = profile_ops(measured_path, _feeds(model, config, batch), op_config)
+    if config.compare is not None:
+        other = load_model(config.compare)
+        feeds = _feeds(model, config, batch)
+        other_feeds = feeds if _same_inputs(model, other) else _feeds(other, config, batch)
+        sessions = {"model": target.session(model_path, threads=threads),
+                    "other": target.session(config.compare, threads=threads)}
+        timings = compare_latency(sessions, {"model": feeds, "other": other_feeds}, warmup=config.warmup,
+                                  rounds=max(10, config.min_runs), min_seconds=config.min_seconds)
+        result.comparison = Comparison(model_path, Path(config.compare), timings["model"], timings["other"], batch, threads)
+    return result
