@@ -35,6 +35,7 @@ import yaml
 from onnxforge.converters.config import ExportConfig
 from onnxforge.errors import OnnxForgeError, RecipeError
 from onnxforge.parity import Tolerance
+from onnxforge.pipeline.fp16 import Fp16Config
 from onnxforge.pipeline.prune_magnitude import MagnitudePruneConfig
 from onnxforge.pipeline.quantize import QuantizeConfig
 from onnxforge.pipeline.simplify import SimplifyConfig
@@ -47,6 +48,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "simplify": SimplifyConfig,
     "prune": MagnitudePruneConfig,
     "quantize": QuantizeConfig,
+    "fp16": Fp16Config,
 }
 _TOP_KEYS = {"model", "input_shapes", "dynamic_batch", "calibration", "eval", "target", "stages", "name"}
 
@@ -205,6 +207,7 @@ def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe
     defaults: dict[str, dict[str, Any]] = {
         "export": {"input_shapes": {k: list(v) for k, v in shapes.items()}, "dynamic_batch": dynamic},
         "simplify": {"input_shapes": {k: list(v) for k, v in shapes.items()}},
+        "fp16": {"input_shapes": {k: list(v) for k, v in shapes.items()}},
         "quantize": {"target": target} | ({"eval_data": str(eval_data)} if eval_data else {}),
         "prune": {"eval_data": str(eval_data)} if eval_data else {},
     }

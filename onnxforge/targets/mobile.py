@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxforge.errors import InvalidModelError, OutputPathError, UsageError
+from onnxforge.errors import InvalidModelError, OutputPathError, QualityGateError, UsageError
 from onnxforge.parity import ParityReport, Tolerance, compare_models
 from onnxforge.targets.base import ActivationType, QuantFormat, QuantScheme, Target
 from onnxforge.targets.latency import LatencyStats, measure_latency
@@ -304,8 +304,6 @@ def prepare_mobile(
         if feeds is None:
             feeds = generate_feeds(input_specs(fixed_model), batch=config.batch)
         parity = compare_models(str(fixed_tmp), str(ort_tmp), [dict(feeds)], config.tolerance)
-        if not parity.ok:
-            notes.append(f".ort outputs differ from the .onnx: {parity.summary()}")
         host_latency = None
         if config.measure_latency:
             session = MobileTarget(threads=config.threads).session(ort_tmp)
@@ -321,6 +319,12 @@ def prepare_mobile(
     required = [
         line.strip() for line in config_path.read_text().splitlines() if line.strip() and not line.startswith("#")
     ]
+    if not parity.ok:
+        raise QualityGateError(
+            f"{ort_path}: the ORT-format model's outputs differ from {source.name}: {parity.summary()}",
+            hint="the files are kept for inspection; report the op that drifts to onnxruntime",
+            best_path=str(ort_path),
+        )
     if not fixed_inputs:
         notes.append("all input shapes were already static")
     if not xnnpack_available():

@@ -1,0 +1,49 @@
+"""fp16 conversion: a smaller, valid model within fp16 tolerance, and a recipe stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxforge.errors import QualityGateError
+from onnxforge.model_io import load_model
+from onnxforge.parity import Tolerance
+from onnxforge.pipeline.fp16 import Fp16Config, convert_fp16
+
+
+def _mlp(path, scale: float = 1.0):
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((64, 256)) * scale).astype(np.float32)
+    w2 = rng.standard_normal((256, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        "mlp",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_fp16_halves_weights_keeps_fp32_io_and_parity(tmp_path):
+    src = _mlp(tmp_path / "m.onnx")
+    result = convert_fp16(src, tmp_path / "m16.onnx")
+    assert result.parity.ok
+    assert result.bytes_after < 0.6 * result.bytes_before
+    model = load_model(result.path)  # passes the checker: nodes topologically sorted
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    assert set(weights.values()) == {onnx.TensorProto.FLOAT16}
+
+
+def test_fp16_drift_beyond_tolerance_keeps_file_and_exits_4(tmp_path):
+    src = _mlp(tmp_path / "m.onnx", scale=300.0)  # large activations: fp16 rounding error is large in absolute terms
+    out = tmp_path / "m16.onnx"
+    with pytest.raises(QualityGateError) as info:
+        convert_fp16(src, out, Fp16Config(tolerance=Tolerance(atol=1e-6, rtol=1e-6)))
+    assert info.value.exit_code == 4
+    assert out.exists()
