@@ -15,8 +15,8 @@ from onnxforge.pipeline.fp16 import Fp16Config, convert_fp16
 
 def _mlp(path, scale: float = 1.0):
     rng = np.random.default_rng(0)
-    w1 = (rng.standard_normal((64, 256)) * scale).astype(np.float32)
-    w2 = rng.standard_normal((256, 4)).astype(np.float32)
+    w1 = (rng.standard_normal((64, 256)) / 8.0 * scale).astype(np.float32)
+    w2 = (rng.standard_normal((256, 4)) / 16.0).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
          helper.make_node("MatMul", ["r", "w2"], ["y"])],
