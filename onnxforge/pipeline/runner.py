@@ -23,6 +23,7 @@ from onnxforge.errors import OnnxForgeError, QualityGateError
 from onnxforge.model_io import file_sha256, input_specs, load_model
 from onnxforge.pipeline.calibration import load_samples, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, resolve_metric, run_outputs, score
+from onnxforge.pipeline.fp16 import convert_fp16
 from onnxforge.pipeline.manifest import Manifest, StageRecord, describe_file, tool_versions
 from onnxforge.pipeline.prune_magnitude import prune_magnitude
 from onnxforge.pipeline.quantize import quantize
@@ -79,6 +80,8 @@ def _run_stage(spec: StageSpec, recipe: Recipe, input_ref: str, output: Path) ->
         return prune_magnitude(input_ref, output, spec.config).to_json(), True
     if spec.kind == "quantize":
         return quantize(input_ref, output, recipe.calibration, spec.config).to_json(), True
+    if spec.kind == "fp16":
+        return convert_fp16(input_ref, output, spec.config).to_json(), True
     raise AssertionError(f"unknown stage kind {spec.kind}")
 
 
