@@ -159,14 +159,28 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if check:
         try:
             onnx.checker.check_model(str(path), full_check=False)
-        except onnx.checker.ValidationError as e:
+        except Exception as e:  # ValidationError, and e.g. UnicodeDecodeError on a damaged name (found by fuzzing)
             first = str(e).strip().splitlines()[0] if str(e).strip() else "validation failed"
-            raise InvalidModelError(f"{path}: fails the ONNX checker: {first}") from e
+            raise InvalidModelError(f"{path}: fails the ONNX checker: {type(e).__name__}: {first[:300]}") from e
+        _check_graph_interface(path, header)
     try:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as e:
         raise InvalidModelError(f"{path}: external data could not be read ({e})") from e
     return model
+
+
+def _check_graph_interface(path: Path, model: onnx.ModelProto) -> None:
+    """What the checker lets through but no runtime can use: no outputs, or negative dims."""
+    if not model.graph.output:
+        raise InvalidModelError(f"{path}: the graph declares no outputs", hint="re-export the model")
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for vi in values:
+            for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    raise InvalidModelError(
+                        f"{path}: {kind} {vi.name!r} has dimension {axis} = {d.dim_value}; dims must be >= 0"
+                    )
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -190,6 +204,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
             size_threshold=1024,
         )
         for produced in (Path(tmp_dir) / data_name, tmp_model):
+            if not produced.exists():  # every tensor under the threshold: no data file is written
+                continue
             with open(produced, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(produced, path.parent / produced.name)

@@ -1,130 +1,216 @@
 """Framework -> ONNX. The only place that imports torch or keras.
 
 ``export(source, output, config)`` loads SOURCE (``file.py:callable``, TorchScript ``.pt``,
-``.keras``, or ``.onnx``), exports it, checks parity against the source framework on the same
-inputs (at two batch sizes when the batch is dynamic), and saves the model atomically. A parity
-failure keeps the file and raises QualityGateError (exit 4).
+``torch.export`` ``.pt2``, ``.keras``, or ``.onnx``), exports it, runs the full ONNX checker, checks
+parity against the source framework on the same inputs (at two sizes of every dynamic dim: batch 1
+and 3, and a second sequence length), and saves the model atomically.
+
+A parity failure keeps the file, marked unverified twice: ``metadata_props["onnxforge.verified"] =
+"false"`` inside the model, and ``<out>.unverified.json`` beside it with the report; then it raises
+QualityGateError (exit 4). A later verified export to the same path removes a stale note.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
-from onnxforge._atomic import check_output_path
+from onnxforge._atomic import atomic_write_text, check_output_path
+from onnxforge.converters._parity_inputs import parity_feeds, sample_feeds
 from onnxforge.converters.config import Exporter, ExportConfig, ExportResult
 from onnxforge.converters.source import SourceKind, SourceModel, resolve_source
-from onnxforge.errors import CalibrationDataError, ExportError, QualityGateError
-from onnxforge.model_io import default_opset, input_specs, load_model, output_specs, save_model
-from onnxforge.parity import ParityReport, compare_outputs
+from onnxforge.errors import ExportError, InvalidModelError, QualityGateError
+from onnxforge.model_io import default_opset, fits_in_protobuf, input_specs, load_model, output_specs, save_model
+from onnxforge.parity import OutputParity, ParityReport, compare_outputs
 from onnxforge.targets import CpuTarget
-from onnxforge.targets.feeds import generate_feeds
 
-__all__ = ["export", "ExportConfig", "ExportResult", "Exporter", "resolve_source", "SourceKind"]
+__all__ = [
+    "export",
+    "ExportConfig",
+    "ExportResult",
+    "Exporter",
+    "resolve_source",
+    "SourceKind",
+    "unverified_note_path",
+    "VERIFIED_KEY",
+]
 
-
-def _sample_feeds(config: ExportConfig, model: onnx.ModelProto) -> list[dict[str, np.ndarray]] | None:
-    if config.sample_inputs is None:
-        return None
-    try:
-        with np.load(config.sample_inputs) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as e:
-        raise CalibrationDataError(f"{config.sample_inputs}: not a readable .npz ({type(e).__name__})") from e
-    names = [s.name for s in input_specs(model)]
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise CalibrationDataError(
-            f"{config.sample_inputs}: no array for model input {missing[0]!r} (has: {', '.join(arrays)})"
-        )
-    return [{n: arrays[n][:2] for n in names}]
+VERIFIED_KEY = "onnxforge.verified"  # metadata_props entry set to "false" when parity failed
+PARITY_KEY = "onnxforge.parity"
 
 
 def _parity_feeds(config: ExportConfig, model: onnx.ModelProto, examples: dict | None) -> list[dict[str, np.ndarray]]:
-    sampled = _sample_feeds(config, model)
-    if sampled is not None:
-        return sampled
     specs = input_specs(model)
-    if examples is not None and not any(isinstance(d, str) or d is None for s in specs for d in s.shape[1:]):
-        shapes = {k: tuple(v.shape[1:]) for k, v in examples.items()}
-        overrides_for = lambda b: {k: (b, *shape) for k, shape in shapes.items() if k in {s.name for s in specs}}  # noqa: E731
-    else:
-        overrides_for = lambda b: {  # noqa: E731
-            k: (b, *v[1:]) for k, v in config.input_shapes.items() if k in {s.name for s in specs}
-        }
-    dynamic_batch = any(s.shape and not isinstance(s.shape[0], int) for s in specs)
-    batches = (1, 3) if dynamic_batch else (None,)
-    feeds = []
-    for batch in batches:
-        if batch is None:
-            feeds.append(generate_feeds(specs, batch=1, overrides={}, seed=1))
-        else:
-            feeds.append(generate_feeds(specs, batch=batch, overrides=overrides_for(batch), seed=1))
-    if examples is not None:
-        # keep the dtypes torch was exported with (e.g. int64 token ids)
-        for feed in feeds:
-            for k, v in feed.items():
-                if k in examples:
-                    feed[k] = v.astype(examples[k].numpy().dtype, copy=False)
-    return feeds
+    if config.sample_inputs is not None:
+        return sample_feeds(config.sample_inputs, specs)
+    arrays = {k: v.detach().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in (examples or {}).items()}
+    return parity_feeds(specs, examples=arrays, input_shapes=config.input_shapes)
 
 
-def _check_parity(source: SourceModel, proto: onnx.ModelProto, config: ExportConfig, examples) -> ParityReport:
-    session = CpuTarget().session(proto.SerializeToString())
+def _reference(source: SourceModel, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    if source.kind is SourceKind.KERAS:
+        from onnxforge.converters.keras_export import run_keras
+
+        return run_keras(source.model, feed)
+    from onnxforge.converters.torch_export import ProgramRunner, run_torch
+
+    model = ProgramRunner(source.model) if source.kind is SourceKind.TORCH_EXPORT else source.model
+    return run_torch(model, feed)
+
+
+def _shapes_text(feed: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in feed.items())
+
+
+def _check_parity(
+    source: SourceModel, model: onnx.ModelProto | Path, config: ExportConfig, examples
+) -> tuple[ParityReport, list[str]]:
+    """Run the source framework and onnxruntime on the same feeds. Returns the report and the input shapes run.
+
+    onnxruntime failing on a shape the graph declares valid (a baked-in sequence length) is a
+    parity failure, not a crash: the file is kept, unverified.
+    """
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    session = CpuTarget().session(model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model))
     onnx_outputs = [o.name for o in session.get_outputs()]
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4  # a failing run is reported below in one line, not as an ORT log
     report: ParityReport | None = None
+    shapes_run = []
     for feed in _parity_feeds(config, proto, examples):
-        if source.kind is SourceKind.KERAS:
-            from onnxforge.converters.keras_export import run_keras
-
-            reference = run_keras(source.model, feed)
+        try:
+            reference = _reference(source, feed)
+        except Exception as e:
+            raise ExportError(f"the source model failed on parity inputs {_shapes_text(feed)}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from e
+        batch = int(next(iter(feed.values())).shape[0]) if feed and next(iter(feed.values())).ndim else 1
+        shapes_run.append(_shapes_text(feed))
+        try:
+            got = session.run(None, feed, run_options)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason).split(" Status Message:")[0][:200]
+            shapes_run[-1] += f" (onnxruntime failed: {reason})"
+            part = ParityReport([OutputParity(n, float("inf"), float("inf"), False) for n in onnx_outputs],
+                                config.tolerance, (batch,))
         else:
-            from onnxforge.converters.torch_export import run_torch
-
-            reference = run_torch(source.model, feed)
-        got = session.run(None, feed)
-        batch = int(next(iter(feed.values())).shape[0]) if feed else 1
-        part = compare_outputs(onnx_outputs, reference, got, config.tolerance, batch)
+            if len(reference) != len(got):
+                raise ExportError(f"the source model returns {len(reference)} tensors, the ONNX model {len(got)}")
+            part = compare_outputs(onnx_outputs, reference, got, config.tolerance, batch)
         report = part if report is None else report.merged(part)
-    assert report is not None
-    return report
+    if report is None:
+        raise ExportError("the parity check had no inputs to run")
+    return report, shapes_run
+
+
+def _full_check(model: onnx.ModelProto | Path, what: str) -> None:
+    """onnx.checker with full_check (strict shape inference); by path for models past 2 GB."""
+    try:
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "validation failed"
+        raise ExportError(f"{what} fails the ONNX checker: {first}") from e
+
+
+def _mark_unverified(proto: onnx.ModelProto, parity: ParityReport) -> None:
+    entry = next((p for p in proto.metadata_props if p.key == VERIFIED_KEY), None) or proto.metadata_props.add()
+    entry.key = VERIFIED_KEY
+    entry.value = "false"
+    note = next((p for p in proto.metadata_props if p.key == PARITY_KEY), None) or proto.metadata_props.add()
+    note.key = PARITY_KEY
+    note.value = parity.summary()
+
+
+def unverified_note_path(output: str | os.PathLike) -> Path:
+    """Where a failed parity check leaves its note: ``<out>.unverified.json`` beside the model."""
+    out = Path(output)
+    return out.with_name(out.name + ".unverified.json")
+
+
+def _onnx_input(path: Path, notes: list[str]) -> onnx.ModelProto:
+    """An .onnx SOURCE: loaded with its external data, fully checked, shapes inferred, loadable by onnxruntime."""
+    proto = load_model(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "validation failed"
+        raise InvalidModelError(f"{path}: fails the full ONNX check: {first}") from e
+    if fits_in_protobuf(proto):
+        try:
+            proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+        except (onnx.shape_inference.InferenceError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "inference failed"
+            raise InvalidModelError(f"{path}: shape inference fails: {first}") from e
+    else:
+        notes.append("model is past 2 GB: shape inference skipped, external data kept")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(path), load_external_data=False).graph.initializer):
+        notes.append(f"read external data beside {path.name}")
+    try:
+        CpuTarget().session(proto.SerializeToString() if fits_in_protobuf(proto) else str(path))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InvalidModelError(f"{path}: onnxruntime cannot load it: {reason}") from e
+    return proto
 
 
 def export(source: str | os.PathLike, output: str | os.PathLike, config: ExportConfig = ExportConfig()) -> ExportResult:
-    """Export SOURCE to ONNX at ``output`` and verify it. See the module docstring."""
+    """Export SOURCE to ONNX at ``output`` and verify it. See the module docstring.
+
+    Returns an ExportResult (exporter used, why dynamo failed if it did, parity per output, input
+    and output names/shapes/dtypes). Raises ExportError/UsageError (exit 2) leaving no file, or
+    QualityGateError (exit 4) when parity fails, leaving the file marked unverified.
+    """
     src = resolve_source(source)
     out = check_output_path(output, src.path) if src.path else check_output_path(output)
     fallback = None
     examples = None
     notes: list[str] = []
     if src.kind is SourceKind.ONNX:
-        proto = load_model(src.path)
+        proto = _onnx_input(src.path, notes)
         exporter = "none (ONNX input)"
-        CpuTarget().session(str(src.path))  # must load in onnxruntime
     elif src.kind is SourceKind.KERAS:
         from onnxforge.converters.keras_export import export_keras
 
-        proto = export_keras(src.model)
+        proto = export_keras(src.model, config)
         exporter = "keras"
+        if config.dynamic_axes or config.input_shapes:
+            notes.append("Keras fixes shapes from its Input layers (None = dynamic); --dynamic/--input-shape were not used")
+    elif src.kind is SourceKind.TORCH_EXPORT:
+        from onnxforge.converters.torch_export import export_program
+
+        proto, exporter, examples, _ = export_program(src.model, config)
     else:
         from onnxforge.converters.torch_export import export_torch
 
         proto, exporter, fallback, examples, _ = export_torch(src.model, config, src.example_inputs)
         if fallback:
             notes.append(f"dynamo exporter failed ({fallback}); the TorchScript exporter produced this file")
-        if config.opset and config.opset < 18 and exporter == "dynamo":
-            notes.append(f"asked for opset {config.opset}; the dynamo exporter produces opset {default_opset(proto)}")
-    try:
-        onnx.checker.check_model(proto, full_check=False)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"the exported model fails the ONNX checker: {str(e).splitlines()[0]}") from e
+    if config.opset and exporter == "dynamo" and default_opset(proto) != config.opset:
+        notes.append(f"asked for opset {config.opset}; the dynamo exporter produces opset {default_opset(proto)}")
+    big = not fits_in_protobuf(proto)
+    if src.kind is not SourceKind.ONNX and not big:
+        _full_check(proto, "the exported model")
     parity = None
+    parity_inputs: list[str] = []
     if config.check_parity and src.kind is not SourceKind.ONNX:
-        parity = _check_parity(src, proto, config, examples)
-    save_model(proto, out)
+        if big:  # past protobuf's limit: check and run it from the saved file and its external data
+            save_model(proto, out)
+            _full_check(out, "the exported model")
+            parity, parity_inputs = _check_parity(src, out, config, examples)
+        else:
+            parity, parity_inputs = _check_parity(src, proto, config, examples)
+    note_path = unverified_note_path(out)
+    failed = parity is not None and not parity.ok
+    if failed:
+        _mark_unverified(proto, parity)
+    if not big or failed:
+        save_model(proto, out)
     result = ExportResult(
         path=out,
         source_kind=src.kind.value,
@@ -135,11 +221,21 @@ def export(source: str | os.PathLike, output: str | os.PathLike, config: ExportC
         opset=default_opset(proto),
         fallback_reason=fallback,
         notes=notes,
+        parity_inputs=parity_inputs,
+        unverified_note=note_path if failed else None,
     )
-    if parity is not None and not parity.ok:
+    if failed:
+        atomic_write_text(note_path, json.dumps({"source": str(source), **result.to_json()}, indent=2) + "\n")
+        crashed = next((shapes for shapes in parity_inputs if "onnxruntime failed" in shapes), None)
         raise QualityGateError(
-            f"export of {source}: {parity.summary()}; the file is kept at {out} but is UNVERIFIED",
-            hint="inspect the op that drifts, or loosen --atol/--rtol if the error is acceptable",
+            f"export of {source}: {parity.summary()}{f' [{crashed}]' if crashed else ''}; the file is kept at {out} but is UNVERIFIED (see {note_path.name})",
+            hint=(
+                "onnxruntime rejected a size the graph declares dynamic: the exporter baked it in; "
+                "try the other --exporter, or drop that --dynamic dim"
+                if crashed
+                else "inspect the op that drifts, or loosen --atol/--rtol if the error is acceptable"
+            ),
             best_path=str(out),
         )
+    note_path.unlink(missing_ok=True)  # a stale note from an earlier failed export to this path
     return result

@@ -65,6 +65,8 @@ class ExportResult:
     opset: int | None
     fallback_reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    parity_inputs: list[str] = field(default_factory=list)  # the input shapes each parity run used
+    unverified_note: Path | None = None  # <out>.unverified.json, written when parity failed
 
     @property
     def verified(self) -> bool:
@@ -82,4 +84,6 @@ class ExportResult:
             "outputs": [s.to_json() for s in self.outputs],
             "opset": self.opset,
             "notes": self.notes,
+            "parity_inputs": self.parity_inputs,
+            "unverified_note": str(self.unverified_note) if self.unverified_note else None,
         }

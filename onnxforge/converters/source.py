@@ -1,5 +1,5 @@
 """Resolving a SOURCE argument to a model object: ``file.py:callable``, a TorchScript ``.pt``,
-a ``.keras`` file, an ``.onnx`` file, or ``builtin:digits_cnn`` (the demo CNN).
+a ``torch.export`` program ``.pt2``, a ``.keras`` file, an ``.onnx`` file, or ``builtin:digits_cnn`` (the demo CNN).
 
 A callable may return the model, or ``(model, example_inputs)`` where example_inputs is a tuple of
 tensors/arrays or a dict keyed by input name; example inputs fix the export shapes when no
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import os
 import sys
 import uuid
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ __all__ = ["SourceKind", "SourceModel", "resolve_source"]
 class SourceKind(enum.Enum):
     TORCH = "torch"
     TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch.export"  # an ExportedProgram from a .pt2 file
     KERAS = "keras"
     ONNX = "onnx"
 
@@ -55,6 +57,14 @@ def _call_factory(path: Path, attr: str) -> Any:
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         spec.loader.exec_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == "tensorflow" or (e.name or "").startswith("tensorflow."):
+            raise ExportError(
+                f"{path}: importing it failed: TensorFlow is not installed"
+                + (" (KERAS_BACKEND=tensorflow)" if os.environ.get("KERAS_BACKEND") == "tensorflow" else ""),
+                hint="install the 'tf' extra (TensorFlow and tf2onnx): pip install 'onnxforge[tf]'; or set KERAS_BACKEND=torch",
+            ) from e
+        raise ExportError(f"{path}: importing it failed: {type(e).__name__}: {e}") from e
     except Exception as e:
         raise ExportError(f"{path}: importing it failed: {type(e).__name__}: {e}") from e
     finally:
@@ -75,6 +85,9 @@ def _classify(obj: Any, origin: str) -> SourceModel:
     if isinstance(obj, tuple) and len(obj) == 2:
         obj, example = obj
     module_names = type(obj).__module__ + "." + " ".join(c.__module__ for c in type(obj).__mro__)
+    # Before torch: with the torch backend a keras.Model is also a torch.nn.Module.
+    if "keras" in module_names:
+        return SourceModel(SourceKind.KERAS, origin, obj, example)
     if "torch" in module_names:
         import torch
 
@@ -82,8 +95,8 @@ def _classify(obj: Any, origin: str) -> SourceModel:
             return SourceModel(SourceKind.TORCHSCRIPT, origin, obj, example)
         if isinstance(obj, torch.nn.Module):
             return SourceModel(SourceKind.TORCH, origin, obj, example)
-    if "keras" in module_names:
-        return SourceModel(SourceKind.KERAS, origin, obj, example)
+        if isinstance(obj, torch.export.ExportedProgram):
+            return SourceModel(SourceKind.TORCH_EXPORT, origin, obj, example)
     raise ExportError(
         f"{origin} returned a {type(obj).__name__}, not a model",
         hint="return a torch.nn.Module or a keras.Model (optionally as (model, example_inputs))",
@@ -133,11 +146,15 @@ def resolve_source(source: str | Path) -> SourceModel:
                 hint="a state_dict has no architecture; pass file.py:callable that builds and loads the model",
             ) from e
         return SourceModel(SourceKind.TORCHSCRIPT, str(path), model.eval(), path=path)
+    if suffix == ".pt2":
+        from onnxforge.converters.torch_export import load_program
+
+        return SourceModel(SourceKind.TORCH_EXPORT, str(path), load_program(path), path=path)
     if suffix == ".keras":
         from onnxforge.converters.keras_export import load_keras_file
 
         return SourceModel(SourceKind.KERAS, str(path), load_keras_file(path), path=path)
     raise ExportError(
         f"{text}: unknown source type {suffix or '(no suffix)'!r}",
-        hint="give file.py:callable, a TorchScript .pt, a .keras file or an .onnx file",
+        hint="give file.py:callable, a TorchScript .pt, a torch.export .pt2, a .keras file or an .onnx file",
     )

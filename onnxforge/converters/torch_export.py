@@ -1,9 +1,15 @@
 """PyTorch -> ONNX. The dynamo exporter first (``torch.onnx.export(dynamo=True)``), the TorchScript
 exporter when dynamo fails (unless one is asked for), then a parity check against PyTorch itself.
 
+A ``torch.export`` program (``.pt2``, an ExportedProgram) goes to the dynamo exporter only: its
+dynamic dims were fixed when it was exported, and there is no module left to trace with TorchScript.
+
 Traps handled here (measured with torch 2.13): dynamo writes weights to ``<name>.onnx.data``
-unless ``external_data=False`` (we keep one file below 1.8 GB); dynamo asked for opset 17 yields
-18; a dynamic batch needs an example batch of at least 2, or torch.export specializes it to 1.
+unless ``external_data=False`` (we keep one file below 1.8 GB and ask for external data above, as
+protobuf cannot hold 2 GB); dynamo asked for opset 17 yields 18; a dynamic batch needs an example
+batch of at least 2, or torch.export specializes it to 1. The TorchScript exporter may bake a
+sequence length into Reshape constants (nn.TransformerEncoder does): the parity check runs a
+second length to catch it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import inspect
 import io
 import logging
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -22,10 +29,11 @@ import numpy as np
 import onnx
 import torch
 
+from onnxforge.converters._silence import silent_fds
 from onnxforge.converters.config import Exporter, ExportConfig
 from onnxforge.errors import ExportError, UsageError
 
-__all__ = ["export_torch", "torch_input_names", "run_torch"]
+__all__ = ["export_torch", "export_program", "load_program", "ProgramRunner", "torch_input_names", "run_torch"]
 
 _DYNAMO_MIN_OPSET = 18
 _EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -131,6 +139,18 @@ def _dynamic_axes(config: ExportConfig, input_names: list[str], output_names: li
     return axes
 
 
+def _wants_external_data(model: Any) -> bool:
+    """Weights past protobuf's 2 GB limit must be written as external data on purpose."""
+    if isinstance(model, torch.export.ExportedProgram):
+        tensors = list(model.state_dict.values()) + list(model.constants.values())
+    elif hasattr(model, "parameters"):
+        tensors = list(model.parameters()) + list(model.buffers())
+    else:
+        return False
+    total = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total > _EXTERNAL_DATA_BYTES
+
+
 def _export_dynamo(model, examples, path, opset, input_names, output_names, axes, external):
     dynamic_shapes = None
     if axes:
@@ -161,6 +181,7 @@ def _export_torchscript(model, examples, path, opset, input_names, output_names,
         args=tuple(examples.values()),
         f=str(path),
         dynamo=False,
+        verbose=False,  # its graph dump on failure goes to fd 1 regardless; silent_fds() catches that
         opset_version=opset or 17,
         input_names=input_names,
         output_names=output_names,
@@ -183,8 +204,22 @@ def _quiet():
     return stack
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The dynamo exporter wraps the real reason (e.g. 'no decomposition for op X') in a generic
+    'Failed to convert ... step 3/3' error; the innermost cause names the op."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
+    error = _root_cause(error)
+    text = _ANSI.sub("", str(error)).strip()
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith(("Traceback", "File ", "#")):
@@ -211,8 +246,7 @@ def export_torch(
         raise ExportError("the model's forward returned no tensors")
     output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
     axes = _dynamic_axes(config, input_names, output_names)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) if hasattr(model, "parameters") else 0
-    external = param_bytes > _EXTERNAL_DATA_BYTES
+    external = _wants_external_data(model)
 
     order = {
         Exporter.AUTO: [Exporter.DYNAMO, Exporter.TORCHSCRIPT],
@@ -230,7 +264,8 @@ def export_torch(
                     if exporter is Exporter.DYNAMO:
                         _export_dynamo(model, examples, path, config.opset, input_names, output_names, axes, external)
                     else:
-                        _export_torchscript(model, examples, path, config.opset, input_names, output_names, axes)
+                        with silent_fds():
+                            _export_torchscript(model, examples, path, config.opset, input_names, output_names, axes)
                 proto = onnx.load(str(path), load_external_data=True)
             except Exception as e:
                 failures.append(f"{exporter.value}: {_first_line(e)}")
@@ -238,3 +273,92 @@ def export_torch(
             fallback = failures[0] if failures else None
             return proto, exporter.value, fallback, examples, output_names
     raise ExportError("export failed with every exporter tried: " + "; ".join(failures))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.export programs (.pt2)
+
+
+def load_program(path: Path) -> torch.export.ExportedProgram:
+    """Load a ``torch.export.save``d program, raising ExportError with the reason when it cannot."""
+    try:
+        with _quiet():
+            return torch.export.load(str(path))
+    except Exception as e:
+        raise ExportError(
+            f"{path}: not a torch.export program ({_first_line(e)})",
+            hint="save one with torch.export.save(torch.export.export(model, args), 'model.pt2')",
+        ) from e
+
+
+def _program_input_names(program: torch.export.ExportedProgram) -> list[str]:
+    from torch.export.graph_signature import InputKind
+
+    return [
+        spec.arg.name
+        for spec in program.graph_signature.input_specs
+        if spec.kind is InputKind.USER_INPUT and hasattr(spec.arg, "name")
+    ]
+
+
+class ProgramRunner:
+    """Calls an ExportedProgram with flat feeds in graph-input order (the ONNX input order), packing
+    them back into the (args, kwargs) structure it was exported with."""
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
+        self.program = program
+        self.module = program.module()
+        self.input_names = _program_input_names(program)
+
+    def __call__(self, **feeds: torch.Tensor) -> Any:
+        flat = list(feeds.values())
+        args, kwargs = torch.utils._pytree.tree_unflatten(flat, self.program.call_spec.in_spec)
+        return self.module(*args, **kwargs)
+
+
+def export_program(
+    program: torch.export.ExportedProgram, config: ExportConfig
+) -> tuple[onnx.ModelProto, str, dict[str, torch.Tensor], list[str]]:
+    """Export a torch.export program with the dynamo exporter. Returns (model, exporter, examples, output names).
+
+    Its dynamic dims were chosen at torch.export time; --dynamic-batch / --dynamic cannot change them.
+    """
+    if config.exporter is Exporter.TORCHSCRIPT:
+        raise UsageError("a torch.export program (.pt2) can only be exported with the dynamo exporter")
+    if config.dynamic_batch or config.dynamic_axes:
+        raise UsageError(
+            "a .pt2 program fixed its dynamic dims when it was exported; --dynamic-batch/--dynamic cannot change them",
+            hint="pass dynamic_shapes= to torch.export.export before torch.export.save",
+        )
+    input_names = _program_input_names(program)
+    example_args, example_kwargs = program.example_inputs or ((), {})
+    flat_examples = torch.utils._pytree.tree_leaves((example_args, example_kwargs or {}))
+    examples = {n: t for n, t in zip(input_names, flat_examples) if isinstance(t, torch.Tensor)}
+    if len(examples) != len(input_names):
+        raise ExportError("the .pt2 program carries no example inputs for all its inputs; re-save it with torch.export.save")
+    runner = ProgramRunner(program)
+    try:
+        with torch.inference_mode():
+            reference = runner(**examples)
+    except Exception as e:
+        raise ExportError(f"the .pt2 program failed on its own example inputs: {_first_line(e)}") from e
+    n_outputs = len(_flatten_outputs(reference))
+    output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
+    with tempfile.TemporaryDirectory(prefix="onnxforge-export-") as tmp:
+        path = Path(tmp) / "program.onnx"
+        try:
+            with _quiet():
+                torch.onnx.export(
+                    program,
+                    f=str(path),
+                    dynamo=True,
+                    external_data=_wants_external_data(program),
+                    opset_version=max(config.opset or _DYNAMO_MIN_OPSET, _DYNAMO_MIN_OPSET),
+                    input_names=input_names,
+                    output_names=output_names,
+                    optimize=True,
+                )
+            proto = onnx.load(str(path), load_external_data=True)
+        except Exception as e:
+            raise ExportError(f"the dynamo exporter failed on the .pt2 program: {_first_line(e)}") from e
+    return proto, Exporter.DYNAMO.value, examples, output_names
