@@ -88,33 +88,78 @@ def resolve_metric(metric: Metric, has_labels: bool, output_shape: tuple) -> Met
 
 
 def run_outputs(session: ort.InferenceSession, samples: SampleSet, batch_size: int) -> list[np.ndarray]:
-    """All outputs of ``session`` over ``samples``, concatenated along the sample axis."""
-    chunks: list[list[np.ndarray]] = []
-    for batch in samples.batches(batch_size):
-        n = len(next(iter(batch.values())))
-        if n != batch_size and chunks:
-            # fixed-batch models: pad the last batch and drop the padding from the outputs
+    """All outputs of ``session`` over ``samples``, in sample order.
+
+    For a ragged set (variable-length inputs, fed in equal-shape groups) an output whose
+    per-sample shapes differ is returned as an object array of per-sample arrays.
+    """
+    placed: list[tuple[np.ndarray, list[np.ndarray]]] = []
+    for index, batch in samples.indexed_batches(batch_size):
+        n = len(index)
+        if n != batch_size and placed:
+            # fixed-batch models: pad the batch and drop the padding from the outputs
             batch = {k: np.resize(v, (batch_size, *v.shape[1:])) for k, v in batch.items()}
-            chunks.append([o[:n] for o in session.run(None, batch)])
+            placed.append((index, [o[:n] for o in session.run(None, batch)]))
         else:
-            chunks.append(session.run(None, batch))
-    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))] if chunks else []
+            placed.append((index, session.run(None, batch)))
+    if not placed:
+        return []
+    if not samples.is_ragged:
+        return [np.concatenate([c[i] for _, c in placed]) for i in range(len(placed[0][1]))]
+    outputs = []
+    for i in range(len(placed[0][1])):
+        rows: list[np.ndarray | None] = [None] * len(samples)
+        for index, chunk in placed:
+            for j, sample in enumerate(index):
+                rows[int(sample)] = chunk[i][j]
+        if len({r.shape for r in rows}) == 1:
+            outputs.append(np.stack(rows))
+        else:
+            ragged = np.empty(len(rows), dtype=object)
+            for j, r in enumerate(rows):
+                ragged[j] = r
+            outputs.append(ragged)
+    return outputs
+
+
+def _rows(output: np.ndarray) -> list[np.ndarray] | np.ndarray:
+    if output.dtype == object:
+        return [np.asarray(r, dtype=np.float64).reshape(-1) for r in output]
+    return output.reshape(len(output), -1).astype(np.float64)
 
 
 def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.ndarray | None) -> float:
-    """The metric of ``outputs`` (first output) against labels or the reference outputs."""
-    y = outputs[0].reshape(len(outputs[0]), -1).astype(np.float64)
-    ref = reference[0].reshape(len(reference[0]), -1).astype(np.float64)
+    """The metric of ``outputs`` (first output) against labels or the reference outputs.
+
+    Per sample, on the flattened first output; then the mean over samples. Ragged outputs
+    (variable-length samples) are compared sample by sample.
+    """
+    y, ref = _rows(outputs[0]), _rows(reference[0])
+    if isinstance(y, np.ndarray) and isinstance(ref, np.ndarray):
+        if metric is Metric.ACCURACY:
+            if labels is None:
+                raise ValueError("accuracy needs labels")
+            return float((y.argmax(1) == labels).mean())
+        if metric is Metric.AGREEMENT:
+            return float((y.argmax(1) == ref.argmax(1)).mean())
+        if metric is Metric.COSINE:
+            den = np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1)
+            return float(np.mean((y * ref).sum(1) / np.maximum(den, 1e-12)))
+        if metric is Metric.REL_ERROR:
+            return float(np.mean(np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)))
+        raise ValueError(f"unresolved metric {metric}")
     if metric is Metric.ACCURACY:
         if labels is None:
             raise ValueError("accuracy needs labels")
-        return float((y.argmax(1) == labels).mean())
+        return float(np.mean([int(np.argmax(r)) == int(lab) for r, lab in zip(y, labels)]))
     if metric is Metric.AGREEMENT:
-        return float((y.argmax(1) == ref.argmax(1)).mean())
+        return float(np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(y, ref)]))
     if metric is Metric.COSINE:
-        num = (y * ref).sum(1)
-        den = np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1)
-        return float(np.mean(num / np.maximum(den, 1e-12)))
+        return float(
+            np.mean([float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12) for a, b in zip(y, ref)])
+        )
     if metric is Metric.REL_ERROR:
-        return float(np.mean(np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)))
+        return float(
+            np.mean([float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(b)), 1e-12) for a, b in zip(y, ref)])
+        )
     raise ValueError(f"unresolved metric {metric}")

@@ -1,0 +1,219 @@
+"""Per-node quantization error of a QDQ model against its fp32 source, measured on samples.
+
+For every node the QDQ quantizer quantized (a node fed by a DequantizeLinear), two numbers, each
+taken on the node's first output:
+
+- **local SQNR**: the node's output when each of its quantized activation inputs is the *fp32*
+  model's value passed through the node's own QuantizeLinear -> DequantizeLinear (weights
+  dequantized as in the quantized model), against the fp32 output. It isolates the error this
+  node's quantization introduces (its input ranges, its weights), independent of upstream
+  error; mixed precision ranks nodes by it.
+- **end-to-end SQNR**: the node's output in the quantized model against the fp32 model's: the
+  error accumulated from every quantized node upstream, i.e. where in the network accuracy goes.
+
+SQNR = 10 log10(sum x^2 / sum (x - x_q)^2) in dB over all measured samples (higher is better);
+relative error = ||x - x_q|| / ||x||. Both models run with graph optimizations off, so the
+quantized one is evaluated as the QDQ graph says (fake quantization), node by node. The sums
+are accumulated batch by batch: memory holds one batch's activations, not the data set's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+__all__ = ["NodeError", "measure_node_errors", "quantized_nodes"]
+
+_QUANT_INPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime's name for a graph output's pre-Q tensor
+_REF_SUFFIX = "__onnxforge_fp32"
+
+
+@dataclass(frozen=True)
+class NodeError:
+    """One quantized node's error; ``output`` is the fp32 model's name of the tensor measured."""
+
+    node: str
+    op_type: str
+    output: str
+    local_sqnr_db: float
+    sqnr_db: float
+    relative_error: float
+
+    def to_json(self) -> dict:
+        return {
+            "node": self.node,
+            "op_type": self.op_type,
+            "output": self.output,
+            "local_sqnr_db": _finite(self.local_sqnr_db),
+            "sqnr_db": _finite(self.sqnr_db),
+            "relative_error": self.relative_error,
+        }
+
+
+def _finite(value: float) -> float | None:
+    # JSON has no Infinity: an error-free tensor (identical outputs) is reported as null.
+    return round(value, 3) if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class _QuantizedNode:
+    name: str
+    op_type: str
+    qdq_output: str  # the node's first output as named in the QDQ model
+    fp32_output: str  # the same tensor in the fp32 model
+
+
+def _fp32_name(name: str) -> str:
+    return name[: -len(_QUANT_INPUT_SUFFIX)] if name.endswith(_QUANT_INPUT_SUFFIX) else name
+
+
+def quantized_nodes(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> list[_QuantizedNode]:
+    """Nodes of ``qdq`` (in graph order) with a DequantizeLinear input and a counterpart in ``fp32``.
+
+    When the quantizer folded a following Relu/Clip into the output rounding (the node's output
+    then carries the activation's name), the node is measured after its output's Q/DQ pair,
+    which is where the fp32 activation's value is reproduced.
+    """
+    dq_outputs = {o for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    q_of = {n.input[0]: n.output[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    dq_of = {n.input[0]: n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    fp32_nodes = {n.name: n for n in fp32.graph.node if n.name}
+    fp32_tensors = {o for n in fp32.graph.node for o in n.output}
+    found = []
+    for node in qdq.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not node.output:
+            continue
+        if not any(i in dq_outputs for i in node.input):
+            continue
+        original = fp32_nodes.get(node.name)
+        if original is None:
+            continue
+        raw = node.output[0]
+        if _fp32_name(raw) == original.output[0]:
+            found.append(_QuantizedNode(node.name, node.op_type, raw, original.output[0]))
+        elif _fp32_name(raw) in fp32_tensors and raw in q_of and q_of[raw] in dq_of:
+            found.append(_QuantizedNode(node.name, node.op_type, dq_of[q_of[raw]], _fp32_name(raw)))
+    return found
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in present:
+            out.graph.output.append(onnx.ValueInfoProto(name=name))  # onnxruntime infers the type
+            present.add(name)
+    return out
+
+
+def _local_model(qdq: onnx.ModelProto, graph_inputs: set[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """``qdq`` with every QuantizeLinear of an intermediate activation fed from a new graph input.
+
+    Returns the model and {new input name: fp32 tensor name to feed it}.
+    """
+    local = onnx.ModelProto()
+    local.CopyFrom(qdq)
+    initializers = {i.name: i for i in local.graph.initializer}
+    feeds: dict[str, str] = {}
+    for node in local.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        source = node.input[0]
+        if source in initializers or source in graph_inputs:
+            continue
+        fed = _fp32_name(source) + _REF_SUFFIX
+        if fed not in feeds:
+            scale = initializers.get(node.input[1])
+            elem = scale.data_type if scale is not None else onnx.TensorProto.FLOAT
+            local.graph.input.append(helper.make_tensor_value_info(fed, elem, None))
+            feeds[fed] = _fp32_name(source)
+        node.input[0] = fed
+    return local, feeds
+
+
+class _Accumulator:
+    __slots__ = ("signal", "noise")
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def add(self, reference: np.ndarray, value: np.ndarray) -> None:
+        ref = np.asarray(reference, dtype=np.float64)
+        self.signal += float(np.square(ref).sum())
+        self.noise += float(np.square(ref - np.asarray(value, dtype=np.float64)).sum())
+
+    def sqnr_db(self) -> float:
+        if self.noise == 0.0:
+            return math.inf
+        return 10.0 * math.log10(max(self.signal, 1e-30) / self.noise)
+
+    def relative_error(self) -> float:
+        return math.sqrt(self.noise / self.signal) if self.signal > 0 else (0.0 if self.noise == 0 else math.inf)
+
+
+def measure_node_errors(
+    fp32_path: str | os.PathLike,
+    qdq_path: str | os.PathLike,
+    batches: Iterable[Mapping[str, np.ndarray]],
+) -> list[NodeError]:
+    """Local and end-to-end error of each quantized node of ``qdq_path`` over ``batches`` of inputs.
+
+    ``qdq_path`` must be a QDQ-format quantization of ``fp32_path`` (node names kept, as
+    onnxruntime's QDQ quantizer does). Returns nodes in graph order; empty when none is quantized.
+    """
+    fp32 = onnx.load(str(fp32_path))
+    qdq = onnx.load(str(qdq_path))
+    nodes = quantized_nodes(qdq, fp32)
+    if not nodes:
+        return []
+    graph_inputs = {i.name for i in qdq.graph.input}
+    local_model, local_feeds = _local_model(qdq, graph_inputs)
+    fp32_names = [n.fp32_output for n in nodes] + list(local_feeds.values())
+    fp32_session = _session(_with_outputs(fp32, fp32_names))
+    qdq_session = _session(_with_outputs(qdq, [n.qdq_output for n in nodes]))
+    local_session = _session(_with_outputs(local_model, [n.qdq_output for n in nodes]))
+    fp32_index = {o.name: i for i, o in enumerate(fp32_session.get_outputs())}
+    qdq_index = {o.name: i for i, o in enumerate(qdq_session.get_outputs())}
+    local_index = {o.name: i for i, o in enumerate(local_session.get_outputs())}
+    input_names = [i.name for i in fp32_session.get_inputs()]
+
+    local = {n.name: _Accumulator() for n in nodes}
+    end_to_end = {n.name: _Accumulator() for n in nodes}
+    for batch in batches:
+        feeds = {k: batch[k] for k in input_names}
+        reference = fp32_session.run(None, feeds)
+        quantized = qdq_session.run(None, feeds)
+        local_inputs = dict(feeds) | {fed: reference[fp32_index[name]] for fed, name in local_feeds.items()}
+        local_out = local_session.run(None, local_inputs)
+        for n in nodes:
+            ref = reference[fp32_index[n.fp32_output]]
+            end_to_end[n.name].add(ref, quantized[qdq_index[n.qdq_output]])
+            local[n.name].add(ref, local_out[local_index[n.qdq_output]])
+    return [
+        NodeError(
+            node=n.name,
+            op_type=n.op_type,
+            output=n.fp32_output,
+            local_sqnr_db=local[n.name].sqnr_db(),
+            sqnr_db=end_to_end[n.name].sqnr_db(),
+            relative_error=end_to_end[n.name].relative_error(),
+        )
+        for n in nodes
+    ]
