@@ -28,6 +28,7 @@ __all__ = [
     "input_specs",
     "output_specs",
     "file_sha256",
+    "content_sha256",
     "model_file_size",
     "default_opset",
 ]
@@ -97,13 +98,25 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def content_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, in sorted order)."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(child.relative_to(path)).encode() + b"\0" + file_sha256(child).encode())
+    return digest.hexdigest()
+
+
 def _external_data_files(model: onnx.ModelProto) -> set[str]:
     files = set()
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             for entry in tensor.external_data:
                 if entry.key == "location":
-                    files.add(entry.value)
+                    value = entry.value  # bytes when a damaged file holds invalid UTF-8 (found by fuzzing)
+                    files.add(value if isinstance(value, str) else value.decode("utf-8", "replace"))
     return files
 
 

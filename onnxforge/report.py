@@ -336,7 +336,8 @@ def profile_report_html(result: dict) -> str:
 def run_report_html(manifest: dict) -> str:
     """The report for a pipeline run folder, from its manifest (``Manifest.to_json()``)."""
     recipe = manifest.get("recipe") or {}
-    stages = manifest.get("stages") or []
+    # an .onnx recipe's input model is the baseline row, ahead of the stages
+    stages = ([manifest["input"]] if manifest.get("input") else []) + (manifest.get("stages") or [])
     measured = [s for s in stages if s.get("output")]
     metric = next(
         (k for s in measured for k in ("accuracy", "agreement", "cosine", "rel-error") if k in s.get("metrics", {})),

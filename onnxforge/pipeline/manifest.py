@@ -96,6 +96,7 @@ class Manifest:
     run_dir: Path
     recipe: dict[str, Any]
     stages: list[StageRecord] = field(default_factory=list)
+    baseline: StageRecord | None = None  # the input .onnx of a recipe without an export stage
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -109,6 +110,7 @@ class Manifest:
             "tool_versions": tool_versions(),
             "machine": machine_description(),
             "recipe": self.recipe,
+            "input": self.baseline.to_json() if self.baseline else None,
             "completed": [s.name for s in self.stages if s.status in ("done", "cached")],
             "stages": [s.to_json() for s in self.stages],
         }

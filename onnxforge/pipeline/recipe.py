@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from onnxforge.converters.config import ExportConfig
@@ -37,9 +38,9 @@ from onnxforge.errors import OnnxForgeError, RecipeError
 from onnxforge.parity import Tolerance
 from onnxforge.pipeline.fp16 import Fp16Config
 from onnxforge.pipeline.prune_magnitude import MagnitudePruneConfig
-from onnxforge.pipeline.quantize import QuantizeConfig
+from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme
 from onnxforge.pipeline.simplify import SimplifyConfig
-from onnxforge.targets import TARGETS
+from onnxforge.targets import TARGETS, QuantScheme
 
 __all__ = ["Recipe", "StageSpec", "STAGE_CONFIGS", "load_recipe", "config_from_mapping"]
 
@@ -109,6 +110,18 @@ def _convert(value: Any, annotation: Any, where: str, base: Path) -> Any:
         if not path.exists():
             raise RecipeError(f"{where}: file {path} does not exist")
         return path
+    if annotation is QuantScheme:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a scheme name such as qdq-u8s8-per-channel, got {value!r}")
+        try:
+            return parse_scheme(value)
+        except OnnxForgeError as e:
+            raise RecipeError(f"{where}: {e.message}") from e
+    if annotation is np.dtype:
+        try:
+            return np.dtype(value)
+        except TypeError:
+            raise RecipeError(f"{where}: unknown dtype {value!r}") from None
     if annotation is Tolerance:
         if not isinstance(value, Mapping) or set(value) - {"atol", "rtol"}:
             raise RecipeError(f"{where}: expected {{atol: ..., rtol: ...}}")

@@ -20,7 +20,7 @@ from typing import Any
 
 from onnxforge import converters
 from onnxforge.errors import OnnxForgeError, QualityGateError
-from onnxforge.model_io import file_sha256, input_specs, load_model
+from onnxforge.model_io import content_sha256, file_sha256, input_specs, load_model
 from onnxforge.pipeline.calibration import load_samples, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, resolve_metric, run_outputs, score
 from onnxforge.pipeline.fp16 import convert_fp16
@@ -87,7 +87,7 @@ def _run_stage(spec: StageSpec, recipe: Recipe, input_ref: str, output: Path) ->
 
 def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | None:
     """Score and time every stage output; fills each record's metrics. Returns the metric name."""
-    records = [r for r in manifest.stages if r.output is not None]
+    records = [r for r in [manifest.baseline, *manifest.stages] if r is not None and r.output is not None]
     if not records:
         return None
     paths = {r.name: manifest.run_dir / r.output["path"] for r in records}
@@ -139,12 +139,17 @@ def run_recipe(
 
     input_ref = recipe.model
     fingerprint = _source_fingerprint(recipe.model)
+    if recipe.stages[0].kind != "export":
+        # An .onnx recipe: the input model is the baseline every stage is scored and timed against.
+        source = Path(recipe.model)
+        manifest.baseline = StageRecord("input", "input", "input", {}, fingerprint, 0.0,
+                                        describe_file(source, run_dir), {"path": str(source)})
     upstream_changed = False
     for index, spec in enumerate(recipe.stages, start=1):
         output = run_dir / f"{index:02d}_{spec.name}.onnx"
-        extra = {"calibration": file_sha256(recipe.calibration)} if spec.kind == "quantize" else {}
+        extra = {"calibration": content_sha256(recipe.calibration)} if spec.kind == "quantize" else {}
         if spec.kind in ("quantize", "prune") and getattr(spec.config, "eval_data", None):
-            extra["eval"] = file_sha256(spec.config.eval_data)
+            extra["eval"] = content_sha256(spec.config.eval_data)
         key = _stage_key(spec, fingerprint, extra)
         old = previous.get(spec.name)
         start = time.perf_counter()
