@@ -2,7 +2,9 @@
 
 Writes the data it uses (calibration from the training split, evaluation = the held-out split
 with labels) and a ``recipe.yaml`` into the run folder, so ``onnxforge run RUN_DIR/recipe.yaml``
-repeats it; then runs export -> simplify -> prune -> quantize and measures every stage.
+repeats it; then runs export -> simplify -> prune_channels (half the channels removed, the
+layers after each cut refit by least squares on the calibration data) -> quantize, and measures
+every stage.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ DEMO_RECIPE = {
     "stages": [
         "export",
         "simplify",
-        {"prune": {"sparsity": 0.3}},
+        {"prune_channels": {"ratio": 0.5}},
         {"quantize": {"tolerance": 0.5}},
     ],
 }

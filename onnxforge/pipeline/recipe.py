@@ -10,9 +10,11 @@ target: cpu
 stages:
   - export
   - simplify
-  - prune: {sparsity: 0.3}
+  - prune_channels: {ratio: 0.5}   # structured: really smaller Convs, repaired by least squares
   - quantize: {tolerance: 0.5}
 ```
+
+Stages: export, simplify, prune (magnitude sparsity), prune_channels, low_rank, quantize, fp16.
 
 Relative paths are relative to the recipe's folder. Unknown keys, wrong types and missing files
 are RecipeError (exit 2) naming the key.
@@ -37,6 +39,8 @@ from onnxforge.converters.config import ExportConfig
 from onnxforge.errors import OnnxForgeError, RecipeError
 from onnxforge.parity import Tolerance
 from onnxforge.pipeline.fp16 import Fp16Config
+from onnxforge.pipeline.low_rank import LowRankConfig
+from onnxforge.pipeline.prune_channels import ChannelPruneConfig
 from onnxforge.pipeline.prune_magnitude import MagnitudePruneConfig
 from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme
 from onnxforge.pipeline.simplify import SimplifyConfig
@@ -50,6 +54,8 @@ STAGE_CONFIGS: dict[str, type] = {
     "prune": MagnitudePruneConfig,
     "quantize": QuantizeConfig,
     "fp16": Fp16Config,
+    "prune_channels": ChannelPruneConfig,
+    "low_rank": LowRankConfig,
 }
 _TOP_KEYS = {"model", "input_shapes", "dynamic_batch", "calibration", "eval", "target", "stages", "name"}
 
@@ -224,6 +230,11 @@ def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe
         "quantize": {"target": target} | ({"eval_data": str(eval_data)} if eval_data else {}),
         "prune": {"eval_data": str(eval_data)} if eval_data else {},
     }
+    # Channel pruning and low-rank repair/choose ranks with the calibration data, gate on eval data.
+    for kind in ("prune_channels", "low_rank"):
+        defaults[kind] = ({"calibration_data": str(calibration)} if calibration else {}) | (
+            {"eval_data": str(eval_data)} if eval_data else {}
+        )
     stages = tuple(_stage(entry, i, defaults, base) for i, entry in enumerate(stages_raw))
     kinds = [s.kind for s in stages]
     if kinds.count("export") > 1 or ("export" in kinds and kinds[0] != "export"):

@@ -24,7 +24,9 @@ from onnxforge.model_io import content_sha256, file_sha256, input_specs, load_mo
 from onnxforge.pipeline.calibration import load_samples, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, resolve_metric, run_outputs, score
 from onnxforge.pipeline.fp16 import convert_fp16
+from onnxforge.pipeline.low_rank import low_rank
 from onnxforge.pipeline.manifest import Manifest, StageRecord, describe_file, tool_versions
+from onnxforge.pipeline.prune_channels import prune_channels
 from onnxforge.pipeline.prune_magnitude import prune_magnitude
 from onnxforge.pipeline.quantize import quantize
 from onnxforge.pipeline.recipe import Recipe, StageSpec
@@ -82,6 +84,10 @@ def _run_stage(spec: StageSpec, recipe: Recipe, input_ref: str, output: Path) ->
         return quantize(input_ref, output, recipe.calibration, spec.config).to_json(), True
     if spec.kind == "fp16":
         return convert_fp16(input_ref, output, spec.config).to_json(), True
+    if spec.kind == "prune_channels":
+        return prune_channels(input_ref, output, spec.config).to_json(), True
+    if spec.kind == "low_rank":
+        return low_rank(input_ref, output, spec.config).to_json(), True
     raise AssertionError(f"unknown stage kind {spec.kind}")
 
 
@@ -147,9 +153,11 @@ def run_recipe(
     upstream_changed = False
     for index, spec in enumerate(recipe.stages, start=1):
         output = run_dir / f"{index:02d}_{spec.name}.onnx"
+        # The key covers the data a stage reads, not only its path: edited data re-runs the stage.
         extra = {"calibration": content_sha256(recipe.calibration)} if spec.kind == "quantize" else {}
-        if spec.kind in ("quantize", "prune") and getattr(spec.config, "eval_data", None):
-            extra["eval"] = content_sha256(spec.config.eval_data)
+        for field_name in ("calibration_data", "eval_data"):
+            if getattr(spec.config, field_name, None):
+                extra[field_name] = content_sha256(getattr(spec.config, field_name))
         key = _stage_key(spec, fingerprint, extra)
         old = previous.get(spec.name)
         start = time.perf_counter()
