@@ -7,6 +7,7 @@ the temporary file is removed on failure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,19 +15,29 @@ from pathlib import Path
 
 from onnxforge.errors import OutputPathError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_output_path"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_output_path", "paths_in"]
 
 
-def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
-    """Resolve ``output`` and refuse paths that equal an input or whose folder cannot be written."""
+def paths_in(config: object) -> list[Path]:
+    """The file paths a (dataclass) config reads: calibration, evaluation and sample data."""
+    if not dataclasses.is_dataclass(config):
+        return []
+    return [v for f in dataclasses.fields(config) if isinstance(v := getattr(config, f.name), Path)]
+
+
+def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+    """Resolve ``output`` and refuse paths that equal an input or whose folder cannot be written.
+
+    ``inputs`` are every file the command reads (model, data, source .py): none may be overwritten.
+    """
     out = Path(output)
     if out.exists() and out.is_dir():
         raise OutputPathError(f"output path {out} is a folder, expected a file path")
     for given in inputs:
         if given is not None and Path(given).exists() and out.exists() and os.path.samefile(given, out):
             raise OutputPathError(
-                f"output path {out} is the input file; onnxforge never overwrites its input",
-                hint="choose another -o path",
+                f"output path {out} is an input of this command ({given}); onnxforge never overwrites its inputs",
+                hint="choose another output path",
             )
     folder = out.parent if str(out.parent) else Path(".")
     try:

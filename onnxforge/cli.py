@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onnxforge.errors import OnnxForgeError, QualityGateError, UsageError
@@ -24,8 +25,8 @@ from onnxforge.errors import OnnxForgeError, QualityGateError, UsageError
 __all__ = ["main", "cli"]
 
 # Piped output (CI logs, `| tee`) gets a width that fits the tables instead of rich's 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +95,7 @@ def quality_options(f: Callable) -> Callable:
 
 
 def _emit_json(json_path: str | None, payload: dict) -> None:
+    """Write ``payload`` to ``--json PATH`` ('-' = stdout). PATH may not be a file the command read."""
     if not json_path:
         return
     text = json.dumps(payload, indent=2, default=str) + "\n"
@@ -102,7 +104,9 @@ def _emit_json(json_path: str | None, payload: dict) -> None:
         return
     from onnxforge._atomic import atomic_write_text, check_output_path
 
-    atomic_write_text(check_output_path(json_path), text)
+    ctx = click.get_current_context(silent=True)
+    read = [v for v in (ctx.params.values() if ctx else ()) if isinstance(v, Path) and v.is_file()]
+    atomic_write_text(check_output_path(json_path, *read), text)
 
 
 def _human_bytes(n: float | None) -> str:
@@ -151,7 +155,7 @@ def cli(debug: bool) -> None:
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="parity: relative tolerance")
 @json_option
 def export(source, output, input_shapes, dynamic_batch, dynamic_dims, opset, exporter, sample_inputs, atol, rtol, json_path):
-    """Export SOURCE (file.py:callable, TorchScript .pt, .keras, .onnx, builtin:digits_cnn) to ONNX, checking parity."""
+    """Export SOURCE (file.py:callable, TorchScript .pt, torch.export .pt2, .keras, .onnx, builtin:digits_cnn) to ONNX, checking parity."""
     from onnxforge.converters import ExportConfig, Exporter, export as run_export
     from onnxforge.parity import Tolerance
     from onnxforge.targets.feeds import parse_input_dtypes, parse_input_shapes
@@ -178,15 +182,22 @@ def export(source, output, input_shapes, dynamic_batch, dynamic_dims, opset, exp
     _emit_json(json_path, result.to_json())
     if _quiet(json_path):
         return
-    out.print(f"[bold green]exported[/] {result.path} ({_human_bytes(result.path.stat().st_size)}, opset {result.opset}, exporter {result.exporter})")
+    from rich.markup import escape
+
+    from onnxforge.model_io import model_file_size
+
+    out.print(f"[bold green]exported[/] {result.path} ({_human_bytes(model_file_size(result.path))}, opset {result.opset}, exporter {result.exporter})")
     for spec in result.inputs:
         out.print(f"  input  {spec.name}: {spec.shape_text()} {spec.dtype}")
     for spec in result.outputs:
         out.print(f"  output {spec.name}: {spec.shape_text()} {spec.dtype}")
     if result.parity is not None:
         out.print(f"  {result.parity.summary()}")
+        for o in result.parity.outputs:
+            out.print(f"    {o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}")
+        out.print(f"    inputs run: {escape('; '.join(result.parity_inputs))}", highlight=False)
     for note in result.notes:
-        out.print(f"  [yellow]note:[/] {note}")
+        out.print(f"  [yellow]note:[/] {escape(note)}")
 
 
 @cli.command()
@@ -194,13 +205,14 @@ def export(source, output, input_shapes, dynamic_batch, dynamic_dims, opset, exp
 @output_option
 @click.option("--method", type=click.Choice(["auto", "onnxsim", "onnxslim", "ort"]), default="auto", show_default=True)
 @input_shape_option
+@click.option("--data", "sample_data", type=click.Path(path_type=Path), default=None, help="parity inputs from this .npz instead of random data")
 @json_option
-def simplify(model, output, method, input_shapes, json_path):
+def simplify(model, output, method, input_shapes, sample_data, json_path):
     """Simplify MODEL with onnxsim, onnxslim and onnxruntime; keep the smallest graph with parity."""
     from onnxforge.pipeline.simplify import SimplifyConfig, SimplifyMethod, simplify as run_simplify
     from onnxforge.targets.feeds import parse_input_shapes
 
-    config = SimplifyConfig(method=SimplifyMethod(method), input_shapes=parse_input_shapes(input_shapes))
+    config = SimplifyConfig(method=SimplifyMethod(method), input_shapes=parse_input_shapes(input_shapes), sample_data=sample_data)
     with _status(f"simplifying {model}", _quiet(json_path)):
         result = run_simplify(model, output, config)
     _emit_json(json_path, result.to_json())
@@ -220,7 +232,7 @@ def simplify(model, output, method, input_shapes, json_path):
 @cli.command()
 @model_argument
 @output_option
-@click.option("--calibration", required=True, type=click.Path(path_type=Path), help=".npz (arrays keyed by input name) or a folder of .npz/.npy")
+@click.option("--calibration", required=True, type=click.Path(path_type=Path), help=".npz (arrays keyed by input name), a folder of .npz/.npy (read one file at a time), or a folder of images")
 @target_option
 @quality_options
 @click.option("--method", "calibration_method", type=click.Choice(["minmax", "entropy", "percentile", "distribution"]), default="minmax", show_default=True)
@@ -228,15 +240,49 @@ def simplify(model, output, method, input_shapes, json_path):
 @click.option("--exclude-node", multiple=True, help="node name to keep in float (repeatable)")
 @click.option("--exclude-op", multiple=True, help="op type to keep in float (repeatable)")
 @click.option("--threads", type=int, default=1, show_default=True, help="threads when timing candidates")
+@click.option("--scheme", "schemes", multiple=True, metavar="SCHEME", help="candidate to measure, e.g. qdq-u8s8-per-channel, qdq-s8s8-per-tensor, qoperator-u8s8-per-channel-reduce-range (repeatable; default: the target's)")
+@click.option("--symmetric-activations", is_flag=True, help="symmetric activation ranges (zero point in the middle)")
+@click.option("--asymmetric-weights", is_flag=True, help="asymmetric weight ranges (default symmetric)")
+@click.option("--mixed-precision/--no-mixed-precision", default=True, show_default=True, help="when the fastest candidate misses the tolerance, return its most sensitive nodes to float")
+@click.option("--max-float-fraction", type=float, default=0.5, show_default=True, help="mixed precision keeps at most this share of quantized nodes in float")
+@click.option("--image-size", metavar="HxW", default=None, help="images: resize to this size (default: the model input's)")
+@click.option("--mean", metavar="M[,M,M]", default=None, help="images: per-channel mean subtracted after scaling to [0,1]")
+@click.option("--std", metavar="S[,S,S]", default=None, help="images: per-channel std divided by")
+@click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="images: input layout")
 @json_option
-def quantize(model, output, calibration, target, eval_data, metric, tolerance, calibration_method, max_samples, exclude_node, exclude_op, threads, json_path):
+def quantize(model, output, calibration, target, eval_data, metric, tolerance, calibration_method, max_samples, exclude_node, exclude_op, threads, schemes, symmetric_activations, asymmetric_weights, mixed_precision, max_float_fraction, image_size, mean, std, layout, json_path):
     """Statically quantize MODEL to INT8: measure the candidate formats on the target, keep the fastest within tolerance."""
     from onnxforge.pipeline.evaluate import Metric
-    from onnxforge.pipeline.quantize import CalibrationMethod, QuantizeConfig, quantize as run_quantize
+    from onnxforge.pipeline.calibration import IMAGE_SUFFIXES, ImageFolder, ImageLayout, ImagePreprocessing
+    from onnxforge.pipeline.quantize import CalibrationMethod, QuantizeConfig, parse_scheme, quantize as run_quantize
 
     if max_samples < 1:
         raise UsageError("--max-samples must be at least 1")
+
+    def floats(text: str | None, name: str) -> tuple[float, ...] | None:
+        try:
+            return None if text is None else tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise UsageError(f"{name} {text!r}: expected comma-separated numbers") from None
+
+    image_options = (image_size, mean, std, layout != "auto")
+    if any(image_options) or (calibration.is_dir() and not any(p.suffix in (".npz", ".npy") for p in calibration.iterdir())
+                              and any(p.suffix.lower() in IMAGE_SUFFIXES for p in calibration.rglob("*"))):
+        size = None
+        if image_size:
+            try:
+                h, w = (int(v) for v in image_size.lower().split("x"))
+                size = (h, w)
+            except ValueError:
+                raise UsageError(f"--image-size {image_size!r}: expected HxW, e.g. 224x224") from None
+        calibration = ImageFolder(calibration, ImagePreprocessing(
+            size=size, mean=floats(mean, "--mean") or (0.0,), std=floats(std, "--std") or (1.0,), layout=ImageLayout(layout)))
     config = QuantizeConfig(
+        schemes=tuple(parse_scheme(s) for s in schemes) or None,
+        activation_symmetric=symmetric_activations,
+        weight_symmetric=not asymmetric_weights,
+        mixed_precision=mixed_precision,
+        max_float_fraction=max_float_fraction,
         target=target,
         calibration_method=CalibrationMethod(calibration_method),
         max_calibration_samples=max_samples,
@@ -273,6 +319,16 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
     chosen = result.chosen_candidate
     out.print(f"[bold green]wrote[/] {result.path}: {chosen.scheme}, {chosen.speedup:.2f}x faster than fp32, "
               f"{result.gate.metric.value} {result.gate.format(chosen.score)} (fp32 {result.gate.format(result.fp32_score)})")
+    if chosen.float_nodes:
+        out.print(f"  kept in float: {', '.join(chosen.float_nodes)}")
+    offenders = result.top_offenders(5)
+    if offenders:
+        worst = Table(title="largest quantization error vs fp32 (SQNR; lower is worse)")
+        for col in ("node", "op", "local dB", "end-to-end dB", "rel. error"):
+            worst.add_column(col, justify="left" if col in ("node", "op") else "right")
+        for e in offenders:
+            worst.add_row(e.node, e.op_type, f"{e.local_sqnr_db:.1f}", f"{e.sqnr_db:.1f}", f"{e.relative_error:.3f}")
+        out.print(worst)
     for note in result.notes:
         out.print(f"  [yellow]note:[/] {note}")
 
@@ -280,16 +336,43 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
 @cli.command()
 @model_argument
 @output_option
-@click.option("--sparsity", type=float, default=0.5, show_default=True, help="fraction of weights to zero")
+@click.option("--method", "prune_method", type=click.Choice(["magnitude", "channels", "low-rank"]), default="magnitude",
+              show_default=True, help="magnitude: zero weights (smaller gzip, same speed); channels: remove channels "
+              "(smaller and faster); low-rank: factor dense layers by SVD")
+@click.option("--sparsity", type=float, default=None, help="magnitude: fraction of weights to zero  [default: 0.5]")
+@click.option("--ratio", type=float, default=None,
+              help="channels: fraction of channels to remove [default: 0.5]; low-rank: fraction of each layer's rank "
+              "to remove (default: keep 95% of the singular-value energy)")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="channels: .npz for the least-squares repair; low-rank: for the data-aware factorization")
+@click.option("--importance", type=click.Choice(["l2", "l1", "activation"]), default="l2", show_default=True, help="channels: ranking")
+@click.option("--allocation", type=click.Choice(["uniform", "sensitivity"]), default="uniform", show_default=True,
+              help="channels: the same ratio for every group, or per-group ratios from a scan (needs --calibration)")
+@click.option("--repair", type=click.Choice(["auto", "least-squares", "none"]), default="auto", show_default=True,
+              help="channels: auto = least squares when --calibration is given")
 @click.option("--scope", type=click.Choice(["per-layer", "global"]), default="per-layer", show_default=True)
 @click.option("--exclude", multiple=True, help="node name to leave dense (repeatable)")
 @quality_options
 @json_option
-def prune(model, output, sparsity, scope, exclude, eval_data, metric, tolerance, json_path):
-    """Magnitude-prune MODEL's Conv/Gemm/MatMul weights (with --eval: the sparsest model within tolerance)."""
+def prune(model, output, prune_method, sparsity, ratio, calibration, importance, allocation, repair, scope, exclude, eval_data,
+          metric, tolerance, json_path):
+    """Prune MODEL: magnitude sparsity (default), structured channels (really faster) or low-rank factors.
+
+    With --eval, the most-pruned model within tolerance is kept.
+    """
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.prune_magnitude import MagnitudePruneConfig, Scope, prune_magnitude
 
+    if prune_method == "channels":
+        _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance, allocation, repair, exclude, eval_data,
+                            metric, tolerance, json_path)
+        return
+    if prune_method == "low-rank":
+        _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, eval_data, metric, tolerance, json_path)
+        return
+    if ratio is not None or calibration is not None:
+        raise UsageError("--ratio and --calibration apply to --method channels", hint="use --sparsity for magnitude pruning")
+    sparsity = 0.5 if sparsity is None else sparsity
     config = MagnitudePruneConfig(
         sparsity=sparsity, scope=Scope(scope), exclude_nodes=tuple(exclude), eval_data=eval_data,
         metric=Metric(metric), tolerance=tolerance,
@@ -307,32 +390,122 @@ def prune(model, output, sparsity, scope, exclude, eval_data, metric, tolerance,
         out.print(f"  quality {result.score_before:.4f} -> {result.score_after:.4f} ({result.gate})")
 
 
+def _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, eval_data, metric, tolerance, json_path) -> None:
+    """``prune --method low-rank``: parse into LowRankConfig, run, render."""
+    from onnxforge.pipeline.evaluate import Metric
+    from onnxforge.pipeline.low_rank import LowRankConfig, RankRule, low_rank
+
+    if sparsity is not None:
+        raise UsageError("--sparsity applies to --method magnitude", hint="use --ratio for the fraction of rank to remove")
+    config = LowRankConfig(
+        rule=RankRule.ENERGY if ratio is None else RankRule.RATIO, ratio=0.5 if ratio is None else ratio,
+        calibration_data=calibration, exclude_nodes=tuple(exclude), eval_data=eval_data, metric=Metric(metric),
+        tolerance=tolerance,
+    )
+    with _status(f"factoring {model}", _quiet(json_path)):
+        result = low_rank(model, output, config)
+    _emit_json(json_path, result.to_json())
+    if _quiet(json_path):
+        return
+    for name, info in result.factored_layers.items():
+        out.print(f"  {name}: {info['shape'][0]}x{info['shape'][1]} -> rank {info['rank']} (energy {info['energy']:.4f})")
+    for name, reason in result.skipped_layers.items():
+        out.print(f"  [yellow]skipped[/] {name}: {reason}")
+    speed = ", ".join(f"{k} {v:.2f}x" for k, v in result.latency_speedup.items()) or "not measured"
+    out.print(f"[bold green]wrote[/] {result.path}: {len(result.factored_layers)} layers factored, params "
+              f"{result.params_before:,} -> {result.params_after:,}; speed vs input: {speed}")
+    if result.score_before is not None:
+        out.print(f"  quality {result.score_before:.4f} -> {result.score_after:.4f} ({result.gate})")
+
+
+def _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance, allocation, repair, exclude, eval_data,
+                        metric, tolerance, json_path) -> None:
+    """``prune --method channels``: parse into ChannelPruneConfig, run, render."""
+    from onnxforge.pipeline.evaluate import Metric
+    from onnxforge.pipeline.prune_channels import Allocation, ChannelPruneConfig, Importance, Repair, prune_channels
+
+    if sparsity is not None:
+        raise UsageError("--sparsity applies to --method magnitude", hint="use --ratio for the fraction of channels")
+    config = ChannelPruneConfig(
+        ratio=0.5 if ratio is None else ratio, importance=Importance(importance), allocation=Allocation(allocation),
+        repair=Repair(repair),
+        calibration_data=calibration, exclude_nodes=tuple(exclude), eval_data=eval_data, metric=Metric(metric),
+        tolerance=tolerance,
+    )
+    with _status(f"pruning channels of {model}", _quiet(json_path)):
+        result = prune_channels(model, output, config)
+    _emit_json(json_path, result.to_json())
+    if _quiet(json_path):
+        return
+    table = Table(title=f"channel pruning of {Path(model).name} (ratio {result.ratio:.3g})")
+    for col in ("layer", "channels", "note"):
+        table.add_column(col)
+    for name, change in result.pruned_layers.items():
+        table.add_row(name, change, "pruned")
+    for name, reason in result.skipped_layers.items():
+        table.add_row(name, "-", f"[yellow]skipped:[/] {reason}")
+    out.print(table)
+    out.print(f"[bold green]wrote[/] {result.path}: params {result.params_before:,} -> {result.params_after:,}, "
+              f"MACs/sample {result.macs_before:,} -> {result.macs_after:,} ({result.macs_before / max(result.macs_after, 1):.2f}x fewer)")
+    if not result.repaired:
+        out.print("  no least-squares repair (pass --calibration DATA to refit the layers after pruning)")
+    if result.score_before is not None:
+        repaired = f", before repair {result.score_without_repair:.4f}" if result.repaired else ""
+        out.print(f"  quality {result.score_before:.4f} -> {result.score_after:.4f}{repaired} ({result.gate})")
+
+
 @cli.command()
 @model_argument
 @target_option
 @click.option("--batch", "batches", type=int, multiple=True, default=(1,), show_default=True, help="batch size (repeatable: a sweep)")
-@click.option("--threads", "threads", type=int, multiple=True, help="intra-op threads (repeatable; default: onnxruntime's)")
+@click.option("--threads", "threads", type=int, multiple=True, help="intra-op threads (repeatable; default: onnxruntime's, 2 on mobile)")
 @input_shape_option
 @click.option("--data", "sample_data", type=click.Path(path_type=Path), default=None, help="inputs from this .npz instead of random data")
 @click.option("--min-seconds", type=float, default=1.0, show_default=True, help="time spent per measurement")
+@click.option("--per-op", is_flag=True, help="also profile per node and op type (onnxruntime profiler) with EP placement")
+@click.option("--top", type=int, default=10, show_default=True, help="rows in the per-op tables")
+@click.option("--compare", "compare", type=click.Path(dir_okay=False, path_type=Path), default=None, help="time this second model interleaved with MODEL and report the ratio")
+@click.option("-o", "--output-dir", "mobile_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="mobile: folder for the .ort and ops config (default: MODEL_mobile/ beside MODEL)")
+@click.option("--html", "html_path", metavar="PATH", default=None, help="also write a self-contained HTML report with charts")
 @json_option
-def profile(model, target, batches, threads, input_shapes, sample_data, min_seconds, json_path):
-    """Measure MODEL's latency on a target (p50/p90/p99, throughput) over batch sizes and thread counts."""
+def profile(model, target, batches, threads, input_shapes, sample_data, min_seconds, per_op, top, compare, mobile_dir, html_path, json_path):
+    """Measure MODEL's latency on a target (p50/p90/p99, throughput) over batch sizes and thread counts;
+    with --per-op the time per op and node and where each ran; --target mobile adds the ORT-format model
+    and NNAPI/CoreML readiness."""
     from onnxforge.targets.feeds import parse_input_shapes
     from onnxforge.targets.profile import ProfileConfig, profile as run_profile
 
     if any(b < 1 for b in batches) or any(t < 1 for t in threads):
         raise UsageError("--batch and --threads must be at least 1")
+    if top < 1:
+        raise UsageError("--top must be at least 1")
+    if html_path:
+        from onnxforge._atomic import check_output_path
+
+        check_output_path(html_path, model)  # fail before measuring, not after
     config = ProfileConfig(
         target=target, batch_sizes=tuple(batches), threads=tuple(threads) or (None,),
         input_shapes=parse_input_shapes(input_shapes), sample_data=sample_data, min_seconds=min_seconds,
+        per_op=per_op, compare=compare, mobile_dir=mobile_dir,
     )
     with _status(f"profiling {model}", _quiet(json_path)):
         result = run_profile(model, config)
-    _emit_json(json_path, result.to_json())
+    payload = result.to_json()
+    _emit_json(json_path, payload)
+    if html_path:
+        from onnxforge.report import profile_report_html, write_report
+
+        write_report(html_path, profile_report_html(payload))
     if _quiet(json_path):
         return
-    table = Table(title=f"{model.name} on {result.target}")
+    _render_profile(result, top)
+    if html_path:
+        out.print(f"report: {html_path}")
+
+
+def _render_profile(result, top: int) -> None:
+    emulation = " (host emulation, not a device measurement)" if result.host_emulation else ""
+    table = Table(title=f"{result.path.name} on {result.target}{emulation}")
     for col in ("batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "samples/s", "runs"):
         table.add_column(col, justify="right")
     for r in result.rows:
@@ -340,6 +513,69 @@ def profile(model, target, batches, threads, input_shapes, sample_data, min_seco
         table.add_row(str(r.batch), str(r.threads or "default"), f"{s.p50_ms:.3f}", f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}",
                       f"{s.mean_ms:.3f}", f"{s.std_ms:.3f}", f"{s.throughput:.1f}", str(s.runs))
     out.print(table)
+    if result.op_profile is not None:
+        ops = result.op_profile
+        kinds = Table(title=f"time per op type (top {top})")
+        for col in ("op type", "nodes", "us/run", "share"):
+            kinds.add_column(col, justify="left" if col == "op type" else "right")
+        for o in ops.op_types[:top]:
+            kinds.add_row(o.op_type, str(o.nodes), f"{o.median_us:.1f}", f"{o.share:.1%}")
+        out.print(kinds)
+        nodes = Table(title=f"slowest nodes (top {top})")
+        for col in ("node", "op", "provider", "us/run", "share"):
+            nodes.add_column(col, justify="right" if col in ("us/run", "share") else "left")
+        for n in ops.nodes[:top]:
+            nodes.add_row(n.name, n.op_type, n.provider, f"{n.median_us:.1f}", f"{n.share:.1%}")
+        out.print(nodes)
+        placement = ", ".join(f"{p.provider}: {p.nodes} nodes ({p.share:.0%})" for p in ops.placement)
+        out.print(f"EP placement: {placement}; fell back from {ops.expected_provider}: {len(ops.fallback_nodes)} nodes")
+        out.print(f"per-op sum {ops.op_sum_ms:.3f} ms vs measured p50 {ops.latency.p50_ms:.3f} ms: "
+                  f"ops account for {ops.coverage:.0%} (profiler overhead {ops.profiler_overhead:.2f}x, {ops.runs} runs)")
+        for note in ops.notes:
+            out.print(f"  [yellow]note:[/] {note}")
+    if result.comparison is not None:
+        c = result.comparison
+        out.print(f"compare (interleaved, batch {c.batch}): {c.model.name} p50 {c.model_latency.p50_ms:.3f} ms, "
+                  f"{c.other.name} p50 {c.other_latency.p50_ms:.3f} ms; ratio {c.ratio:.3f} "
+                  f"({c.other.name} is {1 / c.ratio:.2f}x as fast)")
+    if result.mobile is not None:
+        m = result.mobile
+        verdicts = Table(title="mobile readiness (onnxruntime usability checker)")
+        for col in ("EP", "as given", "fixed shapes", "supported nodes", "partitions", "unsupported ops"):
+            verdicts.add_column(col)
+        for given, fixed in zip(m.verdicts_as_given, m.verdicts):
+            verdicts.add_row(fixed.ep.value, given.readiness.value, fixed.readiness.value,
+                             f"{fixed.supported_nodes}/{fixed.total_nodes}", str(fixed.partitions),
+                             ", ".join(fixed.unsupported_ops) or "-")
+        out.print(verdicts)
+        fixed_text = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in m.fixed_inputs.items()) or "none needed"
+        out.print(f"fixed shapes: {fixed_text}; wrote {m.ort_model} ({_human_bytes(m.ort_model.stat().st_size)}), "
+                  f"{m.operators_config} ({len(m.required_operators)} op lines)")
+        out.print(f".ort vs .onnx: {m.parity.summary()}")
+        for note in m.notes:
+            out.print(f"  [yellow]note:[/] {note}")
+
+
+@cli.command()
+@model_argument
+@output_option
+@input_shape_option
+@click.option("--block-op", multiple=True, help="op type to keep in fp32 (repeatable)")
+@json_option
+def fp16(model, output, input_shapes, block_op, json_path):
+    """Convert MODEL to fp16 for CUDA/TensorRT (inputs/outputs stay fp32), checking parity with fp32."""
+    from onnxforge.pipeline.fp16 import Fp16Config, convert_fp16
+    from onnxforge.targets.feeds import parse_input_shapes
+
+    config = Fp16Config(op_block_list=tuple(block_op), input_shapes=parse_input_shapes(input_shapes))
+    with _status(f"converting {model} to fp16", _quiet(json_path)):
+        result = convert_fp16(model, output, config)
+    _emit_json(json_path, result.to_json())
+    if _quiet(json_path):
+        return
+    out.print(f"[bold green]wrote[/] {result.path}: {_human_bytes(result.bytes_before)} -> {_human_bytes(result.bytes_after)}; "
+              f"{result.parity.summary()}")
+    out.print("  fp16 runs fast on GPU tensor cores; on a CPU it is slower than fp32 (profile it with --target cuda)")
 
 
 @cli.command(name="inspect")
@@ -375,8 +611,16 @@ def _stage_summary(stage) -> str:
         return f"{r.get('chosen', '?')}: {r.get('nodes_before', '?')} -> {r.get('nodes_after', '?')} nodes"
     if stage.kind == "prune":
         return f"sparsity {r.get('achieved_sparsity', 0):.0%} (asked {r.get('requested_sparsity', 0):.0%})"
+    if stage.kind == "prune_channels":
+        return (f"{r.get('ratio', 0):.0%} of channels removed, {r.get('macs_ratio') or 0:.1f}x fewer MACs"
+                + (", repaired" if r.get("repaired") else ""))
+    if stage.kind == "low_rank":
+        return f"{len(r.get('factored_layers', {}))} layers factored"
     if stage.kind == "quantize":
         return f"{r.get('chosen', '?')} of {len(r.get('candidates', []))} measured"
+    if stage.kind == "fp16":
+        worst = max((o["max_abs_error"] for o in (r.get("parity") or {}).get("outputs", [])), default=None)
+        return "fp16 for GPU" + (f", parity max err {worst:.1e}" if worst is not None else "")
     return ""
 
 
@@ -390,7 +634,7 @@ def _render_run(result, json_path: str | None) -> None:
     table = Table(title=f"onnxforge run: {result.run_dir}")
     for col in ("stage", "file", "size", metric or "quality", "p50 ms (b=1)", "speedup", "status", "what it did"):
         table.add_column(col, justify="left" if col in ("stage", "file", "status", "what it did") else "right")
-    for s in result.stages:
+    for s in [result.manifest.baseline, *result.stages] if result.manifest.baseline else result.stages:
         m = s.metrics
         quality = f"{m[metric] * 100:.2f}%" if metric in ("accuracy", "agreement") and metric in m else (
             f"{m[metric]:.4f}" if metric and metric in m else "-")
@@ -443,9 +687,10 @@ def demo(run_dir, force, json_path):
 
 
 def _print_error(error: OnnxForgeError) -> None:
-    err.print(f"[bold red]error:[/] {error.message}", markup=True, highlight=False, soft_wrap=True)
+    # Messages carry user text and pip extras like onnxforge[gpu]: escape them, or rich eats [..].
+    err.print(f"[bold red]error:[/] {escape(error.message)}", highlight=False, soft_wrap=True)
     if error.hint:
-        err.print(f"[dim]hint:[/] {error.hint}", highlight=False, soft_wrap=True)
+        err.print(f"[dim]hint:[/] {escape(error.hint)}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:  # usage errors from option parsing
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
         err.print("[dim]hint:[/] see 'onnxforge --help' or 'onnxforge COMMAND --help'", highlight=False)
         code = 2
     except click.exceptions.Abort:
@@ -478,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {first}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(first)}", highlight=False, soft_wrap=True)
         err.print("[dim]hint:[/] re-run with --debug for the traceback, and please report it", highlight=False)
         code = 1
     return code

@@ -91,6 +91,12 @@ def compare_outputs(
     batch_size: int = 1,
 ) -> ParityReport:
     outputs = []
+    if not (len(names) == len(reference) == len(candidate)):
+        # zip would silently skip the missing ones: report every output that is not on both sides
+        for name in names[min(len(reference), len(candidate)):]:
+            outputs.append(OutputParity(name, float("inf"), float("inf"), False))
+        if not outputs:
+            outputs.append(OutputParity(f"(output count {len(reference)} vs {len(candidate)})", float("inf"), float("inf"), False))
     for name, ref, got in zip(names, reference, candidate):
         ref = np.asarray(ref)
         got = np.asarray(got)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxforge._atomic import atomic_write_text, check_output_path
+from onnxforge._atomic import atomic_write_text, check_output_path, paths_in
 from onnxforge.converters._parity_inputs import parity_feeds, sample_feeds
 from onnxforge.converters.config import Exporter, ExportConfig, ExportResult
 from onnxforge.converters.source import SourceKind, SourceModel, resolve_source
@@ -167,7 +167,8 @@ def export(source: str | os.PathLike, output: str | os.PathLike, config: ExportC
     QualityGateError (exit 4) when parity fails, leaving the file marked unverified.
     """
     src = resolve_source(source)
-    out = check_output_path(output, src.path) if src.path else check_output_path(output)
+    source_file = str(source).rpartition(":")[0] if ".py:" in str(source) else None
+    out = check_output_path(output, src.path, source_file, *paths_in(config))
     fallback = None
     examples = None
     notes: list[str] = []

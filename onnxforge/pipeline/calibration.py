@@ -295,6 +295,11 @@ def _read_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
     except CalibrationDataError:
         raise
     except ValueError as e:
+        if "allow_pickle" in str(e) and not _looks_like_numpy(path):
+            raise CalibrationDataError(
+                f"{path}: not an .npz/.npy file (no zip or NumPy header)",
+                hint="write it with numpy: np.savez(path, input_name=array)",
+            ) from e
         if "allow_pickle" in str(e):
             raise CalibrationDataError(
                 f"{path}: holds Python objects (object dtype), which onnxforge does not unpickle",
@@ -307,6 +312,18 @@ def _read_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
 
 def _array_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+
+
+def _looks_like_numpy(path: Path) -> bool:
+    """A zip archive (.npz) or a file with NumPy's .npy magic; anything else is junk, not pickles."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return False
+    return head == b"\x93NUMPY" or zipfile.is_zipfile(path)
 
 
 def _check_array(path: Path | str, spec: TensorSpec, array: np.ndarray, *, ragged_ok: bool = False) -> np.ndarray:

@@ -94,9 +94,10 @@ def run_outputs(session: ort.InferenceSession, samples: SampleSet, batch_size: i
     per-sample shapes differ is returned as an object array of per-sample arrays.
     """
     placed: list[tuple[np.ndarray, list[np.ndarray]]] = []
+    fixed_batch = any(isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
     for index, batch in samples.indexed_batches(batch_size):
         n = len(index)
-        if n != batch_size and placed:
+        if n < batch_size and fixed_batch:
             # fixed-batch models: pad the batch and drop the padding from the outputs
             batch = {k: np.resize(v, (batch_size, *v.shape[1:])) for k, v in batch.items()}
             placed.append((index, [o[:n] for o in session.run(None, batch)]))

@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from onnxforge._atomic import check_output_path
+from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import InvalidModelError, QualityGateError
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.parity import ParityReport, Tolerance, compare_models
@@ -85,7 +85,7 @@ def to_fp16_model(model: onnx.ModelProto, config: Fp16Config = Fp16Config()) -> 
 
 def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike, config: Fp16Config = Fp16Config()) -> Fp16Result:
     """Convert ``input_path`` to fp16 at ``output``; parity vs fp32 beyond tolerance keeps the file and exits 4."""
-    out = check_output_path(output, input_path)
+    out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
     converted = to_fp16_model(model, config)
     before, after = model.SerializeToString(), converted.SerializeToString()

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxforge._atomic import check_output_path
+from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import InvalidModelError, QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
@@ -258,7 +258,7 @@ def low_rank(
     input_path: str | os.PathLike, output: str | os.PathLike, config: LowRankConfig = LowRankConfig()
 ) -> LowRankResult:
     """Factor ``input_path``'s dense layers into ``output``; measures params, latency and (with eval) quality."""
-    out = check_output_path(output, input_path)
+    out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
     specs = input_specs(model)
     calibration = None

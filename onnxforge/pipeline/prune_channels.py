@@ -42,7 +42,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from onnxforge._atomic import check_output_path
+from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import CalibrationDataError, InvalidModelError, QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
@@ -687,7 +687,7 @@ def prune_channels(
     MACs before/after, the per-layer repair errors, and (with eval data) the score of the original, of
     the pruned model without repair and of the saved model.
     """
-    out = check_output_path(output, input_path)
+    out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
     specs = input_specs(model)
     calibration = None

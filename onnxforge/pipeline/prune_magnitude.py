@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxforge._atomic import check_output_path
+from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
@@ -149,7 +149,7 @@ def prune_magnitude(
     input_path: str | os.PathLike, output: str | os.PathLike, config: MagnitudePruneConfig = MagnitudePruneConfig()
 ) -> MagnitudePruneResult:
     """Sparsify ``input_path`` into ``output``. With ``eval_data``, lower sparsity until the gate holds."""
-    out = check_output_path(output, input_path)
+    out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
     before = model.SerializeToString()
     samples: SampleSet | None = None

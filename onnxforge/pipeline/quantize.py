@@ -36,7 +36,7 @@ from pathlib import Path
 import onnx
 from onnxruntime import quantization as ortq
 
-from onnxforge._atomic import check_output_path
+from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, output_specs, save_model
 from onnxforge.pipeline.calibration import (
@@ -67,6 +67,17 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+# Determinism (issue 7, reliability): p50s move ~±15% run to run, and on small models the candidates
+# are within a few percent of each other, so "the minimum p50" picked a different scheme on each run
+# of the same recipe (3 runs, 3 choices, measured). Candidates within this fraction of the fastest
+# count as tied, and the earliest in the target's order (the list order) wins.
+_LATENCY_TIE_FRACTION = 0.05
+
+
+def _fastest(candidates: list) -> CandidateResult:
+    best = min(c.latency.p50_ms for c in candidates)
+    return next(c for c in candidates if c.latency.p50_ms <= best * (1.0 + _LATENCY_TIE_FRACTION))
 
 
 class CalibrationMethod(enum.Enum):
@@ -426,7 +437,8 @@ def quantize(
     Measured: each candidate's score on held-out samples vs fp32, p50 latency interleaved with
     fp32 on the target, size; for mixed precision every step's score; per-node SQNR.
     """
-    out = check_output_path(output, input_path)
+    calibration_path = None if isinstance(calibration, SampleSet) or not isinstance(calibration, (str, os.PathLike)) else calibration
+    out = check_output_path(output, input_path, calibration_path, *paths_in(config))
     target = get_target(config.target)
     target.require()
     model = load_model(input_path)
@@ -536,7 +548,7 @@ def quantize(
         search: MixedPrecisionSearch | None = None
         step_paths: dict[tuple[str, ...], Path] = {}
         timed = [c for c in candidates if c.latency is not None]
-        fastest = min(timed, key=lambda c: c.latency.p50_ms)
+        fastest = _fastest(timed)
         if config.mixed_precision and not fastest.meets_tolerance:
             try:
                 search, step_paths = _mixed_precision(
@@ -570,7 +582,7 @@ def quantize(
 
         passing = [c for c in candidates if c.meets_tolerance and c.latency is not None]
         if passing:
-            chosen = min(passing, key=lambda c: c.latency.p50_ms)
+            chosen = _fastest(passing)
         else:
             measured = [c for c in candidates if c.score is not None and c.scheme in paths]
             chosen = max(measured, key=lambda c: c.score if gate.higher_is_better else -c.score)

@@ -131,7 +131,7 @@ def _convert(value: Any, annotation: Any, where: str, base: Path) -> Any:
     if annotation is Tolerance:
         if not isinstance(value, Mapping) or set(value) - {"atol", "rtol"}:
             raise RecipeError(f"{where}: expected {{atol: ..., rtol: ...}}")
-        return Tolerance(**{k: float(v) for k, v in value.items()})
+        return Tolerance(**{k: _convert(v, float, f"{where}.{k}", base) for k, v in value.items()})
     if annotation is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{where}: expected true/false, got {value!r}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from onnxforge._atomic import check_output_path
+from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.parity import ParityReport, Tolerance, compare_models
 from onnxforge.targets.feeds import generate_feeds
@@ -44,10 +44,12 @@ class SimplifyConfig:
     method: SimplifyMethod = SimplifyMethod.AUTO
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
+    sample_data: Path | None = None  # .npz keyed by input name: parity inputs instead of random ones
 
     def to_json(self) -> dict:
         return {
             "method": self.method.value,
+            "sample_data": str(self.sample_data) if self.sample_data else None,
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "tolerance": {"atol": self.tolerance.atol, "rtol": self.tolerance.rtol},
         }
@@ -143,10 +145,26 @@ _RUNNERS = {
 }
 
 
-def simplify_model(model: onnx.ModelProto, config: SimplifyConfig = SimplifyConfig()) -> SimplifyResult:
-    """Simplify an in-memory model; see the module docstring for how the result is chosen."""
+def _parity_feeds(model: onnx.ModelProto, config: SimplifyConfig) -> list[dict]:
+    """The user's samples (two batches of one) when given, else two seeded random feeds."""
     specs = input_specs(model)
-    feeds = [generate_feeds(specs, batch=1, overrides=config.input_shapes, seed=s) for s in (1, 2)]
+    if config.sample_data is not None:
+        from onnxforge.pipeline.calibration import load_samples
+
+        samples = load_samples(config.sample_data, specs)
+        return [{k: v[i : i + 1] for k, v in samples.inputs.items()} for i in range(min(2, len(samples)))]
+    return [generate_feeds(specs, batch=1, overrides=config.input_shapes, seed=s) for s in (1, 2)]
+
+
+def simplify_model(
+    model: onnx.ModelProto, config: SimplifyConfig = SimplifyConfig(), feeds: list[dict] | None = None
+) -> SimplifyResult:
+    """Simplify an in-memory model; see the module docstring for how the result is chosen.
+
+    ``feeds`` (input name -> array) replace the generated parity inputs, for models that need
+    particular values (a sample rate, token ids within the vocabulary).
+    """
+    feeds = feeds or _parity_feeds(model, config)
     reference = model.SerializeToString()
     methods = list(_RUNNERS) if config.method is SimplifyMethod.AUTO else [config.method]
     candidates: list[Candidate] = []
@@ -177,12 +195,25 @@ def simplify_model(model: onnx.ModelProto, config: SimplifyConfig = SimplifyConf
     return SimplifyResult(produced[best.method], best.method, before, best.nodes, candidates)
 
 
+def _check_runs(path: str | os.PathLike, model: onnx.ModelProto, config: SimplifyConfig) -> None:
+    """The input must load and run in onnxruntime (InvalidModelError naming the file otherwise).
+
+    Found by fuzzing: without this, a model onnxruntime rejects made every candidate fail its parity
+    check, "input kept" was reported as success (exit 0), and onnxsim printed tracebacks on fd 2.
+    """
+    from onnxforge.targets.cpu import CpuTarget
+
+    session = CpuTarget().session(path)
+    session.run(None, _parity_feeds(model, config)[0])
+
+
 def simplify(
     input_path: str | os.PathLike, output: str | os.PathLike, config: SimplifyConfig = SimplifyConfig()
 ) -> SimplifyResult:
     """Simplify the model at ``input_path`` and write the result to ``output`` (atomically)."""
-    out = check_output_path(output, input_path)
+    out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
+    _check_runs(input_path, model, config)
     result = simplify_model(model, config)
     save_model(result.model, out)
     result.path = out

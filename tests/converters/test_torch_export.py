@@ -190,7 +190,8 @@ def test_two_inputs_two_outputs(tmp_path, models_file, models, exporter):
 
 
 def test_static_batch_stays_static(tmp_path, models_file):
-    result = export(f"{models_file}:build_cnn", tmp_path / "cnn.onnx", ExportConfig(input_shapes={"image": (2, 3, 16, 16)}))
+    config = ExportConfig(input_shapes={"image": (2, 3, 16, 16)})
+    result = export(f"{models_file}:build_cnn", tmp_path / "cnn.onnx", config)
     assert result.inputs[0].shape == (2, 3, 16, 16)
     assert result.parity.batch_sizes == (2,)  # checked at the only batch the file accepts
     assert result.parity.ok

@@ -1,0 +1,61 @@
+"""Latency statistics: structure and ordering only; absolute times are never asserted."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+
+from conftest import make_classifier, random_images
+from onnxforge.targets.latency import LatencyStats, compare_latency, measure_latency
+
+
+@pytest.fixture
+def session(classifier):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(classifier.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _check(stats: LatencyStats, batch: int) -> None:
+    assert 0 < stats.p50_ms <= stats.p90_ms <= stats.p99_ms
+    assert stats.mean_ms > 0 and stats.std_ms >= 0
+    assert stats.batch == batch
+    assert stats.throughput == pytest.approx(1000.0 * batch / stats.p50_ms)
+
+
+def test_from_times_percentiles():
+    stats = LatencyStats.from_times([0.001 * i for i in range(1, 101)], batch=4)
+    assert stats.runs == 100
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.p99_ms == pytest.approx(99.01)
+    assert stats.mean_ms == pytest.approx(50.5)
+    assert stats.throughput == pytest.approx(4000 / 50.5)
+    data = stats.to_json()
+    assert {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs", "batch", "throughput_per_s"} <= set(data)
+
+
+def test_measure_latency_runs_at_least_min_runs(session):
+    stats = measure_latency(session, {"x": random_images(3)}, warmup=1, min_runs=25, min_seconds=0.0)
+    assert stats.runs >= 25
+    _check(stats, batch=3)
+
+
+def test_measure_latency_respects_max_runs(session):
+    stats = measure_latency(session, {"x": random_images(1)}, warmup=0, min_runs=1, min_seconds=60.0, max_runs=40)
+    assert stats.runs == 40
+
+
+def test_compare_latency_interleaves_every_session(session, classifier):
+    other = ort.InferenceSession(make_classifier(seed=1).SerializeToString(), providers=["CPUExecutionProvider"])
+    timings = compare_latency({"a": session, "b": other}, {"x": random_images(2)}, warmup=1, rounds=7, runs_per_round=2)
+    assert set(timings) == {"a", "b"}
+    for stats in timings.values():
+        assert stats.runs == 14
+        _check(stats, batch=2)
+
+
+def test_compare_latency_accepts_feeds_per_session(session):
+    per_session = {"one": {"x": random_images(1)}, "four": {"x": random_images(4)}}
+    timings = compare_latency({"one": session, "four": session}, per_session, warmup=0, rounds=3)
+    assert timings["one"].batch == 1 and timings["four"].batch == 4

@@ -1,0 +1,42 @@
+"""profile(): a row per (threads, batch), with the feeds the user asked for."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import write_npz, random_images
+from onnxforge.errors import UsageError
+from onnxforge.targets.profile import ProfileConfig, profile
+
+
+def _fast(**kwargs) -> ProfileConfig:
+    return ProfileConfig(min_seconds=0.0, min_runs=5, warmup=1, **kwargs)
+
+
+def test_rows_cover_the_sweep(classifier_path):
+    result = profile(classifier_path, _fast(batch_sizes=(1, 2, 8), threads=(1, 2)))
+    assert [(r.threads, r.batch) for r in result.rows] == [(1, 1), (1, 2), (1, 8), (2, 1), (2, 2), (2, 8)]
+    for row in result.rows:
+        assert row.latency.batch == row.batch  # the model really ran at that batch
+        assert row.latency.runs >= 5
+        assert 0 < row.latency.p50_ms <= row.latency.p90_ms <= row.latency.p99_ms
+    assert result.target == "cpu"
+
+
+def test_sample_data_sets_the_inputs(classifier_path, tmp_path):
+    data = write_npz(tmp_path / "d.npz", x=random_images(3))
+    result = profile(classifier_path, _fast(batch_sizes=(5,), sample_data=data))
+    assert result.rows[0].latency.batch == 5
+
+
+def test_fixed_batch_model_keeps_its_batch(tmp_path):
+    from conftest import make_classifier, save
+
+    path = save(make_classifier(batch=2), tmp_path / "fixed.onnx")
+    result = profile(path, _fast())
+    assert result.rows[0].latency.batch == 2
+
+
+def test_unknown_target(classifier_path):
+    with pytest.raises(UsageError, match="tpu"):
+        profile(classifier_path, _fast(target="tpu"))
