@@ -16,6 +16,8 @@ from onnxforge.model_io import TensorSpec
 
 __all__ = ["parse_input_shapes", "parse_input_dtypes", "resolve_shape", "generate_feeds", "batch_from_samples"]
 
+_MAX_FEED_BYTES = 4 << 30  # generated inputs larger than this are a damaged shape, not a benchmark
+
 
 def _parse_input_arg(item: str) -> tuple[str, tuple[int, ...], np.dtype | None]:
     name, sep, rest = item.rpartition("=")
@@ -97,6 +99,13 @@ def generate_feeds(
     feeds = {}
     for spec in specs:
         shape = resolve_shape(spec, batch, overrides)
+        # a damaged or absurd declared shape (found by fuzzing: dims of -7 or 2**40) must not reach numpy
+        if any(d < 0 for d in shape) or np.prod(shape, dtype=np.float64) * spec.dtype.itemsize > _MAX_FEED_BYTES:
+            raise UsageError(
+                f"input {spec.name!r} of shape {'x'.join(map(str, shape))} ({spec.dtype}) cannot be generated "
+                f"(negative, or over {_MAX_FEED_BYTES >> 30} GiB)",
+                hint=f"give a sensible shape with --input-shape {spec.name}=DIMS, or data with --data",
+            )
         if spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iu":

@@ -1,0 +1,197 @@
+"""Bad inputs from issue 7 that tests/test_errors.py does not cover yet: an opset newer than the
+installed onnx/onnxruntime support, a missing external-data file, an op the target cannot run,
+the checker failure on every command, and calibration files that crashed before (pickled
+objects, scalar or text labels, values out of float32 range).
+
+Each case asserts the exit code, one ``error:`` line (and at most a hint) naming the file, no
+traceback (stderr is captured at the file-descriptor level, so onnxruntime's native logging
+counts too), no output or temp file left, and every input byte-for-byte unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conftest import make_classifier, random_images, write_npz  # noqa: E402
+
+
+@pytest.fixture
+def run_cli(capfd):
+    """``onnxforge ARGS`` in-process; (exit code, stderr as the terminal would show it)."""
+    from onnxforge.cli import main
+
+    def invoke(*args) -> tuple[int, str]:
+        capfd.readouterr()
+        code = main([str(a) for a in args])
+        return code, capfd.readouterr().err
+
+    return invoke
+
+
+def _digests(folder: Path) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+@contextlib.contextmanager
+def untouched(folder: Path):
+    """Files in ``folder`` keep their bytes and nothing new appears (no output, no temp file)."""
+    before = _digests(folder)
+    yield
+    after = _digests(folder)
+    assert {p: after.get(p) for p in before} == before, "an input changed"
+    assert sorted(set(after) - set(before)) == [], "files left behind"
+
+
+def one_error_line(err: str, *fragments: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[0].startswith("error:"), err
+    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("hint:")), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def _commands(model: Path, calib: Path, output: Path) -> dict[str, list]:
+    return {
+        "inspect": ["inspect", model],
+        "simplify": ["simplify", model, "-o", output],
+        "quantize": ["quantize", model, "-o", output, "--calibration", calib],
+        "profile": ["profile", model, "--min-seconds", "0"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def _opset_too_new(folder: Path) -> Path:
+    model = make_classifier()
+    model.opset_import[0].version = onnx.defs.onnx_opset_version() + 2
+    return _save(model, folder / "opset_new.onnx")
+
+
+def _ml_opset_unsupported(folder: Path) -> Path:
+    model = make_classifier()
+    model.opset_import.append(onnx.helper.make_opsetid("ai.onnx.ml", 99))  # onnx accepts it; onnxruntime does not
+    return _save(model, folder / "ml_opset.onnx")
+
+
+def _custom_op(folder: Path) -> Path:
+    model = make_classifier()
+    model.graph.node[1].op_type = "Frobnicate"
+    model.graph.node[1].domain = "com.example"
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    return _save(model, folder / "custom_op.onnx")
+
+
+def _checker_failure(folder: Path) -> Path:
+    model = make_classifier()
+    model.graph.node[1].input[0] = "no_such_tensor"
+    return _save(model, folder / "broken.onnx")
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+# (builder, commands that must fail, fragment of the message, exit code)
+MODEL_CASES = {
+    "opset_newer_than_onnx": (_opset_too_new, ["inspect", "simplify", "quantize", "profile"], "newer than", 2),
+    "opset_onnxruntime_refuses": (_ml_opset_unsupported, ["simplify", "quantize", "profile"], "cannot load it", 2),
+    "op_the_target_cannot_run": (_custom_op, ["simplify", "quantize", "profile"], "Frobnicate", 2),
+    "fails_the_checker": (_checker_failure, ["inspect", "simplify", "quantize", "profile"], "checker", 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_unusable_models(run_cli, tmp_path, case):
+    build, commands, fragment, exit_code = MODEL_CASES[case]
+    model = build(tmp_path)
+    calib = write_npz(tmp_path / "calib.npz", x=random_images(16))
+    output = tmp_path / "out.onnx"
+    for command in commands:
+        with untouched(tmp_path):
+            code, err = run_cli(*_commands(model, calib, output)[command])
+        assert code == exit_code, f"{command}: {err}"
+        one_error_line(err, model.name, fragment)
+
+
+def test_missing_external_data_file(run_cli, tmp_path):
+    model = tmp_path / "external.onnx"
+    onnx.save_model(make_classifier(), str(model), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="external.onnx.data", size_threshold=0)
+    (tmp_path / "external.onnx.data").unlink()
+    calib = write_npz(tmp_path / "calib.npz", x=random_images(16))
+    for command, args in _commands(model, calib, tmp_path / "out.onnx").items():
+        with untouched(tmp_path):
+            code, err = run_cli(*args)
+        assert code == 2, f"{command}: {err}"
+        one_error_line(err, "external.onnx", "external.onnx.data", "missing")
+
+
+def test_external_data_model_works_when_complete(run_cli, tmp_path):
+    """The control for the case above: the same model with its data file beside it is fine."""
+    model = tmp_path / "external.onnx"
+    onnx.save_model(make_classifier(), str(model), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="external.onnx.data", size_threshold=0)
+    code, err = run_cli("profile", model, "--min-seconds", "0")
+    assert code == 0, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration files
+
+
+def _pickled_objects(path: Path) -> tuple[Path, str]:
+    images = np.empty((16, 3, 8, 8), dtype=object)
+    images[...] = 0.5
+    np.savez(path, x=images)  # needs allow_pickle to read, which onnxforge never sets
+    return path, "Python objects"
+
+
+def _scalar_label(path: Path) -> tuple[Path, str]:
+    return write_npz(path, x=random_images(16), label=np.int64(3)), "'label' must be an array"
+
+
+def _text_labels(path: Path) -> tuple[Path, str]:
+    return write_npz(path, x=random_images(16), label=np.array(["cat"] * 16)), "'label' must be an array"
+
+
+def _out_of_float32_range(path: Path) -> tuple[Path, str]:
+    images = random_images(16).astype(np.float64)
+    images[3, 0, 0, 0] = 1e300  # finite as float64, Inf once cast to the model's float32
+    return write_npz(path, x=images), "NaN/Inf"
+
+
+CALIBRATION_CASES = {
+    "pickled_objects": _pickled_objects,
+    "scalar_label": _scalar_label,
+    "text_labels": _text_labels,
+    "out_of_float32_range": _out_of_float32_range,
+}
+
+
+@pytest.mark.parametrize("case", sorted(CALIBRATION_CASES))
+def test_bad_calibration_files(run_cli, tmp_path, case):
+    model = _save(make_classifier(), tmp_path / "classifier.onnx")
+    data, fragment = CALIBRATION_CASES[case](tmp_path / f"{case}.npz")
+    for args in (
+        ["quantize", model, "-o", tmp_path / "int8.onnx", "--calibration", data],
+        ["profile", model, "--min-seconds", "0", "--data", data],
+    ):
+        with untouched(tmp_path):
+            code, err = run_cli(*args)
+        assert code == 2, f"{args[0]}: {err}"
+        one_error_line(err, data.name, fragment)
