@@ -336,7 +336,8 @@ def _check_array(path: Path | str, spec: TensorSpec, array: np.ndarray, *, ragge
     if array.dtype.kind not in "biuf":
         raise CalibrationDataError(f"{where} has dtype {array.dtype}; expected {spec.dtype}")
     if spec.dtype.kind == "f" and array.dtype.kind == "f":
-        array = array.astype(spec.dtype, copy=False)
+        with np.errstate(over="ignore"):  # values out of range become Inf, reported below (no warning on stderr)
+            array = array.astype(spec.dtype, copy=False)
     elif spec.dtype.kind in "iu" and array.dtype.kind in "iu":
         array = array.astype(spec.dtype, copy=False)
     elif spec.dtype != array.dtype:
@@ -354,7 +355,7 @@ def _check_array(path: Path | str, spec: TensorSpec, array: np.ndarray, *, ragge
             )
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise CalibrationDataError(f"{where} holds {bad} NaN/Inf values")
+        raise CalibrationDataError(f"{where} holds {bad} NaN/Inf values (after casting to {spec.dtype})")
     return array
 
 

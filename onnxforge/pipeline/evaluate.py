@@ -4,6 +4,8 @@
 - ``agreement``: share of samples whose top-1 class equals the reference's; tolerance = allowed
   disagreement in points.
 - ``cosine``: mean cosine similarity of the first output to the reference's; tolerance = minimum.
+- ``min-cosine``: the worst sample's cosine similarity; tolerance = minimum (a gate on every sample,
+  e.g. "every sentence embedding within 0.99", which a mean can hide).
 - ``rel-error``: mean over samples of ||y - y_ref|| / ||y_ref||; tolerance = maximum.
 ``auto`` picks accuracy with labels, agreement for a (N, classes) output, else cosine.
 """
@@ -26,6 +28,7 @@ class Metric(enum.Enum):
     ACCURACY = "accuracy"
     AGREEMENT = "agreement"
     COSINE = "cosine"
+    MIN_COSINE = "min-cosine"
     REL_ERROR = "rel-error"
 
 
@@ -33,9 +36,11 @@ _DEFAULT_TOLERANCE = {
     Metric.ACCURACY: 0.5,  # points of accuracy lost
     Metric.AGREEMENT: 1.0,  # points of top-1 disagreement
     Metric.COSINE: 0.99,  # minimum mean cosine
+    Metric.MIN_COSINE: 0.99,  # minimum cosine of the worst sample
     Metric.REL_ERROR: 0.05,  # maximum mean relative error
 }
-_HIGHER_IS_BETTER = {Metric.ACCURACY: True, Metric.AGREEMENT: True, Metric.COSINE: True, Metric.REL_ERROR: False}
+_HIGHER_IS_BETTER = {Metric.ACCURACY: True, Metric.AGREEMENT: True, Metric.COSINE: True, Metric.MIN_COSINE: True,
+                     Metric.REL_ERROR: False}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,7 +64,7 @@ class QualityGate:
             return (reference - candidate) * 100.0 <= self.tolerance + 1e-9
         if self.metric is Metric.AGREEMENT:
             return (1.0 - candidate) * 100.0 <= self.tolerance + 1e-9
-        if self.metric is Metric.COSINE:
+        if self.metric in (Metric.COSINE, Metric.MIN_COSINE):
             return candidate >= self.tolerance
         return candidate <= self.tolerance
 
@@ -68,6 +73,7 @@ class QualityGate:
             Metric.ACCURACY: f"accuracy drop <= {self.tolerance:g} points",
             Metric.AGREEMENT: f"top-1 agreement with fp32 >= {100 - self.tolerance:g}%",
             Metric.COSINE: f"mean cosine to fp32 >= {self.tolerance:g}",
+            Metric.MIN_COSINE: f"every sample's cosine to fp32 >= {self.tolerance:g}",
             Metric.REL_ERROR: f"mean relative error to fp32 <= {self.tolerance:g}",
         }[self.metric]
 
@@ -132,7 +138,8 @@ def _rows(output: np.ndarray) -> list[np.ndarray] | np.ndarray:
 def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray], labels: np.ndarray | None) -> float:
     """The metric of ``outputs`` (first output) against labels or the reference outputs.
 
-    Per sample, on the flattened first output; then the mean over samples. Ragged outputs
+    Per sample, on the flattened first output; then the mean over samples (the minimum for
+    ``min-cosine``). Ragged outputs
     (variable-length samples) are compared sample by sample.
     """
     y, ref = _rows(outputs[0]), _rows(reference[0])
@@ -143,9 +150,10 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
             return float((y.argmax(1) == labels).mean())
         if metric is Metric.AGREEMENT:
             return float((y.argmax(1) == ref.argmax(1)).mean())
-        if metric is Metric.COSINE:
+        if metric in (Metric.COSINE, Metric.MIN_COSINE):
             den = np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1)
-            return float(np.mean((y * ref).sum(1) / np.maximum(den, 1e-12)))
+            cosines = (y * ref).sum(1) / np.maximum(den, 1e-12)
+            return float(np.mean(cosines) if metric is Metric.COSINE else np.min(cosines))
         if metric is Metric.REL_ERROR:
             return float(np.mean(np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)))
         raise ValueError(f"unresolved metric {metric}")
@@ -155,10 +163,9 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
         return float(np.mean([int(np.argmax(r)) == int(lab) for r, lab in zip(y, labels)]))
     if metric is Metric.AGREEMENT:
         return float(np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(y, ref)]))
-    if metric is Metric.COSINE:
-        return float(
-            np.mean([float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12) for a, b in zip(y, ref)])
-        )
+    if metric in (Metric.COSINE, Metric.MIN_COSINE):
+        cosines = [float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12) for a, b in zip(y, ref)]
+        return float(np.mean(cosines) if metric is Metric.COSINE else np.min(cosines))
     if metric is Metric.REL_ERROR:
         return float(
             np.mean([float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(b)), 1e-12) for a, b in zip(y, ref)])

@@ -14,6 +14,12 @@ its most sensitive nodes to float until it holds, and everything is timed again.
 model's per-node error (local and end-to-end SQNR vs fp32, onnxforge.pipeline.quant_error) is
 measured on calibration samples and returned as ``layer_errors``.
 
+Candidates need not be static: a target may propose dynamic int8 (``quantize_dynamic``: int8
+MatMul weights, activation ranges computed per run; the CPU proposes it for MatMul-dominated
+models such as transformers) or fp16 (GPU targets); they are scored and timed like the others.
+Transformers first get onnxruntime.transformers fusions (onnxforge.pipeline.transformer_fusion),
+kept only when something fused, with a note either way.
+
 No candidate within tolerance: the most accurate one is saved and QualityGateError (exit 4) is
 raised. A kept candidate that is not faster than fp32 is saved with a note saying so.
 """
@@ -52,7 +58,8 @@ from onnxforge.pipeline.calibration_ranges import collect_ranges
 from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
 from onnxforge.pipeline.mixed_precision import MixedPrecisionSearch, node_groups, rank_nodes, search_float_nodes
 from onnxforge.pipeline.quant_error import NodeError, measure_node_errors
-from onnxforge.targets import ActivationType, QuantFormat, QuantScheme, get_target
+from onnxforge.pipeline.transformer_fusion import fuse_transformer, looks_like_transformer
+from onnxforge.targets import ActivationType, QuantFormat, QuantMethod, QuantScheme, get_target
 from onnxforge.targets.feeds import batch_from_samples
 from onnxforge.targets.latency import LatencyStats, compare_latency
 
@@ -98,10 +105,19 @@ class CalibrationMethod(enum.Enum):
 _SCHEME_ID = re.compile(
     r"^(?P<format>qdq|qoperator)-(?P<act>u8|s8)s8-(?P<gran>per-channel|per-tensor)(?P<reduce>-reduce-range)?$"
 )
+_DYNAMIC_ID = re.compile(r"^dynamic-s8-(?P<gran>per-channel|per-tensor)(?P<reduce>-reduce-range)?$")
+# quantize_dynamic's integer kernels: MatMulInteger/DynamicQuantizeMatMul, QAttention, DynamicQuantizeLSTM.
+# Conv is left out on purpose (ConvInteger ran 0.2-0.3x fp32 on this CPU); Gather (embeddings) too.
+_DYNAMIC_OP_TYPES = ("MatMul", "Attention", "LSTM")
 
 
 def scheme_id(scheme: QuantScheme) -> str:
-    """The scheme as the CLI spells it, e.g. ``qdq-u8s8-per-channel``."""
+    """The scheme as the CLI spells it, e.g. ``qdq-u8s8-per-channel``, ``dynamic-s8-per-channel``, ``fp16``."""
+    if scheme.method is QuantMethod.FP16:
+        return "fp16"
+    if scheme.method is QuantMethod.DYNAMIC:
+        gran = "per-channel" if scheme.per_channel else "per-tensor"
+        return f"dynamic-s8-{gran}" + ("-reduce-range" if scheme.reduce_range else "")
     act = "u8" if scheme.activations is ActivationType.UINT8 else "s8"
     gran = "per-channel" if scheme.per_channel else "per-tensor"
     return f"{scheme.format.value}-{act}s8-{gran}" + ("-reduce-range" if scheme.reduce_range else "")
@@ -109,11 +125,20 @@ def scheme_id(scheme: QuantScheme) -> str:
 
 def parse_scheme(text: str) -> QuantScheme:
     """``FORMAT-ACTsWEIGHTS-GRANULARITY[-reduce-range]``, e.g. ``qdq-u8s8-per-channel`` (weights are int8)."""
-    match = _SCHEME_ID.match(text.strip().lower())
+    text = text.strip().lower()
+    if text == "fp16":
+        return QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.INT8, method=QuantMethod.FP16)
+    dynamic = _DYNAMIC_ID.match(text)
+    if dynamic:
+        return QuantScheme(format=QuantFormat.QOPERATOR, activations=ActivationType.UINT8,
+                           per_channel=dynamic["gran"] == "per-channel", reduce_range=bool(dynamic["reduce"]),
+                           method=QuantMethod.DYNAMIC)
+    match = _SCHEME_ID.match(text)
     if not match:
         raise UsageError(
             f"unknown quantization scheme {text!r}",
-            hint="e.g. qdq-u8s8-per-channel, qdq-s8s8-per-tensor, qoperator-u8s8-per-channel-reduce-range",
+            hint="e.g. qdq-u8s8-per-channel, qdq-s8s8-per-tensor, qoperator-u8s8-per-channel-reduce-range, "
+            "dynamic-s8-per-channel, fp16",
         )
     return QuantScheme(
         format=QuantFormat(match["format"]),
@@ -159,6 +184,8 @@ class QuantizeConfig:
     mixed_precision_steps: int = 10
     error_report: bool = True
     analysis_samples: int = 32
+    max_memory: int | None = None  # bytes; refuse before loading data when calibration would need more (issue 7)
+    transformer_fusion: bool = True  # onnxruntime.transformers fusions first, kept only when they fuse something
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:
@@ -188,6 +215,7 @@ class QuantizeConfig:
             "mixed_precision_steps": self.mixed_precision_steps,
             "error_report": self.error_report,
             "analysis_samples": self.analysis_samples,
+            "transformer_fusion": self.transformer_fusion,
         }
 
 
@@ -316,9 +344,31 @@ def _quantize_one(
     cache: Path,
     float_nodes: Sequence[str] = (),
 ) -> None:
-    """quantize_static with the cached calibration ranges (never calibrates again)."""
-    act = ortq.QuantType.QUInt8 if scheme.activations is ActivationType.UINT8 else ortq.QuantType.QInt8
+    """quantize_static with the cached calibration ranges (never calibrates again); dynamic int8
+    (quantize_dynamic, no ranges needed) or an fp16 cast for the schemes that ask for those."""
     excluded = list(dict.fromkeys([*config.exclude_nodes, *float_nodes]))
+    if scheme.method is QuantMethod.FP16:
+        from onnxforge.pipeline.fp16 import Fp16Config, to_fp16_model
+
+        blocked = tuple(config.exclude_op_types)
+        half = to_fp16_model(onnx.load(str(source)), Fp16Config(op_block_list=blocked) if blocked else Fp16Config())
+        onnx.save_model(half, str(dest))
+        return
+    if scheme.method is QuantMethod.DYNAMIC:
+        op_types = [t for t in _DYNAMIC_OP_TYPES if t not in config.exclude_op_types]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ortq.quantize_dynamic(
+                str(source),
+                str(dest),
+                per_channel=scheme.per_channel,
+                reduce_range=scheme.reduce_range,
+                weight_type=ortq.QuantType.QInt8,
+                op_types_to_quantize=op_types,
+                nodes_to_exclude=excluded or None,
+                extra_options={"WeightSymmetric": config.weight_symmetric},
+            )
+        return
+    act = ortq.QuantType.QUInt8 if scheme.activations is ActivationType.UINT8 else ortq.QuantType.QInt8
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         ortq.quantize_static(
             str(source),
@@ -442,10 +492,15 @@ def quantize(
     target = get_target(config.target)
     target.require()
     model = load_model(input_path)
+    target.session(input_path)  # must load on the target: else calibration fails first and its error blames the data
     specs = input_specs(model)
     wanted = config.max_calibration_samples
     if config.eval_data is None:
         wanted = math.ceil(wanted / (1.0 - config.holdout_fraction)) + 1
+    if config.max_memory is not None:  # a clear error before loading, not the OOM killer during calibration
+        from onnxforge.pipeline.calibration_memory import guard_calibration_memory
+
+        guard_calibration_memory(model, specs, calibration, config.max_memory, config.max_calibration_samples)
     source = open_calibration(calibration, specs, limit=wanted)
     calib, held_out = _load_eval(config, model, source)
     if len(calib) > config.max_calibration_samples:
@@ -454,10 +509,14 @@ def quantize(
         raise CalibrationDataError(f"{source.source}: no calibration samples left after holding out evaluation ones")
     fixed_batch = model_batch_size(specs, preferred=0) != 0
     batch = model_batch_size(specs, preferred=min(16, len(calib)))
-    schemes = list(config.schemes or target.quant_candidates())
+    schemes = list(config.schemes or target.quant_candidates(model))
     if not schemes:
         raise UsageError(f"target {target.name!r} proposes no quantization scheme")
     notes: list[str] = []
+    if config.transformer_fusion and looks_like_transformer(model):
+        fusion = fuse_transformer(model)
+        model = fusion.model
+        notes.append(fusion.note)
     if config.calibration_method is CalibrationMethod.DISTRIBUTION:
         notes.append(
             "onnxruntime's Distribution calibration computes statistics meant for float8 types; with int8 it "
@@ -549,36 +608,52 @@ def quantize(
         step_paths: dict[tuple[str, ...], Path] = {}
         timed = [c for c in candidates if c.latency is not None]
         fastest = _fastest(timed)
-        if config.mixed_precision and not fastest.meets_tolerance:
+        # Mixed precision starts from the fastest candidate. When dynamic int8 missed the gate too it
+        # gets its own search (its MatMuls back to float, ranked on its static QDQ twin), and the
+        # timing decides between the two: on MiniLM static QDQ needed ~70 nodes in float (1.1x fp32)
+        # while dynamic missed the worst sentence by a few thousandths.
+        to_search = [fastest] if config.mixed_precision and not fastest.meets_tolerance else []
+        if to_search:
+            to_search += [c for c in timed if c is not fastest and not c.meets_tolerance
+                          and scheme_of[c.scheme].method is QuantMethod.DYNAMIC][:1]
+        for base in to_search:
+            if scheme_of[base.scheme].method is QuantMethod.FP16:
+                notes.append(f"mixed precision skipped on {base.scheme}: fp16 has no per-node int8 to undo")
+                continue
+            found = None
             try:
-                search, step_paths = _mixed_precision(
-                    run, scheme_of[fastest.scheme], paths[fastest.scheme], calib, batch, fixed_batch
+                found, step_paths = _mixed_precision(
+                    run, scheme_of[base.scheme], paths[base.scheme], calib, batch, fixed_batch
                 )
             except Exception as e:  # the analysis is an improvement, not a requirement
-                notes.append(f"mixed precision could not run on {fastest.scheme}: {_error_line(e)}")
-            if search is not None:
-                step = search.best or max(
-                    (s for s in search.steps if s.score is not None),
-                    key=lambda s: s.score if gate.higher_is_better else -s.score,
-                    default=None,
-                )
-                if step is not None:
-                    label = f"{fastest.scheme} + {len(step.float_nodes)} float node(s)"
-                    mixed = CandidateResult(label, score=step.score, meets_tolerance=step.meets_tolerance)
-                    mixed.float_nodes = list(step.float_nodes)
-                    path = step_paths.get(step.float_nodes)
-                    if path is not None:
-                        mixed.bytes = path.stat().st_size
-                        candidates.append(mixed)
-                        paths[label] = path
-                        scheme_of[label] = scheme_of[fastest.scheme]
-                        timings = time_all()
-                    notes.append(
-                        f"mixed precision on {fastest.scheme}: {len(step.float_nodes)} node(s) back to float "
-                        f"({', '.join(step.float_nodes[:6])}{', ...' if len(step.float_nodes) > 6 else ''}), "
-                        f"{gate.format(fastest.score)} -> {gate.format(step.score)}"
-                        + ("" if step.meets_tolerance else ": still over tolerance")
-                    )
+                notes.append(f"mixed precision could not run on {base.scheme}: {_error_line(e)}")
+            if found is None:
+                continue
+            search = found
+            step = search.best or max(
+                (s for s in search.steps if s.score is not None),
+                key=lambda s: s.score if gate.higher_is_better else -s.score,
+                default=None,
+            )
+            if step is None:
+                notes.append(f"mixed precision on {base.scheme}: no step could be scored")
+                continue
+            label = f"{base.scheme} + {len(step.float_nodes)} float node(s)"
+            mixed = CandidateResult(label, score=step.score, meets_tolerance=step.meets_tolerance)
+            mixed.float_nodes = list(step.float_nodes)
+            path = step_paths.get(step.float_nodes)
+            if path is not None:
+                mixed.bytes = path.stat().st_size
+                candidates.append(mixed)
+                paths[label] = path
+                scheme_of[label] = scheme_of[base.scheme]
+                timings = time_all()
+            notes.append(
+                f"mixed precision on {base.scheme}: {len(step.float_nodes)} node(s) back to float "
+                f"({', '.join(step.float_nodes[:6])}{', ...' if len(step.float_nodes) > 6 else ''}), "
+                f"{gate.format(base.score)} -> {gate.format(step.score)}"
+                + ("" if step.meets_tolerance else ": still over tolerance")
+            )
 
         passing = [c for c in candidates if c.meets_tolerance and c.latency is not None]
         if passing:
@@ -587,7 +662,9 @@ def quantize(
             measured = [c for c in candidates if c.score is not None and c.scheme in paths]
             chosen = max(measured, key=lambda c: c.score if gate.higher_is_better else -c.score)
         layer_errors: list[NodeError] = []
-        if config.error_report:
+        if config.error_report and scheme_of[chosen.scheme].method is not QuantMethod.STATIC:
+            notes.append(f"per-layer error report skipped: {chosen.scheme} has no QDQ nodes to measure")
+        elif config.error_report:
             try:
                 layer_errors = _layer_errors(
                     run, scheme_of[chosen.scheme], paths[chosen.scheme], chosen, calib, batch, fixed_batch
@@ -629,12 +706,17 @@ def _mixed_precision(
     run: _Run, scheme: QuantScheme, path: Path, calib, batch: int, fixed_batch: bool
 ) -> tuple[MixedPrecisionSearch, dict[tuple[str, ...], Path]]:
     """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
-    qdq_path = path if scheme.format is QuantFormat.QDQ else run.quantize(_qdq_twin(scheme))
+    static = scheme.method is QuantMethod.STATIC
+    qdq_path = path if static and scheme.format is QuantFormat.QDQ else run.quantize(_qdq_twin(scheme))
     errors = measure_node_errors(
         run.fp32_path, qdq_path, _analysis_batches(calib, run.config.analysis_samples, batch, fixed_batch)
     )
     errors = [e for e in errors if e.node not in run.config.exclude_nodes]
-    groups = node_groups(onnx.load(str(qdq_path), load_external_data=False), [e.node for e in errors])
+    if static:
+        groups = node_groups(onnx.load(str(qdq_path), load_external_data=False), [e.node for e in errors])
+    else:  # dynamic: only its integer MatMuls can go back to float, each on its own
+        errors = [e for e in errors if e.op_type in _DYNAMIC_OP_TYPES]
+        groups = {e.node: (e.node,) for e in errors}
     step_paths: dict[tuple[str, ...], Path] = {}
 
     def evaluate(float_nodes: tuple[str, ...]) -> tuple[float, bool]:

@@ -7,11 +7,21 @@ import enum
 import os
 from dataclasses import dataclass
 
+import onnx
 import onnxruntime as ort
 
 from onnxforge.errors import InvalidModelError, TargetUnavailableError
 
-__all__ = ["Target", "QuantScheme", "QuantFormat", "ActivationType"]
+__all__ = ["Target", "QuantScheme", "QuantFormat", "ActivationType", "QuantMethod"]
+
+
+class QuantMethod(enum.Enum):
+    """How the low-precision model is made: static int8 (calibrated activation ranges), dynamic int8
+    (int8 weights, activation ranges computed at run time: no calibration), or fp16 (a cast, for GPUs)."""
+
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+    FP16 = "fp16"
 
 
 class QuantFormat(enum.Enum):
@@ -32,9 +42,15 @@ class QuantScheme:
     activations: ActivationType
     per_channel: bool = True
     reduce_range: bool = False  # 7-bit weights, for x86 CPUs without VNNI (avoids int16 saturation)
+    method: QuantMethod = QuantMethod.STATIC  # DYNAMIC ignores format/activations; FP16 ignores all but method
 
     @property
     def label(self) -> str:
+        if self.method is QuantMethod.FP16:
+            return "FP16"
+        if self.method is QuantMethod.DYNAMIC:
+            gran = "per-channel" if self.per_channel else "per-tensor"
+            return f"DYNAMIC S8 {gran}" + (" reduce-range" if self.reduce_range else "")
         act = "U8" if self.activations is ActivationType.UINT8 else "S8"
         gran = "per-channel" if self.per_channel else "per-tensor"
         return f"{self.format.name} {act}S8 {gran}" + (" reduce-range" if self.reduce_range else "")
@@ -64,8 +80,8 @@ class Target:
         if reason:
             raise TargetUnavailableError(reason, hint=self.install_hint or None)
 
-    def quant_candidates(self) -> list[QuantScheme]:
-        """Quantization schemes worth measuring on this target, most promising first."""
+    def quant_candidates(self, model: onnx.ModelProto | None = None) -> list[QuantScheme]:
+        """Quantization schemes worth measuring on this target for ``model``, most promising first."""
         return [
             QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.UINT8),
             QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.INT8),
@@ -109,6 +125,7 @@ class Target:
                 f"{where}: onnxruntime cannot load it on target {self.name!r}: {first[:300]}"
             ) from e
         self.check_placement(session)
+        _explain_run_failures(session, "the model" if isinstance(model, bytes) else str(model), self.name)
         return session
 
     def check_placement(self, session: ort.InferenceSession) -> None:
@@ -126,3 +143,28 @@ class Target:
                 f"{', '.join(started)}",
                 hint=self.install_hint or None,
             )
+
+
+def _explain_run_failures(session: ort.InferenceSession, where: str, target: str) -> None:
+    """Make ``session.run`` raise InvalidModelError when onnxruntime fails inside the graph.
+
+    A model can load and still fail on every run (found by fuzzing: a Conv whose declared input
+    has 0 channels, a Reshape to an impossible shape). onnxruntime raises its own Fail /
+    InvalidArgument / RuntimeException types; every caller (profile, quantize, the runner) would
+    otherwise report them as an internal error. The wrapper costs one Python call per run.
+    """
+    run = session.run
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the failure is raised with onnxruntime's message; its log line would repeat it
+
+    def checked_run(output_names, input_feed, run_options=None):
+        try:
+            return run(output_names, input_feed, run_options or quiet)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidModelError(
+                f"{where}: onnxruntime failed running it on target {target!r}: {first[:300]}",
+                hint="check the model's declared input shapes (onnxforge inspect) and the data fed to it",
+            ) from e
+
+    session.run = checked_run

@@ -82,7 +82,7 @@ class MobileTarget(Target):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
-    def quant_candidates(self) -> list[QuantScheme]:
+    def quant_candidates(self, model=None) -> list[QuantScheme]:
         # NNAPI and XNNPACK run QDQ with uint8 activations; NNAPI is happiest with per-tensor weights.
         # CoreML rejects QDQ graphs altogether (checker verdict NO), so fp32 stays best there.
         u8 = ActivationType.UINT8
