@@ -11,17 +11,23 @@ by side; everything else has one segment). Ops couple groups:
   output (weight out-axis, bias) and *consume* the input's groups (weight in-axis);
 - depthwise Conv (group = C_in = C_out) passes its input's groups through (weight, bias and the
   ``group`` attribute follow);
+- grouped Conv (group = G, at least 2 input and 2 output channels per group) starts a group at its
+  output and consumes its input's group like a plain Conv, but both groups are split into G equal
+  *blocks* that must each keep the same number of channels (so ``group`` stays G): output channel o
+  of block g reads input channels [g*C_in/G, (g+1)*C_in/G) through weight[o, :], so the weight's
+  input axis is cut block by block (``ParamSlice.groups``);
 - BatchNormalization, unary elementwise ops and pooling pass groups through (their per-channel
   parameters follow);
 - Add/Mul/… with several dynamic inputs *merge* the inputs' groups (both branches of a residual
-  block shrink together); a per-channel constant operand follows the group;
+  block shrink together); a per-channel constant operand follows the group, a scalar one (the
+  1/sqrt(2), 1 and 0.5 of an Erf-GELU) broadcasts and couples nothing;
 - Concat on the channel axis concatenates segments (offset bookkeeping), Reduce*/Flatten/Reshape/
   Squeeze/Unsqueeze/Transpose move the channel axis, and Flatten/Reshape of [N,C,H,W] to [N,C*H*W]
   multiplies ``expand`` (a literal in the Reshape's shape constant is rewritten).
 
 Groups are merged with union-find. A group is *blocked* (left alone, with the reason listed) when
-any of its tensors reaches a graph input or output, an op we do not understand, a grouped Conv, or a
-shape we cannot follow. Blocking is conservative: an unknown op can never be broken by pruning.
+any of its tensors reaches a graph input or output, an op we do not understand, a grouped Conv it
+cannot split evenly, or a shape we cannot follow. Blocking is conservative: an unknown op can never be broken by pruning.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class ParamSlice:
     axis: int
     ref: ir.Value
     role: str  # "producer" (output channels), "consumer" (input channels) or "follower"
+    groups: int = 1  # > 1: a grouped Conv's weight input axis, holding block g's channels for outputs of block g
 
 
 @dataclass
@@ -77,6 +84,7 @@ class ChannelGroup:
     producers: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    blocks: int = 1  # the channels form this many equal blocks that keep equal counts (grouped Convs)
 
     @property
     def prunable(self) -> bool:
@@ -90,6 +98,7 @@ class ChannelGroup:
             "consumers": self.consumers,
             "prunable": self.prunable,
             "blocked": self.blocked,
+            "blocks": self.blocks,
         }
 
 
@@ -119,6 +128,7 @@ class ChannelGroups:
         self._blocked: dict[int, list[str]] = {}
         self._producers: dict[int, list[str]] = {}
         self._consumers: dict[int, list[str]] = {}
+        self._blocks: dict[int, int] = {}
         self.layouts: dict[ir.Value, _Layout] = {}
         self.params: list[ParamSlice] = []
         self.group_attrs: list[tuple[ir.Node, ir.Value]] = []  # depthwise Conv 'group' follows the value
@@ -148,6 +158,18 @@ class ChannelGroups:
         self._blocked.setdefault(ra, []).extend(self._blocked.pop(rb, []))
         self._producers.setdefault(ra, []).extend(self._producers.pop(rb, []))
         self._consumers.setdefault(ra, []).extend(self._consumers.pop(rb, []))
+        blocks = self._blocks.pop(rb, 1)
+        if blocks > 1:
+            self._split(ra, blocks, "a grouped Conv")
+
+    def _split(self, gid: int, blocks: int, why: str) -> None:
+        """Require ``gid``'s channels to shrink by the same count in each of ``blocks`` equal blocks."""
+        root = self.find(gid)
+        merged = int(np.lcm(self._blocks.get(root, 1), blocks))
+        if self._channels[root] % merged:
+            reasons = self._blocked.setdefault(root, [])
+            reasons.append(f"{why} needs {merged} equal blocks of {self._channels[root]} channels")
+        self._blocks[root] = merged
 
     def _block(self, layout: _Layout | None, reason: str) -> None:
         if layout is None:
@@ -214,6 +236,7 @@ class ChannelGroups:
                     producers=list(dict.fromkeys(self._producers.get(root, []))),
                     consumers=list(dict.fromkeys(self._consumers.get(root, []))),
                     blocked=list(dict.fromkeys(self._blocked.get(root, []))),
+                    blocks=self._blocks.get(root, 1),
                 )
         return [g for g in roots.values() if g.producers or g.consumers]
 
@@ -276,7 +299,22 @@ def _visit_conv(cg: ChannelGroups, node: ir.Node) -> None:
             cg.params.append(ParamSlice(node, 2, 0, y, "follower"))
         cg.group_attrs.append((node, y))
         return
-    reason = f"grouped {node.op_type} (group={groups})"
+    if not transpose and wshape[1] >= 2 and cout // groups >= 2 and cout % groups == 0:
+        layout = cg.layout_of(x, 1, f"grouped Conv {name}")
+        if layout is not None:
+            if len(layout.segments) != 1 or layout.expand != 1:
+                cg._block(layout, f"grouped Conv {name} reads a concatenated or flattened input")
+            else:
+                cg._split(layout.segments[0][0], groups, f"grouped Conv {name}")
+                cg.params.append(ParamSlice(node, 1, 1, x, "consumer", groups))
+                cg._consumer(node, layout)
+        out = cg._producer(node, y, 1, cout)
+        cg._split(out.segments[0][0], groups, f"grouped Conv {name}")
+        cg.params.append(ParamSlice(node, 1, 0, y, "producer"))
+        if b is not None:
+            cg.params.append(ParamSlice(node, 2, 0, y, "follower"))
+        return
+    reason = f"grouped {node.op_type} (group={groups}) with fewer than 2 channels per group"
     cg.skipped[name] = reason
     cg._block_inputs(node, f"{name} is a {reason}")
     cg.layouts[y] = _Layout(1, 1, ((cg._new(cout, f"{name} is a {reason}"), cout),))

@@ -2,7 +2,10 @@
 
 1. Groups: :func:`onnxforge.pipeline.channel_groups.find_channel_groups` ties every tensor dimension
    that must shrink together (Conv outputs, the bias/BN/elementwise ops that follow, both branches of
-   a residual Add, Concat offsets, depthwise Convs, Flatten/Reshape into Gemm, consumers' inputs).
+   a residual Add, Concat offsets, depthwise Convs, Flatten/Reshape into Gemm, consumers' inputs,
+   MatMul -> Add(bias) -> Erf-GELU -> MatMul in transformer FFNs, with channels on the last axis).
+   A group that passes through a grouped Conv (group G) keeps the same number of channels in each of
+   its G blocks, so the Conv keeps ``group = G`` (its weight's input axis is cut block by block).
 2. Importance of channel c in group G, summed over the group's weights W (producers' output slices
    and consumers' input slices), each weight normalized by its mean so no layer dominates:
    ``l1``: sum_W |W_c|_1 / mean_c |W_c|_1;  ``l2``: the same with |W_c|_2;
@@ -46,7 +49,7 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import CalibrationDataError, InvalidModelError, QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
-from onnxforge.pipeline.channel_groups import ChannelGroups, find_channel_groups
+from onnxforge.pipeline.channel_groups import ChannelGroups, ParamSlice, find_channel_groups
 from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
 from onnxforge.targets.cpu import CpuTarget
 
@@ -238,6 +241,28 @@ def _slice_norms(array: np.ndarray, axis: int, kind: Importance) -> np.ndarray:
     return np.abs(moved).sum(1) if kind is Importance.L1 else np.sqrt((moved**2).sum(1))
 
 
+def _param_norms(p: ParamSlice, weight: np.ndarray, kind: Importance) -> np.ndarray:
+    """Norm per channel of ``p.ref`` of the weight slices that read or write it."""
+    if p.groups == 1:
+        return _slice_norms(weight, p.axis, kind)
+    # grouped Conv input axis: channel g*Cg + j is read by weight[block g outputs, j]
+    blocks = weight.reshape(p.groups, weight.shape[0] // p.groups, weight.shape[1], -1).astype(np.float64)
+    if kind is Importance.L1:
+        return np.abs(blocks).sum(axis=(1, 3)).ravel()
+    return np.sqrt((blocks**2).sum(axis=(1, 3))).ravel()
+
+
+def _grouped_input_cut(weight: np.ndarray, groups: int, kept: np.ndarray) -> np.ndarray:
+    """A grouped Conv weight [Cout, Cin/G, ...] keeping input channels ``kept`` (equal count per block)."""
+    per_block = weight.shape[1]
+    out_per_block = weight.shape[0] // groups
+    parts = []
+    for g in range(groups):
+        inside = kept[(kept >= g * per_block) & (kept < (g + 1) * per_block)] - g * per_block
+        parts.append(np.take(weight[g * out_per_block : (g + 1) * out_per_block], inside, axis=1))
+    return np.concatenate(parts, axis=0)
+
+
 def _scatter(cg: ChannelGroups, ref: ir.Value, per_position: np.ndarray, scores: dict[int, np.ndarray]) -> None:
     """Add per-position values along ``ref``'s channel axis to the scores of its groups' channels."""
     layout = cg.layouts[ref]
@@ -261,12 +286,12 @@ def _importance(
         if config.importance is Importance.ACTIVATION:
             if p.role != "consumer":
                 continue
-            column = _slice_norms(weight, p.axis, Importance.L2)
+            column = _param_norms(p, weight, Importance.L2)
             contribution = activations[p.ref.name] * column
         else:
             if p.role == "follower":
                 continue
-            contribution = _slice_norms(weight, p.axis, config.importance)
+            contribution = _param_norms(p, weight, config.importance)
         mean = contribution.mean()
         _scatter(cg, p.ref, contribution / mean if mean > 0 else contribution, scores)
     return scores
@@ -359,23 +384,40 @@ def prune_model(
     scores = _importance(cg, prunable, config, activations)
     ratio_of = {g.root: (group_ratios or {}).get(g.id, 0.0) if group_ratios is not None else config.ratio
                 for g in groups if g.prunable}
-    keep = {
-        root: np.sort(np.argsort(-scores[root], kind="stable")[: _keep_count(n, ratio_of[root], config.round_to)])
-        for root, n in prunable.items()
-    }
+    blocks = {g.root: g.blocks for g in groups if g.prunable}
+    keep = {}
+    for root, n in prunable.items():
+        if blocks[root] == 1:
+            keep[root] = np.sort(np.argsort(-scores[root], kind="stable")[: _keep_count(n, ratio_of[root], config.round_to)])
+            continue
+        # a grouped Conv keeps its group count: the same number of channels survives in every block
+        size = n // blocks[root]
+        per_block = _keep_count(size, ratio_of[root], 1)
+        keep[root] = np.concatenate([
+            b * size + np.sort(np.argsort(-scores[root][b * size : (b + 1) * size], kind="stable")[:per_block])
+            for b in range(blocks[root])
+        ])
     # Gather every slice per (node, input) first: a Conv weight is cut on two axes by two groups.
     cuts: dict[tuple[int, int], tuple[ir.Node, int, dict[int, np.ndarray]]] = {}
+    grouped_inputs: dict[tuple[int, int], int] = {}  # (node, input) -> G: axis 1 is cut block by block
     for p in cg.params:
         idx = cg.indices(p.ref, keep)
         weight = p.node.inputs[p.index]
-        if len(idx) == weight.const_value.shape[p.axis]:
+        if len(idx) == weight.const_value.shape[p.axis] * p.groups:
             continue
         cuts.setdefault((id(p.node), p.index), (p.node, p.index, {}))[2][p.axis] = idx
+        if p.groups > 1:
+            grouped_inputs[(id(p.node), p.index)] = p.groups
     counter = [0]
     for node, index, axes in cuts.values():
         old = node.inputs[index]
         array = old.const_value.numpy()
+        groups_in = grouped_inputs.get((id(node), index))
+        if groups_in is not None:
+            array = _grouped_input_cut(array, groups_in, axes[1])  # before axis 0 reorders the blocks
         for axis, idx in axes.items():
+            if groups_in is not None and axis == 1:
+                continue
             array = np.take(array, idx, axis=axis)
         node.replace_input_with(index, _new_initializer(graph, old, np.ascontiguousarray(array), counter))
     for node, ref in cg.group_attrs:

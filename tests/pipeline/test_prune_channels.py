@@ -260,28 +260,63 @@ def test_matmul_chain_with_bias_add():
     assert_numerically_equal(model, pruned.model, feeds)
 
 
-def test_grouped_conv_is_left_alone_and_listed():
+def test_grouped_conv_prunes_the_same_count_in_every_group():
     rng = _rng(7)
-    w1, b1, wm, wg, w2 = _conv(rng, 8, 3), _bias(rng, 8), _conv(rng, 8, 8), _conv(rng, 8, 4), _conv(rng, 4, 8, 1)
+    w1, b1, wm, wg, bg, w2 = (_conv(rng, 8, 3), _bias(rng, 8), _conv(rng, 8, 8), _conv(rng, 8, 4), _bias(rng, 8),
+                              _conv(rng, 4, 8, 1))
+    # group=2: input channels 0-3 feed outputs 0-3, input channels 4-7 feed outputs 4-7
+    dead_a, dead_in, dead_out = [0, 2, 4, 6], [1, 2, 5, 7], [0, 3, 4, 5]  # two in each block
+    w1[dead_a], b1[dead_a], wm[:, dead_a] = 0, 0, 0
+    wm[dead_in], wg[:4, [1, 2]], wg[4:, [1, 3]] = 0, 0, 0
+    wg[dead_out], bg[dead_out], w2[:, dead_out] = 0, 0, 0
     model = _model(
         """
         a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
         ra = Relu (a)
         m = Conv <pads = [1, 1, 1, 1]> (ra, wm)
         rm = Relu (m)
-        g = Conv <pads = [1, 1, 1, 1], group = 2> (rm, wg)
-        y = Conv (g, w2)
+        g = Conv <pads = [1, 1, 1, 1], group = 2> (rm, wg, bg)
+        rg = Relu (g)
+        y = Conv (rg, w2)
         """,
-        dict(w1=w1, b1=b1, wm=wm, wg=wg, w2=w2),
+        dict(w1=w1, b1=b1, wm=wm, wg=wg, bg=bg, w2=w2),
     )
     pruned = _prune(model)
-    assert "grouped" in " ".join(pruned.skipped_layers.values())
+    grouped = [g for g in pruned.groups if g["blocks"] == 2]
+    assert len(grouped) == 2 and all(g["prunable"] for g in grouped)
     inits = {t.name: tuple(t.dims) for t in pruned.model.graph.initializer}
     conv_shapes = [inits[n.input[1]] for n in pruned.model.graph.node if n.op_type == "Conv"]
-    # only the group between the first two Convs shrinks; the grouped Conv and its input keep 8
-    assert conv_shapes == [(4, 3, 3, 3), (8, 4, 3, 3), (8, 4, 3, 3), (4, 8, 1, 1)]
-    outputs = run_model(pruned.model, {"x": _images(2, 1)})
-    assert outputs[0].shape == (2, 4, 8, 8)
+    assert conv_shapes == [(4, 3, 3, 3), (4, 4, 3, 3), (4, 2, 3, 3), (4, 4, 1, 1)]
+    node = next(n for n in pruned.model.graph.node if n.op_type == "Conv" and n.input[0] == "rm")
+    assert next(a.i for a in node.attribute if a.name == "group") == 2
+    assert_numerically_equal(model, pruned.model, _feeds())
+    params0, macs0 = count_params_and_macs(model)
+    params1, macs1 = count_params_and_macs(pruned.model)
+    assert params1 < params0 and macs1 < macs0
+
+
+def test_grouped_conv_it_cannot_split_is_left_alone_and_listed():
+    rng = _rng(7)
+    w1, b1, wb, wg, w2 = _conv(rng, 8, 3), _bias(rng, 8), _conv(rng, 8, 8), _conv(rng, 16, 1), _conv(rng, 4, 16, 1)
+    # group = C_in with two outputs per input (a depthwise Conv with a channel multiplier): one input per group
+    model = _model(
+        """
+        a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        ra = Relu (a)
+        b = Conv <pads = [1, 1, 1, 1]> (ra, wb)
+        g = Conv <pads = [1, 1, 1, 1], group = 8> (b, wg)
+        rg = Relu (g)
+        y = Conv (rg, w2)
+        """,
+        dict(w1=w1, b1=b1, wb=wb, wg=wg, w2=w2),
+    )
+    pruned = _prune(model)
+    assert "group=8" in pruned.skipped_layers["g"]
+    assert list(pruned.pruned_layers) == ["a"]
+    inits = {t.name: tuple(t.dims) for t in pruned.model.graph.initializer}
+    conv_shapes = [inits[n.input[1]] for n in pruned.model.graph.node if n.op_type == "Conv"]
+    assert conv_shapes == [(4, 3, 3, 3), (8, 4, 3, 3), (16, 1, 3, 3), (4, 16, 1, 1)]
+    assert run_model(pruned.model, {"x": _images(2, 1)})[0].shape == (2, 4, 8, 8)
 
 
 def test_excluded_layer_keeps_its_channels():
@@ -529,3 +564,101 @@ def test_demo_cnn_half_channels_with_repair_keeps_accuracy(tmp_path):
     assert result.macs_before / result.macs_after > 3.5
     assert result.score_after >= 0.98
     assert result.score_after > result.score_without_repair
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformer FFN: MatMul + bias -> Erf-GELU (scalar constants) -> MatMul, channels on the last axis
+
+
+def _ffn(seed: int, dead: list[int] | None = None) -> onnx.ModelProto:
+    """A BERT FFN block as the dynamo exporter writes it: y = x + GELU(x W1 + b1) W2 + b2."""
+    rng = _rng(seed)
+    w1 = (rng.standard_normal((16, 48)) * 0.3).astype(np.float32)
+    b1 = _bias(rng, 48)
+    w2 = (rng.standard_normal((48, 16)) * 0.3).astype(np.float32)
+    if dead:
+        w1[:, dead], b1[dead], w2[dead] = 0, 0, 0
+    return _model(
+        """
+        h = MatMul (x, w1)
+        hb = Add (h, b1)
+        d = Div (hb, sqrt2)
+        e = Erf (d)
+        e1 = Add (e, one)
+        m = Mul (hb, e1)
+        g = Mul (m, half)
+        o = MatMul (g, w2)
+        ob = Add (o, b2)
+        y = Add (x, ob)
+        """,
+        dict(w1=w1, b1=b1, w2=w2, b2=_bias(rng, 16), sqrt2=np.array(1.4142135, np.float32),
+             one=np.array(1.0, np.float32), half=np.array(0.5, np.float32)),
+        inputs="float[N,S,16] x",
+        outputs="float[N,S,16] y",
+    )
+
+
+def _tokens(n: int, seed: int) -> np.ndarray:
+    return _rng(seed).standard_normal((n, 5, 16)).astype(np.float32)
+
+
+def test_transformer_ffn_follows_the_erf_gelu_and_removes_zero_channels_exactly():
+    dead = list(range(0, 48, 2))
+    model = _ffn(11, dead)
+    pruned = _prune(model)
+    prunable = [g for g in pruned.groups if g["prunable"]]
+    assert len(prunable) == 1 and prunable[0]["channels"] == 48
+    assert list(pruned.pruned_layers.values()) == ["48 -> 24"]
+    inits = {t.name: tuple(t.dims) for t in pruned.model.graph.initializer}
+    matmuls = [inits[n.input[1]] for n in pruned.model.graph.node if n.op_type == "MatMul"]
+    assert matmuls == [(16, 24), (24, 16)]
+    assert (24,) in inits.values() and (48,) not in inits.values()  # the bias followed
+    assert_numerically_equal(model, pruned.model, [{"x": _tokens(1, 3)}, {"x": _tokens(4, 4)}])
+    params0, macs0 = count_params_and_macs(model)
+    params1, macs1 = count_params_and_macs(pruned.model)
+    assert params1 < params0 and macs1 < macs0
+
+
+def test_transformer_ffn_repair_refits_the_second_matmul():
+    model = _ffn(12)
+    calibration = SampleSet({"x": _tokens(64, 20)}, None, "test")
+    config = ChannelPruneConfig(ratio=0.5, repair=Repair.LEAST_SQUARES, calibration_data=Path("calib.npz"))
+    pruned = prune_model(model, config, calibration)
+    repaired, errors = repair_model(model, pruned, calibration, config)
+    assert list(errors) == ["o"]  # the consumer of the pruned channels, W2
+    assert errors["o"]["after"] < errors["o"]["before"]
+    held_out = {"x": _tokens(32, 21)}
+    reference = run_model(model, held_out)[0]
+    error_pruned = np.linalg.norm(run_model(pruned.model, held_out)[0] - reference)
+    error_repaired = np.linalg.norm(run_model(repaired, held_out)[0] - reference)
+    assert error_repaired < 0.8 * error_pruned
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI errors: exit 2, one line, no output file
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "-0.5", "1.5"])
+def test_cli_bad_ratio_exits_2_without_output(tmp_path, cli, residual_path, ratio):
+    out = tmp_path / "bad.onnx"
+    code, stdout, err = cli("prune", residual_path, "-o", out, "--method", "channels", "--ratio", ratio)
+    assert code == 2 and "--ratio" in err
+    assert len([line for line in err.splitlines() if line.strip() and not line.lstrip().startswith("hint")]) == 1
+    assert not out.exists() and "Traceback" not in err + stdout
+
+
+def test_cli_unprunable_model_exits_2_without_output(tmp_path, cli):
+    path = save(_model("y = Conv <pads = [1, 1, 1, 1]> (x, w)", dict(w=_conv(_rng(0), 4, 3))), tmp_path / "one.onnx")
+    out = tmp_path / "pruned.onnx"
+    code, stdout, err = cli("prune", path, "-o", out, "--method", "channels", "--ratio", "0.5")
+    assert code == 2 and "no channel group can be pruned" in err
+    assert not out.exists() and "Traceback" not in err + stdout
+    assert not list(tmp_path.glob("pruned*"))  # no temporary file left behind either
+
+
+def test_cli_repair_without_calibration_exits_2_without_output(tmp_path, cli, residual_path):
+    out = tmp_path / "pruned.onnx"
+    code, stdout, err = cli("prune", residual_path, "-o", out, "--method", "channels", "--ratio", "0.5",
+                            "--repair", "least-squares")
+    assert code == 2 and "calibration" in err
+    assert not out.exists() and "Traceback" not in err + stdout
