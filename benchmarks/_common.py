@@ -48,7 +48,12 @@ def write_results(case: str, payload: dict[str, Any]) -> Path:
 
 def peak_rss_mb(code: str) -> tuple[float, str]:
     """Run ``code`` in a fresh Python process; returns (its peak RSS in MB, its stdout)."""
-    wrapper = code + "\nimport resource, sys\nprint('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child would report its parent's peak.
+    wrapper = code + (
+        "\nfor _line in open('/proc/self/status'):\n"
+        "    if _line.startswith('VmHWM:'):\n"
+        "        print('PEAK_RSS_KB', _line.split()[1])\n"
+    )
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(wrapper)
     done = subprocess.run([sys.executable, f.name], capture_output=True, text=True, check=True)

@@ -128,6 +128,12 @@ def _status(message: str, quiet: bool) -> Iterator[Callable[[str], None]]:
         yield lambda m: status.update(m)
 
 
+def _memory_limit(text: str | None) -> int | None:
+    from onnxforge.pipeline.calibration_memory import parse_memory_size
+
+    return None if text is None else parse_memory_size(text)
+
+
 def _quiet(json_path: str | None) -> bool:
     return json_path == "-"
 
@@ -240,7 +246,8 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
 @click.option("--exclude-node", multiple=True, help="node name to keep in float (repeatable)")
 @click.option("--exclude-op", multiple=True, help="op type to keep in float (repeatable)")
 @click.option("--threads", type=int, default=1, show_default=True, help="threads when timing candidates")
-@click.option("--scheme", "schemes", multiple=True, metavar="SCHEME", help="candidate to measure, e.g. qdq-u8s8-per-channel, qdq-s8s8-per-tensor, qoperator-u8s8-per-channel-reduce-range (repeatable; default: the target's)")
+@click.option("--max-memory", metavar="SIZE", default=None, help="refuse to start when calibration would need more memory than this (e.g. 2G), instead of being OOM-killed")
+@click.option("--scheme", "schemes", multiple=True, metavar="SCHEME", help="candidate to measure, e.g. qdq-u8s8-per-channel, qdq-s8s8-per-tensor, qoperator-u8s8-per-channel-reduce-range, dynamic-s8-per-channel, fp16 (repeatable; default: the target's)")
 @click.option("--symmetric-activations", is_flag=True, help="symmetric activation ranges (zero point in the middle)")
 @click.option("--asymmetric-weights", is_flag=True, help="asymmetric weight ranges (default symmetric)")
 @click.option("--mixed-precision/--no-mixed-precision", default=True, show_default=True, help="when the fastest candidate misses the tolerance, return its most sensitive nodes to float")
@@ -250,8 +257,8 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
 @click.option("--std", metavar="S[,S,S]", default=None, help="images: per-channel std divided by")
 @click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="images: input layout")
 @json_option
-def quantize(model, output, calibration, target, eval_data, metric, tolerance, calibration_method, max_samples, exclude_node, exclude_op, threads, schemes, symmetric_activations, asymmetric_weights, mixed_precision, max_float_fraction, image_size, mean, std, layout, json_path):
-    """Statically quantize MODEL to INT8: measure the candidate formats on the target, keep the fastest within tolerance."""
+def quantize(model, output, calibration, target, eval_data, metric, tolerance, calibration_method, max_samples, exclude_node, exclude_op, threads, schemes, symmetric_activations, asymmetric_weights, mixed_precision, max_float_fraction, image_size, mean, std, layout, json_path, max_memory):
+    """Quantize MODEL (static or dynamic INT8, FP16 on GPU targets): measure the target's candidates, keep the fastest within tolerance."""
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.calibration import IMAGE_SUFFIXES, ImageFolder, ImageLayout, ImagePreprocessing
     from onnxforge.pipeline.quantize import CalibrationMethod, QuantizeConfig, parse_scheme, quantize as run_quantize
@@ -292,6 +299,7 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
         exclude_nodes=tuple(exclude_node),
         exclude_op_types=tuple(exclude_op),
         threads=threads,
+        max_memory=_memory_limit(max_memory),
     )
     try:
         with _status(f"quantizing {model}", _quiet(json_path)):
@@ -657,13 +665,21 @@ def _render_run(result, json_path: str | None) -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="run folder (default: runs/<recipe name>)")
 @click.option("--force", is_flag=True, help="re-run every stage, ignoring cached results")
+@click.option("--max-memory", metavar="SIZE", default=None, help="quantize stages refuse to start when calibration would need more memory than this (e.g. 2G)")
 @json_option
-def run(recipe, run_dir, force, json_path):
+def run(recipe, run_dir, force, json_path, max_memory):
     """Run the pipeline described by RECIPE (YAML) into a run folder, re-using unchanged stages."""
+    import dataclasses
+
     from onnxforge.pipeline.recipe import load_recipe
     from onnxforge.pipeline.runner import run_recipe
 
     loaded = load_recipe(recipe)
+    if max_memory is not None:  # not part of a stage's cache key: it changes whether a stage runs, not its output
+        limit = _memory_limit(max_memory)
+        loaded = dataclasses.replace(loaded, stages=tuple(
+            dataclasses.replace(s, config=dataclasses.replace(s.config, max_memory=limit)) if s.kind == "quantize" else s
+            for s in loaded.stages))
     run_dir = run_dir or Path("runs") / loaded.name
     with _status("running the pipeline", _quiet(json_path)) as update:
         result = run_recipe(loaded, run_dir, force=force, progress=update)
