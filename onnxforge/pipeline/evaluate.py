@@ -16,11 +16,12 @@ import enum
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from onnxforge.pipeline.calibration import SampleSet
 
-__all__ = ["Metric", "QualityGate", "run_outputs", "score", "resolve_metric"]
+__all__ = ["QualityBaseline", "Metric", "QualityGate", "run_outputs", "score", "resolve_metric"]
 
 
 class Metric(enum.Enum):
@@ -171,3 +172,27 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
             np.mean([float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(b)), 1e-12) for a, b in zip(y, ref)])
         )
     raise ValueError(f"unresolved metric {metric}")
+
+
+@dataclass
+class QualityBaseline:
+    """The fp32 model's outputs on evaluation data and its score: what a pruning stage gates against."""
+
+    samples: SampleSet
+    reference: list[np.ndarray]
+    gate: QualityGate
+    score: float
+
+    @classmethod
+    def measure(cls, model: onnx.ModelProto, eval_data, metric: Metric, tolerance: float | None) -> QualityBaseline:
+        from onnxforge.model_io import input_specs
+        from onnxforge.pipeline.calibration import load_samples, model_batch_size
+        from onnxforge.targets.cpu import CpuTarget
+
+        specs = input_specs(model)
+        samples = load_samples(eval_data, specs)
+        reference = run_outputs(
+            CpuTarget().session(model.SerializeToString()), samples, model_batch_size(specs, preferred=32)
+        )
+        gate = QualityGate.resolve(metric, tolerance, samples.labels is not None, reference[0].shape)
+        return cls(samples, reference, gate, score(gate.metric, reference, reference, samples.labels))

@@ -31,7 +31,7 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import InvalidModelError, QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
-from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
+from onnxforge.pipeline.evaluate import Metric, QualityBaseline, run_outputs, score
 from onnxforge.targets.cpu import CpuTarget
 from onnxforge.targets.feeds import batch_from_samples
 from onnxforge.targets.latency import compare_latency
@@ -268,10 +268,8 @@ def low_rank(
     batch = model_batch_size(specs, preferred=32)
     samples = gate = reference = fp_score = None
     if config.eval_data is not None:
-        samples = load_samples(config.eval_data, specs)
-        reference = run_outputs(target.session(model.SerializeToString()), samples, batch)
-        gate = QualityGate.resolve(config.metric, config.tolerance, samples.labels is not None, reference[0].shape)
-        fp_score = score(gate.metric, reference, reference, samples.labels)
+        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance)
+        samples, reference, gate, fp_score = baseline.samples, baseline.reference, baseline.gate, baseline.score
     tried: list[dict] = []
     attempt = config
     best = None

@@ -50,7 +50,7 @@ from onnxforge.errors import CalibrationDataError, InvalidModelError, QualityGat
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
 from onnxforge.pipeline.channel_groups import ChannelGroups, ParamSlice, find_channel_groups
-from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
+from onnxforge.pipeline.evaluate import Metric, QualityBaseline, run_outputs, score
 from onnxforge.targets.cpu import CpuTarget
 
 __all__ = [
@@ -740,10 +740,8 @@ def prune_channels(
     batch = model_batch_size(specs, preferred=32)
     samples = gate = reference = fp_score = None
     if config.eval_data is not None:
-        samples = load_samples(config.eval_data, specs)
-        reference = run_outputs(target.session(model.SerializeToString()), samples, batch)
-        gate = QualityGate.resolve(config.metric, config.tolerance, samples.labels is not None, reference[0].shape)
-        fp_score = score(gate.metric, reference, reference, samples.labels)
+        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance)
+        samples, reference, gate, fp_score = baseline.samples, baseline.reference, baseline.gate, baseline.score
 
     def evaluate(candidate: onnx.ModelProto) -> float | None:
         if samples is None:

@@ -24,8 +24,8 @@ import onnx_ir as ir
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, save_model
-from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
-from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
+from onnxforge.pipeline.calibration import model_batch_size
+from onnxforge.pipeline.evaluate import Metric, QualityBaseline, run_outputs, score
 from onnxforge.targets.cpu import CpuTarget
 
 __all__ = ["Scope", "MagnitudePruneConfig", "MagnitudePruneResult", "prune_magnitude", "sparsify_model"]
@@ -152,17 +152,12 @@ def prune_magnitude(
     out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
     before = model.SerializeToString()
-    samples: SampleSet | None = None
-    gate = None
-    reference = None
-    fp_score = None
     target = CpuTarget()
     batch = model_batch_size(input_specs(model), preferred=32)
+    samples = gate = reference = fp_score = None
     if config.eval_data is not None:
-        samples = load_samples(config.eval_data, input_specs(model))
-        reference = run_outputs(target.session(before), samples, batch)
-        gate = QualityGate.resolve(config.metric, config.tolerance, samples.labels is not None, reference[0].shape)
-        fp_score = score(gate.metric, reference, reference, samples.labels)
+        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance)
+        samples, reference, gate, fp_score = baseline.samples, baseline.reference, baseline.gate, baseline.score
 
     tried: list[dict] = []
     best = None
