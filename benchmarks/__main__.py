@@ -38,8 +38,9 @@ def _readme_section(cases: list[str], seconds: dict[str, float]) -> str:
             continue
         data = json.loads(path.read_text())
         module = importlib.import_module(f"benchmarks.{case}")
-        title = (module.__doc__ or case).strip().splitlines()[0].rstrip(":")
-        lines += [f"#### {case}: {title}", "", data["table"], "", f"_{seconds.get(case, 0):.0f} s_", ""]
+        first_paragraph = (module.__doc__ or case).strip().split("\n\n")[0]
+        title = " ".join(first_paragraph.split())
+        lines += [f"#### {case}", "", title, "", data["table"], "", f"_{seconds.get(case, 0):.0f} s_", ""]
     lines.append(_END)
     return "\n".join(lines)
 
