@@ -658,7 +658,9 @@ def _render_run(result, json_path: str | None) -> None:
             _stage_summary(s),
         )
     out.print(table)
-    out.print(f"files in {result.run_dir.resolve()}; manifest: {result.manifest.path}")
+    report = result.run_dir / "report.html"
+    out.print(f"files in {result.run_dir.resolve()}; manifest: {result.manifest.path}"
+              + (f"; report: {report}" if report.exists() else ""))
 
 
 @cli.command()
