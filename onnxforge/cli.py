@@ -7,13 +7,11 @@ Python API takes, calls one library function, and renders the result (a table, o
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
@@ -633,7 +631,6 @@ def _stage_summary(stage) -> str:
 
 
 def _render_run(result, json_path: str | None) -> None:
-    from onnxforge.pipeline.manifest import Manifest  # noqa: F401  (type only)
 
     _emit_json(json_path, result.manifest.to_json())
     if _quiet(json_path):

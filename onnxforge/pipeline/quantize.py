@@ -44,7 +44,7 @@ from onnxruntime import quantization as ortq
 
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
-from onnxforge.model_io import input_specs, load_model, output_specs, save_model
+from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.pipeline.calibration import (
     CalibrationReader,
     ImageFolder,
@@ -112,15 +112,9 @@ _DYNAMIC_OP_TYPES = ("MatMul", "Attention", "LSTM")
 
 
 def scheme_id(scheme: QuantScheme) -> str:
-    """The scheme as the CLI spells it, e.g. ``qdq-u8s8-per-channel``, ``dynamic-s8-per-channel``, ``fp16``."""
-    if scheme.method is QuantMethod.FP16:
-        return "fp16"
-    if scheme.method is QuantMethod.DYNAMIC:
-        gran = "per-channel" if scheme.per_channel else "per-tensor"
-        return f"dynamic-s8-{gran}" + ("-reduce-range" if scheme.reduce_range else "")
-    act = "u8" if scheme.activations is ActivationType.UINT8 else "s8"
-    gran = "per-channel" if scheme.per_channel else "per-tensor"
-    return f"{scheme.format.value}-{act}s8-{gran}" + ("-reduce-range" if scheme.reduce_range else "")
+    """The scheme as the CLI spells it, e.g. ``qdq-u8s8-per-channel``, ``dynamic-s8-per-channel``, ``fp16``:
+    its label (``QDQ U8S8 per-channel``) in lower case with dashes, so the two can never disagree."""
+    return scheme.label.lower().replace(" ", "-")
 
 
 def parse_scheme(text: str) -> QuantScheme:
