@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 
 import numpy as np
 import onnx
@@ -11,24 +10,14 @@ import onnx.parser
 import pytest
 from conftest import assert_numerically_equal, run_model, save
 
+from onnx_graphs import model_from_text
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.low_rank import LowRankConfig, RankRule, factorize_model, low_rank
 
 
 def _model(body: str, weights: dict[str, np.ndarray], inputs: str, outputs: str) -> onnx.ModelProto:
-    text = textwrap.dedent(
-        f"""
-        <ir_version: 8, opset_import: ["" : 18]>
-        g ({inputs}) => ({outputs}) {{
-        {textwrap.indent(textwrap.dedent(body).strip(), "    ")}
-        }}
-        """
-    )
-    model = onnx.parser.parse_model(text)
-    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in weights.items())
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return model_from_text(body, weights, inputs, outputs)
 
 
 def _low_rank_matrix(rng, k: int, n: int, r: int) -> np.ndarray:

@@ -8,7 +8,6 @@ the output at all; every pruned model must also pass the checker, run, and have 
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import onnx.parser
 import pytest
 from conftest import assert_numerically_equal, run_model, save
 
+from onnx_graphs import model_from_text
 from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.prune_channels import (
@@ -36,18 +36,7 @@ IMAGE = "float[N,3,8,8] x"
 
 
 def _model(body: str, weights: dict[str, np.ndarray], inputs: str = IMAGE, outputs: str = "float[N,4,8,8] y") -> onnx.ModelProto:
-    text = textwrap.dedent(
-        f"""
-        <ir_version: 8, opset_import: ["" : 18]>
-        g ({inputs}) => ({outputs}) {{
-        {textwrap.indent(textwrap.dedent(body).strip(), "    ")}
-        }}
-        """
-    )
-    model = onnx.parser.parse_model(text)
-    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in weights.items())
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return model_from_text(body, weights, inputs, outputs)
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
