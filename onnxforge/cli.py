@@ -92,6 +92,21 @@ def quality_options(f: Callable) -> Callable:
     return f
 
 
+def cache_options(f: Callable) -> Callable:
+    f = click.option("--no-cache", is_flag=True, help="neither use nor fill the stage cache")(f)
+    return click.option(
+        "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="the content-addressed stage cache, shared by runs and search trials "
+        "(default: $ONNXFORGE_CACHE_DIR or ~/.cache/onnxforge)",
+    )(f)
+
+
+def _cache(cache_dir: Path | None, no_cache: bool):
+    from onnxforge.pipeline.cache import StageCache
+
+    return StageCache(None) if no_cache else StageCache(cache_dir) if cache_dir else StageCache.default()
+
+
 def _emit_json(json_path: str | None, payload: dict) -> None:
     """Write ``payload`` to ``--json PATH`` ('-' = stdout). PATH may not be a file the command read."""
     if not json_path:
@@ -605,29 +620,8 @@ def inspect_cmd(model, json_path):
 
 
 def _stage_summary(stage) -> str:
-    """One phrase per stage for the run table, from the stage's recorded result."""
-    r = stage.result or {}
-    if stage.error:
-        return stage.error[:80]
-    if stage.kind == "export":
-        parity = r.get("parity") or {}
-        worst = max((o["max_abs_error"] for o in parity.get("outputs", [])), default=None)
-        return f"{r.get('exporter', '?')} exporter" + (f", parity max err {worst:.1e}" if worst is not None else "")
-    if stage.kind == "simplify":
-        return f"{r.get('chosen', '?')}: {r.get('nodes_before', '?')} -> {r.get('nodes_after', '?')} nodes"
-    if stage.kind == "prune":
-        return f"sparsity {r.get('achieved_sparsity', 0):.0%} (asked {r.get('requested_sparsity', 0):.0%})"
-    if stage.kind == "prune_channels":
-        return (f"{r.get('ratio', 0):.0%} of channels removed, {r.get('macs_ratio') or 0:.1f}x fewer MACs"
-                + (", repaired" if r.get("repaired") else ""))
-    if stage.kind == "low_rank":
-        return f"{len(r.get('factored_layers', {}))} layers factored"
-    if stage.kind == "quantize":
-        return f"{r.get('chosen', '?')} of {len(r.get('candidates', []))} measured"
-    if stage.kind == "fp16":
-        worst = max((o["max_abs_error"] for o in (r.get("parity") or {}).get("outputs", [])), default=None)
-        return "fp16 for GPU" + (f", parity max err {worst:.1e}" if worst is not None else "")
-    return ""
+    """One phrase per stage for the run table: the pass's own summary, or the error."""
+    return stage.error[:80] if stage.error else stage.summary
 
 
 def _render_run(result, json_path: str | None) -> None:
@@ -665,8 +659,9 @@ def _render_run(result, json_path: str | None) -> None:
 @click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="run folder (default: runs/<recipe name>)")
 @click.option("--force", is_flag=True, help="re-run every stage, ignoring cached results")
 @click.option("--max-memory", metavar="SIZE", default=None, help="quantize stages refuse to start when calibration would need more memory than this (e.g. 2G)")
+@cache_options
 @json_option
-def run(recipe, run_dir, force, json_path, max_memory):
+def run(recipe, run_dir, force, json_path, max_memory, cache_dir, no_cache):
     """Run the pipeline described by RECIPE (YAML) into a run folder, re-using unchanged stages."""
     import dataclasses
 
@@ -677,24 +672,26 @@ def run(recipe, run_dir, force, json_path, max_memory):
     if max_memory is not None:  # not part of a stage's cache key: it changes whether a stage runs, not its output
         limit = _memory_limit(max_memory)
         loaded = dataclasses.replace(loaded, stages=tuple(
-            dataclasses.replace(s, config=dataclasses.replace(s.config, max_memory=limit)) if s.kind == "quantize" else s
+            dataclasses.replace(s, config=dataclasses.replace(s.config, max_memory=limit))
+            if any(f.name == "max_memory" for f in dataclasses.fields(s.config)) else s
             for s in loaded.stages))
     run_dir = run_dir or Path("runs") / loaded.name
     with _status("running the pipeline", _quiet(json_path)) as update:
-        result = run_recipe(loaded, run_dir, force=force, progress=update)
+        result = run_recipe(loaded, run_dir, force=force, progress=update, cache=_cache(cache_dir, no_cache))
     _render_run(result, json_path)
 
 
 @cli.command()
 @click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--force", is_flag=True, help="re-run every stage, ignoring cached results")
+@cache_options
 @json_option
-def demo(run_dir, force, json_path):
+def demo(run_dir, force, json_path, cache_dir, no_cache):
     """Run the whole pipeline on the built-in digits CNN with real data, and show the per-stage table."""
     from onnxforge.demo import demo as run_demo
 
     with _status("running the demo pipeline", _quiet(json_path)) as update:
-        result = run_demo(run_dir, force=force, progress=update)
+        result = run_demo(run_dir, force=force, progress=update, cache=_cache(cache_dir, no_cache))
     _render_run(result, json_path)
 
 

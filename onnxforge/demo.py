@@ -17,6 +17,7 @@ import yaml
 
 from onnxforge._atomic import atomic_path, atomic_write_text
 from onnxforge.datasets import DIGITS_INPUT_NAME, load_digits_split
+from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.recipe import load_recipe
 from onnxforge.pipeline.runner import Progress, RunResult, run_recipe
 
@@ -46,7 +47,13 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
             np.savez(f, **arrays)
 
 
-def demo(run_dir: str | os.PathLike = "runs/demo", *, force: bool = False, progress: Progress | None = None) -> RunResult:
+def demo(
+    run_dir: str | os.PathLike = "runs/demo",
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    cache: StageCache | None = None,
+) -> RunResult:
     run_dir = Path(run_dir)
     split = load_digits_split()
     data = run_dir / "data"
@@ -56,4 +63,4 @@ def demo(run_dir: str | os.PathLike = "runs/demo", *, force: bool = False, progr
     _save_npz(data / "eval.npz", **{DIGITS_INPUT_NAME: split.test_images, "label": split.test_labels})
     recipe_path = run_dir / "recipe.yaml"
     atomic_write_text(recipe_path, yaml.safe_dump(DEMO_RECIPE, sort_keys=False))
-    return run_recipe(load_recipe(recipe_path), run_dir, force=force, progress=progress)
+    return run_recipe(load_recipe(recipe_path), run_dir, force=force, progress=progress, cache=cache)

@@ -362,11 +362,12 @@ def run_report_html(manifest: dict) -> str:
             _quality_text(metric, quality),
             _fmt(m["latency_p50_ms"]) if "latency_p50_ms" in m else "-",
             f'{m["speedup_vs_first"]:.2f}x' if "speedup_vs_first" in m else "-",
-            _esc(s.get("error") or ""),
+            _esc(s.get("error") or s.get("summary") or ""),
         ))
     body += [
         "<h2>Stages</h2>",
-        _table(("stage", "status", "file", "size", metric or "quality", "p50 ms (b=1)", "speedup", "error"), rows, left=3),
+        _table(("stage", "status", "file", "size", metric or "quality", "p50 ms (b=1)", "speedup", "what it did"), rows,
+               left=3),
     ]
     if measured:
         charts = [

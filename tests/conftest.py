@@ -25,6 +25,14 @@ import pytest
 # Tests run the CLI in-process; keep torch/onnxruntime from fighting over the two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+
+@pytest.fixture(autouse=True)
+def _private_stage_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own stage cache: nothing leaks between tests or into the user's ~/.cache."""
+    monkeypatch.setenv("ONNXFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("stage-cache")))
+
+
 IMAGE_SHAPE = (3, 8, 8)  # C, H, W of the tiny classifier's input
 NUM_CLASSES = 5
 
@@ -249,6 +257,7 @@ class DemoRun:
     json_path: Path
     out: str
     err: str
+    cache_dir: Path
 
 
 @pytest.fixture(scope="session")
@@ -260,5 +269,5 @@ def demo_run(tmp_path_factory) -> DemoRun:
     run_dir, json_path = base / "run", base / "demo.json"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["demo", "-o", str(run_dir), "--json", str(json_path)])
-    return DemoRun(code, run_dir, json_path, out.getvalue(), err.getvalue())
+        code = main(["demo", "-o", str(run_dir), "--json", str(json_path), "--cache-dir", str(base / "cache")])
+    return DemoRun(code, run_dir, json_path, out.getvalue(), err.getvalue(), base / "cache")

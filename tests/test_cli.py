@@ -302,7 +302,7 @@ def test_demo_runs_the_whole_pipeline(demo_run):
 
 @pytest.mark.slow
 def test_demo_second_run_is_cached(cli, demo_run):
-    code, out, err = cli("demo", "-o", demo_run.run_dir, "--json", "-")
+    code, out, err = cli("demo", "-o", demo_run.run_dir, "--json", "-", "--cache-dir", demo_run.cache_dir)
     assert code == 0, err
     manifest = _json_from_stdout(out)
     assert manifest["stages"] and all(s["status"] == "cached" for s in manifest["stages"])

@@ -29,7 +29,7 @@ def test_written_recipe_repeats_the_run_from_cache(demo_run, cli):
     recipe = demo_run.run_dir / "recipe.yaml"
     data = yaml.safe_load(recipe.read_text())
     assert data["model"] == "builtin:digits_cnn"
-    code, out, err = cli("run", recipe, "-o", demo_run.run_dir, "--json", "-")
+    code, out, err = cli("run", recipe, "-o", demo_run.run_dir, "--json", "-", "--cache-dir", demo_run.cache_dir)
     assert code == 0, err
     import json
 

@@ -41,17 +41,6 @@ class ExportConfig:
     sample_inputs: Path | None = None
     check_parity: bool = True
 
-    def to_json(self) -> dict:
-        return {
-            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
-            "input_dtypes": {k: str(v) for k, v in self.input_dtypes.items()},
-            "dynamic_batch": self.dynamic_batch,
-            "dynamic_axes": {k: dict(v) for k, v in self.dynamic_axes.items()},
-            "opset": self.opset,
-            "exporter": self.exporter.value,
-            "tolerance": {"atol": self.tolerance.atol, "rtol": self.tolerance.rtol},
-            "sample_inputs": str(self.sample_inputs) if self.sample_inputs else None,
-        }
 
 
 @dataclass

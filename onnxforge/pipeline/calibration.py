@@ -464,14 +464,6 @@ class ImagePreprocessing:
     std: tuple[float, ...] = (1.0,)
     layout: ImageLayout = ImageLayout.AUTO
 
-    def to_json(self) -> dict:
-        return {
-            "size": list(self.size) if self.size else None,
-            "scale": self.scale,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "layout": self.layout.value,
-        }
 
 
 @dataclass(frozen=True)

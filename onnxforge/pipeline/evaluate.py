@@ -184,7 +184,10 @@ class QualityBaseline:
     score: float
 
     @classmethod
-    def measure(cls, model: onnx.ModelProto, eval_data, metric: Metric, tolerance: float | None) -> QualityBaseline:
+    def measure(
+        cls, model: onnx.ModelProto, eval_data, metric: Metric, tolerance: float | None, target=None
+    ) -> QualityBaseline:
+        """Score ``model`` on ``eval_data`` on ``target`` (a Target; None = the CPU)."""
         from onnxforge.model_io import input_specs
         from onnxforge.pipeline.calibration import load_samples, model_batch_size
         from onnxforge.targets.cpu import CpuTarget
@@ -192,7 +195,7 @@ class QualityBaseline:
         specs = input_specs(model)
         samples = load_samples(eval_data, specs)
         reference = run_outputs(
-            CpuTarget().session(model.SerializeToString()), samples, model_batch_size(specs, preferred=32)
+            (target or CpuTarget()).session(model.SerializeToString()), samples, model_batch_size(specs, preferred=32)
         )
         gate = QualityGate.resolve(metric, tolerance, samples.labels is not None, reference[0].shape)
         return cls(samples, reference, gate, score(gate.metric, reference, reference, samples.labels))

@@ -37,13 +37,6 @@ class Fp16Config:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     tolerance: Tolerance = Tolerance(atol=1e-2, rtol=1e-2)
 
-    def to_json(self) -> dict:
-        return {
-            "keep_io_types": self.keep_io_types,
-            "op_block_list": list(self.op_block_list),
-            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
-            "tolerance": {"atol": self.tolerance.atol, "rtol": self.tolerance.rtol},
-        }
 
 
 @dataclass

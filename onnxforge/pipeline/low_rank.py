@@ -32,6 +32,7 @@ from onnxforge.errors import InvalidModelError, QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, QualityBaseline, run_outputs, score
+from onnxforge.targets import get_target
 from onnxforge.targets.cpu import CpuTarget
 from onnxforge.targets.feeds import batch_from_samples
 from onnxforge.targets.latency import compare_latency
@@ -58,6 +59,7 @@ class LowRankConfig:
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
     measure_latency: bool = True
+    target: str = "cpu"  # where the quality gate and the timings run
 
     def __post_init__(self) -> None:
         if not 0.0 < self.energy < 1.0:
@@ -67,14 +69,6 @@ class LowRankConfig:
         if not 0.0 < self.max_cost <= 1.0:
             raise UsageError(f"max_cost {self.max_cost}: must be in (0, 1]")
 
-    def to_json(self) -> dict:
-        return {
-            "rule": self.rule.value, "energy": self.energy, "ratio": self.ratio, "max_cost": self.max_cost,
-            "min_params": self.min_params,
-            "calibration_data": str(self.calibration_data) if self.calibration_data else None,
-            "exclude_nodes": list(self.exclude_nodes), "eval_data": str(self.eval_data) if self.eval_data else None,
-            "metric": self.metric.value, "tolerance": self.tolerance,
-        }
 
 
 @dataclass
@@ -264,11 +258,11 @@ def low_rank(
     calibration = None
     if config.calibration_data is not None:
         calibration = load_samples(config.calibration_data, specs).take(slice(0, config.calibration_samples))
-    target = CpuTarget()
+    target = get_target(config.target)
     batch = model_batch_size(specs, preferred=32)
     samples = gate = reference = fp_score = None
     if config.eval_data is not None:
-        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance)
+        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance, target)
         samples, reference, gate, fp_score = baseline.samples, baseline.reference, baseline.gate, baseline.score
     tried: list[dict] = []
     attempt = config

@@ -74,6 +74,9 @@ class StageRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     verified: bool = True
     error: str | None = None
+    inputs: list[str] = field(default_factory=list)  # what the stage read: source spec or stage files
+    summary: str = ""  # one phrase from the pass's summary(), for the run table and the report
+    cache: str = ""  # how the cache answered: cached, not cached, forced, a tampered entry recomputed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +84,9 @@ class StageRecord:
             "kind": self.kind,
             "status": self.status,
             "verified": self.verified,
+            "summary": self.summary,
+            "cache": self.cache,
+            "inputs": self.inputs,
             "key": self.key,
             "seconds": round(self.seconds, 3),
             "config": self.config,
@@ -118,13 +124,3 @@ class Manifest:
     def write(self) -> Path:
         atomic_write_text(self.path, json.dumps(self.to_json(), indent=2, default=str) + "\n")
         return self.path
-
-    @staticmethod
-    def previous_stages(run_dir: Path) -> dict[str, dict[str, Any]]:
-        """Stage entries of an earlier manifest in ``run_dir`` (by name), for cache look-ups."""
-        path = run_dir / MANIFEST_NAME
-        try:
-            data = json.loads(path.read_text())
-            return {s["name"]: s for s in data.get("stages", []) if isinstance(s, dict) and "name" in s}
-        except (OSError, ValueError, TypeError, AttributeError):
-            return {}

@@ -51,6 +51,7 @@ from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
 from onnxforge.pipeline.channel_groups import ChannelGroups, ParamSlice, find_channel_groups
 from onnxforge.pipeline.evaluate import Metric, QualityBaseline, run_outputs, score
+from onnxforge.targets import get_target
 from onnxforge.targets.cpu import CpuTarget
 
 __all__ = [
@@ -100,6 +101,7 @@ class ChannelPruneConfig:
     eval_data: Path | None = None
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
+    target: str = "cpu"  # where the quality gate runs
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -125,22 +127,6 @@ class ChannelPruneConfig:
     def repairs(self) -> bool:
         return self.repair is not Repair.NONE and self.calibration_data is not None
 
-    def to_json(self) -> dict:
-        return {
-            "ratio": self.ratio,
-            "importance": self.importance.value,
-            "allocation": self.allocation.value,
-            "repair": self.repair.value,
-            "calibration_data": str(self.calibration_data) if self.calibration_data else None,
-            "calibration_samples": self.calibration_samples,
-            "positions": self.positions,
-            "ridge": self.ridge,
-            "round_to": self.round_to,
-            "exclude_nodes": list(self.exclude_nodes),
-            "eval_data": str(self.eval_data) if self.eval_data else None,
-            "metric": self.metric.value,
-            "tolerance": self.tolerance,
-        }
 
 
 @dataclass
@@ -736,11 +722,11 @@ def prune_channels(
     if config.calibration_data is not None:
         calibration = load_samples(config.calibration_data, specs)
         calibration = calibration.take(slice(0, config.calibration_samples))
-    target = CpuTarget()
+    target = get_target(config.target)
     batch = model_batch_size(specs, preferred=32)
     samples = gate = reference = fp_score = None
     if config.eval_data is not None:
-        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance)
+        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance, target)
         samples, reference, gate, fp_score = baseline.samples, baseline.reference, baseline.gate, baseline.score
 
     def evaluate(candidate: onnx.ModelProto) -> float | None:

@@ -26,7 +26,7 @@ from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.pipeline.calibration import model_batch_size
 from onnxforge.pipeline.evaluate import Metric, QualityBaseline, run_outputs, score
-from onnxforge.targets.cpu import CpuTarget
+from onnxforge.targets import get_target
 
 __all__ = ["Scope", "MagnitudePruneConfig", "MagnitudePruneResult", "prune_magnitude", "sparsify_model"]
 
@@ -47,21 +47,12 @@ class MagnitudePruneConfig:
     eval_data: Path | None = None
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
+    target: str = "cpu"  # where the quality gate runs
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise UsageError(f"--sparsity {self.sparsity}: must be in [0, 1)")
 
-    def to_json(self) -> dict:
-        return {
-            "sparsity": self.sparsity,
-            "scope": self.scope.value,
-            "min_params": self.min_params,
-            "exclude_nodes": list(self.exclude_nodes),
-            "eval_data": str(self.eval_data) if self.eval_data else None,
-            "metric": self.metric.value,
-            "tolerance": self.tolerance,
-        }
 
 
 @dataclass
@@ -152,11 +143,11 @@ def prune_magnitude(
     out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
     before = model.SerializeToString()
-    target = CpuTarget()
+    target = get_target(config.target)
     batch = model_batch_size(input_specs(model), preferred=32)
     samples = gate = reference = fp_score = None
     if config.eval_data is not None:
-        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance)
+        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance, target)
         samples, reference, gate, fp_score = baseline.samples, baseline.reference, baseline.gate, baseline.score
 
     tried: list[dict] = []

@@ -43,8 +43,9 @@ import onnx
 from onnxruntime import quantization as ortq
 
 from onnxforge._atomic import check_output_path, paths_in
-from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
+from onnxforge.errors import CalibrationDataError, OnnxForgeError, QualityGateError, RecipeError, UsageError
 from onnxforge.model_io import input_specs, load_model, save_model
+from onnxforge.pipeline import codec
 from onnxforge.pipeline.calibration import (
     CalibrationReader,
     ImageFolder,
@@ -142,6 +143,18 @@ def parse_scheme(text: str) -> QuantScheme:
     )
 
 
+def _decode_scheme(value: object, where: str, base: object) -> QuantScheme:
+    if not isinstance(value, str):
+        raise RecipeError(f"{where}: expected a scheme name such as qdq-u8s8-per-channel, got {value!r}")
+    try:
+        return parse_scheme(value)
+    except OnnxForgeError as e:
+        raise RecipeError(f"{where}: {e.message}", hint=e.hint) from e
+
+
+codec.register_type(QuantScheme, scheme_id, _decode_scheme)
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig:
     """How to quantize.
@@ -178,7 +191,9 @@ class QuantizeConfig:
     mixed_precision_steps: int = 10
     error_report: bool = True
     analysis_samples: int = 32
-    max_memory: int | None = None  # bytes; refuse before loading data when calibration would need more (issue 7)
+    # bytes; refuse before loading data when calibration would need more. Not in the cache key: it decides
+    # whether the stage runs, not what it writes.
+    max_memory: int | None = field(default=None, metadata={"key": False})
     transformer_fusion: bool = True  # onnxruntime.transformers fusions first, kept only when they fuse something
 
     def __post_init__(self) -> None:
@@ -189,28 +204,6 @@ class QuantizeConfig:
         if self.max_calibration_samples < 1 or self.analysis_samples < 1:
             raise UsageError("max_calibration_samples and analysis_samples must be at least 1")
 
-    def to_json(self) -> dict:
-        return {
-            "target": self.target,
-            "schemes": [s.label for s in self.schemes] if self.schemes else None,
-            "calibration_method": self.calibration_method.value,
-            "max_calibration_samples": self.max_calibration_samples,
-            "metric": self.metric.value,
-            "tolerance": self.tolerance,
-            "eval_data": str(self.eval_data) if self.eval_data else None,
-            "holdout_fraction": self.holdout_fraction,
-            "exclude_nodes": list(self.exclude_nodes),
-            "exclude_op_types": list(self.exclude_op_types),
-            "threads": self.threads,
-            "activation_symmetric": self.activation_symmetric,
-            "weight_symmetric": self.weight_symmetric,
-            "mixed_precision": self.mixed_precision,
-            "max_float_fraction": self.max_float_fraction,
-            "mixed_precision_steps": self.mixed_precision_steps,
-            "error_report": self.error_report,
-            "analysis_samples": self.analysis_samples,
-            "transformer_fusion": self.transformer_fusion,
-        }
 
 
 @dataclass

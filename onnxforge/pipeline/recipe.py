@@ -14,7 +14,14 @@ stages:
   - quantize: {tolerance: 0.5}
 ```
 
-Stages: export, simplify, prune (magnitude sparsity), prune_channels, low_rank, quantize, fp16.
+Stages are the registered passes (``onnxforge.pipeline.registry``); their options are the fields
+of the pass's config, decoded by the config codec. Data can carry reading options:
+``calibration: {path: images/, image_size: [224, 224], mean: [0.485, 0.456, 0.406], std: [...]}``.
+
+A recipe is a small DAG: a stage may say ``name:`` (default: its kind, numbered when repeated) and
+``inputs:`` (default: the previous stage, or ``source`` — the recipe's model — for the first), so a
+stage can take two models or the framework source. ``name`` and ``inputs`` sit among the options:
+``- quantize: {name: q8, inputs: [p50]}``.
 
 Relative paths are relative to the recipe's folder. Unknown keys, wrong types and missing files
 are RecipeError (exit 2) naming the key.
@@ -22,42 +29,25 @@ are RecipeError (exit 2) naming the key.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import os
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from onnxforge.converters.config import ExportConfig
-from onnxforge.errors import OnnxForgeError, RecipeError
-from onnxforge.parity import Tolerance
-from onnxforge.pipeline.fp16 import Fp16Config
-from onnxforge.pipeline.low_rank import LowRankConfig
-from onnxforge.pipeline.prune_channels import ChannelPruneConfig
-from onnxforge.pipeline.prune_magnitude import MagnitudePruneConfig
-from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme
-from onnxforge.pipeline.simplify import SimplifyConfig
-from onnxforge.targets import TARGETS, QuantScheme
+from onnxforge.errors import RecipeError
+from onnxforge.pipeline import codec
+from onnxforge.pipeline.data_spec import DataSpec
+from onnxforge.pipeline.registry import Artifact, Pass, StageContext, get_pass, registered_passes
+from onnxforge.targets import TARGETS
 
-__all__ = ["Recipe", "StageSpec", "STAGE_CONFIGS", "load_recipe", "config_from_mapping"]
+__all__ = ["Recipe", "StageSpec", "SOURCE", "load_recipe", "recipe_from_mapping", "config_from_mapping"]
 
-STAGE_CONFIGS: dict[str, type] = {
-    "export": ExportConfig,
-    "simplify": SimplifyConfig,
-    "prune": MagnitudePruneConfig,
-    "quantize": QuantizeConfig,
-    "fp16": Fp16Config,
-    "prune_channels": ChannelPruneConfig,
-    "low_rank": LowRankConfig,
-}
-_TOP_KEYS = {"model", "input_shapes", "dynamic_batch", "calibration", "eval", "target", "stages", "name"}
+SOURCE = "source"  # the name by which a stage names the recipe's model as its input
+_TOP_KEYS = {"model", "input_shapes", "dynamic_batch", "calibration", "eval", "target", "stages", "name", "search"}
+_STAGE_KEYS = {"name", "inputs"}
 
 
 @dataclass(frozen=True)
@@ -65,121 +55,65 @@ class StageSpec:
     kind: str
     config: Any
     name: str
+    inputs: tuple[str, ...] = ()  # stage names or SOURCE; filled by the parser, never empty in a Recipe
+
+    @property
+    def pass_cls(self) -> type[Pass]:
+        found = get_pass(self.kind)
+        if found is None:
+            raise RecipeError(f"stage {self.name}: unknown stage kind {self.kind!r}")
+        return found
 
 
 @dataclass(frozen=True)
 class Recipe:
     model: str
     stages: tuple[StageSpec, ...]
-    calibration: Path | None = None
-    eval_data: Path | None = None
+    calibration: DataSpec | None = None
+    eval_data: DataSpec | None = None
     target: str = "cpu"
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     dynamic_batch: bool = False
     name: str = "run"
+    search: Mapping[str, Any] | None = None  # the optimize section, read by onnxforge.pipeline.search
+
+    def context(self, progress=None) -> StageContext:
+        return StageContext(
+            target=self.target, calibration=self.calibration, eval_data=self.eval_data,
+            input_shapes=dict(self.input_shapes), dynamic_batch=self.dynamic_batch,
+            **({"progress": progress} if progress else {}),
+        )
 
     def to_json(self) -> dict:
         return {
             "name": self.name,
             "model": self.model,
-            "calibration": str(self.calibration) if self.calibration else None,
-            "eval": str(self.eval_data) if self.eval_data else None,
+            "calibration": codec.encode(self.calibration),
+            "eval": codec.encode(self.eval_data),
             "target": self.target,
-            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "input_shapes": codec.encode(self.input_shapes),
             "dynamic_batch": self.dynamic_batch,
-            "stages": [{"kind": s.kind, "name": s.name, "config": s.config.to_json()} for s in self.stages],
+            "stages": [
+                {"kind": s.kind, "name": s.name, "inputs": list(s.inputs), "config": codec.encode(s.config)}
+                for s in self.stages
+            ],
+            **({"search": dict(self.search)} if self.search else {}),
         }
 
 
-def _convert(value: Any, annotation: Any, where: str, base: Path) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, where, base)
-            except RecipeError as e:
-                errors.append(e.message)
-        raise RecipeError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        choices = [m.value for m in annotation]
-        if value not in choices:
-            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
-        return annotation(value)
-    if annotation is Path:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a file path, got {type(value).__name__}")
-        path = Path(value) if os.path.isabs(value) else base / value
-        if not path.exists():
-            raise RecipeError(f"{where}: file {path} does not exist")
-        return path
-    if annotation is QuantScheme:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a scheme name such as qdq-u8s8-per-channel, got {value!r}")
-        try:
-            return parse_scheme(value)
-        except OnnxForgeError as e:
-            raise RecipeError(f"{where}: {e.message}") from e
-    if annotation is np.dtype:
-        try:
-            return np.dtype(value)
-        except TypeError:
-            raise RecipeError(f"{where}: unknown dtype {value!r}") from None
-    if annotation is Tolerance:
-        if not isinstance(value, Mapping) or set(value) - {"atol", "rtol"}:
-            raise RecipeError(f"{where}: expected {{atol: ..., rtol: ...}}")
-        return Tolerance(**{k: _convert(v, float, f"{where}.{k}", base) for k, v in value.items()})
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if annotation in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
-        if annotation is int and not float(value).is_integer():
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
-        return annotation(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        return tuple(_convert(v, item, f"{where}[{i}]", base) for i, v in enumerate(value))
-    if origin in (Mapping, dict, typing.get_origin(Mapping[str, int])):
-        if not isinstance(value, Mapping):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
-        key_t, val_t = args if args else (Any, Any)
-        return {_convert(k, key_t, where, base): _convert(v, val_t, f"{where}.{k}", base) for k, v in value.items()}
-    if annotation is Any:
-        return value
-    raise RecipeError(f"{where}: this key cannot be set from a recipe")
-
-
 def config_from_mapping(cls: type, values: Mapping[str, Any], where: str, base: Path = Path(".")) -> Any:
-    """Build the frozen config dataclass ``cls`` from recipe values, checking keys and types."""
-    if not isinstance(values, Mapping):
-        raise RecipeError(f"{where}: expected a mapping of options, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise RecipeError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(fields))}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}", base) for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except OnnxForgeError as e:
-        raise RecipeError(f"{where}: {e.message}") from e
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"{where}: {e}") from e
+    """Build the frozen config dataclass ``cls`` from recipe values, checking keys, types and files."""
+    return codec.decode_dataclass(cls, values, where, base)
 
 
-def _stage(entry: Any, index: int, defaults: Mapping[str, Mapping[str, Any]], base: Path) -> StageSpec:
+def _fill_value(value: Any) -> Any:
+    """A recipe-level value as a stage option: data specs give their path to ``*_data: Path`` fields."""
+    if isinstance(value, DataSpec):
+        return str(value.path)
+    return codec.encode(value)
+
+
+def _stage(entry: Any, index: int, context: StageContext, base: Path) -> tuple[str, dict, dict]:
     where = f"stages[{index}]"
     if isinstance(entry, str):
         kind, options = entry, {}
@@ -188,12 +122,81 @@ def _stage(entry: Any, index: int, defaults: Mapping[str, Mapping[str, Any]], ba
         options = options or {}
     else:
         raise RecipeError(f"{where}: expected a stage name or {{name: {{options}}}}, got {entry!r}")
-    if kind not in STAGE_CONFIGS:
-        raise RecipeError(f"{where}: unknown stage {kind!r}; stages are: {', '.join(STAGE_CONFIGS)}")
+    passes = registered_passes()
+    if kind not in passes:
+        raise RecipeError(f"{where}: unknown stage {kind!r}; stages are: {', '.join(passes)}")
     if not isinstance(options, Mapping):
         raise RecipeError(f"{where}.{kind}: expected a mapping of options, got {options!r}")
-    merged = {**defaults.get(kind, {}), **options}
-    return StageSpec(kind, config_from_mapping(STAGE_CONFIGS[kind], merged, f"{where}.{kind}", base), kind)
+    pass_cls = passes[kind]
+    graph = {k: options[k] for k in _STAGE_KEYS if k in options}
+    values = {k: v for k, v in options.items() if k not in _STAGE_KEYS}
+    for field_name, item in pass_cls.fills.items():
+        value = context.value(item)
+        if field_name not in values and value is not None and value != {} and value is not False:
+            values[field_name] = _fill_value(value)
+    return kind, graph, values
+
+
+def _check_name(name: Any, where: str, taken: set[str]) -> str:
+    if not isinstance(name, str) or not name or not name.replace("_", "a").replace("-", "a").isalnum():
+        raise RecipeError(f"{where}.name: {name!r} must be letters, digits, '-' or '_'")
+    if name in taken or name == SOURCE:
+        raise RecipeError(f"{where}.name: {name!r} is used twice")
+    return name
+
+
+def _stages(raw: list, context: StageContext, base: Path, model_is_onnx: bool) -> tuple[StageSpec, ...]:
+    parsed = [_stage(entry, i, context, base) for i, entry in enumerate(raw)]
+    kinds = [kind for kind, _, _ in parsed]
+    if kinds.count("export") > 1 or ("export" in kinds and kinds[0] != "export"):
+        raise RecipeError("recipe: 'export' may appear once, as the first stage")
+    counters: dict[str, int] = {}
+    taken: set[str] = set()
+    stages: list[StageSpec] = []
+    for index, (kind, graph, values) in enumerate(parsed):
+        where = f"stages[{index}].{kind}"
+        counters[kind] = counters.get(kind, 0) + 1
+        default_name = kind if kinds.count(kind) == 1 else f"{kind}{counters[kind]}"
+        name = _check_name(graph.get("name", default_name), where, taken)
+        taken.add(name)
+        inputs_raw = graph.get("inputs", [stages[-1].name if stages else SOURCE])
+        if isinstance(inputs_raw, str):
+            inputs_raw = [inputs_raw]
+        if not isinstance(inputs_raw, list) or not inputs_raw or not all(isinstance(i, str) for i in inputs_raw):
+            raise RecipeError(f"{where}.inputs: expected a list of stage names (or '{SOURCE}')")
+        known = {s.name: s for s in stages}
+        for item in inputs_raw:
+            if item != SOURCE and item not in known:
+                raise RecipeError(f"{where}.inputs: {item!r} is not an earlier stage; earlier: "
+                                  f"{', '.join([SOURCE, *known]) }")
+        pass_cls = registered_passes()[kind]
+        if len(inputs_raw) != len(pass_cls.consumes):
+            raise RecipeError(f"{where}.inputs: {kind} takes {len(pass_cls.consumes)} input(s), got {len(inputs_raw)}")
+        for item, wanted in zip(inputs_raw, pass_cls.consumes):
+            produced = Artifact.ONNX if item != SOURCE or model_is_onnx else Artifact.SOURCE
+            if wanted is Artifact.ONNX and produced is not Artifact.ONNX:
+                raise RecipeError(f"{where}: a non-ONNX model needs an 'export' stage first",
+                                  hint=f"add 'export' before {kind}, or point 'model' at an .onnx file")
+            if wanted is Artifact.SOURCE and item != SOURCE:
+                raise RecipeError(f"{where}: {kind} reads the recipe's model ('{SOURCE}'), not {item!r}")
+        for item in pass_cls.reads:
+            if context.value(item) is None:
+                raise RecipeError(f"recipe: the {kind} stage needs '{item}' data")
+        config = codec.decode_dataclass(pass_cls.config_cls, values, where, base)
+        stages.append(StageSpec(kind, config, name, tuple(inputs_raw)))
+    return tuple(stages)
+
+
+def _model_ref(model: Any, base: Path, source: str) -> str:
+    if not isinstance(model, str):
+        raise RecipeError(f"{source}: 'model' must be a string")
+    if model.startswith("builtin:"):
+        return model
+    file_part = model.rpartition(":")[0] if model.rpartition(":")[0].endswith(".py") else model
+    resolved = Path(file_part) if os.path.isabs(file_part) else base / file_part
+    if not resolved.exists():
+        raise RecipeError(f"{source}: model file {resolved} does not exist")
+    return str(resolved) + (model[len(file_part):] if file_part != model else "")
 
 
 def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe:
@@ -204,60 +207,37 @@ def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe
         raise RecipeError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_TOP_KEYS))}")
     if "model" not in data:
         raise RecipeError(f"{source}: 'model' is required (file.py:callable, .onnx, .pt, .keras, builtin:NAME)")
-    model = data["model"]
-    if not isinstance(model, str):
-        raise RecipeError(f"{source}: 'model' must be a string")
-    if not model.startswith("builtin:"):
-        file_part = model.rpartition(":")[0] if model.rpartition(":")[0].endswith(".py") else model
-        resolved = Path(file_part) if os.path.isabs(file_part) else base / file_part
-        if not resolved.exists():
-            raise RecipeError(f"{source}: model file {resolved} does not exist")
-        model = str(resolved) + (model[len(file_part):] if file_part != model else "")
-    shapes = _convert(data.get("input_shapes", {}), Mapping[str, tuple[int, ...]], "input_shapes", base)
-    dynamic = _convert(data.get("dynamic_batch", False), bool, "dynamic_batch", base)
-    calibration = _convert(data.get("calibration"), Path | None, "calibration", base)
-    eval_data = _convert(data.get("eval"), Path | None, "eval", base)
-    target = _convert(data.get("target", "cpu"), str, "target", base)
+    model = _model_ref(data["model"], base, source)
+    target = codec.decode(str, data.get("target", "cpu"), "target", base)
     if target not in TARGETS:
         raise RecipeError(f"{source}: target {target!r} is not one of {', '.join(TARGETS)}")
+    context = StageContext(
+        target=target,
+        calibration=codec.decode(DataSpec | None, data.get("calibration"), "calibration", base),
+        eval_data=codec.decode(DataSpec | None, data.get("eval"), "eval", base),
+        input_shapes=codec.decode(Mapping[str, tuple[int, ...]], data.get("input_shapes", {}), "input_shapes", base),
+        dynamic_batch=codec.decode(bool, data.get("dynamic_batch", False), "dynamic_batch", base),
+    )
     stages_raw = data.get("stages", ["export", "simplify", "quantize"])
     if not isinstance(stages_raw, list) or not stages_raw:
         raise RecipeError(f"{source}: 'stages' must be a non-empty list")
-    defaults: dict[str, dict[str, Any]] = {
-        "export": {"input_shapes": {k: list(v) for k, v in shapes.items()}, "dynamic_batch": dynamic},
-        "simplify": {"input_shapes": {k: list(v) for k, v in shapes.items()}},
-        "fp16": {"input_shapes": {k: list(v) for k, v in shapes.items()}},
-        "quantize": {"target": target} | ({"eval_data": str(eval_data)} if eval_data else {}),
-        "prune": {"eval_data": str(eval_data)} if eval_data else {},
-    }
-    # Channel pruning and low-rank repair/choose ranks with the calibration data, gate on eval data.
-    for kind in ("prune_channels", "low_rank"):
-        defaults[kind] = ({"calibration_data": str(calibration)} if calibration else {}) | (
-            {"eval_data": str(eval_data)} if eval_data else {}
-        )
-    stages = tuple(_stage(entry, i, defaults, base) for i, entry in enumerate(stages_raw))
-    kinds = [s.kind for s in stages]
-    if kinds.count("export") > 1 or ("export" in kinds and kinds[0] != "export"):
-        raise RecipeError(f"{source}: 'export' may appear once, as the first stage")
-    if "quantize" in kinds and calibration is None:
-        raise RecipeError(f"{source}: the quantize stage needs 'calibration' data")
-    if "export" not in kinds and not model.endswith(".onnx"):
-        raise RecipeError(f"{source}: a non-ONNX model needs an 'export' stage first")
-    names: dict[str, int] = {}
-    named = []
-    for spec in stages:
-        names[spec.kind] = names.get(spec.kind, 0) + 1
-        label = spec.kind if kinds.count(spec.kind) == 1 else f"{spec.kind}{names[spec.kind]}"
-        named.append(StageSpec(spec.kind, spec.config, label))
+    stages = _stages(stages_raw, context, base, model.endswith(".onnx"))
+    search = data.get("search")
+    if search is not None and not isinstance(search, Mapping):
+        raise RecipeError(f"{source}: 'search' must be a mapping of optimize options")
+    name = data.get("name", "run")
+    if not isinstance(name, str):
+        raise RecipeError(f"{source}: 'name' must be a string")
     return Recipe(
         model=model,
-        stages=tuple(named),
-        calibration=calibration,
-        eval_data=eval_data,
+        stages=stages,
+        calibration=context.calibration,
+        eval_data=context.eval_data,
         target=target,
-        input_shapes=shapes,
-        dynamic_batch=dynamic,
-        name=str(data.get("name", "run")),
+        input_shapes=context.input_shapes,
+        dynamic_batch=context.dynamic_batch,
+        name=name,
+        search=dict(search) if search else None,
     )
 
 

@@ -1,16 +1,18 @@
-"""The pipeline runner: chains stages, caches finished ones, measures every stage, writes the manifest.
+"""The pipeline runner: runs a recipe's stages (a small DAG) through the pass registry, reuses finished
+stages from the content-addressed cache, measures every stage, and writes the manifest and report.
 
-Each stage reads the previous stage's file and writes ``NN_<stage>.onnx`` into the run folder.
-A stage is re-used when an earlier manifest in the same folder has the same key (sha256 of the
-stage kind, its config, its input file's hash and the tool versions) and its output file still
-has the recorded hash; a change re-runs that stage and every stage after it. After the stages,
-all stage models are scored on the evaluation data and timed side by side (interleaved, batch 1).
+Each stage reads its inputs (the previous stage's file by default, the recipe's model for
+``source``) and writes ``NN_<stage>.onnx`` into the run folder. Its cache key covers the pass, its
+whole config (data files by content), the sha256 of its inputs, the recipe-level data it reads, the
+target, the tool versions and onnxforge's own code; a hit is verified by hash and copied into the
+run folder (a file already there with the right hash is left alone). A change re-runs that stage,
+and — because their inputs' hashes change — every stage downstream of it, and nothing else.
+After the stages, all stage models are scored on the evaluation data and timed side by side
+(interleaved, batch 1) on the recipe's target.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -18,24 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onnxforge import converters
 from onnxforge.errors import OnnxForgeError, QualityGateError
-from onnxforge.model_io import content_sha256, file_sha256, input_specs, load_model
+from onnxforge.model_io import file_sha256, input_specs, load_model
+from onnxforge.pipeline import codec
+from onnxforge.pipeline.cache import StageCache, code_fingerprint, stage_key
 from onnxforge.pipeline.calibration import load_samples, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, resolve_metric, run_outputs, score
-from onnxforge.pipeline.fp16 import convert_fp16
-from onnxforge.pipeline.low_rank import low_rank
 from onnxforge.pipeline.manifest import Manifest, StageRecord, describe_file, tool_versions
-from onnxforge.pipeline.prune_channels import prune_channels
-from onnxforge.pipeline.prune_magnitude import prune_magnitude
-from onnxforge.pipeline.quantize import quantize
-from onnxforge.pipeline.recipe import Recipe, StageSpec
-from onnxforge.pipeline.simplify import simplify
+from onnxforge.pipeline.recipe import SOURCE, Recipe, StageSpec
+from onnxforge.pipeline.registry import StageContext
 from onnxforge.targets import get_target
 from onnxforge.targets.feeds import batch_from_samples, generate_feeds
 from onnxforge.targets.latency import compare_latency
 
-__all__ = ["RunResult", "run_recipe"]
+__all__ = ["RunResult", "run_recipe", "source_fingerprint", "StageArtifact", "run_stage"]
 
 Progress = Callable[[str], None]
 
@@ -51,44 +49,91 @@ class RunResult:
         return self.manifest.stages
 
 
-def _source_fingerprint(model: str) -> str:
+@dataclass(frozen=True)
+class StageArtifact:
+    """A stage's input or output: what a pass is given (a path or a source spec) and its content hash."""
+
+    ref: str
+    sha256: str
+
+
+def source_fingerprint(model: str) -> str:
     """A hash of what an export reads: the .py/.pt/.keras/.onnx file (and, for built-ins, the checkpoint)."""
     if model.startswith("builtin:"):
         from onnxforge.converters.digits_cnn import CHECKPOINT_PATH
 
         return model + ":" + file_sha256(CHECKPOINT_PATH)
     path_text = model.rpartition(":")[0] if model.rpartition(":")[0].endswith(".py") else model
-    return model + ":" + file_sha256(path_text)
+    entry = model.rpartition(":")[2] if path_text != model else ""  # the callable of file.py:callable
+    return f"{Path(path_text).suffix}:{entry}:{file_sha256(path_text)}"
 
 
-def _stage_key(spec: StageSpec, input_fingerprint: str, extra: dict[str, Any]) -> str:
-    payload = json.dumps(
-        {"kind": spec.kind, "config": spec.config.to_json(), "input": input_fingerprint, "extra": extra,
-         "versions": tool_versions()},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+def _key(spec: StageSpec, inputs: list[StageArtifact], context: StageContext) -> str:
+    return stage_key({
+        "pass": spec.kind,
+        "config": codec.fingerprint(spec.config),
+        "inputs": [a.sha256 for a in inputs],
+        "reads": {item: codec.fingerprint(context.value(item)) for item in spec.pass_cls.reads},
+        "target": context.target,
+        "versions": tool_versions(),
+        "code": code_fingerprint(),
+    })
 
 
-def _run_stage(spec: StageSpec, recipe: Recipe, input_ref: str, output: Path) -> tuple[dict[str, Any], bool]:
-    """Run one stage; returns (result json, verified)."""
-    if spec.kind == "export":
-        result = converters.export(input_ref, output, spec.config)
-        return result.to_json(), result.verified or result.parity is None
-    if spec.kind == "simplify":
-        return simplify(input_ref, output, spec.config).to_json(), True
-    if spec.kind == "prune":
-        return prune_magnitude(input_ref, output, spec.config).to_json(), True
-    if spec.kind == "quantize":
-        return quantize(input_ref, output, recipe.calibration, spec.config).to_json(), True
-    if spec.kind == "fp16":
-        return convert_fp16(input_ref, output, spec.config).to_json(), True
-    if spec.kind == "prune_channels":
-        return prune_channels(input_ref, output, spec.config).to_json(), True
-    if spec.kind == "low_rank":
-        return low_rank(input_ref, output, spec.config).to_json(), True
-    raise AssertionError(f"unknown stage kind {spec.kind}")
+def run_stage(
+    spec: StageSpec,
+    inputs: list[StageArtifact],
+    output: Path,
+    context: StageContext,
+    cache: StageCache,
+    *,
+    force: bool = False,
+    relative_to: Path | None = None,
+) -> StageRecord:
+    """Run (or restore from ``cache``) one stage into ``output``; returns its record.
+
+    A QualityGateError or other OnnxForgeError is raised with the record attached as ``error.record``
+    (status ``quality-gate-failed`` / ``failed``), so callers can log it before re-raising.
+    """
+    pass_obj = spec.pass_cls()
+    key = _key(spec, inputs, context)
+    config_json = codec.encode(spec.config)
+    base = dict(name=spec.name, kind=spec.kind, config=config_json, key=key, inputs=[a.ref for a in inputs])
+    lookup = cache.lookup(key) if not force else None
+    if lookup is not None and lookup.hit:
+        entry = lookup.entry
+        recorded = entry["files"]["model.onnx"]
+        if output.exists() and file_sha256(output) == recorded:
+            note = f"unchanged since the last run, re-using {output.name}"
+        else:
+            cache.restore(lookup, output)
+            note = f"restored {output.name} from the cache"
+        context.progress(f"{spec.name}: {note}")
+        return StageRecord(**base, status="cached", seconds=0.0, output=describe_file(output, relative_to),
+                           result=entry.get("result"), verified=entry.get("verified", True),
+                           summary=spec.pass_cls.summary(entry.get("result") or {}), cache=note)
+    cache_note = "forced" if force else (lookup.reason if lookup else "not cached")
+    context.progress(f"{spec.name}: running" + (f" ({cache_note})" if cache_note.startswith("cached entry") else ""))
+    start = time.perf_counter()
+    try:
+        result = pass_obj.run(spec.config, [a.ref for a in inputs], output, context)
+    except QualityGateError as e:
+        kept = Path(e.best_path) if e.best_path else None
+        e.record = StageRecord(**base, status="quality-gate-failed", seconds=time.perf_counter() - start,
+                               output=describe_file(kept, relative_to) if kept and kept.exists() else None,
+                               verified=False, error=e.message, cache=cache_note)
+        raise
+    except OnnxForgeError as e:
+        e.record = StageRecord(**base, status="failed", seconds=time.perf_counter() - start, error=e.message,
+                               cache=cache_note)
+        raise
+    result_json = result.to_json()
+    verified = pass_obj.verified(result)
+    record = StageRecord(**base, status="done", seconds=time.perf_counter() - start,
+                         output=describe_file(output, relative_to), result=result_json, verified=verified,
+                         summary=spec.pass_cls.summary(result_json), cache=cache_note)
+    cache.publish(key, output, {"kind": spec.kind, "result": result_json, "verified": verified})
+    return record
 
 
 def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | None:
@@ -103,7 +148,7 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | No
     metric_name = None
     if recipe.eval_data is not None:
         progress("scoring every stage on the evaluation data")
-        samples = load_samples(recipe.eval_data, specs)
+        samples = load_samples(recipe.eval_data.path, specs)
         batch = model_batch_size(specs, preferred=64)
         outputs = {name: run_outputs(target.session(p), samples, batch) for name, p in paths.items()}
         reference = outputs[records[0].name]
@@ -114,7 +159,7 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | No
         feeds = batch_from_samples(samples.inputs, model_batch_size(specs, preferred=1))
     else:
         feeds = generate_feeds(specs, batch=1, overrides=dict(recipe.input_shapes))
-    progress("timing every stage side by side (batch 1, 1 thread)")
+    progress(f"timing every stage side by side on {recipe.target} (batch 1, 1 thread)")
     sessions = {name: target.session(p, threads=1) for name, p in paths.items()}
     timings = compare_latency(sessions, feeds, rounds=30)
     base = timings[records[0].name].p50_ms
@@ -133,69 +178,42 @@ def run_recipe(
     force: bool = False,
     measure: bool = True,
     progress: Progress | None = None,
+    cache: StageCache | None = None,
 ) -> RunResult:
-    """Run every stage of ``recipe`` into ``run_dir``; see the module docstring."""
+    """Run every stage of ``recipe`` into ``run_dir``; see the module docstring.
+
+    ``cache``: where finished stages are kept and found (default: the user cache directory);
+    ``force`` recomputes every stage without looking in it.
+    """
     progress = progress or (lambda message: None)
+    cache = cache if cache is not None else StageCache.default()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    previous = {} if force else Manifest.previous_stages(run_dir)
     manifest = Manifest(run_dir, recipe.to_json())
     manifest.write()
     get_target(recipe.target).require()
+    context = recipe.context(progress)
 
-    input_ref = recipe.model
-    fingerprint = _source_fingerprint(recipe.model)
-    if recipe.stages[0].kind != "export":
+    artifacts = {SOURCE: StageArtifact(recipe.model, source_fingerprint(recipe.model))}
+    if recipe.model.endswith(".onnx"):
         # An .onnx recipe: the input model is the baseline every stage is scored and timed against.
         source = Path(recipe.model)
-        manifest.baseline = StageRecord("input", "input", "input", {}, fingerprint, 0.0,
+        artifacts[SOURCE] = StageArtifact(recipe.model, file_sha256(source))
+        manifest.baseline = StageRecord("input", "input", "input", {}, artifacts[SOURCE].sha256, 0.0,
                                         describe_file(source, run_dir), {"path": str(source)})
-    upstream_changed = False
     for index, spec in enumerate(recipe.stages, start=1):
         output = run_dir / f"{index:02d}_{spec.name}.onnx"
-        # The key covers the data a stage reads, not only its path: edited data re-runs the stage.
-        extra = {"calibration": content_sha256(recipe.calibration)} if spec.kind == "quantize" else {}
-        for field_name in ("calibration_data", "eval_data"):
-            if getattr(spec.config, field_name, None):
-                extra[field_name] = content_sha256(getattr(spec.config, field_name))
-        key = _stage_key(spec, fingerprint, extra)
-        old = previous.get(spec.name)
-        start = time.perf_counter()
-        if (
-            not upstream_changed
-            and old is not None
-            and old.get("key") == key
-            and old.get("status") in ("done", "cached")
-            and output.exists()
-            and (old.get("output") or {}).get("sha256") == file_sha256(output)
-        ):
-            progress(f"{spec.name}: unchanged since the last run, re-using {output.name}")
-            record = StageRecord(spec.name, spec.kind, "cached", spec.config.to_json(), key, 0.0,
-                                 old["output"], old.get("result"), verified=old.get("verified", True))
-        else:
-            upstream_changed = True
-            progress(f"{spec.name}: running")
-            try:
-                result, verified = _run_stage(spec, recipe, input_ref, output)
-            except QualityGateError as e:
-                kept = Path(e.best_path) if e.best_path else None
-                record = StageRecord(spec.name, spec.kind, "quality-gate-failed", spec.config.to_json(), key,
-                                     time.perf_counter() - start, describe_file(kept, run_dir) if kept and kept.exists() else None,
-                                     verified=False, error=e.message)
-                manifest.stages.append(record)
+        try:
+            record = run_stage(spec, [artifacts[name] for name in spec.inputs], output, context, cache,
+                               force=force, relative_to=run_dir)
+        except OnnxForgeError as e:
+            if getattr(e, "record", None) is not None:
+                manifest.stages.append(e.record)
                 manifest.write()
-                raise
-            except OnnxForgeError as e:
-                manifest.stages.append(StageRecord(spec.name, spec.kind, "failed", spec.config.to_json(), key,
-                                                   time.perf_counter() - start, error=e.message))
-                manifest.write()
-                raise
-            record = StageRecord(spec.name, spec.kind, "done", spec.config.to_json(), key,
-                                 time.perf_counter() - start, describe_file(output, run_dir), result, verified=verified)
+            raise
         manifest.stages.append(record)
         manifest.write()
-        input_ref = str(output)
-        fingerprint = record.output["sha256"]
+        artifacts[spec.name] = StageArtifact(str(output), record.output["sha256"])
 
     metric = None
     if measure:
@@ -205,5 +223,3 @@ def run_recipe(
 
     write_run_report(manifest.to_json(), run_dir)  # report.html beside manifest.json, built from it
     return RunResult(run_dir, manifest, metric)
-
-

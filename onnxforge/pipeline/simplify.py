@@ -46,13 +46,6 @@ class SimplifyConfig:
     tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
     sample_data: Path | None = None  # .npz keyed by input name: parity inputs instead of random ones
 
-    def to_json(self) -> dict:
-        return {
-            "method": self.method.value,
-            "sample_data": str(self.sample_data) if self.sample_data else None,
-            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
-            "tolerance": {"atol": self.tolerance.atol, "rtol": self.tolerance.rtol},
-        }
 
 
 @dataclass

@@ -53,8 +53,8 @@ def test_full_recipe(project, monkeypatch):
     recipe = load_recipe(path)
     assert recipe.name == "tiny-cnn"
     assert recipe.model == f"{project.resolve() / 'model.py'}:build"
-    assert recipe.calibration == project.resolve() / "data" / "calib.npz"
-    assert recipe.eval_data == project.resolve() / "data" / "eval.npz"
+    assert recipe.calibration.path == project.resolve() / "data" / "calib.npz"
+    assert recipe.eval_data.path == project.resolve() / "data" / "eval.npz"
     assert recipe.input_shapes == {"input": (1, 3, 8, 8)}
     assert [s.name for s in recipe.stages] == ["export", "simplify", "prune", "quantize"]
 
@@ -63,10 +63,10 @@ def test_full_recipe(project, monkeypatch):
     assert export.input_shapes == {"input": (1, 3, 8, 8)} and export.dynamic_batch is True
     assert simplify == SimplifyConfig(method=SimplifyMethod.ONNXSLIM, input_shapes={"input": (1, 3, 8, 8)})
     assert prune.scope is Scope.GLOBAL and prune.sparsity == 0.3
-    assert prune.eval_data == recipe.eval_data
+    assert prune.eval_data == recipe.eval_data.path
     assert isinstance(quantize, QuantizeConfig)
     assert quantize.tolerance == 1.5 and quantize.calibration_method is CalibrationMethod.PERCENTILE
-    assert quantize.eval_data == recipe.eval_data and quantize.target == "cpu"
+    assert quantize.eval_data == recipe.eval_data.path and quantize.target == "cpu"
 
 
 def test_stage_options_override_the_defaults(project):

@@ -115,21 +115,26 @@ def test_force_reruns_everything(project):
     assert _statuses(result) == {"simplify": "done", "prune": "done", "quantize": "done"}
 
 
-def test_a_changed_output_file_is_rebuilt(project):
-    _run(project)
+def test_a_changed_output_file_is_restored_from_the_cache(project):
+    first = _run(project)
+    original = sha256(project / "run" / "02_prune.onnx")
     tampered = project / "run" / "02_prune.onnx"
     save(make_classifier(seed=5), tampered)
     result = _run(project)
-    assert _statuses(result) == {"simplify": "cached", "prune": "done", "quantize": "done"}
-    assert _manifest(project / "run")["stages"][1]["output"]["sha256"] == sha256(tampered)
+    # the run folder's copy is not trusted: the verified cache entry replaces it, and the keys are unchanged
+    assert _statuses(result) == {"simplify": "cached", "prune": "cached", "quantize": "cached"}
+    assert sha256(tampered) == original
+    assert _manifest(project / "run")["stages"][1]["output"]["sha256"] == original
+    assert [s.key for s in result.stages] == [s.key for s in first.stages]
 
 
-def test_a_deleted_output_file_is_rebuilt(project):
+def test_a_deleted_output_file_is_restored(project):
     _run(project)
     (project / "run" / "03_quantize.onnx").unlink()
     result = _run(project)
-    assert _statuses(result) == {"simplify": "cached", "prune": "cached", "quantize": "done"}
+    assert _statuses(result) == {"simplify": "cached", "prune": "cached", "quantize": "cached"}
     assert (project / "run" / "03_quantize.onnx").exists()
+    assert result.stages[2].cache.startswith("restored")
 
 
 def test_new_calibration_data_reruns_only_quantize(project):

@@ -1,0 +1,35 @@
+"""``export``: a framework source (file.py:callable, .pt, .pt2, .keras, builtin:NAME, or .onnx) to ONNX,
+parity-checked against the framework (see onnxforge.converters)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxforge.converters.config import ExportConfig
+from onnxforge.pipeline.registry import Artifact, Pass, Phase, StageContext, register
+
+
+@register
+class ExportPass(Pass):
+    name = "export"
+    config_cls = ExportConfig
+    description = "framework model to ONNX, parity checked"
+    consumes = (Artifact.SOURCE,)
+    phase = Phase.EXPORT
+    fills = {"input_shapes": "input_shapes", "dynamic_batch": "dynamic_batch"}
+
+    def run(self, config: ExportConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+        from onnxforge import converters
+
+        return converters.export(inputs[0], output, config)
+
+    def verified(self, result: Any) -> bool:
+        return result.verified or result.parity is None
+
+    @staticmethod
+    def summary(result: Mapping[str, Any]) -> str:
+        parity = result.get("parity") or {}
+        worst = max((o["max_abs_error"] for o in parity.get("outputs", [])), default=None)
+        return f"{result.get('exporter', '?')} exporter" + (f", parity max err {worst:.1e}" if worst is not None else "")

@@ -1,0 +1,30 @@
+"""``low_rank``: factor dense layers into two thinner ones by SVD (data-aware with calibration data)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxforge.pipeline.low_rank import LowRankConfig, low_rank
+from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
+
+
+@register
+class LowRankPass(Pass):
+    name = "low_rank"
+    config_cls = LowRankConfig
+    description = "factor MatMul/Gemm/1x1 Conv weights by SVD"
+    phase = Phase.STRUCTURE
+    fills = {"calibration_data": "calibration", "eval_data": "eval", "target": "target"}
+
+    @classmethod
+    def knobs(cls, target: str) -> tuple[Knob, ...]:
+        return (Knob("energy", KnobKind.FLOAT, low=0.8, high=0.99, step=0.01, help="singular-value energy kept"),)
+
+    def run(self, config: LowRankConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+        return low_rank(inputs[0], output, config)
+
+    @staticmethod
+    def summary(result: Mapping[str, Any]) -> str:
+        return f"{len(result.get('factored_layers', {}))} layers factored"

@@ -1,0 +1,34 @@
+"""``prune_channels``: structured channel pruning (really smaller, faster layers), repaired by least squares."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxforge.pipeline.prune_channels import ChannelPruneConfig, prune_channels
+from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
+
+
+@register
+class ChannelPrunePass(Pass):
+    name = "prune_channels"
+    config_cls = ChannelPruneConfig
+    description = "remove whole channels, refit the next layers by least squares"
+    phase = Phase.STRUCTURE
+    fills = {"calibration_data": "calibration", "eval_data": "eval", "target": "target"}
+
+    @classmethod
+    def knobs(cls, target: str) -> tuple[Knob, ...]:
+        return (
+            Knob("ratio", KnobKind.FLOAT, low=0.1, high=0.8, step=0.05, help="share of channels removed per group"),
+            Knob("importance", KnobKind.CHOICE, choices=("l2", "activation"), help="which channels go"),
+        )
+
+    def run(self, config: ChannelPruneConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+        return prune_channels(inputs[0], output, config)
+
+    @staticmethod
+    def summary(result: Mapping[str, Any]) -> str:
+        return (f"{result.get('ratio', 0):.0%} of channels removed, {result.get('macs_ratio') or 0:.1f}x fewer MACs"
+                + (", repaired" if result.get("repaired") else ""))

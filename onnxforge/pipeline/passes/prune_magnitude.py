@@ -1,0 +1,26 @@
+"""``prune``: magnitude sparsity (zeros in the weights: a smaller compressed file, the same dense speed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxforge.pipeline.prune_magnitude import MagnitudePruneConfig, prune_magnitude
+from onnxforge.pipeline.registry import Pass, Phase, StageContext, register
+
+
+@register
+class MagnitudePrunePass(Pass):
+    name = "prune"
+    config_cls = MagnitudePruneConfig
+    description = "zero the smallest weights (smaller compressed file, same speed)"
+    phase = Phase.SPARSITY
+    fills = {"eval_data": "eval", "target": "target"}
+
+    def run(self, config: MagnitudePruneConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+        return prune_magnitude(inputs[0], output, config)
+
+    @staticmethod
+    def summary(result: Mapping[str, Any]) -> str:
+        return f"sparsity {result.get('achieved_sparsity', 0):.0%} (asked {result.get('requested_sparsity', 0):.0%})"

@@ -1,0 +1,177 @@
+"""The pass registry: every stage kind is declared once, as a ``Pass`` subclass in ``pipeline/passes/``.
+
+A declaration says everything the rest of onnxforge needs, so recipes, the runner, the search, the
+CLI's run table and the report read it instead of keeping their own lists:
+
+- ``name`` — the recipe spelling (``prune_channels``) and the manifest's stage kind;
+- ``config_cls`` — the frozen keyword-only config dataclass (saved, hashed and cached by the codec);
+- ``consumes`` / ``produces`` — artifacts: an ONNX model, or a framework source (``file.py:callable``,
+  ``.pt``, ``.pt2``, ``.keras``, ``builtin:NAME``); a pass that consumes several takes several inputs;
+- ``phase`` — where it sits in a pipeline (structure before sparsity before precision), which is the
+  order the search composes passes in;
+- ``fills`` — config fields the recipe fills from its top level when the stage leaves them unset
+  (``eval_data`` from ``eval``, ``target`` from ``target``), and ``reads`` — recipe-level data the
+  pass reads outside its config (quantize reads ``calibration``): both are part of the cache key;
+- ``knobs(target)`` — what the search may vary, with ranges;
+- ``run(...)`` — the work: inputs in, the output file written, a result with ``to_json()`` back;
+- ``summary(result_json)`` — one phrase for the run table and the report.
+
+Adding a stage is one new file in ``pipeline/passes/``: it is imported (and so registered) the first
+time the registry is read.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from onnxforge.errors import CalibrationDataError
+
+__all__ = [
+    "Artifact",
+    "Phase",
+    "Knob",
+    "KnobKind",
+    "StageContext",
+    "Pass",
+    "register",
+    "get_pass",
+    "registered_passes",
+]
+
+
+class Artifact(enum.Enum):
+    ONNX = "onnx"
+    SOURCE = "source"  # a framework model the converters load (file.py:callable, .pt, .pt2, .keras, builtin:)
+
+
+class Phase(enum.IntEnum):
+    """Where a pass belongs in a pipeline; the search composes passes in this order."""
+
+    EXPORT = 0
+    GRAPH = 10  # simplification: same math, fewer nodes
+    STRUCTURE = 20  # channel pruning, low-rank: smaller layers
+    RECOVERY = 25  # distillation: retrain what structure removed
+    SPARSITY = 30  # magnitude pruning: zeros, same shapes
+    PRECISION = 40  # quantization, fp16
+    PACKAGING = 50  # merging pre/post-processing and ensembles
+
+
+class KnobKind(enum.Enum):
+    FLOAT = "float"
+    INT = "int"
+    CHOICE = "choice"
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One config field the search may vary: a range (FLOAT/INT, ``step`` optional) or ``choices``.
+
+    Choices are written as the codec spells them (``"qdq-u8s8-per-channel"``, ``"l2"``), so a trial's
+    parameters are plain data and decode into the config like a recipe's options.
+    """
+
+    field: str
+    kind: KnobKind
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind is KnobKind.CHOICE and not self.choices:
+            raise ValueError(f"knob {self.field}: a choice knob needs choices")
+        if self.kind is not KnobKind.CHOICE and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError(f"knob {self.field}: a range knob needs low <= high")
+
+
+@dataclass
+class StageContext:
+    """What a stage may read beyond its config and inputs: the recipe's target, data and shapes."""
+
+    target: str = "cpu"
+    calibration: Any = None  # DataSpec | None
+    eval_data: Any = None  # DataSpec | None
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    dynamic_batch: bool = False
+    progress: Callable[[str], None] = lambda message: None
+
+    def require_calibration(self, stage: str) -> Any:
+        if self.calibration is None:
+            raise CalibrationDataError(f"the {stage} stage needs calibration data", hint="set 'calibration' in the recipe")
+        return self.calibration
+
+    def value(self, item: str) -> Any:
+        """A recipe-level item by its recipe key (``calibration``, ``eval``, ``target``, ``input_shapes``, ...)."""
+        return {"eval": self.eval_data}.get(item, getattr(self, item, None))
+
+
+class Pass(abc.ABC):
+    """A stage kind. Subclasses set the class attributes and implement ``run`` and ``summary``."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    description: ClassVar[str] = ""
+    consumes: ClassVar[tuple[Artifact, ...]] = (Artifact.ONNX,)
+    produces: ClassVar[Artifact] = Artifact.ONNX
+    phase: ClassVar[Phase] = Phase.GRAPH
+    fills: ClassVar[Mapping[str, str]] = {}  # config field -> recipe key whose value fills it when unset
+    reads: ClassVar[tuple[str, ...]] = ()  # recipe keys read outside the config (part of the cache key)
+
+    @classmethod
+    def knobs(cls, target: str) -> tuple[Knob, ...]:
+        """What the search may vary on ``target`` (empty: the pass has nothing worth searching)."""
+        return ()
+
+    @abc.abstractmethod
+    def run(self, config: Any, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+        """Write ``output`` from ``inputs`` (paths or source specs) and return a result with ``to_json()``."""
+
+    def verified(self, result: Any) -> bool:
+        """Whether the output was checked against its input (an export whose parity failed is not)."""
+        return True
+
+    @staticmethod
+    def summary(result: Mapping[str, Any]) -> str:
+        """One phrase for the run table and the report, from the result's JSON."""
+        return ""
+
+
+_PASSES: dict[str, type[Pass]] = {}
+_LOADED = False
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: add a pass to the registry (a name may be registered once)."""
+    if cls.name in _PASSES and _PASSES[cls.name] is not cls:
+        raise ValueError(f"two passes are named {cls.name!r}: {_PASSES[cls.name].__module__} and {cls.__module__}")
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def _load_builtin_passes() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    from onnxforge.pipeline import passes
+
+    for module in pkgutil.iter_modules(passes.__path__):
+        importlib.import_module(f"{passes.__name__}.{module.name}")
+    _LOADED = True
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """Every registered pass by name, in pipeline order (phase, then name)."""
+    _load_builtin_passes()
+    return dict(sorted(_PASSES.items(), key=lambda kv: (kv[1].phase, kv[0])))
+
+
+def get_pass(name: str) -> type[Pass] | None:
+    return registered_passes().get(name)
