@@ -32,6 +32,8 @@ _API = {
     "load_recipe": ("onnxforge.pipeline.recipe", "load_recipe"),
     "run": ("onnxforge.pipeline.runner", "run_recipe"),
     "demo": ("onnxforge.demo", "demo"),
+    "optimize": ("onnxforge.pipeline.search", "optimize"),
+    "OptimizeConfig": ("onnxforge.pipeline.search", "OptimizeConfig"),
     "get_target": ("onnxforge.targets", "get_target"),
 }
 

@@ -84,6 +84,7 @@ class Knob:
     step: float | None = None
     choices: tuple[Any, ...] = ()
     help: str = ""
+    seed_every_choice: bool = False  # the search's seed trials try each choice alone (quantization schemes)
 
     def __post_init__(self) -> None:
         if self.kind is KnobKind.CHOICE and not self.choices:
@@ -129,6 +130,13 @@ class Pass(abc.ABC):
     def knobs(cls, target: str) -> tuple[Knob, ...]:
         """What the search may vary on ``target`` (empty: the pass has nothing worth searching)."""
         return ()
+
+    @classmethod
+    def search_defaults(cls, context: StageContext) -> dict[str, Any]:
+        """Config values (codec data) a search trial starts from before its knobs are applied: the
+        data the pass needs, and settings that make it do one measured thing (no internal back-off or
+        choice: the search measures the whole chain itself)."""
+        return {}
 
     @abc.abstractmethod
     def run(self, config: Any, inputs: Sequence[str], output: Path, context: StageContext) -> Any:

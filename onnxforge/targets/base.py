@@ -63,6 +63,9 @@ class Target:
     name: str = "base"
     providers: tuple[str, ...] = ()
     install_hint: str = ""
+    # Channel counts this target runs fastest in multiples of (CPU: onnxruntime's NCHWc blocks of 8;
+    # GPU tensor cores want 8 as well). Structured pruning rounds to it when a search drives it.
+    channel_multiple: int = 8
 
     def unavailable_reason(self) -> str | None:
         """None when usable here, else a one-line reason."""

@@ -22,6 +22,12 @@ class LowRankPass(Pass):
     def knobs(cls, target: str) -> tuple[Knob, ...]:
         return (Knob("energy", KnobKind.FLOAT, low=0.8, high=0.99, step=0.01, help="singular-value energy kept"),)
 
+    @classmethod
+    def search_defaults(cls, context: StageContext) -> dict[str, Any]:
+        spec = context.calibration
+        data = {"calibration_data": str(spec.path)} if spec is not None else {}
+        return {**data, "measure_latency": False, "target": context.target}
+
     def run(self, config: LowRankConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
         return low_rank(inputs[0], output, config)
 

@@ -24,7 +24,13 @@ class QuantizePass(Pass):
         from onnxforge.targets import get_target
 
         schemes = tuple([scheme_id(s)] for s in get_target(target).quant_candidates(None))
-        return (Knob("schemes", KnobKind.CHOICE, choices=schemes, help="the scheme measured"),)
+        return (Knob("schemes", KnobKind.CHOICE, choices=schemes, help="the scheme measured", seed_every_choice=True),)
+
+    @classmethod
+    def search_defaults(cls, context: StageContext) -> dict[str, Any]:
+        # One scheme per trial, no mixed precision, no gate of its own: the search scores the chain.
+        return {"target": context.target, "mixed_precision": False, "metric": "rel-error", "tolerance": 1e30,
+                "error_report": False, "latency_rounds": 3}
 
     def run(self, config: QuantizeConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
         return quantize(inputs[0], output, context.require_calibration(self.name).source(), config)

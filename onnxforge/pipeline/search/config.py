@@ -1,0 +1,110 @@
+"""What ``onnxforge optimize`` searches for: the budget, the objective, the strategy, where trials run.
+
+The same dataclass is built by the CLI flags, by a recipe's ``search:`` section and by
+``onnxforge.optimize(...)``; it goes through the config codec like every stage config.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from onnxforge.errors import UsageError
+from onnxforge.pipeline.data_spec import DataSpec
+from onnxforge.pipeline.evaluate import Metric
+
+__all__ = ["Objective", "Strategy", "OptimizeConfig", "config_from_recipe"]
+
+
+class Objective(enum.Enum):
+    LATENCY = "latency"  # the fastest model within the budget, timed on the target
+    SIZE = "size"  # the smallest file within the budget
+
+
+class Strategy(enum.Enum):
+    TPE = "tpe"  # Optuna's multi-objective TPE: good with a few dozen trials
+    NSGA2 = "nsga2"  # Optuna's NSGA-II: for larger budgets
+    RANDOM = "random"
+    GRID = "grid"  # every combination of the knobs' grid values (each range knob needs a step)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizeConfig:
+    """How to search.
+
+    calibration / eval_data: samples for the stages (repair, quantization) and for the fitness; eval
+      data with a ``label`` array gives accuracy, else agreement (classifiers) or cosine (embeddings).
+    metric / tolerance: the accuracy budget, as in quantize (``--max-drop PTS`` is accuracy with a
+      tolerance of PTS points).
+    objective: what "best" means among models within budget.
+    trials / time_budget_s: the search stops at whichever comes first (completed trials of an
+      earlier run in the same folder count).
+    passes: restrict the space to these registered passes (default: every pass with knobs).
+    space: pin knobs to listed values, ``{"prune_channels.ratio": [0.25, 0.5]}``.
+    batch / threads: the latency measurement's batch size and intra-op threads.
+    ray_address: run trials as Ray tasks (``local`` starts a private local instance; ``auto`` or
+      ``ray://host:port`` joins a cluster). Where trials run does not change what they compute.
+    min_speedup: stop early once a model within budget is at least this much faster.
+    """
+
+    calibration: DataSpec
+    eval_data: DataSpec
+    target: str = "cpu"
+    metric: Metric = Metric.AUTO
+    tolerance: float | None = None
+    objective: Objective = Objective.LATENCY
+    trials: int = 24
+    time_budget_s: float | None = None
+    strategy: Strategy = Strategy.TPE
+    seed: int = 0
+    passes: tuple[str, ...] | None = None
+    space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    batch: int = 1
+    threads: int = 1
+    latency_rounds: int = 20
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    dynamic_batch: bool = True
+    min_speedup: float | None = None
+    ray_address: str | None = field(default=None, metadata={"key": False})
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise UsageError(f"--trials {self.trials}: must be at least 1")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise UsageError(f"--time-budget {self.time_budget_s:g}s: must be positive")
+        if self.batch < 1 or self.threads < 1 or self.latency_rounds < 3:
+            raise UsageError("--batch and --threads must be at least 1, latency_rounds at least 3")
+        if self.min_speedup is not None and self.min_speedup <= 0:
+            raise UsageError("--min-speedup must be positive")
+        if self.tolerance is not None and self.tolerance < 0:
+            raise UsageError(f"--tolerance {self.tolerance}: must be >= 0")
+
+
+def config_from_recipe(recipe: Any, base: Any = None) -> OptimizeConfig:
+    """The ``search:`` section of a recipe as an OptimizeConfig; the recipe's top level gives the data,
+    the target and the input shapes (``search: {max_drop: 0.5, trials: 24}``; any OptimizeConfig field)."""
+    from onnxforge.errors import RecipeError
+    from onnxforge.pipeline import codec
+
+    if recipe.calibration is None or recipe.eval_data is None:
+        raise RecipeError("recipe: a search needs 'calibration' and 'eval' data")
+    values = dict(recipe.search or {})
+    if "max_drop" in values:
+        if "metric" in values or "tolerance" in values:
+            raise RecipeError("search: max_drop is the accuracy budget; it does not combine with metric/tolerance")
+        values["metric"], values["tolerance"] = "accuracy", values.pop("max_drop")
+    for key in ("calibration", "eval_data", "target"):
+        if key in values:
+            raise RecipeError(f"search.{key}: set it at the recipe's top level")
+    values.update(calibration=recipe.calibration, eval_data=recipe.eval_data, target=recipe.target)
+    decoded = {k: v for k, v in values.items() if k in ("calibration", "eval_data")}
+    rest = {k: v for k, v in values.items() if k not in decoded}
+    rest.setdefault("input_shapes", codec.encode(recipe.input_shapes))
+    rest.setdefault("dynamic_batch", recipe.dynamic_batch)
+    config = codec.decode_dataclass(OptimizeConfig, {**rest, "calibration": str(recipe.calibration.path),
+                                                      "eval_data": str(recipe.eval_data.path)}, "search", base)
+    import dataclasses
+
+    return dataclasses.replace(config, **decoded)

@@ -1,0 +1,205 @@
+"""One search trial, measured: build its chain through the registry and the stage cache, score the
+result on the eval data against the input model, and time it interleaved with the input model on the
+target.
+
+Fitness is measured, never estimated: quality is the metric on held-out data; latency is the ratio
+of the trial's p50 to the input model's p50 in the same interleaved run on the same machine (so a
+ratio from one Ray node compares with a ratio from another; absolute times would not). Parameter and
+MAC counts are recorded beside it and never used instead of it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxforge.errors import OnnxForgeError, QualityGateError
+from onnxforge.model_io import file_sha256, input_specs, load_model, model_file_size
+from onnxforge.pipeline import codec
+from onnxforge.pipeline.cache import StageCache
+from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
+from onnxforge.pipeline.data_spec import DataSpec
+from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
+from onnxforge.pipeline.recipe import StageSpec
+from onnxforge.pipeline.registry import StageContext, registered_passes
+from onnxforge.pipeline.runner import StageArtifact, run_stage
+from onnxforge.pipeline.search.space import TrialPlan
+from onnxforge.targets import get_target
+from onnxforge.targets.feeds import batch_from_samples
+from onnxforge.targets.latency import compare_latency
+
+__all__ = ["TrialContext", "build_trial", "measure_quality", "time_against_reference", "quality_loss"]
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs, picklable (it travels to Ray workers): paths, not loaded data."""
+
+    start_model: str  # the simplified input: every chain starts here
+    start_sha256: str
+    reference_model: str  # the input model: the quality reference and the latency baseline
+    calibration: DataSpec
+    eval_path: str
+    target: str
+    gate: QualityGate
+    reference_score: float
+    batch: int
+    threads: int
+    rounds: int
+    cache_root: str | None
+
+    def stage_context(self) -> StageContext:
+        return StageContext(target=self.target, calibration=self.calibration,
+                            eval_data=DataSpec(path=Path(self.eval_path)))
+
+
+def quality_loss(gate: QualityGate, value: float, reference: float) -> float:
+    """What the search minimizes for quality: accuracy points lost, points of disagreement, 1 - cosine,
+    or the relative error itself."""
+    if gate.metric is Metric.ACCURACY:
+        return (reference - value) * 100.0
+    if gate.metric is Metric.AGREEMENT:
+        return (1.0 - value) * 100.0
+    if gate.metric in (Metric.COSINE, Metric.MIN_COSINE):
+        return 1.0 - value
+    return value
+
+
+def stage_specs(plan: TrialPlan, context: StageContext) -> list[StageSpec]:
+    """The plan's chain as stage specs: each pass's search defaults, then the trial's knob values."""
+    registry = registered_passes()
+    specs = []
+    previous = "start"
+    for index, (name, knobs) in enumerate(plan.stages, start=1):
+        cls = registry[name]
+        values = {**cls.search_defaults(context), **knobs}
+        config = codec.decode(cls.config_cls, values, f"trial stage {name}")
+        stage_name = f"{index:02d}_{name}"
+        specs.append(StageSpec(name, config, stage_name, (previous,)))
+        previous = stage_name
+    return specs
+
+
+@dataclass
+class BuiltTrial:
+    path: Path  # the trial's final model (in ``work_dir``)
+    stages: list[dict[str, Any]]
+    seconds: float
+
+
+def build_trial(plan: TrialPlan, ctx: TrialContext, work_dir: Path) -> BuiltTrial:
+    """Run the plan's chain from the start model into ``work_dir``, reusing cached stages."""
+    start = time.perf_counter()
+    context = ctx.stage_context()
+    cache = StageCache(ctx.cache_root)
+    artifacts = {"start": StageArtifact(ctx.start_model, ctx.start_sha256)}
+    records = []
+    current = Path(ctx.start_model)
+    for spec in stage_specs(plan, context):
+        output = work_dir / f"{spec.name}.onnx"
+        try:
+            record = run_stage(spec, [artifacts[i] for i in spec.inputs], output, context, cache)
+        except QualityGateError as e:  # a stage's own gate: keep what it saved, the search scores it
+            if not e.best_path:
+                raise
+            record = e.record
+            artifacts[spec.name] = StageArtifact(e.best_path, file_sha256(e.best_path))
+            records.append({"kind": spec.kind, "status": record.status, "cache": record.cache,
+                            "seconds": round(record.seconds, 3), "config": record.config})
+            current = Path(e.best_path)
+            continue
+        artifacts[spec.name] = StageArtifact(str(output), record.output["sha256"])
+        records.append({"kind": spec.kind, "status": record.status, "cache": record.cache,
+                        "seconds": round(record.seconds, 3), "config": record.config, "summary": record.summary})
+        current = output
+    return BuiltTrial(current, records, time.perf_counter() - start)
+
+
+_EVAL: dict[tuple[str, str], tuple[SampleSet, list[np.ndarray], int]] = {}
+
+
+def _eval_data(ctx: TrialContext) -> tuple[SampleSet, list[np.ndarray], int]:
+    """Eval samples, the reference model's outputs on them and the batch, loaded once per process."""
+    key = (ctx.eval_path, ctx.reference_model)
+    if key not in _EVAL:
+        reference = load_model(ctx.reference_model)
+        specs = input_specs(reference)
+        samples = load_samples(Path(ctx.eval_path), specs)
+        batch = model_batch_size(specs, preferred=32)
+        outputs = run_outputs(get_target(ctx.target).session(ctx.reference_model), samples, batch)
+        _EVAL.clear()
+        _EVAL[key] = (samples, outputs, batch)
+    return _EVAL[key]
+
+
+def measure_quality(model: Path, ctx: TrialContext) -> float:
+    samples, reference, batch = _eval_data(ctx)
+    outputs = run_outputs(get_target(ctx.target).session(str(model)), samples, batch)
+    return score(ctx.gate.metric, outputs, reference, samples.labels)
+
+
+def latency_feeds(ctx: TrialContext) -> dict[str, np.ndarray]:
+    samples, _, _ = _eval_data(ctx)
+    specs = input_specs(load_model(ctx.reference_model))
+    return batch_from_samples(samples.inputs, model_batch_size(specs, preferred=ctx.batch))
+
+
+def time_against_reference(models: dict[str, bytes | str], reference: bytes | str, ctx: TrialContext,
+                           feeds: dict[str, np.ndarray], rounds: int | None = None) -> dict[str, dict[str, float]]:
+    """Time ``models`` interleaved with the reference on this machine; p50s and ratios to the reference."""
+    target = get_target(ctx.target)
+    sessions = {"__reference__": target.session(reference, threads=ctx.threads)}
+    for name, model in models.items():
+        sessions[name] = target.session(model, threads=ctx.threads)
+    timings = compare_latency(sessions, feeds, rounds=rounds or ctx.rounds)
+    base = timings["__reference__"].p50_ms
+    return {name: {"reference_ms": base, "model_ms": timings[name].p50_ms, "ratio": timings[name].p50_ms / base}
+            for name in models}
+
+
+def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *, timing: bool = True) -> dict[str, Any]:
+    """Build, score and (with ``timing``) time one trial; the final model is copied to ``keep``.
+
+    A trial that fails (a pass that cannot handle the graph, a scheme the target rejects) is returned
+    with ``status: failed`` and the reason: one trial never stops the search.
+    """
+    started = time.perf_counter()
+    record: dict[str, Any] = {"number": number, "plan": dict(plan.params), "describe": plan.describe(), "status": "ok"}
+    work = Path(tempfile.mkdtemp(prefix="onnxforge-trial-"))
+    try:
+        built = build_trial(plan, ctx, work)
+        record["stages"] = built.stages
+        value = measure_quality(built.path, ctx)
+        record.update(quality=value, loss=quality_loss(ctx.gate, value, ctx.reference_score),
+                      within_budget=bool(ctx.gate.passes(value, ctx.reference_score)))
+        record["bytes"] = model_file_size(built.path)
+        record["sha256"] = file_sha256(built.path)
+        try:
+            from onnxforge.pipeline.prune_channels import count_params_and_macs
+
+            record["params"], record["macs_estimate"] = count_params_and_macs(load_model(built.path))
+        except Exception:  # an estimate beside the measurement, never a reason to fail a trial
+            record["params"] = record["macs_estimate"] = None
+        if timing:
+            timed = time_against_reference({"trial": str(built.path)}, ctx.reference_model, ctx, latency_feeds(ctx))
+            record.update(timed["trial"])
+            record["speedup"] = 1.0 / record["ratio"]
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built.path, keep)
+        record["path"] = str(keep)
+    except OnnxForgeError as e:
+        record.update(status="failed", error=e.message)
+    except Exception as e:  # a bug in a pass on this graph: recorded with its type, the search goes on
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        record.update(status="failed", error=f"{type(e).__name__}: {str(e)[:200]} ({Path(last.filename).name}:{last.lineno})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    return record

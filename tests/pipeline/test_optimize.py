@@ -1,0 +1,250 @@
+"""``onnxforge optimize``: a search whose answer is known by construction, resume, failing trials,
+the Ray path against the local path, and the errors a user meets."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx.parser
+import pytest
+from conftest import random_images, run_model, save, write_npz
+
+from onnxforge.errors import InvalidModelError
+from onnxforge.pipeline.data_spec import DataSpec
+from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.search import Objective, OptimizeConfig, Strategy, optimize
+from onnxforge.pipeline.search.space import SearchSpace
+
+CHANNELS = 32
+ZERO = 16  # channels whose weights and bias are zero: removing them changes nothing
+
+
+def make_redundant_classifier(seed: int = 0) -> onnx.ModelProto:
+    """Conv(3->32) whose last 16 channels are all-zero + Relu + Flatten + Gemm: pruning half the channels
+    (the zero ones, lowest L2) is free; pruning three quarters removes real channels and changes answers."""
+    text = textwrap.dedent(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        redundant (float[N,3,8,8] x) => (float[N,5] logits) {{
+            conv = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, conv_w, conv_b)
+            act = Relu (conv)
+            flat = Flatten <axis = 1> (act)
+            logits = Gemm <transB = 1> (flat, fc_w, fc_b)
+        }}
+    """)
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(seed)
+    conv_w = rng.standard_normal((CHANNELS, 3, 3, 3)).astype(np.float32) * 0.3
+    conv_b = rng.standard_normal(CHANNELS).astype(np.float32) * 0.1
+    conv_w[CHANNELS - ZERO:] = 0.0
+    conv_b[CHANNELS - ZERO:] = 0.0
+    fc_w = rng.standard_normal((5, CHANNELS, 64)).astype(np.float32) * 0.1
+    fc_w[:, CHANNELS - ZERO:] = 0.0  # nothing reads the dead channels either
+    weights = {"conv_w": conv_w, "conv_b": conv_b, "fc_w": fc_w.reshape(5, CHANNELS * 64),
+               "fc_b": rng.standard_normal(5).astype(np.float32) * 0.1}
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in weights.items())
+    return model
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    model = make_redundant_classifier()
+    save(model, tmp_path / "model.onnx")
+    write_npz(tmp_path / "calib.npz", x=random_images(48, seed=1))
+    images = random_images(96, seed=2)
+    write_npz(tmp_path / "eval.npz", x=images, label=run_model(model, {"x": images})[0].argmax(1).astype(np.int64))
+    return tmp_path
+
+
+def _config(project: Path, **overrides) -> OptimizeConfig:
+    values = dict(
+        calibration=DataSpec(path=project / "calib.npz"), eval_data=DataSpec(path=project / "eval.npz"),
+        metric=Metric.ACCURACY, tolerance=0.0, objective=Objective.SIZE, strategy=Strategy.GRID,
+        passes=("prune_channels",), space={"prune_channels.ratio": (0.5, 0.75), "prune_channels.importance": ("l2",)},
+        trials=10, latency_rounds=3,
+    )
+    return OptimizeConfig(**{**values, **overrides})
+
+
+def _numbers(records):
+    return [(r["number"], r["describe"], r["status"]) for r in records]
+
+
+def test_the_known_answer_is_found(project):
+    result = optimize(project / "model.onnx", project / "run", _config(project))
+    by_ratio = {r["plan"].get("prune_channels.ratio"): r for r in result.trials}
+    assert set(by_ratio) == {None, 0.5, 0.75}  # the grid: the input alone, and each ratio
+    assert by_ratio[0.5]["quality"] == 1.0 and by_ratio[0.5]["within_budget"]
+    assert not by_ratio[0.75]["within_budget"]  # real channels removed: answers changed
+    assert result.best["plan"]["prune_channels.ratio"] == 0.5
+    assert result.best["bytes"] < by_ratio[None]["bytes"] / 1.8  # half the conv, half the Gemm
+    # the published files
+    run = project / "run"
+    best = onnx.load(str(run / "best.onnx"))
+    assert next(i for i in best.graph.initializer if "conv" in i.name).dims[0] == CHANNELS - ZERO
+    pareto = json.loads((run / "pareto.json").read_text())
+    assert pareto["best"]["number"] == result.best["number"]
+    assert {r["number"] for r in pareto["front"]} == {r["number"] for r in result.front}
+    for r in result.front:  # every front model is in RUN_DIR with a recipe that rebuilds it
+        assert (run / r["front_path"]).exists() and (run / r["recipe"]).exists()
+    assert "<svg" in (run / "report.html").read_text()
+
+
+def test_a_front_recipe_rebuilds_its_model(project):
+    from conftest import sha256
+
+    from onnxforge.pipeline.recipe import load_recipe
+    from onnxforge.pipeline.runner import run_recipe
+
+    result = optimize(project / "model.onnx", project / "run", _config(project))
+    rebuilt = run_recipe(load_recipe(project / "run" / "best.recipe.yaml"), project / "rebuilt", measure=False)
+    assert rebuilt.stages[-1].output["sha256"] == sha256(project / "run" / "best.onnx") == result.best["sha256"]
+
+
+def test_latency_objective_measures_speed_against_the_input(project):
+    result = optimize(project / "model.onnx", project / "run", _config(project, objective=Objective.LATENCY))
+    for r in result.trials:
+        assert r["reference_ms"] > 0 and r["model_ms"] > 0 and r["speedup"] == pytest.approx(1 / r["ratio"])
+    assert all("trial_ratio" in r for r in result.front)  # the front was re-timed together
+
+
+def test_resume_reuses_completed_trials_and_reruns_interrupted_ones(project):
+    finished = []
+
+    def interrupt_third_trial(event):
+        if "trial" in event:
+            finished.append(event["trial"])
+        if event.get("message", "").startswith("trial 2:"):
+            raise KeyboardInterrupt  # Ctrl-C while trial 2 is being built
+
+    with pytest.raises(KeyboardInterrupt):
+        optimize(project / "model.onnx", project / "run", _config(project), progress=interrupt_third_trial)
+    assert [r["number"] for r in finished] == [0, 1]
+    result = optimize(project / "model.onnx", project / "run", _config(project))
+    assert result.trials[:2] == [{**r, **{k: v for k, v in result.trials[i].items() if k not in r}}
+                                 for i, r in enumerate(finished)]  # the same records: not recomputed
+    assert [r["number"] for r in result.trials] == [0, 1, 3]  # 2 was interrupted; its plan ran again as 3
+    assert any("1 interrupted trials run again" in n for n in result.notes)
+    assert {r["plan"].get("prune_channels.ratio") for r in result.trials} == {None, 0.5, 0.75}
+
+
+def test_other_settings_on_the_same_folder_are_refused(project):
+    from onnxforge.errors import UsageError
+
+    optimize(project / "model.onnx", project / "run", _config(project))
+    with pytest.raises(UsageError, match="other settings"):
+        optimize(project / "model.onnx", project / "run", _config(project, tolerance=1.0))
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(project, monkeypatch):
+    from onnxforge.pipeline.passes.prune_channels import ChannelPrunePass
+
+    original = ChannelPrunePass.run
+
+    def flaky(self, config, inputs, output, context):
+        if config.ratio == 0.75:
+            raise InvalidModelError("this graph cannot lose three quarters of its channels")
+        return original(self, config, inputs, output, context)
+
+    monkeypatch.setattr(ChannelPrunePass, "run", flaky)
+    result = optimize(project / "model.onnx", project / "run", _config(project))
+    failed = [r for r in result.trials if r["status"] == "failed"]
+    assert len(failed) == 1 and "three quarters" in failed[0]["error"]
+    assert result.best["plan"]["prune_channels.ratio"] == 0.5
+    assert "three quarters" in (project / "run" / "report.html").read_text()
+
+
+def test_eval_data_without_labels_for_an_accuracy_budget(project, cli):
+    write_npz(project / "unlabelled.npz", x=random_images(16, seed=4))
+    code, _, err = cli("optimize", project / "model.onnx", "-o", project / "run", "--calibration", project / "calib.npz",
+                       "--eval", project / "unlabelled.npz", "--max-drop", "0.5")
+    assert code == 2 and "label" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--trials", "0"], "--trials"),
+    (["--time-budget", "soon"], "duration"),
+    (["--time-budget", "-5m"], "positive"),
+    (["--max-drop", "1", "--metric", "cosine"], "--max-drop"),
+    (["--space", "prune_channels.ratio"], "KNOB=V1"),
+    (["--space", "prune_channels.colour=1"], "unknown knob"),
+    (["--pass", "shrink"], "not a registered pass"),
+])
+def test_bad_budgets_and_spaces_are_clear_errors(project, cli, args, fragment):
+    code, _, err = cli("optimize", project / "model.onnx", "-o", project / "run", "--calibration",
+                       project / "calib.npz", "--eval", project / "eval.npz", *args)
+    assert code == 2, err
+    assert fragment in err and "Traceback" not in err
+    assert not (project / "run" / "best.onnx").exists()
+
+
+def test_an_unreachable_ray_address_is_exit_3(project, cli):
+    pytest.importorskip("ray")
+    code, _, err = cli("optimize", project / "model.onnx", "-o", project / "run", "--calibration",
+                       project / "calib.npz", "--eval", project / "eval.npz", "--ray-address", "127.0.0.1:9",
+                       "--pass", "prune_channels", "--trials", "1")
+    assert code == 3, err
+    assert err.count("error:") == 1 and "Ray" in err and "Traceback" not in err
+
+
+def test_the_ray_path_gives_the_same_front_as_the_local_path(project):
+    pytest.importorskip("ray")
+    local = optimize(project / "model.onnx", project / "local", _config(project))
+    distributed = optimize(project / "model.onnx", project / "ray", _config(project, ray_address="local"))
+    assert "Ray" in distributed.executor
+    key = lambda r: (r["describe"], r["sha256"], r["quality"], r["bytes"])  # noqa: E731
+    assert sorted(map(key, distributed.front)) == sorted(map(key, local.front))
+    assert distributed.best["sha256"] == local.best["sha256"]
+    assert all(r.get("timed_on") for r in distributed.trials if r["status"] == "ok")
+
+
+def test_the_space_comes_from_the_registry():
+    space = SearchSpace("cpu")
+    assert set(space.knobs) >= {"prune_channels", "low_rank", "quantize"}
+    phases = [p.name for p in sorted(space.phases)]
+    assert phases.index("STRUCTURE") < phases.index("PRECISION")
+    seeds = space.seeds()
+    schemes = {json.dumps(s["quantize.schemes"]) for s in seeds if s.get("precision") == "quantize"}
+    assert len(schemes) == len(space.knobs["quantize"][0].choices)  # every scheme alone is a seed
+    assert {"structure": "none", "precision": "none", **{}}.items() <= seeds[0].items()
+
+
+def test_report_scatter_renders_in_chromium(project, tmp_path):
+    from test_report import _chromium, _find_or_install_chromium
+
+    binary = _find_or_install_chromium()
+    if binary is None:
+        pytest.skip("headless Chromium is not available here")
+    optimize(project / "model.onnx", project / "run", _config(project))
+    page = project / "run" / "report.html"
+    dom = _chromium(binary, "--virtual-time-budget=2000", "--dump-dom", page.as_uri()).stdout
+    assert dom.count('class="point') >= 2  # every ok trial is a point
+    assert 'class="point best"' in dom and "front-line" in dom or 'class="point best"' in dom
+    shot = tmp_path / "report.png"
+    _chromium(binary, "--window-size=1200,1400", f"--screenshot={shot}", page.as_uri())
+    assert shot.exists() and shot.stat().st_size > 5000
+
+
+def test_a_recipe_search_section_is_the_same_search(project, cli):
+    (project / "search.yaml").write_text(textwrap.dedent("""
+        model: model.onnx
+        calibration: calib.npz
+        eval: eval.npz
+        search:
+          max_drop: 0.0
+          objective: size
+          strategy: grid
+          passes: [prune_channels]
+          space: {prune_channels.ratio: [0.5, 0.75], prune_channels.importance: [l2]}
+          latency_rounds: 3
+    """))
+    code, out, err = cli("optimize", project / "search.yaml", "-o", project / "from_recipe", "--json", "-")
+    assert code == 0, err
+    from_recipe = json.loads(out)
+    direct = optimize(project / "model.onnx", project / "direct", _config(project))
+    assert from_recipe["best"]["sha256"] == direct.best["sha256"]
+    assert from_recipe["best"]["plan"]["prune_channels.ratio"] == 0.5
