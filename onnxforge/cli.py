@@ -142,7 +142,7 @@ def _status(message: str, quiet: bool) -> Iterator[Callable[[str], None]]:
 
 
 def _memory_limit(text: str | None) -> int | None:
-    from onnxforge.pipeline.calibration_memory import parse_memory_size
+    from onnxforge.pipeline.quantize.calibration_memory import parse_memory_size
 
     return None if text is None else parse_memory_size(text)
 
