@@ -24,7 +24,12 @@ from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
 from onnxforge.pipeline.quantize.backends import error_line, quantize_candidate
 from onnxforge.pipeline.quantize.calibrate import CalibrationData
 from onnxforge.pipeline.quantize.config import CandidateResult, QuantizeConfig
-from onnxforge.pipeline.quantize.mixed_precision import MixedPrecisionSearch, node_groups, rank_nodes, search_float_nodes
+from onnxforge.pipeline.quantize.mixed_precision import (
+    MixedPrecisionSearch,
+    node_groups,
+    rank_nodes,
+    search_float_nodes,
+)
 from onnxforge.pipeline.quantize.quant_error import NodeError, measure_node_errors
 from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES, qdq_twin
 from onnxforge.targets import QuantFormat, QuantMethod, QuantScheme

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxforge.pipeline.prune.graph import layer_name
+
 __all__ = ["ChannelGroup", "ChannelGroups", "ParamSlice", "find_channel_groups"]
 
 _UNARY = {
@@ -100,10 +102,6 @@ class ChannelGroup:
             "blocked": self.blocked,
             "blocks": self.blocks,
         }
-
-
-def _node_name(node: ir.Node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else node.op_type) or node.op_type
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
@@ -196,7 +194,7 @@ class ChannelGroups:
             shape = _shape(value)
             channels = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
             source = "a graph input" if value.is_graph_input() else (
-                f"{value.producer().op_type} {_node_name(value.producer())}" if value.producer() else "a constant")
+                f"{value.producer().op_type} {layer_name(value.producer())}" if value.producer() else "a constant")
             gid = self._new(channels or 0, f"channels come from {source}")
             layout = _Layout(axis % len(shape) if shape else axis, 1, ((gid, channels or 0),))
             self.layouts[value] = layout
@@ -209,14 +207,14 @@ class ChannelGroups:
 
     def _producer(self, node: ir.Node, out: ir.Value, axis: int, channels: int) -> _Layout:
         gid = self._new(channels)
-        self._producers.setdefault(gid, []).append(_node_name(node))
+        self._producers.setdefault(gid, []).append(layer_name(node))
         layout = _Layout(axis, 1, ((gid, channels),))
         self.layouts[out] = layout
         return layout
 
     def _consumer(self, node: ir.Node, layout: _Layout) -> None:
         for gid, _ in layout.segments:
-            self._consumers.setdefault(self.find(gid), []).append(_node_name(node))
+            self._consumers.setdefault(self.find(gid), []).append(layer_name(node))
 
     def _block_inputs(self, node: ir.Node, reason: str) -> None:
         for value in node.inputs:
@@ -267,7 +265,7 @@ def _visit_conv(cg: ChannelGroups, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
     y = node.outputs[0]
-    name = _node_name(node)
+    name = layer_name(node)
     if w is None or w.const_value is None or (b is not None and b.const_value is None):
         cg.skipped[name] = "weights are not constant"
         cg._block_inputs(node, f"{node.op_type} {name} has non-constant weights")
@@ -324,7 +322,7 @@ def _visit_gemm(cg: ChannelGroups, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
     c = node.inputs[2] if len(node.inputs) > 2 else None
     y = node.outputs[0]
-    name = _node_name(node)
+    name = layer_name(node)
     if w is None or w.const_value is None or (c is not None and c.const_value is None) or _attr(node, "transA", 0):
         cg.skipped[name] = "non-constant weights or transA"
         cg._block_inputs(node, f"Gemm {name} has non-constant weights or transA")
@@ -349,7 +347,7 @@ def _visit_gemm(cg: ChannelGroups, node: ir.Node) -> None:
 def _visit_matmul(cg: ChannelGroups, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
     y = node.outputs[0]
-    name = _node_name(node)
+    name = layer_name(node)
     xs, ys = _shape(x), _shape(y)
     if w is None or w.const_value is None or len(w.const_value.shape) != 2 or xs is None or ys is None:
         cg.skipped[name] = "MatMul of two activations (or unknown shapes)"
@@ -366,7 +364,7 @@ def _visit_matmul(cg: ChannelGroups, node: ir.Node) -> None:
 def _visit_elementwise(cg: ChannelGroups, node: ir.Node) -> None:
     y = node.outputs[0]
     ys = _shape(y)
-    name = _node_name(node)
+    name = layer_name(node)
     inputs = [(i, v) for i, v in enumerate(node.inputs) if v is not None]
     dynamic = [(i, v) for i, v in inputs if v.const_value is None]
     with_layout = [(i, v) for i, v in dynamic if v in cg.layouts]
@@ -411,7 +409,7 @@ def _passthrough(cg: ChannelGroups, node: ir.Node, x: ir.Value, new_axis: int | 
 
 def _visit_node(cg: ChannelGroups, node: ir.Node) -> None:
     op = node.op_type
-    name = _node_name(node)
+    name = layer_name(node)
     inputs = [v for v in node.inputs if v is not None]
     channel_inputs = [v for v in inputs if v in cg.layouts]
     if node.domain not in ("", "ai.onnx"):
@@ -538,7 +536,7 @@ def _visit_concat(cg: ChannelGroups, node: ir.Node, axis: int) -> bool:
     for v in node.inputs:
         if v is None or v.const_value is not None:
             return False
-        layout = cg.layout_of(v, axis, f"Concat {_node_name(node)}")
+        layout = cg.layout_of(v, axis, f"Concat {layer_name(node)}")
         if layout is None:
             return False
         parts.append(layout)
@@ -558,11 +556,11 @@ def find_channel_groups(graph: ir.Graph, exclude: Iterable[str] = ()) -> Channel
     excluded = set(exclude)
     for node in graph:
         _visit_node(cg, node)
-        if _node_name(node) in excluded or node.name in excluded:
+        if layer_name(node) in excluded or node.name in excluded:
             for out in node.outputs:
                 if out in cg.layouts:
-                    cg._block(cg.layouts[out], f"{_node_name(node)} is excluded")
-            cg.skipped[_node_name(node)] = "excluded"
+                    cg._block(cg.layouts[out], f"{layer_name(node)} is excluded")
+            cg.skipped[layer_name(node)] = "excluded"
     for value in graph.outputs:
         if value in cg.layouts:
             cg._block(cg.layouts[value], f"reaches graph output {value.name}")
