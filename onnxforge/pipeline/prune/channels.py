@@ -1,6 +1,6 @@
 """Structured channel pruning on the ONNX graph: the plan, the rewrite and the stage.
 
-1. Groups: :func:`onnxforge.pipeline.prune.channel_groups.find_channel_groups` ties every tensor
+1. Groups: :func:`onnxforge.pipeline.prune.coupling.find_channel_groups` ties every tensor
    dimension that must shrink together (Conv outputs, the bias/BN/elementwise ops that follow, both
    branches of a residual Add, Concat offsets, depthwise Convs, Flatten/Reshape into Gemm, consumers'
    inputs, MatMul -> Add(bias) -> Erf-GELU -> MatMul in transformer FFNs, with channels on the last
@@ -40,7 +40,7 @@ from onnxforge.pipeline.calibration import SampleSet, load_samples
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
-from onnxforge.pipeline.prune.channel_groups import find_channel_groups
+from onnxforge.pipeline.prune.coupling import find_channel_groups
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     clear_inner_shapes,
