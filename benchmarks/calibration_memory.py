@@ -4,7 +4,7 @@ For each N (256, 1024, 4096) and each data source (one ``.npz``, loaded whole; a
 ``.npz`` files of 64 samples, streamed one file at a time), a fresh Python process loads the
 model, records its RSS, then calibrates (MinMax, batches of 16, the same reader and
 ``collect_ranges`` that ``onnxforge quantize`` uses) and records its peak RSS during calibration. The table also
-shows the ``--max-memory`` estimate (onnxforge.pipeline.calibration_memory) for the same run.
+shows the ``--max-memory`` estimate (onnxforge.pipeline.quantize.calibration_memory) for the same run.
 
 ``python -m benchmarks calibration_memory``; writes benchmarks/results/calibration_memory.json.
 """
@@ -27,7 +27,7 @@ import re
 from onnxruntime.quantization import CalibrationMethod
 from onnxforge.model_io import input_specs, load_model
 from onnxforge.pipeline.calibration import CalibrationReader, model_batch_size, open_calibration
-from onnxforge.pipeline.calibration_ranges import collect_ranges
+from onnxforge.pipeline.quantize.calibration_ranges import collect_ranges
 
 def status_kb(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read())[1])
@@ -55,7 +55,7 @@ def run(sample_counts: tuple[int, ...] = SAMPLE_COUNTS) -> dict:
     from benchmarks._common import markdown_table, peak_rss_mb, write_results
     from onnxforge.converters import ExportConfig, export
     from onnxforge.model_io import load_model
-    from onnxforge.pipeline.calibration_memory import BASELINE_BYTES, _npz_array_bytes, estimate_calibration_memory
+    from onnxforge.pipeline.quantize.calibration_memory import BASELINE_BYTES, _npz_array_bytes, estimate_calibration_memory
 
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-calib-mem-") as tmp:

@@ -24,9 +24,10 @@ def run(
     ratios: tuple[float, ...] = DEFAULT_RATIOS, threads: int | None = None, rounds: int = 30, int8_ratio: float | None = 0.5
 ) -> dict:
     from benchmarks._common import demo_model, markdown_table, write_results
+    from onnxforge.model_cost import count_params_and_macs
     from onnxforge.model_io import input_specs, load_model
     from onnxforge.pipeline.calibration import load_samples
-    from onnxforge.pipeline.prune_channels import ChannelPruneConfig, Repair, count_params_and_macs, prune_channels
+    from onnxforge.pipeline.prune.channels import ChannelPruneConfig, Repair, prune_channels
     from onnxforge.targets import CpuTarget
     from onnxforge.targets.feeds import batch_from_samples
     from onnxforge.targets.latency import compare_latency

@@ -174,16 +174,12 @@ def run(
     import onnx
 
     from benchmarks._common import markdown_table, write_results
+    from onnxforge.model_cost import count_params_and_macs
     from onnxforge.model_io import input_specs, load_model
     from onnxforge.pipeline.calibration import load_samples
-    from onnxforge.pipeline.low_rank import LowRankConfig, RankRule, factorize_model
-    from onnxforge.pipeline.prune_channels import (
-        ChannelPruneConfig,
-        Repair,
-        count_params_and_macs,
-        prune_model,
-        repair_model,
-    )
+    from onnxforge.pipeline.prune.channels import ChannelPruneConfig, Repair, prune_model
+    from onnxforge.pipeline.prune.low_rank import LowRankConfig, RankRule, factorize_model
+    from onnxforge.pipeline.prune.repair import repair_model
     from onnxforge.targets import CpuTarget
     from onnxforge.converters import ExportConfig, export
     from onnxforge.targets.latency import compare_latency

@@ -142,7 +142,7 @@ def _status(message: str, quiet: bool) -> Iterator[Callable[[str], None]]:
 
 
 def _memory_limit(text: str | None) -> int | None:
-    from onnxforge.pipeline.calibration_memory import parse_memory_size
+    from onnxforge.pipeline.quantize.calibration_memory import parse_memory_size
 
     return None if text is None else parse_memory_size(text)
 
@@ -382,7 +382,7 @@ def prune(model, output, prune_method, sparsity, ratio, calibration, importance,
     With --eval, the most-pruned model within tolerance is kept.
     """
     from onnxforge.pipeline.evaluate import Metric
-    from onnxforge.pipeline.prune_magnitude import MagnitudePruneConfig, Scope, prune_magnitude
+    from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig, Scope, prune_magnitude
 
     if prune_method == "channels":
         _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance, allocation, repair, exclude, eval_data,
@@ -414,7 +414,7 @@ def prune(model, output, prune_method, sparsity, ratio, calibration, importance,
 def _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, eval_data, metric, tolerance, json_path) -> None:
     """``prune --method low-rank``: parse into LowRankConfig, run, render."""
     from onnxforge.pipeline.evaluate import Metric
-    from onnxforge.pipeline.low_rank import LowRankConfig, RankRule, low_rank
+    from onnxforge.pipeline.prune.low_rank import LowRankConfig, RankRule, low_rank
 
     if sparsity is not None:
         raise UsageError("--sparsity applies to --method magnitude", hint="use --ratio for the fraction of rank to remove")
@@ -443,7 +443,7 @@ def _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance,
                         metric, tolerance, json_path) -> None:
     """``prune --method channels``: parse into ChannelPruneConfig, run, render."""
     from onnxforge.pipeline.evaluate import Metric
-    from onnxforge.pipeline.prune_channels import Allocation, ChannelPruneConfig, Importance, Repair, prune_channels
+    from onnxforge.pipeline.prune.channels import Allocation, ChannelPruneConfig, Importance, Repair, prune_channels
 
     if sparsity is not None:
         raise UsageError("--sparsity applies to --method magnitude", hint="use --ratio for the fraction of channels")

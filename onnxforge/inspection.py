@@ -7,9 +7,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
+from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import TensorSpec, default_opset, input_specs, load_model, model_file_size, output_specs
 
 __all__ = ["ModelInfo", "inspect_model"]
@@ -55,21 +55,6 @@ def _walk(graph: onnx.GraphProto, ops: Counter) -> None:
                     _walk(g, ops)
 
 
-def _parameter_count(graph: onnx.GraphProto) -> int:
-    """Elements in initializers and Constant nodes, subgraphs included (exporters such as spox keep
-    weights in Constants inside If branches)."""
-    total = sum(int(np.prod(init.dims)) for init in graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if node.op_type == "Constant" and attr.name == "value":
-                total += int(np.prod(attr.t.dims))
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                total += _parameter_count(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                total += sum(_parameter_count(g) for g in attr.graphs)
-    return total
-
-
 def inspect_model(path: str | os.PathLike) -> ModelInfo:
     model = load_model(path)
     ops: Counter = Counter()
@@ -84,6 +69,6 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
         producer=producer or "unknown",
         ops=dict(ops.most_common()),
         nodes=sum(ops.values()),
-        parameters=_parameter_count(model.graph),
+        parameters=count_parameters(model.graph),
         bytes=model_file_size(path),
     )

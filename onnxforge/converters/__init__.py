@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnxforge._atomic import atomic_write_text, check_output_path, paths_in
 from onnxforge.converters._parity_inputs import parity_feeds, sample_feeds
 from onnxforge.converters.config import Exporter, ExportConfig, ExportResult
-from onnxforge.converters.source import SourceKind, SourceModel, resolve_source
+from onnxforge.converters.source import SourceKind, SourceModel, parse_source, resolve_source
 from onnxforge.errors import ExportError, InvalidModelError, QualityGateError
 from onnxforge.model_io import default_opset, fits_in_protobuf, input_specs, load_model, output_specs, save_model
 from onnxforge.parity import OutputParity, ParityReport, compare_outputs
@@ -167,7 +167,8 @@ def export(source: str | os.PathLike, output: str | os.PathLike, config: ExportC
     QualityGateError (exit 4) when parity fails, leaving the file marked unverified.
     """
     src = resolve_source(source)
-    source_file = str(source).rpartition(":")[0] if ".py:" in str(source) else None
+    spec = parse_source(source)
+    source_file = spec.path if spec.callable is not None else None
     out = check_output_path(output, src.path, source_file, *paths_in(config))
     fallback = None
     examples = None

@@ -19,7 +19,7 @@ from typing import Any
 
 from onnxforge.errors import ExportError
 
-__all__ = ["SourceKind", "SourceModel", "resolve_source"]
+__all__ = ["SourceKind", "SourceModel", "SourceSpec", "parse_source", "resolve_source"]
 
 
 class SourceKind(enum.Enum):
@@ -39,11 +39,28 @@ class SourceModel:
     path: Path | None = None
 
 
-def _split_callable(source: str) -> tuple[Path, str] | None:
-    path_text, sep, attr = source.rpartition(":")
-    if sep and path_text.endswith(".py") and attr.isidentifier():
-        return Path(path_text), attr
-    return None
+@dataclass(frozen=True)
+class SourceSpec:
+    """A SOURCE as written: the file it reads and, for ``file.py:callable``, the callable that builds the model."""
+
+    path: Path
+    callable: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.path) if self.callable is None else f"{self.path}:{self.callable}"
+
+
+def parse_source(source: str | os.PathLike) -> SourceSpec:
+    """``file.py:callable`` -> SourceSpec(file.py, callable); any other SOURCE -> SourceSpec(its path).
+
+    The split is at the last ``:``, and only when what comes before it ends in ``.py``: other colons
+    (``builtin:NAME``, a drive letter) stay in the path. Whether the callable exists is not checked here.
+    """
+    text = str(source)
+    path_text, sep, name = text.rpartition(":")
+    if sep and path_text.endswith(".py"):
+        return SourceSpec(Path(path_text), name)
+    return SourceSpec(Path(text))
 
 
 def _call_factory(path: Path, attr: str) -> Any:
@@ -123,10 +140,9 @@ def resolve_source(source: str | Path) -> SourceModel:
     text = str(source)
     if text.startswith("builtin:"):
         return _builtin(text)
-    target = _split_callable(text)
-    if target is not None:
-        path, attr = target
-        return _classify(_call_factory(path, attr), f"{path}:{attr}")
+    spec = parse_source(text)
+    if spec.callable is not None and spec.callable.isidentifier():
+        return _classify(_call_factory(spec.path, spec.callable), str(spec))
     path = Path(text)
     suffix = path.suffix.lower()
     if suffix == ".py":

@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from onnxforge.converters.source import SourceSpec, parse_source
 from onnxforge.errors import RecipeError
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.data_spec import DataSpec
@@ -192,11 +193,11 @@ def _model_ref(model: Any, base: Path, source: str) -> str:
         raise RecipeError(f"{source}: 'model' must be a string")
     if model.startswith("builtin:"):
         return model
-    file_part = model.rpartition(":")[0] if model.rpartition(":")[0].endswith(".py") else model
-    resolved = Path(file_part) if os.path.isabs(file_part) else base / file_part
+    spec = parse_source(model)
+    resolved = spec.path if spec.path.is_absolute() else base / spec.path
     if not resolved.exists():
         raise RecipeError(f"{source}: model file {resolved} does not exist")
-    return str(resolved) + (model[len(file_part):] if file_part != model else "")
+    return str(SourceSpec(resolved, spec.callable))
 
 
 def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe:

@@ -26,7 +26,7 @@ from onnxforge.pipeline.calibration import (
     samples_from_iterable,
     stream_images,
 )
-from onnxforge.pipeline.calibration_ranges import collect_ranges
+from onnxforge.pipeline.quantize.calibration_ranges import collect_ranges
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.quantize import CalibrationMethod, QuantizeConfig, parse_scheme, quantize
 

@@ -13,7 +13,7 @@ from conftest import assert_numerically_equal, run_model, save
 from onnx_graphs import model_from_text
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.pipeline.calibration import SampleSet
-from onnxforge.pipeline.low_rank import LowRankConfig, RankRule, factorize_model, low_rank
+from onnxforge.pipeline.prune.low_rank import LowRankConfig, RankRule, factorize_model, low_rank
 
 
 def _model(body: str, weights: dict[str, np.ndarray], inputs: str, outputs: str) -> onnx.ModelProto:

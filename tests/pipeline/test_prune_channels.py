@@ -19,18 +19,18 @@ from conftest import assert_numerically_equal, run_model, save
 
 from onnx_graphs import model_from_text
 from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
+from onnxforge.model_cost import count_params_and_macs
 from onnxforge.pipeline.calibration import SampleSet
-from onnxforge.pipeline.prune_channels import (
+from onnxforge.pipeline.prune.channels import (
     Allocation,
     ChannelPruneConfig,
     Importance,
     Repair,
-    count_params_and_macs,
     prune_channels,
     prune_model,
-    repair_model,
     sensitivity_ratios,
 )
+from onnxforge.pipeline.prune.repair import repair_model
 
 IMAGE = "float[N,3,8,8] x"
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_numerically_equal, make_classifier, random_images, write_npz
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.pipeline.evaluate import Metric
-from onnxforge.pipeline.prune_magnitude import MagnitudePruneConfig, Scope, prune_magnitude, sparsify_model
+from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig, Scope, prune_magnitude, sparsify_model
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

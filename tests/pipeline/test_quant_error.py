@@ -14,8 +14,8 @@ from onnxruntime import quantization as ortq
 
 from onnxforge.pipeline.calibration import CalibrationReader, SampleSet
 from onnxforge.pipeline.evaluate import Metric
-from onnxforge.pipeline.quant_error import measure_node_errors
 from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize
+from onnxforge.pipeline.quantize.quant_error import measure_node_errors
 
 D = 16
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import assert_numerically_equal, random_images, run_model
 from onnxforge.errors import QualityGateError
-from onnxforge.pipeline import quantize as quantize_module
+from onnxforge.pipeline.quantize import select as quantize_module
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.quantize import QuantizeConfig, quantize
 from onnxforge.targets import ActivationType, QuantFormat, QuantScheme

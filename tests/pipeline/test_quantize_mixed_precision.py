@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.evaluate import Metric
-from onnxforge.pipeline.mixed_precision import node_groups, rank_nodes, search_float_nodes
-from onnxforge.pipeline.quant_error import NodeError
 from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize, scheme_id
+from onnxforge.pipeline.quantize.mixed_precision import node_groups, rank_nodes, search_float_nodes
+from onnxforge.pipeline.quantize.quant_error import NodeError
 from onnxforge.targets import ActivationType, QuantFormat, QuantScheme
 
 D, CLASSES = 16, 5

@@ -10,7 +10,7 @@ import pytest
 from onnxforge.errors import RecipeError
 from onnxforge.parity import Tolerance
 from onnxforge.pipeline.evaluate import Metric
-from onnxforge.pipeline.prune_magnitude import MagnitudePruneConfig, Scope
+from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig, Scope
 from onnxforge.pipeline.quantize import CalibrationMethod, QuantizeConfig
 from onnxforge.pipeline.recipe import config_from_mapping, load_recipe
 from onnxforge.pipeline.simplify import SimplifyConfig, SimplifyMethod

@@ -147,7 +147,7 @@ def test_non_key_fields_are_declared_and_saved():
 
 
 def test_fingerprint_hashes_data_by_content_not_by_path(tmp_path):
-    from onnxforge.pipeline.prune_channels import ChannelPruneConfig
+    from onnxforge.pipeline.prune.channels import ChannelPruneConfig
 
     a = _data_file(tmp_path, "a.npz", seed=1)
     (tmp_path / "moved").mkdir()

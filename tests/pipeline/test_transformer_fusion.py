@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from conftest import assert_numerically_equal
-from onnxforge.pipeline.transformer_fusion import fuse_transformer, looks_like_transformer
+from onnxforge.pipeline.quantize.transformer_fusion import fuse_transformer, looks_like_transformer
 
 H = 32
 

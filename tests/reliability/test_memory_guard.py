@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import make_classifier, random_images, save, write_npz  # noqa: E402
 from onnxforge.errors import UsageError  # noqa: E402
-from onnxforge.pipeline.calibration_memory import (  # noqa: E402
+from onnxforge.pipeline.quantize.calibration_memory import (  # noqa: E402
     BASELINE_BYTES,
     estimate_calibration_memory,
     parse_memory_size,

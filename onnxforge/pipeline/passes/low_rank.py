@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxforge.pipeline.low_rank import LowRankConfig, low_rank
+from onnxforge.pipeline.prune.low_rank import LowRankConfig, low_rank
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxforge.pipeline.prune_channels import ChannelPruneConfig, prune_channels
+from onnxforge.pipeline.prune.channels import ChannelPruneConfig, prune_channels
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 
 

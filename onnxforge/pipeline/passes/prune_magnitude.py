@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxforge.pipeline.prune_magnitude import MagnitudePruneConfig, prune_magnitude
+from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig, prune_magnitude
 from onnxforge.pipeline.registry import Pass, Phase, StageContext, register
 
 

@@ -12,15 +12,16 @@ r = max(1, round((1 - R) * min(K, N))). A layer is factored only when it pays in
 r (K + N) <= ``max_cost`` * K N (default 0.7). Supported: MatMul with a constant 2-D weight, Gemm
 (transA = 0), and 1x1 Conv (group 1). Whether the result is faster is measured, not assumed
 (``latency`` in the result: p50 ratio at batch 1 and 32, interleaved).
-Then, with evaluation data, the tolerance loop: keep more energy (e -> 1 - (1 - e)/2) or remove a
-smaller share (R -> 0.75 R) until the quality gate holds (QualityGateError, exit 4, when never).
+Then, with evaluation data, the tolerance loop (onnxforge.pipeline.prune.backoff): keep more energy
+(e -> 1 - (1 - e)/2) or remove a smaller share (R -> 0.75 R) until the quality gate holds
+(QualityGateError, exit 4, when never).
 """
 
 from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,14 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
-from onnxforge.errors import InvalidModelError, QualityGateError, UsageError
+from onnxforge.errors import QualityGateError, UsageError
+from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import input_specs, load_model, save_model
-from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
-from onnxforge.pipeline.evaluate import Metric, QualityBaseline, run_outputs, score
-from onnxforge.targets import get_target
-from onnxforge.targets.cpu import CpuTarget
+from onnxforge.pipeline.calibration import SampleSet, load_samples
+from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.prune.activations import batches_of_values
+from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
+from onnxforge.pipeline.prune.graph import checked_model, clear_inner_shapes, drop_unused_initializers, layer_name
 from onnxforge.targets.feeds import batch_from_samples
 from onnxforge.targets.latency import compare_latency
 
@@ -93,10 +96,6 @@ class LowRankResult:
         }
 
 
-def _name(node: ir.Node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else node.op_type)
-
-
 def _as_matrix(node: ir.Node) -> np.ndarray | None:
     """The layer's weight as K x N with y = x W, or None when the layer is not supported."""
     if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
@@ -125,12 +124,10 @@ def _rank(values: np.ndarray, config: LowRankConfig, shape: tuple[int, int]) -> 
 
 def _input_moments(model: onnx.ModelProto, nodes: list[ir.Node], samples: SampleSet) -> dict[str, np.ndarray]:
     """E[x x'] of each layer's input features (channels for a 1x1 Conv) over the calibration samples."""
-    from onnxforge.pipeline.prune_channels import _batches_of_values  # one runner of intermediate values
-
     names = list(dict.fromkeys(n.inputs[0].name for n in nodes))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for _, values in _batches_of_values(model, samples, names, 32):
+    for _, values in batches_of_values(model, samples, names, 32):
         for name in names:
             x = values[name].astype(np.float64)
             rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if x.ndim == 4 else x.reshape(-1, x.shape[-1])
@@ -167,7 +164,7 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 def _rewrite(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
     """Replace ``node`` (y = x W + bias) by x -> (x A) -> (. B + bias), keeping the output value."""
     x, y = node.inputs[0], node.outputs[0]
-    tag = _name(node)
+    tag = layer_name(node)
     if node.op_type == "Conv":
         attrs = [attr for key, attr in node.attributes.items() if key not in ("kernel_shape",)]
         first = ir.Node("", "Conv", [x, _const(graph, f"{tag}.lowrank_a", a.T[:, :, None, None])], attributes=attrs,
@@ -206,12 +203,12 @@ def factorize_model(
         w = _as_matrix(node)
         if w is None:
             if node.op_type != "Conv" and node.inputs[1] is not None and node.inputs[1].const_value is not None:
-                skipped[_name(node)] = "unsupported weight layout"
+                skipped[layer_name(node)] = "unsupported weight layout"
             continue
-        if _name(node) in config.exclude_nodes or node.name in config.exclude_nodes:
-            skipped[_name(node)] = "excluded"
+        if layer_name(node) in config.exclude_nodes or node.name in config.exclude_nodes:
+            skipped[layer_name(node)] = "excluded"
         elif w.size < config.min_params:
-            skipped[_name(node)] = f"only {w.size} weights"
+            skipped[layer_name(node)] = f"only {w.size} weights"
         else:
             candidates.append((node, w))
     moments = {}
@@ -223,29 +220,14 @@ def factorize_model(
         k, n = w.shape
         r = a.shape[1]
         if r * (k + n) > config.max_cost * k * n:
-            skipped[_name(node)] = f"rank {r} of {min(k, n)} does not pay (cost {r * (k + n) / (k * n):.2f} of dense)"
+            cost = r * (k + n) / (k * n)
+            skipped[layer_name(node)] = f"rank {r} of {min(k, n)} does not pay (cost {cost:.2f} of dense)"
             continue
-        factored[_name(node)] = {"shape": [k, n], "rank": r, "energy": round(kept, 6)}
+        factored[layer_name(node)] = {"shape": [k, n], "rank": r, "energy": round(kept, 6)}
         _rewrite(graph, node, a, b)
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-            del graph.initializers[name]  # the dense weights that were factored
-    for node in graph:
-        for out in node.outputs:
-            if not out.is_graph_output():
-                out.shape = None
-    proto = ir.to_proto(model_ir)
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-        onnx.checker.check_model(proto, full_check=True)
-        CpuTarget().session(proto.SerializeToString())
-    except Exception as e:
-        raise InvalidModelError(f"low-rank: the factored model is invalid: {e}") from e
-    return proto, factored, skipped
-
-
-def _params(model: onnx.ModelProto) -> int:
-    return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer))
+    drop_unused_initializers(graph)  # the dense weights that were factored
+    clear_inner_shapes(graph)
+    return checked_model(model_ir, "low-rank: the factored model is invalid"), factored, skipped
 
 
 def low_rank(
@@ -254,50 +236,43 @@ def low_rank(
     """Factor ``input_path``'s dense layers into ``output``; measures params, latency and (with eval) quality."""
     out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
-    specs = input_specs(model)
     calibration = None
     if config.calibration_data is not None:
-        calibration = load_samples(config.calibration_data, specs).take(slice(0, config.calibration_samples))
-    target = get_target(config.target)
-    batch = model_batch_size(specs, preferred=32)
-    samples = gate = reference = fp_score = None
-    if config.eval_data is not None:
-        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance, target)
-        samples, reference, gate, fp_score = baseline.samples, baseline.reference, baseline.gate, baseline.score
+        calibration = load_samples(config.calibration_data, input_specs(model))
+        calibration = calibration.take(slice(0, config.calibration_samples))
+    check = QualityCheck.measure(model, config)
+    target = check.target
     tried: list[dict] = []
-    attempt = config
-    best = None
-    while True:
-        candidate, factored, skipped = factorize_model(model, attempt, calibration)
-        value = None
-        if samples is not None:
-            value = score(gate.metric, run_outputs(target.session(candidate.SerializeToString()), samples, batch),
-                          reference, samples.labels)
-        passes = samples is None or gate.passes(value, fp_score)
+
+    def attempt(attempt_config: LowRankConfig) -> tuple[tuple, bool]:
+        candidate, factored, skipped = factorize_model(model, attempt_config, calibration)
+        value = check.score(candidate)
+        passes = check.passes(value)
         tried.append(
-            {"energy": attempt.energy, "ratio": attempt.ratio, "layers": len(factored), "score": value,
+            {"energy": attempt_config.energy, "ratio": attempt_config.ratio, "layers": len(factored), "score": value,
              "passes": passes}
         )
-        if best is None or passes:
-            best = (candidate, factored, skipped, value)
-        if passes or not factored:
-            break
-        if attempt.rule is RankRule.ENERGY:
-            if attempt.energy > 0.9999:
-                break
-            attempt = LowRankConfig(**{**attempt.__dict__, "energy": 1.0 - (1.0 - attempt.energy) / 2.0})
-        else:
-            if attempt.ratio * 0.75 < 0.05:
-                break
-            attempt = LowRankConfig(**{**attempt.__dict__, "ratio": attempt.ratio * 0.75})
-    candidate, factored, skipped, value = best
-    passed = samples is None or gate.passes(value, fp_score)
+        return (candidate, factored, skipped, value), passes
+
+    def lower(attempt_config: LowRankConfig, outcome: tuple) -> LowRankConfig | None:
+        if not outcome[1]:
+            return None  # nothing was factored: keeping more cannot help
+        if attempt_config.rule is RankRule.ENERGY:
+            if attempt_config.energy > 0.9999:
+                return None
+            return replace(attempt_config, energy=1.0 - (1.0 - attempt_config.energy) / 2.0)
+        ratio = shrink(attempt_config.ratio)
+        return None if ratio is None else replace(attempt_config, ratio=ratio)
+
+    kept = back_off(config, attempt, lower)
+    candidate, factored, skipped, value = kept.outcome
+    passed = kept.passed
     if not passed:
-        candidate, factored, value = model, {}, fp_score
+        candidate, factored, value = model, {}, check.reference_score
     save_model(candidate, out)
     speedup = {}
     if config.measure_latency and factored:
-        sources = samples or calibration
+        sources = check.samples or calibration
         for b in (1, 32):
             feeds = batch_from_samples(sources.inputs, b) if sources is not None else None
             if feeds is None:
@@ -306,13 +281,14 @@ def low_rank(
                                      "factored": target.session(candidate.SerializeToString())}, feeds, rounds=10)
             speedup[f"b{b}"] = stats["input"].p50_ms / stats["factored"].p50_ms
     result = LowRankResult(
-        path=out, factored_layers=factored, skipped_layers=skipped, params_before=_params(model),
-        params_after=_params(candidate), latency_speedup=speedup, score_before=fp_score, score_after=value,
-        gate=gate.describe() if gate else None, tried=tried,
+        path=out, factored_layers=factored, skipped_layers=skipped,
+        params_before=count_parameters(model.graph, initializers_only=True),
+        params_after=count_parameters(candidate.graph, initializers_only=True), latency_speedup=speedup,
+        score_before=check.reference_score, score_after=value, gate=check.describe(), tried=tried,
     )
     if not passed:
         raise QualityGateError(
-            f"no factorization meets the tolerance ({gate.describe()}); the input model is saved at {out}",
+            f"no factorization meets the tolerance ({check.describe()}); the input model is saved at {out}",
             hint="loosen --tolerance, or pass --calibration for the data-aware factorization",
             best_path=str(out),
         )

@@ -1,7 +1,7 @@
 """Accuracy-aware mixed precision: return the most sensitive quantized nodes to float until the
 quality gate holds.
 
-Rule. Nodes are ranked by local SQNR (onnxforge.pipeline.quant_error: the error a node's own
+Rule. Nodes are ranked by local SQNR (quant_error, beside this module: the error a node's own
 quantization adds, measured on calibration samples), worst first; ties keep graph order, so
 the order is deterministic. Returning a node to float means its quantized activation inputs
 must be float too: onnxruntime's QDQ quantizer rewires *every* consumer of a quantized tensor
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxforge.pipeline.quant_error import NodeError
+from onnxforge.pipeline.quantize.quant_error import NodeError
 
 __all__ = ["MixedPrecisionStep", "MixedPrecisionSearch", "rank_nodes", "node_groups", "search_float_nodes"]
 

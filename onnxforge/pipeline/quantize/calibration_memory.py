@@ -1,7 +1,7 @@
 """How much memory calibration needs, estimated before it starts, so that ``--max-memory`` can
 refuse with a clear error instead of the run being OOM-killed.
 
-The estimate adds what calibration holds at its peak (onnxforge.pipeline.calibration_ranges
+The estimate adds what calibration holds at its peak (calibration_ranges, beside this module,
 feeds one batch at a time):
 
 - the samples in memory: an ``.npz`` is loaded whole; a folder is streamed, so only its largest

@@ -6,7 +6,8 @@ normalization parameters and layers with fewer than ``min_params`` weights are l
 
 Dense kernels gain no speed from zeros: what sparsity buys is a smaller compressed file (we
 report the gzip size) and, on sparse-aware runtimes, speed. With evaluation data, a tolerance
-loop lowers the sparsity until the quality gate holds, keeping the sparsest model that passes.
+loop (onnxforge.pipeline.prune.backoff) lowers the sparsity until the quality gate holds, keeping
+the sparsest model that passes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import enum
 import gzip
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,10 @@ import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
-from onnxforge.model_io import input_specs, load_model, save_model
-from onnxforge.pipeline.calibration import model_batch_size
-from onnxforge.pipeline.evaluate import Metric, QualityBaseline, run_outputs, score
-from onnxforge.targets import get_target
+from onnxforge.model_io import load_model, save_model
+from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
+from onnxforge.pipeline.prune.graph import layer_name
 
 __all__ = ["Scope", "MagnitudePruneConfig", "MagnitudePruneResult", "prune_magnitude", "sparsify_model"]
 
@@ -94,7 +95,7 @@ def _eligible_weights(graph: ir.Graph, config: MagnitudePruneConfig) -> tuple[li
         if index is None or node.domain not in ("", "ai.onnx") or len(node.inputs) <= index:
             continue
         weight = node.inputs[index]
-        name = node.name or (node.outputs[0].name if node.outputs else node.op_type)
+        name = layer_name(node)
         if weight is None or weight.const_value is None:
             continue  # activations (MatMul of two tensors) are not weights
         if node.name in config.exclude_nodes:
@@ -143,37 +144,28 @@ def prune_magnitude(
     out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
     before = model.SerializeToString()
-    target = get_target(config.target)
-    batch = model_batch_size(input_specs(model), preferred=32)
-    samples = gate = reference = fp_score = None
-    if config.eval_data is not None:
-        baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance, target)
-        samples, reference, gate, fp_score = baseline.samples, baseline.reference, baseline.gate, baseline.score
-
+    check = QualityCheck.measure(model, config)
     tried: list[dict] = []
-    best = None
-    sparsity = config.sparsity
-    # Try the requested sparsity, then back off geometrically (x0.75) until the gate holds.
-    while True:
-        candidate_config = MagnitudePruneConfig(**{**config.__dict__, "sparsity": sparsity})
-        pruned, achieved, layers, skipped = sparsify_model(model, candidate_config)
+
+    def attempt(sparsity: float) -> tuple[tuple, bool]:
+        pruned, achieved, layers, skipped = sparsify_model(model, replace(config, sparsity=sparsity))
         serialized = pruned.SerializeToString()
         entry = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
-        value = None
-        if samples is not None:
-            value = score(gate.metric, run_outputs(target.session(serialized), samples, batch), reference, samples.labels)
+        value = check.score(serialized)
+        passes = check.passes(value)
+        if check.baseline is not None:
             entry["score"] = value
-            entry["passes"] = gate.passes(value, fp_score)
+            entry["passes"] = passes
         tried.append(entry)
-        if best is None or (samples is not None and gate.passes(value, fp_score)):
-            best = (pruned, achieved, layers, skipped, serialized, value)
-        if samples is None or gate.passes(value, fp_score) or sparsity < 0.05:
-            break
-        sparsity *= 0.75
-    pruned, achieved, layers, skipped, serialized, value = best
-    passed = samples is None or gate.passes(value, fp_score)
+        return (pruned, achieved, layers, skipped, serialized, value), passes
+
+    # Try the requested sparsity, then back off geometrically (x0.75) until the gate holds; the 5% floor
+    # applies to the sparsity just tried (a channel ratio stops one step earlier, before going under it).
+    kept = back_off(config.sparsity, attempt, lambda sparsity, _: None if sparsity < 0.05 else sparsity * 0.75)
+    pruned, achieved, layers, skipped, serialized, value = kept.outcome
+    passed = kept.passed
     if not passed:
-        pruned, achieved, value = model, 0.0, fp_score
+        pruned, achieved, value = model, 0.0, check.reference_score
         serialized = before
     save_model(pruned, out)
     result = MagnitudePruneResult(
@@ -185,14 +177,14 @@ def prune_magnitude(
         bytes=len(serialized),
         gzip_bytes_before=_gzip_size(before),
         gzip_bytes_after=_gzip_size(serialized),
-        score_before=fp_score,
+        score_before=check.reference_score,
         score_after=value,
-        gate=gate.describe() if gate else None,
+        gate=check.describe(),
         tried=tried,
     )
     if not passed:
         raise QualityGateError(
-            f"no sparsity down to {sparsity:.3f} meets the tolerance ({gate.describe()}); "
+            f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}); "
             f"the unpruned model is saved at {out}",
             hint="loosen --tolerance, or exclude sensitive layers with --exclude",
             best_path=str(out),

@@ -1,0 +1,47 @@
+"""Any supported calibration source opened as samples: a SampleSet, a StreamedSamples, an ImageFolder,
+an ``.npz``/``.npy`` path, a folder of those or of images, or a Python iterable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxforge.errors import CalibrationDataError
+from onnxforge.model_io import TensorSpec
+from onnxforge.pipeline.calibration.files import array_files, load_samples, stream_folder
+from onnxforge.pipeline.calibration.images import ImageFolder, image_files, stream_images
+from onnxforge.pipeline.calibration.iterables import samples_from_iterable
+from onnxforge.pipeline.calibration.samples import SampleSet, StreamedSamples
+
+__all__ = ["open_calibration"]
+
+
+def open_calibration(
+    calibration: Any, specs: Sequence[TensorSpec], *, limit: int
+) -> SampleSet | StreamedSamples:
+    """Any supported source as a SampleSet (in memory) or StreamedSamples (read as iterated).
+
+    ``limit`` bounds what is read from a Python iterable (which may be endless); file sources
+    are counted, then read lazily, so callers slice them to what they need.
+    """
+    if isinstance(calibration, (SampleSet, StreamedSamples)):
+        return calibration
+    if isinstance(calibration, ImageFolder):
+        return stream_images(calibration, specs)
+    if isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration)
+        if path.is_dir():
+            if array_files(path):
+                return stream_folder(path, specs)
+            if image_files(path):
+                return stream_images(ImageFolder(path), specs)
+            raise CalibrationDataError(f"{path}: folder holds no .npz, .npy or image files")
+        return load_samples(path, specs, allow_ragged=True)
+    if isinstance(calibration, (bytes, bytearray)) or not isinstance(calibration, Iterable):
+        raise CalibrationDataError(
+            f"calibration data of type {type(calibration).__name__} is not supported",
+            hint="give an .npz path, a folder, an ImageFolder, or an iterable of samples",
+        )
+    return samples_from_iterable(calibration, specs, limit=limit)

@@ -1,0 +1,399 @@
+"""Structured channel pruning on the ONNX graph: the plan, the rewrite and the stage.
+
+1. Groups: :func:`onnxforge.pipeline.prune.coupling.find_channel_groups` ties every tensor
+   dimension that must shrink together (Conv outputs, the bias/BN/elementwise ops that follow, both
+   branches of a residual Add, Concat offsets, depthwise Convs, Flatten/Reshape into Gemm, consumers'
+   inputs, MatMul -> Add(bias) -> Erf-GELU -> MatMul in transformer FFNs, with channels on the last
+   axis). A group that passes through a grouped Conv (group G) keeps the same number of channels in
+   each of its G blocks, so the Conv keeps ``group = G`` (its weight's input axis is cut block by block).
+2. Importance of each channel: ``l1``, ``l2`` or ``activation`` (onnxforge.pipeline.prune.importance).
+3. Ratio R: each prunable group of C channels keeps the max(1, C - round(R_g*C)) most important ones
+   (rounded to a multiple of ``round_to``), with R_g = R (``uniform``) or, with ``sensitivity``, R_g
+   ~ s_g^-1/2 from a scan (s_g = output error when group g alone is pruned at R), scaled so the
+   total share removed stays R; the rewrite slices every coupled constant,
+   rewrites depthwise ``group`` attributes and Reshape shape literals, drops stale shapes and checks
+   the result (onnx.checker + shape inference + an onnxruntime session).
+4. Repair: the layers whose inputs shrank are refit by least squares on calibration data
+   (onnxforge.pipeline.prune.repair).
+
+Then, with evaluation data, the tolerance loop (onnxforge.pipeline.prune.backoff): try R, back off
+x0.75 until the quality gate holds, keep the most-pruned model that passes (QualityGateError, exit 4,
+when none does).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxforge._atomic import check_output_path, paths_in
+from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
+from onnxforge.model_cost import count_params_and_macs
+from onnxforge.model_io import input_specs, load_model, save_model
+from onnxforge.pipeline.calibration import SampleSet, load_samples
+from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.prune.activations import batches_of_values
+from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
+from onnxforge.pipeline.prune.coupling import find_channel_groups
+from onnxforge.pipeline.prune.graph import (
+    checked_model,
+    clear_inner_shapes,
+    drop_unused_initializers,
+    new_initializer,
+    prepared,
+)
+from onnxforge.pipeline.prune.importance import Importance, activation_means, channel_importance
+from onnxforge.pipeline.prune.repair import repair_model
+
+__all__ = [
+    "Importance",
+    "Allocation",
+    "Repair",
+    "ChannelPruneConfig",
+    "ChannelPruneResult",
+    "PrunedModel",
+    "prune_channels",
+    "prune_model",
+    "sensitivity_ratios",
+]
+
+
+class Allocation(enum.Enum):
+    UNIFORM = "uniform"  # every group loses the same share of its channels
+    SENSITIVITY = "sensitivity"  # groups whose pruning hurts less lose more (scan on calibration data)
+
+
+class Repair(enum.Enum):
+    AUTO = "auto"  # least squares when calibration data is given, else none
+    LEAST_SQUARES = "least-squares"
+    NONE = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelPruneConfig:
+    ratio: float = 0.5
+    importance: Importance = Importance.L2
+    allocation: Allocation = Allocation.UNIFORM
+    repair: Repair = Repair.AUTO
+    calibration_data: Path | None = None
+    calibration_samples: int = 256
+    positions: int = 64  # im2col rows sampled per calibration sample for the repair
+    ridge: float = 1e-3
+    round_to: int = 1
+    exclude_nodes: tuple[str, ...] = ()
+    eval_data: Path | None = None
+    metric: Metric = Metric.AUTO
+    tolerance: float | None = None
+    target: str = "cpu"  # where the quality gate runs
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise UsageError(f"--ratio {self.ratio}: must be in (0, 1), the fraction of channels to remove")
+        if self.round_to < 1 or self.calibration_samples < 1 or self.positions < 1:
+            raise UsageError("round_to, calibration_samples and positions must be at least 1")
+        if self.ridge < 0:
+            raise UsageError(f"ridge {self.ridge}: must be >= 0")
+        if self.repair is Repair.LEAST_SQUARES and self.calibration_data is None:
+            raise CalibrationDataError(
+                "least-squares repair needs calibration data", hint="pass --calibration DATA.npz, or --repair none"
+            )
+        if self.allocation is Allocation.SENSITIVITY and self.calibration_data is None:
+            raise CalibrationDataError(
+                "the sensitivity scan needs calibration data", hint="pass --calibration DATA.npz, or --allocation uniform"
+            )
+        if self.importance is Importance.ACTIVATION and self.calibration_data is None:
+            raise CalibrationDataError(
+                "activation importance needs calibration data", hint="pass --calibration DATA.npz, or use l2"
+            )
+
+    @property
+    def repairs(self) -> bool:
+        return self.repair is not Repair.NONE and self.calibration_data is not None
+
+
+
+@dataclass
+class PrunedModel:
+    """A pruned model (not yet repaired) and what was done to it."""
+
+    model: onnx.ModelProto
+    groups: list[dict]
+    pruned_layers: dict[str, str]  # producer layer -> "C -> C'"
+    skipped_layers: dict[str, str]  # layer -> reason
+    repair_layers: list[str]  # output names of layers whose input channels shrank, in graph order
+    kept_outputs: dict[str, np.ndarray]  # value name -> kept channel positions (pruned values only)
+
+
+@dataclass
+class ChannelPruneResult:
+    path: Path | None
+    ratio: float
+    groups: list[dict]
+    pruned_layers: dict[str, str]
+    skipped_layers: dict[str, str]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    repaired: bool
+    repair_errors: dict[str, dict] = field(default_factory=dict)
+    score_before: float | None = None
+    score_without_repair: float | None = None
+    score_after: float | None = None
+    gate: str | None = None
+    tried: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "ratio": self.ratio,
+            "groups": self.groups,
+            "pruned_layers": self.pruned_layers,
+            "skipped_layers": self.skipped_layers,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "macs_ratio": self.macs_before / self.macs_after if self.macs_after else None,
+            "repaired": self.repaired,
+            "repair_errors": self.repair_errors,
+            "score_before": self.score_before,
+            "score_without_repair": self.score_without_repair,
+            "score_after": self.score_after,
+            "gate": self.gate,
+            "tried": self.tried,
+        }
+
+
+def _grouped_input_cut(weight: np.ndarray, groups: int, kept: np.ndarray) -> np.ndarray:
+    """A grouped Conv weight [Cout, Cin/G, ...] keeping input channels ``kept`` (equal count per block)."""
+    per_block = weight.shape[1]
+    out_per_block = weight.shape[0] // groups
+    parts = []
+    for g in range(groups):
+        inside = kept[(kept >= g * per_block) & (kept < (g + 1) * per_block)] - g * per_block
+        parts.append(np.take(weight[g * out_per_block : (g + 1) * out_per_block], inside, axis=1))
+    return np.concatenate(parts, axis=0)
+
+
+def _keep_count(channels: int, ratio: float, round_to: int) -> int:
+    keep = max(1, channels - int(round(ratio * channels)))
+    if round_to > 1:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+    return min(keep, channels)
+
+
+def prune_model(
+    model: onnx.ModelProto,
+    config: ChannelPruneConfig,
+    calibration: SampleSet | None = None,
+    group_ratios: dict[int, float] | None = None,
+) -> PrunedModel:
+    """Remove ``config.ratio`` of the channels of every prunable group (no repair). Input is not modified.
+
+    ``group_ratios`` (ChannelGroup.id -> ratio, ids as listed in ``PrunedModel.groups``) overrides the
+    uniform ratio; a group it does not name keeps all its channels.
+    """
+    model_ir = prepared(model)
+    graph = model_ir.graph
+    cg = find_channel_groups(graph, config.exclude_nodes)
+    groups = cg.groups()
+    prunable = {g.root: g.channels for g in groups if g.prunable}
+    if not prunable:
+        raise UsageError(
+            "prune-channels: no channel group can be pruned safely in this model",
+            hint="; ".join(f"{k}: {v}" for k, v in list(cg.skipped.items())[:3])
+            or "every group reaches an input, output or unknown op",
+        )
+    activations: dict[str, np.ndarray] = {}
+    if config.importance is Importance.ACTIVATION:
+        if calibration is None:
+            raise CalibrationDataError("activation importance needs calibration data")
+        activations = activation_means(cg, ir.to_proto(model_ir), calibration)
+    scores = channel_importance(cg, prunable, config.importance, activations)
+    ratio_of = {g.root: (group_ratios or {}).get(g.id, 0.0) if group_ratios is not None else config.ratio
+                for g in groups if g.prunable}
+    blocks = {g.root: g.blocks for g in groups if g.prunable}
+    keep = {}
+    for root, n in prunable.items():
+        if blocks[root] == 1:
+            keep[root] = np.sort(np.argsort(-scores[root], kind="stable")[: _keep_count(n, ratio_of[root], config.round_to)])
+            continue
+        # a grouped Conv keeps its group count: the same number of channels survives in every block
+        size = n // blocks[root]
+        per_block = _keep_count(size, ratio_of[root], 1)
+        keep[root] = np.concatenate([
+            b * size + np.sort(np.argsort(-scores[root][b * size : (b + 1) * size], kind="stable")[:per_block])
+            for b in range(blocks[root])
+        ])
+    # Gather every slice per (node, input) first: a Conv weight is cut on two axes by two groups.
+    cuts: dict[tuple[int, int], tuple[ir.Node, int, dict[int, np.ndarray]]] = {}
+    grouped_inputs: dict[tuple[int, int], int] = {}  # (node, input) -> G: axis 1 is cut block by block
+    for p in cg.params:
+        idx = cg.indices(p.ref, keep)
+        weight = p.node.inputs[p.index]
+        if len(idx) == weight.const_value.shape[p.axis] * p.groups:
+            continue
+        cuts.setdefault((id(p.node), p.index), (p.node, p.index, {}))[2][p.axis] = idx
+        if p.groups > 1:
+            grouped_inputs[(id(p.node), p.index)] = p.groups
+    counter = [0]
+    for node, index, axes in cuts.values():
+        old = node.inputs[index]
+        array = old.const_value.numpy()
+        groups_in = grouped_inputs.get((id(node), index))
+        if groups_in is not None:
+            array = _grouped_input_cut(array, groups_in, axes[1])  # before axis 0 reorders the blocks
+        for axis, idx in axes.items():
+            if groups_in is not None and axis == 1:
+                continue
+            array = np.take(array, idx, axis=axis)
+        node.replace_input_with(index, new_initializer(graph, old, np.ascontiguousarray(array), counter))
+    for node, ref in cg.group_attrs:
+        node.attributes["group"] = ir.AttrInt64("group", len(cg.indices(ref, keep)))
+    for node, position, ref in cg.shape_literals:
+        old = node.inputs[1]
+        shape = old.const_value.numpy().copy()
+        shape[position] = len(cg.indices(ref, keep))
+        node.replace_input_with(1, new_initializer(graph, old, shape, counter))
+    kept_outputs = {}
+    for value, layout in cg.layouts.items():
+        if any(cg.find(g) in keep for g, _ in layout.segments):
+            kept_outputs[value.name] = cg.indices(value, keep)
+    drop_unused_initializers(graph)
+    clear_inner_shapes(graph)
+    pruned_proto = checked_model(model_ir, f"prune-channels: pruning {len(keep)} groups produced an invalid model")
+
+    pruned_layers = {}
+    for g in groups:
+        if g.root in keep and len(keep[g.root]) < g.channels:
+            for name in g.producers:
+                pruned_layers[name] = f"{g.channels} -> {len(keep[g.root])}"
+    skipped = dict(cg.skipped)
+    for g in groups:
+        if not g.prunable:
+            for name in g.producers:
+                skipped.setdefault(name, "; ".join(g.blocked) or "too few channels")
+    repair_layers = []
+    consumers_pruned = {id(p.node) for p in cg.params if p.role == "consumer" and (id(p.node), p.index) in cuts
+                        and p.axis in cuts[(id(p.node), p.index)][2]}
+    for node in graph:
+        if id(node) in consumers_pruned:
+            repair_layers.append(node.outputs[0].name)
+    return PrunedModel(
+        model=pruned_proto,
+        groups=[g.to_json() for g in groups],
+        pruned_layers=pruned_layers,
+        skipped_layers=skipped,
+        repair_layers=repair_layers,
+        kept_outputs=kept_outputs,
+    )
+
+
+def sensitivity_ratios(
+    model: onnx.ModelProto, config: ChannelPruneConfig, calibration: SampleSet, max_ratio: float = 0.9
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Per-group ratios from a sensitivity scan: (ratios by group id, sensitivities by group id).
+
+    Each prunable group alone is pruned at ``config.ratio`` (no repair) and its sensitivity s_g is
+    the relative output error on the calibration samples. Ratios r_g ~ s_g^-1/2, scaled so that the
+    channels removed in total equal ``config.ratio`` of all prunable channels (then clipped to
+    ``max_ratio``): robust groups give up more, sensitive ones less.
+    """
+    baseline = prune_model(model, config, calibration, group_ratios={})
+    prunable = {g["id"]: g["channels"] for g in baseline.groups if g["prunable"]}
+    reference = _model_outputs(model, calibration)
+    sensitivity = {}
+    for gid in prunable:
+        probe = prune_model(model, config, calibration, group_ratios={gid: config.ratio})
+        out = _model_outputs(probe.model, calibration)
+        sensitivity[gid] = float(np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-12))
+    weights = {gid: 1.0 / np.sqrt(s + 1e-6) for gid, s in sensitivity.items()}
+    total = sum(prunable.values())
+    scale = config.ratio * total / sum(weights[g] * prunable[g] for g in prunable)
+    ratios = {gid: float(min(max_ratio, scale * weights[gid])) for gid in prunable}
+    return ratios, sensitivity
+
+
+def _model_outputs(model: onnx.ModelProto, samples: SampleSet) -> np.ndarray:
+    name = model.graph.output[0].name
+    chunks = [values[name] for _, values in batches_of_values(model, samples, [name], 32)]
+    return np.concatenate(chunks).astype(np.float64)
+
+
+def prune_channels(
+    input_path: str | os.PathLike, output: str | os.PathLike, config: ChannelPruneConfig = ChannelPruneConfig()
+) -> ChannelPruneResult:
+    """Prune ``input_path``'s channels into ``output``; with ``eval_data``, lower the ratio until the gate holds.
+
+    Measured and returned: the groups found, pruned and skipped layers with reasons, parameters and
+    MACs before/after, the per-layer repair errors, and (with eval data) the score of the original, of
+    the pruned model without repair and of the saved model.
+    """
+    out = check_output_path(output, input_path, *paths_in(config))
+    model = load_model(input_path)
+    calibration = None
+    if config.calibration_data is not None:
+        calibration = load_samples(config.calibration_data, input_specs(model))
+        calibration = calibration.take(slice(0, config.calibration_samples))
+    check = QualityCheck.measure(model, config)
+    params_before, macs_before = count_params_and_macs(model)
+    tried: list[dict] = []
+
+    def attempt(ratio: float) -> tuple[tuple, bool]:
+        attempt_config = replace(config, ratio=ratio)
+        group_ratios = None
+        if attempt_config.allocation is Allocation.SENSITIVITY:
+            group_ratios, _ = sensitivity_ratios(model, attempt_config, calibration)
+        pruned = prune_model(model, attempt_config, calibration, group_ratios)
+        candidate, repair_errors = pruned.model, {}
+        unrepaired_score = check.score(candidate)
+        if attempt_config.repairs:
+            candidate, repair_errors = repair_model(model, pruned, calibration, attempt_config)
+        value = check.score(candidate) if attempt_config.repairs else unrepaired_score
+        passes = check.passes(value)
+        tried.append(
+            {"ratio": round(ratio, 4), "score_without_repair": unrepaired_score, "score": value, "passes": passes}
+        )
+        if group_ratios is not None:
+            tried[-1]["group_ratios"] = {str(k): round(v, 4) for k, v in group_ratios.items()}
+        return (ratio, pruned, candidate, repair_errors, unrepaired_score, value), passes
+
+    kept = back_off(config.ratio, attempt, lambda ratio, _: shrink(ratio))
+    ratio, pruned, candidate, repair_errors, unrepaired_score, value = kept.outcome
+    passed = kept.passed
+    if not passed:
+        candidate, value = model, check.reference_score
+    save_model(candidate, out)
+    params_after, macs_after = count_params_and_macs(candidate)
+    result = ChannelPruneResult(
+        path=out,
+        ratio=ratio if passed else 0.0,
+        groups=pruned.groups,
+        pruned_layers=pruned.pruned_layers if passed else {},
+        skipped_layers=pruned.skipped_layers,
+        params_before=params_before,
+        params_after=params_after,
+        macs_before=macs_before,
+        macs_after=macs_after,
+        repaired=config.repairs and passed,
+        repair_errors=repair_errors,
+        score_before=check.reference_score,
+        score_without_repair=unrepaired_score,
+        score_after=value,
+        gate=check.describe(),
+        tried=tried,
+    )
+    if not passed:
+        raise QualityGateError(
+            f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}); "
+            f"the unpruned model is saved at {out}",
+            hint="loosen --tolerance, pass --calibration for the least-squares repair, or --exclude sensitive layers",
+            best_path=str(out),
+        )
+    return result

@@ -1,0 +1,216 @@
+"""Least-squares repair of the layers whose input channels were pruned (He et al. 2017, layer-wise,
+in closed form).
+
+Rule: for every layer whose input channels were removed, in topological order, with X = its input
+in the *pruned* model (im2col patches for a Conv) and Y = its output in the *original* model (kept
+output channels), solve the ridge problem ``min_W ||[X 1] W - Y||^2 + lam ||W - W0||^2`` where W0
+is the sliced weight and bias and ``lam = a * trace(X'X) / d``:  ``W = (X'X + lam I)^-1 (X'Y + lam W0)``.
+``a`` is picked from ``ridge * 10^k`` (k = 0..5) by the error on every 4th calibration sample, held
+out of the fit (the errors reported are on those held-out rows); a refit that does not lower that
+error is not applied. Rows are sampled (``positions`` per sample) and X'X is accumulated in
+batches, so memory stays small.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.prune.activations import batches_of_values
+from onnxforge.pipeline.prune.graph import checked_model, drop_unused_initializers, new_initializer, prepared
+
+if TYPE_CHECKING:  # channels calls repair_model: importing it here at run time would be circular
+    from onnxforge.pipeline.prune.channels import ChannelPruneConfig, PrunedModel
+
+__all__ = ["repair_model"]
+
+
+def _im2col_rows(x: np.ndarray, node: ir.Node, kernel: tuple[int, int], rows: np.ndarray) -> np.ndarray:
+    """Patches [N*P, C*kh*kw] of a 2-D Conv's input at output positions ``rows`` ([N, P] flat indices)."""
+    pads = list(node.attributes["pads"].value) if "pads" in node.attributes else [0, 0, 0, 0]
+    strides = list(node.attributes["strides"].value) if "strides" in node.attributes else [1, 1]
+    dilations = list(node.attributes["dilations"].value) if "dilations" in node.attributes else [1, 1]
+    kh, kw = kernel
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    eh, ew = (kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))
+    windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
+    n, c, ho, wo = windows.shape[:4]
+    flat = windows.reshape(n, c, ho * wo, kh * kw)
+    picked = flat[np.arange(n)[:, None], :, rows]  # [N, P, C, kh*kw]
+    return picked.reshape(n * rows.shape[1], c * kh * kw)
+
+
+def _weight_matrix(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's weights as [d, out] (x @ W = y) and its bias [out] (None when absent)."""
+    w = node.inputs[1].const_value.numpy().astype(np.float64)
+    b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    bias = None if b is None else b.const_value.numpy().astype(np.float64).ravel()
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).T, bias
+    if node.op_type == "Gemm":
+        return (w.T if node.attributes.get("transB") and node.attributes["transB"].value else w), bias
+    return w, None
+
+
+def _set_weights(
+    graph: ir.Graph, node: ir.Node, matrix: np.ndarray, bias: np.ndarray | None, counter: list[int]
+) -> None:
+    w_old = node.inputs[1]
+    shape = w_old.const_value.shape
+    if node.op_type == "Conv":
+        w = matrix.T.reshape(tuple(shape))
+    elif node.op_type == "Gemm" and node.attributes.get("transB") and node.attributes["transB"].value:
+        w = matrix.T
+    else:
+        w = matrix
+    node.replace_input_with(1, new_initializer(graph, w_old, w.astype(np.float32), counter))
+    if bias is not None:
+        b_old = node.inputs[2]
+        new_b = bias.reshape(tuple(b_old.const_value.shape)).astype(np.float32)
+        node.replace_input_with(2, new_initializer(graph, b_old, new_b, counter))
+
+
+def _repairable(node: ir.Node) -> str | None:
+    """None when the layer can be refit, else why not."""
+    if node.op_type == "Conv":
+        if int(node.attributes["group"].value if "group" in node.attributes else 1) != 1:
+            return "grouped Conv"
+        if len(node.inputs[1].const_value.shape) != 4:
+            return "only 2-D Convs are refit"
+        auto_pad = node.attributes.get("auto_pad")
+        if auto_pad is not None and auto_pad.value not in ("NOTSET", b"NOTSET"):
+            return "auto_pad"
+        return None
+    if node.op_type == "Gemm":
+        alpha = node.attributes["alpha"].value if "alpha" in node.attributes else 1.0
+        beta = node.attributes["beta"].value if "beta" in node.attributes else 1.0
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        trans_b = bool(node.attributes.get("transB") and node.attributes["transB"].value)
+        outputs = node.inputs[1].const_value.shape[0 if trans_b else 1]
+        if alpha != 1.0 or (bias is not None and (beta != 1.0 or bias.const_value.size != outputs)):
+            return "Gemm with alpha/beta != 1 or a broadcast bias"
+        return None
+    if node.op_type == "MatMul":
+        return None
+    return f"{node.op_type} is not refit"
+
+
+def _rows_for(name: str, start: int, n: int, positions: int, total: int) -> np.ndarray:
+    """[n, P] output positions sampled for samples start..start+n (deterministic per layer)."""
+    p = min(positions, total)
+    rng = np.random.default_rng(zlib.crc32(f"{name}:{start}".encode()))
+    if p == total:
+        return np.tile(np.arange(total), (n, 1))
+    return np.stack([rng.choice(total, p, replace=False) for _ in range(n)])
+
+
+def _layer_rows(node: ir.Node, x: np.ndarray, name: str, start: int, positions: int, out_spatial: tuple[int, ...]):
+    """(X rows [R, d], row selector to apply to the layer's output)."""
+    if node.op_type == "Conv":
+        total = int(np.prod(out_spatial))
+        rows = _rows_for(name, start, x.shape[0], positions, total)
+        kernel = tuple(node.inputs[1].const_value.shape[2:])
+        return _im2col_rows(x, node, kernel, rows), rows
+    flat = x.reshape(-1, x.shape[-1])
+    return flat, None
+
+
+def _output_rows(y: np.ndarray, op: str, rows: np.ndarray | None) -> np.ndarray:
+    if op == "Conv":
+        n, c = y.shape[:2]
+        flat = y.reshape(n, c, -1)
+        return flat[np.arange(n)[:, None], :, rows].reshape(-1, c)  # [N, P, C] -> rows
+    return y.reshape(-1, y.shape[-1])
+
+
+def repair_model(
+    original: onnx.ModelProto, pruned: PrunedModel, calibration: SampleSet, config: ChannelPruneConfig
+) -> tuple[onnx.ModelProto, dict[str, dict]]:
+    """Refit each layer whose inputs shrank so its output matches ``original``'s; returns (model, errors).
+
+    ``errors[layer]`` holds the relative squared output error on the sampled calibration rows before
+    and after the refit (``{"before": e0, "after": e1}``), or ``{"skipped": reason}``.
+    """
+    model_ir = prepared(pruned.model)
+    graph = model_ir.graph
+    producers = {node.outputs[0].name: node for node in graph if node.outputs}
+    reference = onnx.shape_inference.infer_shapes(original)
+    batch = 32
+    errors: dict[str, dict] = {}
+    counter = [0]
+    # The original layers' outputs on the calibration rows, collected once.
+    targets = [name for name in pruned.repair_layers if name in producers]
+    y_chunks: dict[str, list[np.ndarray]] = {name: [] for name in targets}
+    for _, values in batches_of_values(reference, calibration, targets, batch):
+        for name in targets:
+            y_chunks[name].append(values[name])
+    for name in targets:
+        node = producers[name]
+        reason = _repairable(node)
+        if reason:
+            errors[name] = {"skipped": reason}
+            continue
+        w0, b0 = _weight_matrix(node)
+        kept = pruned.kept_outputs.get(name)
+        w0_full = np.vstack([w0, b0[None, :]]) if b0 is not None else w0
+        d = w0_full.shape[0]
+        # normal equations per fold: every 4th calibration sample is held out to pick the ridge
+        stats = {fold: [np.zeros((d, d)), np.zeros((d, w0_full.shape[1])), 0.0] for fold in ("fit", "check")}
+        current = ir.to_proto(model_ir)
+        inputs = batches_of_values(current, calibration, [node.inputs[0].name], batch)
+        for (start, values), y in zip(inputs, y_chunks[name]):
+            x = values[node.inputs[0].name]
+            if kept is not None:
+                y = np.take(y, kept, axis=1 if node.op_type in ("Conv", "Gemm") else -1)
+            xr, rows = _layer_rows(node, x, name, start, config.positions, y.shape[2:])
+            yr = _output_rows(y, node.op_type, rows).astype(np.float64)
+            xr = xr.astype(np.float64)
+            if b0 is not None:
+                xr = np.hstack([xr, np.ones((len(xr), 1))])
+            sample = start + np.arange(len(xr)) // (len(xr) // len(x))
+            for fold, mask in (("fit", sample % 4 != 3), ("check", sample % 4 == 3)):
+                stats[fold][0] += xr[mask].T @ xr[mask]
+                stats[fold][1] += xr[mask].T @ yr[mask]
+                stats[fold][2] += float((yr[mask] ** 2).sum())
+        gram = stats["fit"][0] + stats["check"][0]
+        cross = stats["fit"][1] + stats["check"][1]
+        if stats["fit"][2] + stats["check"][2] == 0.0:
+            errors[name] = {"skipped": "no calibration rows"}
+            continue
+        check = stats["check"] if stats["check"][2] > 0 else [gram, cross, stats["fit"][2]]
+
+        def rel_error(w: np.ndarray, held: list = check) -> float:
+            # ||XW - Y||^2 = tr(W'GW) - 2 tr(W'C) + ||Y||^2, on the held-out rows
+            g, c, y_sq = held
+            return float((np.einsum("ij,ik,kj->", w, g, w) - 2 * np.sum(w * c) + y_sq) / y_sq)
+
+        def solve(g: np.ndarray, c: np.ndarray, strength: float) -> np.ndarray:
+            regularizer = strength * np.trace(g) / d * np.eye(d)
+            if b0 is not None:
+                regularizer[-1, -1] = 0.0  # the bias is not shrunk
+            try:
+                return np.linalg.solve(g + regularizer + 1e-12 * np.eye(d), c + regularizer @ w0_full)
+            except np.linalg.LinAlgError:
+                return np.linalg.lstsq(g + regularizer, c + regularizer @ w0_full, rcond=None)[0]
+
+        strengths = [config.ridge * 10.0**k for k in range(6)] if config.ridge > 0 else [0.0]
+        if stats["check"][2] > 0 and len(strengths) > 1:
+            strength = min(strengths, key=lambda a: rel_error(solve(stats["fit"][0], stats["fit"][1], a)))
+            before, after = rel_error(w0_full), rel_error(solve(stats["fit"][0], stats["fit"][1], strength))
+        else:
+            strength = strengths[0]
+            before, after = rel_error(w0_full), rel_error(solve(gram, cross, strength))
+        if not after < before:
+            errors[name] = {"before": before, "after": before, "kept_original": True}
+            continue
+        solution = solve(gram, cross, strength)  # refit on all rows with the chosen ridge
+        _set_weights(graph, node, solution[: w0.shape[0]], solution[-1] if b0 is not None else None, counter)
+        errors[name] = {"before": before, "after": after, "ridge": strength}
+    drop_unused_initializers(graph)
+    return checked_model(model_ir, "prune-channels: the least-squares repair produced an invalid model"), errors

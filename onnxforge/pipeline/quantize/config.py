@@ -1,0 +1,152 @@
+"""What quantize() is asked (QuantizeConfig, CalibrationMethod) and what it returns (QuantizeResult,
+one CandidateResult per scheme measured)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxruntime import quantization as ortq
+
+from onnxforge.errors import UsageError
+from onnxforge.pipeline.evaluate import Metric, QualityGate
+from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
+from onnxforge.pipeline.quantize.mixed_precision import MixedPrecisionSearch, rank_nodes
+from onnxforge.pipeline.quantize.quant_error import NodeError
+from onnxforge.targets import QuantScheme
+from onnxforge.targets.latency import LatencyStats
+
+__all__ = ["CalibrationMethod", "CandidateResult", "QuantizeConfig", "QuantizeResult"]
+
+
+class CalibrationMethod(enum.Enum):
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+    DISTRIBUTION = "distribution"
+
+    def to_ort(self) -> ortq.CalibrationMethod:
+        return {
+            CalibrationMethod.MINMAX: ortq.CalibrationMethod.MinMax,
+            CalibrationMethod.ENTROPY: ortq.CalibrationMethod.Entropy,
+            CalibrationMethod.PERCENTILE: ortq.CalibrationMethod.Percentile,
+            CalibrationMethod.DISTRIBUTION: ortq.CalibrationMethod.Distribution,
+        }[self]
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig:
+    """How to quantize.
+
+    schemes: the candidates to measure; None lets the target propose them.
+    metric / tolerance: the quality gate (see onnxforge.pipeline.evaluate); tolerance None = metric default.
+    eval_data: held-out samples (with ``label`` for accuracy); None holds out the last
+      ``holdout_fraction`` of the calibration samples instead.
+    threads: intra-op threads for the latency measurement (1 is the most stable on a shared host).
+    activation_symmetric / weight_symmetric: symmetric ranges (zero point at the type's middle).
+    mixed_precision: when the fastest candidate misses the tolerance, return its most sensitive
+      nodes to float until it holds, trying at most ``mixed_precision_steps`` quantizations and
+      at most ``max_float_fraction`` of the quantized nodes.
+    error_report: measure each quantized node's SQNR vs fp32 on ``analysis_samples`` calibration
+      samples (also the samples mixed precision ranks nodes on).
+    """
+
+    target: str = "cpu"
+    schemes: tuple[QuantScheme, ...] | None = None
+    calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
+    max_calibration_samples: int = 256
+    metric: Metric = Metric.AUTO
+    tolerance: float | None = None
+    eval_data: Path | None = None
+    holdout_fraction: float = 0.2
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    threads: int = 1
+    latency_rounds: int = 20
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+    mixed_precision: bool = True
+    max_float_fraction: float = 0.5
+    mixed_precision_steps: int = 10
+    error_report: bool = True
+    analysis_samples: int = 32
+    # bytes; refuse before loading data when calibration would need more. Not in the cache key: it decides
+    # whether the stage runs, not what it writes.
+    max_memory: int | None = field(default=None, metadata={"key": False})
+    transformer_fusion: bool = True  # onnxruntime.transformers fusions first, kept only when they fuse something
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise UsageError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if not 0.0 < self.max_float_fraction <= 1.0:
+            raise UsageError(f"max_float_fraction must be in (0, 1], got {self.max_float_fraction}")
+        if self.max_calibration_samples < 1 or self.analysis_samples < 1:
+            raise UsageError("max_calibration_samples and analysis_samples must be at least 1")
+
+
+@dataclass
+class CandidateResult:
+    scheme: str
+    score: float | None = None
+    meets_tolerance: bool = False
+    latency: LatencyStats | None = None
+    speedup: float | None = None
+    bytes: int | None = None
+    error: str | None = None
+    float_nodes: list[str] = field(default_factory=list)  # nodes kept in float by mixed precision
+
+    def to_json(self) -> dict:
+        return {
+            "scheme": self.scheme,
+            "float_nodes": self.float_nodes,
+            "score": self.score,
+            "meets_tolerance": self.meets_tolerance,
+            "latency": self.latency.to_json() if self.latency else None,
+            "speedup_vs_fp32": self.speedup,
+            "bytes": self.bytes,
+            "error": self.error,
+        }
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    chosen: str
+    gate: QualityGate
+    fp32_score: float
+    fp32_latency: LatencyStats
+    candidates: list[CandidateResult]
+    calibration_samples: int
+    eval_samples: int
+    notes: list[str] = field(default_factory=list)
+    mixed_precision: MixedPrecisionSearch | None = None
+    layer_errors: list[NodeError] = field(default_factory=list)  # the kept model's nodes, graph order
+    calibration_batches: int = 0
+
+    def top_offenders(self, count: int = 5) -> list[NodeError]:
+        """The kept model's nodes with the lowest local SQNR (the error their own quantization adds)."""
+        return rank_nodes(self.layer_errors)[:count]
+
+    @property
+    def chosen_candidate(self) -> CandidateResult:
+        return next(c for c in self.candidates if c.scheme == self.chosen)
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "chosen": self.chosen,
+            "metric": self.gate.metric.value,
+            "tolerance": self.gate.tolerance,
+            "gate": self.gate.describe(),
+            "fp32_score": self.fp32_score,
+            "fp32_latency": self.fp32_latency.to_json(),
+            "candidates": [c.to_json() for c in self.candidates],
+            "calibration_samples": self.calibration_samples,
+            "eval_samples": self.eval_samples,
+            "notes": self.notes,
+            "calibration_batches": self.calibration_batches,
+            "mixed_precision": self.mixed_precision.to_json() if self.mixed_precision else None,
+            "layer_errors": [e.to_json() for e in self.layer_errors],
+            "top_offenders": [e.node for e in self.top_offenders()],
+        }

@@ -1,0 +1,254 @@
+"""Measuring the candidate schemes against fp32 and choosing one.
+
+Each candidate is quantized (backends), scored on the held-out samples against the fp32 model's
+outputs (and labels) and sized; then fp32 and every candidate are timed interleaved on the target.
+The kept candidate is the fastest that meets the tolerance. When the fastest misses it, mixed
+precision (mixed_precision) returns its most sensitive nodes to float until it holds, and everything
+is timed again. When no candidate meets the tolerance the most accurate one is kept (the caller
+raises). The kept model's per-node error (local and end-to-end SQNR vs fp32, quant_error) is
+measured on calibration samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+
+from onnxforge.errors import CalibrationDataError, QualityGateError
+from onnxforge.pipeline.calibration import SampleSet, model_batch_size
+from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
+from onnxforge.pipeline.quantize.backends import error_line, quantize_candidate
+from onnxforge.pipeline.quantize.calibrate import CalibrationData
+from onnxforge.pipeline.quantize.config import CandidateResult, QuantizeConfig
+from onnxforge.pipeline.quantize.mixed_precision import (
+    MixedPrecisionSearch,
+    node_groups,
+    rank_nodes,
+    search_float_nodes,
+)
+from onnxforge.pipeline.quantize.quant_error import NodeError, measure_node_errors
+from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES, qdq_twin
+from onnxforge.targets import QuantFormat, QuantMethod, QuantScheme
+from onnxforge.targets.feeds import batch_from_samples
+from onnxforge.targets.latency import LatencyStats, compare_latency
+
+__all__ = ["CandidateRun"]
+
+_log = logging.getLogger(__name__)
+
+# Determinism (issue 7, reliability): p50s move ~±15% run to run, and on small models the candidates
+# are within a few percent of each other, so "the minimum p50" picked a different scheme on each run
+# of the same recipe (3 runs, 3 choices, measured). Candidates within this fraction of the fastest
+# count as tied, and the earliest in the target's order (the list order) wins.
+_LATENCY_TIE_FRACTION = 0.05
+
+
+def _fastest(candidates: list) -> CandidateResult:
+    best = min(c.latency.p50_ms for c in candidates)
+    return next(c for c in candidates if c.latency.p50_ms <= best * (1.0 + _LATENCY_TIE_FRACTION))
+
+
+def _latency_feeds(held_out: SampleSet, batch: int) -> dict:
+    if not held_out.is_ragged:
+        return batch_from_samples(held_out.inputs, batch)
+    first = next(held_out.batches(batch))
+    return batch_from_samples(first, batch)
+
+
+class CandidateRun:
+    """The candidates of one quantize() call and the fp32 reference they are measured against.
+
+    Constructing it runs the fp32 model on the held-out samples and resolves the quality gate;
+    candidate models are written to ``folder``.
+    """
+
+    def __init__(
+        self, folder: Path, fp32_path: Path, cache: Path, config: QuantizeConfig, target, data: CalibrationData
+    ) -> None:
+        self.tmp = folder
+        self.fp32_path = fp32_path
+        self.cache = cache
+        self.config = config
+        self.target = target
+        self.data = data
+        self.held_out = data.held_out
+        self.eval_batch = model_batch_size(data.specs, preferred=32)
+        self.fp32_session = target.session(fp32_path, threads=config.threads)
+        self.reference = run_outputs(self.fp32_session, self.held_out, self.eval_batch)
+        first = self.reference[0]  # ragged (an object array of per-sample outputs) for variable-length inputs
+        first_shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
+        self.gate = QualityGate.resolve(config.metric, config.tolerance, self.held_out.labels is not None, first_shape)
+        if self.gate.metric is Metric.ACCURACY and self.held_out.labels is None:
+            raise CalibrationDataError(
+                f"{self.held_out.source}: accuracy needs a 'label' array", hint="or use --metric agreement"
+            )
+        self.fp32_score = score(self.gate.metric, self.reference, self.reference, self.held_out.labels)
+        self.candidates: list[CandidateResult] = []
+        self.paths: dict[str, Path] = {}  # candidate label -> its model
+        self.scheme_of: dict[str, QuantScheme] = {}  # candidate label -> the scheme it was quantized with
+        self.timings: dict[str, LatencyStats] = {}  # the latest interleaved timing, "fp32" included
+        self._count = 0
+
+    def quantize(self, scheme: QuantScheme, float_nodes: Sequence[str] = ()) -> Path:
+        self._count += 1
+        dest = self.tmp / f"candidate_{self._count}.onnx"
+        quantize_candidate(self.fp32_path, dest, scheme, self.config, self.cache, float_nodes)
+        return dest
+
+    def score(self, path: Path) -> float:
+        session = self.target.session(path, threads=self.config.threads)
+        outputs = run_outputs(session, self.held_out, self.eval_batch)
+        return score(self.gate.metric, outputs, self.reference, self.held_out.labels)
+
+    def measure(self, schemes: Sequence[QuantScheme]) -> None:
+        """Quantize and score every scheme, then time them all; raises QualityGateError when every one failed."""
+        for scheme in schemes:
+            result = CandidateResult(scheme.label)
+            self.candidates.append(result)
+            start = time.perf_counter()
+            try:
+                dest = self.quantize(scheme)
+                result.score = self.score(dest)
+            except Exception as e:  # one failing scheme must not sink the others
+                result.error = error_line(e)
+                continue
+            _log.debug("quantized %s in %.1fs", scheme.label, time.perf_counter() - start)
+            result.meets_tolerance = self.gate.passes(result.score, self.fp32_score)
+            result.bytes = dest.stat().st_size
+            self.paths[scheme.label] = dest
+            self.scheme_of[scheme.label] = scheme
+        if not self.paths:
+            raise QualityGateError(
+                "every quantization scheme failed: " + "; ".join(f"{c.scheme}: {c.error}" for c in self.candidates),
+                hint="try --exclude-op on the op named above",
+            )
+        self.time_all()
+
+    def time_all(self) -> None:
+        """Time fp32 and every candidate interleaved on the target; sets each candidate's latency and speedup."""
+        sessions = {"fp32": self.fp32_session} | {
+            label: self.target.session(path, threads=self.config.threads) for label, path in self.paths.items()
+        }
+        feeds = _latency_feeds(self.held_out, model_batch_size(self.data.specs, preferred=1))
+        timings = compare_latency(sessions, feeds, rounds=self.config.latency_rounds)
+        for c in self.candidates:
+            if c.scheme in timings:
+                c.latency = timings[c.scheme]
+                c.speedup = timings["fp32"].p50_ms / c.latency.p50_ms
+        self.timings = timings
+
+    def mixed_precision(self, notes: list[str]) -> MixedPrecisionSearch | None:
+        """When the fastest candidate misses the tolerance, add its mixed-precision version as a candidate.
+
+        Mixed precision starts from the fastest candidate. When dynamic int8 missed the gate too it
+        gets its own search (its MatMuls back to float, ranked on its static QDQ twin), and the
+        timing decides between the two: on MiniLM static QDQ needed ~70 nodes in float (1.1x fp32)
+        while dynamic missed the worst sentence by a few thousandths. Returns the last search run.
+        """
+        gate, config = self.gate, self.config
+        search: MixedPrecisionSearch | None = None
+        timed = [c for c in self.candidates if c.latency is not None]
+        fastest = _fastest(timed)
+        to_search = [fastest] if config.mixed_precision and not fastest.meets_tolerance else []
+        if to_search:
+            to_search += [c for c in timed if c is not fastest and not c.meets_tolerance
+                          and self.scheme_of[c.scheme].method is QuantMethod.DYNAMIC][:1]
+        for base in to_search:
+            if self.scheme_of[base.scheme].method is QuantMethod.FP16:
+                notes.append(f"mixed precision skipped on {base.scheme}: fp16 has no per-node int8 to undo")
+                continue
+            found = None
+            try:
+                found, step_paths = self._search_float_nodes(self.scheme_of[base.scheme], self.paths[base.scheme])
+            except Exception as e:  # the analysis is an improvement, not a requirement
+                notes.append(f"mixed precision could not run on {base.scheme}: {error_line(e)}")
+            if found is None:
+                continue
+            search = found
+            step = search.best or max(
+                (s for s in search.steps if s.score is not None),
+                key=lambda s: s.score if gate.higher_is_better else -s.score,
+                default=None,
+            )
+            if step is None:
+                notes.append(f"mixed precision on {base.scheme}: no step could be scored")
+                continue
+            label = f"{base.scheme} + {len(step.float_nodes)} float node(s)"
+            mixed = CandidateResult(label, score=step.score, meets_tolerance=step.meets_tolerance)
+            mixed.float_nodes = list(step.float_nodes)
+            path = step_paths.get(step.float_nodes)
+            if path is not None:
+                mixed.bytes = path.stat().st_size
+                self.candidates.append(mixed)
+                self.paths[label] = path
+                self.scheme_of[label] = self.scheme_of[base.scheme]
+                self.time_all()
+            notes.append(
+                f"mixed precision on {base.scheme}: {len(step.float_nodes)} node(s) back to float "
+                f"({', '.join(step.float_nodes[:6])}{', ...' if len(step.float_nodes) > 6 else ''}), "
+                f"{gate.format(base.score)} -> {gate.format(step.score)}"
+                + ("" if step.meets_tolerance else ": still over tolerance")
+            )
+        return search
+
+    def _search_float_nodes(
+        self, scheme: QuantScheme, path: Path
+    ) -> tuple[MixedPrecisionSearch, dict[tuple[str, ...], Path]]:
+        """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
+        static = scheme.method is QuantMethod.STATIC
+        qdq_path = path if static and scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme))
+        errors = measure_node_errors(self.fp32_path, qdq_path, self.data.analysis_batches(self.config.analysis_samples))
+        errors = [e for e in errors if e.node not in self.config.exclude_nodes]
+        if static:
+            groups = node_groups(onnx.load(str(qdq_path), load_external_data=False), [e.node for e in errors])
+        else:  # dynamic: only its integer MatMuls can go back to float, each on its own
+            errors = [e for e in errors if e.op_type in DYNAMIC_OP_TYPES]
+            groups = {e.node: (e.node,) for e in errors}
+        step_paths: dict[tuple[str, ...], Path] = {}
+
+        def evaluate(float_nodes: tuple[str, ...]) -> tuple[float, bool]:
+            dest = self.quantize(scheme, float_nodes)
+            step_paths[float_nodes] = dest
+            value = self.score(dest)
+            return value, self.gate.passes(value, self.fp32_score)
+
+        search = search_float_nodes(
+            scheme.label,
+            rank_nodes(errors),
+            groups,
+            evaluate,
+            max_float_fraction=self.config.max_float_fraction,
+            max_steps=self.config.mixed_precision_steps,
+        )
+        return search, step_paths
+
+    def choose(self) -> tuple[CandidateResult, bool]:
+        """(the kept candidate, whether it meets the tolerance): the fastest passing one, ties within
+        ``_LATENCY_TIE_FRACTION`` to the earliest; else the most accurate one."""
+        passing = [c for c in self.candidates if c.meets_tolerance and c.latency is not None]
+        if passing:
+            return _fastest(passing), True
+        measured = [c for c in self.candidates if c.score is not None and c.scheme in self.paths]
+        return max(measured, key=lambda c: c.score if self.gate.higher_is_better else -c.score), False
+
+    def layer_errors(self, chosen: CandidateResult, notes: list[str]) -> list[NodeError]:
+        """Per-node error of the kept model (of its QDQ twin when it is QOperator) on calibration samples."""
+        if not self.config.error_report:
+            return []
+        scheme = self.scheme_of[chosen.scheme]
+        if scheme.method is not QuantMethod.STATIC:
+            notes.append(f"per-layer error report skipped: {chosen.scheme} has no QDQ nodes to measure")
+            return []
+        try:
+            path = self.paths[chosen.scheme]
+            qdq_path = path if scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), chosen.float_nodes)
+            return measure_node_errors(
+                self.fp32_path, qdq_path, self.data.analysis_batches(self.config.analysis_samples)
+            )
+        except Exception as e:
+            notes.append(f"per-layer error report failed: {error_line(e)}")
+            return []

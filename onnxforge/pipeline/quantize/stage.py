@@ -1,0 +1,91 @@
+"""The quantize stage: calibrate once, quantize and score each candidate scheme, time them on the
+target, keep the fastest within tolerance (the package docstring gives the whole procedure).
+
+Each step is a module beside this one: calibrate (samples, pre-processing, ranges), backends (one
+onnxruntime call per candidate), select (scoring, timing, mixed precision, the choice).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from onnxforge._atomic import check_output_path, paths_in
+from onnxforge.errors import QualityGateError, UsageError
+from onnxforge.model_io import load_model, save_model
+from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.quantize.calibrate import calibrate, data_notes, fuse_if_transformer, load_calibration
+from onnxforge.pipeline.quantize.config import QuantizeConfig, QuantizeResult
+from onnxforge.pipeline.quantize.select import CandidateRun
+from onnxforge.targets import get_target
+
+__all__ = ["quantize"]
+
+
+def quantize(
+    input_path: str | os.PathLike,
+    output: str | os.PathLike,
+    calibration: object,
+    config: QuantizeConfig = QuantizeConfig(),
+) -> QuantizeResult:
+    """Quantize ``input_path`` with ``calibration`` data and write the chosen model to ``output``.
+
+    ``calibration``: an .npz path, a folder of .npz/.npy or of images, an ImageFolder (declared
+    preprocessing), a SampleSet, or any iterable of samples (see onnxforge.pipeline.calibration).
+    Measured: each candidate's score on held-out samples vs fp32, p50 latency interleaved with
+    fp32 on the target, size; for mixed precision every step's score; per-node SQNR.
+    """
+    calibration_path = None if isinstance(calibration, SampleSet) or not isinstance(calibration, (str, os.PathLike)) else calibration
+    out = check_output_path(output, input_path, calibration_path, *paths_in(config))
+    target = get_target(config.target)
+    target.require()
+    model = load_model(input_path)
+    target.session(input_path)  # must load on the target: else calibration fails first and its error blames the data
+    data = load_calibration(model, calibration, config)
+    schemes = list(config.schemes or target.quant_candidates(model))
+    if not schemes:
+        raise UsageError(f"target {target.name!r} proposes no quantization scheme")
+    notes: list[str] = []
+    model = fuse_if_transformer(model, config, notes)
+    notes += data_notes(calibration, config, data)
+
+    with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        fp32_path, cache, calibration_batches = calibrate(model, tmp, data, config, notes)
+        run = CandidateRun(tmp, fp32_path, cache, config, target, data)
+        run.measure(schemes)
+        search = run.mixed_precision(notes)
+        chosen, passed = run.choose()
+        layer_errors = run.layer_errors(chosen, notes)
+        save_model(onnx.load(str(run.paths[chosen.scheme]), load_external_data=True), out)
+
+    result = QuantizeResult(
+        path=out,
+        chosen=chosen.scheme,
+        gate=run.gate,
+        fp32_score=run.fp32_score,
+        fp32_latency=run.timings["fp32"],
+        candidates=run.candidates,
+        calibration_samples=len(data.calib),
+        eval_samples=len(data.held_out),
+        notes=notes,
+        mixed_precision=search,
+        layer_errors=layer_errors,
+        calibration_batches=calibration_batches,
+    )
+    if not passed:
+        raise QualityGateError(
+            f"no quantized model meets the tolerance ({run.gate.describe()}): the best, {chosen.scheme}, scores "
+            f"{run.gate.format(chosen.score)} vs fp32 {run.gate.format(run.fp32_score)}; it is saved at {out}",
+            hint="loosen --tolerance, add calibration data, or keep sensitive ops in float with --exclude-op",
+            best_path=str(out),
+        )
+    if chosen.speedup is not None and chosen.speedup < 1.0:
+        notes.append(
+            f"no quantized candidate is faster than fp32 on target {target.name!r} "
+            f"(best {chosen.speedup:.2f}x): this model's time is not in ops that int8 kernels speed up"
+        )
+    return result
