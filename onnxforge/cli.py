@@ -849,7 +849,9 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
     for path, flag in ((calibration, "--calibration"), (eval_data, "--eval")):
         if not path.exists():
             raise UsageError(f"{flag} {path}: no such file or folder")
-    if not model.startswith("builtin:") and not Path(model.rpartition(":")[0] if ".py:" in model else model).exists():
+    from onnxforge.converters.source import parse_source
+
+    if not model.startswith("builtin:") and not parse_source(model).path.exists():
         raise UsageError(f"{model}: no such model file")
     if json_path and json_path != "-":
         from onnxforge._atomic import check_output_path

@@ -63,9 +63,10 @@ def source_fingerprint(model: str) -> str:
         from onnxforge.converters.digits_cnn import CHECKPOINT_PATH
 
         return model + ":" + file_sha256(CHECKPOINT_PATH)
-    path_text = model.rpartition(":")[0] if model.rpartition(":")[0].endswith(".py") else model
-    entry = model.rpartition(":")[2] if path_text != model else ""  # the callable of file.py:callable
-    return f"{Path(path_text).suffix}:{entry}:{file_sha256(path_text)}"
+    from onnxforge.converters.source import parse_source
+
+    spec = parse_source(model)
+    return f"{spec.path.suffix}:{spec.callable or ''}:{file_sha256(spec.path)}"
 
 
 def _key(spec: StageSpec, inputs: list[StageArtifact], context: StageContext) -> str:

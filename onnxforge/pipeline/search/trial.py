@@ -182,7 +182,7 @@ def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *
         record["bytes"] = model_file_size(built.path)
         record["sha256"] = file_sha256(built.path)
         try:
-            from onnxforge.pipeline.prune_channels import count_params_and_macs
+            from onnxforge.model_cost import count_params_and_macs
 
             record["params"], record["macs_estimate"] = count_params_and_macs(load_model(built.path))
         except Exception:  # an estimate beside the measurement, never a reason to fail a trial
