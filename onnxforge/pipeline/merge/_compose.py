@@ -18,7 +18,7 @@ from onnx import compose, helper
 from onnxforge.errors import MergeError
 from onnxforge.model_io import TensorSpec, default_opset
 
-__all__ = ["MIN_OPSET", "block_model", "graph_names", "unique_prefix", "join", "value_info", "fan_out"]
+__all__ = ["MIN_OPSET", "block_model", "graph_names", "value_names", "unique_prefix", "join", "value_info", "fan_out"]
 
 # The blocks use ops whose signatures are stable from opset 13 on (Softmax on one axis, ReduceSum and
 # Squeeze/Unsqueeze with axes as an input, Resize with optional roi/scales).
@@ -60,13 +60,18 @@ def block_model(
     return model
 
 
-def graph_names(model: onnx.ModelProto) -> set[str]:
-    """Every name a merge could clash on: edges, initializers, value infos, graph inputs/outputs, nodes."""
+def value_names(model: onnx.ModelProto) -> set[str]:
+    """Every value name a merge could clash on: edges, initializers, value infos, graph inputs/outputs."""
     g = model.graph
-    names = {n for node in g.node for n in [*node.input, *node.output, node.name] if n}
+    names = {n for node in g.node for n in [*node.input, *node.output] if n}
     names |= {i.name for i in g.initializer} | {v.name for v in g.value_info}
     names |= {v.name for v in g.input} | {v.name for v in g.output}
     return names
+
+
+def graph_names(model: onnx.ModelProto) -> set[str]:
+    """Value names and node names: what a block's prefix keeps apart."""
+    return value_names(model) | {node.name for node in model.graph.node if node.name}
 
 
 def unique_prefix(base: str, block: onnx.ModelProto, taken: set[str]) -> str:

@@ -28,6 +28,7 @@ from onnxforge.pipeline.merge._compose import (
     network_opset,
     prefixed,
     unique_prefix,
+    value_names,
 )
 from onnxforge.pipeline.merge.config import MergeConfig, MergeResult
 from onnxforge.pipeline.merge.ensemble import EnsembleMode, ensemble_model, ensemble_output_names
@@ -107,9 +108,8 @@ def compose_merged(
             merged, copy = _tap(merged, post.mask.name)
             io_map.append((copy, "mask"))
         block = post.block(merged)
-        taken = graph_names(merged)
-        prefix = unique_prefix("post/", block, taken)
-        clash = sorted(set(post.outputs) & taken)
+        prefix = unique_prefix("post/", block, graph_names(merged))
+        clash = sorted(set(post.outputs) & value_names(merged))
         if clash:
             renamed.update({name: prefix + name for name in post.outputs})
             notes.append(f"output name(s) {', '.join(clash)} already in the model: the merged outputs are "
@@ -119,9 +119,8 @@ def compose_merged(
         blocks.append(post.kind.value + (f" (k={post.top_k})" if post.kind is PostKind.TOPK else ""))
     if pre is not None:
         block, io_map = pre.block(merged)
-        taken = graph_names(merged) - set(pre.fed)
-        prefix = unique_prefix("pre/", block, taken)
-        clash = sorted({s.name for s in pre.inputs} & taken)
+        prefix = unique_prefix("pre/", block, graph_names(merged) - set(pre.fed))
+        clash = sorted({s.name for s in pre.inputs} & (value_names(merged) - set(pre.fed)))
         if clash:
             renamed.update({s.name: prefix + s.name for s in pre.inputs})
             notes.append(f"input name(s) {', '.join(clash)} already in the model: the merged inputs are "

@@ -82,10 +82,16 @@ class _Steps:
 
 
 def _generated(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Random feeds; a dynamic dim is ``batch`` on axis 0 and 8 elsewhere (e.g. 8 tokens)."""
+    """Random feeds; a dynamic dim is ``batch`` on axis 0 and 8 elsewhere (e.g. 8 tokens). Integer
+    inputs get 0/1 (masks: 1), which every id table has: token ids, token type ids, class indices."""
     shapes = {s.name: tuple(d if isinstance(d, int) else (batch if i == 0 else 8) for i, d in enumerate(s.shape))
               for s in specs}
-    return generate_feeds(specs, batch=batch, overrides=shapes, seed=seed)
+    feeds = generate_feeds(specs, batch=batch, overrides=shapes, seed=seed)
+    rng = np.random.default_rng(seed)
+    for spec in specs:
+        if spec.dtype.kind in "iu" and "mask" not in spec.name.lower():
+            feeds[spec.name] = rng.integers(0, 2, size=shapes[spec.name]).astype(spec.dtype)
+    return feeds
 
 
 def _raw_examples(c: Composition, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
