@@ -235,30 +235,57 @@ def test_mean_pool_without_a_mask_input_is_a_merge_error(tmp_path):
 # Name clashes: prefixes keep blocks apart
 
 
-def test_names_already_in_the_model_are_prefixed_not_clobbered(tmp_path):
-    # the model already uses the post block's output name and the pre block's prefix for its values
+def _clashing_model(tmp_path, edge: str):
+    """x[N,1,4,4] -> f[N,16], f = flatten(3x), with an internal value named ``edge``."""
     model = model_from_text(
         """
-        probabilities = Mul (x, two)
-        pre_pixels = Identity (probabilities)
-        y = Add (pre_pixels, x)
+        doubled = Mul (x, two)
+        tripled = Add (doubled, x)
+        f = Flatten <axis = 1> (tripled)
         """,
-        {"two": np.array(2.0, np.float32)}, "float[N,1,4,4] x", "float[N,1,4,4] y")
-    for node in model.graph.node:  # names that a naive 'pre/' prefix would collide with
-        node.output[:] = ["pre/pixels" if o == "pre_pixels" else o for o in node.output]
-        node.input[:] = ["pre/pixels" if i == "pre_pixels" else i for i in node.input]
-    flat = model_from_text("f = Flatten <axis = 1> (y)", {}, "float[N,1,4,4] y", "float[N,16] f")
-    combined = onnx.compose.merge_models(model, flat, io_map=[("y", "y")])
-    network = save(combined, tmp_path / "clash.onnx")
+        {"two": np.array(2.0, np.float32)}, "float[N,1,4,4] x", "float[N,16] f")
+    for node in model.graph.node:
+        node.output[:] = [edge if o == "doubled" else o for o in node.output]
+        node.input[:] = [edge if i == "doubled" else i for i in node.input]
+    onnx.checker.check_model(model)
+    return save(model, tmp_path / "clash.onnx")
+
+
+def _check_3x_softmax(path, softmaxed=True):
+    images = np.random.default_rng(7).integers(0, 256, size=(2, 4, 4, 1), dtype=np.uint8)
+    x = (3 * images.transpose(0, 3, 1, 2).astype(np.float64) / 255).reshape(2, 16)
+    np.testing.assert_allclose(run_model(path, {"x": images})[0], softmax(x) if softmaxed else x, atol=1e-6)
+
+
+def test_an_output_name_used_inside_the_model_stays_the_outputs_name(tmp_path):
+    network = _clashing_model(tmp_path, "probabilities")
     result = merge(network, tmp_path / "m.onnx", MergeConfig(pre=ImagePre(), post=PostKind.SOFTMAX))
     assert result.parity.ok
-    assert result.renamed == {"probabilities": "post/probabilities"}
+    # the interface keeps its names: the model's internal 'probabilities' is what gets a prefix
+    assert [o.name for o in result.outputs] == ["probabilities"] and result.renamed == {}
+    assert any("internal value(s) probabilities renamed net/" in n for n in result.notes)
+    assert "net/probabilities" in {o for node in onnx.load(str(result.path)).graph.node for o in node.output}
+    _check_3x_softmax(result.path)
+
+
+def test_a_block_prefix_used_inside_the_model_moves_to_the_next_free_one(tmp_path):
+    network = _clashing_model(tmp_path, "pre/pixels")
+    result = merge(network, tmp_path / "m.onnx", MergeConfig(pre=ImagePre()))
     values = {o for node in onnx.load(str(result.path)).graph.node for o in node.output}
-    assert "pre/pixels" in values and any(v.startswith("pre_1/") for v in values)  # the model's own name kept
-    assert [o.name for o in result.outputs] == ["post/probabilities"]
-    images = np.random.default_rng(7).integers(0, 256, size=(2, 4, 4, 1), dtype=np.uint8)
-    x = images.transpose(0, 3, 1, 2).astype(np.float64) / 255
-    np.testing.assert_allclose(run_model(result.path, {"x": images})[0], softmax((3 * x).reshape(2, 16)), atol=1e-6)
+    assert "pre/pixels" in values and "pre_1/pixels" in values and result.parity.ok
+    _check_3x_softmax(result.path, softmaxed=False)
+
+
+def test_a_block_name_that_is_one_of_the_models_own_outputs_gets_the_prefix(tmp_path):
+    # the model's output is already called 'label' (and kept), so argmax's 'label' gives way
+    model = model_from_text("logits = Identity (x)\nlabel = ArgMax <axis = 1, keepdims = 0> (x)", {},
+                            "float[N,4] x", "float[N,4] logits, int64[N] label")
+    result = merge(save(model, tmp_path / "two.onnx"), tmp_path / "m.onnx", MergeConfig(post=PostKind.ARGMAX))
+    assert [o.name for o in result.outputs] == ["label", "post/label", "post/score"]
+    assert result.renamed == {"label": "post/label", "score": "post/score"} and result.parity.ok
+    x = np.array([[0.0, 2.0, 1.0, 3.0]], np.float32)
+    own, label, score = run_model(result.path, {"x": x})
+    assert own[0] == 3 and label[0] == 3 and score[0] == pytest.approx(softmax(x.astype(np.float64))[0, 3])
 
 
 def test_old_opsets_are_refused_with_a_hint(tmp_path):

@@ -69,6 +69,22 @@ def _tap(model: onnx.ModelProto, input_name: str) -> tuple[onnx.ModelProto, str]
     return join(tap, model, [(prefix + s.name, s.name) for s in specs], what="the mask tap"), prefix + "copy"
 
 
+def _free_names(model: onnx.ModelProto, wanted: set[str], notes: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """Keep the merged graph's interface names: a wanted name that is one of the model's internal values
+    (a dynamo export calls a Gather output 'embedding') is freed by prefixing the model's internal
+    names (``net/``, onnx.compose.add_prefix; its inputs and outputs keep theirs). Returns the model and
+    the wanted names still taken: the model's own inputs/outputs, for which the block's names give way."""
+    clash = wanted & value_names(model)
+    interface = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    internal = sorted(clash - interface)
+    if internal:
+        prefix = unique_prefix("net/", model, interface | wanted)
+        model = prefixed(model, prefix, inputs=False, outputs=False)
+        notes.append(f"the model's internal value(s) {', '.join(internal)} renamed {prefix}..., "
+                     "keeping the merged graph's names")
+    return model, sorted(clash & interface)
+
+
 def _describe_pre(plan: PrePlan) -> str:
     if isinstance(plan, ImagePlan):
         shape = plan.raw_input.shape_text()
@@ -107,9 +123,9 @@ def compose_merged(
         if post.mask is not None:
             merged, copy = _tap(merged, post.mask.name)
             io_map.append((copy, "mask"))
+        merged, clash = _free_names(merged, set(post.outputs), notes)
         block = post.block(merged)
         prefix = unique_prefix("post/", block, graph_names(merged))
-        clash = sorted(set(post.outputs) & value_names(merged))
         if clash:
             renamed.update({name: prefix + name for name in post.outputs})
             notes.append(f"output name(s) {', '.join(clash)} already in the model: the merged outputs are "
@@ -118,9 +134,9 @@ def compose_merged(
         merged = join(merged, block, [(a, prefix + b) for a, b in io_map], what=f"the {post.kind.value} block")
         blocks.append(post.kind.value + (f" (k={post.top_k})" if post.kind is PostKind.TOPK else ""))
     if pre is not None:
+        merged, clash = _free_names(merged, {s.name for s in pre.inputs} - set(pre.fed), notes)
         block, io_map = pre.block(merged)
         prefix = unique_prefix("pre/", block, graph_names(merged) - set(pre.fed))
-        clash = sorted({s.name for s in pre.inputs} & (value_names(merged) - set(pre.fed)))
         if clash:
             renamed.update({s.name: prefix + s.name for s in pre.inputs})
             notes.append(f"input name(s) {', '.join(clash)} already in the model: the merged inputs are "
