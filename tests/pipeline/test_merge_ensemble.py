@@ -233,3 +233,10 @@ def test_recipe_spelling_names_the_kind_of_pre_processing():
         decode({"post": "sigmoid"})
     with pytest.raises(RecipeError, match="not both"):
         decode({"pre": "image", "tokenizer": {}})
+
+
+def test_a_single_image_graph_is_measured_one_image_at_a_time(tmp_path, members, labelled):
+    images, labels, eval_npz = labelled
+    result = merge(members[0], tmp_path / "one.onnx", MergeConfig(pre=ImagePre(batched=False), eval_data=eval_npz))
+    assert result.inputs[0].shape == (8, 8, 3)
+    assert result.accuracy["merged"] == result.accuracy["network"] == pytest.approx(40 / 60)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import run_model
-from onnxforge.errors import RecipeError
+from onnxforge.errors import MergeError, RecipeError
 from onnxforge.pipeline.recipe import SOURCE, load_recipe
 from onnxforge.pipeline.runner import run_recipe
 
@@ -88,3 +88,9 @@ def test_packaging_after_packaging_and_a_branch_beside_a_merge_are_fine(project)
 def test_a_fixed_arity_stage_still_takes_its_count(project):
     with pytest.raises(RecipeError, match="simplify takes 1 input"):
         _recipe(project, "- simplify: {inputs: [source, source]}")
+
+
+def test_a_tokenizer_stage_names_its_vocabulary(project):
+    recipe = _recipe(project, "- merge: {tokenizer: {}, post: mean-pool-l2}")
+    with pytest.raises(MergeError, match="names its vocabulary"):
+        run_recipe(recipe, project / "run", measure=False)

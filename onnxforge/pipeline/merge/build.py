@@ -100,6 +100,8 @@ def compose_merged(
 ) -> Composition:
     """Build the merged graph in memory (see the module docstring); MergeError when the blocks do not fit."""
     ensemble = config.ensemble if len(members) > 1 else None
+    if len(members) == 1 and config.ensemble is not EnsembleMode.MEAN:
+        notes.append(f"ensemble {config.ensemble.value} asks for several models; one was given")
     for name, model in members:
         network_opset(model, name)
     network = ensemble_model(members, ensemble) if ensemble else members[0][1]

@@ -139,9 +139,9 @@ def _run_merged(c: Composition, merged: ort.InferenceSession, raw: Mapping[str, 
     single-image input."""
     names = [o.name for o in merged.get_outputs()]
     n = len(next(iter(raw.values())))
-    if _single_input(c) or c.uses_extensions:
+    if _single_input(c) or c.uses_extensions:  # each run gives a batch of one
         rows = [merged.run(None, {k: v[i] for k, v in raw.items()}) for i in range(n)]
-        return {name: np.stack([r[j] for r in rows]) for j, name in enumerate(names)}
+        return {name: np.concatenate([r[j] for r in rows]) for j, name in enumerate(names)}
     specs = {s.name: s for s in input_specs(c.model)}
     batch = model_batch_size(list(specs.values()), preferred=_BATCH)
     samples = SampleSet({k: np.asarray(v) for k, v in raw.items()}, None, "eval")

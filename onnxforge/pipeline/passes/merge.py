@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from onnxforge.errors import MergeError
 from onnxforge.pipeline.merge import MergeConfig, merge
 from onnxforge.pipeline.registry import Artifact, Pass, Phase, StageContext, register
 
@@ -22,6 +23,11 @@ class MergePass(Pass):
     fills = {"eval_data": "eval"}
 
     def run(self, config: MergeConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+        if config.tokenizer is not None and config.tokenizer.vocab is None:
+            # A stage's input is a file in the run folder, with no vocab.txt beside it; and the cache key
+            # hashes only the files the config names.
+            raise MergeError("a merge stage with a tokenizer names its vocabulary",
+                             hint="tokenizer: {vocab: path/to/vocab.txt}")
         return merge(list(inputs), output, config)
 
     def verified(self, result: Any) -> bool:
