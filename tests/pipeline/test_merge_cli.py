@@ -52,7 +52,8 @@ def test_an_ensemble_reports_every_member(cli, tmp_path, models, eval_images):
 
 
 def test_json_to_stdout_is_only_json(cli, tmp_path, models):
-    code, stdout, err = cli("merge", models[0], "-o", tmp_path / "m.onnx", "--post", "topk", "--top-k", "2", "--json", "-")
+    code, stdout, err = cli("merge", models[0], "-o", tmp_path / "m.onnx", "--post", "topk", "--top-k", "2",
+                            "--json", "-")
     assert code == 0, err
     assert [o["name"] for o in json.loads(stdout)["outputs"]] == ["labels", "scores"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 
 from conftest import make_classifier, random_images, run_model, save, write_npz
@@ -104,7 +103,8 @@ def test_members_with_other_inputs_are_a_merge_error(tmp_path, members, other, f
 
 
 def test_members_whose_outputs_cannot_be_combined_are_a_merge_error(tmp_path, members):
-    two = model_from_text("a = Identity (x)\nb = Identity (x)", {}, "float[N,3,8,8] x", "float[N,3,8,8] a, float[N,3,8,8] b")
+    two = model_from_text("a = Identity (x)\nb = Identity (x)", {}, "float[N,3,8,8] x",
+                          "float[N,3,8,8] a, float[N,3,8,8] b")
     with pytest.raises(MergeError, match="give 1 and 2 outputs"):
         merge([members[0], save(two, tmp_path / "two.onnx")], tmp_path / "e.onnx", MergeConfig())
     flat = model_from_text("y = Identity (x)", {}, "float[N,3,8,8] x", "float[N,3,8,8] y")
@@ -167,13 +167,16 @@ def test_tokenizer_in_the_graph_turns_text_into_an_embedding(tmp_path):
 
     network = toy_bert(tmp_path / "model")
     (tmp_path / "model" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")  # shipped beside the model
-    result = merge(network, tmp_path / "text.onnx", MergeConfig(tokenizer=TokenizerConfig(), post=PostKind.MEAN_POOL_L2))
+    config = MergeConfig(tokenizer=TokenizerConfig(), post=PostKind.MEAN_POOL_L2)
+    result = merge(network, tmp_path / "text.onnx", config)
     assert result.parity.ok, result.parity.summary()
     assert [(s.name, s.shape) for s in result.inputs] == [("text", (1,))]
     assert result.blocks[0] == "tokenizer (vocab.txt, 14 tokens)"
-    got = session(result.path, extensions=True).run(None, {"text": np.array(["The cats sat on a MAT."], dtype=object)})[0]
+    text = np.array(["The cats sat on a MAT."], dtype=object)
+    got = session(result.path, extensions=True).run(None, {"text": text})[0]
     ids = np.array([[2, 5, 6, 11, 7, 8, 12, 9, 10, 3]])  # [CLS] the cat ##s sat on a mat . [SEP]
-    states = run_model(network, {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})[0]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    states = run_model(network, feeds)[0]
     pooled = states[0].astype(np.float64).mean(0)
     np.testing.assert_allclose(got[0], pooled / np.linalg.norm(pooled), atol=1e-6)
 
@@ -221,10 +224,13 @@ def test_configs_round_trip_through_the_codec(config):
 
 
 def test_recipe_spelling_names_the_kind_of_pre_processing():
-    decode = lambda data: codec.decode(MergeConfig, data, "stages[4].merge")  # noqa: E731
+    def decode(data):
+        return codec.decode(MergeConfig, data, "stages[4].merge")
+
     assert decode({"pre": "image"}).pre == ImagePre()
     assert decode({"pre": {"audio": {"scale": 0.25}}}).pre == AudioPre(scale=0.25)
-    assert decode({"pre": {"image": {"layout": "chw", "size": [4, 6]}}}).pre == ImagePre(layout=PixelLayout.CHW, size=(4, 6))
+    image = decode({"pre": {"image": {"layout": "chw", "size": [4, 6]}}}).pre
+    assert image == ImagePre(layout=PixelLayout.CHW, size=(4, 6))
     with pytest.raises(RecipeError, match=r"stages\[4\].merge.pre: expected image, audio"):
         decode({"pre": {"video": {}}})
     with pytest.raises(RecipeError, match=r"stages\[4\].merge.pre.image: unknown key 'colour'"):
@@ -236,7 +242,7 @@ def test_recipe_spelling_names_the_kind_of_pre_processing():
 
 
 def test_a_single_image_graph_is_measured_one_image_at_a_time(tmp_path, members, labelled):
-    images, labels, eval_npz = labelled
+    eval_npz = labelled[2]
     result = merge(members[0], tmp_path / "one.onnx", MergeConfig(pre=ImagePre(batched=False), eval_data=eval_npz))
     assert result.inputs[0].shape == (8, 8, 3)
     assert result.accuracy["merged"] == result.accuracy["network"] == pytest.approx(40 / 60)

@@ -46,7 +46,7 @@ def test_an_ensemble_stage_takes_two_earlier_stages(project):
     # the stage scored itself from its 'label' output; the runner reads class scores from the first
     with np.load(project / "eval.npz") as data:
         x, labels = data["x"], data["label"]
-    votes, label = run_model(project / "run" / "03_merge.onnx", {"x": x})
+    _, label = run_model(project / "run" / "03_merge.onnx", {"x": x})
     assert record.metrics["accuracy"] == pytest.approx((label == labels).mean())
     assert record.result["accuracy"]["members"].keys() == {"01_a.onnx", "02_b.onnx"}
     assert record.metrics["latency_p50_ms"] > 0  # same inputs as the eval data: timed side by side

@@ -54,7 +54,8 @@ def block_model(
 ) -> onnx.ModelProto:
     """A block as a model with ``like``'s IR version and default opset (merge_models needs both equal)."""
     graph = helper.make_graph(list(nodes), name, list(inputs), list(outputs), list(initializers))
-    opsets = [helper.make_opsetid("", network_opset(like, "the model")), *(helper.make_opsetid(d, v) for d, v in domains)]
+    opsets = [helper.make_opsetid("", network_opset(like, "the model"))]
+    opsets += [helper.make_opsetid(domain, version) for domain, version in domains]
     model = helper.make_model(graph, opset_imports=opsets, ir_version=like.ir_version, producer_name="onnxforge.merge")
     onnx.checker.check_model(model)
     return model

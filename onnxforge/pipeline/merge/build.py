@@ -88,7 +88,9 @@ def _free_names(model: onnx.ModelProto, wanted: set[str], notes: list[str]) -> t
 def _describe_pre(plan: PrePlan) -> str:
     if isinstance(plan, ImagePlan):
         shape = plan.raw_input.shape_text()
-        resize = f", resize to {plan.resize_to[0]}x{plan.resize_to[1]} ({plan.pre.resize.value})" if plan.resize_to else ""
+        resize = ""
+        if plan.resize_to:
+            resize = f", resize to {plan.resize_to[0]}x{plan.resize_to[1]} ({plan.pre.resize.value})"
         return f"image pre (uint8 {plan.pre.layout.value} {shape}{resize})"
     if isinstance(plan, AudioPlan):
         return "audio pre (int16)"
@@ -105,7 +107,10 @@ def compose_merged(
     for name, model in members:
         network_opset(model, name)
     network = ensemble_model(members, ensemble) if ensemble else members[0][1]
-    network_outputs = ensemble_output_names(members[0][1], ensemble) if ensemble else [s.name for s in output_specs(network)]
+    if ensemble:
+        network_outputs = ensemble_output_names(members[0][1], ensemble)
+    else:
+        network_outputs = [s.name for s in output_specs(network)]
     blocks = [f"{ensemble.value} of {len(members)} models" if ensemble else "network"]
     if config.pre is not None:
         pre: PrePlan | None = plan_preprocessing(config.pre, network)

@@ -111,7 +111,9 @@ def _raw_examples(c: Composition, rng: np.random.Generator) -> list[dict[str, np
     return examples
 
 
-def _eval_raw(c: Composition, config: MergeConfig, limit: int | None) -> tuple[SampleSet, dict[str, np.ndarray] | None, str]:
+def _eval_raw(
+    c: Composition, config: MergeConfig, limit: int | None
+) -> tuple[SampleSet, dict[str, np.ndarray] | None, str]:
     """The evaluation samples (as the network takes them) and the merged graph's raw inputs for them
     (None with the reason when they cannot be made)."""
     samples = load_samples(config.eval_data, input_specs(c.members[0][1]))
@@ -123,7 +125,7 @@ def _eval_raw(c: Composition, config: MergeConfig, limit: int | None) -> tuple[S
         return samples, dict(samples.inputs), ""
     raw = c.pre.raw_from(samples.inputs)
     if raw is None:
-        why = "its raw input is text" if not hasattr(c.pre, "resize_to") else "a resize sits between the raw input and the model"
+        why = "a resize sits between its input and the model" if hasattr(c.pre, "resize_to") else "its input is text"
         return samples, None, why
     own = {s.name for s in c.pre.inputs}
     raw.update({k: v for k, v in samples.inputs.items() if k not in set(c.pre.fed) and k not in own})
@@ -167,7 +169,8 @@ def check_parity(c: Composition, config: MergeConfig) -> tuple[ParityReport, lis
         part = compare_outputs(names, [expected[n] for n in names], [got[n] for n in names], config.tolerance,
                                batch_size=int(next(iter(raw.values())).shape[0]) if not _single_input(c) else 1)
         report = part if report is None else report.merged(part)
-        described.append(f"{kind}: " + ", ".join(f"{k} {v.dtype}[{'x'.join(map(str, v.shape))}]" for k, v in raw.items()))
+        shapes = ", ".join(f"{k} {v.dtype}[{'x'.join(map(str, v.shape))}]" for k, v in raw.items())
+        described.append(f"{kind}: {shapes}")
     return report or ParityReport([], config.tolerance), described
 
 

@@ -94,7 +94,8 @@ def ensemble_model(members: Sequence[tuple[str, onnx.ModelProto]], mode: Ensembl
     for (name, model), prefix in zip(members, prefixes):
         renamed = compose.add_prefix(model, prefix)
         member_outputs.append([prefix + s.name for s in output_specs(model)])
-        graph = join(graph, renamed, [(prefix + s.name, prefix + s.name) for s in specs], what=f"ensemble member {name}")
+        io_map = [(prefix + s.name, prefix + s.name) for s in specs]
+        graph = join(graph, renamed, io_map, what=f"ensemble member {name}")
     combine = _combine_block(member_outputs, output_specs(first), mode, first)
     return join(graph, combine, [(n, n) for outs in member_outputs for n in outs], what="the ensemble's combine block")
 

@@ -104,7 +104,7 @@ class PostPlan:
         else:  # ARGMAX
             inits += [numpy_helper.from_array(np.array([1], np.int64), "one"),
                       numpy_helper.from_array(np.array([-1], np.int64), "last_axis")]
-            nodes += [helper.make_node("TopK", [scores, "one"], ["best_score", "best_label"], axis=-1, largest=1, sorted=1),
+            nodes += [helper.make_node("TopK", [scores, "one"], ["best_score", "best_label"], axis=-1, largest=1),
                       helper.make_node("Squeeze", ["best_label", "last_axis"], ["label"]),
                       helper.make_node("Squeeze", ["best_score", "last_axis"], ["score"])]
             outputs = [value_info("label", TensorProto.INT64, list(x.shape[:-1])),

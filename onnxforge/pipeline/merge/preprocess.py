@@ -187,7 +187,8 @@ class ImagePlan:
             inits.append(numpy_helper.from_array(self.offset, "offset"))
             nodes.append(helper.make_node("Add", [x, "offset"], ["normalized"]))
             x = "normalized"
-        nodes.append(helper.make_node("Cast", [x], ["pixels"], to=helper.np_dtype_to_tensor_dtype(self.network_input.dtype)))
+        to = helper.np_dtype_to_tensor_dtype(self.network_input.dtype)
+        nodes.append(helper.make_node("Cast", [x], ["pixels"], to=to))
         out_shape = list(self.network_input.shape)
         out_shape[0] = self.raw_input.shape[0] if self.pre.batched else 1
         model = block_model("image_pre", nodes, [spec_info(self.raw_input)],
@@ -324,11 +325,15 @@ class AudioPlan:
     def fed(self) -> list[str]:
         return [self.network_input.name]
 
+    @property
+    def _to(self) -> int:
+        return helper.np_dtype_to_tensor_dtype(self.network_input.dtype)
+
     def block(self, like: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
         nodes = [
             helper.make_node("Cast", [self.raw_input.name], ["as_float"], to=TensorProto.FLOAT),
             helper.make_node("Mul", ["as_float", "scale"], ["scaled"]),
-            helper.make_node("Cast", ["scaled"], ["samples"], to=helper.np_dtype_to_tensor_dtype(self.network_input.dtype)),
+            helper.make_node("Cast", ["scaled"], ["samples"], to=self._to),
         ]
         inits = [numpy_helper.from_array(np.array(self.pre.scale, np.float32), "scale")]
         model = block_model("audio_pre", nodes, [spec_info(self.raw_input)],
@@ -375,7 +380,8 @@ def _decode(value: Any, where: str, base: Path | None) -> ImagePre | AudioPre:
     if isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in _KINDS:
         kind, options = next(iter(value.items()))
         return codec.decode_dataclass(_KINDS[kind], options or {}, f"{where}.{kind}", base)
-    raise RecipeError(f"{where}: expected image, audio, {{image: {{options}}}} or {{audio: {{options}}}}; got {value!r}")
+    raise RecipeError(
+        f"{where}: expected image, audio, {{image: {{options}}}} or {{audio: {{options}}}}; got {value!r}")
 
 
 # One decoder for both: a union ImagePre | AudioPre tries ImagePre's first, and it must also read audio.

@@ -151,13 +151,14 @@ def plan_tokenizer(config: TokenizerConfig, network: onnx.ModelProto, model_path
             raise MergeError(f"the tokenizer feeds [batch, tokens] integer ids; {spec.name!r} is "
                              f"{spec.dtype}[{spec.shape_text()}]")
         if isinstance(spec.shape[0], int) and spec.shape[0] != 1:
-            raise MergeError(f"the tokenizer gives one text per run; {spec.name!r} has a fixed batch of {spec.shape[0]}")
+            raise MergeError(
+                f"the tokenizer gives one text per run; {spec.name!r} has a fixed batch of {spec.shape[0]}")
     extensions_library()  # fail before any work when the package is missing
     path = find_vocab(config, model_path)
     try:
-        vocab = path.read_text(encoding="utf-8")
+        vocab = "\n".join(path.read_text(encoding="utf-8").splitlines())  # one token a line, whatever the line ends
     except (OSError, UnicodeDecodeError) as e:
         raise MergeError(f"cannot read the vocabulary {path}: {e}") from e
-    if "[CLS]" not in vocab.split("\n") or "[SEP]" not in vocab.split("\n"):
+    if not {"[CLS]", "[SEP]"} <= set(vocab.splitlines()):
         raise MergeError(f"{path} is not a BERT vocabulary (no [CLS]/[SEP] lines)")
     return TokenizerPlan(config, path, vocab, tuple(specs[n] for n in _FEEDS if n in specs))
