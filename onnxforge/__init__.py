@@ -29,6 +29,8 @@ _API = {
     "profile": ("onnxforge.targets.profile", "profile"),
     "ProfileConfig": ("onnxforge.targets.profile", "ProfileConfig"),
     "inspect": ("onnxforge.inspection", "inspect_model"),
+    "merge": ("onnxforge.pipeline.merge", "merge"),
+    "MergeConfig": ("onnxforge.pipeline.merge", "MergeConfig"),
     "load_recipe": ("onnxforge.pipeline.recipe", "load_recipe"),
     "run": ("onnxforge.pipeline.runner", "run_recipe"),
     "demo": ("onnxforge.demo", "demo"),

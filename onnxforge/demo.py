@@ -3,8 +3,10 @@
 Writes the data it uses (calibration from the training split, evaluation = the held-out split
 with labels) and a ``recipe.yaml`` into the run folder, so ``onnxforge run RUN_DIR/recipe.yaml``
 repeats it; then runs export -> simplify -> prune_channels (half the channels removed, the
-layers after each cut refit by least squares on the calibration data) -> quantize, and measures
-every stage.
+layers after each cut refit by least squares on the calibration data) -> quantize -> merge (the
+deployable graph: uint8 digit images [N, 32, 32, 1] in, ``label`` and ``score`` out), and measures
+every stage. The merged graph takes raw pixels, not the evaluation floats, so the merge stage
+measures itself on the evaluation images turned back into uint8.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ DEMO_RECIPE = {
         "simplify",
         {"prune_channels": {"ratio": 0.5}},
         {"quantize": {"tolerance": 0.5}},
+        {"merge": {"pre": {"image": {"layout": "hwc"}}, "post": "argmax"}},
     ],
 }
 

@@ -14,6 +14,7 @@ __all__ = [
     "CalibrationDataError",
     "RecipeError",
     "OutputPathError",
+    "MergeError",
     "TargetUnavailableError",
     "QualityGateError",
 ]
@@ -54,6 +55,11 @@ class RecipeError(UsageError):
 
 class OutputPathError(UsageError):
     """An output path that cannot be written, or that would overwrite the input."""
+
+
+class MergeError(UsageError):
+    """Models or options that cannot be merged into one graph (ensemble members whose inputs differ,
+    a post-processing block that does not fit the model's output, a tokenizer without a vocabulary)."""
 
 
 class TargetUnavailableError(OnnxForgeError):

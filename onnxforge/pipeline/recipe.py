@@ -41,7 +41,7 @@ from onnxforge.converters.source import SourceSpec, parse_source
 from onnxforge.errors import RecipeError
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.data_spec import DataSpec
-from onnxforge.pipeline.registry import Artifact, Pass, StageContext, get_pass, registered_passes
+from onnxforge.pipeline.registry import Artifact, Pass, Phase, StageContext, get_pass, registered_passes
 from onnxforge.targets import TARGETS
 
 __all__ = ["Recipe", "StageSpec", "SOURCE", "load_recipe", "recipe_from_mapping", "config_from_mapping"]
@@ -146,6 +146,26 @@ def _check_name(name: Any, where: str, taken: set[str]) -> str:
     return name
 
 
+def _check_packaging_last(pass_cls: type[Pass], inputs: list[str], earlier: list[StageSpec], where: str) -> None:
+    """Packaging (merge) runs last: a stage downstream of it would also rewrite the merged pre- and
+    post-processing (quantize its Resize and Softmax, prune its blocks), which no merge parity covers."""
+    if pass_cls.phase is Phase.PACKAGING:
+        return
+    by_name = {s.name: s for s in earlier}
+    todo, seen = [i for i in inputs if i != SOURCE], set()
+    while todo:
+        spec = by_name[todo.pop()]
+        if spec.name in seen:
+            continue
+        seen.add(spec.name)
+        if spec.pass_cls.phase is Phase.PACKAGING:
+            raise RecipeError(
+                f"{where}: {pass_cls.name} comes after {spec.name} ({spec.kind}), which merges pre/post-processing "
+                f"into the graph; {pass_cls.name} would then rewrite those blocks too",
+                hint=f"put {spec.name} last: {pass_cls.name} first, then {spec.kind}")
+        todo.extend(i for i in spec.inputs if i != SOURCE)
+
+
 def _stages(raw: list, context: StageContext, base: Path, model_is_onnx: bool) -> tuple[StageSpec, ...]:
     parsed = [_stage(entry, i, context, base) for i, entry in enumerate(raw)]
     kinds = [kind for kind, _, _ in parsed]
@@ -171,9 +191,11 @@ def _stages(raw: list, context: StageContext, base: Path, model_is_onnx: bool) -
                 raise RecipeError(f"{where}.inputs: {item!r} is not an earlier stage; earlier: "
                                   f"{', '.join([SOURCE, *known]) }")
         pass_cls = registered_passes()[kind]
-        if len(inputs_raw) != len(pass_cls.consumes):
+        wanted_kinds = pass_cls.consumes * len(inputs_raw) if pass_cls.variadic else pass_cls.consumes
+        if len(inputs_raw) != len(wanted_kinds):
             raise RecipeError(f"{where}.inputs: {kind} takes {len(pass_cls.consumes)} input(s), got {len(inputs_raw)}")
-        for item, wanted in zip(inputs_raw, pass_cls.consumes):
+        _check_packaging_last(pass_cls, inputs_raw, stages, where)
+        for item, wanted in zip(inputs_raw, wanted_kinds):
             produced = Artifact.ONNX if item != SOURCE or model_is_onnx else Artifact.SOURCE
             if wanted is Artifact.ONNX and produced is not Artifact.ONNX:
                 raise RecipeError(f"{where}: a non-ONNX model needs an 'export' stage first",

@@ -6,7 +6,8 @@ CLI's run table and the report read it instead of keeping their own lists:
 - ``name`` — the recipe spelling (``prune_channels``) and the manifest's stage kind;
 - ``config_cls`` — the frozen keyword-only config dataclass (saved, hashed and cached by the codec);
 - ``consumes`` / ``produces`` — artifacts: an ONNX model, or a framework source (``file.py:callable``,
-  ``.pt``, ``.pt2``, ``.keras``, ``builtin:NAME``); a pass that consumes several takes several inputs;
+  ``.pt``, ``.pt2``, ``.keras``, ``builtin:NAME``); a pass that consumes several takes several inputs,
+  and a ``variadic`` one takes one or more (an ensemble of any size);
 - ``phase`` — where it sits in a pipeline (structure before sparsity before precision), which is the
   order the search composes passes in;
 - ``fills`` — config fields the recipe fills from its top level when the stage leaves them unset
@@ -121,6 +122,7 @@ class Pass(abc.ABC):
     config_cls: ClassVar[type]
     description: ClassVar[str] = ""
     consumes: ClassVar[tuple[Artifact, ...]] = (Artifact.ONNX,)
+    variadic: ClassVar[bool] = False  # True: one or more inputs, each of the kind consumes[0] (an ensemble)
     produces: ClassVar[Artifact] = Artifact.ONNX
     phase: ClassVar[Phase] = Phase.GRAPH
     fills: ClassVar[Mapping[str, str]] = {}  # config field -> recipe key whose value fills it when unset

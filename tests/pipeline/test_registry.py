@@ -70,6 +70,12 @@ def _changed(value, annotation, folder: Path):
         return _example(annotation, folder)
     if isinstance(value, Tolerance):
         return Tolerance(atol=value.atol * 2, rtol=value.rtol)
+    if dataclasses.is_dataclass(value):  # a nested options block: change its first field that can change
+        hints = typing.get_type_hints(type(value))
+        for f in dataclasses.fields(value):
+            new = _changed(getattr(value, f.name), hints[f.name], folder)
+            if new is not None:
+                return dataclasses.replace(value, **{f.name: new})
     return None
 
 
@@ -87,6 +93,8 @@ def _example(annotation, folder: Path):
         return "node_a"
     if origin is tuple:
         return (_example(args[0], folder),)
+    if dataclasses.is_dataclass(annotation):  # a nested options block (merge's pre=ImagePre()): its defaults
+        return annotation()
     if origin in (Mapping, dict, typing.get_origin(Mapping[str, int])):
         key_t, val_t = args
         if typing.get_origin(val_t) is tuple:
