@@ -7,6 +7,7 @@ Python API takes, calls one library function, and renders the result (a table, o
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -60,9 +61,34 @@ def target_option(f: Callable) -> Callable:
 
 
 def json_option(f: Callable) -> Callable:
+    @functools.wraps(f)
+    def checked(*args, **kwargs):
+        _check_json_path(kwargs.get("json_path"), kwargs)  # before any work, not after the model is written
+        return f(*args, **kwargs)
+
     return click.option(
         "--json", "json_path", metavar="PATH", default=None, help="also write the result as JSON to PATH ('-' = stdout)"
-    )(f)
+    )(checked)
+
+
+_WRITTEN_PARAMS = ("output", "html_path")  # a command's other output files
+_OUTPUT_FOLDERS = ("run_dir", "mobile_dir")
+
+
+def _check_json_path(json_path: str | None, params: dict, *reads: Path, written: tuple = ()) -> None:
+    """Refuse ``--json PATH`` when PATH is a file the command reads (its Path options, the export
+    source) or writes (``-o``, ``--html``); a pipe or /dev/stdout is fine."""
+    if not json_path or json_path == "-":
+        return
+    from onnxforge._atomic import check_output_path
+
+    files = [v for k, v in params.items() if isinstance(v, Path) and k not in _WRITTEN_PARAMS + _OUTPUT_FOLDERS]
+    if isinstance(params.get("source"), str):
+        from onnxforge.converters.source import source_files
+
+        files += source_files(params["source"])
+    others = [*written, *(params.get(k) for k in _WRITTEN_PARAMS)]
+    check_output_path(json_path, *reads, *files, written=others, stream_ok=True)
 
 
 def quality_options(f: Callable) -> Callable:
@@ -100,11 +126,12 @@ def _emit_json(json_path: str | None, payload: dict) -> None:
     if json_path == "-":
         click.echo(text, nl=False)
         return
-    from onnxforge._atomic import atomic_write_text, check_output_path
+    from onnxforge._atomic import check_output_path, write_output_text
 
     ctx = click.get_current_context(silent=True)
     read = [v for v in (ctx.params.values() if ctx else ()) if isinstance(v, Path) and v.is_file()]
-    atomic_write_text(check_output_path(json_path, *read), text)
+    sys.stdout.flush()  # a report to /dev/stdout comes after what was printed before it
+    write_output_text(check_output_path(json_path, *read, stream_ok=True), text)
 
 
 def _human_bytes(n: float | None) -> str:
@@ -680,6 +707,10 @@ def run(recipe, run_dir, force, json_path, max_memory):
             dataclasses.replace(s, config=dataclasses.replace(s.config, max_memory=limit)) if s.kind == "quantize" else s
             for s in loaded.stages))
     run_dir = run_dir or Path("runs") / loaded.name
+    from onnxforge.pipeline.run_guard import run_paths
+
+    reads, writes = run_paths(loaded, run_dir)
+    _check_json_path(json_path, {}, recipe, *reads, written=tuple(writes))
     with _status("running the pipeline", _quiet(json_path)) as update:
         result = run_recipe(loaded, run_dir, force=force, progress=update)
     _render_run(result, json_path)

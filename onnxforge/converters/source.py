@@ -19,7 +19,7 @@ from typing import Any
 
 from onnxforge.errors import ExportError
 
-__all__ = ["SourceKind", "SourceModel", "resolve_source"]
+__all__ = ["SourceKind", "SourceModel", "resolve_source", "source_files", "is_python_source"]
 
 
 class SourceKind(enum.Enum):
@@ -44,6 +44,20 @@ def _split_callable(source: str) -> tuple[Path, str] | None:
     if sep and path_text.endswith(".py") and attr.isidentifier():
         return Path(path_text), attr
     return None
+
+
+def is_python_source(source: str | os.PathLike) -> bool:
+    """True for ``file.py:callable``: a source whose loading runs the user's Python code."""
+    return _split_callable(str(source)) is not None
+
+
+def source_files(source: str | os.PathLike) -> list[Path]:
+    """The files SOURCE reads: the .py of ``file.py:callable``, the model file; none for ``builtin:NAME``."""
+    text = str(source)
+    if text.startswith("builtin:"):
+        return []
+    target = _split_callable(text)
+    return [target[0]] if target else [Path(text)]
 
 
 def _call_factory(path: Path, attr: str) -> Any:

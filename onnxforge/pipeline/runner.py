@@ -30,6 +30,7 @@ from onnxforge.pipeline.prune_channels import prune_channels
 from onnxforge.pipeline.prune_magnitude import prune_magnitude
 from onnxforge.pipeline.quantize import quantize
 from onnxforge.pipeline.recipe import Recipe, StageSpec
+from onnxforge.pipeline.run_guard import check_run_paths
 from onnxforge.pipeline.simplify import simplify
 from onnxforge.targets import get_target
 from onnxforge.targets.feeds import batch_from_samples, generate_feeds
@@ -137,6 +138,7 @@ def run_recipe(
     """Run every stage of ``recipe`` into ``run_dir``; see the module docstring."""
     progress = progress or (lambda message: None)
     run_dir = Path(run_dir)
+    check_run_paths(recipe, run_dir)  # a stage output may not overwrite what the run reads
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = {} if force else Manifest.previous_stages(run_dir)
     manifest = Manifest(run_dir, recipe.to_json())
