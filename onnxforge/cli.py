@@ -23,9 +23,25 @@ from onnxforge.errors import OnnxForgeError, QualityGateError, UsageError
 
 __all__ = ["main", "cli"]
 
+
+class _ReaderGone(BaseException):
+    """Our stdout's reader went away (``| head``). Not an OSError: click and rich would each turn a
+    BrokenPipeError into exit 1; main() stops quietly with 141."""
+
+
+class _StdoutConsole(Console):
+    def on_broken_pipe(self) -> None:
+        raise _ReaderGone
+
+
+class _StderrConsole(Console):
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # nobody reads our messages any more; keep going, print nothing
+
+
 # Piped output (CI logs, `| tee`) gets a width that fits the tables instead of rich's 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+out = _StdoutConsole(width=None if sys.stdout.isatty() else 160)
+err = _StderrConsole(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +182,15 @@ def _quiet(json_path: str | None) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:
+            raise _ReaderGone from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @click.version_option(package_name="onnxforge")
 def cli(debug: bool) -> None:
@@ -734,45 +758,80 @@ def demo(run_dir, force, json_path):
 
 def _print_error(error: OnnxForgeError) -> None:
     # Messages carry user text and pip extras like onnxforge[gpu]: escape them, or rich eats [..].
-    err.print(f"[bold red]error:[/] {escape(error.message)}", highlight=False, soft_wrap=True)
+    # emoji=False: "model.py:three:" is a path, not the :three: emoji
+    err.print(f"[bold red]error:[/] {escape(error.message)}", highlight=False, soft_wrap=True, emoji=False)
     if error.hint:
-        err.print(f"[dim]hint:[/] {escape(error.hint)}", highlight=False, soft_wrap=True)
+        err.print(f"[dim]hint:[/] {escape(error.hint)}", highlight=False, soft_wrap=True, emoji=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns (and exits with) the exit code."""
+    from onnxforge._scratch import scratch_folder
+    from onnxforge._signals import Terminated, sigterm_raises
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ONNXFORGE_DEBUG") == "1"
-    try:
-        cli.main(args=argv, prog_name="onnxforge", standalone_mode=False)
-        code = 0
-    except click.exceptions.Exit as e:
-        code = e.exit_code
-    except click.ClickException as e:  # usage errors from option parsing
-        if debug:
-            raise
-        err.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
-        err.print("[dim]hint:[/] see 'onnxforge --help' or 'onnxforge COMMAND --help'", highlight=False)
-        code = 2
-    except click.exceptions.Abort:
-        err.print("[bold red]interrupted[/]")
-        code = 130
-    except OnnxForgeError as e:
-        if debug:
-            raise
-        _print_error(e)
-        code = e.exit_code
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: no partial output was written")
-        code = 130
-    except Exception as e:  # a bug in onnxforge: one line, unless --debug
-        if debug:
-            raise
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(first)}", highlight=False, soft_wrap=True)
-        err.print("[dim]hint:[/] re-run with --debug for the traceback, and please report it", highlight=False)
-        code = 1
+    with sigterm_raises(), scratch_folder():
+        try:
+            cli.main(args=argv, prog_name="onnxforge", standalone_mode=False)
+            sys.stdout.flush()  # a reader that left shows here, not as a message at interpreter exit
+            code = 0
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.ClickException as e:  # usage errors from option parsing
+            if debug:
+                raise
+            err.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+            err.print("[dim]hint:[/] see 'onnxforge --help' or 'onnxforge COMMAND --help'", highlight=False)
+            code = 2
+        except click.exceptions.Abort:
+            err.print("[bold red]interrupted[/]")
+            code = 130
+        except OnnxForgeError as e:
+            if debug:
+                raise
+            _print_error(e)
+            code = e.exit_code
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]: no partial output was written")
+            code = 130
+        except Terminated:
+            err.print("[bold red]terminated[/]: no partial output was written")
+            code = 143
+        except (_ReaderGone, BrokenPipeError):  # `onnxforge inspect m.onnx | head -n 1`: stop quietly
+            _mute_stdout()
+            code = 141
+        except OSError as e:
+            from onnxforge._atomic import WRITE_ERRNOS, os_error
+
+            if debug:
+                raise
+            if e.errno in WRITE_ERRNOS:  # e.g. a library's temp file in a full $TMPDIR: the path and the reason
+                _print_error(os_error(e))
+                code = 2
+            else:
+                _print_internal_error(e)
+                code = 1
+        except Exception as e:  # a bug in onnxforge: one line, unless --debug
+            if debug:
+                raise
+            _print_internal_error(e)
+            code = 1
     return code
+
+
+def _print_internal_error(e: Exception) -> None:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(first)}", highlight=False, soft_wrap=True)
+    err.print("[dim]hint:[/] re-run with --debug for the traceback, and please report it", highlight=False)
+
+
+def _mute_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's last flush of stdout cannot fail."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def entry() -> None:

@@ -1,7 +1,9 @@
 """The errors onnxforge raises on purpose, each with the exit code the CLI returns for it.
 
-Exit codes: 2 bad input or usage, 3 target unavailable, 4 quality gate not met (the best model
-found is still saved), 130 interrupted, 1 anything else (a bug in onnxforge: please report it).
+Exit codes: 2 bad input or usage (an output that cannot be written included: no space, read-only,
+permission denied, name too long), 3 target unavailable, 4 quality gate not met (the best model
+found is still saved), 130 interrupted (SIGINT), 143 terminated (SIGTERM), 141 the reader of our
+output went away (EPIPE, ``| head``), 1 anything else (a bug in onnxforge: please report it).
 """
 
 from __future__ import annotations
