@@ -208,8 +208,10 @@ def cli(debug: bool) -> None:
 @click.option("--sample", "sample_inputs", type=click.Path(path_type=Path), default=None, help=".npz inputs for the parity check")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="parity: absolute tolerance")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="parity: relative tolerance")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=1800, show_default=True, metavar="SECONDS",
+              help="file.py:callable sources run in a child process; stop it after this long")
 @json_option
-def export(source, output, input_shapes, dynamic_batch, dynamic_dims, opset, exporter, sample_inputs, atol, rtol, json_path):
+def export(source, output, input_shapes, dynamic_batch, dynamic_dims, opset, exporter, sample_inputs, atol, rtol, timeout, json_path):
     """Export SOURCE (file.py:callable, TorchScript .pt, torch.export .pt2, .keras, .onnx, builtin:digits_cnn) to ONNX, checking parity."""
     from onnxforge.converters import ExportConfig, Exporter, export as run_export
     from onnxforge.parity import Tolerance
@@ -233,7 +235,7 @@ def export(source, output, input_shapes, dynamic_batch, dynamic_dims, opset, exp
         sample_inputs=sample_inputs,
     )
     with _status(f"exporting {source}", _quiet(json_path)):
-        result = run_export(source, output, config)
+        result = run_export(source, output, config, timeout=timeout)
     _emit_json(json_path, result.to_json())
     if _quiet(json_path):
         return

@@ -13,6 +13,7 @@ __all__ = [
     "UsageError",
     "InvalidModelError",
     "ExportError",
+    "ModelSourceError",
     "CalibrationDataError",
     "RecipeError",
     "OutputPathError",
@@ -31,6 +32,18 @@ class OnnxForgeError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):
+        # Errors cross process boundaries (an export runs user code in a child process); the
+        # default reduce would rebuild from args alone and lose the hint and best_path.
+        return _rebuild, (type(self), dict(self.__dict__))
+
+
+def _rebuild(cls: type, state: dict) -> OnnxForgeError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, state.get("message", ""))
+    error.__dict__.update(state)
+    return error
+
 
 class UsageError(OnnxForgeError):
     """Arguments that do not make sense together, or malformed option values."""
@@ -44,6 +57,10 @@ class InvalidModelError(UsageError):
 
 class ExportError(UsageError):
     """The source model could not be loaded or exported to ONNX."""
+
+
+class ModelSourceError(ExportError):
+    """The model source's own code (file.py:callable) ended its process, or ran past --timeout."""
 
 
 class CalibrationDataError(UsageError):
