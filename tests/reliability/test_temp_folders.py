@@ -21,6 +21,7 @@ from conftest import make_classifier  # noqa: E402
 from test_sigint import _wait_for_calibration, make_slow_cnn  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+fcntl = pytest.importorskip("fcntl")
 
 
 def _dead_pid() -> int:
@@ -40,16 +41,22 @@ def test_next_start_removes_only_dead_owners_folders(tmp_path, monkeypatch, caps
         dead_folder = tmp_path / f"onnxforge-{_dead_pid()}-abcd1234"
         live_folder = tmp_path / f"onnxforge-{alive.pid}-abcd1234"
         not_ours = tmp_path / "onnxforge-quant-abcd1234"  # no owner recorded: never guessed at
-        for folder in (dead_folder, live_folder, not_ours):
+        # the pid is unknown here (a process in another pid namespace), but the owner's lock is held
+        locked_folder = tmp_path / f"onnxforge-{_dead_pid()}-lockedxx"
+        for folder in (dead_folder, live_folder, not_ours, locked_folder):
             (folder / "sub").mkdir(parents=True)
             (folder / "sub" / "augmented.onnx").write_bytes(b"x")
+        lock = os.open(locked_folder / ".owner.lock", os.O_CREAT | os.O_RDWR)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         assert main(["inspect", str(model)]) == 0
+        os.close(lock)
     finally:
         alive.kill()
         alive.wait()
     assert not dead_folder.exists()
-    assert live_folder.exists() and not_ours.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", live_folder.name, not_ours.name])
+    assert live_folder.exists() and not_ours.exists() and locked_folder.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model.onnx", live_folder.name, not_ours.name, locked_folder.name])
 
 
 def test_folder_of_a_killed_run_is_removed_at_the_next_start(tmp_path):
