@@ -52,11 +52,12 @@ def export_in_child(source: str | os.PathLike, out: Path, config: Any, *, timeou
     ``out`` has been checked by the caller. Raises what the export raised, or ModelSourceError when
     the process exited, was killed or ran past ``timeout`` seconds before reporting.
     """
-    work = Path(tempfile.mkdtemp(prefix="onnxforge-export-"))  # request, result, the child's own temp folders
-    with named_write_errors(out):
+    with named_write_errors(out):  # beside the output: the final rename stays on one file system
         staging = Path(tempfile.mkdtemp(prefix=".onnxforge-", dir=os.path.abspath(out.parent)))
     staged = staging / out.name
+    work = None
     try:
+        work = Path(tempfile.mkdtemp(prefix="onnxforge-export-"))  # request, result, the child's temp folders
         request = {"source": str(source), "output": str(staged), "config": config, "cwd": os.getcwd(), "tempdir": str(work)}
         (work / _REQUEST).write_bytes(pickle.dumps(request))
         kind, value = _run_child(source, work, timeout)
@@ -80,7 +81,8 @@ def export_in_child(source: str | os.PathLike, out: Path, config: Any, *, timeou
         raise RuntimeError(f"{name} in the export process: {text}") from ChildTraceback(text)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_child(source, work: Path, timeout: float) -> tuple[str, Any]:
@@ -128,18 +130,21 @@ def _stop(process: subprocess.Popen) -> None:
     try:
         process.wait(timeout=_GRACE_S)
     except subprocess.TimeoutExpired:
-        _signal_group(process, signal.SIGKILL)
+        _signal_group(process, getattr(signal, "SIGKILL", signal.SIGTERM))
         process.wait()
 
 
 def _kill_group(process: subprocess.Popen) -> None:
     """Whatever the model source started and left running in the child's session."""
-    _signal_group(process, signal.SIGKILL)
+    _signal_group(process, getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
     try:
-        os.killpg(process.pid, signum)
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signum)
+        elif process.poll() is None:  # no process groups (Windows): the child alone
+            process.kill()
     except (ProcessLookupError, PermissionError):
         pass
 
