@@ -769,56 +769,62 @@ def _print_error(error: OnnxForgeError) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns (and exits with) the exit code."""
     from onnxforge._scratch import scratch_folder
-    from onnxforge._signals import Terminated, sigterm_raises
+    from onnxforge._signals import sigterm_raises
+
+    with sigterm_raises(), scratch_folder():  # SIGTERM unwinds like Ctrl-C; temp folders in one place
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from onnxforge._signals import Terminated
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ONNXFORGE_DEBUG") == "1"
-    with sigterm_raises(), scratch_folder():
-        try:
-            cli.main(args=argv, prog_name="onnxforge", standalone_mode=False)
-            sys.stdout.flush()  # a reader that left shows here, not as a message at interpreter exit
-            code = 0
-        except click.exceptions.Exit as e:
-            code = e.exit_code
-        except click.ClickException as e:  # usage errors from option parsing
-            if debug:
-                raise
-            err.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
-            err.print("[dim]hint:[/] see 'onnxforge --help' or 'onnxforge COMMAND --help'", highlight=False)
-            code = 2
-        except click.exceptions.Abort:
-            err.print("[bold red]interrupted[/]")
-            code = 130
-        except OnnxForgeError as e:
-            if debug:
-                raise
-            _print_error(e)
-            code = e.exit_code
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]: no partial output was written")
-            code = 130
-        except Terminated:
-            err.print("[bold red]terminated[/]: no partial output was written")
-            code = 143
-        except (_ReaderGone, BrokenPipeError):  # `onnxforge inspect m.onnx | head -n 1`: stop quietly
-            _mute_stdout()
-            code = 141
-        except OSError as e:
-            from onnxforge._atomic import WRITE_ERRNOS, os_error
+    try:
+        cli.main(args=argv, prog_name="onnxforge", standalone_mode=False)
+        sys.stdout.flush()  # a reader that left shows here, not as a message at interpreter exit
+        code = 0
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:  # usage errors from option parsing
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+        err.print("[dim]hint:[/] see 'onnxforge --help' or 'onnxforge COMMAND --help'", highlight=False)
+        code = 2
+    except click.exceptions.Abort:
+        err.print("[bold red]interrupted[/]")
+        code = 130
+    except OnnxForgeError as e:
+        if debug:
+            raise
+        _print_error(e)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: no partial output was written")
+        code = 130
+    except Terminated:
+        err.print("[bold red]terminated[/]: no partial output was written")
+        code = 143
+    except (_ReaderGone, BrokenPipeError):  # `onnxforge inspect m.onnx | head -n 1`: stop quietly
+        _mute_stdout()
+        code = 141
+    except OSError as e:
+        from onnxforge._atomic import WRITE_ERRNOS, os_error
 
-            if debug:
-                raise
-            if e.errno in WRITE_ERRNOS:  # e.g. a library's temp file in a full $TMPDIR: the path and the reason
-                _print_error(os_error(e))
-                code = 2
-            else:
-                _print_internal_error(e)
-                code = 1
-        except Exception as e:  # a bug in onnxforge: one line, unless --debug
-            if debug:
-                raise
+        if debug:
+            raise
+        if e.errno in WRITE_ERRNOS:  # e.g. a library's temp file in a full $TMPDIR: the path and the reason
+            _print_error(os_error(e))
+            code = 2
+        else:
             _print_internal_error(e)
             code = 1
+    except Exception as e:  # a bug in onnxforge: one line, unless --debug
+        if debug:
+            raise
+        _print_internal_error(e)
+        code = 1
     return code
 
 
