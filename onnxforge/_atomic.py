@@ -2,7 +2,7 @@
 work starts, and atomic writes (a temporary file in the destination folder, fsync, rename).
 
 The guard refuses an output that is, or aliases, a file the run reads: the same path, a symlink
-to it or a hard link (same inode), a file inside a folder it reads, an external-data file of an
+to it or a hard link (same inode), an existing file inside a folder it reads, an external-data file of an
 input ``.onnx`` model, and the ``<output>.data`` file a large model would be saved with. It
 refuses outputs that are not regular files (a FIFO, a device), which a rename would replace;
 only a report (``--json``) may be a stream — a pipe, a terminal, ``/dev/stdout`` — and is then
@@ -135,9 +135,9 @@ def _aliased_input(candidate: Path, inputs: Iterable[str | os.PathLike | None]) 
         if given is None:
             continue
         path = Path(given)
-        if path.is_dir():
-            if _inside(candidate, path):
-                return path, "a folder this command reads"
+        if path.is_dir():  # a new file in it is harmless; an existing one may be one of the files read
+            if os.path.lexists(candidate) and _inside(candidate, path):
+                return path, "in a folder this command reads"
             continue
         if _same_file(candidate, path):
             return path, "an input of this command"

@@ -60,14 +60,22 @@ def test_output_hard_linked_to_the_input_is_refused(run_cli, inputs, tmp_path):
     one_error_line(err, "input")
 
 
-def test_output_inside_the_calibration_folder_is_refused(run_cli, inputs, tmp_path):
+def test_output_over_a_file_in_the_calibration_folder_is_refused(run_cli, inputs, tmp_path):
     calib = inputs / "calib"
     calib.mkdir()
-    write_npz(calib / "part0.npz", x=random_images(16))
+    for part in ("part0.npz", "part1.npz"):
+        write_npz(calib / part, x=random_images(16))
     with untouched(inputs):
-        code, err = run_cli("quantize", inputs / "model.onnx", "-o", calib / "int8.onnx", "--calibration", calib)
+        code, err = run_cli("quantize", inputs / "model.onnx", "-o", calib / "part1.npz", "--calibration", calib)
     assert code == 2, err
-    one_error_line(err, "int8.onnx", "folder this command reads")
+    one_error_line(err, "part1.npz", "in a folder this command reads")
+
+
+def test_a_new_file_in_an_input_folder_is_fine(tmp_path):
+    from onnxforge._atomic import check_output_path
+
+    (tmp_path / "calib").mkdir()
+    assert check_output_path(tmp_path / "calib" / "int8.onnx", tmp_path / "calib") == tmp_path / "calib" / "int8.onnx"
 
 
 def test_model_output_that_is_a_fifo_or_device_is_refused(run_cli, inputs, tmp_path):
