@@ -7,6 +7,7 @@ Python API takes, calls one library function, and renders the result (a table, o
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -22,9 +23,25 @@ from onnxforge.errors import OnnxForgeError, QualityGateError, UsageError
 
 __all__ = ["main", "cli"]
 
+
+class _ReaderGone(BaseException):
+    """Our stdout's reader went away (``| head``). Not an OSError: click and rich would each turn a
+    BrokenPipeError into exit 1; main() stops quietly with 141."""
+
+
+class _StdoutConsole(Console):
+    def on_broken_pipe(self) -> None:
+        raise _ReaderGone
+
+
+class _StderrConsole(Console):
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # nobody reads our messages any more; keep going, print nothing
+
+
 # Piped output (CI logs, `| tee`) gets a width that fits the tables instead of rich's 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+out = _StdoutConsole(width=None if sys.stdout.isatty() else 160)
+err = _StderrConsole(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,9 +77,34 @@ def target_option(f: Callable) -> Callable:
 
 
 def json_option(f: Callable) -> Callable:
+    @functools.wraps(f)
+    def checked(*args, **kwargs):
+        _check_json_path(kwargs.get("json_path"), kwargs)  # before any work, not after the model is written
+        return f(*args, **kwargs)
+
     return click.option(
         "--json", "json_path", metavar="PATH", default=None, help="also write the result as JSON to PATH ('-' = stdout)"
-    )(f)
+    )(checked)
+
+
+_WRITTEN_PARAMS = ("output", "html_path")  # a command's other output files
+_OUTPUT_FOLDERS = ("run_dir", "mobile_dir")
+
+
+def _check_json_path(json_path: str | None, params: dict, *reads: Path, written: tuple = ()) -> None:
+    """Refuse ``--json PATH`` when PATH is a file the command reads (its Path options, the export
+    source) or writes (``-o``, ``--html``); a pipe or /dev/stdout is fine."""
+    if not json_path or json_path == "-":
+        return
+    from onnxforge._atomic import check_output_path
+
+    files = [v for k, v in params.items() if isinstance(v, Path) and k not in _WRITTEN_PARAMS + _OUTPUT_FOLDERS]
+    if isinstance(params.get("source"), str):
+        from onnxforge.converters.source import source_files
+
+        files += source_files(params["source"])
+    others = [*written, *(params.get(k) for k in _WRITTEN_PARAMS)]
+    check_output_path(json_path, *reads, *files, written=others, stream_ok=True)
 
 
 def quality_options(f: Callable) -> Callable:
@@ -115,11 +157,12 @@ def _emit_json(json_path: str | None, payload: dict) -> None:
     if json_path == "-":
         click.echo(text, nl=False)
         return
-    from onnxforge._atomic import atomic_write_text, check_output_path
+    from onnxforge._atomic import check_output_path, write_output_text
 
     ctx = click.get_current_context(silent=True)
     read = [v for v in (ctx.params.values() if ctx else ()) if isinstance(v, Path) and v.is_file()]
-    atomic_write_text(check_output_path(json_path, *read), text)
+    sys.stdout.flush()  # a report to /dev/stdout comes after what was printed before it
+    write_output_text(check_output_path(json_path, *read, stream_ok=True), text)
 
 
 def _human_bytes(n: float | None) -> str:
@@ -154,7 +197,15 @@ def _quiet(json_path: str | None) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:
+            raise _ReaderGone from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @click.version_option(package_name="onnxforge")
 def cli(debug: bool) -> None:
@@ -172,8 +223,10 @@ def cli(debug: bool) -> None:
 @click.option("--sample", "sample_inputs", type=click.Path(path_type=Path), default=None, help=".npz inputs for the parity check")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="parity: absolute tolerance")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="parity: relative tolerance")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=1800, show_default=True, metavar="SECONDS",
+              help="file.py:callable sources run in a child process; stop it after this long")
 @json_option
-def export(source, output, input_shapes, dynamic_batch, dynamic_dims, opset, exporter, sample_inputs, atol, rtol, json_path):
+def export(source, output, input_shapes, dynamic_batch, dynamic_dims, opset, exporter, sample_inputs, atol, rtol, timeout, json_path):
     """Export SOURCE (file.py:callable, TorchScript .pt, torch.export .pt2, .keras, .onnx, builtin:digits_cnn) to ONNX, checking parity."""
     from onnxforge.converters import ExportConfig, Exporter, export as run_export
     from onnxforge.parity import Tolerance
@@ -197,7 +250,7 @@ def export(source, output, input_shapes, dynamic_batch, dynamic_dims, opset, exp
         sample_inputs=sample_inputs,
     )
     with _status(f"exporting {source}", _quiet(json_path)):
-        result = run_export(source, output, config)
+        result = run_export(source, output, config, timeout=timeout)
     _emit_json(json_path, result.to_json())
     if _quiet(json_path):
         return
@@ -807,6 +860,10 @@ def run(recipe, run_dir, force, json_path, max_memory, cache_dir, no_cache):
             if any(f.name == "max_memory" for f in dataclasses.fields(s.config)) else s
             for s in loaded.stages))
     run_dir = run_dir or Path("runs") / loaded.name
+    from onnxforge.pipeline.run_guard import run_paths
+
+    reads, writes = run_paths(loaded, run_dir)
+    _check_json_path(json_path, {}, recipe, *reads, written=tuple(writes))
     with _status("running the pipeline", _quiet(json_path)) as update:
         result = run_recipe(loaded, run_dir, force=force, progress=update, cache=_cache(cache_dir, no_cache))
     _render_run(result, json_path)
@@ -1010,17 +1067,29 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
 
 def _print_error(error: OnnxForgeError) -> None:
     # Messages carry user text and pip extras like onnxforge[gpu]: escape them, or rich eats [..].
-    err.print(f"[bold red]error:[/] {escape(error.message)}", highlight=False, soft_wrap=True)
+    # emoji=False: "model.py:three:" is a path, not the :three: emoji
+    err.print(f"[bold red]error:[/] {escape(error.message)}", highlight=False, soft_wrap=True, emoji=False)
     if error.hint:
-        err.print(f"[dim]hint:[/] {escape(error.hint)}", highlight=False, soft_wrap=True)
+        err.print(f"[dim]hint:[/] {escape(error.hint)}", highlight=False, soft_wrap=True, emoji=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns (and exits with) the exit code."""
+    from onnxforge._scratch import scratch_folder
+    from onnxforge._signals import sigterm_raises
+
+    with sigterm_raises(), scratch_folder():  # SIGTERM unwinds like Ctrl-C; temp folders in one place
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from onnxforge._signals import Terminated
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ONNXFORGE_DEBUG") == "1"
     try:
         cli.main(args=argv, prog_name="onnxforge", standalone_mode=False)
+        sys.stdout.flush()  # a reader that left shows here, not as a message at interpreter exit
         code = 0
     except click.exceptions.Exit as e:
         code = e.exit_code
@@ -1041,14 +1110,43 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: no partial output was written")
         code = 130
+    except Terminated:
+        err.print("[bold red]terminated[/]: no partial output was written")
+        code = 143
+    except (_ReaderGone, BrokenPipeError):  # `onnxforge inspect m.onnx | head -n 1`: stop quietly
+        _mute_stdout()
+        code = 141
+    except OSError as e:
+        from onnxforge._atomic import WRITE_ERRNOS, os_error
+
+        if debug:
+            raise
+        if e.errno in WRITE_ERRNOS:  # e.g. a library's temp file in a full $TMPDIR: the path and the reason
+            _print_error(os_error(e))
+            code = 2
+        else:
+            _print_internal_error(e)
+            code = 1
     except Exception as e:  # a bug in onnxforge: one line, unless --debug
         if debug:
             raise
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(first)}", highlight=False, soft_wrap=True)
-        err.print("[dim]hint:[/] re-run with --debug for the traceback, and please report it", highlight=False)
+        _print_internal_error(e)
         code = 1
     return code
+
+
+def _print_internal_error(e: Exception) -> None:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(first)}", highlight=False, soft_wrap=True)
+    err.print("[dim]hint:[/] re-run with --debug for the traceback, and please report it", highlight=False)
+
+
+def _mute_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's last flush of stdout cannot fail."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def entry() -> None:

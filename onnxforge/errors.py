@@ -1,7 +1,9 @@
 """The errors onnxforge raises on purpose, each with the exit code the CLI returns for it.
 
-Exit codes: 2 bad input or usage, 3 target unavailable, 4 quality gate not met (the best model
-found is still saved), 130 interrupted, 1 anything else (a bug in onnxforge: please report it).
+Exit codes: 2 bad input or usage (an output that cannot be written included: no space, read-only,
+permission denied, name too long), 3 target unavailable, 4 quality gate not met (the best model
+found is still saved), 130 interrupted (SIGINT), 143 terminated (SIGTERM), 141 the reader of our
+output went away (EPIPE, ``| head``), 1 anything else (a bug in onnxforge: please report it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ __all__ = [
     "UsageError",
     "InvalidModelError",
     "ExportError",
+    "ModelSourceError",
     "CalibrationDataError",
     "RecipeError",
     "OutputPathError",
@@ -30,6 +33,18 @@ class OnnxForgeError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):
+        # Errors cross process boundaries (an export runs user code in a child process); the
+        # default reduce would rebuild from args alone and lose the hint and best_path.
+        return _rebuild, (type(self), dict(self.__dict__))
+
+
+def _rebuild(cls: type, state: dict) -> OnnxForgeError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, state.get("message", ""))
+    error.__dict__.update(state)
+    return error
+
 
 class UsageError(OnnxForgeError):
     """Arguments that do not make sense together, or malformed option values."""
@@ -43,6 +58,10 @@ class InvalidModelError(UsageError):
 
 class ExportError(UsageError):
     """The source model could not be loaded or exported to ONNX."""
+
+
+class ModelSourceError(ExportError):
+    """The model source's own code (file.py:callable) ended its process, or ran past --timeout."""
 
 
 class CalibrationDataError(UsageError):

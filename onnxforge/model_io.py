@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxforge._atomic import atomic_path
+from onnxforge._atomic import atomic_path, named_write_errors, temp_prefix
 from onnxforge.errors import InvalidModelError
 
 __all__ = [
@@ -206,7 +206,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     # External data: write both files into a private temp folder beside the target, then rename
     # the data first and the graph last, so a reader never sees a graph without its data.
     data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
+    with named_write_errors(path), tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as tmp_dir:
         tmp_model = Path(tmp_dir) / path.name
         onnx.save_model(
             model,

@@ -8,6 +8,9 @@ and 3, and a second sequence length), and saves the model atomically.
 A parity failure keeps the file, marked unverified twice: ``metadata_props["onnxforge.verified"] =
 "false"`` inside the model, and ``<out>.unverified.json`` beside it with the report; then it raises
 QualityGateError (exit 4). A later verified export to the same path removes a stale note.
+
+A ``file.py:callable`` source runs the user's code: that export runs in a child process (see
+``_isolation``), so the code cannot end, hang or hold up this process unreported.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import onnxruntime as ort
 from onnxforge._atomic import atomic_write_text, check_output_path, paths_in
 from onnxforge.converters._parity_inputs import parity_feeds, sample_feeds
 from onnxforge.converters.config import Exporter, ExportConfig, ExportResult
-from onnxforge.converters.source import SourceKind, SourceModel, parse_source, resolve_source
+from onnxforge.converters._isolation import SOURCE_TIMEOUT_S
+from onnxforge.converters.source import SourceKind, SourceModel, is_python_source, resolve_source, source_files
 from onnxforge.errors import ExportError, InvalidModelError, QualityGateError
 from onnxforge.model_io import default_opset, fits_in_protobuf, input_specs, load_model, output_specs, save_model
 from onnxforge.parity import OutputParity, ParityReport, compare_outputs
@@ -159,17 +163,33 @@ def _onnx_input(path: Path, notes: list[str]) -> onnx.ModelProto:
     return proto
 
 
-def export(source: str | os.PathLike, output: str | os.PathLike, config: ExportConfig = ExportConfig()) -> ExportResult:
+def export(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    config: ExportConfig = ExportConfig(),
+    *,
+    timeout: float = SOURCE_TIMEOUT_S,
+    in_process: bool = False,
+) -> ExportResult:
     """Export SOURCE to ONNX at ``output`` and verify it. See the module docstring.
 
     Returns an ExportResult (exporter used, why dynamo failed if it did, parity per output, input
     and output names/shapes/dtypes). Raises ExportError/UsageError (exit 2) leaving no file, or
     QualityGateError (exit 4) when parity fails, leaving the file marked unverified.
+
+    A ``file.py:callable`` export runs in a child process given ``timeout`` seconds; its code
+    exiting, hanging or being killed is a ModelSourceError (exit 2). ``in_process=True`` runs it
+    in this process instead (debugging; tests that patch the exporter).
     """
+    out = check_output_path(output, *source_files(source), *paths_in(config))
+    if is_python_source(source) and not in_process:
+        from onnxforge.converters._isolation import export_in_child
+
+        for path in source_files(source):
+            if not path.exists():  # no process to start for that
+                raise ExportError(f"{path}: no such file")
+        return export_in_child(source, out, config, timeout=timeout)
     src = resolve_source(source)
-    spec = parse_source(source)
-    source_file = spec.path if spec.callable is not None else None
-    out = check_output_path(output, src.path, source_file, *paths_in(config))
     fallback = None
     examples = None
     notes: list[str] = []

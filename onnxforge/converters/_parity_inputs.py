@@ -34,7 +34,7 @@ def _other_length(size: int) -> int:
 def sample_feeds(path: Path, specs: list[TensorSpec]) -> list[dict[str, np.ndarray]]:
     """Feeds from a user's .npz keyed by input name: batch 1 and 3 when the batch is dynamic."""
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as e:
         raise CalibrationDataError(f"{path}: not a readable .npz ({type(e).__name__})") from e

@@ -47,7 +47,7 @@ def _import_keras():
 def load_keras_file(path: Path) -> Any:
     keras = _import_keras()
     try:
-        return keras.saving.load_model(str(path))
+        return keras.saving.load_model(str(path), safe_mode=True)  # no Lambda bytecode from the file
     except Exception as e:
         raise ExportError(f"{path}: Keras could not load it: {type(e).__name__}: {str(e)[:200]}") from e
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from onnxforge.errors import ExportError
 
-__all__ = ["SourceKind", "SourceModel", "SourceSpec", "parse_source", "resolve_source"]
+__all__ = ["SourceKind", "SourceModel", "SourceSpec", "parse_source", "resolve_source", "source_files", "is_python_source"]
 
 
 class SourceKind(enum.Enum):
@@ -61,6 +61,19 @@ def parse_source(source: str | os.PathLike) -> SourceSpec:
     if sep and path_text.endswith(".py"):
         return SourceSpec(Path(path_text), name)
     return SourceSpec(Path(text))
+
+
+def is_python_source(source: str | os.PathLike) -> bool:
+    """True for ``file.py:callable``: a source whose loading runs the user's Python code."""
+    return parse_source(source).callable is not None
+
+
+def source_files(source: str | os.PathLike) -> list[Path]:
+    """The files SOURCE reads: the .py of ``file.py:callable``, the model file; none for ``builtin:NAME``."""
+    text = str(source)
+    if text.startswith("builtin:"):
+        return []
+    return [parse_source(text).path]
 
 
 def _call_factory(path: Path, attr: str) -> Any:

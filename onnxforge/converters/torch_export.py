@@ -280,15 +280,28 @@ def export_torch(
 
 
 def load_program(path: Path) -> torch.export.ExportedProgram:
-    """Load a ``torch.export.save``d program, raising ExportError with the reason when it cannot."""
+    """Load a ``torch.export.save``d program, raising ExportError with the reason when it cannot.
+
+    Pickles inside the archive are checked first and loaded weights-only (see _pt2_archive): a
+    .pt2 cannot run code on load. The check and the load read the same open file.
+    """
+    from onnxforge.converters._pt2_archive import check_pt2_archive, weights_only_loads
+
     try:
-        with _quiet():
-            return torch.export.load(str(path))
-    except Exception as e:
-        raise ExportError(
-            f"{path}: not a torch.export program ({_first_line(e)})",
-            hint="save one with torch.export.save(torch.export.export(model, args), 'model.pt2')",
-        ) from e
+        file = open(path, "rb")
+    except OSError as e:
+        raise ExportError(f"{path}: cannot be read ({e.strerror})") from e
+    with file:
+        check_pt2_archive(file, path)
+        file.seek(0)
+        try:
+            with _quiet(), weights_only_loads():
+                return torch.export.load(file)
+        except Exception as e:
+            raise ExportError(
+                f"{path}: not a torch.export program ({_first_line(e)})",
+                hint="save one with torch.export.save(torch.export.export(model, args), 'model.pt2')",
+            ) from e
 
 
 def _program_input_names(program: torch.export.ExportedProgram) -> list[str]:

@@ -259,9 +259,19 @@ def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe
         target=target,
         input_shapes=context.input_shapes,
         dynamic_batch=context.dynamic_batch,
-        name=name,
+        name=_plain_name(name, source),
         search=dict(search) if search else None,
     )
+
+
+def _plain_name(value: Any, source: str) -> str:
+    """A run's name is the folder it runs into under runs/: one plain path component."""
+    name = str(value)
+    if (not name or name in (".", "..") or any(c in name for c in "/\\\0") or os.path.isabs(name)
+            or len(os.fsencode(name)) > 255):
+        raise RecipeError(f"{source}: name {name!r} must be a plain name (no '/', '\\' or '..'): "
+                          "it names the run folder runs/<name>")
+    return name
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

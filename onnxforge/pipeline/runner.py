@@ -29,6 +29,7 @@ from onnxforge.pipeline.evaluate import Metric, resolve_metric, run_outputs, sco
 from onnxforge.pipeline.manifest import Manifest, StageRecord, describe_file, tool_versions
 from onnxforge.pipeline.recipe import SOURCE, Recipe, StageSpec
 from onnxforge.pipeline.registry import StageContext
+from onnxforge.pipeline.run_guard import check_run_paths, stage_output
 from onnxforge.targets import get_target
 from onnxforge.targets.feeds import batch_from_samples, generate_feeds
 from onnxforge.targets.latency import compare_latency
@@ -127,6 +128,10 @@ def run_stage(
     except OnnxForgeError as e:
         e.record = StageRecord(**base, status="failed", seconds=time.perf_counter() - start, error=e.message,
                                cache=cache_note)
+        raise
+    except OSError as e:  # a full disk or a read-only folder inside a library: recorded, then exit 2 (cli.main)
+        e.record = StageRecord(**base, status="failed", seconds=time.perf_counter() - start, cache=cache_note,
+                               error=f"{e.strerror or type(e).__name__}" + (f": {e.filename}" if e.filename else ""))
         raise
     result_json = result.to_json()
     verified = pass_obj.verified(result)
@@ -234,6 +239,7 @@ def run_recipe(
     progress = progress or (lambda message: None)
     cache = cache if cache is not None else StageCache.default()
     run_dir = Path(run_dir)
+    check_run_paths(recipe, run_dir)  # a stage output may not overwrite what the run reads
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, recipe.to_json())
     manifest.write()
@@ -248,11 +254,11 @@ def run_recipe(
         manifest.baseline = StageRecord("input", "input", "input", {}, artifacts[SOURCE].sha256, 0.0,
                                         describe_file(source, run_dir), {"path": str(source)})
     for index, spec in enumerate(recipe.stages, start=1):
-        output = run_dir / f"{index:02d}_{spec.name}.onnx"
+        output = stage_output(run_dir, index, spec.name)
         try:
             record = run_stage(spec, [artifacts[name] for name in spec.inputs], output, context, cache,
                                force=force, relative_to=run_dir)
-        except OnnxForgeError as e:
+        except (OnnxForgeError, OSError) as e:
             if getattr(e, "record", None) is not None:
                 manifest.stages.append(e.record)
                 manifest.write()

@@ -117,7 +117,8 @@ def test_dynamo_external_data_past_the_threshold(two_io_file, tmp_path, monkeypa
     monkeypatch.setattr(onnxforge.model_io, "_EXTERNAL_DATA_THRESHOLD", 0)
     monkeypatch.setattr(onnxforge.model_io, "_PROTOBUF_LIMIT", 1)  # "does not fit": the >2 GB code path
     out = tmp_path / "big" / "two_io.onnx"
-    result = export(f"{two_io_file}:build", out, ExportConfig(dynamic_batch=True))
+    # in_process: the patches above live in this process, not in the child a .py source runs in
+    result = export(f"{two_io_file}:build", out, ExportConfig(dynamic_batch=True), in_process=True)
     assert result.exporter == "dynamo" and result.verified
     assert calls[0]["dynamo"] is True and calls[0]["external_data"] is True
     data = out.with_name("two_io.onnx.data")
