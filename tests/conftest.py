@@ -89,8 +89,13 @@ def sha256(path: str | os.PathLike) -> str:
 # Tiny ONNX models
 
 
-def make_classifier(seed: int = 0, *, batch: int | str = "N", opset: int = 17) -> onnx.ModelProto:
-    """Conv(3->4, 3x3, pad 1) + Relu + Flatten + Gemm(256->5): x[N,3,8,8] -> logits[N,5]."""
+def make_classifier(
+    seed: int = 0, *, batch: int | str = "N", opset: int = 17, channels: int = 4, dead_channels: int = 0
+) -> onnx.ModelProto:
+    """Conv(3->4, 3x3, pad 1) + Relu + Flatten + Gemm(256->5): x[N,3,8,8] -> logits[N,5].
+
+    ``channels`` sets the Conv's width; the last ``dead_channels`` of them have zero weights and bias
+    and nothing reads them (zero Gemm columns): removing them changes no output."""
     c, h, w = IMAGE_SHAPE
     dim = batch  # an int, or a symbol such as N for a dynamic batch
     text = textwrap.dedent(
@@ -107,11 +112,16 @@ def make_classifier(seed: int = 0, *, batch: int | str = "N", opset: int = 17) -
     model = onnx.parser.parse_model(text)
     rng = np.random.default_rng(seed)
     weights = {
-        "conv_w": rng.standard_normal((4, c, 3, 3)).astype(np.float32) * 0.3,
-        "conv_b": rng.standard_normal(4).astype(np.float32) * 0.1,
-        "fc_w": rng.standard_normal((NUM_CLASSES, 4 * h * w)).astype(np.float32) * 0.1,
+        "conv_w": rng.standard_normal((channels, c, 3, 3)).astype(np.float32) * 0.3,
+        "conv_b": rng.standard_normal(channels).astype(np.float32) * 0.1,
+        "fc_w": rng.standard_normal((NUM_CLASSES, channels * h * w)).astype(np.float32) * 0.1,
         "fc_b": rng.standard_normal(NUM_CLASSES).astype(np.float32) * 0.1,
     }
+    if dead_channels:
+        live = channels - dead_channels
+        weights["conv_w"][live:] = 0.0
+        weights["conv_b"][live:] = 0.0
+        weights["fc_w"].reshape(NUM_CLASSES, channels, h * w)[:, live:] = 0.0
     model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in weights.items())
     onnx.checker.check_model(model, full_check=True)
     return model

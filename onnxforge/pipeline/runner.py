@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from onnxforge.errors import OnnxForgeError, QualityGateError
 from onnxforge.model_io import file_sha256, input_specs, load_model

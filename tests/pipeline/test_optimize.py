@@ -12,7 +12,7 @@ import onnx
 import onnx.numpy_helper
 import onnx.parser
 import pytest
-from conftest import random_images, run_model, save, write_npz
+from conftest import make_classifier, random_images, run_model, save, write_npz
 
 from onnxforge.errors import InvalidModelError
 from onnxforge.pipeline.data_spec import DataSpec
@@ -25,29 +25,9 @@ ZERO = 16  # channels whose weights and bias are zero: removing them changes not
 
 
 def make_redundant_classifier(seed: int = 0) -> onnx.ModelProto:
-    """Conv(3->32) whose last 16 channels are all-zero + Relu + Flatten + Gemm: pruning half the channels
-    (the zero ones, lowest L2) is free; pruning three quarters removes real channels and changes answers."""
-    text = textwrap.dedent(f"""
-        <ir_version: 8, opset_import: ["" : 17]>
-        redundant (float[N,3,8,8] x) => (float[N,5] logits) {{
-            conv = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, conv_w, conv_b)
-            act = Relu (conv)
-            flat = Flatten <axis = 1> (act)
-            logits = Gemm <transB = 1> (flat, fc_w, fc_b)
-        }}
-    """)
-    model = onnx.parser.parse_model(text)
-    rng = np.random.default_rng(seed)
-    conv_w = rng.standard_normal((CHANNELS, 3, 3, 3)).astype(np.float32) * 0.3
-    conv_b = rng.standard_normal(CHANNELS).astype(np.float32) * 0.1
-    conv_w[CHANNELS - ZERO:] = 0.0
-    conv_b[CHANNELS - ZERO:] = 0.0
-    fc_w = rng.standard_normal((5, CHANNELS, 64)).astype(np.float32) * 0.1
-    fc_w[:, CHANNELS - ZERO:] = 0.0  # nothing reads the dead channels either
-    weights = {"conv_w": conv_w, "conv_b": conv_b, "fc_w": fc_w.reshape(5, CHANNELS * 64),
-               "fc_b": rng.standard_normal(5).astype(np.float32) * 0.1}
-    model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in weights.items())
-    return model
+    """32 Conv channels of which 16 are dead: pruning half the channels (the dead ones, lowest L2) is
+    free; pruning three quarters removes real channels and changes answers."""
+    return make_classifier(seed, channels=CHANNELS, dead_channels=ZERO)
 
 
 @pytest.fixture

@@ -40,8 +40,14 @@ from onnxforge.pipeline.registry import StageContext
 from onnxforge.pipeline.runner import StageArtifact, run_stage, source_fingerprint
 from onnxforge.pipeline.search.config import Objective, OptimizeConfig, Strategy
 from onnxforge.pipeline.search.pareto import pareto_front
-from onnxforge.pipeline.search.space import SearchSpace, TrialPlan
-from onnxforge.pipeline.search.trial import TrialContext, evaluate_plan, latency_feeds, stage_specs, time_against_reference
+from onnxforge.pipeline.search.space import SearchSpace
+from onnxforge.pipeline.search.trial import (
+    TrialContext,
+    evaluate_plan,
+    latency_feeds,
+    stage_specs,
+    time_against_reference,
+)
 from onnxforge.targets import get_target
 
 __all__ = ["optimize", "OptimizeResult"]

@@ -12,15 +12,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import typing
-
 from onnxforge.errors import UsageError
 from onnxforge.pipeline import codec
-from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, registered_passes
+from onnxforge.pipeline.registry import Knob, KnobKind, Phase, registered_passes
 
 __all__ = ["SearchSpace", "TrialPlan", "NONE"]
 
