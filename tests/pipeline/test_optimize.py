@@ -228,3 +228,24 @@ def test_a_recipe_search_section_is_the_same_search(project, cli):
     direct = optimize(project / "model.onnx", project / "direct", _config(project))
     assert from_recipe["best"]["sha256"] == direct.best["sha256"]
     assert from_recipe["best"]["plan"]["prune_channels.ratio"] == 0.5
+
+
+def test_a_framework_source_is_exported_once_and_searched(tmp_path, torch_model_file):
+    from onnxforge.pipeline.cache import StageCache
+
+    write_npz(tmp_path / "calib.npz", **{"input": random_images(32, seed=1)})
+    write_npz(tmp_path / "eval.npz", **{"input": random_images(48, seed=2)})
+    config = OptimizeConfig(
+        calibration=DataSpec(path=tmp_path / "calib.npz"), eval_data=DataSpec(path=tmp_path / "eval.npz"),
+        metric=Metric.AGREEMENT, tolerance=20.0, objective=Objective.SIZE, strategy=Strategy.GRID,
+        passes=("quantize",), space={"quantize.schemes": (["qdq-u8s8-per-channel"],)},
+        input_shapes={"input": (1, 3, 8, 8)}, latency_rounds=3,
+    )
+    cache = StageCache(tmp_path / "cache")
+    result = optimize(f"{torch_model_file}:build", tmp_path / "run", config, cache=cache)
+    assert (tmp_path / "run" / "input_export.onnx").exists()  # the reference is the exported model
+    assert result.best is not None and result.best["describe"].startswith("quantize")
+    again = optimize(f"{torch_model_file}:build", tmp_path / "run2", config, cache=cache)
+    assert again.best["sha256"] == result.best["sha256"]
+    assert all(s["cache"] == "cached" or s["cache"].startswith(("unchanged", "restored"))
+               for r in again.trials for s in r.get("stages", []))  # every stage came from the cache
