@@ -10,10 +10,11 @@
    feature_weight * sum over cut layers of MSE(student, teacher's kept channels) / Var(teacher).
    BatchNorm layers the graph kept stay in eval mode (their statistics are the graph's).
 3. Adam with a cosine schedule; the samples are shuffled with the seed, ``held_out`` of them never
-   trained on. After every epoch the held-out metric (accuracy with labels, agreement with the
-   teacher for class scores, cosine for embeddings; ties broken by the held-out loss) decides the
-   best weights; ``patience`` epochs without progress or the time budget stop training. The
-   untrained student is epoch 0: training never returns something worse on held-out data.
+   trained on. After every epoch the held-out distillation loss (continuous: a held-out accuracy on
+   a hundred samples saturates after one epoch) decides the best weights, and the held-out metric
+   (accuracy with labels, agreement with the teacher for class scores, cosine for embeddings) is
+   reported; ``patience`` epochs without progress or the time budget stop training. The untrained
+   student is epoch 0: training never returns something with a worse held-out loss.
 4. The best student is exported (dynamo, as ``export`` does), checked against the trained PyTorch
    student (parity after), gated against the teacher on the eval data, and saved atomically:
    an interrupted run leaves no file.
@@ -258,7 +259,7 @@ def distill(
     module = student.module
     best_state = copy.deepcopy(module.state_dict())
     held_before, held_loss = _evaluate(module, held, teacher_held, metric, kind, config.temperature, batch)
-    best = (held_before, -held_loss)
+    best_loss, best_value = held_loss, held_before
     history = [{"epoch": 0, "loss": None, "held_out": held_before, "held_out_loss": held_loss}]
     say(f"distill: epoch 0, held-out {metric.value} {held_before:.4f}")
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
@@ -309,9 +310,9 @@ def distill(
             value, held_loss = _evaluate(module, held, teacher_held, metric, kind, config.temperature, batch)
             history.append({"epoch": epoch, "loss": total / max(count, 1), "held_out": value, "held_out_loss": held_loss})
             say(f"distill: epoch {epoch}/{config.epochs}, loss {total / max(count, 1):.4f}, "
-                f"held-out {metric.value} {value:.4f} (best {best[0]:.4f})")
-            if (value, -held_loss) > best:
-                best, best_epoch, stale = (value, -held_loss), epoch, 0
+                f"held-out {metric.value} {value:.4f}, held-out loss {held_loss:.4f} (best {best_loss:.4f})")
+            if held_loss < best_loss:
+                best_loss, best_value, best_epoch, stale = held_loss, value, epoch, 0
                 best_state = copy.deepcopy(module.state_dict())
             else:
                 stale += 1
@@ -334,7 +335,7 @@ def distill(
     result = DistillResult(
         path=out, loss=kind.value, held_out_metric=metric.value, epochs_run=epoch if config.epochs else 0,
         best_epoch=best_epoch, stopped=stopped, train_seconds=train_seconds, train_samples=len(train),
-        held_out_samples=len(held), history=history, held_out_before=held_before, held_out_after=best[0],
+        held_out_samples=len(held), history=history, held_out_before=held_before, held_out_after=best_value,
         parity_before=parity_before,
         parity_after={"max_abs_error": after.max_abs, "ok": after.ok, "samples": len(probe)},
         mapping={**student.describe(), "feature_layers": {k: v["match"] for k, v in kept.items()}},
