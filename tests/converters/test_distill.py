@@ -121,3 +121,17 @@ def test_a_graph_from_another_model_is_refused_in_one_line(pruned, tmp_path):
     with pytest.raises(UsageError, match="no initializer of the pruned graph is named after a parameter"):
         distill(TEACHER, tmp_path / "other.onnx", tmp_path / "out.onnx", DistillConfig(calibration_data=calib))
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_prune_with_distill_on_the_command_line(pruned, cli, tmp_path):
+    folder, _, calib, evaluation = pruned
+    out = tmp_path / "student.onnx"
+    code, stdout, _ = cli("prune", folder / "teacher.onnx", "-o", out, "--method", "channels", "--ratio", "0.75",
+                          "--calibration", calib, "--distill", TEACHER, "--epochs", "2", "--eval", evaluation,
+                          "--tolerance", "100")
+    assert code == 0, stdout
+    assert "distilled 2 epochs" in stdout and "repair only" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]  # the pruned intermediate is gone
+    code, _, stderr = cli("prune", folder / "teacher.onnx", "-o", tmp_path / "x.onnx", "--method", "channels",
+                          "--distill", TEACHER)
+    assert code == 2 and "--distill trains on the --calibration data" in stderr
