@@ -2,7 +2,9 @@
 
 ``distill(source, student_onnx, output, config)``:
 
-1. The teacher is SOURCE (an ``nn.Module``: ``file.py:callable`` or ``builtin:NAME``); the student is
+1. The teacher is SOURCE (an ``nn.Module``: ``file.py:callable`` or ``builtin:NAME``; a ``file.py``
+   is imported in this process, not in the export's child process, since training needs the module
+   here; TorchScript, ``.pt2`` and Keras sources are refused for now); the student is
    the pruned (repaired) ONNX graph carried back onto a copy of it (onnxforge.converters.student)
    and checked to reproduce that graph (parity before training).
 2. Loss on the first output: KL(softmax(t/T) || softmax(s/T)) * T^2 for class scores, MSE or
