@@ -426,18 +426,29 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
               help="channels: auto = least squares when --calibration is given")
 @click.option("--scope", type=click.Choice(["per-layer", "global"]), default="per-layer", show_default=True)
 @click.option("--exclude", multiple=True, help="node name to leave dense (repeatable)")
+@click.option("--distill", "distill_source", metavar="SOURCE", default=None,
+              help="channels: then train the pruned model against SOURCE, the PyTorch model MODEL was exported from "
+              "(file.py:callable or builtin:NAME), on the --calibration data")
+@click.option("--epochs", type=int, default=30, show_default=True, help="--distill: training epochs (early stopping may end sooner)")
 @quality_options
 @json_option
-def prune(model, output, prune_method, sparsity, ratio, calibration, importance, allocation, repair, scope, exclude, eval_data,
-          metric, tolerance, json_path):
+def prune(model, output, prune_method, sparsity, ratio, calibration, importance, allocation, repair, scope, exclude,
+          distill_source, epochs, eval_data, metric, tolerance, json_path):
     """Prune MODEL: magnitude sparsity (default), structured channels (really faster) or low-rank factors.
 
-    With --eval, the most-pruned model within tolerance is kept.
+    With --eval, the most-pruned model within tolerance is kept. With --distill SOURCE, the pruned
+    channels model is then trained against SOURCE (distillation) and gated on --eval.
     """
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig, Scope, prune_magnitude
 
+    if distill_source is not None and prune_method != "channels":
+        raise UsageError("--distill applies to --method channels")
     if prune_method == "channels":
+        if distill_source is not None:
+            _prune_distill_cmd(model, output, ratio, calibration, importance, allocation, repair, exclude,
+                               distill_source, epochs, eval_data, metric, tolerance, json_path)
+            return
         _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance, allocation, repair, exclude, eval_data,
                             metric, tolerance, json_path)
         return
@@ -526,6 +537,52 @@ def _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance,
     if result.score_before is not None:
         repaired = f", before repair {result.score_without_repair:.4f}" if result.repaired else ""
         out.print(f"  quality {result.score_before:.4f} -> {result.score_after:.4f}{repaired} ({result.gate})")
+
+
+def _prune_distill_cmd(model, output, ratio, calibration, importance, allocation, repair, exclude, source, epochs,
+                       eval_data, metric, tolerance, json_path) -> None:
+    """``prune --method channels --distill SOURCE``: prune (no gate: distillation recovers), then distill
+    into OUTPUT and gate on --eval."""
+    import tempfile
+
+    from onnxforge._atomic import check_output_path
+    from onnxforge.converters.distill import DistillConfig, distill
+    from onnxforge.converters.source import source_files
+    from onnxforge.pipeline.evaluate import Metric
+    from onnxforge.pipeline.prune.channels import Allocation, ChannelPruneConfig, Importance, Repair, prune_channels
+
+    if calibration is None:
+        raise UsageError("--distill trains on the --calibration data", hint="pass --calibration DATA.npz")
+    prune_config = ChannelPruneConfig(ratio=0.5 if ratio is None else ratio, importance=Importance(importance),
+                                      allocation=Allocation(allocation), repair=Repair(repair),
+                                      calibration_data=calibration, exclude_nodes=tuple(exclude))
+    config = DistillConfig(epochs=epochs, calibration_data=calibration, eval_data=eval_data, metric=Metric(metric),
+                           tolerance=tolerance)
+    target = check_output_path(output, model, calibration, eval_data, *source_files(source))
+    with tempfile.TemporaryDirectory(prefix=".onnxforge-prune-", dir=target.parent.resolve()) as tmp:
+        pruned_path = Path(tmp) / target.name  # beside the output; only the distilled model is kept
+        with _status(f"pruning channels of {model}", _quiet(json_path)) as update:
+            pruned = prune_channels(model, pruned_path, prune_config)
+            result = distill(source, pruned_path, target, config, progress=update)
+    _emit_json(json_path, {"prune": pruned.to_json(), "distill": result.to_json()})
+    if _quiet(json_path):
+        return
+    _render_distill(pruned, result)
+
+
+def _render_distill(pruned, result) -> None:
+    out.print(f"pruned {pruned.ratio:.0%} of the channels: MACs/sample {pruned.macs_before:,} -> {pruned.macs_after:,}")
+    out.print(f"[bold green]wrote[/] {result.path}: distilled {result.epochs_run} epochs in {result.train_seconds:.0f} s "
+                  f"(best epoch {result.best_epoch}, stopped by {result.stopped}); held-out {result.held_out_metric} "
+                  f"{result.held_out_before:.4f} -> {result.held_out_after:.4f}")
+    out.print(f"  student = pruned graph before training: max err {result.parity_before['max_abs_error']:.1e}; "
+                  f"exported vs trained: max err {result.parity_after['max_abs_error']:.1e}")
+    if result.scores:
+        s = result.scores
+        out.print(f"  eval: teacher {s['teacher']:.4f}, repair only {s['repair_only']:.4f}, distilled "
+                      f"{s['distilled']:.4f} ({result.gate})")
+    for note in result.notes:
+        out.print(f"  [yellow]note:[/] {note}")
 
 
 @cli.command()

@@ -180,7 +180,12 @@ def _stages(raw: list, context: StageContext, base: Path, model_is_onnx: bool) -
         default_name = kind if kinds.count(kind) == 1 else f"{kind}{counters[kind]}"
         name = _check_name(graph.get("name", default_name), where, taken)
         taken.add(name)
-        inputs_raw = graph.get("inputs", [stages[-1].name if stages else SOURCE])
+        previous = stages[-1].name if stages else SOURCE
+        pass_cls = registered_passes()[kind]
+        # A stage that reads the framework model and a graph (distill) takes [source, previous] by default.
+        default = [SOURCE if a is Artifact.SOURCE else previous for a in pass_cls.consumes] \
+            if len(pass_cls.consumes) > 1 and not pass_cls.variadic else [previous]
+        inputs_raw = graph.get("inputs", default)
         if isinstance(inputs_raw, str):
             inputs_raw = [inputs_raw]
         if not isinstance(inputs_raw, list) or not inputs_raw or not all(isinstance(i, str) for i in inputs_raw):
@@ -190,7 +195,6 @@ def _stages(raw: list, context: StageContext, base: Path, model_is_onnx: bool) -
             if item != SOURCE and item not in known:
                 raise RecipeError(f"{where}.inputs: {item!r} is not an earlier stage; earlier: "
                                   f"{', '.join([SOURCE, *known]) }")
-        pass_cls = registered_passes()[kind]
         wanted_kinds = pass_cls.consumes * len(inputs_raw) if pass_cls.variadic else pass_cls.consumes
         if len(inputs_raw) != len(wanted_kinds):
             raise RecipeError(f"{where}.inputs: {kind} takes {len(pass_cls.consumes)} input(s), got {len(inputs_raw)}")

@@ -222,7 +222,8 @@ def optimize(
         raise UsageError(f"{run_dir}: exists and is not a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     get_target(config.target).require()
-    space = SearchSpace(config.target, config.passes, config.space)
+    has_source = not model.endswith(".onnx")
+    space = SearchSpace(config.target, config.passes, config.space, has_source=has_source)
     say("preparing the input model")
     reference, start = _prepare(model, run_dir, config, cache, say)
     gate, reference_score = _reference_gate(reference.ref, config)
@@ -231,6 +232,7 @@ def optimize(
         calibration=config.calibration, eval_path=str(config.eval_data.path), target=config.target, gate=gate,
         reference_score=reference_score, batch=config.batch, threads=config.threads, rounds=config.latency_rounds,
         cache_root=str(cache.root) if cache.root else None,
+        source=model if has_source else None, source_sha256=source_fingerprint(model) if has_source else None,
     )
     notes: list[str] = []
     study = _open_study(run_dir, config, space, _settings(reference.sha256, config, space), notes)

@@ -19,7 +19,7 @@ from typing import Any
 
 from onnxforge.errors import UsageError
 from onnxforge.pipeline import codec
-from onnxforge.pipeline.registry import Knob, KnobKind, Phase, registered_passes
+from onnxforge.pipeline.registry import Artifact, Knob, KnobKind, Phase, registered_passes
 
 __all__ = ["SearchSpace", "TrialPlan", "NONE"]
 
@@ -55,7 +55,7 @@ class SearchSpace:
     """The space for one target: ``phases`` maps each phase to the passes (with knobs) in it."""
 
     def __init__(self, target: str, passes: Sequence[str] | None = None,
-                 pinned: Mapping[str, Sequence[Any]] | None = None) -> None:
+                 pinned: Mapping[str, Sequence[Any]] | None = None, *, has_source: bool = True) -> None:
         registry = registered_passes()
         unknown = sorted(set(passes or ()) - set(registry))
         if unknown:
@@ -67,6 +67,8 @@ class SearchSpace:
             knobs = cls.knobs(target)
             if not knobs or (passes is not None and name not in passes):
                 continue
+            if Artifact.SOURCE in cls.consumes and not has_source:
+                continue  # distill trains against the framework model: an .onnx input has none
             self.knobs[name] = knobs
             self.phases.setdefault(cls.phase, []).append(name)
         if not self.knobs:
@@ -180,7 +182,7 @@ class SearchSpace:
         seeds = [{p.name.lower(): NONE for p in sorted(self.phases)}]  # the simplified input alone
         for phase in sorted(self.phases):
             for name in self.phase_choices(phase):
-                if name == NONE:
+                if name == NONE or phase is Phase.RECOVERY:  # recovery alone has nothing to recover
                     continue
                 knobs = self.knobs[name]
                 combos: list[dict[str, Any]] = [{}]

@@ -28,7 +28,7 @@ from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_
 from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
 from onnxforge.pipeline.recipe import StageSpec
-from onnxforge.pipeline.registry import StageContext, registered_passes
+from onnxforge.pipeline.registry import Artifact, Phase, StageContext, registered_passes
 from onnxforge.pipeline.runner import StageArtifact, run_stage
 from onnxforge.pipeline.search.space import TrialPlan
 from onnxforge.targets import get_target
@@ -54,6 +54,8 @@ class TrialContext:
     threads: int
     rounds: int
     cache_root: str | None
+    source: str | None = None  # the framework model the input was exported from (what distill trains against)
+    source_sha256: str | None = None
 
     def stage_context(self) -> StageContext:
         return StageContext(target=self.target, calibration=self.calibration,
@@ -77,13 +79,18 @@ def stage_specs(plan: TrialPlan, context: StageContext) -> list[StageSpec]:
     registry = registered_passes()
     specs = []
     previous = "start"
+    structured = False
     for index, (name, knobs) in enumerate(plan.stages, start=1):
         cls = registry[name]
+        if Artifact.SOURCE in cls.consumes and not structured:
+            continue  # distillation retrains what a structure pass removed: alone it has nothing to recover
         values = {**cls.search_defaults(context), **knobs}
         config = codec.decode(cls.config_cls, values, f"trial stage {name}")
         stage_name = f"{index:02d}_{name}"
-        specs.append(StageSpec(name, config, stage_name, (previous,)))
+        inputs = tuple("source" if a is Artifact.SOURCE else previous for a in cls.consumes)
+        specs.append(StageSpec(name, config, stage_name, inputs))
         previous = stage_name
+        structured = structured or cls.phase is Phase.STRUCTURE
     return specs
 
 
@@ -100,6 +107,8 @@ def build_trial(plan: TrialPlan, ctx: TrialContext, work_dir: Path) -> BuiltTria
     context = ctx.stage_context()
     cache = StageCache(ctx.cache_root)
     artifacts = {"start": StageArtifact(ctx.start_model, ctx.start_sha256)}
+    if ctx.source is not None:
+        artifacts["source"] = StageArtifact(ctx.source, ctx.source_sha256 or "")
     records = []
     current = Path(ctx.start_model)
     for spec in stage_specs(plan, context):
@@ -118,6 +127,8 @@ def build_trial(plan: TrialPlan, ctx: TrialContext, work_dir: Path) -> BuiltTria
         artifacts[spec.name] = StageArtifact(str(output), record.output["sha256"])
         records.append({"kind": spec.kind, "status": record.status, "cache": record.cache,
                         "seconds": round(record.seconds, 3), "config": record.config, "summary": record.summary})
+        if "train_seconds" in (record.result or {}):  # a cached distill ran for this long when it was computed
+            records[-1]["train_seconds"] = record.result["train_seconds"]
         current = output
     return BuiltTrial(current, records, time.perf_counter() - start)
 
@@ -176,6 +187,9 @@ def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *
     try:
         built = build_trial(plan, ctx, work)
         record["stages"] = built.stages
+        trained = [st for st in built.stages if "train_seconds" in st]
+        record["distilled"] = bool(trained)  # which models were trained against the source, and for how long
+        record["training_seconds"] = round(sum(st["train_seconds"] for st in trained), 3)
         value = measure_quality(built.path, ctx)
         record.update(quality=value, loss=quality_loss(ctx.gate, value, ctx.reference_score),
                       within_budget=bool(ctx.gate.passes(value, ctx.reference_score)))

@@ -1,0 +1,142 @@
+"""What a distillation stage is told (``DistillConfig``) and what it reports (``DistillResult``).
+
+Kept apart from ``converters.distill`` so that the registry, recipes and the codec can read the
+config without importing torch.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxforge.errors import CalibrationDataError, UsageError
+from onnxforge.pipeline.evaluate import Metric
+
+__all__ = ["DistillLoss", "DistillConfig", "DistillResult"]
+
+
+class DistillLoss(enum.Enum):
+    AUTO = "auto"  # KL with labels or class scores; cosine for unit-norm embeddings; else MSE
+    KL = "kl"  # KL divergence of temperature-softened class distributions (times T^2)
+    MSE = "mse"  # mean squared error of the outputs
+    COSINE = "cosine"  # 1 - cosine similarity of the outputs (embeddings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """How to train the pruned student against its teacher.
+
+    temperature: softens both class distributions for the KL loss (Hinton et al.: T = 2..8).
+    alpha: weight of the cross-entropy on labels, mixed in when the calibration data has a
+      ``label`` array (loss = (1 - alpha) * distillation + alpha * CE); ignored without labels.
+    feature_weight: weight of the intermediate-feature term, an MSE (normalized by the teacher
+      feature's variance) at the output of every layer the pruning cut, on the channels it kept.
+    mixup: inputs mixed pairwise, x = l x_i + (1 - l) x_j with l ~ Beta(mixup, mixup), and labelled by
+      the teacher: more distinct training points from few samples (0: off; float inputs only).
+    held_out: share of the calibration samples kept out of training, for early stopping.
+    patience: epochs without a better held-out score before training stops.
+    time_budget_s: training stops at the end of the batch that runs past it (None: no limit).
+    calibration_data: the training samples (the recipe's ``calibration``); eval_data, metric and
+      tolerance: the gate against the teacher on held-out data, as in the other stages.
+    """
+
+    loss: DistillLoss = DistillLoss.AUTO
+    temperature: float = 4.0
+    alpha: float = 0.5
+    feature_weight: float = 0.0
+    mixup: float = 0.0
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    seed: int = 0
+    held_out: float = 0.1
+    patience: int = 6
+    time_budget_s: float | None = None
+    calibration_data: Path | None = None
+    eval_data: Path | None = None
+    metric: Metric = Metric.AUTO
+    tolerance: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise UsageError(f"distill: temperature {self.temperature:g} must be positive")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"distill: alpha {self.alpha:g} must be in [0, 1]")
+        if self.feature_weight < 0:
+            raise UsageError(f"distill: feature_weight {self.feature_weight:g} must be >= 0")
+        if self.mixup < 0:
+            raise UsageError(f"distill: mixup {self.mixup:g} must be >= 0")
+        if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
+            raise UsageError("distill: epochs must be >= 0, batch_size and patience >= 1")
+        if self.learning_rate <= 0:
+            raise UsageError(f"distill: learning_rate {self.learning_rate:g} must be positive")
+        if not 0.0 < self.held_out < 1.0:
+            raise UsageError(f"distill: held_out {self.held_out:g} must be in (0, 1)")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise UsageError(f"distill: time_budget_s {self.time_budget_s:g} must be positive")
+        if self.tolerance is not None and self.tolerance < 0:
+            raise UsageError(f"distill: tolerance {self.tolerance:g} must be >= 0")
+
+    def require_data(self) -> Path:
+        if self.calibration_data is None:
+            raise CalibrationDataError("the distill stage trains on calibration data",
+                                       hint="set 'calibration' in the recipe, or pass --calibration")
+        return self.calibration_data
+
+
+@dataclass
+class DistillResult:
+    """What a distillation did and measured.
+
+    parity_before: the student built in PyTorch against the pruned ONNX model, before training
+    (max abs error); parity_after: the exported student against the trained PyTorch one.
+    held_out_before / held_out_after: the held-out metric of the student before and after training;
+    scores: teacher, repair-only (the input ONNX model) and distilled on the eval data.
+    """
+
+    path: Path | None
+    loss: str
+    held_out_metric: str
+    epochs_run: int
+    best_epoch: int
+    stopped: str
+    train_seconds: float
+    train_samples: int
+    held_out_samples: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    held_out_before: float | None = None
+    held_out_after: float | None = None
+    parity_before: dict[str, Any] = field(default_factory=dict)
+    parity_after: dict[str, Any] = field(default_factory=dict)
+    mapping: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    gate: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.parity_after.get("ok"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss,
+            "held_out_metric": self.held_out_metric,
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "stopped": self.stopped,
+            "train_seconds": round(self.train_seconds, 3),
+            "train_samples": self.train_samples,
+            "held_out_samples": self.held_out_samples,
+            "history": self.history,
+            "held_out_before": self.held_out_before,
+            "held_out_after": self.held_out_after,
+            "parity_before": self.parity_before,
+            "parity_after": self.parity_after,
+            "mapping": self.mapping,
+            "scores": self.scores,
+            "gate": self.gate,
+            "verified": self.verified,
+            "notes": self.notes,
+        }
