@@ -840,6 +840,23 @@ def _render_merge(result) -> None:
         out.print(f"  [yellow]note:[/] {escape(note)}")
 
 
+@cli.command(name="cache")
+@click.option("--clear", is_flag=True, help="remove every cached stage output")
+@cache_options
+def cache_cmd(clear, cache_dir, no_cache):
+    """Show where the stage cache is and how much it holds; --clear empties it."""
+    cache = _cache(cache_dir, no_cache)
+    if not cache.enabled:
+        out.print("the stage cache is off (--no-cache)")
+        return
+    entries, size = cache.usage()
+    if clear:
+        removed = cache.clear()
+        out.print(f"removed {removed} cached stage outputs ({_human_bytes(size)}) from {cache.root}")
+        return
+    out.print(f"stage cache {cache.root}: {entries} stage outputs, {_human_bytes(size)}")
+
+
 @cli.command(name="inspect")
 @model_argument
 @json_option

@@ -153,6 +153,24 @@ class StageCache:
         with atomic_path(destination) as tmp:
             shutil.copyfile(source, tmp)
 
+    def entries(self) -> list[Path]:
+        """The entry folders under the root (published ones: ``<key[:2]>/<key>``)."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        return [p for p in self.root.glob("??/*") if p.is_dir() and not p.name.startswith(".")]
+
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) held by the cache."""
+        entries = self.entries()
+        return len(entries), sum(f.stat().st_size for e in entries for f in e.iterdir() if f.is_file())
+
+    def clear(self) -> int:
+        """Remove every entry (each renamed away first, so a concurrent reader sees it whole or not at all)."""
+        entries = self.entries()
+        for folder in entries:
+            self._discard(folder)
+        return len(entries)
+
     def publish(self, key: str, model_path: Path, record: dict[str, Any]) -> None:
         """Store ``model_path`` (and its external data) with ``record`` under ``key``; atomic, race-safe."""
         if self.root is None:

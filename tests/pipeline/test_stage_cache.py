@@ -142,3 +142,14 @@ def test_calibration_with_image_options_is_recipe_config(project):
     recipe = load_recipe(project / "recipe.yaml")
     assert recipe.calibration.image_size == (8, 8)
     assert recipe.to_json()["calibration"]["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_cache_command_reports_and_clears(project, tmp_path, cli):
+    cache = tmp_path / "cache"
+    _run(project, cache=StageCache(cache))
+    code, out, _ = cli("cache", "--cache-dir", cache)
+    assert code == 0 and "4 stage outputs" in out
+    code, out, _ = cli("cache", "--clear", "--cache-dir", cache)
+    assert code == 0 and "removed 4" in out
+    assert StageCache(cache).usage() == (0, 0)
+    assert set(_statuses(_run(project, cache=StageCache(cache))).values()) == {"done"}
