@@ -10,8 +10,9 @@ schemes the attention-mask nodes) are passed to onnxruntime as ``nodes_to_exclud
 A static scheme scoped to weight MatMuls quantizes only MatMuls with a constant weight and never
 their outputs (``OpTypesToExcludeOutputQuantization``); onnxruntime's QDQ quantizer still rewires
 *every* reader of a quantized input to its dequantized copy, so the residual stream next to a
-MatMul would be rounded too: those readers are given the float tensor back (only MatMuls read
-DequantizeLinear outputs), and onnxruntime runs each MatMul as MatMulIntegerToFloat. A scheme with
+MatMul would be rounded too, and so would a MatMul kept in float beside quantized ones: those
+readers are given the float tensor back (only quantized MatMuls read DequantizeLinear outputs), and
+onnxruntime runs each quantized MatMul as MatMulIntegerToFloat. A scheme with
 ``int8_embeddings`` then gets its embedding tables in int8 (embeddings).
 """
 
@@ -120,8 +121,8 @@ def _static(source: Path, dest: Path, scheme: QuantScheme, config: QuantizeConfi
 
 
 def float_readers_read_float(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Readers other than MatMul of a QuantizeLinear -> DequantizeLinear pair on an activation read
-    the float tensor instead (see the module doc); pairs left without readers are removed."""
+    """Readers other than quantized MatMuls of a QuantizeLinear -> DequantizeLinear pair on an
+    activation read the float tensor instead (see the module doc); pairs left unread are removed."""
     graph_model = ir.from_proto(model)
     graph = graph_model.graph
     for dq in [n for n in graph if n.op_type == "DequantizeLinear"]:
@@ -130,10 +131,18 @@ def float_readers_read_float(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         original = q.inputs[0]
         for user, index in list(dq.outputs[0].uses()):
-            if user.op_type != "MatMul":
+            if not _quantized_matmul(user):
                 user.replace_input_with(index, original)
     common_passes.RemoveUnusedNodesPass()(graph_model)
     return ir.to_proto(graph_model)
+
+
+def _quantized_matmul(node: ir.Node) -> bool:
+    """A MatMul whose weight is dequantized too (one kept in float by nodes_to_exclude reads float)."""
+    if node.op_type != "MatMul" or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    weight = node.inputs[1].producer()
+    return weight is not None and weight.op_type == "DequantizeLinear"
 
 
 def _int4(source: Path, dest: Path, config: QuantizeConfig, excluded: list[str]) -> None:
