@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import onnx
 import onnxruntime as ort
+import pytest
 
-from conftest import assert_numerically_equal
-from onnxforge.pipeline.quantize.skip_layer_norm import residual_sums, should_keep_unfused
+from conftest import assert_numerically_equal, write_npz
+from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize, skip_layer_norm
+from onnxforge.pipeline.quantize.skip_layer_norm import residual_sums, skip_layer_norm_slowdown
 from onnxforge.pipeline.quantize.transformer_fusion import fuse_transformer
 from onnxforge.targets import CpuTarget
 from transformer_graphs import encoder_feeds, make_encoder
@@ -43,6 +46,21 @@ def test_fused_skip_layer_norms_are_written_back_with_the_same_outputs():
 
 
 def test_the_slowdown_is_measured_on_the_target():
-    keep, slowdown = should_keep_unfused(CpuTarget())
+    slowdown = skip_layer_norm_slowdown(CpuTarget())
     assert slowdown is not None and slowdown > 0
-    assert keep == (slowdown >= 1.2)
+
+
+@pytest.mark.parametrize("slowdown", [1.0, 5.0])
+def test_quantize_rewrites_only_where_the_target_measured_it_slower(slowdown, tmp_path, monkeypatch):
+    monkeypatch.setattr(skip_layer_norm, "skip_layer_norm_slowdown", lambda target: slowdown)
+    model, out = tmp_path / "encoder.onnx", tmp_path / "int8.onnx"
+    onnx.save_model(make_encoder(layers=2), str(model))
+    feeds = encoder_feeds(16, 6)
+    calib = write_npz(tmp_path / "calib.npz", **feeds)
+    result = quantize(model, out, calib, QuantizeConfig(
+        schemes=(parse_scheme("qdq-u8s8-per-channel-matmul"),), metric=Metric.COSINE, tolerance=0.5,
+        latency_rounds=1, mixed_precision=False, error_report=False))
+
+    sums = sum(n.op_type == "Sum" for n in onnx.load(str(out)).graph.node)
+    noted = any("residual Add(s) written as Sum" in n for n in result.notes)
+    assert (sums, noted) == ((4, True) if slowdown > 1.2 else (0, False))
