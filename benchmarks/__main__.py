@@ -11,8 +11,8 @@ import json
 import time
 from pathlib import Path
 
-CASES = ["simplify", "quantize", "quantize_minilm", "prune_channels", "prune_minilm", "profiler", "pipeline",
-         "calibration_memory", "merge_minilm", "optimize", "distill"]
+CASES = ["simplify", "quantize", "quantize_minilm", "quantize_bert_random", "prune_channels", "prune_minilm",
+         "profiler", "pipeline", "calibration_memory", "merge_minilm", "optimize", "distill"]
 
 _README = Path(__file__).resolve().parents[1] / "README.md"
 _RESULTS = Path(__file__).with_name("results")

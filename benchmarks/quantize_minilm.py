@@ -1,19 +1,23 @@
-"""Quantizing MiniLM (all-MiniLM-L6-v2 sentence embeddings): ORT defaults vs hand-picked ORT vs onnxforge.
+"""Quantizing MiniLM (all-MiniLM-L6-v2 sentence embeddings): ORT defaults, ORT dynamic, hand-picked ORT,
+onnxforge's default and each onnxforge candidate alone.
 
 The model is exported offline (``examples/minilm_export.py``: dynamo, dynamic batch and sequence)
 as (input_ids, attention_mask) -> L2-normalized mean-pooled embeddings [batch, 384]. Calibration
 sentences come from fixed templates (deterministic, 8-40 tokens, tokenized one by one: variable
 length, never padded); the held-out sentences below are hand-written and disjoint from them.
 
-Rows: fp32; ``quantize_static`` defaults (QDQ S8S8 per-tensor, all ops); hand-picked ORT configs
-(``quantize_dynamic`` per-channel; static QDQ U8S8 per-channel on the weight MatMuls only, the
-attention MatMuls QK^T and PV excluded); onnxforge's default (target-proposed candidates, gate mean
-cosine >= 0.99) and with ``min-cosine`` (every held-out sentence >= 0.99). Columns: speedup vs fp32
-at batch 1 and 32 with 1 and 2 threads (all models timed interleaved per setting), min and mean
-cosine over the held-out sentences (each embedded alone, unpadded), size, wall time and peak RSS
-of the quantization (each in its own process; VmHWM).
+Rows: fp32; the fp32 graph onnxforge quantizes from (residual Adds as Sum, see
+onnxforge.pipeline.quantize.skip_layer_norm: how much of a speedup is that rewrite);
+``quantize_static`` defaults (QDQ S8S8 per-tensor, all ops); ``quantize_dynamic`` per-channel;
+static QDQ U8S8 per-channel on the weight MatMuls only (attention MatMuls excluded); onnxforge's
+default with the gate every held-out sentence's cosine >= 0.99 (``--metric min-cosine --tolerance
+0.99``); then every candidate that default run measured, quantized alone (no mixed precision).
+Columns: speedup vs fp32 at batch 1 and 32 with 1 and 2 threads (all models timed interleaved per
+setting), min and mean cosine over the held-out sentences (each embedded alone, unpadded), size,
+wall time and peak RSS of the quantization (each in its own process; VmHWM). The goal line checks
+the default's min cosine >= 0.99, batch-32 speedup >= 2.5x and size <= 25 MB.
 
-``python -m benchmarks quantize_minilm``. Heavy on a 2-core host (~several minutes).
+``python -m benchmarks quantize_minilm``. Heavy on a 2-core host (~15 minutes).
 """
 
 from __future__ import annotations
@@ -139,12 +143,14 @@ _FORGE_RUN = """
 import time
 from pathlib import Path
 from onnxforge.pipeline.evaluate import Metric
-from onnxforge.pipeline.quantize import quantize, QuantizeConfig
+from onnxforge.pipeline.quantize import quantize, QuantizeConfig, parse_scheme
 from onnxforge.errors import QualityGateError
 t = time.perf_counter()
+schemes = tuple(parse_scheme(s) for s in {schemes!r}) or None
 try:
     r = quantize({src!r}, {dst!r}, Path({calib_dir!r}), QuantizeConfig(
-        eval_data=Path({eval_dir!r}), metric=Metric({metric!r}), tolerance=0.99, latency_rounds={rounds}))
+        eval_data=Path({eval_dir!r}), metric=Metric({metric!r}), tolerance=0.99, latency_rounds={rounds},
+        schemes=schemes, mixed_precision=schemes is None, error_report=False))
 except QualityGateError as e:  # the most accurate candidate is saved: measure it, say so
     print('SECONDS', time.perf_counter() - t)
     print('CHOSEN none within tolerance; best saved:', str(e).split("the best, ")[-1].split(",")[0])
@@ -153,6 +159,7 @@ else:
     print('CHOSEN', r.chosen)
     for n in r.notes: print('NOTE', n)
     for c in r.candidates: print('CANDIDATE', c.scheme, c.score, c.speedup, c.error)
+    for c in r.candidates: print('SCHEME', c.scheme)
 """
 
 
@@ -172,8 +179,9 @@ def _peak_mb(code: str) -> tuple[float, str]:
     return int(next(line.split()[1] for line in stdout.splitlines() if line.startswith("VMHWM_KB"))) / 1024.0, stdout
 
 
-def prepare(folder: Path, calibration_count: int = 160):
-    """Export MiniLM into ``folder`` and write one .npz per sentence (calibration/, eval/).
+def prepare(folder: Path, calibration_count: int = 160, source: str | None = None):
+    """Export MiniLM (or ``source``, a file.py:callable taking the same inputs) into ``folder`` and
+    write one .npz per sentence (calibration/, eval/), tokenized by MiniLM's tokenizer.
 
     Returns (fp32 path, calibration folder, evaluation folder, tokens(sentences, pad) function,
     calibration token lengths).
@@ -186,7 +194,7 @@ def prepare(folder: Path, calibration_count: int = 160):
     import minilm_export
 
     fp32 = folder / "minilm.onnx"
-    export(f"{Path(minilm_export.__file__).resolve()}:build", fp32, ExportConfig(
+    export(source or f"{Path(minilm_export.__file__).resolve()}:build", fp32, ExportConfig(
         dynamic_batch=True, dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}))
     _, tokenizer, _ = minilm_export.load()
 
@@ -206,71 +214,41 @@ def prepare(folder: Path, calibration_count: int = 160):
     return fp32, calib_dir, eval_dir, tokens, lengths
 
 
-def run(calibration_count: int = 160, rounds_b1: int = 15, rounds_b32: int = 4) -> dict:
+def measure(paths: dict[str, Path], info: dict[str, dict], tokens, rounds_b1: int, rounds_b32: int) -> dict[int, int]:
+    """Fill ``info[name]`` for every model: min/mean cosine to fp32 over the held-out sentences (each
+    alone), size, and speedups vs fp32 at batch 1 and 32 with 1 and 2 threads (interleaved per
+    setting); returns the token counts timed at each batch."""
     import numpy as np
 
-    from benchmarks._common import markdown_table, write_results
     from onnxforge.targets import CpuTarget
     from onnxforge.targets.latency import compare_latency
 
-    info: dict[str, dict] = {}
-    forge_log: dict[str, list[str]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-quant-minilm-") as tmp:
-        tmp = Path(tmp)
-        fp32, calib_dir, eval_dir, tokens, lengths = prepare(tmp, calibration_count)
+    target = CpuTarget()
+    singles = [tokens([s]) for s in EVALUATION_SENTENCES]
+    for name, path in paths.items():
+        session = target.session(path, threads=2)
+        info[name]["embeddings"] = np.concatenate([session.run(None, feed)[0] for feed in singles])
+        info[name]["bytes"] = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+    ref = info["fp32"]["embeddings"]
+    for name in paths:
+        emb = info[name].pop("embeddings")
+        cos = (emb * ref).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+        info[name]["min_cosine"] = float(cos.min())
+        info[name]["mean_cosine"] = float(cos.mean())
+    feeds = {1: tokens([EVALUATION_SENTENCES[0]]), 32: tokens(EVALUATION_SENTENCES[:32], pad=True)}
+    for batch, feed in feeds.items():
+        for threads in (1, 2):
+            sessions = {name: target.session(path, threads=threads) for name, path in paths.items()}
+            stats = compare_latency(sessions, feed, rounds=rounds_b1 if batch == 1 else rounds_b32,
+                                    warmup=2, runs_per_round=1 if batch == 32 else 3)
+            for name in paths:
+                info[name][f"speedup_b{batch}_t{threads}"] = stats["fp32"].p50_ms / stats[name].p50_ms
+                info[name][f"p50_ms_b{batch}_t{threads}"] = stats[name].p50_ms
+    return {b: int(f["input_ids"].shape[1]) for b, f in feeds.items()}
 
-        paths = {"fp32": fp32}
-        info["fp32"] = {"seconds": 0.0, "peak_rss_mb": None}
-        ort_runs = {
-            "ORT quantize_static defaults (QDQ S8S8 per-tensor)": _ORT_STATIC.format(
-                calib_dir=str(calib_dir), src=str(fp32), pre=str(tmp / "pre_0.onnx"), dst="{dst}", kwargs="",
-                weights_only=False),
-            "ORT hand-picked: quantize_dynamic per-channel": _ORT_DYNAMIC.format(src=str(fp32), dst="{dst}"),
-            "ORT hand-picked: static QDQ U8S8 per-channel, attention MatMuls excluded": _ORT_STATIC.format(
-                calib_dir=str(calib_dir), src=str(fp32), pre=str(tmp / "pre_2.onnx"), dst="{dst}",
-                kwargs="activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8, per_channel=True",
-                weights_only=True),
-        }
-        for i, (name, code) in enumerate(ort_runs.items()):
-            dst = tmp / f"ort_{i}.onnx"
-            peak, stdout = _peak_mb(code.replace("'{dst}'", repr(str(dst))))
-            paths[name] = dst
-            info[name] = {"seconds": _seconds(stdout), "peak_rss_mb": peak}
-        for metric in ("cosine", "min-cosine"):
-            dst = tmp / f"forge_{metric}.onnx"
-            peak, stdout = _peak_mb(_FORGE_RUN.format(
-                src=str(fp32), dst=str(dst), calib_dir=str(calib_dir), eval_dir=str(eval_dir), metric=metric,
-                rounds=10))
-            chosen = next(line.split(" ", 1)[1] for line in stdout.splitlines() if line.startswith("CHOSEN"))
-            name = f"onnxforge default, gate {metric} >= 0.99 (chose {chosen})"
-            paths[name] = dst
-            info[name] = {"seconds": _seconds(stdout), "peak_rss_mb": peak}
-            forge_log[name] = [line for line in stdout.splitlines() if line.startswith(("NOTE", "CANDIDATE"))]
 
-        target = CpuTarget()
-        singles = [tokens([s]) for s in EVALUATION_SENTENCES]
-        for name, path in paths.items():
-            session = target.session(path, threads=2)
-            info[name]["embeddings"] = np.concatenate([session.run(None, feed)[0] for feed in singles])
-            info[name]["bytes"] = path.stat().st_size + sum(
-                p.stat().st_size for p in path.parent.glob(path.name + ".data"))
-        ref = info["fp32"]["embeddings"]
-        for name in paths:
-            emb = info[name].pop("embeddings")
-            cos = (emb * ref).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
-            info[name]["min_cosine"] = float(cos.min())
-            info[name]["mean_cosine"] = float(cos.mean())
-
-        feeds = {1: tokens([EVALUATION_SENTENCES[0]]), 32: tokens(EVALUATION_SENTENCES[:32], pad=True)}
-        for batch, feed in feeds.items():
-            for threads in (1, 2):
-                sessions = {name: target.session(path, threads=threads) for name, path in paths.items()}
-                stats = compare_latency(sessions, feed, rounds=rounds_b1 if batch == 1 else rounds_b32,
-                                        warmup=2, runs_per_round=1 if batch == 32 else 3)
-                for name in paths:
-                    info[name][f"speedup_b{batch}_t{threads}"] = stats["fp32"].p50_ms / stats[name].p50_ms
-                    info[name][f"p50_ms_b{batch}_t{threads}"] = stats[name].p50_ms
-        seq = {1: int(feeds[1]["input_ids"].shape[1]), 32: int(feeds[32]["input_ids"].shape[1])}
+def results_table(info: dict[str, dict]) -> str:
+    from benchmarks._common import markdown_table
 
     headers = ["approach", "x b1 t1", "x b1 t2", "x b32 t1", "x b32 t2", "min cos", "mean cos", "size MB",
                "time s", "peak MB"]
@@ -286,16 +264,88 @@ def run(calibration_count: int = 160, rounds_b1: int = 15, rounds_b32: int = 4) 
         ]
         for name, v in info.items()
     ]
-    table = markdown_table(headers, rows)
+    return markdown_table(headers, rows)
+
+
+def forge_run(src: Path, dst: Path, calib_dir: Path, eval_dir: Path, schemes: tuple[str, ...] = ()):
+    """onnxforge quantize in its own process, gate min-cosine >= 0.99: (chosen, log lines, peak MB, seconds)."""
+    peak, stdout = _peak_mb(_FORGE_RUN.format(src=str(src), dst=str(dst), calib_dir=str(calib_dir),
+                                              eval_dir=str(eval_dir), metric="min-cosine", rounds=10, schemes=schemes))
+    chosen = next(line.split(" ", 1)[1] for line in stdout.splitlines() if line.startswith("CHOSEN"))
+    lines = [line for line in stdout.splitlines() if line.startswith(("NOTE", "CANDIDATE", "SCHEME"))]
+    return chosen, lines, peak, _seconds(stdout)
+
+
+def run(calibration_count: int = 160, rounds_b1: int = 15, rounds_b32: int = 4, candidates: bool = True) -> dict:
+    import onnx
+
+    from benchmarks._common import write_results
+    from onnxforge.pipeline.quantize import parse_scheme, scheme_id
+    from onnxforge.pipeline.quantize.skip_layer_norm import residual_sums
+
+    info: dict[str, dict] = {}
+    forge_log: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-quant-minilm-") as tmp:
+        tmp = Path(tmp)
+        fp32, calib_dir, eval_dir, tokens, lengths = prepare(tmp, calibration_count)
+
+        paths = {"fp32": fp32}
+        info["fp32"] = {"seconds": 0.0, "peak_rss_mb": None}
+        sums = tmp / "fp32_residual_sums.onnx"
+        onnx.save_model(residual_sums(onnx.load(str(fp32)))[0], str(sums))
+        paths["fp32, residual Adds as Sum (the graph onnxforge quantizes)"] = sums
+        info["fp32, residual Adds as Sum (the graph onnxforge quantizes)"] = {"seconds": 0.0, "peak_rss_mb": None}
+        ort_runs = {
+            "ORT quantize_static defaults (QDQ S8S8 per-tensor)": _ORT_STATIC.format(
+                calib_dir=str(calib_dir), src=str(fp32), pre=str(tmp / "pre_0.onnx"), dst="{dst}", kwargs="",
+                weights_only=False),
+            "ORT quantize_dynamic per-channel": _ORT_DYNAMIC.format(src=str(fp32), dst="{dst}"),
+            "ORT hand-picked: static QDQ U8S8 per-channel, attention MatMuls excluded": _ORT_STATIC.format(
+                calib_dir=str(calib_dir), src=str(fp32), pre=str(tmp / "pre_2.onnx"), dst="{dst}",
+                kwargs="activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8, per_channel=True",
+                weights_only=True),
+        }
+        for i, (name, code) in enumerate(ort_runs.items()):
+            dst = tmp / f"ort_{i}.onnx"
+            peak, stdout = _peak_mb(code.replace("'{dst}'", repr(str(dst))))
+            paths[name] = dst
+            info[name] = {"seconds": _seconds(stdout), "peak_rss_mb": peak}
+
+        chosen, log, peak, seconds = forge_run(fp32, tmp / "forge_default.onnx", calib_dir, eval_dir)
+        default = f"onnxforge default, min-cosine >= 0.99 (chose {chosen})"
+        paths[default] = tmp / "forge_default.onnx"
+        info[default] = {"seconds": seconds, "peak_rss_mb": peak, "chosen": chosen}
+        forge_log[default] = [line for line in log if not line.startswith("SCHEME")]
+        measured = [line.split(" ", 1)[1] for line in log if line.startswith("SCHEME")]
+        for i, label in enumerate(m for m in measured if candidates and "float node" not in m):
+            scheme = scheme_id(parse_scheme(label.lower().replace(" ", "-")))
+            dst = tmp / f"forge_{i}.onnx"
+            _, _, peak, seconds = forge_run(fp32, dst, calib_dir, eval_dir, (scheme,))
+            paths[f"onnxforge {scheme}"] = dst
+            info[f"onnxforge {scheme}"] = {"seconds": seconds, "peak_rss_mb": peak}
+
+        seq = measure(paths, info, tokens, rounds_b1, rounds_b32)
+
+    table = results_table(info)
+    best = info[default]
+    goals = {
+        "every sentence's cosine >= 0.99": best["min_cosine"] >= 0.99,
+        ">= 2.5x fp32 at batch 32 (1 thread)": best["speedup_b32_t1"] >= 2.5,
+        ">= 2.5x fp32 at batch 32 (2 threads)": best["speedup_b32_t2"] >= 2.5,
+        "file <= 25 MB": best["bytes"] <= 25 * 2**20,
+    }
     print(f"### Quantization: all-MiniLM-L6-v2 ({len(EVALUATION_SENTENCES)} held-out sentences; "
           f"{calibration_count} calibration sentences, {min(lengths)}-{max(lengths)} tokens; timing at "
           f"{seq[1]} tokens for batch 1, {seq[32]} padded for batch 32)\n")
     print(table)
+    print("\ngoals for the default (" + chosen + "): " + "; ".join(
+        f"{goal}: {'yes' if met else 'NO'}" for goal, met in goals.items()))
     for name, lines in forge_log.items():
         print(f"\n{name}:")
         print("\n".join("  " + line for line in lines))
     path = write_results("quantize_minilm", {"results": info, "table": table, "onnxforge_runs": forge_log,
-                                             "timing_tokens": seq, "calibration_sentences": calibration_count})
+                                             "goals": goals, "timing_tokens": seq,
+                                             "calibration_sentences": calibration_count})
     print(f"\nwritten {path}")
     return info
 

@@ -313,7 +313,11 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
 @click.option("--exclude-op", multiple=True, help="op type to keep in float (repeatable)")
 @click.option("--threads", type=int, default=1, show_default=True, help="threads when timing candidates")
 @click.option("--max-memory", metavar="SIZE", default=None, help="refuse to start when calibration would need more memory than this (e.g. 2G), instead of being OOM-killed")
-@click.option("--scheme", "schemes", multiple=True, metavar="SCHEME", help="candidate to measure, e.g. qdq-u8s8-per-channel, qdq-s8s8-per-tensor, qoperator-u8s8-per-channel-reduce-range, dynamic-s8-per-channel, fp16 (repeatable; default: the target's)")
+@click.option("--scheme", "schemes", multiple=True, metavar="SCHEME", help="candidate to measure, e.g. qdq-u8s8-per-channel, qdq-u8s8-per-channel-matmul-smooth, dynamic-s8-per-channel-smooth, int4, fp16; options -matmul, -smooth, -percentile, -int8-embeddings (repeatable; default: the target's)")
+@click.option("--float-embeddings", is_flag=True, help="leave embedding tables in float (default: int8 with per-row scales in every candidate)")
+@click.option("--smooth-alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength for -smooth schemes")
+@click.option("--int4-block-size", type=int, default=32, show_default=True, help="int4: weights per scale along K (a power of two >= 16)")
+@click.option("--int4-accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True, help="int4: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8)")
 @click.option("--symmetric-activations", is_flag=True, help="symmetric activation ranges (zero point in the middle)")
 @click.option("--asymmetric-weights", is_flag=True, help="asymmetric weight ranges (default symmetric)")
 @click.option("--mixed-precision/--no-mixed-precision", default=True, show_default=True, help="when the fastest candidate misses the tolerance, return its most sensitive nodes to float")
@@ -323,8 +327,8 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
 @click.option("--std", metavar="S[,S,S]", default=None, help="images: per-channel std divided by")
 @click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="images: input layout")
 @json_option
-def quantize(model, output, calibration, target, eval_data, metric, tolerance, calibration_method, max_samples, exclude_node, exclude_op, threads, schemes, symmetric_activations, asymmetric_weights, mixed_precision, max_float_fraction, image_size, mean, std, layout, json_path, max_memory):
-    """Quantize MODEL (static or dynamic INT8, FP16 on GPU targets): measure the target's candidates, keep the fastest within tolerance."""
+def quantize(model, output, calibration, target, eval_data, metric, tolerance, calibration_method, max_samples, exclude_node, exclude_op, threads, schemes, float_embeddings, smooth_alpha, int4_block_size, int4_accuracy_level, symmetric_activations, asymmetric_weights, mixed_precision, max_float_fraction, image_size, mean, std, layout, json_path, max_memory):
+    """Quantize MODEL (static or dynamic INT8, INT4 weight-only, FP16 on GPU targets): measure the target's candidates, keep the fastest within tolerance."""
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.calibration import IMAGE_SUFFIXES, ImageFolder, ImageLayout, ImagePreprocessing
     from onnxforge.pipeline.quantize import CalibrationMethod, QuantizeConfig, parse_scheme, quantize as run_quantize
@@ -366,6 +370,10 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
         exclude_op_types=tuple(exclude_op),
         threads=threads,
         max_memory=_memory_limit(max_memory),
+        quantize_embeddings=not float_embeddings,
+        smooth_alpha=smooth_alpha,
+        int4_block_size=int4_block_size,
+        int4_accuracy_level=int4_accuracy_level,
     )
     try:
         with _status(f"quantizing {model}", _quiet(json_path)):
@@ -855,6 +863,72 @@ def cache_cmd(clear, cache_dir, no_cache):
         out.print(f"removed {removed} cached stage outputs ({_human_bytes(size)}) from {cache.root}")
         return
     out.print(f"stage cache {cache.root}: {entries} stage outputs, {_human_bytes(size)}")
+
+
+def _target_b_option(f: Callable) -> Callable:
+    from onnxforge.targets import TARGETS
+
+    return click.option("--target-b", type=click.Choice(list(TARGETS)), default=None,
+                        help="run MODEL_B on this target instead (e.g. CPU vs another EP)")(f)
+
+
+@cli.command()
+@click.argument("model_a", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_b", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="inputs: .npz keyed by input name, or a folder of .npz/.npy")
+@target_option
+@_target_b_option
+@click.option("--threshold", type=float, default=20.0, show_default=True, metavar="DB", help="SQNR below which a tensor counts as diverged")
+@click.option("--max-samples", type=click.IntRange(min=1), default=16, show_default=True, help="samples run, one at a time")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="tensor rows shown, from just before the first divergence")
+@click.option("--html", "html_path", metavar="PATH", default=None, help="also write an HTML report with the SQNR chart")
+@json_option
+def compare(model_a, model_b, data, target, target_b, threshold, max_samples, top, html_path, json_path):
+    """Run MODEL_A and MODEL_B on the same inputs with every tensor as an output; report each matched tensor's
+    error (SQNR, cosine, max abs) in graph order and where B first diverges from A."""
+    from onnxforge.pipeline.compare import compare_models, compare_report_html
+
+    if html_path:
+        from onnxforge._atomic import check_output_path
+
+        check_output_path(html_path, model_a, model_b, data)  # fail before running, not after
+    with _status(f"comparing {model_a} and {model_b}", _quiet(json_path)):
+        result = compare_models(model_a, model_b, data, target=target, target_b=target_b, threshold_db=threshold,
+                                max_samples=max_samples)
+    _emit_json(json_path, result.to_json())
+    if html_path:
+        from onnxforge.report import write_report
+
+        write_report(html_path, compare_report_html(result))
+    if _quiet(json_path):
+        return
+    _render_compare(result, top)
+    if html_path:
+        out.print(f"report: {html_path}")
+
+
+def _render_compare(result, top: int) -> None:
+    import math
+
+    def db(value: float) -> str:
+        return "identical" if not math.isfinite(value) else f"{value:.1f}"
+
+    rows = list(result.tensors)
+    first = result.first_divergence
+    start = max(0, rows.index(first) - 3) if first in rows else 0
+    shown = rows[start:start + top]
+    table = Table(title=f"{result.model_b.name} vs {result.model_a.name}: tensors in graph order"
+                  + (f" ({start + 1}-{start + len(shown)} of {len(rows)})" if len(shown) < len(rows) else ""))
+    for col in ("tensor", "op", "matched by", "SQNR dB", "cosine", "max abs"):
+        table.add_column(col, justify="left" if col in ("tensor", "op", "matched by") else "right")
+    for t in [*shown, *result.outputs]:
+        mark = "[bold red]" if t is first else ""
+        table.add_row(f"{mark}{escape(t.name)}" + (" (output)" if t.matched_by == "output" else ""), t.op_type,
+                      t.matched_by, db(t.sqnr_db), f"{t.cosine:.5f}", f"{t.max_abs:.3g}")
+    out.print(table)
+    out.print(escape(result.summary()) + f" ({result.samples} sample(s))")
+    for note in result.notes:
+        out.print(f"  [yellow]note:[/] {escape(note)}")
 
 
 @cli.command(name="inspect")

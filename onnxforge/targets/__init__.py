@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from onnxforge.errors import UsageError
-from onnxforge.targets.base import ActivationType, QuantFormat, QuantMethod, QuantScheme, Target
+from onnxforge.targets.base import ActivationType, QuantFormat, QuantMethod, QuantScheme, QuantScope, Target
 from onnxforge.targets.cpu import CpuTarget
 from onnxforge.targets.gpu import CudaTarget, TensorrtTarget
 from onnxforge.targets.mobile import MobileTarget
@@ -17,6 +17,7 @@ __all__ = [
     "QuantScheme",
     "QuantFormat",
     "QuantMethod",
+    "QuantScope",
     "ActivationType",
     "TARGETS",
     "get_target",

@@ -4,24 +4,38 @@ knows which quantization formats it runs fast."""
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 
 from onnxforge.errors import InvalidModelError, TargetUnavailableError
 
-__all__ = ["Target", "QuantScheme", "QuantFormat", "ActivationType", "QuantMethod"]
+__all__ = ["Target", "QuantScheme", "QuantFormat", "ActivationType", "QuantMethod", "QuantScope"]
 
 
 class QuantMethod(enum.Enum):
     """How the low-precision model is made: static int8 (calibrated activation ranges), dynamic int8
-    (int8 weights, activation ranges computed at run time: no calibration), or fp16 (a cast, for GPUs)."""
+    (int8 weights, activation ranges computed at run time: no calibration), fp16 (a cast, for GPUs), or
+    int4 weight-only (MatMul weights in 4-bit blocks, onnxruntime's MatMulNBits)."""
 
     STATIC = "static"
     DYNAMIC = "dynamic"
     FP16 = "fp16"
+    INT4 = "int4"
+
+
+class QuantScope(enum.Enum):
+    """Which nodes a static scheme quantizes: every op onnxruntime can quantize, or only the MatMuls
+    with a constant weight, their outputs left in float (onnxruntime then runs each as
+    MatMulIntegerToFloat: int8 inputs, fp32 output, nothing requantized)."""
+
+    ALL = "all"
+    WEIGHT_MATMUL = "matmul"
 
 
 class QuantFormat(enum.Enum):
@@ -36,24 +50,77 @@ class ActivationType(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class QuantScheme:
-    """One way to quantize: the format, the activation type (weights are int8), and weight granularity."""
+    """One way to quantize: the format, the activation type (weights are int8), weight granularity,
+    and the options that change which graph is quantized:
+
+    - ``scope``: static only; every quantizable op, or weight MatMuls only with float outputs;
+    - ``smooth``: SmoothQuant-style scale migration first (activation outliers moved into the weights);
+    - ``percentile``: static only; percentile calibration instead of the config's method;
+    - ``int8_embeddings``: embedding tables (Gather on a large float table) stored int8 with per-row scales.
+    """
 
     format: QuantFormat
     activations: ActivationType
     per_channel: bool = True
     reduce_range: bool = False  # 7-bit weights, for x86 CPUs without VNNI (avoids int16 saturation)
-    method: QuantMethod = QuantMethod.STATIC  # DYNAMIC ignores format/activations; FP16 ignores all but method
+    method: QuantMethod = QuantMethod.STATIC  # DYNAMIC ignores format/activations; FP16/INT4 all but method
+    scope: QuantScope = QuantScope.ALL
+    smooth: bool = False
+    percentile: bool = False
+    int8_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        # One spelling per model: options a method ignores are reset, so equal labels mean equal schemes.
+        ignored: dict[str, object] = {}
+        if self.method is not QuantMethod.STATIC:
+            ignored |= {"scope": QuantScope.ALL, "percentile": False}
+        if self.method is QuantMethod.FP16:
+            ignored |= {"smooth": False, "int8_embeddings": False}
+        if self.method is QuantMethod.INT4:
+            ignored |= {"smooth": False, "per_channel": True, "reduce_range": False}
+        for name, value in ignored.items():
+            object.__setattr__(self, name, value)
 
     @property
     def label(self) -> str:
+        gran = "per-channel" if self.per_channel else "per-tensor"
         if self.method is QuantMethod.FP16:
             return "FP16"
-        if self.method is QuantMethod.DYNAMIC:
-            gran = "per-channel" if self.per_channel else "per-tensor"
-            return f"DYNAMIC S8 {gran}" + (" reduce-range" if self.reduce_range else "")
-        act = "U8" if self.activations is ActivationType.UINT8 else "S8"
-        gran = "per-channel" if self.per_channel else "per-tensor"
-        return f"{self.format.name} {act}S8 {gran}" + (" reduce-range" if self.reduce_range else "")
+        if self.method is QuantMethod.INT4:
+            base = "INT4"
+        elif self.method is QuantMethod.DYNAMIC:
+            base = f"DYNAMIC S8 {gran}" + (" reduce-range" if self.reduce_range else "")
+        else:
+            act = "U8" if self.activations is ActivationType.UINT8 else "S8"
+            base = f"{self.format.name} {act}S8 {gran}" + (" reduce-range" if self.reduce_range else "")
+            if self.scope is QuantScope.WEIGHT_MATMUL:
+                base += " matmul"
+        if self.smooth:
+            base += " smooth"
+        if self.percentile:
+            base += " percentile"
+        return base + (" int8-embeddings" if self.int8_embeddings else "")
+
+
+@functools.cache
+def _runs_matmul_nbits(target: "Target") -> bool:
+    k, n, block = 32, 8, 16
+    packed = np.full((n, k // block, block // 2), 0x88, np.uint8)  # every weight 0 (zero point 8)
+    node = onnx.helper.make_node("MatMulNBits", ["a", "b", "scales"], ["y"], domain="com.microsoft",
+                                 K=k, N=n, bits=4, block_size=block)
+    graph = onnx.helper.make_graph(
+        [node], "probe", [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1, k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])],
+        [onnx.numpy_helper.from_array(packed, "b"),
+         onnx.numpy_helper.from_array(np.ones(n * k // block, np.float32), "scales")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)])
+    try:
+        session = target.session(model.SerializeToString(), threads=1)
+        session.run(None, {"a": np.ones((1, k), np.float32)})
+    except Exception:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -89,6 +156,14 @@ class Target:
             QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.UINT8),
             QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.INT8),
         ]
+
+    def matmul_candidates(self) -> list[QuantScheme]:
+        """The schemes this target adds for MatMul-dominated models (transformers); none by default."""
+        return []
+
+    def runs_matmul_nbits(self) -> bool:
+        """True when a 4-bit ``MatMulNBits`` (com.microsoft) loads and runs here: where int4 is a candidate."""
+        return _runs_matmul_nbits(self)
 
     def session_options(self, threads: int | None) -> ort.SessionOptions:
         options = ort.SessionOptions()

@@ -118,10 +118,14 @@ def _configs(cls, folder: Path):
         new = _changed(getattr(base, f.name), hints[f.name], folder)
         if new is None:
             continue
-        try:
-            variants[f.name] = dataclasses.replace(base, **{f.name: new})
-        except Exception:  # a value the config's own checks refuse: try the next field
-            continue
+        old = getattr(base, f.name)
+        tries = [new, old * 2, old - 1] if type(old) is int else [new]
+        for value in tries:  # ints with rules of their own (a power of two, a small range) get other tries
+            try:
+                variants[f.name] = dataclasses.replace(base, **{f.name: value})
+                break
+            except Exception:  # a value the config's own checks refuse
+                continue
     return base, variants
 
 
@@ -205,7 +209,8 @@ def test_knobs_name_real_config_fields_and_decode():
                 for choice in knob.choices:  # every choice decodes as a recipe value would
                     codec.decode(annotation, choice, f"{name}.{knob.field}")
     assert {k.field for k in PASSES["prune_channels"].knobs("cpu")} >= {"ratio"}
-    assert {k.field for k in PASSES["quantize"].knobs("cpu")} == {"schemes"}
+    # the CPU runs MatMulNBits: int4 is a scheme choice, with its block size and accuracy level
+    assert {k.field for k in PASSES["quantize"].knobs("cpu")} == {"schemes", "int4_block_size", "int4_accuracy_level"}
 
 
 def test_phase_orders_structure_before_precision():

@@ -1,4 +1,4 @@
-"""Transformer fusions before quantizing: applied when the optimizer fuses, otherwise the graph kept."""
+"""Transformer fusions before quantizing: applied when something fuses and the outputs match, else the graph kept."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import numpy as np
 import onnx
 
 from conftest import assert_numerically_equal
-from onnxforge.pipeline.quantize.transformer_fusion import fuse_transformer, looks_like_transformer
+from onnxforge.pipeline.quantize import transformer_fusion
+from onnxforge.pipeline.quantize.graphs import qattention_ready
+from onnxforge.pipeline.quantize.transformer_fusion import fuse_transformer, looks_like_transformer, padded_batch
+from transformer_graphs import encoder_feeds, make_encoder
 
 H = 32
 
@@ -78,3 +81,66 @@ def test_graph_without_patterns_is_kept_as_given():
 
 def test_cnn_is_not_a_transformer(classifier):
     assert not looks_like_transformer(classifier)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamo-shaped encoders: onnxscript ort_fusions, QAttention-ready masks, parity
+
+
+def _samples():
+    return [encoder_feeds(1, 5, seed=2, padded=False), encoder_feeds(3, 7, seed=3)]
+
+
+def test_encoder_fuses_into_attention_with_mask_index_and_same_outputs():
+    model = make_encoder(layers=2)
+    result = fuse_transformer(model, _samples())
+
+    assert result.fused == {"Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}
+    assert result.masks_converted == 2 and "onnxscript" in result.note
+    assert qattention_ready(result.model)  # packed weight is one initializer, no attention_bias left
+    assert_numerically_equal(model, result.model, [encoder_feeds(2, 6, seed=5), encoder_feeds(4, 3, seed=6)],
+                             atol=1e-4)
+
+
+def test_dynamic_quantization_of_the_fused_encoder_uses_qattention(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fused = tmp_path / "fused.onnx"
+    onnx.save_model(fuse_transformer(make_encoder(), _samples()).model, str(fused))
+    quantize_dynamic(str(fused), str(tmp_path / "int8.onnx"), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Attention"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert "QAttention" in ops and "Attention" not in ops
+
+
+def test_a_bias_that_is_not_a_key_padding_mask_stays_a_bias():
+    model = make_encoder(mask_keeps=False)  # masks the kept keys: mask_index would mean the opposite
+    result = fuse_transformer(model, _samples())
+
+    assert result.fused.get("Attention") == 1 and result.masks_converted == 0
+    assert not qattention_ready(result.model)
+    assert_numerically_equal(model, result.model, encoder_feeds(2, 6, seed=5), atol=1e-4)
+
+
+def test_fusions_that_change_the_outputs_are_not_kept(monkeypatch):
+    model = make_encoder()
+    fusions = transformer_fusion._onnxscript_fusions
+
+    def broken(m):
+        fused = fusions(m)
+        for init in fused.graph.initializer:
+            if init.name.startswith("w1"):  # the feed-forward weight, now wrong
+                init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 2, init.name))
+        return fused
+
+    monkeypatch.setattr(transformer_fusion, "_onnxscript_fusions", broken)
+    result = fuse_transformer(model, _samples())
+    assert result.model is model and result.fused == {}
+    assert "changed the outputs" in result.note
+
+
+def test_padded_batch_pads_the_sequence_axis_with_zeros():
+    a, b = encoder_feeds(1, 3, padded=False), encoder_feeds(1, 5, seed=4, padded=False)
+    batch = padded_batch([a, b])
+    assert batch["x"].shape == (2, 5, 16) and batch["mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert padded_batch([a, a]) is None  # nothing to pad

@@ -21,10 +21,24 @@ class QuantizePass(Pass):
 
     @classmethod
     def knobs(cls, target: str) -> tuple[Knob, ...]:
-        from onnxforge.targets import get_target
+        """The target's schemes, plus two of those it adds for MatMul-dominated models (the knobs cannot
+        see the model): the first dynamic one and int4 where the target runs MatMulNBits (on a model
+        they do not fit they quantize little and lose on their own); int4's block size and accuracy
+        level when int4 is a choice."""
+        from onnxforge.targets import QuantMethod, get_target
 
-        schemes = tuple([scheme_id(s)] for s in get_target(target).quant_candidates(None))
-        return (Knob("schemes", KnobKind.CHOICE, choices=schemes, help="the scheme measured", seed_every_choice=True),)
+        found = get_target(target)
+        matmul = found.matmul_candidates()
+        extra = [s for s in matmul if s.method is QuantMethod.DYNAMIC][:1] + [s for s in matmul if s.method is QuantMethod.INT4]
+        candidates = list(dict.fromkeys([*found.quant_candidates(None), *extra]))
+        schemes = tuple([scheme_id(s)] for s in candidates)
+        knobs = [Knob("schemes", KnobKind.CHOICE, choices=schemes, help="the scheme measured", seed_every_choice=True)]
+        if any(s.method is QuantMethod.INT4 for s in candidates):
+            knobs += [
+                Knob("int4_block_size", KnobKind.CHOICE, choices=(32, 64, 128), help="int4: weights per scale along K"),
+                Knob("int4_accuracy_level", KnobKind.CHOICE, choices=(0, 4), help="int4: MatMulNBits compute (4: int8)"),
+            ]
+        return tuple(knobs)
 
     @classmethod
     def search_defaults(cls, context: StageContext) -> dict[str, Any]:

@@ -15,20 +15,25 @@ end-to-end SQNR vs fp32, quant_error) is measured on calibration samples and ret
 ``layer_errors``.
 
 Candidates need not be static: a target may propose dynamic int8 (``quantize_dynamic``: int8
-MatMul weights, activation ranges computed per run; the CPU proposes it for MatMul-dominated
-models such as transformers) or fp16 (GPU targets); they are scored and timed like the others.
-Transformers first get onnxruntime.transformers fusions (transformer_fusion), kept only when
-something fused, with a note either way.
+MatMul weights, activation ranges computed per run), static int8 on the weight MatMuls only,
+SmoothQuant-smoothed variants and int4 weight-only (``MatMulNBits``) for MatMul-dominated models
+such as transformers, or fp16 (GPU targets); they are scored and timed like the others. Every
+int8/int4 candidate stores embedding tables in int8 with per-row scales (embeddings) unless
+``quantize_embeddings`` is off. Transformers first get their graphs prepared (graphs): onnxscript
+fusions (transformer_fusion), kept only when something fused and the outputs match, which dynamic
+candidates quantize (QAttention); residual sums kept out of a slow SkipLayerNormalization kernel
+(skip_layer_norm); attention-mask nodes out of static ranges (attention_mask).
 
 No candidate within tolerance: the most accurate one is saved and QualityGateError (exit 4) is
 raised. A kept candidate that is not faster than fp32 is saved with a note saying so.
 
 Modules by job: ``schemes`` (scheme ids, ``parse_scheme``, the codec hook), ``config``
 (QuantizeConfig, CalibrationMethod, the results), ``calibrate`` (samples, pre-processing, ranges),
-``backends`` (the onnxruntime call for one candidate), ``select`` (scoring, timing, mixed precision,
-the choice) and ``stage`` (``quantize``, composing them); ``calibration_ranges``,
-``calibration_memory``, ``mixed_precision``, ``quant_error`` and ``transformer_fusion`` do one
-thing each for them.
+``graphs`` (the fp32 graphs candidates start from), ``backends`` (the onnxruntime call for one
+candidate), ``select`` (scoring, timing, mixed precision, the choice) and ``stage`` (``quantize``,
+composing them); ``calibration_ranges``, ``calibration_memory``, ``mixed_precision``,
+``quant_error``, ``transformer_fusion``, ``skip_layer_norm``, ``smooth_quant``, ``embeddings`` and
+``attention_mask`` do one thing each for them.
 """
 
 from onnxforge.pipeline.quantize.schemes import parse_scheme, scheme_id  # first: registers the codec hook

@@ -1,13 +1,13 @@
 """Calibration for one quantize() call: the samples, the fp32 model prepared for onnxruntime's
-quantizers, and its activation ranges, computed once.
+quantizers, and its activation ranges.
 
 The samples: the first ``max_calibration_samples`` calibrate; quality is scored on ``eval_data``, or,
 without it, on the last ``holdout_fraction`` of the calibration samples, held out of calibration.
-The model: transformers first get onnxruntime.transformers fusions (transformer_fusion), kept only
-when something fused; then ``quant_pre_process`` (optimization + shape inference, which
-``quantize_static`` needs to quantize activations at all), with fallbacks for dynamo/TorchScript
-exports. The ranges: one pass over the samples, one batch at a time (calibration_ranges), written
-as onnxruntime's calibration cache that every static candidate reads.
+The model: ``quant_pre_process`` (optimization + shape inference, which ``quantize_static`` needs to
+quantize activations at all), with fallbacks for dynamo/TorchScript exports (graphs builds the
+transformer variants on it). The ranges: one pass over the samples, one batch at a time
+(calibration_ranges), written as onnxruntime's calibration cache that static candidates read; once
+per graph and method.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from onnxforge.pipeline.calibration import (
 )
 from onnxforge.pipeline.quantize.backends import error_line, op_types_to_quantize
 from onnxforge.pipeline.quantize.calibration_ranges import collect_ranges
-from onnxforge.pipeline.quantize.config import CalibrationMethod, QuantizeConfig
-from onnxforge.pipeline.quantize.transformer_fusion import fuse_transformer, looks_like_transformer
+from onnxforge.pipeline.quantize.config import CalibrationMethod, QuantizeConfig, Ranges
 
-__all__ = ["CalibrationData", "calibrate", "data_notes", "fuse_if_transformer", "load_calibration"]
+__all__ = ["CalibrationData", "collect", "data_notes", "load_calibration", "preprocess"]
 
 
 @dataclass
@@ -100,15 +99,6 @@ def _split_eval(
     return calib, held_out.materialize()
 
 
-def fuse_if_transformer(model: onnx.ModelProto, config: QuantizeConfig, notes: list[str]) -> onnx.ModelProto:
-    """``model`` with transformer fusions when it looks like a transformer and they fuse something."""
-    if config.transformer_fusion and looks_like_transformer(model):
-        fusion = fuse_transformer(model)
-        notes.append(fusion.note)
-        return fusion.model
-    return model
-
-
 def data_notes(calibration: object, config: QuantizeConfig, data: CalibrationData) -> list[str]:
     """What the result should say about the data: a poor calibration method, image preprocessing, holdout."""
     notes = []
@@ -132,34 +122,28 @@ def data_notes(calibration: object, config: QuantizeConfig, data: CalibrationDat
     return notes
 
 
-def calibrate(
-    model: onnx.ModelProto, folder: Path, data: CalibrationData, config: QuantizeConfig, notes: list[str]
-) -> tuple[Path, Path, int]:
-    """Pre-process ``model`` into ``folder`` and compute its activation ranges on the calibration samples.
-
-    Returns (the pre-processed fp32 model, the ranges cache for quantize_static, calibration batches run).
-    """
-    fp32_path = _preprocess(model, folder, notes)
-    cache = folder / f"calibration_{config.calibration_method.value}.json"
+def collect(
+    model_path: Path, method: CalibrationMethod, data: CalibrationData, config: QuantizeConfig, cache: Path
+) -> tuple[Ranges, int]:
+    """The activation ranges of ``model_path`` on the calibration samples, written to ``cache``;
+    returns them and the calibration batches run."""
     reader = data.reader()
     try:
         batches = collect_ranges(
-            fp32_path,
+            model_path,
             iter(reader.get_next, None),
-            config.calibration_method.to_ort(),
+            method.to_ort(),
             cache,
-            op_types=op_types_to_quantize(fp32_path, config.exclude_op_types),
+            op_types=op_types_to_quantize(model_path, config.exclude_op_types),
         )
     except CalibrationDataError:
         raise
     except Exception as e:
-        raise CalibrationDataError(
-            f"{data.source}: {config.calibration_method.value} calibration failed: {error_line(e)}"
-        ) from e
-    return fp32_path, cache, batches
+        raise CalibrationDataError(f"{data.source}: {method.value} calibration failed: {error_line(e)}") from e
+    return Ranges(cache, method), batches
 
 
-def _preprocess(model: onnx.ModelProto, folder: Path, notes: list[str]) -> Path:
+def preprocess(model: onnx.ModelProto, folder: Path, notes: list[str]) -> Path:
     """quant_pre_process with the fallbacks dynamo/TorchScript exports need; returns the model path.
 
     Nameless nodes get names (``nodes_to_exclude`` and the error report address nodes by name).
@@ -189,11 +173,12 @@ def _preprocess(model: onnx.ModelProto, folder: Path, notes: list[str]) -> Path:
             errors.append(f"{label} failed: {type(e).__name__}")
     else:
         notes.append("quant_pre_process failed (" + "; ".join(errors) + "); quantizing the model as given")
-    _name_nodes(chosen)
+    name_nodes(chosen)
     return chosen
 
 
-def _name_nodes(path: Path) -> None:
+def name_nodes(path: Path) -> None:
+    """Give every nameless node of the model at ``path`` a unique name (saved in place)."""
     model = onnx.load(str(path))
     taken = {n.name for n in model.graph.node if n.name}
     changed = False

@@ -17,7 +17,7 @@ from onnxforge.pipeline.quantize.quant_error import NodeError
 from onnxforge.targets import QuantScheme
 from onnxforge.targets.latency import LatencyStats
 
-__all__ = ["CalibrationMethod", "CandidateResult", "QuantizeConfig", "QuantizeResult"]
+__all__ = ["CalibrationMethod", "CandidateResult", "QuantizeConfig", "QuantizeResult", "Ranges"]
 
 
 class CalibrationMethod(enum.Enum):
@@ -35,6 +35,14 @@ class CalibrationMethod(enum.Enum):
         }[self]
 
 
+@dataclass(frozen=True)
+class Ranges:
+    """Activation ranges computed once by calibration: onnxruntime's JSON cache and the method it holds."""
+
+    path: Path
+    method: CalibrationMethod
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig:
     """How to quantize.
@@ -50,6 +58,15 @@ class QuantizeConfig:
       at most ``max_float_fraction`` of the quantized nodes.
     error_report: measure each quantized node's SQNR vs fp32 on ``analysis_samples`` calibration
       samples (also the samples mixed precision ranks nodes on).
+    transformer_fusion: onnxscript/onnxruntime transformer fusions (Attention -> QAttention for dynamic
+      candidates), kept only when something fused and the outputs match (transformer_fusion).
+    residual_sums: on transformers, write residual Adds as Sum where the target runs SkipLayerNormalization
+      measurably slower than Add + LayerNormalization (skip_layer_norm).
+    quantize_embeddings: every int8/int4 candidate also stores its embedding tables in int8 with per-row
+      scales (embeddings; a scheme can ask for it alone with ``-int8-embeddings``).
+    smooth_alpha: SmoothQuant migration strength for ``-smooth`` schemes (smooth_quant).
+    int4_block_size / int4_accuracy_level: MatMulNBits blocks along K (a power of two >= 16) and its
+      compute type (0: the kernel's default, 1 fp32, 2 fp16, 3 bf16, 4 int8).
     """
 
     target: str = "cpu"
@@ -74,7 +91,12 @@ class QuantizeConfig:
     # bytes; refuse before loading data when calibration would need more. Not in the cache key: it decides
     # whether the stage runs, not what it writes.
     max_memory: int | None = field(default=None, metadata={"key": False})
-    transformer_fusion: bool = True  # onnxruntime.transformers fusions first, kept only when they fuse something
+    transformer_fusion: bool = True
+    residual_sums: bool = True
+    quantize_embeddings: bool = True
+    smooth_alpha: float = 0.5
+    int4_block_size: int = 32
+    int4_accuracy_level: int = 4
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:
@@ -83,6 +105,13 @@ class QuantizeConfig:
             raise UsageError(f"max_float_fraction must be in (0, 1], got {self.max_float_fraction}")
         if self.max_calibration_samples < 1 or self.analysis_samples < 1:
             raise UsageError("max_calibration_samples and analysis_samples must be at least 1")
+        if not 0.0 < self.smooth_alpha < 1.0:
+            raise UsageError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
+        block = self.int4_block_size
+        if block < 16 or block & (block - 1):
+            raise UsageError(f"int4_block_size must be a power of two >= 16, got {block}")
+        if self.int4_accuracy_level not in range(5):
+            raise UsageError(f"int4_accuracy_level must be 0-4, got {self.int4_accuracy_level}")
 
 
 @dataclass

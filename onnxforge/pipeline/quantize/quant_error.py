@@ -14,7 +14,8 @@ taken on the node's first output:
 SQNR = 10 log10(sum x^2 / sum (x - x_q)^2) in dB over all measured samples (higher is better);
 relative error = ||x - x_q|| / ||x||. Both models run with graph optimizations off, so the
 quantized one is evaluated as the QDQ graph says (fake quantization), node by node. The sums
-are accumulated batch by batch: memory holds one batch's activations, not the data set's.
+are accumulated batch by batch (onnxforge.pipeline.compare's accumulator, the one ``onnxforge
+compare`` uses): memory holds one batch's activations, not the data set's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+
+from onnxforge.pipeline.compare import ErrorAccumulator, with_outputs
 
 __all__ = ["NodeError", "measure_node_errors", "quantized_nodes"]
 
@@ -111,17 +114,6 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    present = {o.name for o in out.graph.output}
-    for name in dict.fromkeys(names):
-        if name not in present:
-            out.graph.output.append(onnx.ValueInfoProto(name=name))  # onnxruntime infers the type
-            present.add(name)
-    return out
-
-
 def _local_model(qdq: onnx.ModelProto, graph_inputs: set[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
     """``qdq`` with every QuantizeLinear of an intermediate activation fed from a new graph input.
 
@@ -147,27 +139,6 @@ def _local_model(qdq: onnx.ModelProto, graph_inputs: set[str]) -> tuple[onnx.Mod
     return local, feeds
 
 
-class _Accumulator:
-    __slots__ = ("signal", "noise")
-
-    def __init__(self) -> None:
-        self.signal = 0.0
-        self.noise = 0.0
-
-    def add(self, reference: np.ndarray, value: np.ndarray) -> None:
-        ref = np.asarray(reference, dtype=np.float64)
-        self.signal += float(np.square(ref).sum())
-        self.noise += float(np.square(ref - np.asarray(value, dtype=np.float64)).sum())
-
-    def sqnr_db(self) -> float:
-        if self.noise == 0.0:
-            return math.inf
-        return 10.0 * math.log10(max(self.signal, 1e-30) / self.noise)
-
-    def relative_error(self) -> float:
-        return math.sqrt(self.noise / self.signal) if self.signal > 0 else (0.0 if self.noise == 0 else math.inf)
-
-
 def measure_node_errors(
     fp32_path: str | os.PathLike,
     qdq_path: str | os.PathLike,
@@ -186,16 +157,16 @@ def measure_node_errors(
     graph_inputs = {i.name for i in qdq.graph.input}
     local_model, local_feeds = _local_model(qdq, graph_inputs)
     fp32_names = [n.fp32_output for n in nodes] + list(local_feeds.values())
-    fp32_session = _session(_with_outputs(fp32, fp32_names))
-    qdq_session = _session(_with_outputs(qdq, [n.qdq_output for n in nodes]))
-    local_session = _session(_with_outputs(local_model, [n.qdq_output for n in nodes]))
+    fp32_session = _session(with_outputs(fp32, fp32_names))
+    qdq_session = _session(with_outputs(qdq, [n.qdq_output for n in nodes]))
+    local_session = _session(with_outputs(local_model, [n.qdq_output for n in nodes]))
     fp32_index = {o.name: i for i, o in enumerate(fp32_session.get_outputs())}
     qdq_index = {o.name: i for i, o in enumerate(qdq_session.get_outputs())}
     local_index = {o.name: i for i, o in enumerate(local_session.get_outputs())}
     input_names = [i.name for i in fp32_session.get_inputs()]
 
-    local = {n.name: _Accumulator() for n in nodes}
-    end_to_end = {n.name: _Accumulator() for n in nodes}
+    local = {n.name: ErrorAccumulator() for n in nodes}
+    end_to_end = {n.name: ErrorAccumulator() for n in nodes}
     for batch in batches:
         feeds = {k: batch[k] for k in input_names}
         reference = fp32_session.run(None, feeds)

@@ -2,17 +2,22 @@
 
 ``FORMAT-ACTsWEIGHTS-GRANULARITY[-reduce-range]`` (``qdq-u8s8-per-channel``: QDQ format, uint8
 activations, int8 weights, one scale per output channel), ``dynamic-s8-GRANULARITY`` (int8 MatMul
-weights, activation ranges computed per run) and ``fp16``. A scheme's id is its label in lower case
-with dashes, so the two can never disagree.
+weights, activation ranges computed per run), ``int4`` (MatMul weights in 4-bit blocks) and ``fp16``.
+Options follow, in this order: ``-matmul`` (static: only MatMuls with a constant weight, outputs
+float), ``-smooth`` (SmoothQuant scale migration first), ``-percentile`` (static: percentile
+calibration) and ``-int8-embeddings`` (embedding tables int8, per-row scales), e.g.
+``qdq-u8s8-per-channel-matmul-smooth-int8-embeddings``. A scheme's id is its label in lower case with
+dashes, so the two can never disagree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from onnxforge.errors import OnnxForgeError, RecipeError, UsageError
 from onnxforge.pipeline import codec
-from onnxforge.targets import ActivationType, QuantFormat, QuantMethod, QuantScheme
+from onnxforge.targets import ActivationType, QuantFormat, QuantMethod, QuantScheme, QuantScope
 
 __all__ = ["DYNAMIC_OP_TYPES", "parse_scheme", "qdq_twin", "scheme_id"]
 
@@ -32,22 +37,47 @@ def scheme_id(scheme: QuantScheme) -> str:
     return scheme.label.lower().replace(" ", "-")
 
 
+# (suffix, the QuantScheme field it sets, the methods it applies to), in the order a label writes them
+_OPTIONS = (
+    ("-matmul", "scope", (QuantMethod.STATIC,)),
+    ("-smooth", "smooth", (QuantMethod.STATIC, QuantMethod.DYNAMIC)),
+    ("-percentile", "percentile", (QuantMethod.STATIC,)),
+    ("-int8-embeddings", "int8_embeddings", (QuantMethod.STATIC, QuantMethod.DYNAMIC, QuantMethod.INT4)),
+)
+
+
 def parse_scheme(text: str) -> QuantScheme:
-    """``FORMAT-ACTsWEIGHTS-GRANULARITY[-reduce-range]``, e.g. ``qdq-u8s8-per-channel`` (weights are int8)."""
+    """``FORMAT-ACTsWEIGHTS-GRANULARITY[-reduce-range][-matmul][-smooth][-percentile][-int8-embeddings]``,
+    ``dynamic-s8-GRANULARITY[...]``, ``int4[...]`` or ``fp16``; e.g. ``qdq-u8s8-per-channel`` (weights int8)."""
     text = text.strip().lower()
-    if text == "fp16":
+    base, options = text, {}
+    for suffix, name, _ in reversed(_OPTIONS):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            options[name] = QuantScope.WEIGHT_MATMUL if name == "scope" else True
+    scheme = _parse_base(base, text)
+    wrong = [s for s, name, methods in _OPTIONS if name in options and scheme.method not in methods]
+    if wrong:
+        raise UsageError(f"quantization scheme {text!r}: {wrong[0][1:]} does not apply to {scheme.method.value}")
+    return dataclasses.replace(scheme, **options)
+
+
+def _parse_base(base: str, text: str) -> QuantScheme:
+    if base == "fp16":
         return QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.INT8, method=QuantMethod.FP16)
-    dynamic = _DYNAMIC_ID.match(text)
+    if base == "int4":
+        return QuantScheme(format=QuantFormat.QOPERATOR, activations=ActivationType.UINT8, method=QuantMethod.INT4)
+    dynamic = _DYNAMIC_ID.match(base)
     if dynamic:
         return QuantScheme(format=QuantFormat.QOPERATOR, activations=ActivationType.UINT8,
                            per_channel=dynamic["gran"] == "per-channel", reduce_range=bool(dynamic["reduce"]),
                            method=QuantMethod.DYNAMIC)
-    match = _SCHEME_ID.match(text)
+    match = _SCHEME_ID.match(base)
     if not match:
         raise UsageError(
             f"unknown quantization scheme {text!r}",
-            hint="e.g. qdq-u8s8-per-channel, qdq-s8s8-per-tensor, qoperator-u8s8-per-channel-reduce-range, "
-            "dynamic-s8-per-channel, fp16",
+            hint="e.g. qdq-u8s8-per-channel, qdq-u8s8-per-channel-matmul-smooth, dynamic-s8-per-channel, "
+            "dynamic-s8-per-channel-smooth-int8-embeddings, int4, fp16",
         )
     return QuantScheme(
         format=QuantFormat(match["format"]),
@@ -70,11 +100,16 @@ codec.register_type(QuantScheme, scheme_id, _decode_scheme)
 
 
 def qdq_twin(scheme: QuantScheme) -> QuantScheme:
-    """The static QDQ scheme with ``scheme``'s activations and granularity: the graph whose
-    QuantizeLinear/DequantizeLinear pairs the per-node error is measured on."""
+    """The static QDQ scheme with ``scheme``'s activations, granularity, scope and smoothing: the graph
+    whose QuantizeLinear/DequantizeLinear pairs the per-node error is measured on. A dynamic scheme's
+    twin quantizes weight MatMuls only, as dynamic int8 does."""
+    dynamic = scheme.method is QuantMethod.DYNAMIC
     return QuantScheme(
         format=QuantFormat.QDQ,
         activations=scheme.activations,
         per_channel=scheme.per_channel,
         reduce_range=scheme.reduce_range,
+        scope=QuantScope.WEIGHT_MATMUL if dynamic else scheme.scope,
+        smooth=scheme.smooth,
+        percentile=scheme.percentile,
     )

@@ -1,7 +1,10 @@
 """Measuring the candidate schemes against fp32 and choosing one.
 
-Each candidate is quantized (backends), scored on the held-out samples against the fp32 model's
-outputs (and labels) and sized; then fp32 and every candidate are timed interleaved on the target.
+Each candidate is quantized (backends) from its graph (graphs: the fused one for dynamic schemes
+when there is one, else the base one; smoothed by smooth_quant for ``-smooth`` schemes, built once
+per graph), with static schemes reading ranges calibrated once per graph and method, scored on the
+held-out samples against the fp32 model's outputs (and labels) and sized; then fp32 and every
+candidate are timed interleaved on the target.
 The kept candidate is the fastest that meets the tolerance. When the fastest misses it, mixed
 precision (mixed_precision) returns its most sensitive nodes to float until it holds, and everything
 is timed again. When no candidate meets the tolerance the most accurate one is kept (the caller
@@ -21,9 +24,11 @@ import onnx
 from onnxforge.errors import CalibrationDataError, QualityGateError
 from onnxforge.pipeline.calibration import SampleSet, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
+from onnxforge.pipeline.quantize.attention_mask import mask_nodes
 from onnxforge.pipeline.quantize.backends import error_line, quantize_candidate
-from onnxforge.pipeline.quantize.calibrate import CalibrationData
-from onnxforge.pipeline.quantize.config import CandidateResult, QuantizeConfig
+from onnxforge.pipeline.quantize.calibrate import CalibrationData, collect
+from onnxforge.pipeline.quantize.config import CalibrationMethod, CandidateResult, QuantizeConfig, Ranges
+from onnxforge.pipeline.quantize.graphs import Graphs
 from onnxforge.pipeline.quantize.mixed_precision import (
     MixedPrecisionSearch,
     node_groups,
@@ -32,11 +37,14 @@ from onnxforge.pipeline.quantize.mixed_precision import (
 )
 from onnxforge.pipeline.quantize.quant_error import NodeError, measure_node_errors
 from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES, qdq_twin
+from onnxforge.pipeline.quantize.smooth_quant import smooth_model
 from onnxforge.targets import QuantFormat, QuantMethod, QuantScheme
 from onnxforge.targets.feeds import batch_from_samples
 from onnxforge.targets.latency import LatencyStats, compare_latency
 
-__all__ = ["CandidateRun"]
+__all__ = ["REWRITTEN_FP32", "CandidateRun"]
+
+REWRITTEN_FP32 = "fp32 graph quantized from"  # timed beside fp32 when the candidates' graph was rewritten
 
 _log = logging.getLogger(__name__)
 
@@ -66,18 +74,16 @@ class CandidateRun:
     candidate models are written to ``folder``.
     """
 
-    def __init__(
-        self, folder: Path, fp32_path: Path, cache: Path, config: QuantizeConfig, target, data: CalibrationData
-    ) -> None:
+    def __init__(self, folder: Path, graphs: Graphs, config: QuantizeConfig, target, data: CalibrationData) -> None:
         self.tmp = folder
-        self.fp32_path = fp32_path
-        self.cache = cache
+        self.graphs = graphs
+        self.fp32_path = graphs.fp32
         self.config = config
         self.target = target
         self.data = data
         self.held_out = data.held_out
         self.eval_batch = model_batch_size(data.specs, preferred=32)
-        self.fp32_session = target.session(fp32_path, threads=config.threads)
+        self.fp32_session = target.session(graphs.fp32, threads=config.threads)
         self.reference = run_outputs(self.fp32_session, self.held_out, self.eval_batch)
         first = self.reference[0]  # ragged (an object array of per-sample outputs) for variable-length inputs
         first_shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
@@ -91,12 +97,48 @@ class CandidateRun:
         self.paths: dict[str, Path] = {}  # candidate label -> its model
         self.scheme_of: dict[str, QuantScheme] = {}  # candidate label -> the scheme it was quantized with
         self.timings: dict[str, LatencyStats] = {}  # the latest interleaved timing, "fp32" included
+        self.notes: list[str] = []  # what building the graphs said (smoothing)
+        self.calibration_batches = 0
         self._count = 0
+        self._smoothed: dict[Path, Path] = {}
+        self._ranges: dict[tuple[Path, CalibrationMethod], Ranges] = {}
+        self._masks: dict[Path, list[str]] = {}
 
-    def quantize(self, scheme: QuantScheme, float_nodes: Sequence[str] = ()) -> Path:
+    def source(self, scheme: QuantScheme) -> Path:
+        """The fp32 graph ``scheme`` is quantized from (see the module doc)."""
+        graph = self.graphs.fused if scheme.method is QuantMethod.DYNAMIC and self.graphs.fused else self.graphs.base
+        return self._smooth(graph) if scheme.smooth else graph
+
+    def _smooth(self, graph: Path) -> Path:
+        if graph not in self._smoothed:
+            result = smooth_model(onnx.load(str(graph)), self.data.analysis_batches(self.config.max_calibration_samples),
+                                  self.config.smooth_alpha)
+            path = graph.with_name(graph.stem + "_smooth.onnx")
+            onnx.save_model(result.model, str(path))
+            self._smoothed[graph] = path
+            if not self.notes or result.note not in self.notes:
+                self.notes.append(result.note)
+        return self._smoothed[graph]
+
+    def ranges(self, graph: Path, scheme: QuantScheme) -> Ranges:
+        """Activation ranges of ``graph`` for ``scheme`` (percentile, or the config's method), calibrated once."""
+        method = CalibrationMethod.PERCENTILE if scheme.percentile else self.config.calibration_method
+        key = (graph, method)
+        if key not in self._ranges:
+            cache = graph.with_name(f"{graph.stem}_ranges_{method.value}.json")
+            self._ranges[key], batches = collect(graph, method, self.data, self.config, cache)
+            self.calibration_batches = self.calibration_batches or batches
+        return self._ranges[key]
+
+    def quantize(self, scheme: QuantScheme, float_nodes: Sequence[str] = (), source: Path | None = None) -> Path:
         self._count += 1
         dest = self.tmp / f"candidate_{self._count}.onnx"
-        quantize_candidate(self.fp32_path, dest, scheme, self.config, self.cache, float_nodes)
+        source = source or self.source(scheme)
+        static = scheme.method is QuantMethod.STATIC
+        if static and source not in self._masks:
+            self._masks[source] = mask_nodes(onnx.load(str(source), load_external_data=False))
+        quantize_candidate(source, dest, scheme, self.config, self.ranges(source, scheme) if static else None,
+                           float_nodes, self._masks.get(source, ()))
         return dest
 
     def score(self, path: Path) -> float:
@@ -133,6 +175,8 @@ class CandidateRun:
         sessions = {"fp32": self.fp32_session} | {
             label: self.target.session(path, threads=self.config.threads) for label, path in self.paths.items()
         }
+        if self.graphs.rewritten:
+            sessions[REWRITTEN_FP32] = self.target.session(self.graphs.base, threads=self.config.threads)
         feeds = _latency_feeds(self.held_out, model_batch_size(self.data.specs, preferred=1))
         timings = compare_latency(sessions, feeds, rounds=self.config.latency_rounds)
         for c in self.candidates:
@@ -200,8 +244,9 @@ class CandidateRun:
     ) -> tuple[MixedPrecisionSearch, dict[tuple[str, ...], Path]]:
         """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
         static = scheme.method is QuantMethod.STATIC
-        qdq_path = path if static and scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme))
-        errors = measure_node_errors(self.fp32_path, qdq_path, self.data.analysis_batches(self.config.analysis_samples))
+        source = self.source(scheme)
+        qdq_path = path if static and scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), source=source)
+        errors = measure_node_errors(source, qdq_path, self.data.analysis_batches(self.config.analysis_samples))
         errors = [e for e in errors if e.node not in self.config.exclude_nodes]
         if static:
             groups = node_groups(onnx.load(str(qdq_path), load_external_data=False), [e.node for e in errors])
@@ -245,10 +290,10 @@ class CandidateRun:
             return []
         try:
             path = self.paths[chosen.scheme]
-            qdq_path = path if scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), chosen.float_nodes)
-            return measure_node_errors(
-                self.fp32_path, qdq_path, self.data.analysis_batches(self.config.analysis_samples)
-            )
+            source = self.source(scheme)
+            qdq_path = path if scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), chosen.float_nodes,
+                                                                                  source=source)
+            return measure_node_errors(source, qdq_path, self.data.analysis_batches(self.config.analysis_samples))
         except Exception as e:
             notes.append(f"per-layer error report failed: {error_line(e)}")
             return []

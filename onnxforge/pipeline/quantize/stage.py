@@ -1,8 +1,9 @@
 """The quantize stage: calibrate once, quantize and score each candidate scheme, time them on the
 target, keep the fastest within tolerance (the package docstring gives the whole procedure).
 
-Each step is a module beside this one: calibrate (samples, pre-processing, ranges), backends (one
-onnxruntime call per candidate), select (scoring, timing, mixed precision, the choice).
+Each step is a module beside this one: calibrate (samples, pre-processing, ranges), graphs (the
+fp32 graphs candidates start from: fused, residual sums), backends (one onnxruntime call per
+candidate), select (scoring, timing, mixed precision, the choice).
 """
 
 from __future__ import annotations
@@ -11,16 +12,21 @@ import os
 import tempfile
 from pathlib import Path
 
+import dataclasses
+
 import onnx
 
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import load_model, save_model
 from onnxforge.pipeline.calibration import SampleSet
-from onnxforge.pipeline.quantize.calibrate import calibrate, data_notes, fuse_if_transformer, load_calibration
+from onnxforge.pipeline.quantize.calibrate import data_notes, load_calibration
 from onnxforge.pipeline.quantize.config import QuantizeConfig, QuantizeResult
-from onnxforge.pipeline.quantize.select import CandidateRun
-from onnxforge.targets import get_target
+from onnxforge.pipeline.quantize.embeddings import embedding_tables
+from onnxforge.pipeline.quantize.graphs import prepare_graphs
+from onnxforge.pipeline.quantize.select import REWRITTEN_FP32, CandidateRun
+from onnxforge.pipeline.quantize.smooth_quant import smooth_groups
+from onnxforge.targets import QuantMethod, QuantScheme, get_target
 
 __all__ = ["quantize"]
 
@@ -49,18 +55,23 @@ def quantize(
     if not schemes:
         raise UsageError(f"target {target.name!r} proposes no quantization scheme")
     notes: list[str] = []
-    model = fuse_if_transformer(model, config, notes)
+    schemes = _fit_schemes(schemes, model, config, notes)
     notes += data_notes(calibration, config, data)
 
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp_dir:
         tmp = Path(tmp_dir)
-        fp32_path, cache, calibration_batches = calibrate(model, tmp, data, config, notes)
-        run = CandidateRun(tmp, fp32_path, cache, config, target, data)
+        graphs = prepare_graphs(model, tmp, config, target, data, notes)
+        run = CandidateRun(tmp, graphs, config, target, data)
         run.measure(schemes)
         search = run.mixed_precision(notes)
         chosen, passed = run.choose()
         layer_errors = run.layer_errors(chosen, notes)
+        notes += run.notes
+        if REWRITTEN_FP32 in run.timings:
+            speedup = run.timings["fp32"].p50_ms / run.timings[REWRITTEN_FP32].p50_ms
+            notes.append(f"the rewritten fp32 graph alone runs {speedup:.2f}x the input model (part of each speedup)")
         save_model(onnx.load(str(run.paths[chosen.scheme]), load_external_data=True), out)
+        calibration_batches = run.calibration_batches
 
     result = QuantizeResult(
         path=out,
@@ -89,3 +100,17 @@ def quantize(
             f"(best {chosen.speedup:.2f}x): this model's time is not in ops that int8 kernels speed up"
         )
     return result
+
+
+def _fit_schemes(schemes: list[QuantScheme], model: onnx.ModelProto, config: QuantizeConfig,
+                 notes: list[str]) -> list[QuantScheme]:
+    """``schemes`` with int8 embedding tables where ``quantize_embeddings`` asks and the model has one,
+    and without smoothing where no normalization feeds a MatMul (it would measure the same model twice)."""
+    if any(s.smooth for s in schemes) and not smooth_groups(model):
+        schemes = [dataclasses.replace(s, smooth=False) for s in schemes]
+    tables = embedding_tables(model) if config.quantize_embeddings else []
+    if tables:
+        notes.append(f"embedding table(s) {', '.join(tables)} stored in int8 with per-row scales in every int8/int4 "
+                     "candidate (quantize_embeddings)")
+        schemes = [s if s.method is QuantMethod.FP16 else dataclasses.replace(s, int8_embeddings=True) for s in schemes]
+    return list(dict.fromkeys(schemes))

@@ -1,0 +1,99 @@
+"""The fp32 graphs one quantize() call builds its candidates from.
+
+- ``fp32``: the input model pre-processed (calibrate.preprocess): the reference every candidate is
+  scored and timed against.
+- ``base``: what static, int4 and fp16 candidates quantize: ``fp32``, for transformers with residual
+  sums kept out of a slow SkipLayerNormalization kernel (skip_layer_norm) when the target measures
+  it slower.
+- ``fused``: transformers only, what dynamic candidates quantize: the transformer fusions
+  (transformer_fusion) when they fused something, matched the outputs and left every Attention
+  ready for QAttention (static QDQ cannot quantize a fused Attention, whose QKV projection would
+  stay fp32: those candidates keep ``base``).
+
+Smoothed variants (smooth_quant) of either are built on demand by the candidate run, from
+calibration samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxforge.pipeline.quantize.calibrate import CalibrationData, name_nodes, preprocess
+from onnxforge.pipeline.quantize.config import QuantizeConfig
+from onnxforge.pipeline.quantize.skip_layer_norm import residual_sums, should_keep_unfused
+from onnxforge.pipeline.quantize.transformer_fusion import fuse_transformer, looks_like_transformer, padded_batch
+
+__all__ = ["Graphs", "prepare_graphs", "qattention_ready"]
+
+_PARITY_SAMPLES = 4
+
+
+@dataclass(frozen=True)
+class Graphs:
+    fp32: Path
+    base: Path
+    fused: Path | None = None
+    transformer: bool = False
+
+    @property
+    def rewritten(self) -> bool:
+        """True when ``base`` is not the reference graph itself."""
+        return self.base != self.fp32
+
+
+def qattention_ready(model: onnx.ModelProto) -> bool:
+    """True when every com.microsoft Attention can become QAttention: a constant packed weight, no
+    ``qkv_hidden_sizes`` and no ``attention_bias`` (QAttention has no such input)."""
+    constants = {i.name for i in model.graph.initializer}
+    attentions = [n for n in model.graph.node if n.op_type == "Attention" and n.domain == "com.microsoft"]
+    return bool(attentions) and all(
+        len(n.input) > 1 and n.input[1] in constants
+        and not any(a.name == "qkv_hidden_sizes" for a in n.attribute)
+        and not (len(n.input) > 5 and n.input[5])
+        for n in attentions
+    )
+
+
+def prepare_graphs(
+    model: onnx.ModelProto, folder: Path, config: QuantizeConfig, target, data: CalibrationData, notes: list[str]
+) -> Graphs:
+    """Pre-process ``model`` into ``folder`` and build the graphs above (notes say what was done)."""
+    fp32 = preprocess(model, folder, notes)
+    if not looks_like_transformer(model):
+        return Graphs(fp32, fp32)
+    reference = onnx.load(str(fp32))
+    sums, slowdown = should_keep_unfused(target) if config.residual_sums else (False, None)
+    base = fp32
+    if sums:
+        rewritten, count = residual_sums(reference)
+        if count:
+            base = folder / "fp32_residual_sums.onnx"
+            onnx.save_model(rewritten, str(base))
+            notes.append(
+                f"SkipLayerNormalization ran {slowdown:.1f}x slower than Add + LayerNormalization on target "
+                f"{target.name!r}: {count} residual Add(s) written as Sum so onnxruntime keeps them unfused"
+            )
+    fused = None
+    if config.transformer_fusion:
+        samples = list(data.analysis_batches(_PARITY_SAMPLES))
+        first = data.calib.take(slice(0, min(8, len(data.calib)))).samples()
+        padded = padded_batch([{k: np.asarray(v)[None] for k, v in sample.items()} for sample in first])
+        if padded is not None:
+            samples.append(padded)
+        fusion = fuse_transformer(reference, samples)
+        notes.append(fusion.note)
+        if fusion.fused and qattention_ready(fusion.model):
+            graph = fusion.model
+            if sums:
+                graph, _ = residual_sums(graph)
+            fused = folder / "fp32_fused.onnx"
+            onnx.save_model(graph, str(fused))
+            name_nodes(fused)
+        elif fusion.fused:
+            notes.append("fused Attention cannot become QAttention (mask or weights): dynamic candidates use the "
+                         "unfused graph")
+    return Graphs(fp32, base, fused, transformer=True)

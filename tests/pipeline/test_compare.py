@@ -1,0 +1,101 @@
+"""onnxforge compare: per-tensor error in graph order and the first tensor where B diverges from A."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+
+from conftest import write_npz
+from onnxforge.cli import main
+from onnxforge.pipeline.compare import compare_models
+from transformer_graphs import HIDDEN, make_encoder
+
+
+def _data(tmp_path, count: int = 4):
+    rng = np.random.default_rng(0)
+    mask = np.ones((count, 6), np.int64)
+    mask[::2, 4:] = 0
+    return write_npz(tmp_path / "data.npz", x=rng.standard_normal((count, 6, HIDDEN)).astype(np.float32), mask=mask)
+
+
+def _save(model: onnx.ModelProto, path) -> str:
+    onnx.save_model(model, str(path))
+    return str(path)
+
+
+def _perturbed(model: onnx.ModelProto, weight: str) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name == weight:
+            w = onnx.numpy_helper.to_array(init)
+            noise = np.random.default_rng(1).standard_normal(w.shape).astype(np.float32) * w.std()
+            init.CopyFrom(onnx.numpy_helper.from_array(w + noise, weight))
+    return out
+
+
+def test_identical_models_match_everywhere(tmp_path):
+    a = _save(make_encoder(layers=2), tmp_path / "a.onnx")
+    result = compare_models(a, a, _data(tmp_path))
+    assert result.samples == 4 and result.first_divergence is None
+    assert len(result.tensors) > 50 and all(not math.isfinite(t.sqnr_db) for t in result.tensors)
+    assert [t.name for t in result.outputs] == ["y"] and result.outputs[0].cosine == 1.0
+
+
+def test_an_injected_divergence_is_found_at_the_node_that_diverges(tmp_path):
+    model = make_encoder(layers=2)
+    a = _save(model, tmp_path / "a.onnx")
+    b = _save(_perturbed(model, "w11"), tmp_path / "b.onnx")  # layer 1's first feed-forward weight
+    result = compare_models(a, b, _data(tmp_path))
+
+    assert result.first_divergence.name == "f1m" and result.first_divergence.op_type == "MatMul"
+    names = [t.name for t in result.tensors]
+    before = result.tensors[: names.index("f1m")]
+    assert before and all(not math.isfinite(t.sqnr_db) for t in before)  # nothing upstream changed
+    assert result.outputs[0].sqnr_db < 20.0
+
+
+def test_without_matching_tensor_names_the_outputs_are_still_compared(tmp_path):
+    model = make_encoder()
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    keep = {"x", "mask", "y"} | {i.name for i in renamed.graph.initializer}
+    for node in renamed.graph.node:
+        node.input[:] = [i if i in keep else f"other_{i}" for i in node.input]
+        node.output[:] = [o if o in keep else f"other_{o}" for o in node.output]
+    result = compare_models(_save(model, tmp_path / "a.onnx"), _save(renamed, tmp_path / "b.onnx"), _data(tmp_path))
+
+    assert result.tensors == [] and len(result.outputs) == 1 and not math.isfinite(result.outputs[0].sqnr_db)
+    assert any("graph outputs only" in n for n in result.notes)
+
+
+def test_renamed_tensors_match_by_their_producing_node(tmp_path):
+    model = make_encoder()
+    for i, node in enumerate(model.graph.node):
+        node.name = f"node{i}"
+    renamed = _perturbed(model, "w10")
+    keep = {"x", "mask", "y"} | {i.name for i in renamed.graph.initializer}
+    for node in renamed.graph.node:
+        node.input[:] = [i if i in keep else f"q_{i}" for i in node.input]
+        node.output[:] = [o if o in keep else f"q_{o}" for o in node.output]
+    result = compare_models(_save(model, tmp_path / "a.onnx"), _save(renamed, tmp_path / "b.onnx"), _data(tmp_path))
+
+    assert result.tensors and {t.matched_by for t in result.tensors} == {"producer"}
+    assert result.first_divergence.name == "f0m" and result.first_divergence.name_b == "q_f0m"
+
+
+def test_cli_writes_the_table_json_and_html(tmp_path, capsys):
+    model = make_encoder(layers=2)
+    a = _save(model, tmp_path / "a.onnx")
+    b = _save(_perturbed(model, "w11"), tmp_path / "b.onnx")
+    report, html = tmp_path / "r.json", tmp_path / "r.html"
+    code = main(["compare", a, b, "--data", str(_data(tmp_path)), "--json", str(report), "--html", str(html)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "first below 20 dB at f1m" in printed
+    payload = json.loads(report.read_text())
+    assert payload["first_divergence"]["name"] == "f1m" and payload["outputs"][0]["name"] == "y"
+    assert "<svg" in html.read_text()
