@@ -184,6 +184,25 @@ def _status(message: str, quiet: bool) -> Iterator[Callable[[str], None]]:
         yield lambda m: status.update(m)
 
 
+@contextlib.contextmanager
+def _gate_report(json_path: str | None) -> Iterator[None]:
+    """On exit 4 (a quality gate not met) still write ``--json`` and show every try with its numbers."""
+    try:
+        yield
+    except QualityGateError as e:
+        if e.result is not None:
+            _emit_json(json_path, e.result)
+            if not _quiet(json_path) and e.result.get("tried"):
+                table = Table(title=f"tries ({e.result.get('gate')}; {e.result.get('quality', '')})")
+                keys = [k for k in e.result["tried"][0] if not isinstance(e.result["tried"][0][k], dict)]
+                for key in keys:
+                    table.add_column(key)
+                for t in e.result["tried"]:
+                    table.add_row(*(f"{t[k]:.4g}" if isinstance(t[k], float) else str(t[k]) for k in keys))
+                out.print(table)
+        raise
+
+
 def _memory_limit(text: str | None) -> int | None:
     from onnxforge.pipeline.quantize.calibration_memory import parse_memory_size
 
@@ -470,7 +489,7 @@ def prune(model, output, prune_method, sparsity, ratio, calibration, importance,
         sparsity=sparsity, scope=Scope(scope), exclude_nodes=tuple(exclude), eval_data=eval_data,
         metric=Metric(metric), tolerance=tolerance,
     )
-    with _status(f"pruning {model}", _quiet(json_path)):
+    with _status(f"pruning {model}", _quiet(json_path)), _gate_report(json_path):
         result = prune_magnitude(model, output, config)
     _emit_json(json_path, result.to_json())
     if _quiet(json_path):
@@ -481,6 +500,7 @@ def prune(model, output, prune_method, sparsity, ratio, calibration, importance,
               "dense kernels run no faster with zeros, so latency is unchanged")
     if result.score_before is not None:
         out.print(f"  quality {result.score_before:.4f} -> {result.score_after:.4f} ({result.gate})")
+    out.print(f"  {_quality_text(result.quality)}")
 
 
 def _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, eval_data, metric, tolerance, json_path) -> None:
@@ -495,20 +515,21 @@ def _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, ev
         calibration_data=calibration, exclude_nodes=tuple(exclude), eval_data=eval_data, metric=Metric(metric),
         tolerance=tolerance,
     )
-    with _status(f"factoring {model}", _quiet(json_path)):
+    with _status(f"factoring {model}", _quiet(json_path)), _gate_report(json_path):
         result = low_rank(model, output, config)
     _emit_json(json_path, result.to_json())
     if _quiet(json_path):
         return
     for name, info in result.factored_layers.items():
-        out.print(f"  {name}: {info['shape'][0]}x{info['shape'][1]} -> rank {info['rank']} (energy {info['energy']:.4f})")
+        error = f", output error {info['output_error']:.4f} on held-out samples" if "output_error" in info else ""
+        out.print(f"  {name}: {info['shape'][0]}x{info['shape'][1]} -> rank {info['rank']} (energy {info['energy']:.4f}{error})")
     for name, reason in result.skipped_layers.items():
         out.print(f"  [yellow]skipped[/] {name}: {reason}")
-    speed = ", ".join(f"{k} {v:.2f}x" for k, v in result.latency_speedup.items()) or "not measured"
     out.print(f"[bold green]wrote[/] {result.path}: {len(result.factored_layers)} layers factored, params "
-              f"{result.params_before:,} -> {result.params_after:,}; speed vs input: {speed}")
+              f"{result.params_before:,} -> {result.params_after:,}; {_speed_text(result.speed)}")
     if result.score_before is not None:
         out.print(f"  quality {result.score_before:.4f} -> {result.score_after:.4f} ({result.gate})")
+    out.print(f"  {_quality_text(result.quality)}")
 
 
 def _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance, allocation, repair, exclude, eval_data,
@@ -525,7 +546,7 @@ def _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance,
         calibration_data=calibration, exclude_nodes=tuple(exclude), eval_data=eval_data, metric=Metric(metric),
         tolerance=tolerance,
     )
-    with _status(f"pruning channels of {model}", _quiet(json_path)):
+    with _status(f"pruning channels of {model}", _quiet(json_path)), _gate_report(json_path):
         result = prune_channels(model, output, config)
     _emit_json(json_path, result.to_json())
     if _quiet(json_path):
@@ -539,12 +560,28 @@ def _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance,
         table.add_row(name, "-", f"[yellow]skipped:[/] {reason}")
     out.print(table)
     out.print(f"[bold green]wrote[/] {result.path}: params {result.params_before:,} -> {result.params_after:,}, "
-              f"MACs/sample {result.macs_before:,} -> {result.macs_after:,} ({result.macs_before / max(result.macs_after, 1):.2f}x fewer)")
+              f"estimated MACs/sample {result.macs_before:,} -> {result.macs_after:,} "
+              f"({result.macs_before / max(result.macs_after, 1):.2f}x fewer); {_speed_text(result.speed)}")
     if not result.repaired:
         out.print("  no least-squares repair (pass --calibration DATA to refit the layers after pruning)")
     if result.score_before is not None:
         repaired = f", before repair {result.score_without_repair:.4f}" if result.repaired else ""
         out.print(f"  quality {result.score_before:.4f} -> {result.score_after:.4f}{repaired} ({result.gate})")
+    out.print(f"  {_quality_text(result.quality)}")
+
+
+def _speed_text(speed: dict | None) -> str:
+    """A measured speedup, said as a person would (0.84x is 'slower', not '0.84x faster')."""
+    if not speed:
+        return "speed not measured"
+    ratio = speed["speedup"]
+    verdict = f"{ratio:.2f}x faster" if ratio >= 1.0 else f"[yellow]{1 / ratio:.2f}x SLOWER[/]"
+    return f"measured {verdict} than the input at batch {speed['batch']} (p50 {speed['input_p50_ms']:.3f} -> " \
+           f"{speed['candidate_p50_ms']:.3f} ms)"
+
+
+def _quality_text(note: str) -> str:
+    return f"[yellow]{escape(note)}[/]" if note.startswith("quality NOT") else escape(note)
 
 
 def _prune_distill_cmd(model, output, ratio, calibration, importance, allocation, repair, exclude, source, epochs,

@@ -88,10 +88,15 @@ class TargetUnavailableError(OnnxForgeError):
 
 
 class QualityGateError(OnnxForgeError):
-    """A stage could not meet its accuracy tolerance. ``best_path`` holds the best model found."""
+    """A stage could not meet its accuracy tolerance. ``best_path`` holds the best model found and
+    ``result`` the stage's result as JSON (every try with its numbers), so that exit 4 still shows
+    the table and writes ``--json``."""
 
     exit_code = 4
 
-    def __init__(self, message: str, *, hint: str | None = None, best_path: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, hint: str | None = None, best_path: str | None = None, result: dict | None = None
+    ) -> None:
         super().__init__(message, hint=hint)
         self.best_path = best_path
+        self.result = result

@@ -8,10 +8,12 @@ weights they rewrite. MACs count Conv/ConvTranspose/Gemm/MatMul with a constant 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 
-__all__ = ["count_parameters", "count_params_and_macs"]
+__all__ = ["count_parameters", "count_params_and_macs", "with_input_shapes"]
 
 
 def count_parameters(graph: onnx.GraphProto, *, initializers_only: bool = False) -> int:
@@ -31,9 +33,35 @@ def count_parameters(graph: onnx.GraphProto, *, initializers_only: bool = False)
     return total
 
 
-def count_params_and_macs(model: onnx.ModelProto) -> tuple[int, int]:
-    """(parameters in initializers, multiply-accumulates per sample of Conv/ConvTranspose/Gemm/MatMul layers)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs named in ``shapes`` declare those concrete dims (same rank only)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for vi in copy.graph.input:
+        shape = shapes.get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        if shape is None or len(shape) != len(dims):
+            continue
+        for d, size in zip(dims, shape):
+            d.Clear()
+            d.dim_value = int(size)
+    return copy
+
+
+def count_params_and_macs(
+    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> tuple[int, int]:
+    """(parameters in initializers, multiply-accumulates per sample of Conv/ConvTranspose/Gemm/MatMul layers).
+
+    ``input_shapes`` (batch 1) replace the declared input dims for shape inference: the MACs of a
+    model with a dynamic H/W are then those of the data's size.
+    """
+    if input_shapes:
+        model = with_input_shapes(model, input_shapes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = onnx.shape_inference.infer_shapes(model)
     inits = {t.name: tuple(t.dims) for t in inferred.graph.initializer}
     shapes = {}
     for vi in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:

@@ -60,7 +60,9 @@ def _value_info_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     tensor_type = vi.type.tensor_type
     dims: list[int | str | None] = []
     for d in tensor_type.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value == -1:
+            dims.append(None)  # PaddleOCR's (paddle2onnx's) way of declaring a dynamic dim; onnxruntime reads it so
+        elif d.HasField("dim_value"):
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)
@@ -184,15 +186,17 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
 
 
 def _check_graph_interface(path: Path, model: onnx.ModelProto) -> None:
-    """What the checker lets through but no runtime can use: no outputs, or negative dims."""
+    """What the checker lets through but no runtime can use: no outputs, or negative dims (-1 excepted:
+    exporters such as paddle2onnx declare a dynamic dim that way, and onnxruntime accepts it)."""
     if not model.graph.output:
         raise InvalidModelError(f"{path}: the graph declares no outputs", hint="re-export the model")
     for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
         for vi in values:
             for axis, d in enumerate(vi.type.tensor_type.shape.dim):
-                if d.HasField("dim_value") and d.dim_value < 0:
+                if d.HasField("dim_value") and d.dim_value < -1:
                     raise InvalidModelError(
-                        f"{path}: {kind} {vi.name!r} has dimension {axis} = {d.dim_value}; dims must be >= 0"
+                        f"{path}: {kind} {vi.name!r} has dimension {axis} = {d.dim_value}; dims must be >= 0 "
+                        "(or -1 for a dynamic dim)"
                     )
 
 

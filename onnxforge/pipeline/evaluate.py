@@ -101,15 +101,17 @@ def run_outputs(session: ort.InferenceSession, samples: SampleSet, batch_size: i
     per-sample shapes differ is returned as an object array of per-sample arrays.
     """
     placed: list[tuple[np.ndarray, list[np.ndarray]]] = []
-    fixed_batch = any(isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
+    feeding = samples.feeding
+    fixed_batch = any(isinstance(i.shape[feeding.batch_axes.get(i.name, 0)], int)
+                      for i in session.get_inputs() if i.shape and i.name not in feeding.constants)
     for index, batch in samples.indexed_batches(batch_size):
         n = len(index)
         if n < batch_size and fixed_batch:
             # fixed-batch models: pad the batch and drop the padding from the outputs
-            batch = {k: np.resize(v, (batch_size, *v.shape[1:])) for k, v in batch.items()}
-            placed.append((index, [o[:n] for o in session.run(None, batch)]))
+            outputs = session.run(None, feeding.resized(batch, batch_size))
+            placed.append((index, [_per_sample(o, batch_size)[:n] for o in outputs]))
         else:
-            placed.append((index, session.run(None, batch)))
+            placed.append((index, [_per_sample(o, n) for o in session.run(None, batch)]))
     if not placed:
         return []
     if not samples.is_ragged:
@@ -128,6 +130,15 @@ def run_outputs(session: ort.InferenceSession, samples: SampleSet, batch_size: i
                 ragged[j] = r
             outputs.append(ragged)
     return outputs
+
+
+def _per_sample(output: np.ndarray, n: int) -> np.ndarray:
+    """``output`` with its batch axis first: axis 0 when it holds the batch's ``n`` samples, else the first
+    axis that does (a recurrent state's ``[layers, batch, hidden]``)."""
+    if output.ndim == 0 or output.shape[0] == n:
+        return output
+    axis = next((a for a, d in enumerate(output.shape) if d == n), 0)
+    return np.moveaxis(output, axis, 0)
 
 
 def _rows(output: np.ndarray) -> list[np.ndarray] | np.ndarray:
@@ -189,11 +200,21 @@ class QualityBaseline:
     ) -> QualityBaseline:
         """Score ``model`` on ``eval_data`` on ``target`` (a Target; None = the CPU)."""
         from onnxforge.model_io import input_specs
-        from onnxforge.pipeline.calibration import load_samples, model_batch_size
+        from onnxforge.pipeline.calibration import load_samples
+
+        specs = input_specs(model)
+        return cls.from_samples(model, load_samples(eval_data, specs), metric, tolerance, target)
+
+    @classmethod
+    def from_samples(
+        cls, model: onnx.ModelProto, samples: SampleSet, metric: Metric, tolerance: float | None, target=None
+    ) -> QualityBaseline:
+        """Score ``model`` on ``samples`` (held-out calibration samples, when there is no eval data)."""
+        from onnxforge.model_io import input_specs
+        from onnxforge.pipeline.calibration import model_batch_size
         from onnxforge.targets.cpu import CpuTarget
 
         specs = input_specs(model)
-        samples = load_samples(eval_data, specs)
         reference = run_outputs(
             (target or CpuTarget()).session(model.SerializeToString()), samples, model_batch_size(specs, preferred=32)
         )

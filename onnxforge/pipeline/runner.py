@@ -30,7 +30,7 @@ from onnxforge.pipeline.recipe import SOURCE, Recipe, StageSpec
 from onnxforge.pipeline.registry import StageContext
 from onnxforge.pipeline.run_guard import check_run_paths, stage_output
 from onnxforge.targets import get_target
-from onnxforge.targets.feeds import batch_from_samples, generate_feeds
+from onnxforge.targets.feeds import generate_feeds
 from onnxforge.targets.latency import compare_latency
 
 __all__ = ["RunResult", "run_recipe", "source_fingerprint", "StageArtifact", "run_stage"]
@@ -165,7 +165,7 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | No
                 _own_measurement(r, metric.value)
             else:
                 r.metrics[metric.value] = score(metric, outputs[r.name], reference, samples.labels)
-        feeds = batch_from_samples(samples.inputs, model_batch_size(specs, preferred=1))
+        feeds = samples.first_batch(model_batch_size(specs, preferred=1))
     else:
         feeds = generate_feeds(specs, batch=1, overrides=dict(recipe.input_shapes))
     progress(f"timing every stage side by side on {recipe.target} (batch 1, 1 thread)")

@@ -145,7 +145,7 @@ def _parity_feeds(model: onnx.ModelProto, config: SimplifyConfig) -> list[dict]:
         from onnxforge.pipeline.calibration import load_samples
 
         samples = load_samples(config.sample_data, specs)
-        return [{k: v[i : i + 1] for k, v in samples.inputs.items()} for i in range(min(2, len(samples)))]
+        return [samples.take(slice(i, i + 1)).first_batch(1) for i in range(min(2, len(samples)))]
     return [generate_feeds(specs, batch=1, overrides=config.input_shapes, seed=s) for s in (1, 2)]
 
 

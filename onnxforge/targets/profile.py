@@ -22,7 +22,7 @@ import numpy as np
 from onnxforge.errors import UsageError
 from onnxforge.model_io import input_specs, load_model
 from onnxforge.targets import get_target
-from onnxforge.targets.feeds import batch_from_samples, generate_feeds
+from onnxforge.targets.feeds import generate_feeds
 from onnxforge.targets.latency import LatencyStats, compare_latency, measure_latency
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def _feeds(model, config: ProfileConfig, batch: int) -> dict[str, np.ndarray]:
         from onnxforge.pipeline.calibration import load_samples
 
         samples = load_samples(config.sample_data, specs)
-        return batch_from_samples(samples.inputs, batch)
+        return samples.first_batch(batch)
     return generate_feeds(specs, batch=batch, overrides=_shape_overrides(model, config, batch))
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from onnxforge.errors import CalibrationDataError
 from onnxforge.model_io import TensorSpec
+from onnxforge.pipeline.calibration.feeding import CONST_SUFFIX, Feeding, batch_axis_for, check_constant, parse_key
 from onnxforge.pipeline.calibration.samples import LABEL_KEY, SampleSet, StreamedSamples, as_labels
 
 __all__ = ["array_files", "check_array", "load_samples", "stream_folder"]
@@ -87,11 +88,14 @@ def _looks_like_numpy(path: Path) -> bool:
     return head == b"\x93NUMPY" or zipfile.is_zipfile(path)
 
 
-def check_array(path: Path | str, spec: TensorSpec, array: np.ndarray, *, ragged_ok: bool = False) -> np.ndarray:
+def check_array(
+    path: Path | str, spec: TensorSpec, array: np.ndarray, *, ragged_ok: bool = False, batch_axis: int = 0
+) -> np.ndarray:
     """``array`` (samples on the first axis) checked and cast to ``spec``'s dtype.
 
-    With ``ragged_ok`` only the dims the model fixes are checked; dynamic dims may differ
-    between files (they are grouped into equal-shape batches later).
+    A sample is the model's input without its batch axis (``batch_axis``, see onnxforge.pipeline.
+    calibration.feeding). With ``ragged_ok`` only the dims the model fixes are checked; dynamic dims
+    may differ between files (they are grouped into equal-shape batches later).
     """
     where = f"{path}: input {spec.name!r}"
     if array.dtype.kind not in "biuf":
@@ -104,15 +108,22 @@ def check_array(path: Path | str, spec: TensorSpec, array: np.ndarray, *, ragged
     elif spec.dtype != array.dtype:
         raise CalibrationDataError(f"{where} has dtype {array.dtype}; the model expects {spec.dtype}")
     if array.ndim != len(spec.shape):
+        hint = None
+        if not spec.shape:
+            hint = (f"a scalar input takes one value for every batch: save it as a 0-d array, or under the key "
+                    f"'{spec.name}{CONST_SUFFIX}'")
         raise CalibrationDataError(
             f"{where} has rank {array.ndim} (shape {'x'.join(map(str, array.shape))}); the model expects "
-            f"rank {len(spec.shape)} ({spec.shape_text()}), with samples on the first axis"
+            f"rank {len(spec.shape)} ({spec.shape_text()}), with samples on the first axis",
+            hint=hint,
         )
-    for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
-        if axis > 0 and isinstance(want, int) and got != want:
+    declared = list(spec.shape[:batch_axis]) + list(spec.shape[batch_axis + 1 :])
+    for axis, (got, want) in enumerate(zip(array.shape[1:], declared), start=1):
+        if isinstance(want, int) and got != want:
+            where_axis = f"dimension {axis}" if batch_axis == 0 else f"dimension {axis} of a sample"
             raise CalibrationDataError(
                 f"{where} has shape {'x'.join(map(str, array.shape))}; the model expects {spec.shape_text()}"
-                f" (dimension {axis} must be {want})"
+                f" ({where_axis} must be {want})"
             )
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
@@ -120,15 +131,58 @@ def check_array(path: Path | str, spec: TensorSpec, array: np.ndarray, *, ragged
     return array
 
 
-def _checked_arrays(path: Path, arrays: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
-    missing = [s.name for s in specs if s.name not in arrays]
+def _split_keys(path: Path, arrays: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> tuple[dict, Feeding]:
+    """Per-sample arrays by input name, and how they are fed (see the feeding module's convention)."""
+    per_sample: dict[str, np.ndarray] = {}
+    constants: dict[str, np.ndarray] = {}
+    axes: dict[str, int] = {}
+    by_name = {s.name: s for s in specs}
+    for key, value in arrays.items():
+        name, mode = parse_key(key)
+        spec = by_name.get(name)
+        if spec is None:
+            if key != LABEL_KEY and mode is not None:
+                raise CalibrationDataError(f"{path}: {key!r} names no model input (inputs: {', '.join(by_name)})")
+            continue
+        value = np.asarray(value)
+        where = f"{path}: input {name!r}"
+        if mode == "const" or (not spec.shape and value.ndim == 0):
+            constants[name] = check_constant(where, spec, value)
+        elif not spec.shape and value.ndim == 1 and value.size and np.all(value == value.flat[0]):
+            constants[name] = check_constant(where, spec, value[0])  # the same scalar for every sample
+        elif isinstance(mode, int):
+            if not 0 <= mode < max(len(spec.shape), 1):
+                raise CalibrationDataError(f"{path}: {key!r}: the model input has rank {len(spec.shape)}")
+            per_sample[name], axes[name] = value, mode
+        else:
+            per_sample[name] = value
+            axes[name] = batch_axis_for(spec, value.shape[1:]) if value.ndim else 0
+        if name in constants and name in per_sample:
+            raise CalibrationDataError(f"{path}: input {name!r} is given both per sample and as a constant")
+    return per_sample, Feeding(constants, {k: a for k, a in axes.items() if a})
+
+
+def _checked_arrays(
+    path: Path, arrays: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]
+) -> tuple[dict[str, np.ndarray], Feeding]:
+    per_sample, feeding = _split_keys(path, arrays, specs)
+    missing = [s.name for s in specs if s.name not in per_sample and s.name not in feeding.constants]
     if missing:
         have = ", ".join(k for k in arrays) or "nothing"
         raise CalibrationDataError(
             f"{path}: no array for model input {missing[0]!r} (the file has: {have})",
-            hint="the .npz must hold one array per model input, keyed by the input's name",
+            hint="the .npz must hold one array per model input, keyed by the input's name "
+            f"('NAME{CONST_SUFFIX}' for a value fed unchanged with every batch)",
         )
-    inputs = {s.name: check_array(path, s, np.asarray(arrays[s.name])) for s in specs}
+    inputs = {
+        s.name: check_array(path, s, per_sample[s.name], batch_axis=feeding.batch_axes.get(s.name, 0))
+        for s in specs if s.name in per_sample
+    }
+    if not inputs:
+        raise CalibrationDataError(
+            f"{path}: every input is a constant: there are no samples",
+            hint="give at least one input per sample, samples on the first axis",
+        )
     counts = {n: len(a) for n, a in inputs.items()}
     if len(set(counts.values())) > 1:
         raise CalibrationDataError(f"{path}: inputs have different sample counts: {counts}")
@@ -145,7 +199,7 @@ def _checked_arrays(path: Path, arrays: Mapping[str, np.ndarray], specs: Sequenc
         if len(labels) != n:
             raise CalibrationDataError(f"{path}: {len(labels)} labels for {n} samples")
         inputs[LABEL_KEY] = labels
-    return inputs
+    return inputs, feeding
 
 
 def stream_folder(path: Path, specs: Sequence[TensorSpec]) -> StreamedSamples:
@@ -154,9 +208,18 @@ def stream_folder(path: Path, specs: Sequence[TensorSpec]) -> StreamedSamples:
     if not files:
         raise CalibrationDataError(f"{path}: folder holds no .npz or .npy files")
     names = [s.name for s in specs]
+    _, feeding = _checked_arrays(files[0], _read_file(files[0], names), specs)  # one file: what streaming holds
 
     def read(f: Path) -> dict[str, np.ndarray]:
-        return _checked_arrays(f, _read_file(f, names), specs)
+        arrays, own = _checked_arrays(f, _read_file(f, names), specs)
+        if not _same_feeding(own, feeding):
+            raise CalibrationDataError(
+                f"{f}: its constants or batch axes differ from {files[0].name}'s",
+                hint="every file of a folder feeds the model the same way; keep constants identical",
+            )
+        return arrays
+
+    per_sample = [n for n in names if n not in feeding.constants]
 
     def count(f: Path) -> int:
         try:
@@ -165,11 +228,19 @@ def stream_folder(path: Path, specs: Sequence[TensorSpec]) -> StreamedSamples:
             counts = _npz_counts(f)
         except Exception as e:
             raise CalibrationDataError(f"{f}: not a readable .npz/.npy file ({type(e).__name__})") from e
-        if names[0] not in counts:
-            return len(read(f)[names[0]])  # let the full check name what is wrong
-        return counts[names[0]]
+        for key, n in counts.items():
+            name, mode = parse_key(key)
+            if per_sample and name == per_sample[0] and mode != "const":
+                return n
+        return len(read(f)[per_sample[0]])  # let the full check name what is wrong
 
-    return StreamedSamples(str(path), files, read, count)
+    return StreamedSamples(str(path), files, read, count, feeding=feeding)
+
+
+def _same_feeding(a: Feeding, b: Feeding) -> bool:
+    return dict(a.batch_axes) == dict(b.batch_axes) and a.constants.keys() == b.constants.keys() and all(
+        np.array_equal(a.constants[k], b.constants[k]) for k in a.constants
+    )
 
 
 def load_samples(
@@ -192,9 +263,9 @@ def load_samples(
         if samples.is_ragged and not allow_ragged:
             raise CalibrationDataError(f"{path}: files have arrays of different shapes")
     else:
-        arrays = _checked_arrays(path, _read_file(path, [s.name for s in specs]), specs)
+        arrays, feeding = _checked_arrays(path, _read_file(path, [s.name for s in specs]), specs)
         labels = arrays.pop(LABEL_KEY, None)
-        samples = SampleSet(arrays, None if labels is None else as_labels(labels), str(path))
+        samples = SampleSet(arrays, None if labels is None else as_labels(labels), str(path), feeding)
     n = len(samples)
     if n < min_samples:
         raise CalibrationDataError(f"{path}: {n} samples; at least {min_samples} are needed")

@@ -38,7 +38,7 @@ class CalibrationReader(CalibrationDataReader):
         if self._iter is None:
             self._iter = iter(self._samples.batches(self._batch_size))
         for batch in self._iter:
-            short = len(next(iter(batch.values()))) != self._batch_size
+            short = self._samples.feeding.batch_size(batch) != self._batch_size
             if short and self._fixed_batch and self.batches_read:
                 continue  # a short batch would break models with a fixed batch
             self.batches_read += 1

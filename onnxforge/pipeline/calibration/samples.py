@@ -7,12 +7,13 @@ batches of equal shape: never padded, so padding values cannot distort calibrati
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from onnxforge.errors import CalibrationDataError
+from onnxforge.pipeline.calibration.feeding import Feeding
 
 __all__ = ["LABEL_KEY", "Sample", "SampleSet", "StreamedSamples", "as_labels", "group_batches", "object_array"]
 
@@ -64,11 +65,14 @@ class SampleSet:
 
     Each input is either one array with samples on the first axis, or (a *ragged* set, for
     variable-length inputs) an object array holding one array per sample, without the sample axis.
+    ``feeding`` turns a batch of them into the model's feeds (constants, batches on another axis);
+    every batch this class yields is ready to feed.
     """
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     source: str
+    feeding: Feeding = field(default_factory=Feeding)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values()))) if self.inputs else 0
@@ -79,7 +83,7 @@ class SampleSet:
 
     def take(self, index: slice | np.ndarray) -> SampleSet:
         labels = None if self.labels is None else self.labels[index]
-        return SampleSet({k: v[index] for k, v in self.inputs.items()}, labels, self.source)
+        return SampleSet({k: v[index] for k, v in self.inputs.items()}, labels, self.source, self.feeding)
 
     def split(self, holdout_fraction: float) -> tuple[SampleSet, SampleSet]:
         """(first part, last ``holdout_fraction`` part); deterministic, keeps order."""
@@ -104,7 +108,8 @@ class SampleSet:
         if not self.is_ragged:
             for start in range(0, n, batch_size):
                 idx = np.arange(start, min(n, start + batch_size))
-                yield idx, {k: np.ascontiguousarray(v[start : start + batch_size]) for k, v in self.inputs.items()}
+                stacked = {k: np.ascontiguousarray(v[start : start + batch_size]) for k, v in self.inputs.items()}
+                yield idx, self.feeding.feeds(stacked)
             return
         groups: dict[tuple, list[int]] = {}
         for i in range(n):
@@ -112,11 +117,17 @@ class SampleSet:
         for members in groups.values():
             for start in range(0, len(members), batch_size):
                 idx = np.asarray(members[start : start + batch_size])
-                yield idx, _stack([self.sample(int(i)) for i in idx])
+                yield idx, self.feeding.feeds(_stack([self.sample(int(i)) for i in idx]))
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         for _, batch in self.indexed_batches(batch_size):
             yield batch
+
+    def first_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Feeds of ``batch_size`` samples from the start, repeated cyclically when there are fewer
+        (a ragged set: from its first group of equal shapes)."""
+        first = next(self.batches(batch_size))
+        return self.feeding.resized(first, batch_size)
 
 
 class StreamedSamples:
@@ -137,8 +148,10 @@ class StreamedSamples:
         start: int = 0,
         stop: int | None = None,
         _counts: list[int] | None = None,
+        feeding: Feeding | None = None,
     ) -> None:
         self.source = source
+        self.feeding = feeding or Feeding()
         self._files = list(files)
         self._reader = reader
         self._counter = counter
@@ -166,6 +179,7 @@ class StreamedSamples:
         return StreamedSamples(
             self.source, self._files, self._reader, self._counter,
             start=self._start + start, stop=self._start + max(start, stop), _counts=self.counts,
+            feeding=self.feeding,
         )
 
     def split(self, holdout_fraction: float) -> tuple[StreamedSamples, StreamedSamples]:
@@ -193,7 +207,10 @@ class StreamedSamples:
                 yield {k: v[i] for k, v in inputs.items()}
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        return group_batches(self.samples(), batch_size)
+        return map(self.feeding.feeds, group_batches(self.samples(), batch_size))
+
+    def first_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        return self.feeding.resized(next(self.batches(batch_size)), batch_size)
 
     def materialize(self) -> SampleSet:
         """Load this view into memory (ragged when the files' shapes differ)."""
@@ -211,7 +228,7 @@ class StreamedSamples:
                 inputs[name] = np.concatenate(parts)
             else:
                 inputs[name] = object_array([row for p in parts for row in p])
-        return SampleSet(inputs, labels, self.source)
+        return SampleSet(inputs, labels, self.source, self.feeding)
 
 
 def object_array(items: Sequence[np.ndarray]) -> np.ndarray:

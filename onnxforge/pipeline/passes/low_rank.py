@@ -33,4 +33,7 @@ class LowRankPass(Pass):
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:
-        return f"{len(result.get('factored_layers', {}))} layers factored"
+        speed = result.get("measured_speedup")
+        return (f"{len(result.get('factored_layers', {}))} layers factored"
+                + (f", measured {speed:.2f}x the input's speed" if speed else "")
+                + ("" if result.get("quality_measured", True) else ", quality NOT measured"))

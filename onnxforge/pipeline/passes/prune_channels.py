@@ -41,5 +41,8 @@ class ChannelPrunePass(Pass):
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:
-        return (f"{result.get('ratio', 0):.0%} of channels removed, {result.get('macs_ratio') or 0:.1f}x fewer MACs"
-                + (", repaired" if result.get("repaired") else ""))
+        speed = result.get("measured_speedup")
+        return (f"{result.get('ratio', 0):.0%} of channels removed, est. {result.get('macs_ratio') or 0:.1f}x fewer MACs"
+                + (f", measured {speed:.2f}x the input's speed" if speed else "")
+                + (", repaired" if result.get("repaired") else "")
+                + ("" if result.get("quality_measured", True) else ", quality NOT measured"))

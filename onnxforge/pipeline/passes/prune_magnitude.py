@@ -23,4 +23,5 @@ class MagnitudePrunePass(Pass):
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:
-        return f"sparsity {result.get('achieved_sparsity', 0):.0%} (asked {result.get('requested_sparsity', 0):.0%})"
+        return (f"sparsity {result.get('achieved_sparsity', 0):.0%} (asked {result.get('requested_sparsity', 0):.0%})"
+                + ("" if result.get("quality_measured", True) else ", quality NOT measured"))

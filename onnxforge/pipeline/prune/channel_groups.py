@@ -158,16 +158,24 @@ class ChannelGroups:
         return True
 
     # -- layouts ------------------------------------------------------------------------------
-    def layout_of(self, value: ir.Value, axis: int, why: str) -> Layout | None:
-        """The value's layout with channels on ``axis``; a fresh blocked group when it has none."""
+    def layout_of(self, value: ir.Value, axis: int, why: str, channels: int | None = None) -> Layout | None:
+        """The value's layout with channels on ``axis``; a fresh blocked group when it has none.
+
+        ``channels`` is the count the caller knows (a consumer's weight axis) for a value whose shape
+        inference left unknown; a fresh group must hold the real count, or the consumer's weight would
+        be cut to the zero channels an unknown shape stood for. Without either, None (blocked).
+        """
         layout = self.layouts.get(value)
         if layout is None:
             shape = value_shape(value)
-            channels = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+            known = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+            channels = known or channels
+            if not channels:
+                return None
             source = "a graph input" if value.is_graph_input() else (
                 f"{value.producer().op_type} {layer_name(value.producer())}" if value.producer() else "a constant")
-            gid = self.new_group(channels or 0, f"channels come from {source}")
-            layout = Layout(axis % len(shape) if shape else axis, 1, ((gid, channels or 0),))
+            gid = self.new_group(channels, f"channels come from {source}")
+            layout = Layout(axis % len(shape) if shape else axis, 1, ((gid, channels),))
             self.layouts[value] = layout
             return layout
         rank = len(value.shape) if value.shape is not None else None
@@ -221,6 +229,8 @@ class ChannelGroups:
             parts.append(offset + (np.arange(n) if kept is None else kept))
             offset += n
         channels = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        if not len(channels):
+            raise ValueError(f"no channel of {value.name} would survive")  # a rewrite must never make a 0-dim
         if layout.expand == 1:
             return channels
         return (channels[:, None] * layout.expand + np.arange(layout.expand)[None, :]).ravel()

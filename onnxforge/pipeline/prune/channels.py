@@ -16,9 +16,11 @@
 4. Repair: the layers whose inputs shrank are refit by least squares on calibration data
    (onnxforge.pipeline.prune.repair).
 
-Then, with evaluation data, the tolerance loop (onnxforge.pipeline.prune.backoff): try R, back off
-x0.75 until the quality gate holds, keep the most-pruned model that passes (QualityGateError, exit 4,
-when none does).
+Then the tolerance loop (onnxforge.pipeline.prune.backoff), on the eval data or else on held-out
+calibration samples (onnxforge.pipeline.prune.checks): try R, back off x0.75 until the quality gate
+holds (never to a ratio that removes no channel), keep the most-pruned model that passes
+(QualityGateError, exit 4, with every try's numbers, when none does). Nothing is written before the
+kept model has run and been timed against the input; MACs are estimates at the data's shapes.
 """
 
 from __future__ import annotations
@@ -148,9 +150,18 @@ class ChannelPruneResult:
     score_after: float | None = None
     gate: str | None = None
     tried: list[dict] = field(default_factory=list)
+    quality: str = ""  # what the scores rest on, or "quality NOT measured: ..."
+    speed: dict | None = None  # input vs pruned, timed interleaved at the model's batch (QualityCheck.speedup)
+    macs_shapes: dict | None = None  # the input shapes the MAC estimates were counted at
 
     def to_json(self) -> dict:
         return {
+            "quality": self.quality,
+            "quality_measured": self.score_after is not None,
+            "speed": self.speed,
+            "measured_speedup": self.speed["speedup"] if self.speed else None,
+            "macs_are_estimates": True,
+            "macs_shapes": self.macs_shapes,
             "ratio": self.ratio,
             "groups": self.groups,
             "pruned_layers": self.pruned_layers,
@@ -193,13 +204,15 @@ def prune_model(
     config: ChannelPruneConfig,
     calibration: SampleSet | None = None,
     group_ratios: dict[int, float] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> PrunedModel:
     """Remove ``config.ratio`` of the channels of every prunable group (no repair). Input is not modified.
 
     ``group_ratios`` (ChannelGroup.id -> ratio, ids as listed in ``PrunedModel.groups``) overrides the
-    uniform ratio; a group it does not name keeps all its channels.
+    uniform ratio; a group it does not name keeps all its channels. ``input_shapes`` (the data's, at
+    batch 1) let shape inference follow dynamic dims (see ``prepared``).
     """
-    model_ir = prepared(model)
+    model_ir = prepared(model, input_shapes)
     graph = model_ir.graph
     cg = find_channel_groups(graph, config.exclude_nodes)
     groups = cg.groups()
@@ -235,6 +248,8 @@ def prune_model(
     cuts: dict[tuple[int, int], tuple[ir.Node, int, dict[int, np.ndarray]]] = {}
     grouped_inputs: dict[tuple[int, int], int] = {}  # (node, input) -> G: axis 1 is cut block by block
     for p in cg.params:
+        if not any(root in keep for root in cg.roots(p.ref)):
+            continue  # nothing of this tensor's channels is pruned: its weights stay whole
         idx = cg.indices(p.ref, keep)
         weight = p.node.inputs[p.index]
         if len(idx) == weight.const_value.shape[p.axis] * p.groups:
@@ -305,12 +320,13 @@ def sensitivity_ratios(
     channels removed in total equal ``config.ratio`` of all prunable channels (then clipped to
     ``max_ratio``): robust groups give up more, sensitive ones less.
     """
-    baseline = prune_model(model, config, calibration, group_ratios={})
+    shapes = _shapes_of(calibration)
+    baseline = prune_model(model, config, calibration, group_ratios={}, input_shapes=shapes)
     prunable = {g["id"]: g["channels"] for g in baseline.groups if g["prunable"]}
     reference = _model_outputs(model, calibration)
     sensitivity = {}
     for gid in prunable:
-        probe = prune_model(model, config, calibration, group_ratios={gid: config.ratio})
+        probe = prune_model(model, config, calibration, group_ratios={gid: config.ratio}, input_shapes=shapes)
         out = _model_outputs(probe.model, calibration)
         sensitivity[gid] = float(np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-12))
     weights = {gid: 1.0 / np.sqrt(s + 1e-6) for gid, s in sensitivity.items()}
@@ -318,6 +334,22 @@ def sensitivity_ratios(
     scale = config.ratio * total / sum(weights[g] * prunable[g] for g in prunable)
     ratios = {gid: float(min(max_ratio, scale * weights[gid])) for gid in prunable}
     return ratios, sensitivity
+
+
+def _shapes_of(samples: SampleSet | None) -> dict[str, tuple[int, ...]] | None:
+    return None if samples is None else {k: tuple(v.shape) for k, v in samples.first_batch(1).items()}
+
+
+def removes_any(groups: list[dict], ratio: float, round_to: int) -> bool:
+    """Whether ``ratio`` removes at least one channel of some prunable group."""
+    for g in groups:
+        if not g["prunable"]:
+            continue
+        blocks = g.get("blocks", 1)
+        size = g["channels"] // blocks
+        if _keep_count(size, ratio, round_to if blocks == 1 else 1) < size:
+            return True
+    return False
 
 
 def _model_outputs(model: onnx.ModelProto, samples: SampleSet) -> np.ndarray:
@@ -329,20 +361,25 @@ def _model_outputs(model: onnx.ModelProto, samples: SampleSet) -> np.ndarray:
 def prune_channels(
     input_path: str | os.PathLike, output: str | os.PathLike, config: ChannelPruneConfig = ChannelPruneConfig()
 ) -> ChannelPruneResult:
-    """Prune ``input_path``'s channels into ``output``; with ``eval_data``, lower the ratio until the gate holds.
+    """Prune ``input_path``'s channels into ``output``, lowering the ratio until the quality gate holds.
 
-    Measured and returned: the groups found, pruned and skipped layers with reasons, parameters and
-    MACs before/after, the per-layer repair errors, and (with eval data) the score of the original, of
-    the pruned model without repair and of the saved model.
+    Quality is gated on the eval data, else on held-out calibration samples (then not used for the
+    repair); without either it is not measured and the result says so. Measured and returned: the
+    groups found, pruned and skipped layers with reasons, parameters, estimated MACs (at the data's
+    shapes), the per-layer repair errors, the scores of the original, of the pruned model without
+    repair and of the kept one, every try, and the kept model's speed vs the input (interleaved, at the
+    model's own batch size). The file is written last, once all of that is known.
     """
     out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
     calibration = None
     if config.calibration_data is not None:
         calibration = load_samples(config.calibration_data, input_specs(model))
+    check, calibration = QualityCheck.measure(model, config, calibration)
+    if calibration is not None:
         calibration = calibration.take(slice(0, config.calibration_samples))
-    check = QualityCheck.measure(model, config)
-    params_before, macs_before = count_params_and_macs(model)
+    shapes = check.shapes
+    params_before, macs_before = count_params_and_macs(model, shapes)
     tried: list[dict] = []
 
     def attempt(ratio: float) -> tuple[tuple, bool]:
@@ -350,27 +387,36 @@ def prune_channels(
         group_ratios = None
         if attempt_config.allocation is Allocation.SENSITIVITY:
             group_ratios, _ = sensitivity_ratios(model, attempt_config, calibration)
-        pruned = prune_model(model, attempt_config, calibration, group_ratios)
+        pruned = prune_model(model, attempt_config, calibration, group_ratios, input_shapes=shapes)
         candidate, repair_errors = pruned.model, {}
+        check.runs(candidate, "prune-channels")
         unrepaired_score = check.score(candidate)
         if attempt_config.repairs:
             candidate, repair_errors = repair_model(model, pruned, calibration, attempt_config)
+            check.runs(candidate, "prune-channels (after the least-squares repair)")
         value = check.score(candidate) if attempt_config.repairs else unrepaired_score
         passes = check.passes(value)
         tried.append(
-            {"ratio": round(ratio, 4), "score_without_repair": unrepaired_score, "score": value, "passes": passes}
+            {"ratio": round(ratio, 4), "score_without_repair": unrepaired_score, "score": value, "passes": passes,
+             "channels_removed": _channels_removed(pruned)}
         )
         if group_ratios is not None:
             tried[-1]["group_ratios"] = {str(k): round(v, 4) for k, v in group_ratios.items()}
         return (ratio, pruned, candidate, repair_errors, unrepaired_score, value), passes
 
-    kept = back_off(config.ratio, attempt, lambda ratio, _: shrink(ratio))
+    def lower(ratio: float, outcome: tuple) -> float | None:
+        lowered = shrink(ratio)
+        if lowered is None or not removes_any(outcome[1].groups, lowered, config.round_to):
+            return None  # a ratio that removes no channel is not pruning: stop there
+        return lowered
+
+    kept = back_off(config.ratio, attempt, lower)
     ratio, pruned, candidate, repair_errors, unrepaired_score, value = kept.outcome
     passed = kept.passed
     if not passed:
         candidate, value = model, check.reference_score
-    save_model(candidate, out)
-    params_after, macs_after = count_params_and_macs(candidate)
+    params_after, macs_after = count_params_and_macs(candidate, shapes)
+    speed = check.speedup(model, candidate) if passed and pruned.pruned_layers else None
     result = ChannelPruneResult(
         path=out,
         ratio=ratio if passed else 0.0,
@@ -388,12 +434,27 @@ def prune_channels(
         score_after=value,
         gate=check.describe(),
         tried=tried,
+        quality=check.quality_note(),
+        speed=speed,
+        macs_shapes=shapes,
     )
+    save_model(candidate, out)
     if not passed:
+        best = max(tried, key=lambda t: t["score"] if check.gate.higher_is_better else -t["score"])
         raise QualityGateError(
-            f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}); "
-            f"the unpruned model is saved at {out}",
+            f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}, on "
+            f"{check.source}): the input scores {check.gate.format(check.reference_score)}, the best try (ratio "
+            f"{best['ratio']:.3f}) {check.gate.format(best['score'])}; the unpruned model is saved at {out}",
             hint="loosen --tolerance, pass --calibration for the least-squares repair, or --exclude sensitive layers",
             best_path=str(out),
+            result=result.to_json(),
         )
     return result
+
+
+def _channels_removed(pruned: PrunedModel) -> int:
+    total = 0
+    for change in pruned.pruned_layers.values():
+        before, after = (int(v) for v in change.split(" -> "))
+        total += before - after
+    return total

@@ -73,7 +73,7 @@ def _visit_conv(cg: ChannelGroups, node: ir.Node) -> None:
     cin = wshape[in_axis] * (1 if transpose else groups)
     cout = wshape[out_axis] * (groups if transpose else 1)
     if groups == 1:
-        layout = cg.layout_of(x, 1, f"{node.op_type} {name}")
+        layout = cg.layout_of(x, 1, f"{node.op_type} {name}", cin)
         if layout is not None:
             cg.params.append(ParamSlice(node, 1, in_axis, x, "consumer"))
             cg.add_consumer(node, layout)
@@ -84,7 +84,7 @@ def _visit_conv(cg: ChannelGroups, node: ir.Node) -> None:
         return
     if not transpose and groups == cin == cout and wshape[1] == 1:
         # depthwise: channel c in -> channel c out; weight, bias and the group count follow
-        layout = cg.layout_of(x, 1, f"depthwise Conv {name}")
+        layout = cg.layout_of(x, 1, f"depthwise Conv {name}", cin)
         if layout is None:
             return
         cg.layouts[y] = layout
@@ -94,7 +94,7 @@ def _visit_conv(cg: ChannelGroups, node: ir.Node) -> None:
         cg.group_attrs.append((node, y))
         return
     if not transpose and wshape[1] >= 2 and cout // groups >= 2 and cout % groups == 0:
-        layout = cg.layout_of(x, 1, f"grouped Conv {name}")
+        layout = cg.layout_of(x, 1, f"grouped Conv {name}", cin)
         if layout is not None:
             if len(layout.segments) != 1 or layout.expand != 1:
                 cg.block(layout, f"grouped Conv {name} reads a concatenated or flattened input")
@@ -126,7 +126,7 @@ def _visit_gemm(cg: ChannelGroups, node: ir.Node) -> None:
     trans_b = int(_attr(node, "transB", 0))
     k_axis, n_axis = (1, 0) if trans_b else (0, 1)
     n = int(w.const_value.shape[n_axis])
-    layout = cg.layout_of(x, 1, f"Gemm {name}")
+    layout = cg.layout_of(x, 1, f"Gemm {name}", int(w.const_value.shape[k_axis]))
     if layout is not None:
         cg.params.append(ParamSlice(node, 1, k_axis, x, "consumer"))
         cg.add_consumer(node, layout)
@@ -149,7 +149,7 @@ def _visit_matmul(cg: ChannelGroups, node: ir.Node) -> None:
         cg.skipped[name] = "MatMul of two activations (or unknown shapes)"
         cg.block_inputs(node, f"MatMul {name} has no constant 2-D weight")
         return
-    layout = cg.layout_of(x, len(xs) - 1, f"MatMul {name}")
+    layout = cg.layout_of(x, len(xs) - 1, f"MatMul {name}", int(w.const_value.shape[0]))
     if layout is not None:
         cg.params.append(ParamSlice(node, 1, 0, x, "consumer"))
         cg.add_consumer(node, layout)

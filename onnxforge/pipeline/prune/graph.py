@@ -9,6 +9,8 @@ with InvalidModelError.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -54,16 +56,58 @@ def drop_unused_initializers(graph: ir.Graph) -> None:
             del graph.initializers[name]
 
 
-def prepared(model: onnx.ModelProto) -> ir.Model:
-    """``model`` in onnx-ir: shapes inferred, every constant lifted to an initializer, nodes in topological order."""
+def prepared(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> ir.Model:
+    """``model`` in onnx-ir: shapes inferred, every constant lifted to an initializer, nodes in topological order.
+
+    ``input_shapes`` (the data's shapes at batch 1) stand in for the dynamic dims of the declared inputs
+    while shapes are inferred (a dim of size 1 stays symbolic: it may be the batch), so that the values
+    behind a dynamic H/W or sequence get shapes too; the graph keeps its declared inputs and outputs.
+    """
+    source = model
+    if input_shapes:
+        declared = {vi.name: vi for vi in model.graph.input}
+        known = {}
+        for name, shape in input_shapes.items():
+            vi = declared.get(name)
+            if vi is None or len(vi.type.tensor_type.shape.dim) != len(shape):
+                continue
+            dims = vi.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
+                continue
+            known[name] = tuple(
+                d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (size if size > 1 else -1)
+                for d, size in zip(dims, shape)
+            )
+        source = _with_dims(model, known)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(source, data_prop=True)
     except Exception as e:
         raise InvalidModelError(f"prune-channels: shape inference failed: {e}") from e
+    if source is not model:
+        for field in ("input", "output"):
+            del getattr(inferred.graph, field)[:]
+            getattr(inferred.graph, field).extend(getattr(model.graph, field))
     model_ir = ir.from_proto(inferred)
     ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model_ir)
     model_ir.graph.sort()
     return model_ir
+
+
+def _with_dims(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy whose inputs declare ``shapes`` (-1: the dim stays as declared)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for vi in copy.graph.input:
+        if vi.name not in shapes:
+            continue
+        for axis, (d, size) in enumerate(zip(vi.type.tensor_type.shape.dim, shapes[vi.name])):
+            if size >= 0:
+                d.Clear()
+                d.dim_value = int(size)
+            elif d.HasField("dim_value"):  # a declared -1
+                d.Clear()
+                d.dim_param = f"{vi.name}_dim{axis}"
+    return copy
 
 
 def clear_inner_shapes(graph: ir.Graph) -> None:

@@ -1,20 +1,25 @@
-"""Low-rank factorization: a dense layer y = x W (W: K x N) becomes two thin ones, y = (x A) B.
+"""Low-rank factorization: a dense layer y = x W + b (W: K x N) becomes two thin ones, y = (x A) B + b'.
 
-Plain SVD: W = U S V', keep the r largest singular values, A = U_r S_r, B = V_r' (the best rank-r
-W in Frobenius norm). Data-aware (with calibration data): the error that matters is on the layer's
-*outputs*, ||X W - X A B||; with the input second moment X'X / n = L L' (Cholesky), that is
-||L' W - L' A B||, so we take the SVD of L' W = U S V' and set A = L'^-1 U_r S_r, B = V_r'
-(the best rank-r map for these inputs; PCA of the layer's inputs when W = I).
+Plain SVD (no data): W = U S V', keep the r largest singular values, A = U_r S_r, B = V_r' (the best
+rank-r W in Frobenius norm). Data-aware (with calibration data): what matters is the layer's *outputs*
+on its real inputs. Inputs have a mean mu and a covariance C (centred statistics: the PCA of the
+activations; an uncentred second moment lets the mean dominate and put rank 1 on real models). With
+C = L L' (Cholesky), ||(X - mu)(W - A B)|| = ||L'(W - A B)||: take the SVD of L'W = U S V' and set
+A = L'^-1 U_r S_r, B = V_r'; the mean's part of the output, mu (W - A B), is folded into the bias
+(b' = b + mu (W - A B)), so it is kept exactly.
 
 The rank per layer: ``energy`` e keeps the smallest r whose singular values hold a share e of the
-total sum of squares (of W, or of the outputs when data-aware); ``ratio`` R keeps
+total sum of squares (of W, or of the output *variance* when data-aware); ``ratio`` R keeps
 r = max(1, round((1 - R) * min(K, N))). A layer is factored only when it pays in arithmetic:
 r (K + N) <= ``max_cost`` * K N (default 0.7). Supported: MatMul with a constant 2-D weight, Gemm
-(transA = 0), and 1x1 Conv (group 1). Whether the result is faster is measured, not assumed
-(``latency`` in the result: p50 ratio at batch 1 and 32, interleaved).
-Then, with evaluation data, the tolerance loop (onnxforge.pipeline.prune.backoff): keep more energy
-(e -> 1 - (1 - e)/2) or remove a smaller share (R -> 0.75 R) until the quality gate holds
-(QualityGateError, exit 4, when never).
+(transA = 0), and 1x1 Conv (group 1). Each factored layer's output error is measured on held-out
+samples (``output_error``: ||y - y'|| / ||y - mean y||, from their statistics).
+
+Then the tolerance loop (onnxforge.pipeline.prune.backoff) on the eval data, else on held-out
+calibration samples (onnxforge.pipeline.prune.checks): keep more energy (e -> 1 - (1 - e)/2) or remove
+a smaller share (R -> 0.75 R) until the quality gate holds (QualityGateError, exit 4, when never).
+Whether the result is faster is measured, not assumed: input and result timed interleaved at the
+model's own batch size. Nothing is written until all of that is known.
 """
 
 from __future__ import annotations
@@ -37,10 +42,8 @@ from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
 from onnxforge.pipeline.prune.graph import checked_model, clear_inner_shapes, drop_unused_initializers, layer_name
-from onnxforge.targets.feeds import batch_from_samples
-from onnxforge.targets.latency import compare_latency
 
-__all__ = ["RankRule", "LowRankConfig", "LowRankResult", "factorize_model", "low_rank"]
+__all__ = ["RankRule", "LowRankConfig", "LowRankResult", "factorize_model", "layer_candidates", "low_rank"]
 
 
 class RankRule(enum.Enum):
@@ -77,15 +80,17 @@ class LowRankConfig:
 @dataclass
 class LowRankResult:
     path: Path | None
-    factored_layers: dict[str, dict]  # layer -> {"shape": [K, N], "rank": r, "energy": kept share}
+    factored_layers: dict[str, dict]  # layer -> {"shape": [K, N], "rank": r, "energy": kept share, "output_error"}
     skipped_layers: dict[str, str]
     params_before: int
     params_after: int
-    latency_speedup: dict[str, float] = field(default_factory=dict)  # "b1"/"b32" -> fp32 p50 / factored p50
+    latency_speedup: dict[str, float] = field(default_factory=dict)  # "b<model batch>" -> input p50 / factored p50
     score_before: float | None = None
     score_after: float | None = None
     gate: str | None = None
     tried: list[dict] = field(default_factory=list)
+    quality: str = ""  # what the scores rest on, or "quality NOT measured: ..."
+    speed: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -93,6 +98,8 @@ class LowRankResult:
             "params_before": self.params_before, "params_after": self.params_after,
             "latency_speedup": self.latency_speedup, "score_before": self.score_before,
             "score_after": self.score_after, "gate": self.gate, "tried": self.tried,
+            "quality": self.quality, "quality_measured": self.score_after is not None, "speed": self.speed,
+            "measured_speedup": self.speed["speedup"] if self.speed else None,
         }
 
 
@@ -122,32 +129,73 @@ def _rank(values: np.ndarray, config: LowRankConfig, shape: tuple[int, int]) -> 
     return r, float(energy[r - 1])
 
 
-def _input_moments(model: onnx.ModelProto, nodes: list[ir.Node], samples: SampleSet) -> dict[str, np.ndarray]:
-    """E[x x'] of each layer's input features (channels for a 1x1 Conv) over the calibration samples."""
+@dataclass
+class _Moments:
+    """Sums over the rows of a layer's input features: count, sum x, sum x x'."""
+
+    count: int
+    total: np.ndarray
+    outer: np.ndarray
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def second(self) -> np.ndarray:
+        return self.outer / max(self.count, 1)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        mean = self.mean
+        return self.second - np.outer(mean, mean)
+
+
+def _input_moments(model: onnx.ModelProto, nodes: list[ir.Node], samples: SampleSet) -> dict[str, _Moments]:
+    """Moments of each layer's input features (channels for a 1x1 Conv) over ``samples``, batch by batch."""
     names = list(dict.fromkeys(n.inputs[0].name for n in nodes))
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for _, values in batches_of_values(model, samples, names, 32):
+    moments: dict[str, _Moments] = {}
+    for _, values in batches_of_values(model, samples, names, 8):
         for name in names:
             x = values[name].astype(np.float64)
             rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if x.ndim == 4 else x.reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0) + rows.T @ rows
-            counts[name] = counts.get(name, 0) + len(rows)
-    return {name: sums[name] / max(counts[name], 1) for name in sums}
+            m = moments.get(name)
+            if m is None:
+                moments[name] = _Moments(len(rows), rows.sum(0), rows.T @ rows)
+            else:
+                m.count += len(rows)
+                m.total += rows.sum(0)
+                m.outer += rows.T @ rows
+    return moments
 
 
-def _factor(w: np.ndarray, moment: np.ndarray | None, config: LowRankConfig) -> tuple[np.ndarray, np.ndarray, float]:
+def _factor(
+    w: np.ndarray, moments: _Moments | None, config: LowRankConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+    """(A, B, bias shift or None, kept energy) for ``w`` (K x N); see the module doc."""
     k = w.shape[0]
-    if moment is None:
-        u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+    w64 = w.astype(np.float64)
+    if moments is None:
+        u, s, vt = np.linalg.svd(w64, full_matrices=False)
         r, kept = _rank(s, config, w.shape)
-        return u[:, :r] * s[:r], vt[:r], kept
-    damp = 1e-6 * np.trace(moment) / k + 1e-12
-    lower = np.linalg.cholesky(moment + damp * np.eye(k))
-    u, s, vt = np.linalg.svd(lower.T @ w.astype(np.float64), full_matrices=False)
+        return u[:, :r] * s[:r], vt[:r], None, kept
+    covariance = moments.covariance
+    damp = 1e-6 * max(float(np.trace(covariance)), 1e-30) / k + 1e-12
+    lower = np.linalg.cholesky(covariance + damp * np.eye(k))
+    u, s, vt = np.linalg.svd(lower.T @ w64, full_matrices=False)
     r, kept = _rank(s, config, w.shape)
     a = np.linalg.solve(lower.T, u[:, :r] * s[:r])
-    return a, vt[:r], kept
+    b = vt[:r]
+    return a, b, moments.mean @ (w64 - a @ b), kept
+
+
+def _output_error(w: np.ndarray, a: np.ndarray, b: np.ndarray, shift: np.ndarray | None, held: _Moments) -> float:
+    """||y - y'|| / ||y - mean y|| over the held-out rows, from their moments (y' = x A B + shift)."""
+    d = w.astype(np.float64) - a @ b
+    shift = np.zeros(w.shape[1]) if shift is None else shift
+    error = np.einsum("ij,ik,kj->", d, held.second, d) - 2 * float(held.mean @ d @ shift) + float(shift @ shift)
+    variance = float(np.einsum("ij,ik,kj->", w, held.covariance, w))
+    return float(np.sqrt(max(error, 0.0) / max(variance, 1e-30)))
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -161,70 +209,132 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _rewrite(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
-    """Replace ``node`` (y = x W + bias) by x -> (x A) -> (. B + bias), keeping the output value."""
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _shifted_bias(graph: ir.Graph, node: ir.Node, bias: ir.Value | None, shift: np.ndarray | None, n: int, tag: str):
+    """The second layer's bias: the layer's own plus the folded mean shift (None: no bias at all)."""
+    if shift is None:
+        return bias
+    if bias is None:
+        return _const(graph, f"{tag}.lowrank_bias", shift)
+    old = bias.const_value.numpy().astype(np.float64)
+    return _const(graph, f"{tag}.lowrank_bias", old + shift.reshape((1,) * max(old.ndim - 1, 0) + (n,)))
+
+
+def _rewrite(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray, shift: np.ndarray | None = None) -> None:
+    """Replace ``node`` (y = x W + bias) by x -> (x A) -> (. B + bias + shift), keeping the output value."""
     x, y = node.inputs[0], node.outputs[0]
     tag = layer_name(node)
+    n = b.shape[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
     if node.op_type == "Conv":
         attrs = [attr for key, attr in node.attributes.items() if key not in ("kernel_shape",)]
         first = ir.Node("", "Conv", [x, _const(graph, f"{tag}.lowrank_a", a.T[:, :, None, None])], attributes=attrs,
                         name=f"{tag}.lowrank_a")
         second_inputs = [first.outputs[0], _const(graph, f"{tag}.lowrank_b", b.T[:, :, None, None])]
-        second_inputs += [node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] is not None else []
+        new_bias = _shifted_bias(graph, node, bias, shift, n, tag)
+        second_inputs += [new_bias] if new_bias is not None else []
         second = ir.Node("", "Conv", second_inputs, name=f"{tag}.lowrank_b")
     elif node.op_type == "Gemm":
         first = ir.Node("", "MatMul", [x, _const(graph, f"{tag}.lowrank_a", a)], name=f"{tag}.lowrank_a")
-        attrs = [attr for key, attr in node.attributes.items() if key != "transB"]
+        attrs = [attr for key, attr in node.attributes.items() if key not in ("transB", "beta")]
+        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+        if shift is not None and bias is not None and beta == 0.0:
+            bias, beta = None, 1.0  # C is multiplied by 0: it is not a bias
+        if shift is not None:
+            shift = shift * alpha / (beta if bias is not None else 1.0)
+            beta = beta if bias is not None else 1.0
         second_inputs = [first.outputs[0], _const(graph, f"{tag}.lowrank_b", b)]
-        second_inputs += [node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] is not None else []
+        new_bias = _shifted_bias(graph, node, bias, shift, n, tag)
+        second_inputs += [new_bias] if new_bias is not None else []
+        attrs.append(ir.AttrFloat32("beta", beta))
         second = ir.Node("", "Gemm", second_inputs, attributes=attrs, name=f"{tag}.lowrank_b")
     else:
         first = ir.Node("", "MatMul", [x, _const(graph, f"{tag}.lowrank_a", a)], name=f"{tag}.lowrank_a")
         b_value = _const(graph, f"{tag}.lowrank_b", b)
         second = ir.Node("", "MatMul", [first.outputs[0], b_value], name=f"{tag}.lowrank_b")
-    graph.insert_before(node, [first, second])
-    out, name = second.outputs[0], y.name
+    nodes = [first, second]
+    if node.op_type == "MatMul" and shift is not None:
+        nodes.append(ir.Node("", "Add", [second.outputs[0], _const(graph, f"{tag}.lowrank_shift", shift)],
+                             name=f"{tag}.lowrank_shift"))
+    graph.insert_before(node, nodes)
+    out, name = nodes[-1].outputs[0], y.name
     y.replace_all_uses_with(out, replace_graph_outputs=True)
     graph.remove(node, safe=True)
     y.name = None
     out.name = name  # downstream tools and users see the same tensor names
 
 
-def factorize_model(
-    model: onnx.ModelProto, config: LowRankConfig, calibration: SampleSet | None = None
-) -> tuple[onnx.ModelProto, dict[str, dict], dict[str, str]]:
-    """Factor every layer where it pays; returns (model, factored layers, skipped layers with reasons)."""
-    model_ir = ir.from_proto(onnx.shape_inference.infer_shapes(model))
-    graph = model_ir.graph
-    candidates, skipped = [], {}
+def layer_candidates(model: onnx.ModelProto, config: LowRankConfig) -> tuple[list[str], dict[str, str]]:
+    """(the input names of the layers that may be factored, skipped layers with reasons)."""
+    graph = ir.from_proto(model).graph
+    names, skipped = [], {}
+    for node, w, reason in _candidates(graph, config):
+        if reason:
+            skipped[layer_name(node)] = reason
+        else:
+            names.append(node.inputs[0].name)
+    return list(dict.fromkeys(names)), skipped
+
+
+def _candidates(graph: ir.Graph, config: LowRankConfig):
     for node in list(graph):
         if node.op_type not in ("MatMul", "Gemm", "Conv") or node.domain not in ("", "ai.onnx"):
             continue
         w = _as_matrix(node)
         if w is None:
             if node.op_type != "Conv" and node.inputs[1] is not None and node.inputs[1].const_value is not None:
-                skipped[layer_name(node)] = "unsupported weight layout"
+                yield node, None, "unsupported weight layout"
             continue
         if layer_name(node) in config.exclude_nodes or node.name in config.exclude_nodes:
-            skipped[layer_name(node)] = "excluded"
+            yield node, w, "excluded"
         elif w.size < config.min_params:
-            skipped[layer_name(node)] = f"only {w.size} weights"
+            yield node, w, f"only {w.size} weights"
+        else:
+            yield node, w, None
+
+
+def factorize_model(
+    model: onnx.ModelProto,
+    config: LowRankConfig,
+    calibration: SampleSet | None = None,
+    *,
+    fit: dict[str, _Moments] | None = None,
+    held: dict[str, _Moments] | None = None,
+) -> tuple[onnx.ModelProto, dict[str, dict], dict[str, str]]:
+    """Factor every layer where it pays; returns (model, factored layers, skipped layers with reasons).
+
+    Data-aware with ``calibration`` (or its input moments ``fit``, computed once by the caller);
+    with ``held`` (moments on held-out samples) each factored layer's ``output_error`` is measured.
+    """
+    model_ir = ir.from_proto(onnx.shape_inference.infer_shapes(model))
+    graph = model_ir.graph
+    candidates, skipped = [], {}
+    for node, w, reason in _candidates(graph, config):
+        if reason:
+            skipped[layer_name(node)] = reason
         else:
             candidates.append((node, w))
-    moments = {}
-    if calibration is not None and candidates:
-        moments = _input_moments(model, [n for n, _ in candidates], calibration)
+    if fit is None and calibration is not None and candidates:
+        fit = _input_moments(model, [n for n, _ in candidates], calibration)
+    fit = fit or {}
     factored = {}
     for node, w in candidates:
-        a, b, kept = _factor(w, moments.get(node.inputs[0].name), config)
+        a, b, shift, kept = _factor(w, fit.get(node.inputs[0].name), config)
         k, n = w.shape
         r = a.shape[1]
         if r * (k + n) > config.max_cost * k * n:
             cost = r * (k + n) / (k * n)
             skipped[layer_name(node)] = f"rank {r} of {min(k, n)} does not pay (cost {cost:.2f} of dense)"
             continue
-        factored[layer_name(node)] = {"shape": [k, n], "rank": r, "energy": round(kept, 6)}
-        _rewrite(graph, node, a, b)
+        info = {"shape": [k, n], "rank": r, "energy": round(kept, 6)}
+        if held and node.inputs[0].name in held:
+            info["output_error"] = round(_output_error(w, a, b, shift, held[node.inputs[0].name]), 6)
+        factored[layer_name(node)] = info
+        _rewrite(graph, node, a, b, shift)
     drop_unused_initializers(graph)  # the dense weights that were factored
     clear_inner_shapes(graph)
     return checked_model(model_ir, "low-rank: the factored model is invalid"), factored, skipped
@@ -233,19 +343,35 @@ def factorize_model(
 def low_rank(
     input_path: str | os.PathLike, output: str | os.PathLike, config: LowRankConfig = LowRankConfig()
 ) -> LowRankResult:
-    """Factor ``input_path``'s dense layers into ``output``; measures params, latency and (with eval) quality."""
+    """Factor ``input_path``'s dense layers into ``output``, keeping more rank until the quality gate holds.
+
+    Quality is gated on the eval data, else on held-out calibration samples (then not used to fit);
+    without either it is not measured and the result says so. Measured and returned: parameters, each
+    factored layer's rank, kept energy and (with data) output error on held-out samples, every try, and
+    the kept model's speed vs the input, timed interleaved at the model's own batch size. The file is
+    written last.
+    """
     out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
     calibration = None
     if config.calibration_data is not None:
         calibration = load_samples(config.calibration_data, input_specs(model))
+    check, calibration = QualityCheck.measure(model, config, calibration)
+    fit = held = None
+    if calibration is not None:
         calibration = calibration.take(slice(0, config.calibration_samples))
-    check = QualityCheck.measure(model, config)
-    target = check.target
+        names, _ = layer_candidates(model, config)
+        nodes = [n for n in ir.from_proto(model).graph if n.inputs and n.inputs[0] is not None
+                 and n.inputs[0].name in names]
+        if nodes:
+            fit = _input_moments(model, nodes, calibration)
+            if check.samples is not None:
+                held = _input_moments(model, nodes, check.samples)
     tried: list[dict] = []
 
     def attempt(attempt_config: LowRankConfig) -> tuple[tuple, bool]:
-        candidate, factored, skipped = factorize_model(model, attempt_config, calibration)
+        candidate, factored, skipped = factorize_model(model, attempt_config, fit=fit, held=held)
+        check.runs(candidate, "low-rank")
         value = check.score(candidate)
         passes = check.passes(value)
         tried.append(
@@ -269,27 +395,24 @@ def low_rank(
     passed = kept.passed
     if not passed:
         candidate, factored, value = model, {}, check.reference_score
-    save_model(candidate, out)
-    speedup = {}
-    if config.measure_latency and factored:
-        sources = check.samples or calibration
-        for b in (1, 32):
-            feeds = batch_from_samples(sources.inputs, b) if sources is not None else None
-            if feeds is None:
-                break
-            stats = compare_latency({"input": target.session(model.SerializeToString()),
-                                     "factored": target.session(candidate.SerializeToString())}, feeds, rounds=10)
-            speedup[f"b{b}"] = stats["input"].p50_ms / stats["factored"].p50_ms
+    speed = check.speedup(model, candidate) if config.measure_latency and factored else None
     result = LowRankResult(
         path=out, factored_layers=factored, skipped_layers=skipped,
         params_before=count_parameters(model.graph, initializers_only=True),
-        params_after=count_parameters(candidate.graph, initializers_only=True), latency_speedup=speedup,
+        params_after=count_parameters(candidate.graph, initializers_only=True),
+        latency_speedup={f"b{speed['batch']}": speed["speedup"]} if speed else {},
         score_before=check.reference_score, score_after=value, gate=check.describe(), tried=tried,
+        quality=check.quality_note(), speed=speed,
     )
+    save_model(candidate, out)
     if not passed:
+        best = max(tried, key=lambda t: t["score"] if check.gate.higher_is_better else -t["score"])
         raise QualityGateError(
-            f"no factorization meets the tolerance ({check.describe()}); the input model is saved at {out}",
+            f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
+            f"{check.gate.format(check.reference_score)}, the best try {check.gate.format(best['score'])}; the "
+            f"input model is saved at {out}",
             hint="loosen --tolerance, or pass --calibration for the data-aware factorization",
             best_path=str(out),
+            result=result.to_json(),
         )
     return result

@@ -70,9 +70,12 @@ class MagnitudePruneResult:
     score_after: float | None = None
     gate: str | None = None
     tried: list[dict] = field(default_factory=list)
+    quality: str = ""  # what the scores rest on, or "quality NOT measured: ..."
 
     def to_json(self) -> dict:
         return {
+            "quality": self.quality,
+            "quality_measured": self.score_after is not None,
             "requested_sparsity": self.requested_sparsity,
             "achieved_sparsity": self.achieved_sparsity,
             "pruned_layers": self.pruned_layers,
@@ -144,12 +147,13 @@ def prune_magnitude(
     out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
     before = model.SerializeToString()
-    check = QualityCheck.measure(model, config)
+    check, _ = QualityCheck.measure(model, config)
     tried: list[dict] = []
 
     def attempt(sparsity: float) -> tuple[tuple, bool]:
         pruned, achieved, layers, skipped = sparsify_model(model, replace(config, sparsity=sparsity))
         serialized = pruned.SerializeToString()
+        check.runs(serialized, "prune")
         entry = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
         value = check.score(serialized)
         passes = check.passes(value)
@@ -181,6 +185,7 @@ def prune_magnitude(
         score_after=value,
         gate=check.describe(),
         tried=tried,
+        quality=check.quality_note(),
     )
     if not passed:
         raise QualityGateError(
@@ -188,5 +193,6 @@ def prune_magnitude(
             f"the unpruned model is saved at {out}",
             hint="loosen --tolerance, or exclude sensitive layers with --exclude",
             best_path=str(out),
+            result=result.to_json(),
         )
     return result

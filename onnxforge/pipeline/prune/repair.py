@@ -121,6 +121,20 @@ def _layer_rows(node: ir.Node, x: np.ndarray, name: str, start: int, positions: 
     return flat, None
 
 
+def _output_spatial(node: ir.Node, x: np.ndarray) -> tuple[int, ...]:
+    """The output H, W of a 2-D Conv on ``x`` (what the rows are sampled from); () for other layers."""
+    if node.op_type != "Conv":
+        return ()
+    pads = list(node.attributes["pads"].value) if "pads" in node.attributes else [0, 0, 0, 0]
+    strides = list(node.attributes["strides"].value) if "strides" in node.attributes else [1, 1]
+    dilations = list(node.attributes["dilations"].value) if "dilations" in node.attributes else [1, 1]
+    kernel = node.inputs[1].const_value.shape[2:]
+    return tuple(
+        (x.shape[2 + i] + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+        for i in range(2)
+    )
+
+
 def _output_rows(y: np.ndarray, op: str, rows: np.ndarray | None) -> np.ndarray:
     if op == "Conv":
         n, c = y.shape[:2]
@@ -140,36 +154,41 @@ def repair_model(
     model_ir = prepared(pruned.model)
     graph = model_ir.graph
     producers = {node.outputs[0].name: node for node in graph if node.outputs}
+    errors: dict[str, dict] = {}
+    targets = [name for name in pruned.repair_layers if name in producers]
+    reasons = {name: _repairable(producers[name]) for name in targets}
+    errors.update({name: {"skipped": reason} for name, reason in reasons.items() if reason})
+    targets = [name for name in targets if not reasons[name]]
+    if not targets:  # no layer's inputs shrank (or none can be refit): nothing to ask onnxruntime for
+        return pruned.model, errors
     reference = onnx.shape_inference.infer_shapes(original)
     batch = 32
-    errors: dict[str, dict] = {}
     counter = [0]
-    # The original layers' outputs on the calibration rows, collected once.
-    targets = [name for name in pruned.repair_layers if name in producers]
+    # The original layers' outputs at the sampled rows only (a full feature map per layer and sample
+    # held 3.7 GB on MobileNetV2 with 24 samples), collected once.
     y_chunks: dict[str, list[np.ndarray]] = {name: [] for name in targets}
-    for _, values in batches_of_values(reference, calibration, targets, batch):
+    for start, values in batches_of_values(reference, calibration, targets, batch):
         for name in targets:
-            y_chunks[name].append(values[name])
+            node = producers[name]
+            y = values[name]
+            kept = pruned.kept_outputs.get(name)
+            if kept is not None:
+                y = np.take(y, kept, axis=1 if node.op_type in ("Conv", "Gemm") else -1)
+            rows = _rows_for(name, start, len(y), config.positions, int(np.prod(y.shape[2:]))) \
+                if node.op_type == "Conv" else None
+            y_chunks[name].append(_output_rows(y, node.op_type, rows).astype(np.float64))
     for name in targets:
         node = producers[name]
-        reason = _repairable(node)
-        if reason:
-            errors[name] = {"skipped": reason}
-            continue
         w0, b0 = _weight_matrix(node)
-        kept = pruned.kept_outputs.get(name)
         w0_full = np.vstack([w0, b0[None, :]]) if b0 is not None else w0
         d = w0_full.shape[0]
         # normal equations per fold: every 4th calibration sample is held out to pick the ridge
         stats = {fold: [np.zeros((d, d)), np.zeros((d, w0_full.shape[1])), 0.0] for fold in ("fit", "check")}
         current = ir.to_proto(model_ir)
         inputs = batches_of_values(current, calibration, [node.inputs[0].name], batch)
-        for (start, values), y in zip(inputs, y_chunks[name]):
+        for (start, values), yr in zip(inputs, y_chunks[name]):
             x = values[node.inputs[0].name]
-            if kept is not None:
-                y = np.take(y, kept, axis=1 if node.op_type in ("Conv", "Gemm") else -1)
-            xr, rows = _layer_rows(node, x, name, start, config.positions, y.shape[2:])
-            yr = _output_rows(y, node.op_type, rows).astype(np.float64)
+            xr, _ = _layer_rows(node, x, name, start, config.positions, _output_spatial(node, x))
             xr = xr.astype(np.float64)
             if b0 is not None:
                 xr = np.hstack([xr, np.ones((len(xr), 1))])

@@ -39,7 +39,6 @@ from onnxforge.pipeline.quantize.quant_error import NodeError, measure_node_erro
 from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES, qdq_twin
 from onnxforge.pipeline.quantize.smooth_quant import smooth_model
 from onnxforge.targets import QuantFormat, QuantMethod, QuantScheme
-from onnxforge.targets.feeds import batch_from_samples
 from onnxforge.targets.latency import LatencyStats, compare_latency
 
 __all__ = ["REWRITTEN_FP32", "CandidateRun"]
@@ -61,10 +60,7 @@ def _fastest(candidates: list) -> CandidateResult:
 
 
 def _latency_feeds(held_out: SampleSet, batch: int) -> dict:
-    if not held_out.is_ragged:
-        return batch_from_samples(held_out.inputs, batch)
-    first = next(held_out.batches(batch))
-    return batch_from_samples(first, batch)
+    return held_out.first_batch(batch)
 
 
 class CandidateRun:

@@ -32,7 +32,6 @@ from onnxforge.pipeline.registry import Artifact, Phase, StageContext, registere
 from onnxforge.pipeline.runner import StageArtifact, run_stage
 from onnxforge.pipeline.search.space import TrialPlan
 from onnxforge.targets import get_target
-from onnxforge.targets.feeds import batch_from_samples
 from onnxforge.targets.latency import compare_latency
 
 __all__ = ["TrialContext", "build_trial", "measure_quality", "time_against_reference", "quality_loss"]
@@ -159,7 +158,7 @@ def measure_quality(model: Path, ctx: TrialContext) -> float:
 def latency_feeds(ctx: TrialContext) -> dict[str, np.ndarray]:
     samples, _, _ = _eval_data(ctx)
     specs = input_specs(load_model(ctx.reference_model))
-    return batch_from_samples(samples.inputs, model_batch_size(specs, preferred=ctx.batch))
+    return samples.first_batch(model_batch_size(specs, preferred=ctx.batch))
 
 
 def time_against_reference(models: dict[str, bytes | str], reference: bytes | str, ctx: TrialContext,

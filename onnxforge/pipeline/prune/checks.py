@@ -1,0 +1,160 @@
+"""What every model-changing prune stage checks before it writes anything.
+
+1. **It runs.** The candidate runs in onnxruntime on the target, on a batch of the data (generated
+   inputs when there is no data): a rewrite that loads but fails at run time is an error, never a file.
+2. **Its quality.** It is compared with the input model on held-out samples — the eval data, else
+   the last ``HOLDOUT`` share of the calibration samples, which are then not used to fit anything —
+   with the stage's metric and tolerance (onnxforge.pipeline.evaluate.QualityGate), inside the
+   back-off loop (onnxforge.pipeline.prune.backoff). Without either the result says "quality not
+   measured", and so does the run table.
+3. **Its speed.** Input and candidate are timed interleaved on the target, at the model's own batch
+   size (its fixed batch, else 1), on the same feeds: a reported speedup is measured, never derived
+   from MACs. MACs are estimates, counted with the shapes of the data (onnxforge.model_cost).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxforge.errors import InvalidModelError, OnnxForgeError
+from onnxforge.model_io import input_specs
+from onnxforge.pipeline.calibration import SampleSet, model_batch_size
+from onnxforge.pipeline.evaluate import QualityBaseline, QualityGate, run_outputs, score
+from onnxforge.targets import get_target
+from onnxforge.targets.base import Target
+from onnxforge.targets.feeds import generate_feeds
+from onnxforge.targets.latency import compare_latency
+
+__all__ = ["HOLDOUT", "QualityCheck"]
+
+HOLDOUT = 0.2  # share of the calibration samples held out to check quality when there is no eval data
+MAX_HELD_OUT = 256
+EVAL_BATCH = 8  # batch for scoring: a detector's activations at 32 x 3 x 480 x 640 are gigabytes
+TIMING_SECONDS = 3.0  # about how long the interleaved timing of input and candidate takes
+
+
+@dataclass
+class QualityCheck:
+    """A prune stage's checks: the input model's outputs and score on held-out samples (``baseline``,
+    None when there is no data to measure quality on), one batch of feeds at the model's own batch size
+    (for running and timing candidates) and the data's input shapes (for MAC estimates)."""
+
+    target: Target
+    batch: int  # the model's own batch size: its fixed batch, else 1
+    baseline: QualityBaseline | None = None
+    source: str | None = None  # what quality is measured on
+    feeds: dict[str, np.ndarray] | None = None
+    shapes: dict[str, tuple[int, ...]] | None = None  # input shapes at batch 1, from the data
+    eval_batch: int = EVAL_BATCH
+
+    @classmethod
+    def measure(cls, model: onnx.ModelProto, config, calibration: SampleSet | None = None) -> tuple[QualityCheck, SampleSet | None]:
+        """The checks for ``model`` and the samples left to fit on.
+
+        With ``config.eval_data`` quality is measured on it and all of ``calibration`` fits; without it
+        the last ``HOLDOUT`` of ``calibration`` is held out for the quality check.
+        """
+        target = get_target(config.target)
+        specs = input_specs(model)
+        batch = model_batch_size(specs, preferred=1)
+        eval_batch = model_batch_size(specs, preferred=EVAL_BATCH)
+        fit, baseline, source = calibration, None, None
+        if config.eval_data is not None:
+            baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance, target)
+            source = f"{len(baseline.samples)} samples of the eval data"
+        elif calibration is not None and len(calibration) >= 2:
+            fit, held = calibration.split(HOLDOUT)
+            held = held.take(slice(0, MAX_HELD_OUT))
+            baseline = QualityBaseline.from_samples(model, held, config.metric, config.tolerance, target)
+            source = f"{len(held)} held-out calibration samples (not used to fit)"
+        data = baseline.samples if baseline is not None else calibration
+        feeds = shapes = None
+        if data is not None:
+            feeds = data.first_batch(batch)
+            shapes = _shapes(data.first_batch(1))
+        else:
+            try:
+                feeds = generate_feeds(specs, batch=batch)
+                shapes = _shapes(generate_feeds(specs, batch=1))
+            except OnnxForgeError:
+                pass  # a dynamic dim nobody gave: the candidate is only loaded, and not timed
+        return cls(target, batch, baseline, source, feeds, shapes, eval_batch), fit
+
+    @property
+    def measured(self) -> bool:
+        return self.baseline is not None
+
+    @property
+    def samples(self) -> SampleSet | None:
+        return self.baseline.samples if self.baseline else None
+
+    @property
+    def gate(self) -> QualityGate | None:
+        return self.baseline.gate if self.baseline else None
+
+    @property
+    def reference_score(self) -> float | None:
+        return self.baseline.score if self.baseline else None
+
+    def describe(self) -> str | None:
+        return self.baseline.gate.describe() if self.baseline else None
+
+    def quality_note(self) -> str:
+        """What the quality numbers rest on, or that there are none."""
+        if self.baseline is not None:
+            return f"quality measured on {self.source} ({self.describe()})"
+        return ("quality NOT measured: no --eval or --calibration data; the model was only checked to load"
+                + (" and run" if self.feeds is not None else ""))
+
+    def score(self, candidate: onnx.ModelProto | bytes) -> float | None:
+        """``candidate``'s score on the held-out samples on the target; None without them."""
+        if self.baseline is None:
+            return None
+        data = candidate if isinstance(candidate, bytes) else candidate.SerializeToString()
+        outputs = run_outputs(self.target.session(data), self.baseline.samples, self.eval_batch)
+        return score(self.baseline.gate.metric, outputs, self.baseline.reference, self.baseline.samples.labels)
+
+    def passes(self, value: float | None) -> bool:
+        return self.baseline is None or self.baseline.gate.passes(value, self.baseline.score)
+
+    def runs(self, candidate: onnx.ModelProto | bytes, stage: str) -> None:
+        """InvalidModelError naming ``stage`` when ``candidate`` does not run on one batch of the feeds."""
+        data = candidate if isinstance(candidate, bytes) else candidate.SerializeToString()
+        try:
+            session = self.target.session(data)
+            if self.feeds is not None:
+                session.run(None, self.feeds)
+        except InvalidModelError as e:
+            raise InvalidModelError(f"{stage}: the rewritten model does not run: {e.message}") from e
+
+    def speedup(self, model: onnx.ModelProto | bytes, candidate: onnx.ModelProto | bytes) -> dict | None:
+        """Input and candidate timed interleaved at the model's own batch size: p50s and their ratio
+        (> 1: the candidate is faster); None without feeds."""
+        if self.feeds is None:
+            return None
+        sessions = {
+            name: self.target.session(m if isinstance(m, bytes) else m.SerializeToString())
+            for name, m in (("input", model), ("candidate", candidate))
+        }
+        start = time.perf_counter()
+        for session in sessions.values():
+            session.run(None, self.feeds)
+        one_round = max(time.perf_counter() - start, 1e-6) * 3  # runs_per_round = 3
+        rounds = int(min(20, max(3, TIMING_SECONDS / one_round)))
+        stats = compare_latency(sessions, self.feeds, warmup=2, rounds=rounds)
+        return {
+            "batch": self.batch,
+            "input_p50_ms": stats["input"].p50_ms,
+            "candidate_p50_ms": stats["candidate"].p50_ms,
+            "speedup": stats["input"].p50_ms / stats["candidate"].p50_ms,
+            "runs": stats["input"].runs,
+        }
+
+
+def _shapes(feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(int(d) for d in v.shape) for k, v in feeds.items()}
