@@ -24,6 +24,7 @@ __all__ = [
     "clear_inner_shapes",
     "drop_unused_initializers",
     "layer_name",
+    "lift_constants",
     "new_initializer",
     "prepared",
 ]
@@ -108,6 +109,16 @@ def _with_dims(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) ->
                 d.Clear()
                 d.dim_param = f"{vi.name}_dim{axis}"
     return copy
+
+
+def lift_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every Constant node's value as an initializer (paddle2onnx stores weights that
+    way; the prune stages find weights among the initializers)."""
+    if not any(n.op_type == "Constant" for n in model.graph.node):
+        return model
+    model_ir = ir.from_proto(model)
+    ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model_ir)
+    return ir.to_proto(model_ir)
 
 
 def clear_inner_shapes(graph: ir.Graph) -> None:

@@ -41,7 +41,13 @@ from onnxforge.pipeline.calibration import SampleSet, load_samples
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
-from onnxforge.pipeline.prune.graph import checked_model, clear_inner_shapes, drop_unused_initializers, layer_name
+from onnxforge.pipeline.prune.graph import (
+    checked_model,
+    clear_inner_shapes,
+    drop_unused_initializers,
+    layer_name,
+    lift_constants,
+)
 
 __all__ = ["RankRule", "LowRankConfig", "LowRankResult", "factorize_model", "layer_candidates", "low_rank"]
 
@@ -131,24 +137,34 @@ def _rank(values: np.ndarray, config: LowRankConfig, shape: tuple[int, int]) -> 
 
 @dataclass
 class _Moments:
-    """Sums over the rows of a layer's input features: count, sum x, sum x x'."""
+    """Sums over the rows of a layer's input features, taken about ``origin`` (the first batch's mean, so
+    that float32 products keep the covariance of inputs whose mean is large): count, sum d, sum d d'
+    with d = x - origin."""
 
-    count: int
-    total: np.ndarray
-    outer: np.ndarray
+    origin: np.ndarray
+    count: int = 0
+    total: np.ndarray | float = 0.0
+    outer: np.ndarray | float = 0.0
+
+    def add(self, rows: np.ndarray) -> None:
+        d = rows - self.origin.astype(rows.dtype)
+        self.count += len(d)
+        self.total = self.total + d.sum(0, dtype=np.float64)
+        self.outer = self.outer + (d.T @ d).astype(np.float64)
 
     @property
     def mean(self) -> np.ndarray:
-        return self.total / max(self.count, 1)
-
-    @property
-    def second(self) -> np.ndarray:
-        return self.outer / max(self.count, 1)
+        return self.origin + self.total / max(self.count, 1)
 
     @property
     def covariance(self) -> np.ndarray:
+        shift = self.total / max(self.count, 1)
+        return self.outer / max(self.count, 1) - np.outer(shift, shift)
+
+    @property
+    def second(self) -> np.ndarray:
         mean = self.mean
-        return self.second - np.outer(mean, mean)
+        return self.covariance + np.outer(mean, mean)
 
 
 def _input_moments(model: onnx.ModelProto, nodes: list[ir.Node], samples: SampleSet) -> dict[str, _Moments]:
@@ -157,34 +173,37 @@ def _input_moments(model: onnx.ModelProto, nodes: list[ir.Node], samples: Sample
     moments: dict[str, _Moments] = {}
     for _, values in batches_of_values(model, samples, names, 8):
         for name in names:
-            x = values[name].astype(np.float64)
+            x = values[name].astype(np.float32)
             rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if x.ndim == 4 else x.reshape(-1, x.shape[-1])
-            m = moments.get(name)
-            if m is None:
-                moments[name] = _Moments(len(rows), rows.sum(0), rows.T @ rows)
-            else:
-                m.count += len(rows)
-                m.total += rows.sum(0)
-                m.outer += rows.T @ rows
+            if name not in moments:
+                moments[name] = _Moments(rows.mean(0, dtype=np.float64))
+            moments[name].add(rows)
     return moments
 
 
-def _factor(
-    w: np.ndarray, moments: _Moments | None, config: LowRankConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
-    """(A, B, bias shift or None, kept energy) for ``w`` (K x N); see the module doc."""
-    k = w.shape[0]
+def _decompose(w: np.ndarray, moments: _Moments | None) -> tuple:
+    """(L' or None, U, S, V') of W, or of L'W with the inputs' covariance C = L L' (what every rank reuses)."""
     w64 = w.astype(np.float64)
     if moments is None:
-        u, s, vt = np.linalg.svd(w64, full_matrices=False)
-        r, kept = _rank(s, config, w.shape)
-        return u[:, :r] * s[:r], vt[:r], None, kept
+        return (None, *np.linalg.svd(w64, full_matrices=False))
+    k = w.shape[0]
     covariance = moments.covariance
     damp = 1e-6 * max(float(np.trace(covariance)), 1e-30) / k + 1e-12
     lower = np.linalg.cholesky(covariance + damp * np.eye(k))
-    u, s, vt = np.linalg.svd(lower.T @ w64, full_matrices=False)
+    return (lower.T, *np.linalg.svd(lower.T @ w64, full_matrices=False))
+
+
+def _factor(
+    w: np.ndarray, moments: _Moments | None, config: LowRankConfig, decomposition: tuple | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+    """(A, B, bias shift or None, kept energy) for ``w`` (K x N); see the module doc."""
+    w64 = w.astype(np.float64)
+    upper, u, s, vt = decomposition or _decompose(w, moments)
+    if upper is None:
+        r, kept = _rank(s, config, w.shape)
+        return u[:, :r] * s[:r], vt[:r], None, kept
     r, kept = _rank(s, config, w.shape)
-    a = np.linalg.solve(lower.T, u[:, :r] * s[:r])
+    a = np.linalg.solve(upper, u[:, :r] * s[:r])
     b = vt[:r]
     return a, b, moments.mean @ (w64 - a @ b), kept
 
@@ -193,8 +212,9 @@ def _output_error(w: np.ndarray, a: np.ndarray, b: np.ndarray, shift: np.ndarray
     """||y - y'|| / ||y - mean y|| over the held-out rows, from their moments (y' = x A B + shift)."""
     d = w.astype(np.float64) - a @ b
     shift = np.zeros(w.shape[1]) if shift is None else shift
-    error = np.einsum("ij,ik,kj->", d, held.second, d) - 2 * float(held.mean @ d @ shift) + float(shift @ shift)
-    variance = float(np.einsum("ij,ik,kj->", w, held.covariance, w))
+    error = float(np.sum(d * (held.second @ d))) - 2 * float(held.mean @ d @ shift) + float(shift @ shift)
+    w64 = w.astype(np.float64)
+    variance = float(np.sum(w64 * (held.covariance @ w64)))
     return float(np.sqrt(max(error, 0.0) / max(variance, 1e-30)))
 
 
@@ -270,7 +290,7 @@ def _rewrite(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray, shift
 
 def layer_candidates(model: onnx.ModelProto, config: LowRankConfig) -> tuple[list[str], dict[str, str]]:
     """(the input names of the layers that may be factored, skipped layers with reasons)."""
-    graph = ir.from_proto(model).graph
+    graph = ir.from_proto(lift_constants(model)).graph
     names, skipped = [], {}
     for node, w, reason in _candidates(graph, config):
         if reason:
@@ -304,12 +324,15 @@ def factorize_model(
     *,
     fit: dict[str, _Moments] | None = None,
     held: dict[str, _Moments] | None = None,
+    decompositions: dict[str, tuple] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, dict], dict[str, str]]:
     """Factor every layer where it pays; returns (model, factored layers, skipped layers with reasons).
 
     Data-aware with ``calibration`` (or its input moments ``fit``, computed once by the caller);
     with ``held`` (moments on held-out samples) each factored layer's ``output_error`` is measured.
+    ``decompositions`` (layer -> SVD, filled on first use) lets a caller trying several ranks decompose once.
     """
+    model = lift_constants(model)
     model_ir = ir.from_proto(onnx.shape_inference.infer_shapes(model))
     graph = model_ir.graph
     candidates, skipped = [], {}
@@ -323,7 +346,12 @@ def factorize_model(
     fit = fit or {}
     factored = {}
     for node, w in candidates:
-        a, b, shift, kept = _factor(w, fit.get(node.inputs[0].name), config)
+        moments = fit.get(node.inputs[0].name)
+        decomposition = None
+        if decompositions is not None:
+            decomposition = decompositions.get(layer_name(node)) or _decompose(w, moments)
+            decompositions[layer_name(node)] = decomposition
+        a, b, shift, kept = _factor(w, moments, config, decomposition)
         k, n = w.shape
         r = a.shape[1]
         if r * (k + n) > config.max_cost * k * n:
@@ -352,7 +380,7 @@ def low_rank(
     written last.
     """
     out = check_output_path(output, input_path, *paths_in(config))
-    model = load_model(input_path)
+    model = lift_constants(load_model(input_path))
     calibration = None
     if config.calibration_data is not None:
         calibration = load_samples(config.calibration_data, input_specs(model))
@@ -368,9 +396,11 @@ def low_rank(
             if check.samples is not None:
                 held = _input_moments(model, nodes, check.samples)
     tried: list[dict] = []
+    decompositions: dict[str, tuple] = {}
 
     def attempt(attempt_config: LowRankConfig) -> tuple[tuple, bool]:
-        candidate, factored, skipped = factorize_model(model, attempt_config, fit=fit, held=held)
+        candidate, factored, skipped = factorize_model(model, attempt_config, fit=fit, held=held,
+                                                       decompositions=decompositions)
         check.runs(candidate, "low-rank")
         value = check.score(candidate)
         passes = check.passes(value)

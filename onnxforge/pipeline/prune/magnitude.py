@@ -27,7 +27,7 @@ from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import load_model, save_model
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
-from onnxforge.pipeline.prune.graph import layer_name
+from onnxforge.pipeline.prune.graph import layer_name, lift_constants
 
 __all__ = ["Scope", "MagnitudePruneConfig", "MagnitudePruneResult", "prune_magnitude", "sparsify_model"]
 
@@ -118,7 +118,7 @@ def sparsify_model(
     model: onnx.ModelProto, config: MagnitudePruneConfig
 ) -> tuple[onnx.ModelProto, float, list[str], list[str]]:
     """Zero the smallest weights. Returns (model, achieved sparsity over eligible weights, pruned, skipped)."""
-    ir_model = ir.from_proto(model)
+    ir_model = ir.from_proto(lift_constants(model))
     weights, skipped = _eligible_weights(ir_model.graph, config)
     arrays = {name: value.const_value.numpy() for name, value in weights}
     if config.scope is Scope.GLOBAL and arrays:
