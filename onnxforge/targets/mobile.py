@@ -225,6 +225,7 @@ def _fix_shapes(model: onnx.ModelProto, config: MobileConfig) -> tuple[onnx.Mode
     if unknown:
         raise UsageError(f"--input-shape names {sorted(unknown)[0]!r}, which is not a model input")
     fixed: dict[str, tuple[int, ...]] = {}  # edits ``model`` in place: the caller's freshly loaded copy
+    _name_anonymous_dims(model)
     for spec in input_specs(model):
         if spec.is_static and spec.name not in config.input_shapes:
             continue
@@ -242,6 +243,26 @@ def _fix_shapes(model: onnx.ModelProto, config: MobileConfig) -> tuple[onnx.Mode
         except Exception as e:  # onnx shape inference / checker failures
             raise InvalidModelError(f"shape inference failed after fixing input shapes: {str(e).splitlines()[0][:200]}") from e
     return model, fixed
+
+
+_ANONYMOUS = {"", "?", "-1"}
+
+
+def _name_anonymous_dims(model: onnx.ModelProto) -> None:
+    """Give each anonymous dynamic input dim its own name, so that each can be fixed to its own size.
+
+    onnxruntime's ``make_input_shape_fixed`` fixes a dim_param everywhere it appears: PaddleOCR's
+    ``[?, 3, ?, ?]`` (three dims all named ``?``) or ``[-1, 3, -1, -1]`` could not take H != W (and a
+    declared -1 is not even a dim_param). ``?``, ``-1`` and unnamed dims are anonymous by definition;
+    a real name shared by several dims (``batch``) still means they are equal and is left alone.
+    """
+    for vi in model.graph.input:
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            anonymous = (d.HasField("dim_value") and d.dim_value < 0) or (
+                not d.HasField("dim_value") and d.dim_param in _ANONYMOUS)
+            if anonymous:
+                d.Clear()
+                d.dim_param = f"{vi.name}_dim{axis}"
 
 
 def _convert_to_ort(fixed_path: Path, out_dir: Path) -> tuple[Path, Path]:

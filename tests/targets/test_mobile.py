@@ -131,3 +131,36 @@ def test_cli_mobile_rejects_a_batch_sweep(cli, tmp_path, classifier_path):
     assert code == 2
     assert "--batch" in stderr
     assert not (tmp_path / "pkg").exists()
+
+
+@pytest.mark.parametrize("anonymous", ["?", -1])
+def test_anonymous_dims_are_fixed_one_by_one(tmp_path, anonymous):
+    # PaddleOCR declares [?, 3, ?, ?] (or [-1, 3, -1, -1]): fixing one '?' fixed all of them to one size,
+    # so H != W was impossible ("dim value mismatch")
+    model = onnx.parser.parse_model(textwrap.dedent(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,H,W] x) => (float[N,4] y) {
+            c = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, w)
+            r = Relu (c)
+            p = GlobalAveragePool (r)
+            y = Flatten (p)
+        }
+        """
+    ))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w"))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        for axis, d in enumerate(value.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value"):
+                d.Clear()
+                if anonymous == "?":
+                    d.dim_param = "?"
+                else:
+                    d.dim_value = -1
+    path = save(model, tmp_path / "anon.onnx")
+    result = prepare_mobile(path, tmp_path / "out", MobileConfig(input_shapes={"x": (1, 3, 8, 12)}, measure_latency=False))
+    assert result.fixed_inputs == {"x": (1, 3, 8, 12)}
+    fixed = onnx.load(str(result.fixed_onnx))
+    assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 12]
+    assert result.parity.ok
