@@ -123,4 +123,4 @@ def check_constant(where: str, spec: TensorSpec, array: np.ndarray) -> np.ndarra
         array = array.astype(spec.dtype, copy=False)
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise CalibrationDataError(f"{where} holds NaN/Inf values")
-    return np.ascontiguousarray(array)
+    return np.array(array, order="C")  # ascontiguousarray would make a 0-d array 1-d
