@@ -169,3 +169,20 @@ def test_cli_exit_4_still_writes_json_and_shows_every_try(tmp_path, cli):
 
     data = json.loads(report.read_text())
     assert data["tried"] and not any(t["passes"] for t in data["tried"])
+
+
+def test_the_repair_reads_the_model_twice_whatever_its_depth(monkeypatch):
+    # a pass per refit layer took 165 s per try on PP-OCRv4's detector (62 Convs at 480 x 640)
+    from onnxforge.pipeline.calibration import SampleSet
+    from onnxforge.pipeline.prune import repair
+
+    model = _wide_cnn(hw="12,12")
+    calibration = SampleSet({"x": _rng(4).standard_normal((16, 3, 12, 12)).astype(np.float32)}, None, "inline")
+    config = ChannelPruneConfig(ratio=0.5, repair=Repair.LEAST_SQUARES, calibration_data="inline.npz")
+    pruned = prune_model(model, config, calibration)
+    assert len(pruned.repair_layers) == 2
+    passes = []
+    real = repair.batches_of_values
+    monkeypatch.setattr(repair, "batches_of_values", lambda *a, **k: passes.append(a[2]) or real(*a, **k))
+    repaired, errors = repair.repair_model(model, pruned, calibration, config)
+    assert len(passes) == 2 and all(e["after"] <= e["before"] for e in errors.values())

@@ -47,6 +47,7 @@ from onnxforge.pipeline.prune.graph import (
     checked_model,
     clear_inner_shapes,
     drop_unused_initializers,
+    lift_constants,
     new_initializer,
     prepared,
 )
@@ -371,7 +372,7 @@ def prune_channels(
     model's own batch size). The file is written last, once all of that is known.
     """
     out = check_output_path(output, input_path, *paths_in(config))
-    model = load_model(input_path)
+    model = lift_constants(load_model(input_path))  # weights in Constant nodes (paddle2onnx) are weights too
     calibration = None
     if config.calibration_data is not None:
         calibration = load_samples(config.calibration_data, input_specs(model))

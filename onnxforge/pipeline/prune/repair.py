@@ -1,14 +1,18 @@
 """Least-squares repair of the layers whose input channels were pruned (He et al. 2017, layer-wise,
 in closed form).
 
-Rule: for every layer whose input channels were removed, in topological order, with X = its input
-in the *pruned* model (im2col patches for a Conv) and Y = its output in the *original* model (kept
-output channels), solve the ridge problem ``min_W ||[X 1] W - Y||^2 + lam ||W - W0||^2`` where W0
+Rule: for every layer whose input channels were removed, with X = its input in the *original*
+model cut to the kept channels (im2col patches for a Conv) and Y = its output there (kept output
+channels), solve the ridge problem ``min_W ||[X 1] W - Y||^2 + lam ||W - W0||^2`` where W0
 is the sliced weight and bias and ``lam = a * trace(X'X) / d``:  ``W = (X'X + lam I)^-1 (X'Y + lam W0)``.
 ``a`` is picked from ``ridge * 10^k`` (k = 0..5) by the error on every 4th calibration sample, held
 out of the fit (the errors reported are on those held-out rows); a refit that does not lower that
 error is not applied. Rows are sampled (``positions`` per sample) and X'X is accumulated in
-batches, so memory stays small.
+batches of a few samples, so memory stays small. Every layer is fit to what its repaired upstream
+layers aim to reproduce (the original activations at the kept channels), so all of them come from
+one pass over the original model: refitting each on the pruned model as repaired so far took a pass
+per layer (165 s per try on PP-OCRv4's detector at 480 x 640, against 17 s, for a cosine of 0.934
+against 0.930; 99.8% against 99.3% on the digits CNN).
 """
 
 from __future__ import annotations
@@ -143,6 +147,95 @@ def _output_rows(y: np.ndarray, op: str, rows: np.ndarray | None) -> np.ndarray:
     return y.reshape(-1, y.shape[-1])
 
 
+_BATCH = 4  # samples per pass: the layers' activations at 480 x 640 are hundreds of MB per sample
+
+
+def _layer_statistics(
+    reference: onnx.ModelProto,
+    producers: dict[str, ir.Node],
+    chunk: list[str],
+    pruned: PrunedModel,
+    calibration: SampleSet,
+    config: ChannelPruneConfig,
+) -> dict[str, dict]:
+    """Normal equations of each layer of ``chunk`` (held-out fold apart): X = the layer's input in the
+    original model, cut to the kept channels; Y = its output, at the same sampled rows. Two passes."""
+    y_rows: dict[str, list[np.ndarray]] = {name: [] for name in chunk}
+    for start, values in batches_of_values(reference, calibration, chunk, _BATCH):
+        for name in chunk:
+            node = producers[name]
+            y = values[name]
+            kept = pruned.kept_outputs.get(name)
+            if kept is not None:
+                y = np.take(y, kept, axis=1 if node.op_type in ("Conv", "Gemm") else -1)
+            rows = _rows_for(name, start, len(y), config.positions, int(np.prod(y.shape[2:]))) \
+                if node.op_type == "Conv" else None
+            y_rows[name].append(_output_rows(y, node.op_type, rows).astype(np.float64))
+    stats: dict[str, dict] = {}
+    for name in chunk:
+        w0, b0 = _weight_matrix(producers[name])
+        d = w0.shape[0] + (b0 is not None)
+        stats[name] = {fold: [np.zeros((d, d)), np.zeros((d, w0.shape[1])), 0.0] for fold in ("fit", "check")}
+    inputs = list(dict.fromkeys(producers[name].inputs[0].name for name in chunk))
+    for index, (start, values) in enumerate(batches_of_values(reference, calibration, inputs, _BATCH)):
+        for name in chunk:
+            node = producers[name]
+            x = values[node.inputs[0].name]
+            kept_inputs = pruned.kept_outputs.get(node.inputs[0].name)
+            if kept_inputs is not None:
+                x = np.take(x, kept_inputs, axis=1 if node.op_type in ("Conv", "Gemm") else -1)
+            yr = y_rows[name][index]
+            xr, _ = _layer_rows(node, x, name, start, config.positions, _output_spatial(node, x))
+            xr = xr.astype(np.float64)
+            if _weight_matrix(node)[1] is not None:
+                xr = np.hstack([xr, np.ones((len(xr), 1))])
+            sample = start + np.arange(len(xr)) // (len(xr) // len(x))
+            for fold, mask in (("fit", sample % 4 != 3), ("check", sample % 4 == 3)):
+                stats[name][fold][0] += xr[mask].T @ xr[mask]
+                stats[name][fold][1] += xr[mask].T @ yr[mask]
+                stats[name][fold][2] += float((yr[mask] ** 2).sum())
+    return stats
+
+
+def _refit(graph: ir.Graph, node: ir.Node, stats: dict, config: ChannelPruneConfig, counter: list[int]) -> dict:
+    """Solve the layer's ridge problem from its normal equations; apply it when it lowers the held-out error."""
+    w0, b0 = _weight_matrix(node)
+    w0_full = np.vstack([w0, b0[None, :]]) if b0 is not None else w0
+    d = w0_full.shape[0]
+    gram = stats["fit"][0] + stats["check"][0]
+    cross = stats["fit"][1] + stats["check"][1]
+    if stats["fit"][2] + stats["check"][2] == 0.0:
+        return {"skipped": "no calibration rows"}
+    check = stats["check"] if stats["check"][2] > 0 else [gram, cross, stats["fit"][2]]
+
+    def rel_error(w: np.ndarray, held: list = check) -> float:
+        # ||XW - Y||^2 = tr(W'GW) - 2 tr(W'C) + ||Y||^2, on the held-out rows
+        g, c, y_sq = held
+        return float((np.sum(w * (g @ w)) - 2 * np.sum(w * c) + y_sq) / y_sq)
+
+    def solve(g: np.ndarray, c: np.ndarray, strength: float) -> np.ndarray:
+        regularizer = strength * np.trace(g) / d * np.eye(d)
+        if b0 is not None:
+            regularizer[-1, -1] = 0.0  # the bias is not shrunk
+        try:
+            return np.linalg.solve(g + regularizer + 1e-12 * np.eye(d), c + regularizer @ w0_full)
+        except np.linalg.LinAlgError:
+            return np.linalg.lstsq(g + regularizer, c + regularizer @ w0_full, rcond=None)[0]
+
+    strengths = [config.ridge * 10.0**k for k in range(6)] if config.ridge > 0 else [0.0]
+    if stats["check"][2] > 0 and len(strengths) > 1:
+        strength = min(strengths, key=lambda a: rel_error(solve(stats["fit"][0], stats["fit"][1], a)))
+        before, after = rel_error(w0_full), rel_error(solve(stats["fit"][0], stats["fit"][1], strength))
+    else:
+        strength = strengths[0]
+        before, after = rel_error(w0_full), rel_error(solve(gram, cross, strength))
+    if not after < before:
+        return {"before": before, "after": before, "kept_original": True}
+    solution = solve(gram, cross, strength)  # refit on all rows with the chosen ridge
+    _set_weights(graph, node, solution[: w0.shape[0]], solution[-1] if b0 is not None else None, counter)
+    return {"before": before, "after": after, "ridge": strength}
+
+
 def repair_model(
     original: onnx.ModelProto, pruned: PrunedModel, calibration: SampleSet, config: ChannelPruneConfig
 ) -> tuple[onnx.ModelProto, dict[str, dict]]:
@@ -162,74 +255,9 @@ def repair_model(
     if not targets:  # no layer's inputs shrank (or none can be refit): nothing to ask onnxruntime for
         return pruned.model, errors
     reference = onnx.shape_inference.infer_shapes(original)
-    batch = 32
     counter = [0]
-    # The original layers' outputs at the sampled rows only (a full feature map per layer and sample
-    # held 3.7 GB on MobileNetV2 with 24 samples), collected once.
-    y_chunks: dict[str, list[np.ndarray]] = {name: [] for name in targets}
-    for start, values in batches_of_values(reference, calibration, targets, batch):
-        for name in targets:
-            node = producers[name]
-            y = values[name]
-            kept = pruned.kept_outputs.get(name)
-            if kept is not None:
-                y = np.take(y, kept, axis=1 if node.op_type in ("Conv", "Gemm") else -1)
-            rows = _rows_for(name, start, len(y), config.positions, int(np.prod(y.shape[2:]))) \
-                if node.op_type == "Conv" else None
-            y_chunks[name].append(_output_rows(y, node.op_type, rows).astype(np.float64))
+    stats = _layer_statistics(reference, producers, targets, pruned, calibration, config)
     for name in targets:
-        node = producers[name]
-        w0, b0 = _weight_matrix(node)
-        w0_full = np.vstack([w0, b0[None, :]]) if b0 is not None else w0
-        d = w0_full.shape[0]
-        # normal equations per fold: every 4th calibration sample is held out to pick the ridge
-        stats = {fold: [np.zeros((d, d)), np.zeros((d, w0_full.shape[1])), 0.0] for fold in ("fit", "check")}
-        current = ir.to_proto(model_ir)
-        inputs = batches_of_values(current, calibration, [node.inputs[0].name], batch)
-        for (start, values), yr in zip(inputs, y_chunks[name]):
-            x = values[node.inputs[0].name]
-            xr, _ = _layer_rows(node, x, name, start, config.positions, _output_spatial(node, x))
-            xr = xr.astype(np.float64)
-            if b0 is not None:
-                xr = np.hstack([xr, np.ones((len(xr), 1))])
-            sample = start + np.arange(len(xr)) // (len(xr) // len(x))
-            for fold, mask in (("fit", sample % 4 != 3), ("check", sample % 4 == 3)):
-                stats[fold][0] += xr[mask].T @ xr[mask]
-                stats[fold][1] += xr[mask].T @ yr[mask]
-                stats[fold][2] += float((yr[mask] ** 2).sum())
-        gram = stats["fit"][0] + stats["check"][0]
-        cross = stats["fit"][1] + stats["check"][1]
-        if stats["fit"][2] + stats["check"][2] == 0.0:
-            errors[name] = {"skipped": "no calibration rows"}
-            continue
-        check = stats["check"] if stats["check"][2] > 0 else [gram, cross, stats["fit"][2]]
-
-        def rel_error(w: np.ndarray, held: list = check) -> float:
-            # ||XW - Y||^2 = tr(W'GW) - 2 tr(W'C) + ||Y||^2, on the held-out rows
-            g, c, y_sq = held
-            return float((np.einsum("ij,ik,kj->", w, g, w) - 2 * np.sum(w * c) + y_sq) / y_sq)
-
-        def solve(g: np.ndarray, c: np.ndarray, strength: float) -> np.ndarray:
-            regularizer = strength * np.trace(g) / d * np.eye(d)
-            if b0 is not None:
-                regularizer[-1, -1] = 0.0  # the bias is not shrunk
-            try:
-                return np.linalg.solve(g + regularizer + 1e-12 * np.eye(d), c + regularizer @ w0_full)
-            except np.linalg.LinAlgError:
-                return np.linalg.lstsq(g + regularizer, c + regularizer @ w0_full, rcond=None)[0]
-
-        strengths = [config.ridge * 10.0**k for k in range(6)] if config.ridge > 0 else [0.0]
-        if stats["check"][2] > 0 and len(strengths) > 1:
-            strength = min(strengths, key=lambda a: rel_error(solve(stats["fit"][0], stats["fit"][1], a)))
-            before, after = rel_error(w0_full), rel_error(solve(stats["fit"][0], stats["fit"][1], strength))
-        else:
-            strength = strengths[0]
-            before, after = rel_error(w0_full), rel_error(solve(gram, cross, strength))
-        if not after < before:
-            errors[name] = {"before": before, "after": before, "kept_original": True}
-            continue
-        solution = solve(gram, cross, strength)  # refit on all rows with the chosen ridge
-        _set_weights(graph, node, solution[: w0.shape[0]], solution[-1] if b0 is not None else None, counter)
-        errors[name] = {"before": before, "after": after, "ridge": strength}
+        errors[name] = _refit(graph, producers[name], stats[name], config, counter)
     drop_unused_initializers(graph)
     return checked_model(model_ir, "prune-channels: the least-squares repair produced an invalid model"), errors
