@@ -600,7 +600,8 @@ def _prune_distill_cmd(model, output, ratio, calibration, importance, allocation
         raise UsageError("--distill trains on the --calibration data", hint="pass --calibration DATA.npz")
     prune_config = ChannelPruneConfig(ratio=0.5 if ratio is None else ratio, importance=Importance(importance),
                                       allocation=Allocation(allocation), repair=Repair(repair),
-                                      calibration_data=calibration, exclude_nodes=tuple(exclude))
+                                      calibration_data=calibration, exclude_nodes=tuple(exclude),
+                                      metric=Metric.REL_ERROR, tolerance=1e30)  # no gate: distillation recovers
     config = DistillConfig(epochs=epochs, calibration_data=calibration, eval_data=eval_data, metric=Metric(metric),
                            tolerance=tolerance)
     target = check_output_path(output, model, calibration, eval_data, *source_files(source))
