@@ -397,41 +397,70 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
     try:
         with _status(f"quantizing {model}", _quiet(json_path)):
             result = run_quantize(model, output, calibration, config)
-    except QualityGateError:
+    except QualityGateError as e:
+        if e.result is not None:  # exit 4 still shows every candidate and writes --json
+            _emit_json(json_path, e.result)
+            if not _quiet(json_path):
+                _render_quantize(e.result, model.name, target)
         raise
-    _emit_json(json_path, result.to_json())
-    if _quiet(json_path):
-        return
-    table = Table(title=f"quantize {model.name} on {target} ({result.gate.describe()})")
-    for col in ("candidate", result.gate.metric.value, "p50 ms", "speedup", "size", "verdict"):
+    payload = result.to_json()
+    _emit_json(json_path, payload)
+    if not _quiet(json_path):
+        _render_quantize(payload, model.name, target)
+
+
+def _format_score(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:.2f}%" if metric in ("accuracy", "agreement") else f"{value:.4f}"
+
+
+def _speed_words(speedup: float | None, than: str = "fp32") -> str:
+    """'1.70x faster than fp32', or '1.19x SLOWER than fp32' (never '0.84x faster')."""
+    if speedup is None:
+        return "speed not measured"
+    if speedup >= 1.0:
+        return f"{speedup:.2f}x faster than {than}"
+    return f"[yellow]{1 / speedup:.2f}x SLOWER than {than}[/]"
+
+
+def _render_quantize(payload: dict, name: str, target: str) -> None:
+    """The candidate table, the kept model and its largest errors, from the result's JSON."""
+    metric = payload["metric"]
+    table = Table(title=f"quantize {name} on {target} ({payload['gate']})")
+    for col in ("candidate", metric, "p50 ms", "speed vs fp32", "size", "verdict"):
         table.add_column(col)
-    table.add_row("fp32", result.gate.format(result.fp32_score), f"{result.fp32_latency.p50_ms:.3f}", "1.00x", "", "reference")
-    for c in result.candidates:
-        verdict = c.error or ("[bold green]chosen[/]" if c.scheme == result.chosen else "ok" if c.meets_tolerance else "[red]over tolerance[/]")
+    table.add_row("fp32", _format_score(metric, payload["fp32_score"]), f"{payload['fp32_latency']['p50_ms']:.3f}",
+                  "1.00x", "", "reference")
+    for c in payload["candidates"]:
+        speed = c["speedup_vs_fp32"]
+        verdict = c["error"] or ("[bold green]chosen[/]" if c["scheme"] == payload["chosen"] and c["meets_tolerance"]
+                                 else "[yellow]kept: the most accurate[/]" if c["scheme"] == payload["chosen"]
+                                 else "ok" if c["meets_tolerance"] else "[red]over tolerance[/]")
         table.add_row(
-            c.scheme,
-            result.gate.format(c.score) if c.score is not None else "-",
-            f"{c.latency.p50_ms:.3f}" if c.latency else "-",
-            f"{c.speedup:.2f}x" if c.speedup else "-",
-            _human_bytes(c.bytes),
-            verdict,
+            escape(c["scheme"]), _format_score(metric, c["score"]),
+            f"{c['latency']['p50_ms']:.3f}" if c["latency"] else "-",
+            "-" if speed is None else f"{speed:.2f}x" if speed >= 1 else f"[yellow]{speed:.2f}x (slower)[/]",
+            _human_bytes(c["bytes"]), verdict,
         )
     out.print(table)
-    chosen = result.chosen_candidate
-    out.print(f"[bold green]wrote[/] {result.path}: {chosen.scheme}, {chosen.speedup:.2f}x faster than fp32, "
-              f"{result.gate.metric.value} {result.gate.format(chosen.score)} (fp32 {result.gate.format(result.fp32_score)})")
-    if chosen.float_nodes:
-        out.print(f"  kept in float: {', '.join(chosen.float_nodes)}")
-    offenders = result.top_offenders(5)
+    chosen = next(c for c in payload["candidates"] if c["scheme"] == payload["chosen"])
+    out.print(f"[bold green]wrote[/] {payload['path']}: {escape(chosen['scheme'])}, {_speed_words(chosen['speedup_vs_fp32'])}, "
+              f"{metric} {_format_score(metric, chosen['score'])} (fp32 {_format_score(metric, payload['fp32_score'])})")
+    if chosen["float_nodes"]:
+        out.print(f"  kept in float: {', '.join(chosen['float_nodes'])}")
+    errors = {e["node"]: e for e in payload.get("layer_errors", [])}
+    offenders = [errors[n] for n in payload.get("top_offenders", []) if n in errors]
     if offenders:
         worst = Table(title="largest quantization error vs fp32 (SQNR; lower is worse)")
         for col in ("node", "op", "local dB", "end-to-end dB", "rel. error"):
             worst.add_column(col, justify="left" if col in ("node", "op") else "right")
         for e in offenders:
-            worst.add_row(e.node, e.op_type, f"{e.local_sqnr_db:.1f}", f"{e.sqnr_db:.1f}", f"{e.relative_error:.3f}")
+            db = lambda v: "inf" if v is None else f"{v:.1f}"  # noqa: E731
+            worst.add_row(e["node"], e["op_type"], db(e["local_sqnr_db"]), db(e["sqnr_db"]), f"{e['relative_error']:.3f}")
         out.print(worst)
-    for note in result.notes:
-        out.print(f"  [yellow]note:[/] {note}")
+    for note in payload["notes"]:
+        out.print(f"  [yellow]note:[/] {escape(note)}")
 
 
 @cli.command()

@@ -51,4 +51,7 @@ class QuantizePass(Pass):
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:
-        return f"{result.get('chosen', '?')} of {len(result.get('candidates', []))} measured"
+        chosen = next((c for c in result.get("candidates", []) if c.get("scheme") == result.get("chosen")), {})
+        speed = chosen.get("speedup_vs_fp32")
+        pace = "" if speed is None else f", {speed:.2f}x fp32's speed" if speed >= 1 else f", {1 / speed:.2f}x SLOWER than fp32"
+        return f"{result.get('chosen', '?')} of {len(result.get('candidates', []))} measured{pace}"

@@ -73,6 +73,11 @@ def quantize(
         save_model(onnx.load(str(run.paths[chosen.scheme]), load_external_data=True), out)
         calibration_batches = run.calibration_batches
 
+    if chosen.speedup is not None and chosen.speedup < 1.0:
+        notes.append(
+            f"the kept model is {1 / chosen.speedup:.2f}x SLOWER than fp32 on target {target.name!r}: no candidate "
+            f"{'within tolerance ' if passed else ''}is faster; this model's time is not in ops that int8 kernels speed up"
+        )
     result = QuantizeResult(
         path=out,
         chosen=chosen.scheme,
@@ -93,11 +98,7 @@ def quantize(
             f"{run.gate.format(chosen.score)} vs fp32 {run.gate.format(run.fp32_score)}; it is saved at {out}",
             hint="loosen --tolerance, add calibration data, or keep sensitive ops in float with --exclude-op",
             best_path=str(out),
-        )
-    if chosen.speedup is not None and chosen.speedup < 1.0:
-        notes.append(
-            f"no quantized candidate is faster than fp32 on target {target.name!r} "
-            f"(best {chosen.speedup:.2f}x): this model's time is not in ops that int8 kernels speed up"
+            result=result.to_json(),
         )
     return result
 
