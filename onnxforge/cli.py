@@ -1351,7 +1351,9 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _print_internal_error(e: Exception) -> None:
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    from onnxforge.errors import first_line
+
+    first = first_line(e) if str(e).strip() else ""
     err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(first)}", highlight=False, soft_wrap=True)
     err.print("[dim]hint:[/] re-run with --debug for the traceback, and please report it", highlight=False)
 

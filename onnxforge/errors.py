@@ -20,7 +20,25 @@ __all__ = [
     "MergeError",
     "TargetUnavailableError",
     "QualityGateError",
+    "first_line",
 ]
+
+import re
+
+_LOAD_FROM = re.compile(r"Load model from \S+ failed:\s*")
+
+
+def first_line(error: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error's message, at most ``limit`` characters, cut at a word boundary
+    (with an ellipsis), never mid-word; onnxruntime's "Load model from <temp path> failed:" is dropped,
+    so the reason comes first (the file is named by the caller)."""
+    text = str(error).strip()
+    line = text.splitlines()[0].strip() if text else (type(error).__name__ if isinstance(error, BaseException) else "")
+    line = _LOAD_FROM.sub("", line)
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(" ", 0, limit - 2)
+    return line[: cut if cut > limit // 2 else limit - 2].rstrip(" ,:;") + " …"
 
 
 class OnnxForgeError(Exception):

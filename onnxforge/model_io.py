@@ -19,7 +19,7 @@ import onnx
 from onnx import helper
 
 from onnxforge._atomic import atomic_path, named_write_errors, temp_prefix
-from onnxforge.errors import InvalidModelError
+from onnxforge.errors import InvalidModelError, first_line
 
 __all__ = [
     "TensorSpec",
@@ -175,8 +175,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         try:
             onnx.checker.check_model(str(path), full_check=False)
         except Exception as e:  # ValidationError, and e.g. UnicodeDecodeError on a damaged name (found by fuzzing)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "validation failed"
-            raise InvalidModelError(f"{path}: fails the ONNX checker: {type(e).__name__}: {first[:300]}") from e
+            first = first_line(e) or "validation failed"
+            raise InvalidModelError(f"{path}: fails the ONNX checker: {type(e).__name__}: {first}") from e
         _check_graph_interface(path, header)
     try:
         model = onnx.load(str(path), load_external_data=True)

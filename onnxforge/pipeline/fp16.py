@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
-from onnxforge.errors import InvalidModelError, QualityGateError
+from onnxforge.errors import InvalidModelError, QualityGateError, first_line
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.parity import ParityReport, Tolerance, compare_models
 from onnxforge.targets.feeds import generate_feeds
@@ -67,7 +67,7 @@ def to_fp16_model(model: onnx.ModelProto, config: Fp16Config = Fp16Config()) -> 
                 op_block_list=blocked,
             )
     except Exception as e:
-        raise InvalidModelError(f"fp16 conversion failed: {type(e).__name__}: {str(e)[:200]}") from e
+        raise InvalidModelError(f"fp16 conversion failed: {type(e).__name__}: {first_line(e)}") from e
     # The converter appends the input Casts after their consumers; the checker requires topological order.
     ir_model = ir.from_proto(converted)
     ir_model.graph.sort()

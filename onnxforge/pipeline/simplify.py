@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxforge._atomic import check_output_path, paths_in
+from onnxforge.errors import first_line
 from onnxforge.model_io import input_specs, load_model, save_model
 from onnxforge.parity import ParityReport, Tolerance, compare_models
 from onnxforge.targets.feeds import generate_feeds
@@ -171,7 +172,7 @@ def simplify_model(
             serialized = result.SerializeToString()
             parity = compare_models(reference, serialized, feeds, config.tolerance)
         except Exception as e:  # a simplifier that crashes is reported, never fatal
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            first = first_line(e)
             candidates.append(
                 Candidate(method.value, None, None, time.perf_counter() - start, error=f"{type(e).__name__}: {first}")
             )

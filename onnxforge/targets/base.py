@@ -13,7 +13,7 @@ import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
 
-from onnxforge.errors import InvalidModelError, TargetUnavailableError
+from onnxforge.errors import InvalidModelError, TargetUnavailableError, first_line
 
 __all__ = ["Target", "QuantScheme", "QuantFormat", "ActivationType", "QuantMethod", "QuantScope"]
 
@@ -198,9 +198,8 @@ class Target:
             session = ort.InferenceSession(source, sess_options=options, providers=self.provider_options())
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
             where = "the model" if isinstance(model, bytes) else str(model)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InvalidModelError(
-                f"{where}: onnxruntime cannot load it on target {self.name!r}: {first[:300]}"
+                f"{where}: onnxruntime cannot load it on target {self.name!r}: {first_line(e)}"
             ) from e
         self.check_placement(session)
         _explain_run_failures(session, "the model" if isinstance(model, bytes) else str(model), self.name)
@@ -239,9 +238,8 @@ def _explain_run_failures(session: ort.InferenceSession, where: str, target: str
         try:
             return run(output_names, input_feed, run_options or quiet)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InvalidModelError(
-                f"{where}: onnxruntime failed running it on target {target!r}: {first[:300]}",
+                f"{where}: onnxruntime failed running it on target {target!r}: {first_line(e)}",
                 hint="check the model's declared input shapes (onnxforge inspect) and the data fed to it",
             ) from e
 

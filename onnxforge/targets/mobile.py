@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxforge.errors import InvalidModelError, OutputPathError, QualityGateError, UsageError
+from onnxforge.errors import InvalidModelError, OutputPathError, QualityGateError, UsageError, first_line
 from onnxforge.parity import ParityReport, Tolerance, compare_models
 from onnxforge.targets.base import ActivationType, QuantFormat, QuantScheme, Target
 from onnxforge.targets.latency import LatencyStats, measure_latency
@@ -193,7 +193,7 @@ def check_mobile_usability(model_path: str | os.PathLike) -> list[EpVerdict]:
             optimize_model(path, optimized, use_external_initializers=True)
             shaped = ModelProtoWithShapeInfo(optimized).model_with_shape_info
         except Exception as e:  # onnxruntime / onnx shape inference errors
-            raise InvalidModelError(f"{path}: the mobile usability checker cannot read it: {str(e).splitlines()[0][:200]}") from e
+            raise InvalidModelError(f"{path}: the mobile usability checker cannot read it: {first_line(e)}") from e
     verdicts = []
     for ep, check in checks.items():
         try:
@@ -241,7 +241,7 @@ def _fix_shapes(model: onnx.ModelProto, config: MobileConfig) -> tuple[onnx.Mode
         try:
             fix_output_shapes(model)
         except Exception as e:  # onnx shape inference / checker failures
-            raise InvalidModelError(f"shape inference failed after fixing input shapes: {str(e).splitlines()[0][:200]}") from e
+            raise InvalidModelError(f"shape inference failed after fixing input shapes: {first_line(e)}") from e
     return model, fixed
 
 
@@ -278,7 +278,7 @@ def _convert_to_ort(fixed_path: Path, out_dir: Path) -> tuple[Path, Path]:
                 fixed_path, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed], target_platform="arm"
             )
     except Exception as e:
-        raise InvalidModelError(f"{fixed_path.name}: conversion to ORT format failed: {str(e).splitlines()[0][:200]}") from e
+        raise InvalidModelError(f"{fixed_path.name}: conversion to ORT format failed: {first_line(e)}") from e
     finally:
         config_logger.setLevel(level)
     ort_model = out_dir / (fixed_path.stem + ".ort")

@@ -29,6 +29,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxruntime import quantization as ortq
 
+from onnxforge.errors import first_line
 from onnxforge.pipeline.quantize.config import QuantizeConfig, Ranges
 from onnxforge.pipeline.quantize.embeddings import embedding_tables, quantize_embeddings
 from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES
@@ -185,6 +186,5 @@ def op_types_to_quantize(model_path: Path, excluded: Sequence[str]) -> list[str]
 
 
 def error_line(e: Exception) -> str:
-    """An exception as one line for a note: its type and the first line of its message."""
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first}"
+    """An exception as one line for a note: its type and the first line of its message (never cut mid-word)."""
+    return f"{type(e).__name__}: {first_line(e, 300)}"

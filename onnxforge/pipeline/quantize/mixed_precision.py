@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from onnxforge.errors import first_line
 from onnxforge.pipeline.quantize.quant_error import NodeError
 
 __all__ = ["MixedPrecisionStep", "MixedPrecisionSearch", "rank_nodes", "node_groups", "search_float_nodes"]
@@ -160,7 +161,7 @@ def search_float_nodes(
             value, ok = evaluate(nodes)
             step = MixedPrecisionStep(nodes, value, ok)
         except Exception as e:  # a failing quantization is a failed step, not a failed search
-            step = MixedPrecisionStep(nodes, None, False, f"{type(e).__name__}: {str(e)[:160]}")
+            step = MixedPrecisionStep(nodes, None, False, f"{type(e).__name__}: {first_line(e, 200)}")
         tried[nodes] = step
         search.steps.append(step)
         return step

@@ -29,6 +29,7 @@ from onnxforge.pipeline.quantize.backends import error_line, quantize_candidate
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, collect
 from onnxforge.pipeline.quantize.config import CalibrationMethod, CandidateResult, QuantizeConfig, Ranges
 from onnxforge.pipeline.quantize.graphs import Graphs
+from onnxforge.pipeline.quantize.opset import failing_op
 from onnxforge.pipeline.quantize.mixed_precision import (
     MixedPrecisionSearch,
     node_groups,
@@ -144,6 +145,7 @@ class CandidateRun:
 
     def measure(self, schemes: Sequence[QuantScheme]) -> None:
         """Quantize and score every scheme, then time them all; raises QualityGateError when every one failed."""
+        failing_ops: list[str] = []
         for scheme in schemes:
             result = CandidateResult(scheme.label)
             self.candidates.append(result)
@@ -153,6 +155,7 @@ class CandidateRun:
                 result.score = self.score(dest)
             except Exception as e:  # one failing scheme must not sink the others
                 result.error = error_line(e)
+                failing_ops.append(failing_op(str(e)) or "")
                 continue
             _log.debug("quantized %s in %.1fs", scheme.label, time.perf_counter() - start)
             result.meets_tolerance = self.gate.passes(result.score, self.fp32_score)
@@ -160,9 +163,18 @@ class CandidateRun:
             self.paths[scheme.label] = dest
             self.scheme_of[scheme.label] = scheme
         if not self.paths:
+            ops = [op for op in dict.fromkeys(failing_ops) if op]
+            own = [op for op in ops if op in ("QuantizeLinear", "DequantizeLinear")]
+            if own:
+                hint = (f"the quantizer's own {own[0]} is what fails: try another scheme (--scheme "
+                        "qdq-u8s8-per-tensor or qoperator-u8s8-per-channel)")
+            elif ops:
+                hint = f"the failing op is {ops[0]}: keep it in float with --exclude-op {ops[0]}"
+            else:
+                hint = "keep the op in the error in float with --exclude-op OP_TYPE, or try another --scheme"
             raise QualityGateError(
                 "every quantization scheme failed: " + "; ".join(f"{c.scheme}: {c.error}" for c in self.candidates),
-                hint="try --exclude-op on the op named above",
+                hint=hint,
             )
         self.time_all()
 

@@ -24,6 +24,7 @@ from onnxforge.pipeline.quantize.calibrate import data_notes, load_calibration
 from onnxforge.pipeline.quantize.config import QuantizeConfig, QuantizeResult
 from onnxforge.pipeline.quantize.embeddings import embedding_tables
 from onnxforge.pipeline.quantize.graphs import prepare_graphs
+from onnxforge.pipeline.quantize.opset import opset_for_schemes
 from onnxforge.pipeline.quantize.select import REWRITTEN_FP32, CandidateRun
 from onnxforge.pipeline.quantize.smooth_quant import smooth_groups
 from onnxforge.targets import QuantMethod, QuantScheme, get_target
@@ -55,6 +56,8 @@ def quantize(
     if not schemes:
         raise UsageError(f"target {target.name!r} proposes no quantization scheme")
     notes: list[str] = []
+    model, schemes, opset_notes = opset_for_schemes(model, schemes, data.calib.first_batch(1))
+    notes += opset_notes
     schemes = _fit_schemes(schemes, model, config, notes)
     notes += data_notes(calibration, config, data)
 
