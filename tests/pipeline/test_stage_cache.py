@@ -24,9 +24,9 @@ model: classifier.onnx
 calibration: calib.npz
 stages:
   - simplify
-  - prune_channels: {{name: half, ratio: {ratio}}}
-  - prune: {{name: sparse, inputs: [half], sparsity: 0.3}}
-  - prune_channels: {{name: quarter, inputs: [simplify], ratio: 0.25}}
+  - prune_channels: {{name: half, ratio: {ratio}, metric: agreement, tolerance: 100}}
+  - prune: {{name: sparse, inputs: [half], sparsity: 0.3, metric: agreement, tolerance: 100}}
+  - prune_channels: {{name: quarter, inputs: [simplify], ratio: 0.25, metric: agreement, tolerance: 100}}
 """
 
 
