@@ -317,7 +317,12 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
         parity = c.error or ("ok" if c.usable else f"FAILED ({c.parity.max_abs:.2g})" if c.parity else "-")
         table.add_row(c.method, str(c.nodes or "-"), _human_bytes(c.bytes), f"{c.seconds:.2f}s", parity)
     out.print(table)
-    out.print(f"[bold green]kept[/] {result.chosen}: {result.nodes_before} -> {result.nodes_after} nodes, wrote {result.path}")
+    out.print(f"[bold green]kept[/] {result.chosen}: {result.nodes_before} -> {result.nodes_after} nodes, "
+              f"{_human_bytes(result.bytes_before)} -> {_human_bytes(result.bytes_after)}, wrote {result.path}")
+    out.print(f"  parity measured on {escape(result.parity_inputs)}")
+    if result.parity_inputs.startswith("random") and any(c.parity and not c.parity.ok for c in result.candidates):
+        out.print("  [yellow]note:[/] parity failed on random inputs; a model with large activations can fail on "
+                  "noise and pass on real inputs: give real samples with --data")
 
 
 @cli.command()

@@ -61,7 +61,9 @@ def test_full_recipe(project, monkeypatch):
     export, simplify, prune, quantize = (s.config for s in recipe.stages)
     # top-level settings flow into the stages that use them
     assert export.input_shapes == {"input": (1, 3, 8, 8)} and export.dynamic_batch is True
-    assert simplify == SimplifyConfig(method=SimplifyMethod.ONNXSLIM, input_shapes={"input": (1, 3, 8, 8)})
+    # the recipe's data is simplify's parity data too (it ignored it: random inputs only)
+    assert simplify == SimplifyConfig(method=SimplifyMethod.ONNXSLIM, input_shapes={"input": (1, 3, 8, 8)},
+                                      sample_data=recipe.calibration.path)
     assert prune.scope is Scope.GLOBAL and prune.sparsity == 0.3
     assert prune.eval_data == recipe.eval_data.path
     assert isinstance(quantize, QuantizeConfig)

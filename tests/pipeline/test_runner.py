@@ -137,11 +137,12 @@ def test_a_deleted_output_file_is_restored(project):
     assert result.stages[2].cache.startswith("restored")
 
 
-def test_new_calibration_data_reruns_only_quantize(project):
+def test_new_calibration_data_reruns_only_the_stages_that_read_it(project):
     _run(project)
     write_npz(project / "calib.npz", x=random_images(64, seed=99))
     result = _run(project)
-    assert _statuses(result) == {"simplify": "cached", "prune": "cached", "quantize": "done"}
+    # simplify checks parity on the recipe's data; it writes the same file, so prune's input is unchanged
+    assert _statuses(result) == {"simplify": "done", "prune": "cached", "quantize": "done"}
 
 
 def test_a_changed_source_model_reruns_everything(project):

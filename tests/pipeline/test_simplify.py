@@ -130,3 +130,32 @@ def test_simplify_file_to_file(tmp_path, foldable_path):
     assert_numerically_equal(foldable_path, output, _x(2))
     assert len(onnx.load(str(output)).graph.node) == result.nodes_after
     assert result.to_json()["nodes_after"] == result.nodes_after
+
+
+def test_the_winner_weighs_file_size_with_node_count(monkeypatch):
+    # a decoder LM: the fewest nodes was a 110.7 MB file for 61.6 MB; fewer nodes must not buy a bigger file
+    model = make_foldable_model()
+
+    def fewer_nodes_but_bigger(m):
+        grown = onnx.ModelProto()
+        grown.CopyFrom(m)
+        del grown.graph.node[1:3]  # drop the Identity chain: fewer nodes, same numbers
+        grown.graph.node[1].input[1] = "w"
+        pad = onnx.numpy_helper.from_array(np.arange(50_000, dtype=np.float32), "unused_padding")
+        grown.graph.initializer.append(pad)  # ...and a file twice the size
+        return grown
+
+    for method in list(simplify_module._RUNNERS):
+        monkeypatch.setitem(simplify_module._RUNNERS, method, fewer_nodes_but_bigger)
+    result = simplify_model(model)
+    assert all(c.usable and c.nodes < result.nodes_before for c in result.candidates)
+    assert result.chosen == "none (input kept)" and result.bytes_after == result.bytes_before
+
+
+def test_parity_says_what_it_ran_on(tmp_path, foldable_path):
+    result = simplify(foldable_path, tmp_path / "s.onnx")
+    assert result.parity_inputs.startswith("random N(0,1) inputs (x 1x16)")
+    np.savez(tmp_path / "data.npz", x=np.full((3, 16), 1000.0, np.float32))
+    result = simplify(foldable_path, tmp_path / "s2.onnx", SimplifyConfig(sample_data=tmp_path / "data.npz"))
+    assert result.parity_inputs == f"2 sample(s) of {tmp_path / 'data.npz'}"
+    assert result.to_json()["parity_inputs"] == result.parity_inputs

@@ -16,7 +16,7 @@ class SimplifyPass(Pass):
     config_cls = SimplifyConfig
     description = "fold constants and fuse nodes; parity checked"
     phase = Phase.GRAPH
-    fills = {"input_shapes": "input_shapes"}
+    fills = {"input_shapes": "input_shapes", "sample_data": "calibration"}  # parity on the recipe's real data
 
     def run(self, config: SimplifyConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
         return simplify(inputs[0], output, config)

@@ -94,6 +94,9 @@ class ChannelPruneConfig:
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
     target: str = "cpu"  # where the quality gate runs
+    # False: no tolerance loop; the ratio given is kept and its score reported (onnxforge optimize, which
+    # varies the ratio and scores every trial on the eval data itself)
+    gate: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -396,14 +399,14 @@ def prune_channels(
             candidate, repair_errors = repair_model(model, pruned, calibration, attempt_config)
             check.runs(candidate, "prune-channels (after the least-squares repair)")
         value = check.score(candidate) if attempt_config.repairs else unrepaired_score
-        passes = check.passes(value)
+        verdict = check.passes(value)
         tried.append(
-            {"ratio": round(ratio, 4), "score_without_repair": unrepaired_score, "score": value, "passes": passes,
+            {"ratio": round(ratio, 4), "score_without_repair": unrepaired_score, "score": value, "passes": verdict,
              "channels_removed": _channels_removed(pruned)}
         )
         if group_ratios is not None:
             tried[-1]["group_ratios"] = {str(k): round(v, 4) for k, v in group_ratios.items()}
-        return (ratio, pruned, candidate, repair_errors, unrepaired_score, value), passes
+        return (ratio, pruned, candidate, repair_errors, unrepaired_score, value), verdict or not config.gate
 
     def lower(ratio: float, outcome: tuple) -> float | None:
         lowered = shrink(ratio)

@@ -72,6 +72,7 @@ class LowRankConfig:
     tolerance: float | None = None
     measure_latency: bool = True
     target: str = "cpu"  # where the quality gate and the timings run
+    gate: bool = True  # False: no tolerance loop, the rank rule given is kept (onnxforge optimize scores it)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.energy < 1.0:
@@ -408,7 +409,7 @@ def low_rank(
             {"energy": attempt_config.energy, "ratio": attempt_config.ratio, "layers": len(factored), "score": value,
              "passes": passes}
         )
-        return (candidate, factored, skipped, value), passes
+        return (candidate, factored, skipped, value), passes or not config.gate
 
     def lower(attempt_config: LowRankConfig, outcome: tuple) -> LowRankConfig | None:
         if not outcome[1]:
