@@ -716,6 +716,7 @@ def profile(model, target, batches, threads, input_shapes, sample_data, min_seco
 
 def _render_profile(result, top: int) -> None:
     emulation = " (host emulation, not a device measurement)" if result.host_emulation else ""
+    out.print(f"inputs: {escape(result.inputs)}", highlight=False)
     table = Table(title=f"{result.path.name} on {result.target}{emulation}")
     for col in ("batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "samples/s", "runs"):
         table.add_column(col, justify="right")

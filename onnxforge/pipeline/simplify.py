@@ -164,9 +164,11 @@ def _parity_feeds(model: onnx.ModelProto, config: SimplifyConfig) -> tuple[list[
         count = min(2, len(samples))
         feeds = [samples.take(slice(i, i + 1)).first_batch(1) for i in range(count)]
         return feeds, f"{count} sample(s) of {config.sample_data}"
-    feeds = [generate_feeds(specs, batch=1, overrides=config.input_shapes, seed=s) for s in (1, 2)]
+    feeds = [generate_feeds(specs, batch=1, overrides=config.input_shapes, seed=s, guess=True) for s in (1, 2)]
     shapes = "; ".join(f"{k} {'x'.join(map(str, v.shape)) or 'scalar'}" for k, v in feeds[0].items())
-    return feeds, f"random N(0,1) inputs ({shapes})"
+    guessed = any(not s.is_static and s.name not in config.input_shapes and len(s.shape) > 1
+                  and any(not isinstance(d, int) for d in s.shape[1:]) for s in specs)
+    return feeds, f"random N(0,1) inputs ({shapes}{'; dynamic dims guessed: --input-shape or --data to choose' if guessed else ''})"
 
 
 def _choose(candidates: list[Candidate], before: int, before_bytes: int) -> Candidate | None:

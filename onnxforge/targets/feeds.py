@@ -1,8 +1,9 @@
 """Input feeds for a model: parsed ``--input-shape`` values and generated or sampled arrays.
 
 Generated data is deterministic (fixed seed). A dynamic first dimension takes the batch size;
-any other dynamic dimension must be given with ``--input-shape`` (we do not guess a sequence
-length or an image size that the model may not accept).
+any other dynamic dimension must be given with ``--input-shape``, except where the caller accepts
+a stated guess (``guess=True``: simplify's parity and profile, which say the shapes they chose):
+224 for the spatial dims of an image (rank 4, channels 1-4 first or last), 128 otherwise.
 """
 
 from __future__ import annotations
@@ -49,8 +50,22 @@ def parse_input_dtypes(values: Sequence[str]) -> dict[str, np.dtype]:
     return {name: dtype for name, _, dtype in map(_parse_input_arg, values) if dtype is not None}
 
 
-def resolve_shape(spec: TensorSpec, batch: int, overrides: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
-    """The concrete shape to feed for ``spec``."""
+GUESSED_IMAGE_SIZE = 224
+GUESSED_LENGTH = 128
+
+
+def _guess(spec: TensorSpec, axis: int) -> int:
+    dims = spec.shape
+    image = len(dims) == 4 and spec.dtype.kind == "f" and (
+        (isinstance(dims[1], int) and dims[1] <= 4 and axis in (2, 3))
+        or (isinstance(dims[3], int) and dims[3] <= 4 and axis in (1, 2)))
+    return GUESSED_IMAGE_SIZE if image else GUESSED_LENGTH
+
+
+def resolve_shape(
+    spec: TensorSpec, batch: int, overrides: Mapping[str, tuple[int, ...]], *, guess: bool = False
+) -> tuple[int, ...]:
+    """The concrete shape to feed for ``spec`` (``guess``: a dynamic non-batch dim gets ``_guess``'s size)."""
     if spec.name in overrides:
         shape = overrides[spec.name]
         if len(shape) != len(spec.shape):
@@ -70,6 +85,8 @@ def resolve_shape(spec: TensorSpec, batch: int, overrides: Mapping[str, tuple[in
             resolved.append(dim)
         elif axis == 0:
             resolved.append(batch)
+        elif guess:
+            resolved.append(_guess(spec, axis))
         else:
             raise UsageError(
                 f"input {spec.name!r} has dynamic dimension {axis} ({dim or '?'}) in shape {spec.shape_text()}",
@@ -86,8 +103,10 @@ def generate_feeds(
     batch: int = 1,
     overrides: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    guess: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Random inputs of the right shape and dtype: normal floats, small ints, ones for masks."""
+    """Random inputs of the right shape and dtype: normal floats, small ints, ones for masks (``guess``:
+    see ``resolve_shape``; the caller says which shapes it ran)."""
     overrides = overrides or {}
     unknown = set(overrides) - {s.name for s in specs}
     if unknown:
@@ -98,7 +117,7 @@ def generate_feeds(
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
-        shape = resolve_shape(spec, batch, overrides)
+        shape = resolve_shape(spec, batch, overrides, guess=guess)
         # a damaged or absurd declared shape (found by fuzzing: dims of -7 or 2**40) must not reach numpy
         if any(d < 0 for d in shape) or np.prod(shape, dtype=np.float64) * spec.dtype.itemsize > _MAX_FEED_BYTES:
             raise UsageError(

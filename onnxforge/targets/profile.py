@@ -101,10 +101,11 @@ class ProfileResult:
     comparison: Comparison | None = None
     mobile: MobileResult | None = None
     host_emulation: bool = False
+    inputs: str = ""  # what was fed at the first batch: the data's samples, or generated shapes (some guessed)
 
     def to_json(self) -> dict:
         payload = {"path": str(self.path), "target": self.target, "host_emulation": self.host_emulation,
-                   "rows": [r.to_json() for r in self.rows]}
+                   "inputs": self.inputs, "rows": [r.to_json() for r in self.rows]}
         if self.op_profile is not None:
             payload["per_op"] = self.op_profile.to_json()
         if self.comparison is not None:
@@ -127,7 +128,19 @@ def _feeds(model, config: ProfileConfig, batch: int) -> dict[str, np.ndarray]:
 
         samples = load_samples(config.sample_data, specs)
         return samples.first_batch(batch)
-    return generate_feeds(specs, batch=batch, overrides=_shape_overrides(model, config, batch))
+    return generate_feeds(specs, batch=batch, overrides=_shape_overrides(model, config, batch), guess=True)
+
+
+def _describe_inputs(model, config: ProfileConfig, feeds: dict[str, np.ndarray]) -> str:
+    shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape)) or 'scalar'}" for k, v in feeds.items())
+    if config.sample_data is not None:
+        return f"samples of {config.sample_data} ({shapes})"
+    guessed = [s.name for s in input_specs(model) if s.name not in config.input_shapes
+               and any(not isinstance(d, int) for d in s.shape[1:])]
+    text = f"random inputs ({shapes})"
+    if guessed:
+        text += f"; dynamic dims of {', '.join(guessed)} guessed: give --input-shape or --data to choose"
+    return text
 
 
 def _same_inputs(a, b) -> bool:
@@ -176,6 +189,7 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
         mobile.host_latency = rows[0].latency
     result = ProfileResult(model_path, target.name, rows, mobile=mobile, host_emulation=mobile is not None)
     batch, threads = config.batch_sizes[0], thread_counts[0]
+    result.inputs = _describe_inputs(model, config, _feeds(model, config, batch))
     if config.per_op:
         from onnxforge.targets.op_profile import OpProfileConfig, profile_ops
 

@@ -114,10 +114,12 @@ def _sequence_model() -> onnx.ModelProto:
     return model
 
 
-def test_dynamic_non_batch_dims_need_input_shapes():
-    with pytest.raises(UsageError, match="dynamic dimension 1"):
-        simplify_model(_sequence_model())
+def test_dynamic_non_batch_dims_are_guessed_and_said_or_given():
+    # PaddleOCR's [?, 3, ?, ?] made every simplify exit 2 without --input-shape
+    guessed = simplify_model(_sequence_model())
+    assert "x 1x128" in guessed.parity_inputs and "guessed" in guessed.parity_inputs
     result = simplify_model(_sequence_model(), SimplifyConfig(input_shapes={"x": (1, 7)}))
+    assert "x 1x7" in result.parity_inputs and "guessed" not in result.parity_inputs
     assert result.nodes_after == 1
     feeds = {"x": np.linspace(-1, 1, 14, dtype=np.float32).reshape(2, 7)}
     assert_numerically_equal(_sequence_model(), result.model, feeds)

@@ -86,3 +86,15 @@ def test_batch_from_samples_takes_or_repeats():
     assert repeated.shape == (5, 2)
     np.testing.assert_array_equal(repeated[3:], [[0, 1], [2, 3]])
     assert repeated.flags["C_CONTIGUOUS"]
+
+
+def test_a_stated_guess_for_dynamic_dims():
+    from onnxforge.model_io import TensorSpec
+    from onnxforge.targets.feeds import generate_feeds
+
+    image = TensorSpec("x", (None, 3, None, None), np.dtype("float32"))  # PaddleOCR's detector
+    tokens = TensorSpec("ids", ("N", "L"), np.dtype("int64"))
+    feeds = generate_feeds([image, tokens], batch=2, guess=True)
+    assert feeds["x"].shape == (2, 3, 224, 224) and feeds["ids"].shape == (2, 128)
+    with pytest.raises(UsageError, match="dynamic dimension 2"):
+        generate_feeds([image], batch=1)
