@@ -635,7 +635,7 @@ def _prune_distill_cmd(model, output, ratio, calibration, importance, allocation
     prune_config = ChannelPruneConfig(ratio=0.5 if ratio is None else ratio, importance=Importance(importance),
                                       allocation=Allocation(allocation), repair=Repair(repair),
                                       calibration_data=calibration, exclude_nodes=tuple(exclude),
-                                      metric=Metric.REL_ERROR, tolerance=1e30)  # no gate: distillation recovers
+                                      gate=False)  # no gate here: distillation recovers, then it is gated
     config = DistillConfig(epochs=epochs, calibration_data=calibration, eval_data=eval_data, metric=Metric(metric),
                            tolerance=tolerance)
     target = check_output_path(output, model, calibration, eval_data, *source_files(source))
