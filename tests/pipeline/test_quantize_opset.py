@@ -55,3 +55,10 @@ def test_error_lines_are_cut_at_a_word_and_lose_temp_paths():
     assert failing_op(message) == "DequantizeLinear"
     assert failing_op("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Op (Resize) node") == "Resize"
     assert failing_op("shape mismatch") is None
+
+
+def test_an_already_quantized_model_is_refused_with_a_reason(tmp_path, classifier_path, calibration_npz, cli):
+    # before: "internal error: KeyError: '140_scale' ... Graph is not a DAG"
+    quantize(classifier_path, tmp_path / "q.onnx", calibration_npz, _config(schemes=(PER_TENSOR,)))
+    code, _, err = cli("quantize", tmp_path / "q.onnx", "-o", tmp_path / "qq.onnx", "--calibration", calibration_npz)
+    assert code == 2 and "already quantized" in err and "QuantizeLinear" in err

@@ -32,6 +32,18 @@ from onnxforge.targets import QuantMethod, QuantScheme, get_target
 __all__ = ["quantize"]
 
 
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                  "ConvInteger", "MatMulInteger", "MatMulNBits", "MatMulIntegerToFloat"}
+
+
+def _refuse_quantized(model: onnx.ModelProto, path) -> None:
+    """An int8 model quantized again ended in "KeyError: '140_scale' ... Graph is not a DAG"."""
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
+    if found:
+        raise UsageError(f"{path}: already quantized (it has {', '.join(found)} nodes)",
+                         hint="quantize the float model it came from")
+
+
 def quantize(
     input_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -50,6 +62,7 @@ def quantize(
     target = get_target(config.target)
     target.require()
     model = load_model(input_path)
+    _refuse_quantized(model, input_path)
     target.session(input_path)  # must load on the target: else calibration fails first and its error blames the data
     data = load_calibration(model, calibration, config)
     schemes = list(config.schemes or target.quant_candidates(model))
