@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 CASES = ["simplify", "quantize", "quantize_minilm", "quantize_bert_random", "prune_channels", "prune_minilm",
-         "profiler", "pipeline", "calibration_memory", "merge_minilm", "optimize", "distill"]
+         "profiler", "pipeline", "calibration_memory", "merge_minilm", "optimize", "distill", "realworld"]
+_OWN_SECTION = {"realworld": ("<!-- realworld:start -->", "<!-- realworld:end -->")}  # README sections of their own
 
 _README = Path(__file__).resolve().parents[1] / "README.md"
 _RESULTS = Path(__file__).with_name("results")
@@ -97,8 +98,38 @@ def main() -> None:
         seconds[case] = time.perf_counter() - start
         print(f"\n[{case}: {seconds[case]:.0f} s]\n")
     if args.readme:
-        _update_readme(cases, seconds)
-        print(f"README.md Results updated from this run ({sum(seconds.values()) / 60:.1f} min)")
+        shared = [c for c in cases if c not in _OWN_SECTION]
+        if shared:
+            _update_readme(shared, seconds)
+        for case in cases:
+            if case in _OWN_SECTION:
+                _update_own_section(case, seconds[case])
+        print(f"README.md updated from this run ({sum(seconds.values()) / 60:.1f} min)")
+
+
+def _update_own_section(case: str, seconds: float) -> None:
+    """Replace the README lines between the case's own markers with this run's table."""
+    from onnxforge._atomic import atomic_write_text
+    from onnxforge.pipeline.manifest import machine_description, tool_versions
+
+    start, end = _OWN_SECTION[case]
+    data = json.loads((_RESULTS / f"{case}.json").read_text())
+    machine, versions = machine_description(), tool_versions()
+    section = "\n".join([
+        start,
+        f"Measured by `python -m benchmarks {case} --readme` on {datetime.date.today().isoformat()}: {machine['cpu']}, "
+        f"{machine['cores']} cores; onnxruntime {versions.get('onnxruntime')} ({seconds / 60:.0f} min).",
+        "",
+        data["table"],
+        end,
+    ])
+    text = _README.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## Real models\n\n" + section + "\n"
+    atomic_write_text(_README, text)
 
 
 if __name__ == "__main__":

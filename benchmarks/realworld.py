@@ -1,0 +1,174 @@
+"""Real models nobody here wrote: PaddleOCR's PP-OCRv4 detector and recognizer and its opset-11 direction
+classifier (real weights, from the ``rapidocr-onnxruntime`` wheel) and silero-vad (real weights, from
+``silero-vad``). Each stage either keeps a model within
+tolerance, timed against its input, or exits 4 with its numbers; quality is the task's own (lines of
+rendered text read or found, direction answers, speech probabilities), measured here on held-out
+inputs.
+
+``python -m benchmarks realworld`` (``pip install 'onnxforge[realworld]'``, or ONNXFORGE_REALWORLD_SITE
+pointing at a site-packages folder that has them); writes benchmarks/results/realworld.json.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks._common import markdown_table, peak_rss_mb, write_results
+
+_TASK = Path(__file__).resolve().parents[1] / "tests" / "realworld"  # the task checks the tests use too
+
+
+def _session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _stage(fn, *args):
+    """(exit code, result JSON) of a library stage: 0 with its result, 4 with the numbers it raised."""
+    from onnxforge.errors import QualityGateError
+
+    try:
+        return 0, fn(*args).to_json()
+    except QualityGateError as e:
+        return 4, e.result or {}
+
+
+def _speed(result: dict) -> str:
+    speed = result.get("measured_speedup")
+    if speed is None and result.get("candidates"):
+        chosen = next((c for c in result["candidates"] if c["scheme"] == result.get("chosen")), {})
+        speed = chosen.get("speedup_vs_fp32")
+    if speed is None:
+        return "-"
+    return f"{speed:.2f}x" if speed >= 1 else f"{speed:.2f}x (slower)"
+
+
+def _verdict(code: int, result: dict) -> str:
+    if code == 4:
+        return "exit 4: no try met the tolerance (input kept)" if result.get("tried") else "exit 4: best kept"
+    if result.get("chosen"):
+        return f"kept {result['chosen']}"
+    if "factored_layers" in result:
+        return f"{len(result['factored_layers'])} layers factored"
+    return f"{result.get('ratio', 0):.0%} of channels removed"
+
+
+def run() -> dict:
+    sys.path.insert(0, str(_TASK))
+    from ocr_task import characters, classifier_inputs, lines_found, lines_read, page, recognizer_inputs, text_lines
+    from realworld_models import model_path
+
+    from onnxforge.pipeline.prune.channels import ChannelPruneConfig, prune_channels
+    from onnxforge.pipeline.prune.low_rank import LowRankConfig, low_rank
+    from onnxforge.pipeline.quantize import QuantizeConfig, quantize
+
+    rows, skipped = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-realworld-") as tmp:
+        folder = Path(tmp)
+        rec = model_path("ppocr_rec")
+        if rec is None:
+            skipped.append("PP-OCRv4 recognizer: rapidocr-onnxruntime not installed")
+        else:
+            texts = text_lines(50, seed=1)
+            images, alphabet = recognizer_inputs(texts), characters(rec)
+            np.savez(folder / "rec.npz", x=recognizer_inputs(text_lines(80, seed=5)))
+            before = lines_read(_session(rec).run(None, {"x": images})[0], alphabet, texts)
+            for name, fn, config in (
+                ("low-rank", low_rank, LowRankConfig(calibration_data=folder / "rec.npz")),
+                ("quantize", lambda i, o, c: quantize(i, o, folder / "rec.npz", c), QuantizeConfig()),
+            ):
+                out = folder / f"rec_{name}.onnx"
+                code, result = _stage(fn, rec, out, config)
+                after = lines_read(_session(out).run(None, {"x": images})[0], alphabet, texts)
+                rows.append(["PP-OCRv4 recognizer", name, _verdict(code, result), _speed(result),
+                             f"lines read {before} -> {after} of {len(texts)}"])
+        det = model_path("ppocr_det")
+        if det is None:
+            skipped.append("PP-OCRv4 detector: rapidocr-onnxruntime not installed")
+        else:
+            held = [page(seed, 480, 640) for seed in range(8)]
+            pages, boxes = np.stack([p for p, _ in held]), [b for _, b in held]
+            np.savez(folder / "det.npz", x=np.stack([page(seed, 480, 640)[0] for seed in range(100, 124)]))
+
+            def found(path) -> int:
+                return sum(lines_found(p[0], b) for p, b in zip(_session(path).run(None, {"x": pages})[0], boxes))
+
+            before = found(det)
+            out = folder / "det_channels.onnx"
+            code, result = _stage(prune_channels, det, out, ChannelPruneConfig(ratio=0.3, calibration_data=folder / "det.npz"))
+            best = max((t["score"] for t in result.get("tried", [])), default=None)
+            rows.append(["PP-OCRv4 detector", "prune channels 0.3", _verdict(code, result), _speed(result),
+                         f"lines found {before} -> {found(out)} of {sum(map(len, boxes))}"
+                         + (f"; best try cosine {best:.3f}" if code == 4 and best is not None else "")])
+            out = folder / "det_q.onnx"
+            peak, printed = peak_rss_mb(
+                "import json\nfrom onnxforge.errors import QualityGateError\n"
+                "from onnxforge.pipeline.quantize import QuantizeConfig, quantize\n"
+                f"try:\n    r = quantize({str(det)!r}, {str(out)!r}, {str(folder / 'det.npz')!r}, "
+                "QuantizeConfig(max_memory=2 << 30)).to_json(); code = 0\n"
+                "except QualityGateError as e:\n    r, code = e.result, 4\n"
+                "print('RESULT', json.dumps({'code': code, 'result': r}))\n"
+            )
+            import json
+
+            payload = json.loads(next(line for line in printed.splitlines() if line.startswith("RESULT"))[7:])
+            rows.append(["PP-OCRv4 detector", "quantize --max-memory 2G", _verdict(payload["code"], payload["result"]),
+                         _speed(payload["result"]), f"lines found {before} -> {found(out)}; peak {peak:.0f} MB"])
+        cls = model_path("ppocr_cls")
+        if cls is None:
+            skipped.append("PP-OCR direction classifier: rapidocr-onnxruntime not installed")
+        else:
+            images, answers = classifier_inputs(text_lines(40, seed=3))
+            np.savez(folder / "cls.npz", x=images)
+            out = folder / "cls_q.onnx"
+            code, result = _stage(lambda i, o, c: quantize(i, o, folder / "cls.npz", c), cls, out, QuantizeConfig())
+
+            def right(path) -> float:
+                return float((_session(path).run(None, {"x": images})[0].argmax(1) == answers).mean())
+
+            rows.append(["PP-OCR direction classifier (opset 11)", "quantize", _verdict(code, result), _speed(result),
+                         f"right answers {right(cls):.0%} -> {right(out):.0%}"])
+        vad = model_path("silero_vad")
+        if vad is None:
+            skipped.append("silero-vad: not installed")
+        else:
+            from test_silero_vad import _stream
+
+            session = _session(vad)
+            chunks, states = [], []
+            for seed in range(3):
+                audio, state, context = _stream(2.0, seed), np.zeros((2, 1, 128), np.float32), np.zeros(64, np.float32)
+                for start in range(0, len(audio) - 512, 512):
+                    chunk = np.concatenate([context, audio[start : start + 512]])
+                    chunks.append(chunk)
+                    states.append(state[:, 0])
+                    _, state = session.run(None, {"input": chunk[None], "state": state, "sr": np.array(16000)})
+                    context = chunk[-64:]
+            x, s = np.stack(chunks), np.stack(states)
+            np.savez(folder / "vad.npz", input=x, state=s, **{"sr@const": np.array(16000)})
+
+            def speech(path) -> np.ndarray:
+                return _session(path).run(None, {"input": x, "state": np.ascontiguousarray(s.transpose(1, 0, 2)),
+                                                 "sr": np.array(16000)})[0].ravel()
+
+            out = folder / "vad_q.onnx"
+            code, result = _stage(lambda i, o, c: quantize(i, o, folder / "vad.npz", c), vad, out, QuantizeConfig())
+            delta = float(np.mean(np.abs(speech(out) - speech(vad))))
+            rows.append(["silero-vad", "quantize", _verdict(code, result), _speed(result),
+                         f"speech probability mean abs change {delta:.3f}"])
+    table = markdown_table(["model", "stage", "result", "speed vs input", "quality (task)"], rows)
+    if skipped:
+        table += "\n\nSkipped: " + "; ".join(skipped)
+    print(table)
+    write_results("realworld", {"rows": rows, "skipped": skipped, "table": table})
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    run()
