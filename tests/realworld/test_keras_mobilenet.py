@@ -1,5 +1,5 @@
 """Keras MobileNetV2 (keras.applications, random weights, KERAS_BACKEND=torch) exported through
-onnxforge: depthwise chains, Conv -> BatchNorm folded, a 1000-way head. Channel pruning at ratio 0.1
+onnxforge: depthwise chains, Conv -> BatchNorm folded, a classifier head. Channel pruning at ratio 0.1
 wrote a Conv weight [22, 0, 3, 3] and exited 0; it must never write a layer without channels, and must
 either keep the answers or exit 4 with the numbers."""
 
@@ -12,7 +12,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from cli_runs import outcome, run_cli
+from cli_runs import folder, outcome, run_cli  # noqa: F401 (folder: a fixture)
+
+pytestmark = pytest.mark.slow  # minutes: real models
 
 if importlib.util.find_spec("keras") is None:  # not imported here: the export runs it in a child process
     pytest.skip("keras is not installed (pip install 'onnxforge[keras]')", allow_module_level=True)

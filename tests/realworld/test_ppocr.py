@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from cli_runs import outcome, run_cli
+from cli_runs import folder, outcome, run_cli  # noqa: F401 (folder: a fixture)
 
 from realworld_models import require
 from ocr_task import (
@@ -20,6 +20,8 @@ from ocr_task import (
     recognizer_inputs,
     text_lines,
 )
+
+pytestmark = pytest.mark.slow  # minutes: real models
 
 
 def _run(path, feeds: dict) -> list[np.ndarray]:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from cli_runs import outcome, run_cli
+from cli_runs import folder, outcome, run_cli  # noqa: F401 (folder: a fixture)
 
 from realworld_models import require
+
+pytestmark = pytest.mark.slow  # minutes: real models
 
 CHUNK = 576  # 512 new samples at 16 kHz and the 64 before them, as silero's own wrapper feeds the model
 
@@ -70,3 +72,12 @@ def test_quantize_keeps_the_speech_probabilities(folder, vad):
         got = _speech(out, chunks, states)
         assert np.mean(np.abs(got - reference)) < 0.05
         assert np.mean((got > 0.5) == (reference > 0.5)) > 0.95
+
+
+def test_quantize_says_when_nothing_was_quantized(folder, vad):
+    # silero-vad's Convs and LSTMs live in If bodies: the "quantized" model was the float one, said nowhere
+    path, data, _, _ = vad
+    code, _, err, _ = run_cli("quantize", path, "-o", folder / "vad_q2.onnx", "--calibration", data,
+                              "--scheme", "qdq-u8s8-per-tensor", "--json", folder / "vad_q2.json")
+    notes = outcome(code, folder / "vad_q2.json", err)["notes"]
+    assert any(n.startswith("nothing was quantized") and "If/Loop/Scan bodies" in n for n in notes), notes

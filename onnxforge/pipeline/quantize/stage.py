@@ -44,6 +44,27 @@ def _refuse_quantized(model: onnx.ModelProto, path) -> None:
                          hint="quantize the float model it came from")
 
 
+def _count_quantized(graph: onnx.GraphProto) -> int:
+    count = 0
+    for node in graph.node:
+        count += node.op_type in _QUANTIZED_OPS
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                count += _count_quantized(sub)
+    return count
+
+
+def _nothing_quantized(model: onnx.ModelProto) -> str:
+    """Why a kept model holds no int8 op: usually its layers are inside If/Loop bodies (silero-vad)."""
+    top = {n.op_type for n in model.graph.node}
+    nested = sum(1 for n in model.graph.node for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH,
+                                                                                 onnx.AttributeProto.GRAPHS))
+    reason = (f"its Conv/MatMul/Gemm nodes are inside {nested} If/Loop/Scan bodies, which onnxruntime's static "
+              "quantizer does not enter") if nested and not top & {"Conv", "MatMul", "Gemm"} else (
+              "no op of it is one onnxruntime quantizes")
+    return f"nothing was quantized: {reason}; the kept model computes in float like the input"
+
+
 def quantize(
     input_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -86,7 +107,10 @@ def quantize(
         if REWRITTEN_FP32 in run.timings:
             speedup = run.timings["fp32"].p50_ms / run.timings[REWRITTEN_FP32].p50_ms
             notes.append(f"the rewritten fp32 graph alone runs {speedup:.2f}x the input model (part of each speedup)")
-        save_model(onnx.load(str(run.paths[chosen.scheme]), load_external_data=True), out)
+        kept_model = onnx.load(str(run.paths[chosen.scheme]), load_external_data=True)
+        if not _count_quantized(kept_model.graph):
+            notes.append(_nothing_quantized(model))
+        save_model(kept_model, out)
         calibration_batches = run.calibration_batches
 
     if chosen.speedup is not None and chosen.speedup < 1.0:
