@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -22,6 +24,8 @@ import onnxruntime as ort
 from onnxforge.pipeline.calibration import SampleSet
 
 __all__ = ["QualityBaseline", "Metric", "QualityGate", "run_outputs", "score", "resolve_metric"]
+
+T = TypeVar("T")
 
 
 class Metric(enum.Enum):
@@ -59,6 +63,11 @@ class QualityGate:
     @property
     def higher_is_better(self) -> bool:
         return _HIGHER_IS_BETTER[self.metric]
+
+    def best(self, items: Iterable[T], score: Callable[[T], float]) -> T | None:
+        """The item whose ``score`` is best under this metric (highest, or lowest for rel-error); None if none."""
+        sign = 1.0 if self.higher_is_better else -1.0
+        return max(items, key=lambda item: sign * score(item), default=None)
 
     def passes(self, candidate: float, reference: float) -> bool:
         if self.metric is Metric.ACCURACY:

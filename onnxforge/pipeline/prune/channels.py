@@ -444,7 +444,7 @@ def prune_channels(
     )
     save_model(candidate, out)
     if not passed:
-        best = max(tried, key=lambda t: t["score"] if check.gate.higher_is_better else -t["score"])
+        best = check.gate.best(tried, lambda t: t["score"])
         raise QualityGateError(
             f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}, on "
             f"{check.source}): the input scores {check.gate.format(check.reference_score)}, the best try (ratio "

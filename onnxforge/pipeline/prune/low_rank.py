@@ -437,7 +437,7 @@ def low_rank(
     )
     save_model(candidate, out)
     if not passed:
-        best = max(tried, key=lambda t: t["score"] if check.gate.higher_is_better else -t["score"])
+        best = check.gate.best(tried, lambda t: t["score"])
         raise QualityGateError(
             f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
             f"{check.gate.format(check.reference_score)}, the best try {check.gate.format(best['score'])}; the "

@@ -221,11 +221,7 @@ class CandidateRun:
             if found is None:
                 continue
             search = found
-            step = search.best or max(
-                (s for s in search.steps if s.score is not None),
-                key=lambda s: s.score if gate.higher_is_better else -s.score,
-                default=None,
-            )
+            step = search.best or gate.best((s for s in search.steps if s.score is not None), lambda s: s.score)
             if step is None:
                 notes.append(f"mixed precision on {base.scheme}: no step could be scored")
                 continue
@@ -286,7 +282,7 @@ class CandidateRun:
         if passing:
             return _fastest(passing), True
         measured = [c for c in self.candidates if c.score is not None and c.scheme in self.paths]
-        return max(measured, key=lambda c: c.score if self.gate.higher_is_better else -c.score), False
+        return self.gate.best(measured, lambda c: c.score), False
 
     def layer_errors(self, chosen: CandidateResult, notes: list[str]) -> list[NodeError]:
         """Per-node error of the kept model (of its QDQ twin when it is QOperator) on calibration samples."""
