@@ -100,8 +100,9 @@ def _split_eval(
 
 
 def data_notes(calibration: object, config: QuantizeConfig, data: CalibrationData) -> list[str]:
-    """What the result should say about the data: a poor calibration method, image preprocessing, holdout."""
-    notes = []
+    """What the result should say about the data: inputs fed as constants or batched on another axis, a poor
+    calibration method, image preprocessing, holdout."""
+    notes = list(data.calib.feeding.describe())
     if config.calibration_method is CalibrationMethod.DISTRIBUTION:
         notes.append(
             "onnxruntime's Distribution calibration computes statistics meant for float8 types; with int8 it "
