@@ -60,15 +60,36 @@ def keras_input_names(model: Any) -> list[str]:
     return [getattr(t, "name", f"input_{i}") for i, t in enumerate(inputs)]
 
 
+def _input_struct(model: Any) -> Any:
+    """The model's symbolic inputs: a functional model's structure, or a built Sequential's inputs."""
+    struct = getattr(model, "_inputs_struct", None)
+    if struct is None and getattr(model, "built", False):
+        try:
+            inputs = model.inputs  # a Sequential built from keras.Input (or .build()) has them
+        except (AttributeError, ValueError):
+            inputs = None
+        struct = inputs[0] if inputs and len(inputs) == 1 else inputs
+    return struct
+
+
 def _ensure_called(model: Any) -> None:
-    """Keras refuses to export a model that has never been called; a functional model has not
-    been until it sees data. Call it once on zeros (None dims as 1)."""
+    """Keras refuses to export a model that has never been called; a functional model, or a
+    Sequential that starts with keras.Input, has not been until it sees data. Call it once on
+    zeros of its input shapes (None dims as 1)."""
     keras = _import_keras()
-    if getattr(model, "_called", True) or getattr(model, "_inputs_struct", None) is None:
+    if getattr(model, "_called", True):
+        return
+    struct = _input_struct(model)
+    if struct is None:
+        if isinstance(model, keras.Sequential) and not model.built:
+            raise ExportError(
+                "the Keras Sequential model has no input shape, so it cannot be exported",
+                hint="start it with keras.Input(shape=...), or call model.build((None, ...)) before returning it",
+            )
         return
     zeros = keras.tree.map_structure(
         lambda t: np.zeros([1 if d is None else d for d in t.shape], dtype=getattr(t, "dtype", "float32")),
-        model._inputs_struct,
+        struct,
     )
     try:
         model(zeros, training=False)
@@ -115,6 +136,10 @@ def export_keras(model: Any, config: Any = None) -> onnx.ModelProto:
             raise ExportError(f"Keras ONNX export ({backend} backend) failed: {type(e).__name__}: {str(e)[:200]}") from e
         proto = onnx.load(str(path), load_external_data=True)
     output_names = list(getattr(model, "output_names", None) or [])
+    if not output_names and all(o.name.isdigit() for o in proto.graph.output):
+        # a Sequential has no output names; the exporter's are node numbers ("21")
+        count = len(proto.graph.output)
+        output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
     if output_names:
         _rename_outputs(proto, output_names)
     return proto

@@ -44,9 +44,42 @@ def torch_input_names(model: Any) -> list[str]:
     if isinstance(model, torch.jit.ScriptModule):
         schema = model.forward.schema
         return [a.name for a in schema.arguments if a.name != "self"]
-    forward = model.forward if isinstance(model, torch.nn.Module) else model
-    params = inspect.signature(forward).parameters.values()
+    params = _forward_parameters(model)
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _forward_parameters(model: Any) -> list[inspect.Parameter]:
+    forward = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        return list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C-implemented callable: nothing to read
+        return []
+
+
+def takes_varargs(model: Any) -> bool:
+    """Whether forward() is ``forward(self, *args)``-shaped: its inputs are passed by position.
+
+    Those inputs have no names of their own; they are called ``input_0``, ``input_1``, ... after
+    the named parameters (see :func:`_input_names_for`), and every call passes them positionally.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        return False
+    return any(p.kind is p.VAR_POSITIONAL for p in _forward_parameters(model))
+
+
+def _input_names_for(model: Any, count: int) -> list[str]:
+    """forward()'s named parameters, extended with ``input_K`` names for what ``*args`` takes."""
+    names = torch_input_names(model)
+    if takes_varargs(model):
+        names += [f"input_{i}" for i in range(len(names), count)]
+    return names
+
+
+def call_torch(model: Any, feeds: Mapping[str, torch.Tensor]) -> Any:
+    """Call the model with feeds keyed by input name: by keyword, or by position for ``*args``."""
+    if takes_varargs(model):
+        return model(*feeds.values())
+    return model(**feeds)
 
 
 def _to_tensor(value: Any) -> torch.Tensor:
@@ -56,23 +89,38 @@ def _to_tensor(value: Any) -> torch.Tensor:
 
 
 def _example_inputs(model: Any, config: ExportConfig, source_example: Any) -> dict[str, torch.Tensor]:
-    names = torch_input_names(model)
     if source_example is not None and not config.input_shapes:
         if isinstance(source_example, Mapping):
             examples = {k: _to_tensor(v) for k, v in source_example.items()}
+            if takes_varargs(model):
+                # by position: forward's named parameters first, in its order, then the rest as given
+                order = [n for n in torch_input_names(model) if n in examples]
+                examples = {k: examples[k] for k in order + [k for k in examples if k not in order]}
         else:
             values = source_example if isinstance(source_example, (tuple, list)) else (source_example,)
+            names = _input_names_for(model, len(values))
+            if len(values) > len(names):
+                raise UsageError(
+                    f"the source gives {len(values)} example inputs, but forward() takes {len(names)}: "
+                    + (", ".join(names) or "(none)")
+                )
             examples = {name: _to_tensor(v) for name, v in zip(names, values)}
         if config.dynamic_batch:
             # torch.export specializes a batch of 1; any other size stays symbolic
             examples = {k: torch.cat([v, v]) if v.ndim and v.shape[0] == 1 else v for k, v in examples.items()}
         return examples
+    names = _input_names_for(model, len(config.input_shapes))
     if not config.input_shapes:
-        raise UsageError(
-            "PyTorch export needs example input shapes",
-            hint=f"pass --input-shape for each input of forward(): {', '.join(names) or '(none found)'}"
-            + (f", e.g. --input-shape {names[0]}=1x3x224x224" if names else ""),
-        )
+        if takes_varargs(model):
+            hint = (
+                "forward() takes *args: pass --input-shape for "
+                + ", ".join([*names, f"input_{len(names)}", "..."])
+                + " (what *args takes is named input_K, in order)"
+            )
+        else:
+            hint = f"pass --input-shape for each input of forward(): {', '.join(names) or '(none found)'}"
+            hint += f", e.g. --input-shape {names[0]}=1x3x224x224" if names else ""
+        raise UsageError("PyTorch export needs example input shapes", hint=hint)
     unknown = [n for n in config.input_shapes if n not in names]
     if unknown:
         raise UsageError(
@@ -123,7 +171,7 @@ def _flatten_outputs(value: Any) -> list[torch.Tensor]:
 def run_torch(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run the PyTorch model on numpy feeds (by input name) and return flat numpy outputs."""
     with torch.inference_mode():
-        out = model(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
+        out = call_torch(model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
     return [t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy() for t in _flatten_outputs(out)]
 
 
@@ -160,10 +208,16 @@ def _export_dynamo(model, examples, path, opset, input_names, output_names, axes
             or None
             for name in input_names
         }
+    args, kwargs = (tuple(examples.values()), None) if takes_varargs(model) else ((), examples)
+    if dynamic_shapes is not None and takes_varargs(model):
+        # by position, like the inputs: the named parameters, then one entry for *args holding the rest
+        specs = list(dynamic_shapes.values())
+        named = len(torch_input_names(model))
+        dynamic_shapes = (*specs[:named], tuple(specs[named:]))
     torch.onnx.export(
         model,
-        args=(),
-        kwargs=examples,
+        args=args,
+        kwargs=kwargs,
         f=str(path),
         dynamo=True,
         external_data=external,
@@ -237,7 +291,7 @@ def export_torch(
     input_names = list(examples)
     try:
         with torch.inference_mode():
-            reference = model(**examples)
+            reference = call_torch(model, examples)
     except Exception as e:
         shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in examples.items())
         raise ExportError(f"the model's forward failed on inputs {shapes}: {_first_line(e)}") from e

@@ -84,6 +84,42 @@ def test_keras_file(tmp_path):
     _independent_check(model, out, {"image": images}, images)
 
 
+SEQUENTIAL_SOURCE = textwrap.dedent(
+    """
+    import keras
+
+    def with_input():
+        # built from keras.Input but never called: Keras's exporter refused it ("has never called")
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
+
+    def without_input():
+        return keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(2)])
+    """
+)
+
+
+def test_sequential_built_from_keras_input_but_never_called(tmp_path, capsys):
+    source = tmp_path / "seq.py"
+    source.write_text(SEQUENTIAL_SOURCE)
+    out = tmp_path / "seq.onnx"
+    report = tmp_path / "r.json"
+    assert main(["export", f"{source}:with_input", "-o", str(out), "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["verified"] is True
+    assert [o["name"] for o in result["outputs"]] == ["output"]  # not the exporter's node number
+    namespace: dict = {}
+    exec(compile(source.read_text(), str(source), "exec"), namespace)
+    features = np.random.default_rng(4).standard_normal((3, 8)).astype(np.float32)
+    _independent_check(namespace["with_input"](), out, {result["inputs"][0]["name"]: features}, features)
+
+    capsys.readouterr()
+    assert main(["export", f"{source}:without_input", "-o", str(tmp_path / "no.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "no input shape" in err and "keras.Input" in err and "Traceback" not in err
+    assert not (tmp_path / "no.onnx").exists()
+
+
 def test_dict_inputs_are_fed_by_name_not_dict_order(tmp_path):
     """Keras flattens a dict of inputs sorted by key ('left', 'right'), not in the dict's order."""
     keras.utils.set_random_seed(1)

@@ -16,6 +16,7 @@ import torch
 
 from conftest import run_model
 from onnxforge.converters import Exporter, ExportConfig, export
+from onnxforge.errors import UsageError
 
 MODELS = textwrap.dedent(
     """
@@ -103,6 +104,26 @@ MODELS = textwrap.dedent(
     def build_data_dependent():
         torch.manual_seed(0)
         return DataDependent().eval()
+
+
+    class VarArgs(nn.Module):
+        # forward(self, x, *rest): the inputs past x have no names of their own
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x, *rest):
+            return self.fc(x) * rest[0] + rest[1]
+
+
+    def build_varargs():
+        torch.manual_seed(0)
+        return VarArgs().eval(), (torch.randn(2, 4), torch.randn(2, 3), torch.randn(2, 3))
+
+
+    def build_varargs_bare():
+        torch.manual_seed(0)
+        return VarArgs().eval()
     """
 )
 
@@ -215,6 +236,32 @@ def test_dynamo_failure_falls_back_to_torchscript(tmp_path, models_file, models)
     assert any("TorchScript" in note for note in result.notes)
     assert result.parity.ok
     _assert_torch_matches_onnx(models.build_data_dependent(), output, {"x": np.full((1, 4), 0.5, np.float32)})
+
+
+@pytest.mark.parametrize("exporter", [Exporter.DYNAMO, Exporter.TORCHSCRIPT])
+def test_forward_with_varargs_keeps_every_example_input(tmp_path, models_file, models, exporter):
+    # forward(self, x, *rest) once lost the inputs *rest takes ("forward failed on inputs :")
+    output = tmp_path / "va.onnx"
+    result = export(f"{models_file}:build_varargs", output, ExportConfig(dynamic_batch=True, exporter=exporter))
+    assert result.exporter == exporter.value and result.parity.ok
+    assert [i.name for i in result.inputs] == ["x", "input_1", "input_2"]
+    reference, _ = models.build_varargs()
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((5, 4)), "input_1": rng.standard_normal((5, 3)), "input_2": rng.standard_normal((5, 3))}
+    feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
+    with torch.no_grad():
+        expected = reference(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+    np.testing.assert_allclose(run_model(output, feeds)[0], expected, atol=1e-4, rtol=1e-3)
+
+
+def test_forward_with_varargs_takes_input_shapes_by_position(tmp_path, models_file):
+    output = tmp_path / "va.onnx"
+    with pytest.raises(UsageError) as missing:
+        export(f"{models_file}:build_varargs_bare", output, ExportConfig())
+    assert "input_1" in missing.value.hint and "*args" in missing.value.hint
+    shapes = {"x": (1, 4), "input_1": (1, 3), "input_2": (1, 3)}
+    result = export(f"{models_file}:build_varargs_bare", output, ExportConfig(input_shapes=shapes))
+    assert result.parity.ok and [i.name for i in result.inputs] == list(shapes)
 
 
 def test_torchscript_file_source(tmp_path, models):
