@@ -774,13 +774,14 @@ def _render_profile(result, top: int) -> None:
 @output_option
 @input_shape_option
 @click.option("--block-op", multiple=True, help="op type to keep in fp32 (repeatable)")
+@click.option("--data", "sample_data", type=click.Path(path_type=Path), default=None, help="parity inputs from this .npz instead of random data")
 @json_option
-def fp16(model, output, input_shapes, block_op, json_path):
+def fp16(model, output, input_shapes, block_op, sample_data, json_path):
     """Convert MODEL to fp16 for CUDA/TensorRT (inputs/outputs stay fp32), checking parity with fp32."""
     from onnxforge.pipeline.fp16 import Fp16Config, convert_fp16
     from onnxforge.targets.feeds import parse_input_shapes
 
-    config = Fp16Config(op_block_list=tuple(block_op), input_shapes=parse_input_shapes(input_shapes))
+    config = Fp16Config(op_block_list=tuple(block_op), input_shapes=parse_input_shapes(input_shapes), sample_data=sample_data)
     with _status(f"converting {model} to fp16", _quiet(json_path)):
         result = convert_fp16(model, output, config)
     _emit_json(json_path, result.to_json())
@@ -788,6 +789,7 @@ def fp16(model, output, input_shapes, block_op, json_path):
         return
     out.print(f"[bold green]wrote[/] {result.path}: {_human_bytes(result.bytes_before)} -> {_human_bytes(result.bytes_after)}; "
               f"{result.parity.summary()}")
+    out.print(f"  parity measured on {result.parity_inputs}")
     out.print("  fp16 runs fast on GPU tensor cores; on a CPU it is slower than fp32 (profile it with --target cuda)")
 
 

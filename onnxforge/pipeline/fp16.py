@@ -23,9 +23,9 @@ import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import InvalidModelError, QualityGateError, first_line
-from onnxforge.model_io import input_specs, load_model, save_model
+from onnxforge.model_io import load_model, save_model
 from onnxforge.parity import ParityReport, Tolerance, compare_models
-from onnxforge.targets.feeds import generate_feeds
+from onnxforge.pipeline.parity_feeds import parity_feeds
 
 __all__ = ["Fp16Config", "Fp16Result", "convert_fp16", "to_fp16_model"]
 
@@ -35,8 +35,8 @@ class Fp16Config:
     keep_io_types: bool = True
     op_block_list: tuple[str, ...] = ()
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    sample_data: Path | None = None  # .npz keyed by input name: parity inputs instead of random ones
     tolerance: Tolerance = Tolerance(atol=1e-2, rtol=1e-2)
-
 
 
 @dataclass
@@ -45,11 +45,13 @@ class Fp16Result:
     parity: ParityReport
     bytes_before: int
     bytes_after: int
+    parity_inputs: str = ""  # what parity ran on: the user's samples, or random inputs of stated shapes
 
     def to_json(self) -> dict:
         return {
             "path": str(self.path),
             "parity": self.parity.to_json(),
+            "parity_inputs": self.parity_inputs,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
         }
@@ -82,14 +84,16 @@ def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike, confi
     model = load_model(input_path)
     converted = to_fp16_model(model, config)
     before, after = model.SerializeToString(), converted.SerializeToString()
-    feeds = [generate_feeds(input_specs(model), batch=1, overrides=config.input_shapes, seed=s) for s in (1, 2)]
+    feeds, described = parity_feeds(model, config.sample_data, config.input_shapes)
     parity = compare_models(before, after, feeds, config.tolerance)
     save_model(converted, out)
-    result = Fp16Result(out, parity, len(before), len(after))
+    result = Fp16Result(out, parity, len(before), len(after), described)
     if not parity.ok:
+        real = config.sample_data is not None
         raise QualityGateError(
-            f"fp16 model drifts from fp32: {parity.summary()}; kept at {out}",
-            hint="block the drifting op types with op_block_list (they stay fp32)",
+            f"fp16 model drifts from fp32 on {described}: {parity.summary()}; kept at {out}",
+            hint="block the drifting op types with --block-op (they stay fp32)"
+            + ("" if real else "; random inputs can overflow fp16 where real ones do not: check with --data"),
             best_path=str(out),
         )
     return result

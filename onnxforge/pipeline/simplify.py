@@ -30,9 +30,9 @@ import onnxruntime as ort
 
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import first_line
-from onnxforge.model_io import input_specs, load_model, save_model
+from onnxforge.model_io import load_model, save_model
 from onnxforge.parity import ParityReport, Tolerance, compare_models
-from onnxforge.targets.feeds import generate_feeds
+from onnxforge.pipeline.parity_feeds import parity_feeds
 
 __all__ = ["SimplifyMethod", "SimplifyConfig", "SimplifyResult", "simplify", "simplify_model"]
 
@@ -154,21 +154,7 @@ _RUNNERS = {
 
 
 def _parity_feeds(model: onnx.ModelProto, config: SimplifyConfig) -> tuple[list[dict], str]:
-    """(feeds, what they are): the user's samples (two batches of one) when given, else two seeded
-    N(0,1) feeds."""
-    specs = input_specs(model)
-    if config.sample_data is not None:
-        from onnxforge.pipeline.calibration import load_samples
-
-        samples = load_samples(config.sample_data, specs, allow_ragged=True)
-        count = min(2, len(samples))
-        feeds = [samples.take(slice(i, i + 1)).first_batch(1) for i in range(count)]
-        return feeds, f"{count} sample(s) of {config.sample_data}"
-    feeds = [generate_feeds(specs, batch=1, overrides=config.input_shapes, seed=s, guess=True) for s in (1, 2)]
-    shapes = "; ".join(f"{k} {'x'.join(map(str, v.shape)) or 'scalar'}" for k, v in feeds[0].items())
-    guessed = any(not s.is_static and s.name not in config.input_shapes and len(s.shape) > 1
-                  and any(not isinstance(d, int) for d in s.shape[1:]) for s in specs)
-    return feeds, f"random N(0,1) inputs ({shapes}{'; dynamic dims guessed: --input-shape or --data to choose' if guessed else ''})"
+    return parity_feeds(model, config.sample_data, config.input_shapes)
 
 
 def _choose(candidates: list[Candidate], before: int, before_bytes: int) -> Candidate | None:

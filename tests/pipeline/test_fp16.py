@@ -47,3 +47,36 @@ def test_fp16_drift_beyond_tolerance_keeps_file_and_exits_4(tmp_path):
         convert_fp16(src, out, Fp16Config(tolerance=Tolerance(atol=1e-6, rtol=1e-6)))
     assert info.value.exit_code == 4
     assert out.exists()
+
+
+def _sequence_model(path):
+    """[batch, sequence, 8] @ [8, 8]: a dynamic non-batch dim, as in every transformer."""
+    w = np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32) / 4
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "seq",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "sequence", 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "sequence", 8])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_fp16_parity_runs_on_the_data_given_and_states_a_guess_without_it(tmp_path):
+    # a dynamic sequence dim made fp16 exit 2 unless --input-shape named it
+    src = _sequence_model(tmp_path / "s.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(2).standard_normal((3, 5, 8)).astype(np.float32))
+    with_data = convert_fp16(src, tmp_path / "a.onnx", Fp16Config(sample_data=data))
+    assert with_data.parity.ok and with_data.parity_inputs == f"2 sample(s) of {data}"
+    assert with_data.to_json()["parity_inputs"] == with_data.parity_inputs
+    guessed = convert_fp16(src, tmp_path / "b.onnx")
+    assert guessed.parity.ok and "dynamic dims guessed" in guessed.parity_inputs
+
+
+def test_fp16_drift_on_random_inputs_points_at_real_data(tmp_path):
+    src = _mlp(tmp_path / "m.onnx", scale=300.0)
+    with pytest.raises(QualityGateError) as info:
+        convert_fp16(src, tmp_path / "m16.onnx", Fp16Config(tolerance=Tolerance(atol=1e-6, rtol=1e-6)))
+    assert "random N(0,1)" in info.value.message and "--data" in info.value.hint

@@ -16,7 +16,7 @@ class Fp16Pass(Pass):
     config_cls = Fp16Config
     description = "fp16 for CUDA/TensorRT, parity checked"
     phase = Phase.PRECISION
-    fills = {"input_shapes": "input_shapes"}
+    fills = {"input_shapes": "input_shapes", "sample_data": "calibration"}  # parity on the recipe's real data
 
     def run(self, config: Fp16Config, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
         return convert_fp16(inputs[0], output, config)
