@@ -494,6 +494,7 @@ def test_export_parity_failure_keeps_the_unverified_file(cli, tmp_path, torch_mo
     )
     assert code == 4, err
     assert_one_error_line(err, "parity")
+    assert "random inputs" in err and "--sample" in err  # the hint points at real data
     onnx.checker.check_model(onnx.load(str(output)))
 
 

@@ -256,6 +256,12 @@ def export(
                 "try the other --exporter, or drop that --dynamic dim"
                 if crashed
                 else "inspect the op that drifts, or loosen --atol/--rtol if the error is acceptable"
+                + (
+                    "; the check ran on random inputs, where a model with large activations can drift"
+                    " though real ones do not: check with --sample real.npz"
+                    if config.sample_inputs is None
+                    else ""
+                )
             ),
             best_path=str(out),
         )
