@@ -169,7 +169,7 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | No
     else:
         feeds = generate_feeds(specs, batch=1, overrides=dict(recipe.input_shapes))
     progress(f"timing every stage side by side on {recipe.target} (batch 1, 1 thread)")
-    sessions = {name: (target.session(p, threads=1), feeds) for name, p in paths.items() if name not in own}
+    sessions = {name: (target.session(p, threads=1, interleaved=True), feeds) for name, p in paths.items() if name not in own}
     sessions.update(_own_sessions(target, paths, [r for r in records if r.name in own]))
     timings = compare_latency({n: s for n, (s, _) in sessions.items()}, {n: f for n, (_, f) in sessions.items()},
                               rounds=30)
@@ -215,7 +215,7 @@ def _own_sessions(target, paths: dict[str, Path], records: list[StageRecord]) ->
     for record in records:
         try:
             feeds = generate_feeds(input_specs(load_model(paths[record.name])), batch=1)
-            sessions[record.name] = (target.session(paths[record.name], threads=1), feeds)
+            sessions[record.name] = (target.session(paths[record.name], threads=1, interleaved=True), feeds)
         except OnnxForgeError as e:
             record.metrics["note"] = (record.metrics.get("note", "") + f"; not timed: {e.message}").lstrip("; ")
     return sessions

@@ -165,12 +165,19 @@ class Target:
         """True when a 4-bit ``MatMulNBits`` (com.microsoft) loads and runs here: where int4 is a candidate."""
         return _runs_matmul_nbits(self)
 
-    def session_options(self, threads: int | None) -> ort.SessionOptions:
+    def session_options(self, threads: int | None, *, interleaved: bool = False) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if interleaved:
+            # Sessions timed in turn in one process: an idle session's intra-op threads spin for work
+            # and compete for the cores the running one needs. On the shared 2-core box under load, a
+            # BERT encoder timed against a copy of itself ran at p50 23-27 ms spinning, 6-11 ms not
+            # (the a/b ratio noise was about the same, +-15%); a pruned copy was once reported 4.59x
+            # faster (11.07 vs 2.41 ms) where run alone it is about 1.3x.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def provider_options(self) -> list[tuple[str, dict]]:
@@ -182,15 +189,18 @@ class Target:
         *,
         threads: int | None = None,
         profile_prefix: str | None = None,
+        interleaved: bool = False,
     ) -> ort.InferenceSession:
         """An InferenceSession on this target; a model onnxruntime cannot load is InvalidModelError.
 
         With ``profile_prefix`` onnxruntime's profiler is on and writes ``<prefix>_<date>.json``.
+        ``interleaved``: the session is timed in turn with others (``compare_latency``), so its
+        thread pool does not spin between runs (see ``session_options``).
         A provider that onnxruntime could not start is TargetUnavailableError, not a CPU fallback.
         """
         self.require()
         source = model if isinstance(model, bytes) else str(model)
-        options = self.session_options(threads)
+        options = self.session_options(threads, interleaved=interleaved)
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix

@@ -75,8 +75,8 @@ class MobileTarget(Target):
             return [(XNNPACK, {"intra_op_num_threads": str(self.threads)}), ("CPUExecutionProvider", {})]
         return [("CPUExecutionProvider", {})]
 
-    def session_options(self, threads: int | None) -> ort.SessionOptions:
-        options = super().session_options(threads or self.threads)
+    def session_options(self, threads: int | None, *, interleaved: bool = False) -> ort.SessionOptions:
+        options = super().session_options(threads or self.threads, interleaved=interleaved)
         if xnnpack_available():
             # XNNPACK runs its own pool; ORT's pool spinning beside it only steals cores.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")

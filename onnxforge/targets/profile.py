@@ -199,8 +199,8 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
         other = load_model(config.compare)
         feeds = _feeds(model, config, batch)
         other_feeds = feeds if _same_inputs(model, other) else _feeds(other, config, batch)
-        sessions = {"model": target.session(model_path, threads=threads),
-                    "other": target.session(config.compare, threads=threads)}
+        sessions = {"model": target.session(model_path, threads=threads, interleaved=True),
+                    "other": target.session(config.compare, threads=threads, interleaved=True)}
         timings = compare_latency(sessions, {"model": feeds, "other": other_feeds}, warmup=config.warmup,
                                   rounds=max(10, config.min_runs), min_seconds=config.min_seconds)
         result.comparison = Comparison(model_path, Path(config.compare), timings["model"], timings["other"], batch, threads)

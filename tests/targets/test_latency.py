@@ -59,3 +59,17 @@ def test_compare_latency_accepts_feeds_per_session(session):
     per_session = {"one": {"x": random_images(1)}, "four": {"x": random_images(4)}}
     timings = compare_latency({"one": session, "four": session}, per_session, warmup=0, rounds=3)
     assert timings["one"].batch == 1 and timings["four"].batch == 4
+
+
+@pytest.mark.parametrize("target_name", ["cpu", "mobile"])
+def test_sessions_timed_in_turn_do_not_spin(target_name):
+    # an idle session's spinning pool took the cores of the one being timed: ratios flipped with the order
+    from onnxforge.targets import get_target
+
+    target = get_target(target_name)
+    interleaved = target.session_options(2, interleaved=True)
+    assert interleaved.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    plain = target.session_options(2)
+    if target_name == "cpu":  # a deployed CPU model keeps onnxruntime's default (spinning on)
+        with pytest.raises(Exception):
+            plain.get_session_config_entry("session.intra_op.allow_spinning")

@@ -138,7 +138,7 @@ class QualityCheck:
         if self.feeds is None:
             return None
         sessions = {
-            name: self.target.session(m if isinstance(m, bytes) else m.SerializeToString())
+            name: self.target.session(m if isinstance(m, bytes) else m.SerializeToString(), interleaved=True)
             for name, m in (("input", model), ("candidate", candidate))
         }
         start = time.perf_counter()

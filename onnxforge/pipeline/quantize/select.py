@@ -80,7 +80,7 @@ class CandidateRun:
         self.data = data
         self.held_out = data.held_out
         self.eval_batch = model_batch_size(data.specs, preferred=32)
-        self.fp32_session = target.session(graphs.fp32, threads=config.threads)
+        self.fp32_session = target.session(graphs.fp32, threads=config.threads, interleaved=True)  # timed too
         self.reference = run_outputs(self.fp32_session, self.held_out, self.eval_batch)
         first = self.reference[0]  # ragged (an object array of per-sample outputs) for variable-length inputs
         first_shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
@@ -180,11 +180,12 @@ class CandidateRun:
 
     def time_all(self) -> None:
         """Time fp32 and every candidate interleaved on the target; sets each candidate's latency and speedup."""
+        threads = self.config.threads
         sessions = {"fp32": self.fp32_session} | {
-            label: self.target.session(path, threads=self.config.threads) for label, path in self.paths.items()
+            label: self.target.session(path, threads=threads, interleaved=True) for label, path in self.paths.items()
         }
         if self.graphs.rewritten:
-            sessions[REWRITTEN_FP32] = self.target.session(self.graphs.base, threads=self.config.threads)
+            sessions[REWRITTEN_FP32] = self.target.session(self.graphs.base, threads=threads, interleaved=True)
         feeds = _latency_feeds(self.held_out, model_batch_size(self.data.specs, preferred=1))
         timings = compare_latency(sessions, feeds, rounds=self.config.latency_rounds)
         for c in self.candidates:

@@ -165,9 +165,9 @@ def time_against_reference(models: dict[str, bytes | str], reference: bytes | st
                            feeds: dict[str, np.ndarray], rounds: int | None = None) -> dict[str, dict[str, float]]:
     """Time ``models`` interleaved with the reference on this machine; p50s and ratios to the reference."""
     target = get_target(ctx.target)
-    sessions = {"__reference__": target.session(reference, threads=ctx.threads)}
+    sessions = {"__reference__": target.session(reference, threads=ctx.threads, interleaved=True)}
     for name, model in models.items():
-        sessions[name] = target.session(model, threads=ctx.threads)
+        sessions[name] = target.session(model, threads=ctx.threads, interleaved=True)
     timings = compare_latency(sessions, feeds, rounds=rounds or ctx.rounds)
     base = timings["__reference__"].p50_ms
     return {name: {"reference_ms": base, "model_ms": timings[name].p50_ms, "ratio": timings[name].p50_ms / base}
