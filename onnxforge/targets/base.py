@@ -178,16 +178,23 @@ class Target:
 
     def session(
         self,
-        model: str | os.PathLike | bytes,
+        model: str | os.PathLike | bytes | onnx.ModelProto,
         *,
         threads: int | None = None,
         profile_prefix: str | None = None,
     ) -> ort.InferenceSession:
         """An InferenceSession on this target; a model onnxruntime cannot load is InvalidModelError.
 
-        With ``profile_prefix`` onnxruntime's profiler is on and writes ``<prefix>_<date>.json``.
-        A provider that onnxruntime could not start is TargetUnavailableError, not a CPU fallback.
+        ``model``: a path, serialized bytes, or a ModelProto (one past protobuf's 2 GB is handed over as
+        a temporary file with external data). With ``profile_prefix`` onnxruntime's profiler is on and
+        writes ``<prefix>_<date>.json``. A provider that onnxruntime could not start is
+        TargetUnavailableError, not a CPU fallback.
         """
+        if isinstance(model, onnx.ModelProto):
+            from onnxforge.model_io import runnable
+
+            with runnable(model) as source:
+                return self.session(source, threads=threads, profile_prefix=profile_prefix)
         self.require()
         source = model if isinstance(model, bytes) else str(model)
         options = self.session_options(threads)
