@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 
 from onnxforge.errors import UsageError, first_line
 from onnxforge.model_io import default_opset, fits_in_protobuf, load_model, model_file_size
+from onnxforge.targets.base import Target
 
 __all__ = ["MIN_OPSET", "QUANTIZED_OPS", "StageInput", "load_stage_input", "normalize", "quantized_ops"]
 
@@ -55,10 +57,16 @@ QUANTIZED_OPS = frozenset({
 
 @dataclass
 class StageInput:
-    """A stage's input model after :func:`normalize`, and one note per change made to it."""
+    """A stage's input file, its model after :func:`normalize`, and one note per change made to it."""
 
+    path: Path
     model: onnx.ModelProto
     notes: list[str] = field(default_factory=list)
+
+    def session(self, target: Target) -> ort.InferenceSession:
+        """The model in a session on ``target``: from the file when nothing was normalized, else from
+        the normalized model; errors name the file either way."""
+        return target.session(self.model if self.notes else self.path, name=str(self.path))
 
 
 def load_stage_input(
@@ -84,7 +92,7 @@ def load_stage_input(
                 hint=f"run {stage} on the float model it came from",
             )
     model, notes = normalize(model, path)
-    return StageInput(model, notes)
+    return StageInput(path, model, notes)
 
 
 def quantized_ops(graph: onnx.GraphProto) -> list[str]:

@@ -33,11 +33,11 @@ import onnx
 import onnxruntime as ort
 
 from onnxforge._atomic import check_output_path, paths_in
-from onnxforge.errors import InvalidModelError, first_line
+from onnxforge.errors import first_line
 from onnxforge.model_io import (
     check_model, fits_in_protobuf, input_specs, runnable, save_model, serialized_size, stored_at,
 )
-from onnxforge.pipeline.normalize import load_stage_input
+from onnxforge.pipeline.normalize import StageInput, load_stage_input
 from onnxforge.parity import ParityReport, Tolerance, compare_models
 from onnxforge.targets.feeds import generate_feeds
 
@@ -251,7 +251,7 @@ def simplify_model(
                           best.bytes, described, notes)
 
 
-def _check_runs(path: str | os.PathLike, model: onnx.ModelProto, config: SimplifyConfig, normalized: bool) -> None:
+def _check_runs(loaded: StageInput, config: SimplifyConfig) -> None:
     """The input (as normalized on load) must load and run in onnxruntime (InvalidModelError naming the
     file otherwise).
 
@@ -260,13 +260,8 @@ def _check_runs(path: str | os.PathLike, model: onnx.ModelProto, config: Simplif
     """
     from onnxforge.targets.cpu import CpuTarget
 
-    try:
-        session = CpuTarget().session(model if normalized else path)
-    except InvalidModelError as e:
-        if not normalized:
-            raise
-        raise InvalidModelError(f"{path}: {e.message}", hint=e.hint) from e
-    session.run(None, _parity_feeds(model, config)[0][0])
+    session = loaded.session(CpuTarget())
+    session.run(None, _parity_feeds(loaded.model, config)[0][0])
 
 
 def simplify(
@@ -275,7 +270,7 @@ def simplify(
     """Simplify the model at ``input_path`` and write the result to ``output`` (atomically)."""
     out = check_output_path(output, input_path, *paths_in(config))
     loaded = load_stage_input(input_path, "simplify", quantized=True, large=True)
-    _check_runs(input_path, loaded.model, config, normalized=bool(loaded.notes))
+    _check_runs(loaded, config)
     with contextlib.nullcontext() if loaded.notes else stored_at(loaded.model, input_path):
         result = simplify_model(loaded.model, config)
     save_model(result.model, out)

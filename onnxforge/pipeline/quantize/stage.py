@@ -64,8 +64,7 @@ def quantize(
     # an int8 model quantized again ended in "KeyError: '140_scale' ... Graph is not a DAG": refused here
     loaded = load_stage_input(input_path, "quantize")
     model = loaded.model
-    # must load on the target: else calibration fails first and its error blames the data
-    target.session(model if loaded.notes else input_path)
+    loaded.session(target)  # must load on the target: else calibration fails first and its error blames the data
     data = load_calibration(model, calibration, config)
     schemes = list(config.schemes or target.quant_candidates(model))
     if not schemes:
