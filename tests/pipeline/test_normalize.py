@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
+from conftest import assert_numerically_equal, make_classifier, random_images, run_model, save
 
 import onnxforge.model_io
-from conftest import assert_numerically_equal, make_classifier, random_images, run_model, save
 from onnxforge.errors import UsageError
 from onnxforge.model_io import input_specs
 from onnxforge.pipeline.normalize import load_stage_input, normalize, quantized_ops

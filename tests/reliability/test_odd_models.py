@@ -20,8 +20,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import onnxforge.model_io  # noqa: E402
-from conftest import assert_numerically_equal, make_classifier, random_images, run_model, save, write_npz  # noqa: E402
+from conftest import assert_numerically_equal, make_classifier, random_images, run_model, save, write_npz
+
+import onnxforge.model_io
 
 STAGES = {
     "simplify": ["simplify"],
@@ -67,7 +68,7 @@ def test_every_stage_normalizes_odd_models_on_load(cli, tmp_path, case, stage):
     model = save(build(), tmp_path / f"{case}.onnx")
     before = model.read_bytes()
     out, report = tmp_path / "out.onnx", tmp_path / "result.json"
-    code, stdout, err = cli(*STAGES[stage][:1], model, "-o", out, *STAGES[stage][1:], "--json", report)
+    code, _, err = cli(*STAGES[stage][:1], model, "-o", out, *STAGES[stage][1:], "--json", report)
     assert code == 0, err
     assert note in " ".join(json.loads(report.read_text())["notes"])
     assert model.read_bytes() == before
