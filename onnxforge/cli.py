@@ -320,6 +320,7 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
     out.print(f"[bold green]kept[/] {result.chosen}: {result.nodes_before} -> {result.nodes_after} nodes, "
               f"{_human_bytes(result.bytes_before)} -> {_human_bytes(result.bytes_after)}, wrote {result.path}")
     out.print(f"  parity measured on {escape(result.parity_inputs)}")
+    _print_notes(result.notes)
     if result.parity_inputs.startswith("random") and any(c.parity and not c.parity.ok for c in result.candidates):
         out.print("  [yellow]note:[/] parity failed on random inputs; a model with large activations can fail on "
                   "noise and pass on real inputs: give real samples with --data")
@@ -537,6 +538,7 @@ def prune(model, output, prune_method, sparsity, ratio, calibration, importance,
     if result.score_before is not None:
         out.print(f"  quality {result.score_before:.4f} -> {result.score_after:.4f} ({result.gate})")
     out.print(f"  {_quality_text(result.quality)}")
+    _print_notes(result.notes)
 
 
 def _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, eval_data, metric, tolerance, json_path) -> None:
@@ -566,6 +568,7 @@ def _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, ev
     if result.score_before is not None:
         out.print(f"  quality {result.score_before:.4f} -> {result.score_after:.4f} ({result.gate})")
     out.print(f"  {_quality_text(result.quality)}")
+    _print_notes(result.notes)
 
 
 def _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance, allocation, repair, exclude, eval_data,
@@ -604,6 +607,7 @@ def _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance,
         repaired = f", before repair {result.score_without_repair:.4f}" if result.repaired else ""
         out.print(f"  quality {result.score_before:.4f} -> {result.score_after:.4f}{repaired} ({result.gate})")
     out.print(f"  {_quality_text(result.quality)}")
+    _print_notes(result.notes)
 
 
 def _speed_text(speed: dict | None) -> str:
@@ -613,6 +617,11 @@ def _speed_text(speed: dict | None) -> str:
     words = _speed_words(speed["speedup"], "the input")
     return f"measured {words} at batch {speed['batch']} (p50 {speed['input_p50_ms']:.3f} -> " \
            f"{speed['candidate_p50_ms']:.3f} ms)"
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        out.print(f"  [yellow]note:[/] {escape(note)}")
 
 
 def _quality_text(note: str) -> str:
@@ -791,6 +800,7 @@ def fp16(model, output, input_shapes, block_op, sample_data, json_path):
               f"{result.parity.summary()}")
     out.print(f"  parity measured on {result.parity_inputs}")
     out.print("  fp16 runs fast on GPU tensor cores; on a CPU it is slower than fp32 (profile it with --target cuda)")
+    _print_notes(result.notes)
 
 
 def _merge_post_kinds() -> list:

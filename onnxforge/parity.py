@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["Tolerance", "OutputParity", "ParityReport", "compare_outputs", "compare_models"]
 
@@ -122,12 +126,13 @@ def compare_outputs(
 
 
 def compare_models(
-    reference: bytes | str,
-    candidate: bytes | str,
+    reference: bytes | str | onnx.ModelProto,
+    candidate: bytes | str | onnx.ModelProto,
     feeds: Sequence[dict[str, np.ndarray]],
     tolerance: Tolerance = Tolerance(),
 ) -> ParityReport:
-    """Run two ONNX models (serialized bytes or paths) on the CPU with the same feeds and compare."""
+    """Run two ONNX models (serialized bytes, paths or ModelProtos of any size) on the CPU with the same
+    feeds and compare."""
     from onnxforge.targets.cpu import CpuTarget
 
     target = CpuTarget()

@@ -30,7 +30,9 @@ from onnxforge.converters.config import Exporter, ExportConfig, ExportResult
 from onnxforge.converters._isolation import SOURCE_TIMEOUT_S
 from onnxforge.converters.source import SourceKind, SourceModel, is_python_source, resolve_source, source_files
 from onnxforge.errors import ExportError, InvalidModelError, QualityGateError
-from onnxforge.model_io import default_opset, fits_in_protobuf, input_specs, load_model, output_specs, save_model
+from onnxforge.model_io import (
+    default_opset, fits_in_protobuf, infer_shapes, input_specs, load_model, output_specs, save_model,
+)
 from onnxforge.parity import OutputParity, ParityReport, compare_outputs
 from onnxforge.targets import CpuTarget
 
@@ -145,14 +147,11 @@ def _onnx_input(path: Path, notes: list[str]) -> onnx.ModelProto:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "validation failed"
         raise InvalidModelError(f"{path}: fails the full ONNX check: {first}") from e
-    if fits_in_protobuf(proto):
-        try:
-            proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
-        except (onnx.shape_inference.InferenceError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "inference failed"
-            raise InvalidModelError(f"{path}: shape inference fails: {first}") from e
-    else:
-        notes.append("model is past 2 GB: shape inference skipped, external data kept")
+    try:
+        proto = infer_shapes(proto, strict_mode=True, data_prop=True)  # past 2 GB too
+    except (onnx.shape_inference.InferenceError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "inference failed"
+        raise InvalidModelError(f"{path}: shape inference fails: {first}") from e
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(path), load_external_data=False).graph.initializer):
         notes.append(f"read external data beside {path.name}")
     try:
@@ -220,9 +219,11 @@ def export(
         _full_check(proto, "the exported model")
     parity = None
     parity_inputs: list[str] = []
+    saved = False
     if config.check_parity and src.kind is not SourceKind.ONNX:
         if big:  # past protobuf's limit: check and run it from the saved file and its external data
             save_model(proto, out)
+            saved = True
             _full_check(out, "the exported model")
             parity, parity_inputs = _check_parity(src, out, config, examples)
         else:
@@ -231,7 +232,7 @@ def export(
     failed = parity is not None and not parity.ok
     if failed:
         _mark_unverified(proto, parity)
-    if not big or failed:
+    if not saved or failed:  # an .onnx source past 2 GB was saved nowhere yet (issue 17)
         save_model(proto, out)
     result = ExportResult(
         path=out,

@@ -6,7 +6,8 @@ fragile in fp16 or have no fp16 kernel (its default block list: Resize, Range, N
 TopK, ...) stay float32 behind Cast nodes. Inputs and outputs keep float32 (``keep_io_types``),
 so callers feed the same arrays. The result must match the fp32 model within a loose tolerance
 (fp16 has ~3 decimal digits), checked here on the CPU; on a CPU the fp16 model is slower — it is
-a file for the GPU, not for this machine.
+a file for the GPU, not for this machine. Models past 2 GB are converted in memory and checked from
+temporary files with external data (onnxforge.model_io); an already-quantized model is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import InvalidModelError, QualityGateError, first_line
-from onnxforge.model_io import load_model, save_model
+from onnxforge.model_io import check_model, infer_shapes, save_model, serialized_size, stored_at
+from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.parity import ParityReport, Tolerance, compare_models
 from onnxforge.pipeline.parity_feeds import parity_feeds
 
@@ -46,9 +48,11 @@ class Fp16Result:
     bytes_before: int
     bytes_after: int
     parity_inputs: str = ""  # what parity ran on: the user's samples, or random inputs of stated shapes
+    notes: list[str] = field(default_factory=list)  # what was normalized on load
 
     def to_json(self) -> dict:
         return {
+            "notes": self.notes,
             "path": str(self.path),
             "parity": self.parity.to_json(),
             "parity_inputs": self.parity_inputs,
@@ -63,10 +67,13 @@ def to_fp16_model(model: onnx.ModelProto, config: Fp16Config = Fp16Config()) -> 
     blocked = list(DEFAULT_OP_BLOCK_LIST) + list(config.op_block_list)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            # the converter changes the model it is given: infer_shapes returns a copy (of any size, where
+            # the converter's own inference raises past 2 GB)
             converted = convert_float_to_float16(
-                onnx.ModelProto.FromString(model.SerializeToString()),
+                infer_shapes(model),
                 keep_io_types=config.keep_io_types,
                 op_block_list=blocked,
+                disable_shape_infer=True,
             )
     except Exception as e:
         raise InvalidModelError(f"fp16 conversion failed: {type(e).__name__}: {first_line(e)}") from e
@@ -74,20 +81,21 @@ def to_fp16_model(model: onnx.ModelProto, config: Fp16Config = Fp16Config()) -> 
     ir_model = ir.from_proto(converted)
     ir_model.graph.sort()
     converted = ir.to_proto(ir_model)
-    onnx.checker.check_model(converted, full_check=False)
+    check_model(converted)
     return converted
 
 
 def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike, config: Fp16Config = Fp16Config()) -> Fp16Result:
     """Convert ``input_path`` to fp16 at ``output``; parity vs fp32 beyond tolerance keeps the file and exits 4."""
     out = check_output_path(output, input_path, *paths_in(config))
-    model = load_model(input_path)
+    loaded = load_stage_input(input_path, "fp16", large=True)
+    model = loaded.model
     converted = to_fp16_model(model, config)
-    before, after = model.SerializeToString(), converted.SerializeToString()
     feeds, described = parity_feeds(model, config.sample_data, config.input_shapes)
-    parity = compare_models(before, after, feeds, config.tolerance)
+    with contextlib.nullcontext() if loaded.notes else stored_at(model, input_path):
+        parity = compare_models(model, converted, feeds, config.tolerance)
     save_model(converted, out)
-    result = Fp16Result(out, parity, len(before), len(after), described)
+    result = Fp16Result(out, parity, serialized_size(model), serialized_size(converted), described, loaded.notes)
     if not parity.ok:
         real = config.sample_data is not None
         raise QualityGateError(

@@ -11,6 +11,10 @@ by node count and file size together: among the results no more than ``MAX_GROWT
 larger than the smallest file (the input's included), the fewest nodes, then the smallest file. If none beats the
 input, the input graph is kept: simplification never makes a model larger (measured: onnxsim grows a
 dynamo MiniLM from 299 to 350 nodes; the fewest nodes of a decoder LM was a 110.7 MB file for 61.6 MB).
+
+A model past protobuf's 2 GB is optimized by onnxruntime alone, from a file with external data:
+onnxsim and onnxslim hold it as in-memory protobuf copies (on a 2.3 GB model they took 35-55 s and
+5-9 GB of memory each, onnxruntime 10 s and 1.2 GB); ``--method`` still asks for either.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ import onnxruntime as ort
 
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import first_line
-from onnxforge.model_io import load_model, save_model
+from onnxforge.model_io import (
+    check_model, fits_in_protobuf, runnable, save_model, serialized_size, stored_at,
+)
+from onnxforge.pipeline.normalize import StageInput, load_stage_input
 from onnxforge.parity import ParityReport, Tolerance, compare_models
 from onnxforge.pipeline.parity_feeds import parity_feeds
 
@@ -92,9 +99,11 @@ class SimplifyResult:
     bytes_before: int | None = None
     bytes_after: int | None = None
     parity_inputs: str = ""  # what parity was measured on
+    notes: list[str] = field(default_factory=list)  # what was normalized on load, simplifiers skipped
 
     def to_json(self) -> dict:
         return {
+            "notes": self.notes,
             "chosen": self.chosen,
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
@@ -136,13 +145,18 @@ def _run_onnxslim(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _run_ort(model: onnx.ModelProto) -> onnx.ModelProto:
-    with tempfile.TemporaryDirectory(prefix="onnxforge-ortopt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="onnxforge-ortopt-") as tmp, runnable(model) as source:
         out = os.path.join(tmp, "optimized.onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = out
         options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if isinstance(source, str):  # past 2 GB: the optimized model cannot be one protobuf either
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             "optimized.onnx.data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         return onnx.load(out, load_external_data=True)
 
 
@@ -181,47 +195,59 @@ def simplify_model(
     described = "the caller's inputs"
     if not feeds:
         feeds, described = _parity_feeds(model, config)
-    reference = model.SerializeToString()
     methods = list(_RUNNERS) if config.method is SimplifyMethod.AUTO else [config.method]
+    notes = []
+    if config.method is SimplifyMethod.AUTO and not fits_in_protobuf(model):
+        methods = [SimplifyMethod.ORT]
+        notes.append("onnxsim and onnxslim skipped: the model is past 2 GB and they hold it as in-memory protobuf "
+                     "copies (ask for one with --method)")
+    size = serialized_size(model)
     candidates: list[Candidate] = []
     produced: dict[str, onnx.ModelProto] = {}
-    for method in methods:
-        start = time.perf_counter()
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                result = _RUNNERS[method](onnx.ModelProto.FromString(reference))
-            onnx.checker.check_model(result, full_check=False)
-            serialized = result.SerializeToString()
-            parity = compare_models(reference, serialized, feeds, config.tolerance)
-        except Exception as e:  # a simplifier that crashes is reported, never fatal
-            first = first_line(e)
+    with runnable(model) as reference:  # past 2 GB: one temporary file, shared by every step
+        for method in methods:
+            start = time.perf_counter()
+            try:
+                given = model
+                if method is not SimplifyMethod.ORT:  # onnxruntime only reads it; the others may change it
+                    given = onnx.ModelProto()
+                    given.CopyFrom(model)
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    result = _RUNNERS[method](given)
+                with runnable(result) as candidate:
+                    check_model(result)
+                    parity = compare_models(reference, candidate, feeds, config.tolerance)
+            except Exception as e:  # a simplifier that crashes is reported, never fatal
+                first = first_line(e)
+                candidates.append(
+                    Candidate(method.value, None, None, time.perf_counter() - start, error=f"{type(e).__name__}: {first}")
+                )
+                continue
             candidates.append(
-                Candidate(method.value, None, None, time.perf_counter() - start, error=f"{type(e).__name__}: {first}")
+                Candidate(method.value, _count_nodes(result), serialized_size(result), time.perf_counter() - start,
+                          parity)
             )
-            continue
-        candidates.append(
-            Candidate(method.value, _count_nodes(result), len(serialized), time.perf_counter() - start, parity)
-        )
-        produced[method.value] = result
+            produced[method.value] = result
     before = _count_nodes(model)
-    best = _choose(candidates, before, len(reference))
+    best = _choose(candidates, before, size)
     if best is None:
-        return SimplifyResult(model, "none (input kept)", before, before, candidates, None, len(reference),
-                              len(reference), described)
-    return SimplifyResult(produced[best.method], best.method, before, best.nodes, candidates, None, len(reference),
-                          best.bytes, described)
+        return SimplifyResult(model, "none (input kept)", before, before, candidates, None, size, size, described,
+                              notes)
+    return SimplifyResult(produced[best.method], best.method, before, best.nodes, candidates, None, size,
+                          best.bytes, described, notes)
 
 
-def _check_runs(path: str | os.PathLike, model: onnx.ModelProto, config: SimplifyConfig) -> None:
-    """The input must load and run in onnxruntime (InvalidModelError naming the file otherwise).
+def _check_runs(loaded: StageInput, config: SimplifyConfig) -> None:
+    """The input (as normalized on load) must load and run in onnxruntime (InvalidModelError naming the
+    file otherwise).
 
     Found by fuzzing: without this, a model onnxruntime rejects made every candidate fail its parity
     check, "input kept" was reported as success (exit 0), and onnxsim printed tracebacks on fd 2.
     """
     from onnxforge.targets.cpu import CpuTarget
 
-    session = CpuTarget().session(path)
-    session.run(None, _parity_feeds(model, config)[0][0])
+    session = loaded.session(CpuTarget())
+    session.run(None, _parity_feeds(loaded.model, config)[0][0])
 
 
 def simplify(
@@ -229,9 +255,11 @@ def simplify(
 ) -> SimplifyResult:
     """Simplify the model at ``input_path`` and write the result to ``output`` (atomically)."""
     out = check_output_path(output, input_path, *paths_in(config))
-    model = load_model(input_path)
-    _check_runs(input_path, model, config)
-    result = simplify_model(model, config)
+    loaded = load_stage_input(input_path, "simplify", quantized=True, large=True)
+    _check_runs(loaded, config)
+    with contextlib.nullcontext() if loaded.notes else stored_at(loaded.model, input_path):
+        result = simplify_model(loaded.model, config)
     save_model(result.model, out)
     result.path = out
+    result.notes[:0] = loaded.notes
     return result

@@ -185,21 +185,31 @@ class Target:
 
     def session(
         self,
-        model: str | os.PathLike | bytes,
+        model: str | os.PathLike | bytes | onnx.ModelProto,
         *,
         threads: int | None = None,
         profile_prefix: str | None = None,
         interleaved: bool = False,
+        name: str | None = None,
     ) -> ort.InferenceSession:
         """An InferenceSession on this target; a model onnxruntime cannot load is InvalidModelError.
 
-        With ``profile_prefix`` onnxruntime's profiler is on and writes ``<prefix>_<date>.json``.
+        ``model``: a path, serialized bytes, or a ModelProto (one past protobuf's 2 GB is handed over as
+        a temporary file with external data). ``name``: what errors call it (default: the path, or "the
+        model"). With ``profile_prefix`` onnxruntime's profiler is on and writes ``<prefix>_<date>.json``.
         ``interleaved``: the session is timed in turn with others (``compare_latency``), so its
         thread pool does not spin between runs (see ``session_options``).
         A provider that onnxruntime could not start is TargetUnavailableError, not a CPU fallback.
         """
+        if isinstance(model, onnx.ModelProto):
+            from onnxforge.model_io import runnable
+
+            with runnable(model) as source:
+                return self.session(source, threads=threads, profile_prefix=profile_prefix, interleaved=interleaved,
+                                    name=name or "the model")
         self.require()
         source = model if isinstance(model, bytes) else str(model)
+        where = name or ("the model" if isinstance(model, bytes) else str(model))
         options = self.session_options(threads, interleaved=interleaved)
         if profile_prefix:
             options.enable_profiling = True
@@ -207,12 +217,11 @@ class Target:
         try:
             session = ort.InferenceSession(source, sess_options=options, providers=self.provider_options())
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
-            where = "the model" if isinstance(model, bytes) else str(model)
             raise InvalidModelError(
                 f"{where}: onnxruntime cannot load it on target {self.name!r}: {first_line(e)}"
             ) from e
         self.check_placement(session)
-        _explain_run_failures(session, "the model" if isinstance(model, bytes) else str(model), self.name)
+        _explain_run_failures(session, where, self.name)
         return session
 
     def check_placement(self, session: ort.InferenceSession) -> None:

@@ -1,7 +1,9 @@
 """Bad inputs from issue 7 that tests/test_errors.py does not cover yet: an opset newer than the
 installed onnx/onnxruntime support, a missing external-data file, an op the target cannot run,
 the checker failure on every command, and calibration files that crashed before (pickled
-objects, scalar or text labels, values out of float32 range).
+objects, scalar or text labels, values out of float32 range). From issue 17: an already-quantized
+model given to a stage that rewrites float models, two nodes writing one value, an opset too old
+to run that cannot be upgraded.
 
 Each case asserts the exit code, one ``error:`` line (and at most a hint) naming the file, no
 traceback (stderr is captured at the file-descriptor level, so onnxruntime's native logging
@@ -68,6 +70,10 @@ def _commands(model: Path, calib: Path, output: Path) -> dict[str, list]:
         "simplify": ["simplify", model, "-o", output],
         "quantize": ["quantize", model, "-o", output, "--calibration", calib],
         "profile": ["profile", model, "--min-seconds", "0"],
+        "fp16": ["fp16", model, "-o", output],
+        "prune": ["prune", model, "-o", output],
+        "prune-channels": ["prune", model, "-o", output, "--method", "channels"],
+        "low-rank": ["prune", model, "-o", output, "--method", "low-rank"],
     }
 
 
@@ -101,6 +107,29 @@ def _checker_failure(folder: Path) -> Path:
     return _save(model, folder / "broken.onnx")
 
 
+def _already_quantized(folder: Path) -> Path:
+    """The classifier with its input quantized to uint8 and back (QDQ), as a quantizer writes it."""
+    model = make_classifier()
+    model.graph.node[0].input[0] = "x_dq"
+    model.graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", ["x_q", "scale", "zero"], ["x_dq"]))
+    model.graph.node.insert(0, onnx.helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["x_q"]))
+    model.graph.initializer.extend([onnx.helper.make_tensor("scale", onnx.TensorProto.FLOAT, [], [0.02]),
+                                    onnx.helper.make_tensor("zero", onnx.TensorProto.UINT8, [], [128])])
+    return _save(model, folder / "int8.onnx")
+
+
+def _two_nodes_write_one_value(folder: Path) -> Path:
+    model = make_classifier()
+    model.graph.node[1].output[0] = "conv"  # Relu writes the Conv's output again: not single assignment
+    model.graph.node[2].input[0] = "conv"
+    return _save(model, folder / "not_ssa.onnx")
+
+
+def _opset_too_old_to_upgrade(folder: Path) -> Path:
+    # onnxruntime runs opset 7+; onnx's converter upgrades Gemm 6 -> 7 only with static dims
+    return _save(make_classifier(opset=6), folder / "opset6.onnx")
+
+
 def _save(model: onnx.ModelProto, path: Path) -> Path:
     path.write_bytes(model.SerializeToString())
     return path
@@ -112,6 +141,12 @@ MODEL_CASES = {
     "opset_onnxruntime_refuses": (_ml_opset_unsupported, ["simplify", "quantize", "profile"], "cannot load it", 2),
     "op_the_target_cannot_run": (_custom_op, ["simplify", "quantize", "profile"], "Frobnicate", 2),
     "fails_the_checker": (_checker_failure, ["inspect", "simplify", "quantize", "profile"], "checker", 2),
+    "already_quantized": (_already_quantized, ["quantize", "fp16", "prune", "prune-channels", "low-rank"],
+                          "already quantized (it has DequantizeLinear, QuantizeLinear nodes)", 2),
+    "two_nodes_write_one_value": (_two_nodes_write_one_value, ["inspect", "simplify", "fp16", "prune", "prune-channels"],
+                                  "single static assignment", 2),
+    "opset_too_old_to_upgrade": (_opset_too_old_to_upgrade, ["simplify", "quantize", "fp16", "prune", "prune-channels",
+                                                              "low-rank"], "opset 6 is older than onnxruntime runs", 2),
 }
 
 

@@ -37,9 +37,10 @@ import onnx_ir as ir
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
 from onnxforge.model_cost import count_params_and_macs
-from onnxforge.model_io import input_specs, load_model, save_model
+from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, load_samples
 from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
 from onnxforge.pipeline.prune.coupling import find_channel_groups
@@ -157,9 +158,11 @@ class ChannelPruneResult:
     quality: str = ""  # what the scores rest on, or "quality NOT measured: ..."
     speed: dict | None = None  # input vs pruned, timed interleaved at the model's batch (QualityCheck.speedup)
     macs_shapes: dict | None = None  # the input shapes the MAC estimates were counted at
+    notes: list[str] = field(default_factory=list)  # what was normalized on load
 
     def to_json(self) -> dict:
         return {
+            "notes": self.notes,
             "quality": self.quality,
             "quality_measured": self.score_after is not None,
             "speed": self.speed,
@@ -375,7 +378,8 @@ def prune_channels(
     model's own batch size). The file is written last, once all of that is known.
     """
     out = check_output_path(output, input_path, *paths_in(config))
-    model = lift_constants(load_model(input_path))  # weights in Constant nodes (paddle2onnx) are weights too
+    loaded = load_stage_input(input_path, "prune-channels")
+    model = lift_constants(loaded.model)  # weights in Constant nodes (paddle2onnx) are weights too
     calibration = None
     if config.calibration_data is not None:
         calibration = load_samples(config.calibration_data, input_specs(model))
@@ -441,6 +445,7 @@ def prune_channels(
         quality=check.quality_note(),
         speed=speed,
         macs_shapes=shapes,
+        notes=loaded.notes,
     )
     save_model(candidate, out)
     if not passed:

@@ -36,9 +36,10 @@ import onnx_ir as ir
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_cost import count_parameters
-from onnxforge.model_io import input_specs, load_model, save_model
+from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, load_samples
 from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
 from onnxforge.pipeline.prune.graph import (
@@ -98,9 +99,11 @@ class LowRankResult:
     tried: list[dict] = field(default_factory=list)
     quality: str = ""  # what the scores rest on, or "quality NOT measured: ..."
     speed: dict | None = None
+    notes: list[str] = field(default_factory=list)  # what was normalized on load
 
     def to_json(self) -> dict:
         return {
+            "notes": self.notes,
             "factored_layers": self.factored_layers, "skipped_layers": self.skipped_layers,
             "params_before": self.params_before, "params_after": self.params_after,
             "latency_speedup": self.latency_speedup, "score_before": self.score_before,
@@ -381,7 +384,8 @@ def low_rank(
     written last.
     """
     out = check_output_path(output, input_path, *paths_in(config))
-    model = lift_constants(load_model(input_path))
+    loaded = load_stage_input(input_path, "low-rank")
+    model = lift_constants(loaded.model)
     calibration = None
     if config.calibration_data is not None:
         calibration = load_samples(config.calibration_data, input_specs(model))
@@ -433,7 +437,7 @@ def low_rank(
         params_after=count_parameters(candidate.graph, initializers_only=True),
         latency_speedup={f"b{speed['batch']}": speed["speedup"]} if speed else {},
         score_before=check.reference_score, score_after=value, gate=check.describe(), tried=tried,
-        quality=check.quality_note(), speed=speed,
+        quality=check.quality_note(), speed=speed, notes=loaded.notes,
     )
     save_model(candidate, out)
     if not passed:

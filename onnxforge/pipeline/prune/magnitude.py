@@ -24,8 +24,9 @@ import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
-from onnxforge.model_io import load_model, save_model
+from onnxforge.model_io import save_model
 from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
 from onnxforge.pipeline.prune.graph import layer_name, lift_constants
 
@@ -71,9 +72,11 @@ class MagnitudePruneResult:
     gate: str | None = None
     tried: list[dict] = field(default_factory=list)
     quality: str = ""  # what the scores rest on, or "quality NOT measured: ..."
+    notes: list[str] = field(default_factory=list)  # what was normalized on load
 
     def to_json(self) -> dict:
         return {
+            "notes": self.notes,
             "quality": self.quality,
             "quality_measured": self.score_after is not None,
             "requested_sparsity": self.requested_sparsity,
@@ -145,7 +148,8 @@ def prune_magnitude(
 ) -> MagnitudePruneResult:
     """Sparsify ``input_path`` into ``output``. With ``eval_data``, lower sparsity until the gate holds."""
     out = check_output_path(output, input_path, *paths_in(config))
-    model = load_model(input_path)
+    loaded = load_stage_input(input_path, "prune")
+    model = loaded.model
     before = model.SerializeToString()
     check, _ = QualityCheck.measure(model, config)
     tried: list[dict] = []
@@ -186,6 +190,7 @@ def prune_magnitude(
         gate=check.describe(),
         tried=tried,
         quality=check.quality_note(),
+        notes=loaded.notes,
     )
     if not passed:
         raise QualityGateError(

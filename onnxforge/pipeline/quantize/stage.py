@@ -18,7 +18,8 @@ import onnx
 
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
-from onnxforge.model_io import load_model, save_model
+from onnxforge.model_io import save_model
+from onnxforge.pipeline.normalize import load_stage_input, quantized_ops
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.quantize.calibrate import data_notes, load_calibration
 from onnxforge.pipeline.quantize.config import QuantizeConfig, QuantizeResult
@@ -30,28 +31,6 @@ from onnxforge.pipeline.quantize.smooth_quant import smooth_groups
 from onnxforge.targets import QuantMethod, QuantScheme, get_target
 
 __all__ = ["quantize"]
-
-
-_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-                  "ConvInteger", "MatMulInteger", "MatMulNBits", "MatMulIntegerToFloat"}
-
-
-def _refuse_quantized(model: onnx.ModelProto, path) -> None:
-    """An int8 model quantized again ended in "KeyError: '140_scale' ... Graph is not a DAG"."""
-    found = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
-    if found:
-        raise UsageError(f"{path}: already quantized (it has {', '.join(found)} nodes)",
-                         hint="quantize the float model it came from")
-
-
-def _count_quantized(graph: onnx.GraphProto) -> int:
-    count = 0
-    for node in graph.node:
-        count += node.op_type in _QUANTIZED_OPS
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
-                count += _count_quantized(sub)
-    return count
 
 
 def _nothing_quantized(model: onnx.ModelProto) -> str:
@@ -82,14 +61,15 @@ def quantize(
     out = check_output_path(output, input_path, calibration_path, *paths_in(config))
     target = get_target(config.target)
     target.require()
-    model = load_model(input_path)
-    _refuse_quantized(model, input_path)
-    target.session(input_path)  # must load on the target: else calibration fails first and its error blames the data
+    # an int8 model quantized again ended in "KeyError: '140_scale' ... Graph is not a DAG": refused here
+    loaded = load_stage_input(input_path, "quantize")
+    model = loaded.model
+    loaded.session(target)  # must load on the target: else calibration fails first and its error blames the data
     data = load_calibration(model, calibration, config)
     schemes = list(config.schemes or target.quant_candidates(model))
     if not schemes:
         raise UsageError(f"target {target.name!r} proposes no quantization scheme")
-    notes: list[str] = []
+    notes: list[str] = list(loaded.notes)
     model, schemes, opset_notes = opset_for_schemes(model, schemes, data.calib.first_batch(1))
     notes += opset_notes
     schemes = _fit_schemes(schemes, model, config, notes)
@@ -108,7 +88,7 @@ def quantize(
             speedup = run.timings["fp32"].p50_ms / run.timings[REWRITTEN_FP32].p50_ms
             notes.append(f"the rewritten fp32 graph alone runs {speedup:.2f}x the input model (part of each speedup)")
         kept_model = onnx.load(str(run.paths[chosen.scheme]), load_external_data=True)
-        if not _count_quantized(kept_model.graph):
+        if not quantized_ops(kept_model.graph):
             notes.append(_nothing_quantized(model))
         save_model(kept_model, out)
         calibration_batches = run.calibration_batches
