@@ -1305,10 +1305,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from onnxforge._ort_logs import set_ort_logging
     from onnxforge._signals import Terminated
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ONNXFORGE_DEBUG") == "1"
+    set_ort_logging(debug)  # onnxruntime's own log lines would double our one error line
     try:
         cli.main(args=argv, prog_name="onnxforge", standalone_mode=False)
         sys.stdout.flush()  # a reader that left shows here, not as a message at interpreter exit

@@ -28,6 +28,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from onnxforge._ort_logs import session_options
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import first_line
 from onnxforge.model_io import input_specs, load_model, save_model
@@ -138,10 +139,9 @@ def _run_onnxslim(model: onnx.ModelProto) -> onnx.ModelProto:
 def _run_ort(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory(prefix="onnxforge-ortopt-") as tmp:
         out = os.path.join(tmp, "optimized.onnx")
-        options = ort.SessionOptions()
+        options = session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = out
-        options.log_severity_level = 3
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return onnx.load(out, load_external_data=True)
 

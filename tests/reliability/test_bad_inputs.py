@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.helper
+import onnx.parser
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -95,6 +96,18 @@ def _custom_op(folder: Path) -> Path:
     return _save(model, folder / "custom_op.onnx")
 
 
+def _kernel_refuses_attribute(folder: Path) -> Path:
+    """Loads (the checker and shape inference accept it) but onnxruntime's Resize kernel throws while the
+    session initializes, which onnxruntime also logs as two colored lines of its own on stderr."""
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,8,8] x) => (float[N,3,8,8] y) {
+            scales = Constant <value = float[4] {1.0, 1.0, 1.0, 1.0}> ()
+            y = Resize <mode = "bogus"> (x, , scales)
+        }""")
+    return _save(model, folder / "bad_kernel.onnx")
+
+
 def _checker_failure(folder: Path) -> Path:
     model = make_classifier()
     model.graph.node[1].input[0] = "no_such_tensor"
@@ -112,6 +125,8 @@ MODEL_CASES = {
     "opset_onnxruntime_refuses": (_ml_opset_unsupported, ["simplify", "quantize", "profile"], "cannot load it", 2),
     "op_the_target_cannot_run": (_custom_op, ["simplify", "quantize", "profile"], "Frobnicate", 2),
     "fails_the_checker": (_checker_failure, ["inspect", "simplify", "quantize", "profile"], "checker", 2),
+    "kernel_fails_to_initialize": (_kernel_refuses_attribute, ["simplify", "quantize", "profile"],
+                                   "Exception during initialization", 2),
 }
 
 
@@ -126,6 +141,19 @@ def test_unusable_models(run_cli, tmp_path, case):
             code, err = run_cli(*_commands(model, calib, output)[command])
         assert code == exit_code, f"{command}: {err}"
         one_error_line(err, model.name, fragment)
+
+
+def test_onnxruntime_logs_only_with_debug(run_cli, capfd, tmp_path):
+    """onnxruntime's own "[E:onnxruntime:...]" lines stay off stderr, and come back with --debug."""
+    model = _kernel_refuses_attribute(tmp_path)
+    code, err = run_cli("profile", model, "--min-seconds", "0")
+    assert code == 2 and "[E:onnxruntime" not in err and "\x1b[" not in err, err
+    one_error_line(err, "bad_kernel.onnx", "Exception during initialization: mode attribute is bogus")
+    with pytest.raises(Exception, match="Exception during initialization"):
+        run_cli("--debug", "profile", model, "--min-seconds", "0")
+    assert "[E:onnxruntime:" in capfd.readouterr().err
+    code, err = run_cli("profile", model, "--min-seconds", "0")  # and quiet again after a --debug run
+    assert code == 2 and "[E:onnxruntime" not in err, err
 
 
 def test_missing_external_data_file(run_cli, tmp_path):
