@@ -332,7 +332,7 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
 @target_option
 @quality_options
 @click.option("--method", "calibration_method", type=click.Choice(["minmax", "entropy", "percentile", "distribution"]), default="minmax", show_default=True)
-@click.option("--max-samples", type=int, default=256, show_default=True, help="calibration samples used at most")
+@click.option("--max-samples", type=int, default=None, help="samples read from each data file at most: calibration, held-out and --eval (nothing past them is read)  [default: 256 calibration samples, all of --eval]")
 @click.option("--exclude-node", multiple=True, help="node name to keep in float (repeatable)")
 @click.option("--exclude-op", multiple=True, help="op type to keep in float (repeatable)")
 @click.option("--threads", type=int, default=1, show_default=True, help="threads when timing candidates")
@@ -357,7 +357,7 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
     from onnxforge.pipeline.calibration import IMAGE_SUFFIXES, ImageFolder, ImageLayout, ImagePreprocessing
     from onnxforge.pipeline.quantize import CalibrationMethod, QuantizeConfig, parse_scheme, quantize as run_quantize
 
-    if max_samples < 1:
+    if max_samples is not None and max_samples < 1:
         raise UsageError("--max-samples must be at least 1")
 
     def floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -386,7 +386,7 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
         max_float_fraction=max_float_fraction,
         target=target,
         calibration_method=CalibrationMethod(calibration_method),
-        max_calibration_samples=max_samples,
+        max_samples=max_samples,
         metric=Metric(metric),
         tolerance=tolerance,
         eval_data=eval_data,

@@ -103,6 +103,7 @@ class StageContext:
     eval_data: Any = None  # DataSpec | None
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     dynamic_batch: bool = False
+    max_samples: int | None = None  # samples read from each data file at most (None: the stages' defaults)
     progress: Callable[[str], None] = lambda message: None
 
     def require_calibration(self, stage: str) -> Any:

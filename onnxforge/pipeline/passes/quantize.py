@@ -16,7 +16,7 @@ class QuantizePass(Pass):
     config_cls = QuantizeConfig
     description = "int8 (static or dynamic) or fp16, measured on the target"
     phase = Phase.PRECISION
-    fills = {"target": "target", "eval_data": "eval"}
+    fills = {"target": "target", "eval_data": "eval", "max_samples": "max_samples"}
     reads = ("calibration",)
 
     @classmethod
