@@ -350,8 +350,9 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
 @click.option("--mean", metavar="M[,M,M]", default=None, help="images: per-channel mean subtracted after scaling to [0,1]")
 @click.option("--std", metavar="S[,S,S]", default=None, help="images: per-channel std divided by")
 @click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="images: input layout")
+@cache_options
 @json_option
-def quantize(model, output, calibration, target, eval_data, metric, tolerance, calibration_method, max_samples, exclude_node, exclude_op, threads, schemes, float_embeddings, smooth_alpha, int4_block_size, int4_accuracy_level, symmetric_activations, asymmetric_weights, mixed_precision, max_float_fraction, image_size, mean, std, layout, json_path, max_memory):
+def quantize(model, output, calibration, target, eval_data, metric, tolerance, calibration_method, max_samples, exclude_node, exclude_op, threads, schemes, float_embeddings, smooth_alpha, int4_block_size, int4_accuracy_level, symmetric_activations, asymmetric_weights, mixed_precision, max_float_fraction, image_size, mean, std, layout, json_path, max_memory, cache_dir, no_cache):
     """Quantize MODEL (static or dynamic INT8, INT4 weight-only, FP16 on GPU targets): measure the target's candidates, keep the fastest within tolerance."""
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.calibration import IMAGE_SUFFIXES, ImageFolder, ImageLayout, ImagePreprocessing
@@ -401,7 +402,7 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
     )
     try:
         with _status(f"quantizing {model}", _quiet(json_path)):
-            result = run_quantize(model, output, calibration, config)
+            result = run_quantize(model, output, calibration, config, cache=_cache(cache_dir, no_cache))
     except QualityGateError as e:
         if e.result is not None:  # exit 4 still shows every candidate and writes --json
             _emit_json(json_path, e.result)

@@ -104,6 +104,7 @@ class StageContext:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     dynamic_batch: bool = False
     max_samples: int | None = None  # samples read from each data file at most (None: the stages' defaults)
+    cache: Any = None  # the StageCache, where a stage may record measurements a re-run reuses (quantize's timings)
     progress: Callable[[str], None] = lambda message: None
 
     def require_calibration(self, stage: str) -> Any:

@@ -13,6 +13,7 @@ when the recipe sets it) and timed side by side (interleaved, batch 1) on the re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -243,7 +244,7 @@ def run_recipe(
     manifest = Manifest(run_dir, recipe.to_json())
     manifest.write()
     get_target(recipe.target).require()
-    context = recipe.context(progress)
+    context = dataclasses.replace(recipe.context(progress), cache=cache)
 
     artifacts = {SOURCE: StageArtifact(recipe.model, source_fingerprint(recipe.model))}
     if recipe.model.endswith(".onnx"):
