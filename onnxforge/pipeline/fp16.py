@@ -69,17 +69,29 @@ def to_fp16_model(model: onnx.ModelProto, config: Fp16Config = Fp16Config()) -> 
     except Exception as e:
         raise InvalidModelError(f"fp16 conversion failed: {type(e).__name__}: {first_line(e)}") from e
     # The converter appends the input Casts after their consumers; the checker requires topological order.
-    ir_model = ir.from_proto(converted)
-    ir_model.graph.sort()
-    converted = ir.to_proto(ir_model)
-    onnx.checker.check_model(converted, full_check=False)
+    try:
+        ir_model = ir.from_proto(converted)
+        ir_model.graph.sort()
+        converted = ir.to_proto(ir_model)
+        onnx.checker.check_model(converted, full_check=False)
+    except Exception as e:
+        raise InvalidModelError(f"fp16 conversion gave an invalid graph: {type(e).__name__}: {first_line(e)}") from e
     return converted
+
+
+def _refuse_fp16(model: onnx.ModelProto, path) -> None:
+    """Converted twice, onnxruntime's converter declares its 'graph_input_cast_0' twice (found by fuzzing recipes)."""
+    halves = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    if halves:
+        raise InvalidModelError(f"{path}: already fp16 ({len(halves)} float16 weights, e.g. {halves[0]!r})",
+                                hint="convert the float32 model it came from")
 
 
 def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike, config: Fp16Config = Fp16Config()) -> Fp16Result:
     """Convert ``input_path`` to fp16 at ``output``; parity vs fp32 beyond tolerance keeps the file and exits 4."""
     out = check_output_path(output, input_path, *paths_in(config))
     model = load_model(input_path)
+    _refuse_fp16(model, input_path)
     converted = to_fp16_model(model, config)
     before, after = model.SerializeToString(), converted.SerializeToString()
     feeds = [generate_feeds(input_specs(model), batch=1, overrides=config.input_shapes, seed=s) for s in (1, 2)]

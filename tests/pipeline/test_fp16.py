@@ -47,3 +47,14 @@ def test_fp16_drift_beyond_tolerance_keeps_file_and_exits_4(tmp_path):
         convert_fp16(src, out, Fp16Config(tolerance=Tolerance(atol=1e-6, rtol=1e-6)))
     assert info.value.exit_code == 4
     assert out.exists()
+
+
+def test_an_fp16_model_is_refused_not_converted_again(tmp_path):
+    """Found by fuzzing recipes (two fp16 stages): converted twice, onnxruntime's converter declared its
+    input Cast twice and onnx-ir's loader raised, an internal error (exit 1)."""
+    from onnxforge.errors import InvalidModelError
+
+    half = convert_fp16(_mlp(tmp_path / "mlp.onnx"), tmp_path / "half.onnx").path
+    with pytest.raises(InvalidModelError, match="already fp16") as info:
+        convert_fp16(half, tmp_path / "quarter.onnx")
+    assert info.value.exit_code == 2 and not (tmp_path / "quarter.onnx").exists()
