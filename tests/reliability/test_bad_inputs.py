@@ -1,7 +1,9 @@
-"""Bad inputs from issue 7 that tests/test_errors.py does not cover yet: an opset newer than the
-installed onnx/onnxruntime support, a missing external-data file, an op the target cannot run,
-the checker failure on every command, and calibration files that crashed before (pickled
-objects, scalar or text labels, values out of float32 range).
+"""Bad inputs from issues 7 and 17 that tests/test_errors.py does not cover yet: an opset newer than
+the installed onnx/onnxruntime support, a missing external-data file, an op the target cannot run, a
+kernel that throws while onnxruntime initializes (whose own log lines must stay off stderr), the
+checker failure on every command, and calibration files that crashed before (pickled objects,
+scalar or text labels, values out of float32 range) or that rows read by seeking must still catch
+(a truncated file, labels short of the samples past the ones read).
 
 Each case asserts the exit code, one ``error:`` line (and at most a hint) naming the file, no
 traceback (stderr is captured at the file-descriptor level, so onnxruntime's native logging
@@ -203,11 +205,26 @@ def _out_of_float32_range(path: Path) -> tuple[Path, str]:
     return write_npz(path, x=images), "NaN/Inf"
 
 
+def _truncated(path: Path) -> tuple[Path, str]:
+    """Rows are read by seeking from the header (issue 17): a header promising more than the file holds."""
+    path = path.with_suffix(".npy")
+    np.save(path, random_images(16))
+    path.write_bytes(path.read_bytes()[: 128 + 2 * 3 * 8 * 8 * 4])  # the header and 2 of 16 samples
+    return path, "truncated"
+
+
+def _labels_short_past_what_is_read(path: Path) -> tuple[Path, str]:
+    """Only a prefix of the samples is read; the headers still show that the label count is off."""
+    return write_npz(path, x=random_images(300), label=np.zeros(299, np.int64)), "299 labels for 300 samples"
+
+
 CALIBRATION_CASES = {
     "pickled_objects": _pickled_objects,
     "scalar_label": _scalar_label,
     "text_labels": _text_labels,
     "out_of_float32_range": _out_of_float32_range,
+    "truncated": _truncated,
+    "labels_short_past_what_is_read": _labels_short_past_what_is_read,
 }
 
 
