@@ -333,7 +333,7 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
 @target_option
 @quality_options
 @click.option("--method", "calibration_method", type=click.Choice(["minmax", "entropy", "percentile", "distribution"]), default="minmax", show_default=True)
-@click.option("--max-samples", type=int, default=256, show_default=True, help="calibration samples used at most")
+@click.option("--max-samples", type=int, default=None, help="samples read from each data file at most: calibration, held-out and --eval (nothing past them is read)  [default: 256 calibration samples, all of --eval]")
 @click.option("--exclude-node", multiple=True, help="node name to keep in float (repeatable)")
 @click.option("--exclude-op", multiple=True, help="op type to keep in float (repeatable)")
 @click.option("--threads", type=int, default=1, show_default=True, help="threads when timing candidates")
@@ -351,14 +351,15 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
 @click.option("--mean", metavar="M[,M,M]", default=None, help="images: per-channel mean subtracted after scaling to [0,1]")
 @click.option("--std", metavar="S[,S,S]", default=None, help="images: per-channel std divided by")
 @click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="images: input layout")
+@cache_options
 @json_option
-def quantize(model, output, calibration, target, eval_data, metric, tolerance, calibration_method, max_samples, exclude_node, exclude_op, threads, schemes, float_embeddings, smooth_alpha, int4_block_size, int4_accuracy_level, symmetric_activations, asymmetric_weights, mixed_precision, max_float_fraction, image_size, mean, std, layout, json_path, max_memory):
+def quantize(model, output, calibration, target, eval_data, metric, tolerance, calibration_method, max_samples, exclude_node, exclude_op, threads, schemes, float_embeddings, smooth_alpha, int4_block_size, int4_accuracy_level, symmetric_activations, asymmetric_weights, mixed_precision, max_float_fraction, image_size, mean, std, layout, json_path, max_memory, cache_dir, no_cache):
     """Quantize MODEL (static or dynamic INT8, INT4 weight-only, FP16 on GPU targets): measure the target's candidates, keep the fastest within tolerance."""
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.calibration import IMAGE_SUFFIXES, ImageFolder, ImageLayout, ImagePreprocessing
     from onnxforge.pipeline.quantize import CalibrationMethod, QuantizeConfig, parse_scheme, quantize as run_quantize
 
-    if max_samples < 1:
+    if max_samples is not None and max_samples < 1:
         raise UsageError("--max-samples must be at least 1")
 
     def floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -387,7 +388,7 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
         max_float_fraction=max_float_fraction,
         target=target,
         calibration_method=CalibrationMethod(calibration_method),
-        max_calibration_samples=max_samples,
+        max_samples=max_samples,
         metric=Metric(metric),
         tolerance=tolerance,
         eval_data=eval_data,
@@ -402,7 +403,7 @@ def quantize(model, output, calibration, target, eval_data, metric, tolerance, c
     )
     try:
         with _status(f"quantizing {model}", _quiet(json_path)):
-            result = run_quantize(model, output, calibration, config)
+            result = run_quantize(model, output, calibration, config, cache=_cache(cache_dir, no_cache))
     except QualityGateError as e:
         if e.result is not None:  # exit 4 still shows every candidate and writes --json
             _emit_json(json_path, e.result)
@@ -1317,10 +1318,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from onnxforge._ort_logs import set_ort_logging
     from onnxforge._signals import Terminated
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ONNXFORGE_DEBUG") == "1"
+    set_ort_logging(debug)  # onnxruntime's own log lines would double our one error line
     try:
         cli.main(args=argv, prog_name="onnxforge", standalone_mode=False)
         sys.stdout.flush()  # a reader that left shows here, not as a message at interpreter exit

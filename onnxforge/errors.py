@@ -26,15 +26,20 @@ __all__ = [
 import re
 
 _LOAD_FROM = re.compile(r"Load model from \S+ failed:\s*")
+_ORT_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+# "/onnxruntime_src/.../upsamplebase.h:370 onnxruntime::UpsampleMode onnxruntime::UpsampleBase::
+# StringToUpsampleMode(const std::string&) " before the reason: where in onnxruntime's C++ it was raised
+_ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[\w:<>*&]+ )?[\w:<>~]+\([^()]*\)\s*")
 
 
 def first_line(error: BaseException | str, limit: int = 300) -> str:
     """The first line of an error's message, at most ``limit`` characters, cut at a word boundary
-    (with an ellipsis), never mid-word; onnxruntime's "Load model from <temp path> failed:" is dropped,
-    so the reason comes first (the file is named by the caller)."""
+    (with an ellipsis), never mid-word; onnxruntime's "[ONNXRuntimeError] : 1 : FAIL :" status, its
+    "Load model from <temp path> failed:" and the C++ source location and function it names are
+    dropped, so the reason comes first (the file is named by the caller)."""
     text = str(error).strip()
     line = text.splitlines()[0].strip() if text else (type(error).__name__ if isinstance(error, BaseException) else "")
-    line = _LOAD_FROM.sub("", line)
+    line = _ORT_SOURCE.sub("", _LOAD_FROM.sub("", _ORT_STATUS.sub("", line)))
     if len(line) <= limit:
         return line
     cut = line.rfind(" ", 0, limit - 2)

@@ -131,7 +131,7 @@ def test_quantize_json_to_file(cli, classifier_path, calibration_npz, tmp_path):
     )
     assert code == 0, err
     result = json.loads(report.read_text())
-    # Without --eval the last 20% of the calibration samples are held out (64 -> 51 + 13).
+    # Without --eval 20% of the calibration samples are held out (64 -> 51 + 13).
     assert result["calibration_samples"] == 51
     assert result["eval_samples"] == 13
     assert result["metric"] == "agreement"

@@ -573,11 +573,25 @@ def test_recipe_zero_calibration_samples(cli, tmp_path, classifier_path, calibra
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"model: {classifier_path.name}\ncalibration: {calibration_npz.name}\n"
-        "stages:\n  - quantize: {max_calibration_samples: 0}\n"
+        "stages:\n  - quantize: {max_samples: 0}\n"
     )
     code, _, err = cli("run", recipe, "-o", tmp_path / "run")
     assert code == 2, err
-    assert_one_error_line(err, "max_calibration_samples")
+    assert_one_error_line(err, "max_samples and analysis_samples must be at least 1")
+
+
+def test_recipe_old_sample_key_names_the_new_one(cli, tmp_path, classifier_path, calibration_npz):
+    """The recipe key is the CLI's --max-samples; the old spelling is refused with the new key's name."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {classifier_path.name}\ncalibration: {calibration_npz.name}\n"
+        "stages:\n  - quantize: {max_calibration_samples: 64}\n"
+    )
+    code, _, err = cli("run", recipe, "-o", tmp_path / "run")
+    assert code == 2, err
+    line = assert_one_error_line(err, "stages[0].quantize", "'max_calibration_samples' is now called 'max_samples'")
+    assert "known keys" not in line
+    assert "max_samples: 64" in err  # the hint spells the fix
 
 
 def test_failed_stage_is_recorded_in_the_manifest(cli, tmp_path, classifier_path):

@@ -11,6 +11,10 @@ sha256 of every file in the entry).
 - Publishing is atomic: an entry is written into a private temporary folder and renamed into place;
   when two runs race on one key, the first rename wins and the other's copy is dropped — both
   entries were computed from the same inputs, so either is right.
+- Beside the entries it keeps small *records* (``<root>/records/<kind>/<key>.json``): measurements a
+  re-run may reuse, such as quantize's candidate timings (so that the scheme it keeps does not flip
+  with the machine's load). A record carries the sha256 of its data; one that does not match is
+  removed and ignored.
 - The root is ``$ONNXFORGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/onnxforge``, else ``~/.cache/onnxforge``;
   ``--cache-dir`` overrides it, and ``--no-cache`` (``StageCache(None)``) turns it off.
 """
@@ -34,6 +38,7 @@ from onnxforge.model_io import file_sha256, load_model, save_model
 __all__ = ["StageCache", "CacheLookup", "default_cache_dir", "stage_key", "code_fingerprint"]
 
 ENTRY_NAME = "entry.json"
+RECORDS = "records"
 MODEL_NAME = "model.onnx"
 _FORMAT = "onnxforge-cache/1"
 
@@ -49,6 +54,10 @@ def stage_key(payload: dict[str, Any]) -> str:
     """sha256 of ``payload`` as canonical JSON (sorted keys, no whitespace)."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @functools.cache
@@ -165,11 +174,46 @@ class StageCache:
         return len(entries), sum(f.stat().st_size for e in entries for f in e.iterdir() if f.is_file())
 
     def clear(self) -> int:
-        """Remove every entry (each renamed away first, so a concurrent reader sees it whole or not at all)."""
+        """Remove every entry (each renamed away first, so a concurrent reader sees it whole or not at all)
+        and every record."""
         entries = self.entries()
         for folder in entries:
             self._discard(folder)
+        if self.root is not None and (self.root / RECORDS).is_dir():
+            self._discard(self.root / RECORDS)
         return len(entries)
+
+    def _record_path(self, kind: str, key: str) -> Path:
+        assert self.root is not None
+        return self.root / RECORDS / kind / f"{key}.json"
+
+    def record(self, kind: str, key: str) -> Any:
+        """The data recorded under ``kind``/``key``; None when there is none, the cache is off, or the
+        record does not match its sha256 (then it is removed)."""
+        if self.root is None:
+            return None
+        path = self._record_path(kind, key)
+        try:
+            stored = json.loads(path.read_text())
+            data = stored["data"]
+            intact = stored.get("format") == _FORMAT and stored.get("key") == key and stored.get("sha256") == _digest(data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            intact = False
+        if not intact:
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
+    def save_record(self, kind: str, key: str, data: Any) -> None:
+        """Record ``data`` (JSON) under ``kind``/``key``, atomically; a no-op when the cache is off."""
+        if self.root is None:
+            return
+        path = self._record_path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stored = {"format": _FORMAT, "key": key, "sha256": _digest(data), "data": data}
+        atomic_write_text(path, json.dumps(stored, sort_keys=True) + "\n")
 
     def publish(self, key: str, model_path: Path, record: dict[str, Any]) -> None:
         """Store ``model_path`` (and its external data) with ``record`` under ``key``; atomic, race-safe."""

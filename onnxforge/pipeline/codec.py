@@ -8,6 +8,9 @@ and types with messages that name the key (``stages[2].quantize.ratio: expected 
 replaced by the sha256 of what it names (a file's bytes, a folder's files), so an edited data file
 changes the key and a moved one does not.
 
+A field renamed since recipes were written says so in its metadata (``{"renamed_from": "old"}``):
+the old key is refused with a message naming the new one, like any unknown key but more helpfully.
+
 Types that need their own spelling (a quantization scheme is written ``qdq-u8s8-per-channel``)
 register an encoder/decoder pair with ``register_type``.
 """
@@ -192,6 +195,11 @@ def decode_dataclass(cls: type, values: Any, where: str, base: Path | None) -> A
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - fields)
+    renamed = {f.metadata["renamed_from"]: f.name for f in dataclasses.fields(cls) if "renamed_from" in f.metadata}
+    for key in unknown:
+        if key in renamed:  # an old spelling: name the new key rather than list all of them
+            raise RecipeError(f"{where}: {key!r} is now called {renamed[key]!r}",
+                              hint=f"write {renamed[key]}: {values[key]!r}")
     if unknown:
         raise RecipeError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(fields))}")
     kwargs = {k: decode(hints[k], v, f"{where}.{k}", base) for k, v in values.items()}

@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
-from onnxforge.errors import InvalidModelError, QualityGateError, first_line
+from onnxforge.errors import InvalidModelError, OnnxForgeError, QualityGateError, first_line
 from onnxforge.model_io import check_model, infer_shapes, save_model, serialized_size, stored_at
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.parity import ParityReport, Tolerance, compare_models
@@ -78,11 +78,24 @@ def to_fp16_model(model: onnx.ModelProto, config: Fp16Config = Fp16Config()) -> 
     except Exception as e:
         raise InvalidModelError(f"fp16 conversion failed: {type(e).__name__}: {first_line(e)}") from e
     # The converter appends the input Casts after their consumers; the checker requires topological order.
-    ir_model = ir.from_proto(converted)
-    ir_model.graph.sort()
-    converted = ir.to_proto(ir_model)
-    check_model(converted)
+    try:
+        ir_model = ir.from_proto(converted)
+        ir_model.graph.sort()
+        converted = ir.to_proto(ir_model)
+        check_model(converted)
+    except OnnxForgeError:
+        raise
+    except Exception as e:
+        raise InvalidModelError(f"fp16 conversion gave an invalid graph: {type(e).__name__}: {first_line(e)}") from e
     return converted
+
+
+def _refuse_fp16(model: onnx.ModelProto, path) -> None:
+    """Converted twice, onnxruntime's converter declares its 'graph_input_cast_0' twice (found by fuzzing recipes)."""
+    halves = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    if halves:
+        raise InvalidModelError(f"{path}: already fp16 ({len(halves)} float16 weights, e.g. {halves[0]!r})",
+                                hint="convert the float32 model it came from")
 
 
 def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike, config: Fp16Config = Fp16Config()) -> Fp16Result:
@@ -90,6 +103,7 @@ def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike, confi
     out = check_output_path(output, input_path, *paths_in(config))
     loaded = load_stage_input(input_path, "fp16", large=True)
     model = loaded.model
+    _refuse_fp16(model, input_path)
     converted = to_fp16_model(model, config)
     feeds, described = parity_feeds(model, config.sample_data, config.input_shapes)
     with contextlib.nullcontext() if loaded.notes else stored_at(model, input_path):

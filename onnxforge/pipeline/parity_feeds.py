@@ -28,7 +28,7 @@ def parity_feeds(
     if data is not None:
         from onnxforge.pipeline.calibration import load_samples
 
-        samples = load_samples(data, specs, allow_ragged=True)
+        samples = load_samples(data, specs, allow_ragged=True, limit=2)  # what parity runs on
         count = min(2, len(samples))
         feeds = [samples.take(slice(i, i + 1)).first_batch(1) for i in range(count)]
         return feeds, f"{count} sample(s) of {data}"

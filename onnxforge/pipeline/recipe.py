@@ -6,6 +6,7 @@ input_shapes: {image: [1, 1, 32, 32]}
 dynamic_batch: true
 calibration: calib.npz         # arrays keyed by input name, first axis = samples
 eval: eval.npz                 # held-out samples (+ 'label' for accuracy)
+max_samples: 256               # optional: samples read from each data file at most (eval scoring too)
 target: cpu
 stages:
   - export
@@ -47,7 +48,8 @@ from onnxforge.targets import TARGETS
 __all__ = ["Recipe", "StageSpec", "SOURCE", "load_recipe", "recipe_from_mapping", "config_from_mapping"]
 
 SOURCE = "source"  # the name by which a stage names the recipe's model as its input
-_TOP_KEYS = {"model", "input_shapes", "dynamic_batch", "calibration", "eval", "target", "stages", "name", "search"}
+_TOP_KEYS = {"model", "input_shapes", "dynamic_batch", "calibration", "eval", "max_samples", "target", "stages", "name",
+             "search"}
 _STAGE_KEYS = {"name", "inputs"}
 
 
@@ -77,11 +79,12 @@ class Recipe:
     dynamic_batch: bool = False
     name: str = "run"
     search: Mapping[str, Any] | None = None  # the optimize section, read by onnxforge.pipeline.search
+    max_samples: int | None = None  # eval samples the runner scores at most; fills the stages' max_samples
 
     def context(self, progress=None) -> StageContext:
         return StageContext(
             target=self.target, calibration=self.calibration, eval_data=self.eval_data,
-            input_shapes=dict(self.input_shapes), dynamic_batch=self.dynamic_batch,
+            input_shapes=dict(self.input_shapes), dynamic_batch=self.dynamic_batch, max_samples=self.max_samples,
             **({"progress": progress} if progress else {}),
         )
 
@@ -91,6 +94,7 @@ class Recipe:
             "model": self.model,
             "calibration": codec.encode(self.calibration),
             "eval": codec.encode(self.eval_data),
+            "max_samples": self.max_samples,
             "target": self.target,
             "input_shapes": codec.encode(self.input_shapes),
             "dynamic_batch": self.dynamic_batch,
@@ -244,7 +248,10 @@ def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe
         eval_data=codec.decode(DataSpec | None, data.get("eval"), "eval", base),
         input_shapes=codec.decode(Mapping[str, tuple[int, ...]], data.get("input_shapes", {}), "input_shapes", base),
         dynamic_batch=codec.decode(bool, data.get("dynamic_batch", False), "dynamic_batch", base),
+        max_samples=codec.decode(int | None, data.get("max_samples"), "max_samples", base),
     )
+    if context.max_samples is not None and context.max_samples < 1:
+        raise RecipeError(f"{source}: max_samples must be at least 1, got {context.max_samples}")
     stages_raw = data.get("stages", ["export", "simplify", "quantize"])
     if not isinstance(stages_raw, list) or not stages_raw:
         raise RecipeError(f"{source}: 'stages' must be a non-empty list")
@@ -263,6 +270,7 @@ def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe
         target=target,
         input_shapes=context.input_shapes,
         dynamic_batch=context.dynamic_batch,
+        max_samples=context.max_samples,
         name=_plain_name(name, source),
         search=dict(search) if search else None,
     )

@@ -103,6 +103,8 @@ class StageContext:
     eval_data: Any = None  # DataSpec | None
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     dynamic_batch: bool = False
+    max_samples: int | None = None  # samples read from each data file at most (None: the stages' defaults)
+    cache: Any = None  # the StageCache, where a stage may record measurements a re-run reuses (quantize's timings)
     progress: Callable[[str], None] = lambda message: None
 
     def require_calibration(self, stage: str) -> Any:

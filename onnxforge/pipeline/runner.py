@@ -7,12 +7,13 @@ whole config (data files by content), the sha256 of its inputs, the recipe-level
 target, the tool versions and onnxforge's own code; a hit is verified by hash and copied into the
 run folder (a file already there with the right hash is left alone). A change re-runs that stage,
 and — because their inputs' hashes change — every stage downstream of it, and nothing else.
-After the stages, all stage models are scored on the evaluation data and timed side by side
-(interleaved, batch 1) on the recipe's target.
+After the stages, all stage models are scored on the evaluation data (its first ``max_samples``
+when the recipe sets it) and timed side by side (interleaved, batch 1) on the recipe's target.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -154,7 +155,7 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | No
     metric_name = None
     if recipe.eval_data is not None:
         progress("scoring every stage on the evaluation data")
-        samples = load_samples(recipe.eval_data.path, specs)
+        samples = load_samples(recipe.eval_data.path, specs, limit=recipe.max_samples)
         batch = model_batch_size(specs, preferred=64)
         outputs = {name: run_outputs(target.session(p), samples, batch) for name, p in paths.items() if name not in own}
         reference = outputs[records[0].name]
@@ -243,7 +244,7 @@ def run_recipe(
     manifest = Manifest(run_dir, recipe.to_json())
     manifest.write()
     get_target(recipe.target).require()
-    context = recipe.context(progress)
+    context = dataclasses.replace(recipe.context(progress), cache=cache)
 
     artifacts = {SOURCE: StageArtifact(recipe.model, source_fingerprint(recipe.model))}
     if recipe.model.endswith(".onnx"):

@@ -32,6 +32,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from onnxforge._ort_logs import session_options
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import first_line
 from onnxforge.model_io import (
@@ -147,10 +148,9 @@ def _run_onnxslim(model: onnx.ModelProto) -> onnx.ModelProto:
 def _run_ort(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory(prefix="onnxforge-ortopt-") as tmp, runnable(model) as source:
         out = os.path.join(tmp, "optimized.onnx")
-        options = ort.SessionOptions()
+        options = session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = out
-        options.log_severity_level = 3
         if isinstance(source, str):  # past 2 GB: the optimized model cannot be one protobuf either
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                              "optimized.onnx.data")

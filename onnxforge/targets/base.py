@@ -13,6 +13,7 @@ import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
 
+from onnxforge import _ort_logs
 from onnxforge.errors import InvalidModelError, TargetUnavailableError, first_line
 
 __all__ = ["Target", "QuantScheme", "QuantFormat", "ActivationType", "QuantMethod", "QuantScope"]
@@ -166,8 +167,7 @@ class Target:
         return _runs_matmul_nbits(self)
 
     def session_options(self, threads: int | None, *, interleaved: bool = False) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = _ort_logs.session_options()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

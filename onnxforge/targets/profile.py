@@ -126,7 +126,7 @@ def _feeds(model, config: ProfileConfig, batch: int) -> dict[str, np.ndarray]:
     if config.sample_data is not None:
         from onnxforge.pipeline.calibration import load_samples
 
-        samples = load_samples(config.sample_data, specs)
+        samples = load_samples(config.sample_data, specs, limit=batch)  # one batch: nothing else is read
         return samples.first_batch(batch)
     return generate_feeds(specs, batch=batch, overrides=_shape_overrides(model, config, batch), guess=True)
 

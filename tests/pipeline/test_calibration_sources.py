@@ -137,7 +137,7 @@ def test_a_folder_is_read_one_file_at_a_time(tmp_path, token_path):
     assert isinstance(stream, StreamedSamples) and len(stream) == 12
     reads = []
     original = stream._reader
-    stream._reader = lambda f: (reads.append(f.name), original(f))[1]
+    stream._reader = lambda f, start, stop: (reads.append(f.name), original(f, start, stop))[1]
     head, tail = stream.split(0.25)
     assert len(head) == 9 and len(tail) == 3
     assert sum(len(next(iter(b.values()))) for b in head.take(slice(0, 4)).batches(8)) == 4
@@ -289,7 +289,7 @@ def test_bad_iterables_are_calibration_errors(items, message):
 def test_quantize_takes_an_iterable(tmp_path, classifier_path):
     batches = [(FakeTensor(random_images(8, seed=s)), FakeTensor(np.zeros(8))) for s in range(6)]
     config = QuantizeConfig(
-        schemes=U8, metric=Metric.COSINE, tolerance=0.9, latency_rounds=3, max_calibration_samples=20
+        schemes=U8, metric=Metric.COSINE, tolerance=0.9, latency_rounds=3, max_samples=20
     )
     result = quantize(classifier_path, tmp_path / "q.onnx", batches, config)
     # reads ceil(20 / 0.8) + 1 = 26 samples at most; holds out the last 20%

@@ -80,3 +80,14 @@ def test_fp16_drift_on_random_inputs_points_at_real_data(tmp_path):
     with pytest.raises(QualityGateError) as info:
         convert_fp16(src, tmp_path / "m16.onnx", Fp16Config(tolerance=Tolerance(atol=1e-6, rtol=1e-6)))
     assert "random N(0,1)" in info.value.message and "--data" in info.value.hint
+
+
+def test_an_fp16_model_is_refused_not_converted_again(tmp_path):
+    """Found by fuzzing recipes (two fp16 stages): converted twice, onnxruntime's converter declared its
+    input Cast twice and onnx-ir's loader raised, an internal error (exit 1)."""
+    from onnxforge.errors import InvalidModelError
+
+    half = convert_fp16(_mlp(tmp_path / "mlp.onnx"), tmp_path / "half.onnx").path
+    with pytest.raises(InvalidModelError, match="already fp16") as info:
+        convert_fp16(half, tmp_path / "quarter.onnx")
+    assert info.value.exit_code == 2 and not (tmp_path / "quarter.onnx").exists()

@@ -85,8 +85,8 @@ def test_without_eval_data_the_last_samples_are_held_out(tmp_path, classifier_pa
     assert any("held out" in note for note in result.notes)
 
 
-def test_max_calibration_samples_caps_the_calibration_set(tmp_path, classifier_path, calibration_npz, eval_npz):
-    config = _fast(eval_data=eval_npz, max_calibration_samples=10, tolerance=100)
+def test_max_samples_caps_the_calibration_set(tmp_path, classifier_path, calibration_npz, eval_npz):
+    config = _fast(eval_data=eval_npz, max_samples=10, tolerance=100)
     result = quantize(classifier_path, tmp_path / "q.onnx", calibration_npz, config)
     assert result.calibration_samples == 10
 

@@ -155,3 +155,20 @@ def test_cache_command_reports_and_clears(project, tmp_path, cli):
     assert code == 0 and "removed 4" in out
     assert StageCache(cache).usage() == (0, 0)
     assert set(_statuses(_run(project, cache=StageCache(cache))).values()) == {"done"}
+
+
+def test_a_record_is_verified_and_cleared_with_the_cache(tmp_path):
+    """Records (quantize's timings) are kept beside the entries, checked by sha256, removed by clear()."""
+    cache = StageCache(tmp_path / "cache")
+    cache.save_record("quantize-timings", "k1", {"fp32": {"p50_ms": 1.5}})
+    assert cache.record("quantize-timings", "k1") == {"fp32": {"p50_ms": 1.5}}
+    assert cache.record("quantize-timings", "other") is None
+
+    path = next((tmp_path / "cache").rglob("k1.json"))
+    path.write_text(path.read_text().replace("1.5", "0.1"))  # a faster fp32, by hand
+    assert cache.record("quantize-timings", "k1") is None and not path.exists()
+
+    cache.save_record("quantize-timings", "k2", {"x": 1})
+    cache.clear()
+    assert cache.record("quantize-timings", "k2") is None
+    assert StageCache(None).record("quantize-timings", "k2") is None  # --no-cache: nothing recorded or read

@@ -1,9 +1,11 @@
-"""Bad inputs from issue 7 that tests/test_errors.py does not cover yet: an opset newer than the
-installed onnx/onnxruntime support, a missing external-data file, an op the target cannot run,
-the checker failure on every command, and calibration files that crashed before (pickled
-objects, scalar or text labels, values out of float32 range). From issue 17: an already-quantized
-model given to a stage that rewrites float models, two nodes writing one value, an opset too old
-to run that cannot be upgraded.
+"""Bad inputs from issues 7 and 17 that tests/test_errors.py does not cover yet: an opset newer than
+the installed onnx/onnxruntime support, a missing external-data file, an op the target cannot run, a
+kernel that throws while onnxruntime initializes (whose own log lines must stay off stderr), the
+checker failure on every command, and calibration files that crashed before (pickled objects,
+scalar or text labels, values out of float32 range) or that rows read by seeking must still catch
+(a truncated file, labels short of the samples past the ones read). Also from issue 17: an
+already-quantized model given to a stage that rewrites float models, two nodes writing one value, an
+opset too old to run that cannot be upgraded.
 
 Each case asserts the exit code, one ``error:`` line (and at most a hint) naming the file, no
 traceback (stderr is captured at the file-descriptor level, so onnxruntime's native logging
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.helper
+import onnx.parser
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -101,6 +104,18 @@ def _custom_op(folder: Path) -> Path:
     return _save(model, folder / "custom_op.onnx")
 
 
+def _kernel_refuses_attribute(folder: Path) -> Path:
+    """Loads (the checker and shape inference accept it) but onnxruntime's Resize kernel throws while the
+    session initializes, which onnxruntime also logs as two colored lines of its own on stderr."""
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,8,8] x) => (float[N,3,8,8] y) {
+            scales = Constant <value = float[4] {1.0, 1.0, 1.0, 1.0}> ()
+            y = Resize <mode = "bogus"> (x, , scales)
+        }""")
+    return _save(model, folder / "bad_kernel.onnx")
+
+
 def _checker_failure(folder: Path) -> Path:
     model = make_classifier()
     model.graph.node[1].input[0] = "no_such_tensor"
@@ -147,6 +162,8 @@ MODEL_CASES = {
                                   "single static assignment", 2),
     "opset_too_old_to_upgrade": (_opset_too_old_to_upgrade, ["simplify", "quantize", "fp16", "prune", "prune-channels",
                                                               "low-rank"], "opset 6 is older than onnxruntime runs", 2),
+    "kernel_fails_to_initialize": (_kernel_refuses_attribute, ["simplify", "quantize", "profile"],
+                                   "Exception during initialization", 2),
 }
 
 
@@ -161,6 +178,19 @@ def test_unusable_models(run_cli, tmp_path, case):
             code, err = run_cli(*_commands(model, calib, output)[command])
         assert code == exit_code, f"{command}: {err}"
         one_error_line(err, model.name, fragment)
+
+
+def test_onnxruntime_logs_only_with_debug(run_cli, capfd, tmp_path):
+    """onnxruntime's own "[E:onnxruntime:...]" lines stay off stderr, and come back with --debug."""
+    model = _kernel_refuses_attribute(tmp_path)
+    code, err = run_cli("profile", model, "--min-seconds", "0")
+    assert code == 2 and "[E:onnxruntime" not in err and "\x1b[" not in err, err
+    one_error_line(err, "bad_kernel.onnx", "Exception during initialization: mode attribute is bogus")
+    with pytest.raises(Exception, match="Exception during initialization"):
+        run_cli("--debug", "profile", model, "--min-seconds", "0")
+    assert "[E:onnxruntime:" in capfd.readouterr().err
+    code, err = run_cli("profile", model, "--min-seconds", "0")  # and quiet again after a --debug run
+    assert code == 2 and "[E:onnxruntime" not in err, err
 
 
 def test_missing_external_data_file(run_cli, tmp_path):
@@ -210,11 +240,26 @@ def _out_of_float32_range(path: Path) -> tuple[Path, str]:
     return write_npz(path, x=images), "NaN/Inf"
 
 
+def _truncated(path: Path) -> tuple[Path, str]:
+    """Rows are read by seeking from the header (issue 17): a header promising more than the file holds."""
+    path = path.with_suffix(".npy")
+    np.save(path, random_images(16))
+    path.write_bytes(path.read_bytes()[: 128 + 2 * 3 * 8 * 8 * 4])  # the header and 2 of 16 samples
+    return path, "truncated"
+
+
+def _labels_short_past_what_is_read(path: Path) -> tuple[Path, str]:
+    """Only a prefix of the samples is read; the headers still show that the label count is off."""
+    return write_npz(path, x=random_images(300), label=np.zeros(299, np.int64)), "299 labels for 300 samples"
+
+
 CALIBRATION_CASES = {
     "pickled_objects": _pickled_objects,
     "scalar_label": _scalar_label,
     "text_labels": _text_labels,
     "out_of_float32_range": _out_of_float32_range,
+    "truncated": _truncated,
+    "labels_short_past_what_is_read": _labels_short_past_what_is_read,
 }
 
 

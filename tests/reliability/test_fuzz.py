@@ -62,7 +62,7 @@ def _quick_quantize_config():
     from onnxforge.pipeline.quantize import QuantizeConfig
 
     # the same code paths as the defaults, with less timing and no optional analysis
-    return QuantizeConfig(latency_rounds=2, mixed_precision=False, error_report=False, max_calibration_samples=8)
+    return QuantizeConfig(latency_rounds=2, mixed_precision=False, error_report=False, max_samples=8)
 
 
 def _quick_profile_config(sample_data: Path | None = None):

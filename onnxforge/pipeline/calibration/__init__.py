@@ -24,7 +24,7 @@ files and folders, and the checks), ``images``, ``iterables``, ``sources`` (``op
 and ``reader`` (``CalibrationReader``, ``model_batch_size``).
 """
 
-from onnxforge.pipeline.calibration.files import load_samples, stream_folder
+from onnxforge.pipeline.calibration.files import load_samples, open_samples, stream_file, stream_folder
 from onnxforge.pipeline.calibration.images import (
     IMAGE_SUFFIXES,
     ImageFolder,
@@ -45,7 +45,9 @@ __all__ = [
     "ImageLayout",
     "load_samples",
     "open_calibration",
+    "open_samples",
     "samples_from_iterable",
+    "stream_file",
     "stream_folder",
     "stream_images",
     "group_batches",

@@ -9,7 +9,6 @@ differ in their dynamic dims. Every problem is a CalibrationDataError naming the
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,74 +17,63 @@ import numpy as np
 from onnxforge.errors import CalibrationDataError
 from onnxforge.model_io import TensorSpec
 from onnxforge.pipeline.calibration.feeding import CONST_SUFFIX, Feeding, batch_axis_for, check_constant, parse_key
-from onnxforge.pipeline.calibration.samples import LABEL_KEY, SampleSet, StreamedSamples, as_labels
+from onnxforge.pipeline.calibration.npy_rows import StoredArray, stored_arrays
+from onnxforge.pipeline.calibration.samples import LABEL_KEY, SampleSet, StreamedSamples
 
-__all__ = ["array_files", "check_array", "load_samples", "stream_folder"]
-
-
-def _npz_counts(path: Path) -> dict[str, int]:
-    """First-axis length of each array of an .npz, read from the headers without loading data."""
-    counts = {}
-    with zipfile.ZipFile(path) as archive:
-        for member in archive.namelist():
-            if not member.endswith(".npy"):
-                continue
-            with archive.open(member) as f:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, _, _ = np.lib.format.read_array_header_1_0(f)
-                else:
-                    shape, _, _ = np.lib.format.read_array_header_2_0(f)
-            counts[member[: -len(".npy")]] = shape[0] if shape else 1
-    return counts
+__all__ = ["array_files", "check_array", "load_samples", "open_samples", "stream_file", "stream_folder"]
 
 
-def _read_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
+def _stored(path: Path, input_names: Sequence[str]) -> dict[str, StoredArray]:
+    """The arrays of ``path`` by key, from their headers (nothing is loaded); a .npy feeds the only input."""
     if not path.exists():
         raise CalibrationDataError(f"{path}: no such file")
-    try:
-        if path.suffix == ".npy":
-            if len(input_names) != 1:
-                raise CalibrationDataError(
-                    f"{path}: a .npy file can feed only a single-input model; this one has "
-                    f"{', '.join(input_names)}",
-                    hint="use an .npz with one array per input name",
-                )
-            return {input_names[0]: np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except CalibrationDataError:
-        raise
-    except ValueError as e:
-        if "allow_pickle" in str(e) and not _looks_like_numpy(path):
+    stored = stored_arrays(path)
+    if "" in stored:  # an .npy file
+        if len(input_names) != 1:
             raise CalibrationDataError(
-                f"{path}: not an .npz/.npy file (no zip or NumPy header)",
-                hint="write it with numpy: np.savez(path, input_name=array)",
-            ) from e
-        if "allow_pickle" in str(e):
-            raise CalibrationDataError(
-                f"{path}: holds Python objects (object dtype), which onnxforge does not unpickle",
-                hint="save numeric arrays, e.g. np.savez(path, x=np.asarray(x, dtype=np.float32))",
-            ) from e
-        raise CalibrationDataError(f"{path}: not a readable .npz/.npy file ({type(e).__name__})") from e
-    except Exception as e:
-        raise CalibrationDataError(f"{path}: not a readable .npz/.npy file ({type(e).__name__})") from e
+                f"{path}: a .npy file can feed only a single-input model; this one has {', '.join(input_names)}",
+                hint="use an .npz with one array per input name",
+            )
+        return {input_names[0]: stored[""]}
+    return stored
+
+
+def _is_per_sample(key: str, array: StoredArray) -> bool:
+    """Samples on the first axis (read by rows), as opposed to a constant (read whole)."""
+    return array.ndim > 0 and parse_key(key)[1] != "const"
+
+
+def _sample_count(path: Path, stored: Mapping[str, StoredArray], input_names: Sequence[str]) -> int | None:
+    """How many samples the file holds, from its headers: the common first-axis length of its per-sample
+    inputs (and labels); None when it has none. Lengths that differ are an error here, before any
+    partial read could hide them."""
+    counts = {key: len(a) for key, a in stored.items()
+              if parse_key(key)[0] in input_names and _is_per_sample(key, a)}
+    if len(set(counts.values())) > 1:
+        raise CalibrationDataError(f"{path}: inputs have different sample counts: {counts}")
+    n = next(iter(counts.values()), None)
+    label = stored.get(LABEL_KEY)
+    if n is not None and label is not None and label.ndim and len(label) != n:
+        raise CalibrationDataError(f"{path}: {len(label)} labels for {n} samples")
+    return n
+
+
+def _read_rows(path: Path, input_names: Sequence[str], start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of ``path``: per-sample ones (and labels) cut to samples ``[start, stop)`` and read
+    only there; constants whole."""
+    stored = _stored(path, input_names)
+    _sample_count(path, stored, input_names)
+    out = {}
+    for key, array in stored.items():
+        if _is_per_sample(key, array):
+            out[key] = array.rows(start, len(array) if stop is None else stop)
+        else:
+            out[key] = array.rows(0, len(array))
+    return out
 
 
 def array_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
-
-
-def _looks_like_numpy(path: Path) -> bool:
-    """A zip archive (.npz) or a file with NumPy's .npy magic; anything else is junk, not pickles."""
-    import zipfile
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(6)
-    except OSError:
-        return False
-    return head == b"\x93NUMPY" or zipfile.is_zipfile(path)
 
 
 def check_array(
@@ -207,11 +195,47 @@ def stream_folder(path: Path, specs: Sequence[TensorSpec]) -> StreamedSamples:
     files = array_files(path)
     if not files:
         raise CalibrationDataError(f"{path}: folder holds no .npz or .npy files")
-    names = [s.name for s in specs]
-    _, feeding = _checked_arrays(files[0], _read_file(files[0], names), specs)  # one file: what streaming holds
+    return _stream(str(path), files, specs)
 
-    def read(f: Path) -> dict[str, np.ndarray]:
-        arrays, own = _checked_arrays(f, _read_file(f, names), specs)
+
+def stream_file(path: Path, specs: Sequence[TensorSpec]) -> StreamedSamples:
+    """One .npz/.npy file as a StreamedSamples: only the samples a view asks for are read and checked."""
+    stream = _stream(str(path), [Path(path)], specs)
+    if not len(stream):
+        raise CalibrationDataError(f"{path}: 0 samples; at least 1 is needed")
+    return stream
+
+
+def open_samples(path: str | os.PathLike, specs: Sequence[TensorSpec]) -> StreamedSamples:
+    """An .npz/.npy file or a folder of them, opened lazily (headers read, no samples); its files must
+    agree in every per-sample shape (no ragged set): for stages that fit on equal-shape arrays."""
+    path = Path(path)
+    if not path.is_dir():
+        return stream_file(path, specs)
+    stream = stream_folder(path, specs)
+    names = [s.name for s in specs]
+    shapes: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in array_files(path):
+        for key, array in _stored(f, names).items():
+            name = parse_key(key)[0]
+            if name in names and _is_per_sample(key, array):
+                first = shapes.setdefault(name, (f, array.shape[1:]))
+                if first[1] != array.shape[1:]:
+                    raise CalibrationDataError(
+                        f"{path}: files have arrays of different shapes ({name!r}: {first[0].name} "
+                        f"{'x'.join(map(str, first[1]))}, {f.name} {'x'.join(map(str, array.shape[1:]))})")
+    return stream
+
+
+_PROBE = 8  # samples of the first file read up front: how its inputs are fed (constants, batch axes)
+
+
+def _stream(source: str, files: Sequence[Path], specs: Sequence[TensorSpec]) -> StreamedSamples:
+    names = [s.name for s in specs]
+    _, feeding = _checked_arrays(files[0], _read_rows(files[0], names, 0, _PROBE), specs)
+
+    def read(f: Path, start: int, stop: int) -> dict[str, np.ndarray]:
+        arrays, own = _checked_arrays(f, _read_rows(f, names, start, stop), specs)
         if not _same_feeding(own, feeding):
             raise CalibrationDataError(
                 f"{f}: its constants or batch axes differ from {files[0].name}'s",
@@ -219,22 +243,14 @@ def stream_folder(path: Path, specs: Sequence[TensorSpec]) -> StreamedSamples:
             )
         return arrays
 
-    per_sample = [n for n in names if n not in feeding.constants]
-
     def count(f: Path) -> int:
-        try:
-            if f.suffix == ".npy":
-                return int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0])
-            counts = _npz_counts(f)
-        except Exception as e:
-            raise CalibrationDataError(f"{f}: not a readable .npz/.npy file ({type(e).__name__})") from e
-        for key, n in counts.items():
-            name, mode = parse_key(key)
-            if per_sample and name == per_sample[0] and mode != "const":
-                return n
-        return len(read(f)[per_sample[0]])  # let the full check name what is wrong
+        n = _sample_count(f, _stored(f, names), names)
+        if n is None:  # no per-sample input: the full check names what is wrong
+            read(f, 0, 1)
+            raise CalibrationDataError(f"{f}: holds no per-sample input")
+        return n
 
-    return StreamedSamples(str(path), files, read, count, feeding=feeding)
+    return StreamedSamples(source, files, read, count, feeding=feeding)
 
 
 def _same_feeding(a: Feeding, b: Feeding) -> bool:
@@ -250,25 +266,23 @@ def load_samples(
     min_samples: int = 1,
     want_labels: bool = False,
     allow_ragged: bool = False,
+    limit: int | None = None,
 ) -> SampleSet:
-    """Load and check samples for a model with inputs ``specs``, all in memory.
+    """Load and check samples for a model with inputs ``specs``, all in memory: the first ``limit``
+    (all when None); nothing past them is read.
 
     A folder's files are concatenated; files whose dynamic dims differ are an error unless
     ``allow_ragged``, which returns a ragged set instead.
     """
     path = Path(path)
-    if path.is_dir():
-        stream = stream_folder(path, specs)
-        samples = stream.materialize()
-        if samples.is_ragged and not allow_ragged:
-            raise CalibrationDataError(f"{path}: files have arrays of different shapes")
-    else:
-        arrays, feeding = _checked_arrays(path, _read_file(path, [s.name for s in specs]), specs)
-        labels = arrays.pop(LABEL_KEY, None)
-        samples = SampleSet(arrays, None if labels is None else as_labels(labels), str(path), feeding)
-    n = len(samples)
-    if n < min_samples:
-        raise CalibrationDataError(f"{path}: {n} samples; at least {min_samples} are needed")
+    stream = stream_folder(path, specs) if path.is_dir() else stream_file(path, specs)
+    if limit is not None:
+        stream = stream.take(slice(0, limit))
+    if len(stream) < min_samples:
+        raise CalibrationDataError(f"{path}: {len(stream)} samples; at least {min_samples} are needed")
+    samples = stream.materialize()
+    if samples.is_ragged and not allow_ragged:
+        raise CalibrationDataError(f"{path}: files have arrays of different shapes")
     if want_labels and samples.labels is None:
         raise CalibrationDataError(f"{path}: no {LABEL_KEY!r} array; accuracy needs labels")
     return samples

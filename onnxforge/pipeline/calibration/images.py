@@ -112,7 +112,7 @@ def stream_images(folder: ImageFolder, specs: Sequence[TensorSpec]) -> StreamedS
     if spec.dtype.kind != "f":
         raise CalibrationDataError(f"{path}: input {spec.name!r} takes {spec.dtype}; images are fed as float")
 
-    def read(f: Path) -> dict[str, np.ndarray]:
+    def read(f: Path, start: int = 0, stop: int = 1) -> dict[str, np.ndarray]:  # one sample per file
         try:
             with Image.open(f) as image:
                 image = image.convert("RGB" if channels == 3 else "L")

@@ -15,12 +15,28 @@ import numpy as np
 from onnxforge.errors import CalibrationDataError
 from onnxforge.pipeline.calibration.feeding import Feeding
 
-__all__ = ["LABEL_KEY", "Sample", "SampleSet", "StreamedSamples", "as_labels", "group_batches", "object_array"]
+__all__ = [
+    "LABEL_KEY", "Sample", "SampleSet", "StreamedSamples", "as_labels", "group_batches", "object_array", "split_bounds",
+]
 
 LABEL_KEY = "label"
 
 
 Sample = dict[str, np.ndarray]  # one sample: input name -> array without the sample axis
+
+
+def split_bounds(n: int, holdout_fraction: float, max_fit: int | None, max_held: int | None) -> tuple[int, int]:
+    """(fit, held): how many of ``n`` samples fit and how many are held out to check quality.
+
+    The last ``holdout_fraction`` is held out. ``max_fit`` / ``max_held`` cap each part; then both
+    come from the start of the set, the held-out samples right after the fit ones, so that a
+    130,000-sample file used for 64 samples is read 80 samples deep, not held out 26,000 deep.
+    """
+    held = max(1, int(round(n * holdout_fraction)))
+    if max_held is not None:
+        held = min(held, max(1, max_held))
+    fit = n - held if max_fit is None else min(n - held, max_fit)
+    return max(0, fit), min(held, n)
 
 
 def _signature(sample: Mapping[str, np.ndarray]) -> tuple:
@@ -85,11 +101,12 @@ class SampleSet:
         labels = None if self.labels is None else self.labels[index]
         return SampleSet({k: v[index] for k, v in self.inputs.items()}, labels, self.source, self.feeding)
 
-    def split(self, holdout_fraction: float) -> tuple[SampleSet, SampleSet]:
-        """(first part, last ``holdout_fraction`` part); deterministic, keeps order."""
-        n = len(self)
-        held = max(1, int(round(n * holdout_fraction)))
-        return self.take(slice(0, n - held)), self.take(slice(n - held, n))
+    def split(
+        self, holdout_fraction: float, *, max_fit: int | None = None, max_held: int | None = None
+    ) -> tuple[SampleSet, SampleSet]:
+        """(fit part, held-out part); see ``split_bounds``. Deterministic, keeps order."""
+        fit, held = split_bounds(len(self), holdout_fraction, max_fit, max_held)
+        return self.take(slice(0, fit)), self.take(slice(fit, fit + held))
 
     def materialize(self) -> SampleSet:
         return self
@@ -131,18 +148,19 @@ class SampleSet:
 
 
 class StreamedSamples:
-    """Samples read from a list of files, one file in memory at a time.
+    """Samples read from a list of files, one file (at most) in memory at a time.
 
-    ``reader(file)`` returns arrays keyed by input name with samples on the first axis (and an
-    optional ``label``), already checked; ``counter(file)`` says how many samples a file holds
-    without decoding it. ``take``/``split`` give lazy views; ``materialize`` loads a view.
+    ``reader(file, start, stop)`` returns samples ``[start, stop)`` of a file as arrays keyed by
+    input name with samples on the first axis (and an optional ``label``), already checked, reading
+    no more of the file than it must; ``counter(file)`` says how many samples a file holds without
+    decoding it. ``take``/``split`` give lazy views; ``materialize`` loads a view.
     """
 
     def __init__(
         self,
         source: str,
         files: Sequence[Path],
-        reader: Callable[[Path], dict[str, np.ndarray]],
+        reader: Callable[[Path, int, int], dict[str, np.ndarray]],
         counter: Callable[[Path], int],
         *,
         start: int = 0,
@@ -182,10 +200,12 @@ class StreamedSamples:
             feeding=self.feeding,
         )
 
-    def split(self, holdout_fraction: float) -> tuple[StreamedSamples, StreamedSamples]:
-        n = len(self)
-        held = max(1, int(round(n * holdout_fraction)))
-        return self.take(slice(0, n - held)), self.take(slice(n - held, n))
+    def split(
+        self, holdout_fraction: float, *, max_fit: int | None = None, max_held: int | None = None
+    ) -> tuple[StreamedSamples, StreamedSamples]:
+        """(fit part, held-out part) as lazy views; see ``split_bounds``."""
+        fit, held = split_bounds(len(self), holdout_fraction, max_fit, max_held)
+        return self.take(slice(0, fit)), self.take(slice(fit, fit + held))
 
     def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
         """Each file's arrays, cut to this view's sample range; files outside it are not read."""
@@ -194,8 +214,7 @@ class StreamedSamples:
         for path, count in zip(self._files, self.counts):
             lo, hi = max(self._start, position), min(stop, position + count)
             if lo < hi:
-                arrays = self._reader(path)
-                yield {k: v[lo - position : hi - position] for k, v in arrays.items()}
+                yield self._reader(path, lo - position, hi - position)
             position += count
             if position >= stop:
                 return

@@ -10,7 +10,7 @@ from typing import Any
 
 from onnxforge.errors import CalibrationDataError
 from onnxforge.model_io import TensorSpec
-from onnxforge.pipeline.calibration.files import array_files, load_samples, stream_folder
+from onnxforge.pipeline.calibration.files import array_files, stream_file, stream_folder
 from onnxforge.pipeline.calibration.images import ImageFolder, image_files, stream_images
 from onnxforge.pipeline.calibration.iterables import samples_from_iterable
 from onnxforge.pipeline.calibration.samples import SampleSet, StreamedSamples
@@ -24,7 +24,8 @@ def open_calibration(
     """Any supported source as a SampleSet (in memory) or StreamedSamples (read as iterated).
 
     ``limit`` bounds what is read from a Python iterable (which may be endless); file sources
-    are counted, then read lazily, so callers slice them to what they need.
+    (an .npz/.npy file included) are counted from their headers, then read lazily, so callers
+    slice them to what they need and nothing else of the file is read.
     """
     if isinstance(calibration, (SampleSet, StreamedSamples)):
         return calibration
@@ -38,7 +39,7 @@ def open_calibration(
             if image_files(path):
                 return stream_images(ImageFolder(path), specs)
             raise CalibrationDataError(f"{path}: folder holds no .npz, .npy or image files")
-        return load_samples(path, specs, allow_ragged=True)
+        return stream_file(path, specs)
     if isinstance(calibration, (bytes, bytearray)) or not isinstance(calibration, Iterable):
         raise CalibrationDataError(
             f"calibration data of type {type(calibration).__name__} is not supported",

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from onnxforge._ort_logs import session_options
 from onnxforge.model_io import TensorSpec, input_specs
 from onnxforge.parity import ParityReport, compare_outputs
 from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
@@ -42,8 +43,7 @@ def session(model: Any, *, extensions: bool = False) -> ort.InferenceSession:
 
     if not extensions:
         return CpuTarget().session(model.SerializeToString() if hasattr(model, "SerializeToString") else model)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options()
     options.register_custom_ops_library(extensions_library())
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

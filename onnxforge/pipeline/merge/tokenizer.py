@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, compose, helper
 
+from onnxforge._ort_logs import session_options
 from onnxforge.errors import MergeError, UsageError
 from onnxforge.model_io import TensorSpec, input_specs
 from onnxforge.pipeline.merge._compose import block_model, value_info
@@ -108,8 +109,7 @@ class TokenizerPlan:
         """The tokenizer run on its own (onnxruntime with the extensions library): text -> the network's feeds."""
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options()
         options.register_custom_ops_library(extensions_library())
         like = helper.make_model(helper.make_graph([], "like", [], []), opset_imports=[helper.make_opsetid("", 17)])
         block, _ = self.block(like)

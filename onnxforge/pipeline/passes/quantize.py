@@ -16,7 +16,7 @@ class QuantizePass(Pass):
     config_cls = QuantizeConfig
     description = "int8 (static or dynamic) or fp16, measured on the target"
     phase = Phase.PRECISION
-    fills = {"target": "target", "eval_data": "eval"}
+    fills = {"target": "target", "eval_data": "eval", "max_samples": "max_samples"}
     reads = ("calibration",)
 
     @classmethod
@@ -47,7 +47,7 @@ class QuantizePass(Pass):
                 "error_report": False, "latency_rounds": 3}
 
     def run(self, config: QuantizeConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
-        return quantize(inputs[0], output, context.require_calibration(self.name).source(), config)
+        return quantize(inputs[0], output, context.require_calibration(self.name).source(), config, cache=context.cache)
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:

@@ -38,7 +38,7 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
 from onnxforge.model_cost import count_params_and_macs
 from onnxforge.model_io import input_specs, save_model
-from onnxforge.pipeline.calibration import SampleSet, load_samples
+from onnxforge.pipeline.calibration import SampleSet, open_samples
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.activations import batches_of_values
@@ -382,10 +382,8 @@ def prune_channels(
     model = lift_constants(loaded.model)  # weights in Constant nodes (paddle2onnx) are weights too
     calibration = None
     if config.calibration_data is not None:
-        calibration = load_samples(config.calibration_data, input_specs(model))
-    check, calibration = QualityCheck.measure(model, config, calibration)
-    if calibration is not None:
-        calibration = calibration.take(slice(0, config.calibration_samples))
+        calibration = open_samples(config.calibration_data, input_specs(model))  # read only as deep as used
+    check, calibration = QualityCheck.measure(model, config, calibration, max_fit=config.calibration_samples)
     shapes = check.shapes
     params_before, macs_before = count_params_and_macs(model, shapes)
     tried: list[dict] = []

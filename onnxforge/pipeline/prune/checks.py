@@ -3,7 +3,8 @@
 1. **It runs.** The candidate runs in onnxruntime on the target, on a batch of the data (generated
    inputs when there is no data): a rewrite that loads but fails at run time is an error, never a file.
 2. **Its quality.** It is compared with the input model on held-out samples — the eval data, else
-   the last ``HOLDOUT`` share of the calibration samples, which are then not used to fit anything —
+   a ``HOLDOUT`` share of the calibration samples (at most ``MAX_HELD_OUT``, right after the ones
+   that fit: calibration.split_bounds), which are then not used to fit anything —
    with the stage's metric and tolerance (onnxforge.pipeline.evaluate.QualityGate), inside the
    back-off loop (onnxforge.pipeline.prune.backoff). Without either the result says "quality not
    measured", and so does the run table.
@@ -23,7 +24,7 @@ import onnx
 
 from onnxforge.errors import InvalidModelError, OnnxForgeError
 from onnxforge.model_io import input_specs
-from onnxforge.pipeline.calibration import SampleSet, model_batch_size
+from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, model_batch_size
 from onnxforge.pipeline.evaluate import QualityBaseline, QualityGate, run_outputs, score
 from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
@@ -53,11 +54,15 @@ class QualityCheck:
     eval_batch: int = EVAL_BATCH
 
     @classmethod
-    def measure(cls, model: onnx.ModelProto, config, calibration: SampleSet | None = None) -> tuple[QualityCheck, SampleSet | None]:
-        """The checks for ``model`` and the samples left to fit on.
+    def measure(
+        cls, model: onnx.ModelProto, config, calibration: SampleSet | StreamedSamples | None = None,
+        max_fit: int | None = None,
+    ) -> tuple[QualityCheck, SampleSet | None]:
+        """The checks for ``model`` and the samples left to fit on (at most ``max_fit``, in memory).
 
-        With ``config.eval_data`` quality is measured on it and all of ``calibration`` fits; without it
-        the last ``HOLDOUT`` of ``calibration`` is held out for the quality check.
+        With ``config.eval_data`` quality is measured on it and ``calibration`` fits; without it
+        ``HOLDOUT`` of ``calibration`` (at most MAX_HELD_OUT samples) is held out for the quality
+        check. A streamed ``calibration`` is read only as deep as the two parts go.
         """
         target = get_target(config.target)
         specs = input_specs(model)
@@ -67,11 +72,15 @@ class QualityCheck:
         if config.eval_data is not None:
             baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance, target)
             source = f"{len(baseline.samples)} samples of the eval data"
+            if calibration is not None and max_fit is not None:
+                fit = calibration.take(slice(0, max_fit))
         elif calibration is not None and len(calibration) >= 2:
-            fit, held = calibration.split(HOLDOUT)
-            held = held.take(slice(0, MAX_HELD_OUT))
+            fit, held = calibration.split(HOLDOUT, max_fit=max_fit, max_held=MAX_HELD_OUT)
+            held = held.materialize()
             baseline = QualityBaseline.from_samples(model, held, config.metric, config.tolerance, target)
             source = f"{len(held)} held-out calibration samples (not used to fit)"
+        if fit is not None:
+            fit = fit.materialize()
         data = baseline.samples if baseline is not None else calibration
         feeds = shapes = None
         if data is not None:

@@ -37,7 +37,7 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import input_specs, save_model
-from onnxforge.pipeline.calibration import SampleSet, load_samples
+from onnxforge.pipeline.calibration import SampleSet, open_samples
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.activations import batches_of_values
@@ -388,11 +388,10 @@ def low_rank(
     model = lift_constants(loaded.model)
     calibration = None
     if config.calibration_data is not None:
-        calibration = load_samples(config.calibration_data, input_specs(model))
-    check, calibration = QualityCheck.measure(model, config, calibration)
+        calibration = open_samples(config.calibration_data, input_specs(model))  # read only as deep as used
+    check, calibration = QualityCheck.measure(model, config, calibration, max_fit=config.calibration_samples)
     fit = held = None
     if calibration is not None:
-        calibration = calibration.take(slice(0, config.calibration_samples))
         names, _ = layer_candidates(model, config)
         nodes = [n for n in ir.from_proto(model).graph if n.inputs and n.inputs[0] is not None
                  and n.inputs[0].name in names]

@@ -1,8 +1,10 @@
 """Calibration for one quantize() call: the samples, the fp32 model prepared for onnxruntime's
 quantizers, and its activation ranges.
 
-The samples: the first ``max_calibration_samples`` calibrate; quality is scored on ``eval_data``, or,
-without it, on the last ``holdout_fraction`` of the calibration samples, held out of calibration.
+The samples: the first ``max_samples`` (256 when unset) calibrate; quality is scored on the first
+``max_samples`` of ``eval_data`` (all of it when unset), or, without it, on the calibration samples
+right after those (``holdout_fraction`` of them, held out of calibration; see
+calibration.split_bounds). No data file is read past what is used.
 The model: ``quant_pre_process`` (optimization + shape inference, which ``quantize_static`` needs to
 quantize activations at all), with fallbacks for dynamo/TorchScript exports (graphs builds the
 transformer variants on it). The ranges: one pass over the samples, one batch at a time
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,17 +68,19 @@ class CalibrationData:
 def load_calibration(model: onnx.ModelProto, calibration: object, config: QuantizeConfig) -> CalibrationData:
     """Open ``calibration`` for ``model`` (checking ``max_memory`` first) and split off the held-out samples."""
     specs = input_specs(model)
-    wanted = config.max_calibration_samples
+    wanted = config.calibration_samples
     if config.eval_data is None:
-        wanted = math.ceil(wanted / (1.0 - config.holdout_fraction)) + 1
+        wanted += _max_held_out(config)
     if config.max_memory is not None:  # a clear error before loading, not the OOM killer during calibration
         from onnxforge.pipeline.quantize.calibration_memory import guard_calibration_memory
 
-        guard_calibration_memory(model, specs, calibration, config.max_memory, config.max_calibration_samples)
+        guard_calibration_memory(model, specs, calibration, config.max_memory, config.calibration_samples)
     source = open_calibration(calibration, specs, limit=wanted)
     calib, held_out = _split_eval(config, model, source)
-    if len(calib) > config.max_calibration_samples:
-        calib = calib.take(slice(0, config.max_calibration_samples))
+    if len(calib) > config.calibration_samples:
+        calib = calib.take(slice(0, config.calibration_samples))
+    if isinstance(calibration, (str, os.PathLike)) and Path(calibration).is_file():
+        calib = calib.materialize()  # at most calibration_samples, read once (a folder streams, one file at a time)
     if len(calib) == 0:
         raise CalibrationDataError(f"{source.source}: no calibration samples left after holding out evaluation ones")
     fixed_batch = model_batch_size(specs, preferred=0) != 0
@@ -86,17 +91,24 @@ def load_calibration(model: onnx.ModelProto, calibration: object, config: Quanti
 def _split_eval(
     config: QuantizeConfig, model: onnx.ModelProto, calibration: SampleSet | StreamedSamples
 ) -> tuple[SampleSet | StreamedSamples, SampleSet]:
-    """(calibration part, held-out samples in memory)."""
+    """(calibration part, held-out samples in memory), both bounded (see the module doc)."""
     if config.eval_data is not None:
-        held_out = load_samples(config.eval_data, input_specs(model), allow_ragged=True)
+        held_out = load_samples(config.eval_data, input_specs(model), allow_ragged=True, limit=config.max_samples)
         return calibration, held_out
     if len(calibration) < 2:
         raise CalibrationDataError(
             f"{calibration.source}: {len(calibration)} sample(s): too few to both calibrate and check accuracy",
             hint="give at least 10 samples, or a separate --eval file",
         )
-    calib, held_out = calibration.split(config.holdout_fraction)
+    calib, held_out = calibration.split(config.holdout_fraction, max_fit=config.calibration_samples,
+                                        max_held=_max_held_out(config))
     return calib, held_out.materialize()
+
+
+def _max_held_out(config: QuantizeConfig) -> int:
+    """Held-out samples at most, without eval data: in proportion to the calibration samples (64 for 256)."""
+    fraction = config.holdout_fraction
+    return max(1, math.ceil(config.calibration_samples * fraction / (1.0 - fraction)))
 
 
 def data_notes(calibration: object, config: QuantizeConfig, data: CalibrationData) -> list[str]:
@@ -117,9 +129,11 @@ def data_notes(calibration: object, config: QuantizeConfig, data: CalibrationDat
         )
     if config.eval_data is None:
         notes.append(
-            f"no --eval data: quality measured on the last {len(data.held_out)} calibration samples, held out of "
-            "calibration"
+            f"no --eval data: quality measured on {len(data.held_out)} calibration samples, held out of calibration"
         )
+    elif config.max_samples is not None and len(data.held_out) >= config.max_samples:
+        notes.append(f"quality measured on the first {len(data.held_out)} samples of {config.eval_data} "
+                     "(max_samples, --max-samples)")
     return notes
 
 

@@ -43,12 +43,20 @@ class Ranges:
     method: CalibrationMethod
 
 
+DEFAULT_CALIBRATION_SAMPLES = 256
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig:
     """How to quantize.
 
     schemes: the candidates to measure; None lets the target propose them.
     metric / tolerance: the quality gate (see onnxforge.pipeline.evaluate); tolerance None = metric default.
+    max_samples: bounds every use of the data (the CLI's --max-samples): at most this many samples
+      calibrate (and smooth), at most this many eval samples are scored, and without eval data at most
+      max_samples * holdout_fraction / (1 - holdout_fraction) more calibration samples are held out;
+      nothing of a data file past them is read. None: DEFAULT_CALIBRATION_SAMPLES calibrate and the
+      whole eval file is scored.
     eval_data: held-out samples (with ``label`` for accuracy); None holds out the last
       ``holdout_fraction`` of the calibration samples instead.
     threads: intra-op threads for the latency measurement (1 is the most stable on a shared host).
@@ -72,7 +80,7 @@ class QuantizeConfig:
     target: str = "cpu"
     schemes: tuple[QuantScheme, ...] | None = None
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
-    max_calibration_samples: int = 256
+    max_samples: int | None = field(default=None, metadata={"renamed_from": "max_calibration_samples"})
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
     eval_data: Path | None = None
@@ -98,13 +106,20 @@ class QuantizeConfig:
     int4_block_size: int = 32
     int4_accuracy_level: int = 4
 
+    @property
+    def calibration_samples(self) -> int:
+        """How many samples calibrate at most: ``max_samples``, else DEFAULT_CALIBRATION_SAMPLES."""
+        return self.max_samples or DEFAULT_CALIBRATION_SAMPLES
+
+    max_calibration_samples = calibration_samples  # its name before it became max_samples (recipes refuse it)
+
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:
             raise UsageError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if not 0.0 < self.max_float_fraction <= 1.0:
             raise UsageError(f"max_float_fraction must be in (0, 1], got {self.max_float_fraction}")
-        if self.max_calibration_samples < 1 or self.analysis_samples < 1:
-            raise UsageError("max_calibration_samples and analysis_samples must be at least 1")
+        if (self.max_samples is not None and self.max_samples < 1) or self.analysis_samples < 1:
+            raise UsageError("max_samples and analysis_samples must be at least 1")
         if not 0.0 < self.smooth_alpha < 1.0:
             raise UsageError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
         block = self.int4_block_size

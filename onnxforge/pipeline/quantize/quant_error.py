@@ -30,6 +30,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from onnxforge._ort_logs import session_options
 from onnxforge.pipeline.compare import ErrorAccumulator, with_outputs
 
 __all__ = ["NodeError", "measure_node_errors", "quantized_nodes"]
@@ -107,8 +108,7 @@ def quantized_nodes(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> list[_Quanti
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options()
     options.intra_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -39,6 +39,7 @@ from onnxforge.pipeline.quantize.mixed_precision import (
 from onnxforge.pipeline.quantize.quant_error import NodeError, measure_node_errors
 from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES, qdq_twin
 from onnxforge.pipeline.quantize.smooth_quant import smooth_model
+from onnxforge.pipeline.quantize.timing_record import recorded_timings, timing_key
 from onnxforge.targets import QuantFormat, QuantMethod, QuantScheme
 from onnxforge.targets.latency import LatencyStats, compare_latency
 
@@ -94,6 +95,8 @@ class CandidateRun:
         self.paths: dict[str, Path] = {}  # candidate label -> its model
         self.scheme_of: dict[str, QuantScheme] = {}  # candidate label -> the scheme it was quantized with
         self.timings: dict[str, LatencyStats] = {}  # the latest interleaved timing, "fp32" included
+        self.records = None  # a StageCache where timings are recorded and found (timing_record); None: always time
+        self.timings_reused = False  # whether the latest timing was recorded by an earlier run
         self.notes: list[str] = []  # what building the graphs said (smoothing)
         self.calibration_batches = 0
         self._count = 0
@@ -179,15 +182,23 @@ class CandidateRun:
         self.time_all()
 
     def time_all(self) -> None:
-        """Time fp32 and every candidate interleaved on the target; sets each candidate's latency and speedup."""
-        threads = self.config.threads
-        sessions = {"fp32": self.fp32_session} | {
-            label: self.target.session(path, threads=threads, interleaved=True) for label, path in self.paths.items()
-        }
+        """Time fp32 and every candidate interleaved on the target; sets each candidate's latency and speedup.
+        The timings of the same models recorded in ``records`` (the stage cache) are reused (timing_record)."""
+        models = {"fp32": self.fp32_path} | dict(self.paths)
         if self.graphs.rewritten:
-            sessions[REWRITTEN_FP32] = self.target.session(self.graphs.base, threads=threads, interleaved=True)
+            models[REWRITTEN_FP32] = self.graphs.base
         feeds = _latency_feeds(self.held_out, model_batch_size(self.data.specs, preferred=1))
-        timings = compare_latency(sessions, feeds, rounds=self.config.latency_rounds)
+
+        def measure() -> dict[str, LatencyStats]:
+            sessions = {label: self.fp32_session if label == "fp32" else
+                        self.target.session(path, threads=self.config.threads, interleaved=True)
+                        for label, path in models.items()}
+            return compare_latency(sessions, feeds, rounds=self.config.latency_rounds)
+
+        key = timing_key(models, feeds, target=self.target.name, threads=self.config.threads,
+                         rounds=self.config.latency_rounds)
+        timings, reused = recorded_timings(self.records, key, list(models), measure)
+        self.timings_reused = reused
         for c in self.candidates:
             if c.scheme in timings:
                 c.latency = timings[c.scheme]

@@ -26,6 +26,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxforge._ort_logs import session_options
 from onnxforge.pipeline.compare import with_outputs
 
 __all__ = ["SmoothResult", "smooth_groups", "smooth_model"]
@@ -84,8 +85,7 @@ def _groups(graph: ir.Graph) -> dict[str, list[ir.Node]]:
 def channel_max(model: onnx.ModelProto, names: Iterable[str], batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor in ``names`` over ``batches``, one batch in memory."""
     names = list(names)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
     session = ort.InferenceSession(with_outputs(model, names).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])

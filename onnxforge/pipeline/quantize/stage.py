@@ -19,6 +19,7 @@ import onnx
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import save_model
+from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.normalize import load_stage_input, quantized_ops
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.quantize.calibrate import data_notes, load_calibration
@@ -49,8 +50,13 @@ def quantize(
     output: str | os.PathLike,
     calibration: object,
     config: QuantizeConfig = QuantizeConfig(),
+    *,
+    cache: StageCache | None = None,
 ) -> QuantizeResult:
     """Quantize ``input_path`` with ``calibration`` data and write the chosen model to ``output``.
+
+    ``cache``: where the candidates' timings are recorded, so that a re-run with the same candidates
+    reuses them and keeps the same scheme (timing_record); None times every run.
 
     ``calibration``: an .npz path, a folder of .npz/.npy or of images, an ImageFolder (declared
     preprocessing), a SampleSet, or any iterable of samples (see onnxforge.pipeline.calibration).
@@ -79,11 +85,15 @@ def quantize(
         tmp = Path(tmp_dir)
         graphs = prepare_graphs(model, tmp, config, target, data, notes)
         run = CandidateRun(tmp, graphs, config, target, data)
+        run.records = cache
         run.measure(schemes)
         search = run.mixed_precision(notes)
         chosen, passed = run.choose()
         layer_errors = run.layer_errors(chosen, notes)
         notes += run.notes
+        if run.timings_reused:
+            notes.append("latencies as recorded by an earlier run of these same candidates on this machine (the "
+                         "stage cache), so the same scheme is kept; --no-cache times them again")
         if REWRITTEN_FP32 in run.timings:
             speedup = run.timings["fp32"].p50_ms / run.timings[REWRITTEN_FP32].p50_ms
             notes.append(f"the rewritten fp32 graph alone runs {speedup:.2f}x the input model (part of each speedup)")

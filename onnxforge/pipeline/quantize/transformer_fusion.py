@@ -34,6 +34,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import onnxruntime as ort
 
+from onnxforge._ort_logs import session_options
+
 __all__ = ["FUSED_OPS", "FusionResult", "fuse_transformer", "looks_like_transformer", "padded_batch"]
 
 FUSED_OPS = (
@@ -266,8 +268,7 @@ def _is_key_padding_mask(model: onnx.ModelProto, bias: str, source: str, samples
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options()
     options.intra_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
