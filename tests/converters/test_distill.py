@@ -264,3 +264,12 @@ def test_a_search_trial_records_a_teacher_that_exits(pruned, tmp_path):
     record = evaluate_plan(0, plan, ctx, tmp_path / "trial.onnx", timing=False)
     assert record["status"] == "failed"
     assert "teacher.py:exits_0: the model source exited with code 0" in record["error"]
+
+
+def test_a_time_budget_must_fit_in_the_timeout():
+    with pytest.raises(UsageError, match="a time budget of 3600 s does not fit in the timeout of 1800 s"):
+        DistillConfig(time_budget_s=3600)
+    assert DistillConfig(time_budget_s=3600, timeout_s=4000).timeout_s == 4000
+    from onnxforge.pipeline import codec
+
+    assert "timeout_s" not in {f.name for f in codec.key_fields(DistillConfig)}  # a longer wait is the same model
