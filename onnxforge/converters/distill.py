@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from onnxforge._atomic import check_output_path, paths_in
+from onnxforge.converters._isolation import run_in_child
 from onnxforge.converters.config import ExportConfig
 from onnxforge.converters.distill_config import DistillConfig, DistillLoss, DistillResult
-from onnxforge.converters._isolation import run_in_child
 from onnxforge.converters.source import SourceKind, is_python_source, resolve_source, source_files
 from onnxforge.converters.student import Student, build_student, kept_channels
 from onnxforge.errors import QualityGateError, UsageError
