@@ -76,6 +76,14 @@ def target_option(f: Callable) -> Callable:
     )(f)
 
 
+def timeout_option(help_text: str) -> Callable[[Callable], Callable]:
+    """``--timeout``: how long the user's code (file.py:callable) may run in its child process."""
+    from onnxforge.converters._isolation import SOURCE_TIMEOUT_S
+
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=int(SOURCE_TIMEOUT_S),
+                        show_default=True, metavar="SECONDS", help=help_text)
+
+
 def json_option(f: Callable) -> Callable:
     @functools.wraps(f)
     def checked(*args, **kwargs):
@@ -242,8 +250,7 @@ def cli(debug: bool) -> None:
 @click.option("--sample", "sample_inputs", type=click.Path(path_type=Path), default=None, help=".npz inputs for the parity check")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="parity: absolute tolerance")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="parity: relative tolerance")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=1800, show_default=True, metavar="SECONDS",
-              help="file.py:callable sources run in a child process; stop it after this long")
+@timeout_option("file.py:callable sources run in a child process; stop it after this long")
 @json_option
 def export(source, output, input_shapes, dynamic_batch, dynamic_dims, opset, exporter, sample_inputs, atol, rtol, timeout, json_path):
     """Export SOURCE (file.py:callable, TorchScript .pt, torch.export .pt2, .keras, .onnx, builtin:digits_cnn) to ONNX, checking parity."""
@@ -495,10 +502,11 @@ def _render_quantize(payload: dict, name: str, target: str) -> None:
               help="channels: then train the pruned model against SOURCE, the PyTorch model MODEL was exported from "
               "(file.py:callable or builtin:NAME), on the --calibration data")
 @click.option("--epochs", type=int, default=30, show_default=True, help="--distill: training epochs (early stopping may end sooner)")
+@timeout_option("--distill with file.py:callable: the distillation runs in a child process; stop it after this long")
 @quality_options
 @json_option
 def prune(model, output, prune_method, sparsity, ratio, calibration, importance, allocation, repair, scope, exclude,
-          distill_source, epochs, eval_data, metric, tolerance, json_path):
+          distill_source, epochs, timeout, eval_data, metric, tolerance, json_path):
     """Prune MODEL: magnitude sparsity (default), structured channels (really faster) or low-rank factors.
 
     With --eval, the most-pruned model within tolerance is kept. With --distill SOURCE, the pruned
@@ -512,7 +520,7 @@ def prune(model, output, prune_method, sparsity, ratio, calibration, importance,
     if prune_method == "channels":
         if distill_source is not None:
             _prune_distill_cmd(model, output, ratio, calibration, importance, allocation, repair, exclude,
-                               distill_source, epochs, eval_data, metric, tolerance, json_path)
+                               distill_source, epochs, timeout, eval_data, metric, tolerance, json_path)
             return
         _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance, allocation, repair, exclude, eval_data,
                             metric, tolerance, json_path)
@@ -630,7 +638,7 @@ def _quality_text(note: str) -> str:
 
 
 def _prune_distill_cmd(model, output, ratio, calibration, importance, allocation, repair, exclude, source, epochs,
-                       eval_data, metric, tolerance, json_path) -> None:
+                       timeout, eval_data, metric, tolerance, json_path) -> None:
     """``prune --method channels --distill SOURCE``: prune (no gate: distillation recovers), then distill
     into OUTPUT and gate on --eval."""
     import tempfile
@@ -648,7 +656,7 @@ def _prune_distill_cmd(model, output, ratio, calibration, importance, allocation
                                       calibration_data=calibration, exclude_nodes=tuple(exclude),
                                       gate=False)  # no gate here: distillation recovers, then it is gated
     config = DistillConfig(epochs=epochs, calibration_data=calibration, eval_data=eval_data, metric=Metric(metric),
-                           tolerance=tolerance)
+                           tolerance=tolerance, timeout_s=timeout)
     target = check_output_path(output, model, calibration, eval_data, *source_files(source))
     with tempfile.TemporaryDirectory(prefix=".onnxforge-prune-", dir=target.parent.resolve()) as tmp:
         pruned_path = Path(tmp) / target.name  # beside the output; only the distilled model is kept

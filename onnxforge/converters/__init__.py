@@ -184,9 +184,6 @@ def export(
     if is_python_source(source) and not in_process:
         from onnxforge.converters._isolation import export_in_child
 
-        for path in source_files(source):
-            if not path.exists():  # no process to start for that
-                raise ExportError(f"{path}: no such file")
         return export_in_child(source, out, config, timeout=timeout)
     src = resolve_source(source)
     fallback = None

@@ -2,9 +2,8 @@
 
 ``distill(source, student_onnx, output, config)``:
 
-1. The teacher is SOURCE (an ``nn.Module``: ``file.py:callable`` or ``builtin:NAME``; a ``file.py``
-   is imported in this process, not in the export's child process, since training needs the module
-   here; TorchScript, ``.pt2`` and Keras sources are refused for now); the student is
+1. The teacher is SOURCE (an ``nn.Module``: ``file.py:callable`` or ``builtin:NAME``; TorchScript,
+   ``.pt2`` and Keras sources are refused for now); the student is
    the pruned (repaired) ONNX graph carried back onto a copy of it (onnxforge.converters.student)
    and checked to reproduce that graph (parity before training).
 2. Loss on the first output: KL(softmax(t/T) || softmax(s/T)) * T^2 for class scores, MSE or
@@ -20,6 +19,9 @@
 4. The best student is exported (dynamo, as ``export`` does), checked against the trained PyTorch
    student (parity after), gated against the teacher on the eval data, and saved atomically:
    an interrupted run leaves no file.
+
+A ``file.py`` teacher is the user's code, which may end or hang its process: all four steps then run
+in a child process, as an export of such a source does (onnxforge.converters._isolation).
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from onnxforge._atomic import check_output_path, paths_in
+from onnxforge.converters._isolation import run_in_child
 from onnxforge.converters.config import ExportConfig
 from onnxforge.converters.distill_config import DistillConfig, DistillLoss, DistillResult
-from onnxforge.converters.source import SourceKind, resolve_source, source_files
+from onnxforge.converters.source import SourceKind, is_python_source, resolve_source, source_files
 from onnxforge.converters.student import Student, build_student, kept_channels
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, output_specs, save_model
@@ -211,15 +214,26 @@ def distill(
     config: DistillConfig,
     *,
     progress: Progress | None = None,
+    in_process: bool = False,
 ) -> DistillResult:
     """Train the pruned ``student_onnx`` against ``source`` and save the trained student at ``output``.
 
     See the module docstring for what is measured. Raises UsageError (exit 2) for a source that is
     not a PyTorch module (an .onnx file: no bridge back to PyTorch) or a graph that cannot be mapped
     onto it; QualityGateError (exit 4) when the eval gate fails, with the trained model saved.
+
+    A ``file.py:callable`` teacher is the user's code: the whole distillation then runs in a child
+    process (see ``_isolation``) given ``config.timeout_s`` seconds, its progress passed on; the
+    code exiting, hanging or being killed is a ModelSourceError (exit 2). ``in_process=True`` runs
+    it here instead.
     """
-    say = progress or (lambda message: None)
     out = check_output_path(output, student_onnx, *source_files(str(source)), *paths_in(config))
+    if is_python_source(source) and not in_process:
+        return run_in_child("onnxforge.converters.distill:distill", (str(source), str(student_onnx)),
+                            {"config": config, "in_process": True}, out=out, source=source, task="distillation",
+                            timeout=config.timeout_s, timeout_option="--timeout (a recipe's distill stage: timeout_s)",
+                            progress=progress)
+    say = progress or (lambda message: None)
     teacher_module = _teacher(str(source))
     data = config.require_data()
     pruned = load_model(student_onnx)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxforge.converters._isolation import SOURCE_TIMEOUT_S
 from onnxforge.errors import CalibrationDataError, UsageError
 from onnxforge.pipeline.evaluate import Metric
 
@@ -38,6 +39,8 @@ class DistillConfig:
     held_out: share of the calibration samples kept out of training, for early stopping.
     patience: epochs without a better held-out score before training stops.
     time_budget_s: training stops at the end of the batch that runs past it (None: no limit).
+    timeout_s: a ``file.py:callable`` teacher is the user's code: the whole distillation runs in a
+      child process, stopped (exit 2) after this many seconds; not part of the cache key.
     calibration_data: the training samples (the recipe's ``calibration``); eval_data, metric and
       tolerance: the gate against the teacher on held-out data, as in the other stages.
     """
@@ -54,6 +57,7 @@ class DistillConfig:
     held_out: float = 0.1
     patience: int = 6
     time_budget_s: float | None = None
+    timeout_s: float = field(default=SOURCE_TIMEOUT_S, metadata={"key": False})
     calibration_data: Path | None = None
     eval_data: Path | None = None
     metric: Metric = Metric.AUTO
@@ -76,6 +80,11 @@ class DistillConfig:
             raise UsageError(f"distill: held_out {self.held_out:g} must be in (0, 1)")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise UsageError(f"distill: time_budget_s {self.time_budget_s:g} must be positive")
+        if not self.timeout_s > 0:
+            raise UsageError(f"distill: timeout_s {self.timeout_s:g} must be positive")
+        if self.time_budget_s is not None and self.time_budget_s >= self.timeout_s:
+            raise UsageError(f"distill: a time budget of {self.time_budget_s:g} s does not fit in the timeout of "
+                             f"{self.timeout_s:g} s", hint="raise timeout_s (--timeout) above time_budget_s")
         if self.tolerance is not None and self.tolerance < 0:
             raise UsageError(f"distill: tolerance {self.tolerance:g} must be >= 0")
 

@@ -1,10 +1,17 @@
 """Distillation of a pruned student against its PyTorch teacher (onnxforge.converters.distill):
 the student is the pruned graph's network before training, training improves its held-out metric
 over the least-squares repair alone, an ONNX-only source is refused in one line, and an
-interrupted training leaves nothing behind."""
+interrupted training leaves nothing behind; a file.py teacher runs in a child process (the same
+result), so its sys.exit(), os._exit() or hang ends in one error line."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +26,9 @@ from onnxforge.converters.source import resolve_source
 from onnxforge.converters.student import base_name, build_student
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.prune.channels import ChannelPruneConfig, prune_channels
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
+from test_bad_inputs import one_error_line  # noqa: E402
 
 TEACHER = f"{Path(__file__).with_name('distill_teacher.py')}:build"
 
@@ -77,11 +87,14 @@ def test_distillation_beats_the_repair_alone_on_held_out_data(pruned):
     assert run_model(folder / "distilled.onnx", {"x": x})[0].shape == (8, 5)
 
 
-def test_training_is_deterministic(pruned):
+def test_training_is_deterministic_in_this_process_or_the_child(pruned):
+    """A file.py teacher trains in a child process; the seeded result is the one this process gets
+    (the same held-out losses and weights; the files' bytes differ between any two dynamo exports)."""
     folder, path, calib, _ = pruned
     config = DistillConfig(epochs=2, calibration_data=calib)
-    a = distill(TEACHER, path, folder / "a.onnx", config)
+    a = distill(TEACHER, path, folder / "a.onnx", config, in_process=True)
     b = distill(TEACHER, path, folder / "b.onnx", config)
+    assert b.path == folder / "b.onnx"
     assert [h["held_out_loss"] for h in a.history] == [h["held_out_loss"] for h in b.history]
     weights = [{i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(folder / f).graph.initializer}
                for f in ("a.onnx", "b.onnx")]
@@ -136,3 +149,127 @@ def test_prune_with_distill_on_the_command_line(pruned, cli, tmp_path):
     code, _, stderr = cli("prune", folder / "teacher.onnx", "-o", tmp_path / "x.onnx", "--method", "channels",
                           "--distill", TEACHER)
     assert code == 2 and "--distill trains on the --calibration data" in stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# A file.py teacher is the user's code: distillation runs it in a child process (as export does),
+# so its sys.exit()/os._exit()/hang ends in one error line (exit 2), its prints stay off --json -,
+# and nothing is left behind: no output, no staging or temp folder, no process.
+
+TEACHER_VARIANTS = Path(__file__).with_name("distill_teacher.py").read_text() + textwrap.dedent(
+    """
+
+    import os
+    import sys
+    import time
+
+
+    def exits_0():
+        sys.exit(0)
+
+
+    def hard_exit_0():
+        os._exit(0)
+
+
+    def hangs():
+        with open(os.environ["PID_FILE"], "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(3600)
+
+
+    def prints():
+        print("hello from the teacher")
+        return build()
+    """
+)
+
+
+@pytest.fixture
+def prune_distill(pruned, tmp_path, monkeypatch, capfd):
+    """``onnxforge prune --distill teacher.py:NAME ...`` in this process, its temp folders in ``tmp``:
+    (exit code, stdout, stderr, output path); asserts that nothing but the output was left behind."""
+    from onnxforge import _scratch
+    from onnxforge.cli import main
+
+    folder, _, calib, _ = pruned
+    teacher = tmp_path / "teacher.py"
+    teacher.write_text(TEACHER_VARIANTS)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(_scratch, "scratch_folder", contextlib.nullcontext)  # so ours are seen, not swept up
+    out = tmp_path / "out" / "student.onnx"
+    out.parent.mkdir()
+
+    def invoke(name: str, *extra: str) -> tuple[int, str, str, Path]:
+        capfd.readouterr()
+        code = main(["prune", str(folder / "teacher.onnx"), "-o", str(out), "--method", "channels", "--ratio", "0.75",
+                     "--calibration", str(calib), "--distill", f"{teacher}:{name}", "--epochs", "1", *extra])
+        captured = capfd.readouterr()
+        assert list(temp.iterdir()) == [], "a temp folder was left behind"
+        assert [p.name for p in out.parent.iterdir()] == ([out.name] if code == 0 else []), "a staging folder was left"
+        assert teacher.read_text() == TEACHER_VARIANTS
+        return code, captured.out, captured.err, out
+
+    return invoke
+
+
+@pytest.mark.parametrize("name", ["exits_0", "hard_exit_0"])
+def test_a_teacher_that_ends_the_process(prune_distill, name):
+    code, _, err, _ = prune_distill(name)
+    assert code == 2, err
+    one_error_line(err, f"teacher.py:{name}", "the model source exited with code 0 before the distillation finished")
+
+
+def test_a_teacher_that_hangs_is_stopped_at_the_timeout(prune_distill, tmp_path, monkeypatch):
+    pid_file = tmp_path / "pid"
+    monkeypatch.setenv("PID_FILE", str(pid_file))
+    code, _, err, _ = prune_distill("hangs", "--timeout", "8")
+    assert code == 2, err
+    one_error_line(err, "teacher.py:hangs", "did not finish within 8 s")
+    if pid_file.exists():  # the child got as far as the teacher's code: it must be gone now
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
+
+
+def test_what_a_teacher_prints_stays_off_json_stdout(prune_distill):
+    code, stdout, err, out = prune_distill("prints", "--json", "-")
+    assert code == 0, err
+    assert json.loads(stdout)["distill"]["epochs_run"] == 1  # stdout is nothing but the JSON
+    assert "hello from the teacher" in err
+    assert out.is_file()
+
+
+def test_a_search_trial_records_a_teacher_that_exits(pruned, tmp_path):
+    """optimize's distill trials run the same stage: the trial fails with the reason, the search goes on."""
+    from onnxforge.model_io import file_sha256
+    from onnxforge.pipeline.data_spec import DataSpec
+    from onnxforge.pipeline.evaluate import Metric, QualityGate
+    from onnxforge.pipeline.runner import source_fingerprint
+    from onnxforge.pipeline.search.space import TrialPlan
+    from onnxforge.pipeline.search.trial import TrialContext, evaluate_plan
+
+    folder, _, calib, evaluation = pruned
+    teacher = tmp_path / "teacher.py"
+    teacher.write_text(TEACHER_VARIANTS)
+    start = folder / "teacher.onnx"
+    ctx = TrialContext(start_model=str(start), start_sha256=file_sha256(start), reference_model=str(start),
+                       calibration=DataSpec(path=calib), eval_path=str(evaluation), target="cpu",
+                       gate=QualityGate(metric=Metric.AGREEMENT, tolerance=100.0), reference_score=1.0, batch=1,
+                       threads=1, rounds=3, cache_root=str(tmp_path / "cache"),
+                       source=f"{teacher}:exits_0", source_sha256=source_fingerprint(f"{teacher}:exits_0"))
+    plan = TrialPlan({"structure": "prune_channels", "recovery": "distill"},
+                     (("prune_channels", {"ratio": 0.75}), ("distill", {"epochs": 1})))
+    record = evaluate_plan(0, plan, ctx, tmp_path / "trial.onnx", timing=False)
+    assert record["status"] == "failed"
+    assert "teacher.py:exits_0: the model source exited with code 0" in record["error"]
+
+
+def test_a_time_budget_must_fit_in_the_timeout():
+    with pytest.raises(UsageError, match="a time budget of 3600 s does not fit in the timeout of 1800 s"):
+        DistillConfig(time_budget_s=3600)
+    assert DistillConfig(time_budget_s=3600, timeout_s=4000).timeout_s == 4000
+    from onnxforge.pipeline import codec
+
+    assert "timeout_s" not in {f.name for f in codec.key_fields(DistillConfig)}  # a longer wait is the same model
