@@ -99,18 +99,22 @@ _WRITTEN_PARAMS = ("output", "html_path")  # a command's other output files
 _OUTPUT_FOLDERS = ("run_dir", "mobile_dir")
 
 
+_SOURCE_PARAMS = ("source", "distill_source")
+
+
 def _check_json_path(json_path: str | None, params: dict, *reads: Path, written: tuple = ()) -> None:
-    """Refuse ``--json PATH`` when PATH is a file the command reads (its Path options, the export
-    source) or writes (``-o``, ``--html``); a pipe or /dev/stdout is fine."""
+    """Refuse ``--json PATH`` when PATH is a file the command reads (its Path options, the export or
+    distillation source) or writes (``-o``, ``--html``); a pipe or /dev/stdout is fine."""
     if not json_path or json_path == "-":
         return
     from onnxforge._atomic import check_output_path
 
     files = [v for k, v in params.items() if isinstance(v, Path) and k not in _WRITTEN_PARAMS + _OUTPUT_FOLDERS]
-    if isinstance(params.get("source"), str):
-        from onnxforge.converters.source import source_files
+    for key in _SOURCE_PARAMS:  # export's SOURCE, prune --distill SOURCE: file.py:callable or a model file
+        if isinstance(params.get(key), str):
+            from onnxforge.converters.source import source_files
 
-        files += source_files(params["source"])
+            files += source_files(params[key])
     others = [*written, *(params.get(k) for k in _WRITTEN_PARAMS)]
     check_output_path(json_path, *reads, *files, written=others, stream_ok=True)
 

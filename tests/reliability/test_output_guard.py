@@ -131,6 +131,18 @@ def test_json_naming_the_export_source_is_refused(run_cli, tmp_path):
     one_error_line(err, "model.py", "input")
 
 
+def test_json_naming_the_distillation_teacher_is_refused_before_any_work(run_cli, inputs, tmp_path):
+    teacher = tmp_path / "teacher.py"
+    teacher.write_text("raise SystemExit('the teacher must not even run')\n")
+    output = tmp_path / "kd.onnx"
+    with untouched(tmp_path), untouched(inputs):
+        code, err = run_cli("prune", inputs / "model.onnx", "-o", output, "--method", "channels", "--ratio", "0.5",
+                            "--calibration", inputs / "calib.npz", "--distill", f"{teacher}:build", "--json", teacher)
+    assert code == 2, err
+    one_error_line(err, "teacher.py", "input")
+    assert not output.exists()
+
+
 def test_json_into_a_fifo_is_written_not_replaced(run_cli, inputs, tmp_path):
     fifo = tmp_path / "report.fifo"
     os.mkfifo(fifo)
