@@ -158,9 +158,28 @@ def _sparse_model(folder: Path, rows: int = 34_000_000, width: int = 64) -> Path
     return save(model, folder / "big.onnx")
 
 
+def _room_for_a_2gb_model(folder) -> str | None:
+    """Why this machine cannot take the 2 GB test (it needs ~9 GB of memory and ~4.4 GB of disk), or None."""
+    import shutil
+
+    free_disk = shutil.disk_usage(folder).free
+    try:
+        available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return "cannot read the memory available (/proc/meminfo)"
+    if available < 12 * 2**30:
+        return f"needs 12 GB of memory available, this machine has {available / 2**30:.1f} GB"
+    if free_disk < 6 * 2**30:
+        return f"needs 6 GB of free disk under {folder}, there is {free_disk / 2**30:.1f} GB"
+    return None
+
+
 @pytest.mark.slow  # about 90 s and 9 GB of memory at its peak (fp16), 4.4 GB of disk while it runs
 def test_a_model_past_2_gb_through_every_stage(cli, tmp_path):
     """Issue 17: simplify exited 1 and fp16 2 with "EncodeError: Failed to serialize proto"."""
+    reason = _room_for_a_2gb_model(tmp_path)
+    if reason:
+        pytest.skip(reason)
     model = _sparse_model(tmp_path)
     assert onnxforge.model_io.model_file_size(model) > 2**31
     ids = {"ids": np.array([[0, 3, 15, 200]], dtype=np.int64)}
