@@ -182,15 +182,21 @@ class Target:
         *,
         threads: int | None = None,
         profile_prefix: str | None = None,
+        low_memory: bool = False,
     ) -> ort.InferenceSession:
         """An InferenceSession on this target; a model onnxruntime cannot load is InvalidModelError.
 
         With ``profile_prefix`` onnxruntime's profiler is on and writes ``<prefix>_<date>.json``.
+        ``low_memory`` turns off the CPU arena and memory patterns: memory goes back after each run
+        (for sessions that score or analyse under a memory limit; never for timing).
         A provider that onnxruntime could not start is TargetUnavailableError, not a CPU fallback.
         """
         self.require()
         source = model if isinstance(model, bytes) else str(model)
         options = self.session_options(threads)
+        if low_memory:
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix

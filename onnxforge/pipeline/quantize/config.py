@@ -88,8 +88,10 @@ class QuantizeConfig:
     mixed_precision_steps: int = 10
     error_report: bool = True
     analysis_samples: int = 32
-    # bytes; refuse before loading data when calibration would need more. Not in the cache key: it decides
-    # whether the stage runs, not what it writes.
+    # bytes; the peak the stage stays under (memory_plan sizes its batches to it; None: 80% of the memory
+    # available at the start), refused before any work when batch 1 cannot fit. Not in the cache key: it
+    # decides whether the stage runs and its batch sizes, not the MinMax ranges (histogram methods on a
+    # smaller batch can shift theirs slightly: see memory_plan).
     max_memory: int | None = field(default=None, metadata={"key": False})
     transformer_fusion: bool = True
     residual_sums: bool = True

@@ -104,6 +104,8 @@ def quantize(
         chosen, passed = run.choose()
         layer_errors = run.layer_errors(chosen, notes)
         notes += run.notes
+        if data.plan is not None and (data.plan.explicit or data.plan.reduced):
+            notes.append(data.plan.describe())
         if REWRITTEN_FP32 in run.timings:
             speedup = run.timings["fp32"].p50_ms / run.timings[REWRITTEN_FP32].p50_ms
             notes.append(f"the rewritten fp32 graph alone runs {speedup:.2f}x the input model (part of each speedup)")
