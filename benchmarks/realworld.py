@@ -51,9 +51,15 @@ def _speed(result: dict) -> str:
 
 def _verdict(code: int, result: dict) -> str:
     if code == 4:
-        return "exit 4: no try met the tolerance (input kept)" if result.get("tried") else "exit 4: best kept"
+        if result.get("tried"):
+            return "exit 4: no try met the tolerance (input kept)"
+        return f"exit 4: best kept ({result['chosen']})" if result.get("chosen") else "exit 4: best kept"
     if result.get("chosen"):
-        return f"kept {result['chosen']}"
+        nothing = next((n for n in result.get("notes", []) if n.startswith("nothing was quantized")), None)
+        if nothing is None:
+            return f"kept {result['chosen']}"
+        why = ": its layers are in If/Loop bodies" if "bodies" in nothing else ""
+        return f"kept {result['chosen']} (nothing quantized{why})"
     if "factored_layers" in result:
         return f"{len(result['factored_layers'])} layers factored"
     return f"{result.get('ratio', 0):.0%} of channels removed"

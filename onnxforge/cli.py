@@ -348,7 +348,7 @@ def simplify(model, output, method, input_shapes, sample_data, json_path):
 @click.option("--exclude-node", multiple=True, help="node name to keep in float (repeatable)")
 @click.option("--exclude-op", multiple=True, help="op type to keep in float (repeatable)")
 @click.option("--threads", type=int, default=1, show_default=True, help="threads when timing candidates")
-@click.option("--max-memory", metavar="SIZE", default=None, help="refuse to start when calibration would need more memory than this (e.g. 2G), instead of being OOM-killed")
+@click.option("--max-memory", metavar="SIZE", default=None, help="peak memory to stay under (e.g. 2G): calibration, scoring and the error analysis are sized to it from the data's real shapes; refused before any work (exit 2) when a batch of 1 cannot fit. Default: 80% of the memory available at the start")
 @click.option("--scheme", "schemes", multiple=True, metavar="SCHEME", help="candidate to measure, e.g. qdq-u8s8-per-channel, qdq-u8s8-per-channel-matmul-smooth, dynamic-s8-per-channel-smooth, int4, fp16; options -matmul, -smooth, -percentile, -int8-embeddings (repeatable; default: the target's)")
 @click.option("--float-embeddings", is_flag=True, help="leave embedding tables in float (default: int8 with per-row scales in every candidate)")
 @click.option("--smooth-alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength for -smooth schemes")
@@ -1089,7 +1089,7 @@ def _render_run(result, json_path: str | None) -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="run folder (default: runs/<recipe name>)")
 @click.option("--force", is_flag=True, help="re-run every stage, ignoring cached results")
-@click.option("--max-memory", metavar="SIZE", default=None, help="quantize stages refuse to start when calibration would need more memory than this (e.g. 2G)")
+@click.option("--max-memory", metavar="SIZE", default=None, help="peak memory each quantize stage stays under (e.g. 2G; see quantize --help). Default: 80% of the memory available when the stage starts")
 @cache_options
 @json_option
 def run(recipe, run_dir, force, json_path, max_memory, cache_dir, no_cache):

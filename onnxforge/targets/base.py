@@ -191,6 +191,7 @@ class Target:
         profile_prefix: str | None = None,
         interleaved: bool = False,
         name: str | None = None,
+        low_memory: bool = False,
     ) -> ort.InferenceSession:
         """An InferenceSession on this target; a model onnxruntime cannot load is InvalidModelError.
 
@@ -199,6 +200,8 @@ class Target:
         model"). With ``profile_prefix`` onnxruntime's profiler is on and writes ``<prefix>_<date>.json``.
         ``interleaved``: the session is timed in turn with others (``compare_latency``), so its
         thread pool does not spin between runs (see ``session_options``).
+        ``low_memory`` turns off the CPU arena and memory patterns: memory goes back after each run
+        (for sessions that score or analyse under a memory limit; never for timing).
         A provider that onnxruntime could not start is TargetUnavailableError, not a CPU fallback.
         """
         if isinstance(model, onnx.ModelProto):
@@ -206,11 +209,14 @@ class Target:
 
             with runnable(model) as source:
                 return self.session(source, threads=threads, profile_prefix=profile_prefix, interleaved=interleaved,
-                                    name=name or "the model")
+                                    name=name or "the model", low_memory=low_memory)
         self.require()
         source = model if isinstance(model, bytes) else str(model)
         where = name or ("the model" if isinstance(model, bytes) else str(model))
         options = self.session_options(threads, interleaved=interleaved)
+        if low_memory:
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import onnx
+import pytest
 
 from conftest import write_npz
 from onnxforge.cli import main
@@ -99,3 +100,21 @@ def test_cli_writes_the_table_json_and_html(tmp_path, capsys):
     payload = json.loads(report.read_text())
     assert payload["first_divergence"]["name"] == "f1m" and payload["outputs"][0]["name"] == "y"
     assert "<svg" in html.read_text()
+
+
+def test_the_accumulator_sums_large_tensors_a_chunk_at_a_time_to_the_same_numbers():
+    """Tensors over a chunk (here 2.5 chunks, the last one short) give the sums of the whole-tensor formula."""
+    from onnxforge.pipeline.compare import _CHUNK, ErrorAccumulator
+
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((5, _CHUNK // 2)).astype(np.float32)
+    val = ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.1
+    val[-1, -1] = 40.0  # the largest difference is in the short last chunk
+    acc = ErrorAccumulator()
+    acc.add(ref, val)
+    r, v = ref.astype(np.float64), val.astype(np.float64)
+    assert acc.signal == pytest.approx(np.square(r).sum(), rel=1e-12)
+    assert acc.noise == pytest.approx(np.square(r - v).sum(), rel=1e-12)
+    assert acc.dot == pytest.approx((r * v).sum(), rel=1e-12)
+    assert acc.value_energy == pytest.approx(np.square(v).sum(), rel=1e-12)
+    assert acc.max_abs == pytest.approx(float(np.abs(r - v).max()))

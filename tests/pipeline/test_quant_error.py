@@ -98,6 +98,18 @@ def test_sums_do_not_depend_on_batching(tmp_path):
         assert a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-6)
 
 
+@pytest.mark.parametrize("passes", [2, 50])  # 50: more passes than nodes
+def test_nodes_measured_in_shares_give_the_same_numbers(tmp_path, passes):
+    """Under a memory limit the nodes are measured a share per pass over the data (the local model cut to
+    what each share reads): every node's numbers are those of one pass, to the bit."""
+    fp32, qdq = quantized(tmp_path, outlier=2000.0)
+    x = data(32, seed=2)
+    one = measure_node_errors(fp32, qdq, [{"x": x[i : i + 8]} for i in range(0, 32, 8)])
+    shared = measure_node_errors(fp32, qdq, lambda: ({"x": x[i : i + 8]} for i in range(0, 32, 8)), passes=passes,
+                                 output_sizes={"h3": 10_000})
+    assert len(one) >= 4 and shared == one
+
+
 def test_an_unquantized_model_has_no_quantized_nodes(tmp_path):
     fp32, _ = quantized(tmp_path, outlier=0.0)
     assert measure_node_errors(fp32, fp32, [{"x": data(4)}]) == []

@@ -90,8 +90,6 @@ def test_detector_channel_pruning_never_passes_a_detector_that_misses_lines(fold
         assert all(t["score"] is not None for t in data["tried"])
 
 
-@pytest.mark.xfail(reason="the --max-memory guarantee (streamed, per-phase memory plan) is still on the realworld "
-                   "branch: main's guard estimates and refuses, it does not yet bound the peak", strict=False)
 def test_detector_quantize_stays_under_max_memory(folder, det):
     path, pages, boxes = det
     out, report = folder / "det_q.onnx", folder / "det_q.json"

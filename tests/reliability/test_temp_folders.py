@@ -4,6 +4,7 @@ next onnxforge start removes it — but never the folder of a process that is st
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -86,3 +87,32 @@ def test_folder_of_a_killed_run_is_removed_at_the_next_start(tmp_path):
                            capture_output=True, text=True, env=env, timeout=120)
     assert after.returncode == 0, after.stderr
     assert [p.name for p in private_tmp.iterdir() if p.is_dir()] == []
+
+
+def test_pre_processing_leaves_nothing_in_the_working_folder(cli, tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference saves ``sym_shape_infer_temp.onnx`` into the current folder
+    when it fails (here: two inputs' symbolic dims that only auto-merge reconciles); quantize's
+    pre-processing runs it inside its temp folder, so the user's folder gets the output only."""
+    import onnx.parser
+
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,A] x, float[N,B] y) => (float[N,C] z) {
+            s = Add (x, y)
+            w = Mul (s, s)
+            z = Relu (w)
+        }
+    """)
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((20, 4)).astype(np.float32),
+             y=rng.standard_normal((20, 4)).astype(np.float32))
+    monkeypatch.chdir(work)
+    code, _, err = cli("quantize", tmp_path / "m.onnx", "-o", "q.onnx", "--calibration", tmp_path / "calib.npz",
+                       "--tolerance", "100", "--json", tmp_path / "q.json")
+    assert code == 0, err
+    notes = json.loads((tmp_path / "q.json").read_text())["notes"]
+    assert any("symbolic shape inference failed" in n for n in notes), notes  # the path that writes the file ran
+    assert sorted(p.name for p in work.iterdir()) == ["q.onnx"]

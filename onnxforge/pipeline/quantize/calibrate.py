@@ -10,6 +10,9 @@ quantize activations at all), with fallbacks for dynamo/TorchScript exports (gra
 transformer variants on it). The ranges: one pass over the samples, one batch at a time
 (calibration_ranges), written as onnxruntime's calibration cache that static candidates read; once
 per graph and method.
+
+Memory: a plan (memory_plan) made from the first samples' real shapes sizes every batch to
+``max_memory``, or without it to a share of the memory available at the start.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import contextlib
 import io
 import math
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnxruntime import quantization as ortq
 
@@ -39,6 +43,13 @@ from onnxforge.pipeline.calibration import (
 from onnxforge.pipeline.quantize.backends import error_line, op_types_to_quantize
 from onnxforge.pipeline.quantize.calibration_ranges import collect_ranges
 from onnxforge.pipeline.quantize.config import CalibrationMethod, QuantizeConfig, Ranges
+from onnxforge.pipeline.quantize.memory_plan import (
+    DEFAULT_SHARE,
+    MemoryPlan,
+    available_memory,
+    plan_memory,
+    tensor_sizes,
+)
 
 __all__ = ["CalibrationData", "collect", "data_notes", "load_calibration", "preprocess"]
 
@@ -46,7 +57,8 @@ __all__ = ["CalibrationData", "collect", "data_notes", "load_calibration", "prep
 @dataclass
 class CalibrationData:
     """The samples of one quantize() call: the calibration part (possibly streamed), the held-out
-    part (in memory), and the batch the model takes."""
+    part (in memory), the batch the model takes, and the memory plan that sizes each phase's batch
+    (None where the memory available cannot be read)."""
 
     specs: Sequence[TensorSpec]
     calib: SampleSet | StreamedSamples
@@ -54,15 +66,42 @@ class CalibrationData:
     source: str  # where the samples came from, for error messages
     batch: int
     fixed_batch: bool
+    plan: MemoryPlan | None = field(default=None, repr=False)
 
-    def reader(self, count: int | None = None) -> CalibrationReader:
-        """Batches of the calibration part (its first ``count`` samples when given)."""
+    @property
+    def low_memory(self) -> bool:
+        """Sessions that score or analyse run without onnxruntime's CPU arena (under a plan)."""
+        return self.plan is not None
+
+    def reader(self, count: int | None = None, batch: int | None = None) -> CalibrationReader:
+        """Batches of the calibration part (its first ``count`` samples when given; ``batch`` samples each,
+        else the model's batch)."""
         samples = self.calib if count is None else self.calib.take(slice(0, min(count, len(self.calib))))
-        return CalibrationReader(samples, self.batch, fixed_batch=self.fixed_batch)
+        return CalibrationReader(samples, batch or self.batch, fixed_batch=self.fixed_batch)
 
-    def analysis_batches(self, count: int) -> Iterator[dict]:
-        """The first ``count`` calibration samples in batches: what the per-node error is measured on."""
-        return iter(self.reader(count).get_next, None)
+    def eval_batch(self) -> int:
+        """The batch held-out samples are scored at: what fits what is left of the memory limit."""
+        fixed = model_batch_size(self.specs, preferred=0)
+        return fixed or (self.plan.eval_batch(self.source, min(32, len(self.held_out))) if self.plan else 32)
+
+    def statistics_batch(self) -> int | None:
+        """The batch for runs that return some activations (smoothing statistics, fusion parity), sized
+        now; None when not even one sample fits what is left of the memory limit."""
+        return self.plan.statistics_batch() if self.plan else self.batch
+
+    def analysis_size(self) -> tuple[int, int] | None:
+        """(batch, passes over the nodes) for the per-node error analysis, sized now; None when it does
+        not fit what is left of the memory limit."""
+        return self.plan.analysis_size() if self.plan else (self.batch, 1)
+
+    def batches(self, count: int, batch: int) -> Callable[[], Iterator[dict]]:
+        """The first ``count`` calibration samples in batches of ``batch``, afresh on each call."""
+        return lambda: iter(self.reader(count, batch).get_next, None)
+
+    def tensor_sizes(self, model_path: Path) -> dict[str, int]:
+        """Bytes per sample of the activations of the model at ``model_path`` at the data's shapes."""
+        shapes = self.plan.input_shapes if self.plan else {}
+        return tensor_sizes(onnx.load(str(model_path), load_external_data=False), shapes)
 
 
 def load_calibration(model: onnx.ModelProto, calibration: object, config: QuantizeConfig) -> CalibrationData:
@@ -85,7 +124,37 @@ def load_calibration(model: onnx.ModelProto, calibration: object, config: Quanti
         raise CalibrationDataError(f"{source.source}: no calibration samples left after holding out evaluation ones")
     fixed_batch = model_batch_size(specs, preferred=0) != 0
     batch = model_batch_size(specs, preferred=min(16, len(calib)))
-    return CalibrationData(specs, calib, held_out, source.source, batch, fixed_batch)
+    plan = _memory_plan(model, config, calib, held_out, source, batch, fixed_batch)
+    return CalibrationData(specs, calib, held_out, source.source, batch, fixed_batch, plan)
+
+
+def _samples_bytes(samples: SampleSet | StreamedSamples) -> int:
+    """Bytes of samples held in memory: all of a SampleSet; of a stream, about a file and a batch."""
+    if isinstance(samples, StreamedSamples):
+        return sum(int(np.asarray(v).nbytes) for v in samples.first_batch(1).values()) * 32
+    return sum(
+        sum(int(np.asarray(x).nbytes) for x in v) if v.dtype == object else int(v.nbytes)
+        for v in samples.inputs.values()
+    )
+
+
+def _memory_plan(
+    model: onnx.ModelProto, config: QuantizeConfig, calib, held_out: SampleSet, source, batch: int, fixed_batch: bool
+) -> MemoryPlan | None:
+    """Batches sized to ``max_memory`` (without it, a share of the available memory) from the first
+    samples' shapes; CalibrationDataError when not even a forward pass at batch 1 fits."""
+    limit, explicit = config.max_memory, config.max_memory is not None
+    if limit is None:
+        available = available_memory()
+        if available is None:
+            return None
+        limit = int(available * DEFAULT_SHARE)
+    shapes = {k: tuple(np.shape(v)) for k, v in calib.first_batch(1).items()}
+    held = _samples_bytes(source)  # held-out samples split from an in-memory set are views of it
+    if config.eval_data is not None or not isinstance(source, SampleSet):
+        held += _samples_bytes(held_out)
+    return plan_memory(model, shapes, held, limit, batch=batch, fixed_batch=batch if fixed_batch else None,
+                       explicit=explicit, source=source.source)
 
 
 def _split_eval(
@@ -141,15 +210,23 @@ def collect(
     model_path: Path, method: CalibrationMethod, data: CalibrationData, config: QuantizeConfig, cache: Path
 ) -> tuple[Ranges, int]:
     """The activation ranges of ``model_path`` on the calibration samples, written to ``cache``;
-    returns them and the calibration batches run."""
-    reader = data.reader()
+    returns them and the calibration batches run. Under a memory plan the batch and the passes over
+    the tensors are sized now, from the memory resident after pre-processing and earlier candidates."""
+    batch, groups, sizes = data.batch, 1, None
+    if data.plan is not None:
+        batch, groups = data.plan.calibration_batch(data.source, histogram=method is not CalibrationMethod.MINMAX)
+        if groups > 1:  # shares balanced by the sizes of this graph's tensors at the data's shapes
+            sizes = data.tensor_sizes(model_path)
     try:
         batches = collect_ranges(
             model_path,
-            iter(reader.get_next, None),
+            lambda: iter(data.reader(batch=batch).get_next, None),
             method.to_ort(),
             cache,
             op_types=op_types_to_quantize(model_path, config.exclude_op_types),
+            tensor_groups=groups,
+            tensor_sizes=sizes,
+            low_memory=data.low_memory,
         )
     except CalibrationDataError:
         raise

@@ -96,8 +96,10 @@ class QuantizeConfig:
     mixed_precision_steps: int = 10
     error_report: bool = True
     analysis_samples: int = 32
-    # bytes; refuse before loading data when calibration would need more. Not in the cache key: it decides
-    # whether the stage runs, not what it writes.
+    # bytes; the peak the stage stays under (memory_plan sizes its batches to it; None: 80% of the memory
+    # available at the start), refused before any work when batch 1 cannot fit. Not in the cache key: it
+    # decides whether the stage runs and its batch sizes, not the MinMax ranges (histogram methods on a
+    # smaller batch can shift theirs slightly: see memory_plan).
     max_memory: int | None = field(default=None, metadata={"key": False})
     transformer_fusion: bool = True
     residual_sums: bool = True
@@ -110,8 +112,6 @@ class QuantizeConfig:
     def calibration_samples(self) -> int:
         """How many samples calibrate at most: ``max_samples``, else DEFAULT_CALIBRATION_SAMPLES."""
         return self.max_samples or DEFAULT_CALIBRATION_SAMPLES
-
-    max_calibration_samples = calibration_samples  # its name before it became max_samples (recipes refuse it)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:

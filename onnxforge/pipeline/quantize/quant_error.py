@@ -15,14 +15,17 @@ SQNR = 10 log10(sum x^2 / sum (x - x_q)^2) in dB over all measured samples (high
 relative error = ||x - x_q|| / ||x||. Both models run with graph optimizations off, so the
 quantized one is evaluated as the QDQ graph says (fake quantization), node by node. The sums
 are accumulated batch by batch (onnxforge.pipeline.compare's accumulator, the one ``onnxforge
-compare`` uses): memory holds one batch's activations, not the data set's.
+compare`` uses): memory holds one batch's activations, not the data set's. Under a memory limit the
+nodes are measured in shares too, one share per pass over the data (balanced by the size of their
+outputs): the sessions then return that share's tensors, and the local model is cut to what the
+share's nodes read. Every number is the one a single pass gives.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +35,7 @@ from onnx import helper
 
 from onnxforge._ort_logs import session_options
 from onnxforge.pipeline.compare import ErrorAccumulator, with_outputs
+from onnxforge.pipeline.quantize.memory_plan import balanced_shares
 
 __all__ = ["NodeError", "measure_node_errors", "quantized_nodes"]
 
@@ -111,6 +115,8 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = session_options()
     options.intra_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_cpu_mem_arena = False  # memory returns after each batch (these sessions are not timed)
+    options.enable_mem_pattern = False
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -139,16 +145,62 @@ def _local_model(qdq: onnx.ModelProto, graph_inputs: set[str]) -> tuple[onnx.Mod
     return local, feeds
 
 
+def _cut(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """``model`` with only the nodes ``outputs`` depend on, the graph inputs they read, and ``outputs``."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    needed_nodes: set[int] = set()
+    reached: set[str] = set()
+    stack = list(outputs)
+    while stack:
+        name = stack.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        node = producer.get(name)
+        if node is not None and id(node) not in needed_nodes:
+            needed_nodes.add(id(node))
+            stack.extend(i for i in [*node.input, *_read_by_bodies(node)] if i)
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    del cut.graph.node[:]
+    cut.graph.node.extend(n for n in model.graph.node if id(n) in needed_nodes)
+    del cut.graph.input[:]
+    cut.graph.input.extend(i for i in model.graph.input if i.name in reached)
+    return with_outputs(_without_outputs(cut), outputs)
+
+
+def _read_by_bodies(node: onnx.NodeProto) -> list[str]:
+    """Names an If/Loop/Scan body reads (from the outer graph among them)."""
+    names = []
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in graph.node:
+                names.extend([*inner.input, *_read_by_bodies(inner)])
+    return names
+
+
+def _without_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    del model.graph.output[:]
+    return model
+
+
 def measure_node_errors(
     fp32_path: str | os.PathLike,
     qdq_path: str | os.PathLike,
-    batches: Iterable[Mapping[str, np.ndarray]],
+    batches: Iterable[Mapping[str, np.ndarray]] | Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    *,
+    passes: int = 1,
+    output_sizes: Mapping[str, int] | None = None,
 ) -> list[NodeError]:
     """Local and end-to-end error of each quantized node of ``qdq_path`` over ``batches`` of inputs.
 
     ``qdq_path`` must be a QDQ-format quantization of ``fp32_path`` (node names kept, as
     onnxruntime's QDQ quantizer does). Returns nodes in graph order; empty when none is quantized.
+    ``passes`` > 1 measures a share of the nodes per pass over the data (``batches`` is then a
+    callable that gives them again), balanced by ``output_sizes`` (bytes of the fp32 tensors per sample).
     """
+    if passes > 1 and not callable(batches):
+        raise TypeError("several passes over the nodes need a callable that gives the batches again")
     fp32 = onnx.load(str(fp32_path))
     qdq = onnx.load(str(qdq_path))
     nodes = quantized_nodes(qdq, fp32)
@@ -156,14 +208,43 @@ def measure_node_errors(
         return []
     graph_inputs = {i.name for i in qdq.graph.input}
     local_model, local_feeds = _local_model(qdq, graph_inputs)
+    if passes == 1:
+        shares = [nodes]
+    else:
+        names = balanced_shares([n.fp32_output for n in nodes], passes, output_sizes or {})
+        shares = [[n for n in nodes if n.fp32_output in share] for share in names]
+    errors: dict[str, NodeError] = {}
+    for share in shares:
+        if share:
+            again = batches() if callable(batches) else batches
+            errors.update(_measure(fp32, qdq, local_model, local_feeds, share, again, cut=passes > 1))
+    return [errors[n.name] for n in nodes]
+
+
+def _measure(
+    fp32: onnx.ModelProto,
+    qdq: onnx.ModelProto,
+    local_model: onnx.ModelProto,
+    local_feeds: Mapping[str, str],
+    nodes: Sequence[_QuantizedNode],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    cut: bool,
+) -> dict[str, NodeError]:
+    """The errors of ``nodes`` in one pass over ``batches``; ``cut``: the local model keeps only what they read."""
+    measured = [n.qdq_output for n in nodes]
+    local_model = _cut(local_model, measured) if cut else with_outputs(local_model, measured)
+    local_inputs_read = {i.name for i in local_model.graph.input}
+    local_feeds = {fed: name for fed, name in local_feeds.items() if fed in local_inputs_read}
     fp32_names = [n.fp32_output for n in nodes] + list(local_feeds.values())
     fp32_session = _session(with_outputs(fp32, fp32_names))
-    qdq_session = _session(with_outputs(qdq, [n.qdq_output for n in nodes]))
-    local_session = _session(with_outputs(local_model, [n.qdq_output for n in nodes]))
+    qdq_session = _session(with_outputs(qdq, measured))
+    local_session = _session(local_model)
     fp32_index = {o.name: i for i, o in enumerate(fp32_session.get_outputs())}
     qdq_index = {o.name: i for i, o in enumerate(qdq_session.get_outputs())}
     local_index = {o.name: i for i, o in enumerate(local_session.get_outputs())}
     input_names = [i.name for i in fp32_session.get_inputs()]
+    local_graph_inputs = [name for name in input_names if name in local_inputs_read]
 
     local = {n.name: ErrorAccumulator() for n in nodes}
     end_to_end = {n.name: ErrorAccumulator() for n in nodes}
@@ -171,14 +252,16 @@ def measure_node_errors(
         feeds = {k: batch[k] for k in input_names}
         reference = fp32_session.run(None, feeds)
         quantized = qdq_session.run(None, feeds)
-        local_inputs = dict(feeds) | {fed: reference[fp32_index[name]] for fed, name in local_feeds.items()}
+        local_inputs = {k: feeds[k] for k in local_graph_inputs}
+        local_inputs |= {fed: reference[fp32_index[name]] for fed, name in local_feeds.items()}
         local_out = local_session.run(None, local_inputs)
         for n in nodes:
             ref = reference[fp32_index[n.fp32_output]]
             end_to_end[n.name].add(ref, quantized[qdq_index[n.qdq_output]])
             local[n.name].add(ref, local_out[local_index[n.qdq_output]])
-    return [
-        NodeError(
+        del reference, quantized, local_out
+    return {
+        n.name: NodeError(
             node=n.name,
             op_type=n.op_type,
             output=n.fp32_output,
@@ -187,4 +270,4 @@ def measure_node_errors(
             relative_error=end_to_end[n.name].relative_error(),
         )
         for n in nodes
-    ]
+    }

@@ -80,9 +80,12 @@ class CandidateRun:
         self.target = target
         self.data = data
         self.held_out = data.held_out
-        self.eval_batch = model_batch_size(data.specs, preferred=32)
+        self.eval_batch = data.eval_batch()  # what fits the memory limit (memory_plan)
         self.fp32_session = target.session(graphs.fp32, threads=config.threads, interleaved=True)  # timed too
-        self.reference = run_outputs(self.fp32_session, self.held_out, self.eval_batch)
+        scoring = (target.session(graphs.fp32, threads=config.threads, low_memory=True) if data.low_memory
+                   else self.fp32_session)
+        self.reference = run_outputs(scoring, self.held_out, self.eval_batch)
+        del scoring
         first = self.reference[0]  # ragged (an object array of per-sample outputs) for variable-length inputs
         first_shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
         self.gate = QualityGate.resolve(config.metric, config.tolerance, self.held_out.labels is not None, first_shape)
@@ -111,8 +114,11 @@ class CandidateRun:
 
     def _smooth(self, graph: Path) -> Path:
         if graph not in self._smoothed:
-            result = smooth_model(onnx.load(str(graph)), self.data.analysis_batches(self.config.max_calibration_samples),
-                                  self.config.smooth_alpha)
+            batch = self.data.statistics_batch()
+            if batch is None:
+                raise CalibrationDataError(f"smoothing statistics: {self.data.plan.refusal('statistics')}")
+            batches = self.data.batches(self.config.calibration_samples, batch)
+            result = smooth_model(onnx.load(str(graph)), batches(), self.config.smooth_alpha)
             path = graph.with_name(graph.stem + "_smooth.onnx")
             onnx.save_model(result.model, str(path))
             self._smoothed[graph] = path
@@ -142,7 +148,7 @@ class CandidateRun:
         return dest
 
     def score(self, path: Path) -> float:
-        session = self.target.session(path, threads=self.config.threads)
+        session = self.target.session(path, threads=self.config.threads, low_memory=self.data.low_memory)
         outputs = run_outputs(session, self.held_out, self.eval_batch)
         return score(self.gate.metric, outputs, self.reference, self.held_out.labels)
 
@@ -225,9 +231,13 @@ class CandidateRun:
             if self.scheme_of[base.scheme].method is QuantMethod.FP16:
                 notes.append(f"mixed precision skipped on {base.scheme}: fp16 has no per-node int8 to undo")
                 continue
+            size = self.data.analysis_size()  # ranking the nodes measures every quantized node's output
+            if size is None:
+                notes.append(f"mixed precision skipped on {base.scheme}: {self.data.plan.refusal('analysis')}")
+                continue
             found = None
             try:
-                found, step_paths = self._search_float_nodes(self.scheme_of[base.scheme], self.paths[base.scheme])
+                found, step_paths = self._search_float_nodes(self.scheme_of[base.scheme], self.paths[base.scheme], size)
             except Exception as e:  # the analysis is an improvement, not a requirement
                 notes.append(f"mixed precision could not run on {base.scheme}: {error_line(e)}")
             if found is None:
@@ -255,14 +265,20 @@ class CandidateRun:
             )
         return search
 
+    def _node_errors(self, source: Path, qdq_path: Path, size: tuple[int, int]) -> list[NodeError]:
+        """measure_node_errors on calibration samples at ``size``: (batch, passes over the nodes)."""
+        batch, passes = size
+        return measure_node_errors(source, qdq_path, self.data.batches(self.config.analysis_samples, batch),
+                                   passes=passes, output_sizes=self.data.tensor_sizes(source) if passes > 1 else None)
+
     def _search_float_nodes(
-        self, scheme: QuantScheme, path: Path
+        self, scheme: QuantScheme, path: Path, size: tuple[int, int]
     ) -> tuple[MixedPrecisionSearch, dict[tuple[str, ...], Path]]:
         """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
         static = scheme.method is QuantMethod.STATIC
         source = self.source(scheme)
         qdq_path = path if static and scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), source=source)
-        errors = measure_node_errors(source, qdq_path, self.data.analysis_batches(self.config.analysis_samples))
+        errors = self._node_errors(source, qdq_path, size)
         errors = [e for e in errors if e.node not in self.config.exclude_nodes]
         if static:
             groups = node_groups(onnx.load(str(qdq_path), load_external_data=False), [e.node for e in errors])
@@ -309,7 +325,11 @@ class CandidateRun:
             source = self.source(scheme)
             qdq_path = path if scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), chosen.float_nodes,
                                                                                   source=source)
-            return measure_node_errors(source, qdq_path, self.data.analysis_batches(self.config.analysis_samples))
+            size = self.data.analysis_size()
+            if size is None:
+                notes.append(f"per-layer error report skipped: {self.data.plan.refusal('analysis')}")
+                return []
+            return self._node_errors(source, qdq_path, size)
         except Exception as e:
             notes.append(f"per-layer error report failed: {error_line(e)}")
             return []

@@ -94,6 +94,8 @@ def quantize(
         if run.timings_reused:
             notes.append("latencies as recorded by an earlier run of these same candidates on this machine (the "
                          "stage cache), so the same scheme is kept; --no-cache times them again")
+        if data.plan is not None and (data.plan.explicit or data.plan.reduced):
+            notes.append(data.plan.describe())
         if REWRITTEN_FP32 in run.timings:
             speedup = run.timings["fp32"].p50_ms / run.timings[REWRITTEN_FP32].p50_ms
             notes.append(f"the rewritten fp32 graph alone runs {speedup:.2f}x the input model (part of each speedup)")
