@@ -86,21 +86,30 @@ def _resident() -> int:
 
 
 def test_data_size_moves_the_verdict(cli, tmp_path, classifier_path):
-    """The same limit passes a small file and refuses a large one: the guard reads the data size."""
+    """The same limit passes a small file and refuses a large one: the guard reads the size of the data
+    it will read (the file's header, as far as --max-samples; rows past it are never read)."""
     small = write_npz(tmp_path / "small.npz", x=random_images(64))
-    large = tmp_path / "large.npz"
-    # 400 MiB of samples by its header (zeros compress to almost nothing on disk): refused before loading
-    np.savez_compressed(large, x=np.broadcast_to(np.float32(0), ((400 << 20) // (3 * 8 * 8 * 4), 3, 8, 8)))
     # the limit is kept for real: it must leave room beside what this (test) process already holds
-    limit = f"{(max(_resident(), BASELINE_BYTES) >> 20) + 300}M"
+    limit_mib = (max(_resident(), BASELINE_BYTES) >> 20) + 300
+    # larger than the limit by its header, whatever this process holds: a sparse .npy of zeros
+    row_bytes = 3 * 8 * 8 * 4
+    rows = ((limit_mib + 200) << 20) // row_bytes
+    large = tmp_path / "large.npy"
+    with open(large, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (rows, 3, 8, 8)})
+        f.truncate(f.tell() + rows * row_bytes)
     code, _, err = cli("quantize", classifier_path, "-o", tmp_path / "a.onnx", "--calibration", small,
-                       "--max-memory", limit, "--tolerance", "100")
+                       "--max-memory", f"{limit_mib}M", "--tolerance", "100")
     assert code == 0, err
     code, _, err = cli("quantize", classifier_path, "-o", tmp_path / "b.onnx", "--calibration", large,
-                       "--max-memory", limit)
+                       "--max-memory", f"{limit_mib}M", "--max-samples", str(rows))
     assert code == 2, err
-    assert "large.npz" in _one_error_line(err)
+    assert "large.npy" in _one_error_line(err)
     assert not (tmp_path / "b.onnx").exists()
+    # the same file read 256 samples deep (the default) fits: the rows past them are never read
+    code, _, err = cli("quantize", classifier_path, "-o", tmp_path / "c.onnx", "--calibration", large,
+                       "--max-memory", f"{limit_mib}M", "--tolerance", "100")
+    assert code in (0, 4), err
 
 
 def test_bad_max_memory_value(cli, tmp_path, classifier_path, calibration_npz):

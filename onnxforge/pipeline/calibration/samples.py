@@ -229,7 +229,8 @@ class StreamedSamples:
         return map(self.feeding.feeds, group_batches(self.samples(), batch_size))
 
     def first_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        return self.feeding.resized(next(self.batches(batch_size)), batch_size)
+        head = self.take(slice(0, batch_size))  # reads these rows only, not the rest of the first file
+        return self.feeding.resized(next(head.batches(batch_size)), batch_size)
 
     def materialize(self) -> SampleSet:
         """Load this view into memory (ragged when the files' shapes differ)."""

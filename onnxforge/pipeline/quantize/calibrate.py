@@ -113,7 +113,7 @@ def load_calibration(model: onnx.ModelProto, calibration: object, config: Quanti
     if config.max_memory is not None:  # a clear error before loading, not the OOM killer during calibration
         from onnxforge.pipeline.quantize.calibration_memory import guard_calibration_memory
 
-        guard_calibration_memory(model, specs, calibration, config.max_memory, config.calibration_samples)
+        guard_calibration_memory(model, specs, calibration, config.max_memory, wanted)  # the rows read
     source = open_calibration(calibration, specs, limit=wanted)
     calib, held_out = _split_eval(config, model, source)
     if len(calib) > config.calibration_samples:

@@ -138,14 +138,17 @@ def check_calibration_memory(
     return estimate
 
 
-def _npz_array_bytes(path) -> int:
-    """Bytes of every array in an .npz/.npy, from the headers (nothing is loaded)."""
+def _npz_array_bytes(path, rows: int | None = None) -> int:
+    """Bytes of every array in an .npz/.npy that reading its first ``rows`` samples loads (all of
+    them without ``rows``), from the headers (nothing is loaded): only the rows used are read."""
     import zipfile
 
     def header_bytes(f) -> int:
         version = np.lib.format.read_magic(f)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = reader(f)
+        if rows is not None and shape:
+            shape = (min(shape[0], rows), *shape[1:])
         return int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
 
     try:
@@ -165,7 +168,8 @@ def _npz_array_bytes(path) -> int:
 
 def guard_calibration_memory(model: onnx.ModelProto, specs, calibration, limit: int, max_samples: int) -> MemoryEstimate:
     """Check the estimate against ``limit`` before any sample is loaded (files are sized from their
-    headers; a folder is streamed, so its largest file counts). Iterables are not sized."""
+    headers, as far as the ``max_samples`` rows read; a folder is streamed, so its largest file
+    counts). Iterables are not sized."""
     from pathlib import Path
 
     from onnxforge.pipeline.calibration import model_batch_size
@@ -176,8 +180,8 @@ def guard_calibration_memory(model: onnx.ModelProto, specs, calibration, limit: 
         path = Path(calibration)
         source = str(path)
         if path.is_file():
-            samples_bytes = _npz_array_bytes(path)
+            samples_bytes = _npz_array_bytes(path, max_samples)
         elif path.is_dir():
             files = [p for p in path.iterdir() if p.suffix in (".npz", ".npy")]
-            samples_bytes = max((_npz_array_bytes(p) for p in files), default=0)
+            samples_bytes = max((_npz_array_bytes(p, max_samples) for p in files), default=0)
     return check_calibration_memory(model, samples_bytes, batch, limit, source)
