@@ -506,11 +506,14 @@ def _render_quantize(payload: dict, name: str, target: str) -> None:
               help="channels: then train the pruned model against SOURCE, the PyTorch model MODEL was exported from "
               "(file.py:callable or builtin:NAME), on the --calibration data")
 @click.option("--epochs", type=int, default=30, show_default=True, help="--distill: training epochs (early stopping may end sooner)")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None,
+              help="bound every use of the data: at most N calibration samples fit, at most N --eval samples are "
+              "scored (a quarter of N held out without --eval); rows past them are never read")
 @timeout_option("--distill with file.py:callable: the distillation runs in a child process; stop it after this long")
 @quality_options
 @json_option
 def prune(model, output, prune_method, sparsity, ratio, calibration, importance, allocation, repair, scope, exclude,
-          distill_source, epochs, timeout, eval_data, metric, tolerance, json_path):
+          distill_source, epochs, max_samples, timeout, eval_data, metric, tolerance, json_path):
     """Prune MODEL: magnitude sparsity (default), structured channels (really faster) or low-rank factors.
 
     With --eval, the most-pruned model within tolerance is kept. With --distill SOURCE, the pruned
@@ -527,17 +530,18 @@ def prune(model, output, prune_method, sparsity, ratio, calibration, importance,
                                distill_source, epochs, timeout, eval_data, metric, tolerance, json_path)
             return
         _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance, allocation, repair, exclude, eval_data,
-                            metric, tolerance, json_path)
+                            metric, tolerance, json_path, max_samples)
         return
     if prune_method == "low-rank":
-        _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, eval_data, metric, tolerance, json_path)
+        _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, eval_data, metric, tolerance, json_path,
+                            max_samples)
         return
     if ratio is not None or calibration is not None:
         raise UsageError("--ratio and --calibration apply to --method channels", hint="use --sparsity for magnitude pruning")
     sparsity = 0.5 if sparsity is None else sparsity
     config = MagnitudePruneConfig(
         sparsity=sparsity, scope=Scope(scope), exclude_nodes=tuple(exclude), eval_data=eval_data,
-        metric=Metric(metric), tolerance=tolerance,
+        metric=Metric(metric), tolerance=tolerance, max_samples=max_samples,
     )
     with _status(f"pruning {model}", _quiet(json_path)), _gate_report(json_path):
         result = prune_magnitude(model, output, config)
@@ -554,7 +558,8 @@ def prune(model, output, prune_method, sparsity, ratio, calibration, importance,
     _print_notes(result.notes)
 
 
-def _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, eval_data, metric, tolerance, json_path) -> None:
+def _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, eval_data, metric, tolerance, json_path,
+                        max_samples=None) -> None:
     """``prune --method low-rank``: parse into LowRankConfig, run, render."""
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.prune.low_rank import LowRankConfig, RankRule, low_rank
@@ -564,7 +569,7 @@ def _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, ev
     config = LowRankConfig(
         rule=RankRule.ENERGY if ratio is None else RankRule.RATIO, ratio=0.5 if ratio is None else ratio,
         calibration_data=calibration, exclude_nodes=tuple(exclude), eval_data=eval_data, metric=Metric(metric),
-        tolerance=tolerance,
+        tolerance=tolerance, max_samples=max_samples,
     )
     with _status(f"factoring {model}", _quiet(json_path)), _gate_report(json_path):
         result = low_rank(model, output, config)
@@ -585,7 +590,7 @@ def _prune_low_rank_cmd(model, output, ratio, sparsity, calibration, exclude, ev
 
 
 def _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance, allocation, repair, exclude, eval_data,
-                        metric, tolerance, json_path) -> None:
+                        metric, tolerance, json_path, max_samples=None) -> None:
     """``prune --method channels``: parse into ChannelPruneConfig, run, render."""
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.prune.channels import Allocation, ChannelPruneConfig, Importance, Repair, prune_channels
@@ -596,7 +601,7 @@ def _prune_channels_cmd(model, output, ratio, sparsity, calibration, importance,
         ratio=0.5 if ratio is None else ratio, importance=Importance(importance), allocation=Allocation(allocation),
         repair=Repair(repair),
         calibration_data=calibration, exclude_nodes=tuple(exclude), eval_data=eval_data, metric=Metric(metric),
-        tolerance=tolerance,
+        tolerance=tolerance, max_samples=max_samples,
     )
     with _status(f"pruning channels of {model}", _quiet(json_path)), _gate_report(json_path):
         result = prune_channels(model, output, config)

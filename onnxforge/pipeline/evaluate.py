@@ -205,14 +205,16 @@ class QualityBaseline:
 
     @classmethod
     def measure(
-        cls, model: onnx.ModelProto, eval_data, metric: Metric, tolerance: float | None, target=None
+        cls, model: onnx.ModelProto, eval_data, metric: Metric, tolerance: float | None, target=None,
+        limit: int | None = None,
     ) -> QualityBaseline:
-        """Score ``model`` on ``eval_data`` on ``target`` (a Target; None = the CPU)."""
+        """Score ``model`` on ``eval_data`` (its first ``limit`` samples: nothing past them is read) on
+        ``target`` (a Target; None = the CPU)."""
         from onnxforge.model_io import input_specs
         from onnxforge.pipeline.calibration import load_samples
 
         specs = input_specs(model)
-        return cls.from_samples(model, load_samples(eval_data, specs), metric, tolerance, target)
+        return cls.from_samples(model, load_samples(eval_data, specs, limit=limit), metric, tolerance, target)
 
     @classmethod
     def from_samples(

@@ -134,6 +134,21 @@ def test_prune_reads_only_what_it_fits_and_holds_out(cli, model_path, tmp_path, 
     assert rows_read[("big.npz", "x")] <= 256 + 256 + PROBE  # calibration_samples + MAX_HELD_OUT
 
 
+@pytest.mark.parametrize("method", ["channels", "low-rank", "magnitude"])
+def test_prune_max_samples_bounds_the_eval_scoring_and_the_fit(cli, model_path, tmp_path, rows_read, method):
+    # prune scored every sample of --eval, whatever was asked: 130,000 here
+    evaluation = _big_npz(tmp_path / "eval.npz", labels=True, seed=2)
+    args = ["--eval", evaluation, "--max-samples", "32", "--tolerance", "100", "--json", "-"]
+    if method != "magnitude":
+        args += ["--calibration", _big_npz(tmp_path / "calib.npz"), "--ratio", "0.25"]
+    code, out, err = cli("prune", model_path, "-o", tmp_path / "small.onnx", "--method", method, *args)
+    assert code == 0, err
+    assert rows_read[("eval.npz", "x")] <= 32 + PROBE and rows_read[("eval.npz", "label")] <= 32 + PROBE
+    if method != "magnitude":
+        assert rows_read[("calib.npz", "x")] <= 32 + PROBE
+    assert "the first 32" in out  # the report says the eval data was cut
+
+
 def test_recipe_max_samples_bounds_the_stages_and_the_runners_scoring(cli, model_path, tmp_path, rows_read):
     _big_npz(tmp_path / "calib.npz")
     _big_npz(tmp_path / "eval.npz", labels=True, seed=2)

@@ -16,7 +16,7 @@ class LowRankPass(Pass):
     config_cls = LowRankConfig
     description = "factor MatMul/Gemm/1x1 Conv weights by SVD"
     phase = Phase.STRUCTURE
-    fills = {"calibration_data": "calibration", "eval_data": "eval", "target": "target"}
+    fills = {"calibration_data": "calibration", "eval_data": "eval", "target": "target", "max_samples": "max_samples"}
 
     @classmethod
     def knobs(cls, target: str) -> tuple[Knob, ...]:

@@ -16,7 +16,7 @@ class ChannelPrunePass(Pass):
     config_cls = ChannelPruneConfig
     description = "remove whole channels, refit the next layers by least squares"
     phase = Phase.STRUCTURE
-    fills = {"calibration_data": "calibration", "eval_data": "eval", "target": "target"}
+    fills = {"calibration_data": "calibration", "eval_data": "eval", "target": "target", "max_samples": "max_samples"}
 
     @classmethod
     def knobs(cls, target: str) -> tuple[Knob, ...]:

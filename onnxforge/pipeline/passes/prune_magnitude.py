@@ -16,7 +16,7 @@ class MagnitudePrunePass(Pass):
     config_cls = MagnitudePruneConfig
     description = "zero the smallest weights (smaller compressed file, same speed)"
     phase = Phase.SPARSITY
-    fills = {"eval_data": "eval", "target": "target"}
+    fills = {"eval_data": "eval", "target": "target", "max_samples": "max_samples"}
 
     def run(self, config: MagnitudePruneConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
         return prune_magnitude(inputs[0], output, config)

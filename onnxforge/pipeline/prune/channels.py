@@ -87,6 +87,7 @@ class ChannelPruneConfig:
     repair: Repair = Repair.AUTO
     calibration_data: Path | None = None
     calibration_samples: int = 256
+    max_samples: int | None = None  # bounds every use of the data: samples fit and eval samples scored
     positions: int = 64  # im2col rows sampled per calibration sample for the repair
     ridge: float = 1e-3
     round_to: int = 1
@@ -102,8 +103,9 @@ class ChannelPruneConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise UsageError(f"--ratio {self.ratio}: must be in (0, 1), the fraction of channels to remove")
-        if self.round_to < 1 or self.calibration_samples < 1 or self.positions < 1:
-            raise UsageError("round_to, calibration_samples and positions must be at least 1")
+        if (self.round_to < 1 or self.calibration_samples < 1 or self.positions < 1
+                or (self.max_samples is not None and self.max_samples < 1)):
+            raise UsageError("round_to, calibration_samples, max_samples and positions must be at least 1")
         if self.ridge < 0:
             raise UsageError(f"ridge {self.ridge}: must be >= 0")
         if self.repair is Repair.LEAST_SQUARES and self.calibration_data is None:

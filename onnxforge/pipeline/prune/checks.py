@@ -68,14 +68,21 @@ class QualityCheck:
         specs = input_specs(model)
         batch = model_batch_size(specs, preferred=1)
         eval_batch = model_batch_size(specs, preferred=EVAL_BATCH)
+        limit = getattr(config, "max_samples", None)  # --max-samples: bounds the fit and the scoring alike
+        if limit is not None:
+            max_fit = limit if max_fit is None else min(max_fit, limit)
         fit, baseline, source = calibration, None, None
         if config.eval_data is not None:
-            baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance, target)
+            baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance, target,
+                                               limit=limit)
             source = f"{len(baseline.samples)} samples of the eval data"
+            if limit is not None:
+                source += f" (the first {limit}: --max-samples)"
             if calibration is not None and max_fit is not None:
                 fit = calibration.take(slice(0, max_fit))
         elif calibration is not None and len(calibration) >= 2:
-            fit, held = calibration.split(HOLDOUT, max_fit=max_fit, max_held=MAX_HELD_OUT)
+            max_held = MAX_HELD_OUT if limit is None else min(MAX_HELD_OUT, max(1, limit // 4))
+            fit, held = calibration.split(HOLDOUT, max_fit=max_fit, max_held=max_held)
             held = held.materialize()
             baseline = QualityBaseline.from_samples(model, held, config.metric, config.tolerance, target)
             source = f"{len(held)} held-out calibration samples (not used to fit)"

@@ -67,6 +67,7 @@ class LowRankConfig:
     min_params: int = 4096
     calibration_data: Path | None = None
     calibration_samples: int = 256
+    max_samples: int | None = None  # bounds every use of the data: samples fit and eval samples scored
     exclude_nodes: tuple[str, ...] = ()
     eval_data: Path | None = None
     metric: Metric = Metric.AUTO
@@ -76,6 +77,8 @@ class LowRankConfig:
     gate: bool = True  # False: no tolerance loop, the rank rule given is kept (onnxforge optimize scores it)
 
     def __post_init__(self) -> None:
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UsageError("--max-samples must be at least 1")
         if not 0.0 < self.energy < 1.0:
             raise UsageError(f"energy {self.energy}: must be in (0, 1), the share of singular-value energy kept")
         if not 0.0 < self.ratio < 1.0:

@@ -50,8 +50,11 @@ class MagnitudePruneConfig:
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
     target: str = "cpu"  # where the quality gate runs
+    max_samples: int | None = None  # bounds every use of the data: samples fit and eval samples scored
 
     def __post_init__(self) -> None:
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UsageError("--max-samples must be at least 1")
         if not 0.0 <= self.sparsity < 1.0:
             raise UsageError(f"--sparsity {self.sparsity}: must be in [0, 1)")
 
