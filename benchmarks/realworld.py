@@ -144,19 +144,9 @@ def run() -> dict:
         if vad is None:
             skipped.append("silero-vad: not installed")
         else:
-            from test_silero_vad import _stream
+            from test_silero_vad import stream_samples
 
-            session = _session(vad)
-            chunks, states = [], []
-            for seed in range(3):
-                audio, state, context = _stream(2.0, seed), np.zeros((2, 1, 128), np.float32), np.zeros(64, np.float32)
-                for start in range(0, len(audio) - 512, 512):
-                    chunk = np.concatenate([context, audio[start : start + 512]])
-                    chunks.append(chunk)
-                    states.append(state[:, 0])
-                    _, state = session.run(None, {"input": chunk[None], "state": state, "sr": np.array(16000)})
-                    context = chunk[-64:]
-            x, s = np.stack(chunks), np.stack(states)
+            x, s = stream_samples(vad)
             np.savez(folder / "vad.npz", input=x, state=s, **{"sr@const": np.array(16000)})
 
             def speech(path) -> np.ndarray:

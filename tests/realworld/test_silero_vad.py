@@ -27,12 +27,12 @@ def _stream(seconds: float, seed: int) -> np.ndarray:
     return (0.3 * voice * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def vad(folder):
-    path = require("silero_vad")
+def stream_samples(path) -> tuple[np.ndarray, np.ndarray]:
+    """(chunks, states) of three 2-second streams as silero's own wrapper feeds them: each chunk with
+    the state the model itself carried to it (realistic state values). Also used by benchmarks/realworld.py."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     chunks, states = [], []
-    for seed in range(3):  # the states the model itself carries through a stream: realistic state values
+    for seed in range(3):
         audio, state, context = _stream(2.0, seed), np.zeros((2, 1, 128), np.float32), np.zeros(64, np.float32)
         for start in range(0, len(audio) - 512, 512):
             chunk = np.concatenate([context, audio[start : start + 512]])
@@ -40,9 +40,16 @@ def vad(folder):
             states.append(state[:, 0])
             _, state = session.run(None, {"input": chunk[None], "state": state, "sr": np.array(16000)})
             context = chunk[-64:]
+    return np.stack(chunks), np.stack(states)
+
+
+@pytest.fixture(scope="module")
+def vad(folder):
+    path = require("silero_vad")
+    chunks, states = stream_samples(path)
     data = folder / "vad.npz"
-    np.savez(data, input=np.stack(chunks), state=np.stack(states), **{"sr@const": np.array(16000)})
-    return path, data, np.stack(chunks), np.stack(states)
+    np.savez(data, input=chunks, state=states, **{"sr@const": np.array(16000)})
+    return path, data, chunks, states
 
 
 def _speech(path, chunks, states) -> np.ndarray:

@@ -162,10 +162,11 @@ def _room_for_a_2gb_model(folder) -> str | None:
     """Why this machine cannot take the 2 GB test (it needs ~9 GB of memory and ~4.4 GB of disk), or None."""
     import shutil
 
+    from onnxforge.pipeline.quantize.memory_plan import available_memory
+
     free_disk = shutil.disk_usage(folder).free
-    try:
-        available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
+    available = available_memory()
+    if available is None:
         return "cannot read the memory available (/proc/meminfo)"
     if available < 12 * 2**30:
         return f"needs 12 GB of memory available, this machine has {available / 2**30:.1f} GB"

@@ -52,7 +52,7 @@ from onnx import helper
 
 from onnxforge.errors import CalibrationDataError
 from onnxforge.model_cost import with_input_shapes
-from onnxforge.pipeline.quantize.calibration_memory import BASELINE_BYTES
+from onnxforge.pipeline.quantize.calibration_memory import BASELINE_BYTES, _gib
 
 __all__ = [
     "ActivationProfile", "MemoryPlan", "activation_profile", "available_memory", "balanced_shares", "plan_memory",
@@ -174,20 +174,21 @@ def balanced_shares(names: Iterable[str], groups: int, sizes: Mapping[str, int])
     return [members for _, _, members in shares]
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A ``Field:   N kB`` line of a /proc file, in bytes (None where there is no such file or line)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
 
 
-def _gib(n: float) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def resident_memory() -> int | None:
@@ -195,14 +196,7 @@ def resident_memory() -> int | None:
     gc.collect()
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arrays' pages; what it keeps still counts
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 _MARGIN = 64 << 20  # allocator slack between what we count and what the kernel sees
