@@ -1,10 +1,11 @@
 """onnxforge: export, simplify, quantize, prune and profile ONNX models for deployment.
 
-The Python API mirrors the CLI: each function takes the same config object its subcommand builds.
+The Python API mirrors the commands: each stage function runs the one-stage recipe its command runs
+(same registry, cache, quality gates) and returns the stage's record.
 
     import onnxforge
     onnxforge.export("model.py:build", "model.onnx", onnxforge.ExportConfig(input_shapes={"x": (1, 3, 224, 224)}))
-    onnxforge.quantize("model.onnx", "model.int8.onnx", "calib.npz", onnxforge.QuantizeConfig())
+    record = onnxforge.quantize("model.onnx", "model.int8.onnx", calibration="calib.npz", eval="eval.npz")
 
 Names resolve lazily, so ``import onnxforge`` stays cheap (torch loads only when exporting).
 """
@@ -20,16 +21,22 @@ _API = {
     "export": ("onnxforge.converters", "export"),
     "ExportConfig": ("onnxforge.converters.config", "ExportConfig"),
     "Exporter": ("onnxforge.converters.config", "Exporter"),
-    "simplify": ("onnxforge.pipeline.simplify", "simplify"),
+    "simplify": ("onnxforge.api", "simplify"),
     "SimplifyConfig": ("onnxforge.pipeline.simplify", "SimplifyConfig"),
-    "quantize": ("onnxforge.pipeline.quantize", "quantize"),
+    "quantize": ("onnxforge.api", "quantize"),
+    "prune_channels": ("onnxforge.api", "prune_channels"),
+    "low_rank": ("onnxforge.api", "low_rank"),
+    "magnitude": ("onnxforge.api", "magnitude"),
+    "fp16": ("onnxforge.api", "fp16"),
+    "run_stage": ("onnxforge.api", "run_stage"),
     "QuantizeConfig": ("onnxforge.pipeline.quantize", "QuantizeConfig"),
-    "prune": ("onnxforge.pipeline.prune.magnitude", "prune_magnitude"),
+    "prune": ("onnxforge.api", "prune"),
     "MagnitudePruneConfig": ("onnxforge.pipeline.prune.magnitude", "MagnitudePruneConfig"),
     "profile": ("onnxforge.targets.profile", "profile"),
     "ProfileConfig": ("onnxforge.targets.profile", "ProfileConfig"),
     "inspect": ("onnxforge.inspection", "inspect_model"),
-    "merge": ("onnxforge.pipeline.merge", "merge"),
+    "merge": ("onnxforge.api", "merge"),
+    "QualityGateError": ("onnxforge.errors", "QualityGateError"),
     "MergeConfig": ("onnxforge.pipeline.merge", "MergeConfig"),
     "load_recipe": ("onnxforge.pipeline.recipe", "load_recipe"),
     "run": ("onnxforge.pipeline.runner", "run_recipe"),

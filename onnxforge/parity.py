@@ -77,6 +77,12 @@ class ParityReport:
         merged.extend(by_name.values())
         return ParityReport(merged, self.tolerance, tuple(sorted(set(self.batch_sizes + other.batch_sizes))))
 
+    @classmethod
+    def from_json(cls, data: dict) -> ParityReport:
+        """The report back from its ``to_json()`` (a cached stage's result is JSON)."""
+        outputs = [OutputParity(o["name"], o["max_abs_error"], o["max_rel_error"], o["ok"]) for o in data["outputs"]]
+        return cls(outputs, Tolerance(atol=data["atol"], rtol=data["rtol"]), tuple(data["batch_sizes"]))
+
     def to_json(self) -> dict:
         return {
             "ok": self.ok,

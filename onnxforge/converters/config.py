@@ -40,6 +40,9 @@ class ExportConfig:
     tolerance: Tolerance = Tolerance()
     sample_inputs: Path | None = None
     check_parity: bool = True
+    # file.py:callable sources run in a child process stopped after this long; it decides whether the export
+    # finishes, not what it writes, so it is saved but not part of the cache key
+    timeout_s: float = field(default=1800.0, metadata={"key": False})
 
 
 

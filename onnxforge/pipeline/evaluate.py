@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from onnxforge.pipeline.calibration import SampleSet
 
-__all__ = ["QualityBaseline", "Metric", "QualityGate", "run_outputs", "score", "resolve_metric"]
+__all__ = ["QualityBaseline", "Metric", "QualityGate", "TOLERANCE_HELP", "run_outputs", "score", "resolve_metric"]
 
 T = TypeVar("T")
 
@@ -44,6 +44,10 @@ _DEFAULT_TOLERANCE = {
     Metric.MIN_COSINE: 0.99,  # minimum cosine of the worst sample
     Metric.REL_ERROR: 0.05,  # maximum mean relative error
 }
+# Each metric's tolerance in its own unit, as every --tolerance help and message states it.
+TOLERANCE_HELP = ("the quality gate, in the metric's unit: accuracy = max drop in points (default 0.5); agreement = "
+                  "max disagreement with the input in points (1.0); cosine, min-cosine = the minimum cosine (0.99); "
+                  "rel-error = the maximum mean relative error (0.05)")
 _HIGHER_IS_BETTER = {Metric.ACCURACY: True, Metric.AGREEMENT: True, Metric.COSINE: True, Metric.MIN_COSINE: True,
                      Metric.REL_ERROR: False}
 

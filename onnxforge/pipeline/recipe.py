@@ -45,7 +45,7 @@ from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.registry import Artifact, Pass, Phase, StageContext, get_pass, registered_passes
 from onnxforge.targets import TARGETS
 
-__all__ = ["Recipe", "StageSpec", "SOURCE", "load_recipe", "recipe_from_mapping", "config_from_mapping"]
+__all__ = ["Recipe", "StageSpec", "SOURCE", "load_recipe", "recipe_from_mapping", "config_from_mapping", "is_file_input"]
 
 SOURCE = "source"  # the name by which a stage names the recipe's model as its input
 _TOP_KEYS = {"model", "input_shapes", "dynamic_batch", "calibration", "eval", "max_samples", "target", "stages", "name",
@@ -156,7 +156,7 @@ def _check_packaging_last(pass_cls: type[Pass], inputs: list[str], earlier: list
     if pass_cls.phase is Phase.PACKAGING:
         return
     by_name = {s.name: s for s in earlier}
-    todo, seen = [i for i in inputs if i != SOURCE], set()
+    todo, seen = [i for i in inputs if i != SOURCE and not is_file_input(i)], set()
     while todo:
         spec = by_name[todo.pop()]
         if spec.name in seen:
@@ -167,7 +167,7 @@ def _check_packaging_last(pass_cls: type[Pass], inputs: list[str], earlier: list
                 f"{where}: {pass_cls.name} comes after {spec.name} ({spec.kind}), which merges pre/post-processing "
                 f"into the graph; {pass_cls.name} would then rewrite those blocks too",
                 hint=f"put {spec.name} last: {pass_cls.name} first, then {spec.kind}")
-        todo.extend(i for i in spec.inputs if i != SOURCE)
+        todo.extend(i for i in spec.inputs if i != SOURCE and not is_file_input(i))
 
 
 def _stages(raw: list, context: StageContext, base: Path, model_is_onnx: bool) -> tuple[StageSpec, ...]:
@@ -195,8 +195,9 @@ def _stages(raw: list, context: StageContext, base: Path, model_is_onnx: bool) -
         if not isinstance(inputs_raw, list) or not inputs_raw or not all(isinstance(i, str) for i in inputs_raw):
             raise RecipeError(f"{where}.inputs: expected a list of stage names (or '{SOURCE}')")
         known = {s.name: s for s in stages}
+        inputs_raw = [_file_input(item, base) if item not in known else item for item in inputs_raw]
         for item in inputs_raw:
-            if item != SOURCE and item not in known:
+            if item != SOURCE and item not in known and not is_file_input(item):
                 raise RecipeError(f"{where}.inputs: {item!r} is not an earlier stage; earlier: "
                                   f"{', '.join([SOURCE, *known]) }")
         wanted_kinds = pass_cls.consumes * len(inputs_raw) if pass_cls.variadic else pass_cls.consumes
@@ -216,6 +217,21 @@ def _stages(raw: list, context: StageContext, base: Path, model_is_onnx: bool) -
         config = codec.decode_dataclass(pass_cls.config_cls, values, where, base)
         stages.append(StageSpec(kind, config, name, tuple(inputs_raw)))
     return tuple(stages)
+
+
+def is_file_input(item: str) -> bool:
+    """A stage input that names an .onnx file rather than an earlier stage (``inputs: [pruned.onnx]``)."""
+    return item.endswith(".onnx") and os.path.isabs(item)
+
+
+def _file_input(item: Any, base: Path) -> Any:
+    """``inputs:`` may name an existing .onnx file (relative to the recipe) instead of a stage."""
+    if not isinstance(item, str) or item == SOURCE or not item.endswith(".onnx"):
+        return item
+    path = Path(item) if Path(item).is_absolute() else base / item
+    if not path.is_file():
+        raise RecipeError(f"inputs: {item!r} is neither an earlier stage nor an existing .onnx file")
+    return str(path.resolve())
 
 
 def _model_ref(model: Any, base: Path, source: str) -> str:

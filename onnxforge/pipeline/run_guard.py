@@ -15,7 +15,7 @@ from pathlib import Path
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.converters.source import source_files
 from onnxforge.errors import OutputPathError, RecipeError
-from onnxforge.pipeline.recipe import Recipe
+from onnxforge.pipeline.recipe import Recipe, is_file_input
 
 __all__ = ["recipe_reads", "run_outputs", "run_paths", "check_run_paths", "stage_output"]
 
@@ -25,6 +25,7 @@ def recipe_reads(recipe: Recipe) -> list[Path]:
     reads = [*source_files(recipe.model), *(spec.path for spec in (recipe.calibration, recipe.eval_data) if spec)]
     for spec in recipe.stages:
         reads += paths_in(spec.config)
+        reads += [item for item in spec.inputs if is_file_input(item)]
     return [Path(p) for p in reads if p is not None]
 
 

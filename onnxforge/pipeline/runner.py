@@ -34,7 +34,7 @@ from onnxforge.targets import get_target
 from onnxforge.targets.feeds import generate_feeds
 from onnxforge.targets.latency import compare_latency
 
-__all__ = ["RunResult", "run_recipe", "source_fingerprint", "StageArtifact", "run_stage"]
+__all__ = ["RunResult", "run_recipe", "source_fingerprint", "StageArtifact", "model_artifact", "stage_inputs", "run_stage"]
 
 Progress = Callable[[str], None]
 
@@ -68,6 +68,19 @@ def source_fingerprint(model: str) -> str:
 
     spec = parse_source(model)
     return f"{spec.path.suffix}:{spec.callable or ''}:{file_sha256(spec.path)}"
+
+
+def model_artifact(model: str) -> StageArtifact:
+    """The recipe's model as a stage input: an .onnx file by its sha256, a framework source by what it reads."""
+    if model.endswith(".onnx"):
+        return StageArtifact(model, file_sha256(Path(model)))
+    return StageArtifact(model, source_fingerprint(model))
+
+
+def stage_inputs(spec: StageSpec, artifacts: dict[str, StageArtifact]) -> list[StageArtifact]:
+    """A stage's inputs: earlier stages' outputs, the recipe's model, or .onnx files named in ``inputs:``."""
+    return [artifacts[name] if name in artifacts else StageArtifact(name, file_sha256(Path(name)))
+            for name in spec.inputs]
 
 
 def _key(spec: StageSpec, inputs: list[StageArtifact], context: StageContext) -> str:
@@ -246,17 +259,16 @@ def run_recipe(
     get_target(recipe.target).require()
     context = dataclasses.replace(recipe.context(progress), cache=cache)
 
-    artifacts = {SOURCE: StageArtifact(recipe.model, source_fingerprint(recipe.model))}
+    artifacts = {SOURCE: model_artifact(recipe.model)}
     if recipe.model.endswith(".onnx"):
         # An .onnx recipe: the input model is the baseline every stage is scored and timed against.
         source = Path(recipe.model)
-        artifacts[SOURCE] = StageArtifact(recipe.model, file_sha256(source))
         manifest.baseline = StageRecord("input", "input", "input", {}, artifacts[SOURCE].sha256, 0.0,
                                         describe_file(source, run_dir), {"path": str(source)})
     for index, spec in enumerate(recipe.stages, start=1):
         output = stage_output(run_dir, index, spec.name)
         try:
-            record = run_stage(spec, [artifacts[name] for name in spec.inputs], output, context, cache,
+            record = run_stage(spec, stage_inputs(spec, artifacts), output, context, cache,
                                force=force, relative_to=run_dir)
         except (OnnxForgeError, OSError) as e:
             if getattr(e, "record", None) is not None:

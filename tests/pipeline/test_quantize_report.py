@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import json
 
-from onnxforge.cli import _render_quantize, _speed_words
+from pathlib import Path
+
+from onnxforge.cli.console import speed_words as _speed_words
+from onnxforge.cli.render import render_stage
+
+
+def _render_quantize(payload: dict, name: str, target: str) -> None:
+    render_stage("quantize", payload, Path(name), failed=False)
 
 
 def test_exit_4_still_shows_the_candidates_and_writes_json(tmp_path, cli, classifier_path, calibration_npz, eval_npz):

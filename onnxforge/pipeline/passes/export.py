@@ -23,7 +23,7 @@ class ExportPass(Pass):
     def run(self, config: ExportConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
         from onnxforge import converters
 
-        return converters.export(inputs[0], output, config)
+        return converters.export(inputs[0], output, config, timeout=config.timeout_s)
 
     def verified(self, result: Any) -> bool:
         return result.verified or result.parity is None

@@ -1,0 +1,135 @@
+"""``onnxforge prune MODEL -o OUT``: one of three stages (magnitude ``prune``, ``prune_channels``,
+``low_rank``), or ``prune_channels`` then ``distill`` with ``--distill SOURCE``, as a recipe.
+
+Every field of every one of those configs has a flag; a flag given for a method that does not read it is
+refused (``--sparsity`` with ``--method channels``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnxforge.cli.app import cli
+from onnxforge.cli.door import run_command
+from onnxforge.cli.options import (Flag, stage_cache_options, config_options, data_spec, eval_spec, given, given_options,
+                                   image_options, json_option, model_argument, options_for_other_methods,
+                                   output_option, quality_options, save_recipe_option, target_option)
+from onnxforge.converters.distill_config import DistillConfig
+from onnxforge.errors import UsageError
+from onnxforge.pipeline.command_run import CommandRecipe
+from onnxforge.pipeline.prune.channels import ChannelPruneConfig
+from onnxforge.pipeline.prune.low_rank import LowRankConfig
+from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig
+
+METHODS = {"magnitude": ("prune", MagnitudePruneConfig), "channels": ("prune_channels", ChannelPruneConfig),
+           "low-rank": ("low_rank", LowRankConfig)}
+# Spelled by the shared groups: --calibration, --eval/--metric/--tolerance, --target, --max-samples.
+SHARED = ("calibration_data", "eval_data", "metric", "tolerance", "target", "max_samples")
+FLAGS = (
+    Flag("sparsity", help="magnitude: fraction of weights to zero  [default: 0.5]"),
+    Flag("scope", help="magnitude: one threshold per layer or one for the whole model"),
+    Flag("min_params", help="magnitude, low-rank: layers with fewer weights are left alone"),
+    Flag("ratio", help="channels: fraction of channels to remove [default: 0.5]; low-rank: fraction of each layer's "
+         "rank to remove (default: keep 95% of the singular-value energy)"),
+    Flag("importance", help="channels: ranking"),
+    Flag("allocation", help="channels: the same ratio for every group, or per-group ratios from a scan (needs "
+         "--calibration)"),
+    Flag("repair", help="channels: auto = least squares when --calibration is given"),
+    Flag("round_to", help="channels: keep channel counts a multiple of this (the target's SIMD width runs round "
+         "counts fastest)  [default: 1]"),
+    Flag("calibration_samples", help="channels, low-rank: calibration samples fit at most"),
+    Flag("positions", help="channels: im2col rows sampled per calibration sample for the repair"),
+    Flag("ridge", help="channels: ridge term of the least-squares repair"),
+    Flag("gate", help="channels, low-rank: back off until the quality gate holds (no: keep the ratio given)"),
+    Flag("exclude_nodes", "--exclude", help="node name to leave dense (repeatable)"),
+    Flag("rule", help="low-rank: how each layer's rank is chosen (ratio when --ratio is given)"),
+    Flag("energy", help="low-rank: singular-value energy kept by the energy rule"),
+    Flag("max_cost", help="low-rank: factor a layer only when its factors cost at most this share of it"),
+    Flag("measure_latency", help="low-rank: time the factored model against its input"),
+    Flag("epochs", help="--distill: training epochs (early stopping may end sooner)"),
+    Flag("timeout_s", "--timeout", click_type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+         help="--distill with file.py:callable: the distillation runs in a child process; stop it after this long  "
+         "[default: 1800]"),
+    Flag("loss", help="--distill: the training loss (auto: KL on logits, MSE otherwise)"),
+    Flag("temperature", help="--distill: softmax temperature of the KL loss"),
+    Flag("alpha", help="--distill: weight of the teacher's loss against the labels'"),
+    Flag("feature_weight", help="--distill: weight of the feature-matching loss"),
+    Flag("mixup", help="--distill: mixup strength of the training inputs"),
+    Flag("batch_size", help="--distill: training batch size"),
+    Flag("learning_rate", help="--distill: learning rate"),
+    Flag("seed", help="--distill: random seed"),
+    Flag("held_out", help="--distill: share of the calibration samples held out for early stopping"),
+    Flag("patience", help="--distill: epochs without improvement before stopping"),
+    Flag("time_budget_s", "--time-budget", metavar="SECONDS", help="--distill: stop training after this long"),
+)
+CONFIGS = (MagnitudePruneConfig, ChannelPruneConfig, LowRankConfig, DistillConfig)
+
+
+@cli.command()
+@model_argument
+@output_option
+@click.option("--method", "prune_method", type=click.Choice(list(METHODS)), default="magnitude", show_default=True,
+              help="magnitude: zero weights (smaller gzip, same speed); channels: remove channels (smaller and faster); "
+              "low-rank: factor dense layers by SVD")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="channels: data for the least-squares repair; low-rank: for the data-aware factorization; "
+              "--distill: the training data (.npz, a folder of .npz/.npy, or a folder of images)")
+@click.option("--distill", "distill_source", metavar="SOURCE", default=None,
+              help="channels: then train the pruned model against SOURCE, the PyTorch model MODEL was exported from "
+              "(file.py:callable or builtin:NAME), on the --calibration data")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None,
+              help="bound every use of the data: at most N calibration samples fit, at most N --eval samples are "
+              "scored (a quarter of N held out without --eval); rows past them are never read")
+@target_option
+@config_options(*CONFIGS, flags=FLAGS, skip=SHARED)
+@quality_options
+@image_options
+@stage_cache_options
+@save_recipe_option
+@json_option
+@click.pass_context
+def prune(ctx: click.Context, model: Path, output: Path, prune_method: str, calibration: Path | None,
+          distill_source: str | None, max_samples: int | None, target: str, eval_data: Path | None, metric: str,
+          tolerance: float | None, image_size: str | None, mean: str | None, std: str | None, layout: str,
+          cache_dir: Path | None, no_cache: bool, force: bool, save_recipe: Path | None, json_path: str | None, **_: object) -> None:
+    """Prune MODEL: magnitude sparsity (default), structured channels (really faster) or low-rank factors.
+
+    With --eval, the most-pruned model within tolerance is kept. With --distill SOURCE, the pruned
+    channels model is then trained against SOURCE (distillation) and gated on --eval.
+    """
+    kind, config_cls = METHODS[prune_method]
+    used: list[type] = [config_cls]
+    if distill_source is not None:
+        if prune_method != "channels":
+            raise UsageError("--distill applies to --method channels")
+        if calibration is None:
+            raise UsageError("--distill trains on the --calibration data", hint="pass --calibration DATA.npz")
+        used.append(DistillConfig)
+    where = f"--method {prune_method}" + (" --distill" if distill_source else "")
+    options_for_other_methods(ctx, used, CONFIGS, where, FLAGS, SHARED)
+    if prune_method == "magnitude" and calibration is not None:
+        raise UsageError("--calibration applies to --method channels and low-rank",
+                         hint="magnitude pruning reads no data but --eval")
+    options = given_options(ctx, config_cls, FLAGS, SHARED) | _gate(metric, tolerance)
+    if kind == "low_rank" and given(ctx, "ratio") and "rule" not in options:
+        options["rule"] = "ratio"
+    stages = [(kind, options)]
+    if distill_source is not None:
+        options["inputs"] = [str(model.resolve())]  # the recipe's model is the teacher; this stage reads MODEL
+        options["name"] = "prune"
+        options["gate"] = False  # no gate here: distillation recovers, then it is gated
+        for key in ("metric", "tolerance"):
+            options.pop(key, None)
+        stages.append(("distill", given_options(ctx, DistillConfig, FLAGS, SHARED) | _gate(metric, tolerance)))
+    command = CommandRecipe.build(
+        distill_source or model, stages, calibration=data_spec(calibration, image_size, mean, std, layout),
+        eval_data=eval_spec(eval_data, image_size, mean, std, layout), target=target, max_samples=max_samples)
+    run_command(command, output, message=f"pruning {model}", json_path=json_path, save_recipe=save_recipe,
+                cache_dir=cache_dir, no_cache=no_cache, force=force, params=ctx.params)
+
+
+def _gate(metric: str, tolerance: float | None) -> dict[str, object]:
+    return {k: v for k, v in (("metric", metric), ("tolerance", tolerance)) if v is not None and v != "auto"}
+

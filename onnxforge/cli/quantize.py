@@ -1,0 +1,88 @@
+"""``onnxforge quantize MODEL -o OUT --calibration DATA``: the ``quantize`` stage as a one-stage recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnxforge.cli.app import cli
+from onnxforge.cli.door import run_command
+from onnxforge.cli.options import (Flag, stage_cache_options, config_options, data_spec, given_options, image_options,
+                                   eval_spec, json_option, memory_limit, model_argument, output_option, quality_options,
+                                   save_recipe_option, target_option)
+from onnxforge.pipeline.command_run import CommandRecipe
+from onnxforge.pipeline.quantize import QuantizeConfig
+
+# Spelled by the shared groups: --target, --eval/--metric/--tolerance, --max-samples (the recipe's top level).
+SKIP = ("target", "eval_data", "metric", "tolerance", "max_samples")
+FLAGS = (
+    Flag("calibration_method", "--method", help="how activation ranges are calibrated"),
+    Flag("exclude_nodes", "--exclude-node", help="node name to keep in float (repeatable)"),
+    Flag("exclude_op_types", "--exclude-op", help="op type to keep in float (repeatable)"),
+    Flag("threads", help="threads when timing candidates"),
+    Flag("max_memory", metavar="SIZE", click_type=str, convert=memory_limit,
+         help="peak memory to stay under (e.g. 2G): calibration, scoring and the error analysis are sized to it from "
+         "the data's real shapes; refused before any work (exit 2) when a batch of 1 cannot fit. Default: 80% of "
+         "the memory available at the start"),
+    Flag("schemes", "--scheme", metavar="SCHEME",
+         help="candidate to measure, e.g. qdq-u8s8-per-channel, qdq-u8s8-per-channel-matmul-smooth, "
+         "dynamic-s8-per-channel-smooth, int4, fp16; options -matmul, -smooth, -percentile, -int8-embeddings "
+         "(repeatable; default: the target's)"),
+    Flag("quantize_embeddings", "--float-embeddings", negate=True,
+         help="leave embedding tables in float (default: int8 with per-row scales in every candidate)"),
+    Flag("smooth_alpha", help="SmoothQuant migration strength for -smooth schemes"),
+    Flag("int4_block_size", help="int4: weights per scale along K (a power of two >= 16)"),
+    Flag("int4_accuracy_level", click_type=click.IntRange(0, 4),
+         help="int4: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8)  [default: 4]"),
+    Flag("activation_symmetric", "--symmetric-activations", click_type=None,
+         help="symmetric activation ranges (zero point in the middle)"),
+    Flag("weight_symmetric", "--asymmetric-weights", negate=True, help="asymmetric weight ranges (default symmetric)"),
+    Flag("mixed_precision", help="when the fastest candidate misses the tolerance, return its most sensitive nodes "
+         "to float"),
+    Flag("max_float_fraction", help="mixed precision keeps at most this share of quantized nodes in float"),
+    Flag("holdout_fraction", help="share of the calibration samples held out to score candidates without --eval"),
+    Flag("latency_rounds", help="interleaved timing rounds per candidate"),
+    Flag("mixed_precision_steps", help="mixed precision: float-node sets tried at most"),
+    Flag("error_report", help="measure each node's quantization error (SQNR) for the report"),
+    Flag("analysis_samples", help="samples the per-node error analysis runs"),
+    Flag("transformer_fusion", help="fuse Attention/SkipLayerNorm/BiasGelu before quantizing transformers"),
+    Flag("residual_sums", help="keep residual Add chains in a quantization-friendly form"),
+)
+
+
+def max_samples_option(f):  # type: ignore[no-untyped-def]
+    return click.option(
+        "--max-samples", type=click.IntRange(min=1), default=None,
+        help="samples read from each data file at most: calibration, held-out and --eval (nothing past them is read)  "
+        "[default: 256 calibration samples, all of --eval]")(f)
+
+
+@cli.command()
+@model_argument
+@output_option
+@click.option("--calibration", required=True, type=click.Path(path_type=Path),
+              help=".npz (arrays keyed by input name), a folder of .npz/.npy (read one file at a time), or a folder of images")
+@target_option
+@quality_options
+@max_samples_option
+@config_options(QuantizeConfig, flags=FLAGS, skip=SKIP)
+@image_options
+@stage_cache_options
+@save_recipe_option
+@json_option
+@click.pass_context
+def quantize(ctx: click.Context, model: Path, output: Path, calibration: Path, target: str, eval_data: Path | None,
+             metric: str, tolerance: float | None, max_samples: int | None, image_size: str | None, mean: str | None,
+             std: str | None, layout: str, cache_dir: Path | None, no_cache: bool, force: bool, save_recipe: Path | None,
+             json_path: str | None, **_: object) -> None:
+    """Quantize MODEL (static or dynamic INT8, INT4 weight-only, FP16 on GPU targets): measure the target's candidates, keep the fastest within tolerance."""
+    options = given_options(ctx, QuantizeConfig, FLAGS, SKIP)
+    options |= {k: v for k, v in (("metric", metric), ("tolerance", tolerance)) if ctx.params.get(k) is not None
+                and (k != "metric" or v != "auto")}
+    command = CommandRecipe.build(
+        model, [("quantize", options)], calibration=data_spec(calibration, image_size, mean, std, layout),
+        eval_data=eval_spec(eval_data, image_size, mean, std, layout), target=target, max_samples=max_samples)
+    run_command(command, output, message=f"quantizing {model}", json_path=json_path, save_recipe=save_recipe,
+                cache_dir=cache_dir, no_cache=no_cache, force=force, params=ctx.params)
+

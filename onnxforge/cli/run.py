@@ -1,0 +1,93 @@
+"""``onnxforge run RECIPE`` and ``onnxforge demo``: a recipe into a run folder, with the per-stage table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from onnxforge.cli.app import cli
+from onnxforge.cli.console import emit_json, human_bytes, out, quiet, status
+from onnxforge.cli.door import stage_cache
+from onnxforge.cli.options import cache_options, check_json_path, json_option, memory_limit
+
+
+def _stage_summary(stage) -> str:
+    """One phrase per stage for the run table: the pass's own summary, or the error."""
+    return stage.error[:80] if stage.error else stage.summary
+
+
+def _render_run(result, json_path: str | None) -> None:
+
+    emit_json(json_path, result.manifest.to_json())
+    if quiet(json_path):
+        return
+    metric = result.metric
+    table = Table(title=f"onnxforge run: {result.run_dir}")
+    for col in ("stage", "file", "size", metric or "quality", "p50 ms (b=1)", "speedup", "status", "what it did"):
+        table.add_column(col, justify="left" if col in ("stage", "file", "status", "what it did") else "right")
+    for s in [result.manifest.baseline, *result.stages] if result.manifest.baseline else result.stages:
+        m = s.metrics
+        quality = f"{m[metric] * 100:.2f}%" if metric in ("accuracy", "agreement") and metric in m else (
+            f"{m[metric]:.4f}" if metric and metric in m else "-")
+        status = s.status + ("" if s.verified else " (unverified)")
+        table.add_row(
+            s.name,
+            str(s.output["path"]) if s.output else "-",
+            human_bytes(s.output["bytes"]) if s.output else "-",
+            quality,
+            f"{m['latency_p50_ms']:.3f}" if "latency_p50_ms" in m else "-",
+            f"{m['speedup_vs_first']:.2f}x" if "speedup_vs_first" in m else "-",
+            status,
+            _stage_summary(s),
+        )
+    out.print(table)
+    report = result.run_dir / "report.html"
+    out.print(f"files in {result.run_dir.resolve()}; manifest: {result.manifest.path}"
+              + (f"; report: {report}" if report.exists() else ""))
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="run folder (default: runs/<recipe name>)")
+@click.option("--force", is_flag=True, help="re-run every stage, ignoring cached results")
+@click.option("--max-memory", metavar="SIZE", default=None, help="peak memory each quantize stage stays under (e.g. 2G; see quantize --help). Default: 80% of the memory available when the stage starts")
+@cache_options
+@json_option
+def run(recipe, run_dir, force, json_path, max_memory, cache_dir, no_cache):
+    """Run the pipeline described by RECIPE (YAML) into a run folder, re-using unchanged stages."""
+    import dataclasses
+
+    from onnxforge.pipeline.recipe import load_recipe
+    from onnxforge.pipeline.runner import run_recipe
+
+    loaded = load_recipe(recipe)
+    if max_memory is not None:  # not part of a stage's cache key: it changes whether a stage runs, not its output
+        limit = memory_limit(max_memory)
+        loaded = dataclasses.replace(loaded, stages=tuple(
+            dataclasses.replace(s, config=dataclasses.replace(s.config, max_memory=limit))
+            if any(f.name == "max_memory" for f in dataclasses.fields(s.config)) else s
+            for s in loaded.stages))
+    run_dir = run_dir or Path("runs") / loaded.name
+    from onnxforge.pipeline.run_guard import run_paths
+
+    reads, writes = run_paths(loaded, run_dir)
+    check_json_path(json_path, {}, recipe, *reads, written=tuple(writes))
+    with status("running the pipeline", quiet(json_path)) as update:
+        result = run_recipe(loaded, run_dir, force=force, progress=update, cache=stage_cache(cache_dir, no_cache))
+    _render_run(result, json_path)
+
+
+@cli.command()
+@click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option("--force", is_flag=True, help="re-run every stage, ignoring cached results")
+@cache_options
+@json_option
+def demo(run_dir, force, json_path, cache_dir, no_cache):
+    """Run the whole pipeline on the built-in digits CNN with real data, and show the per-stage table."""
+    from onnxforge.demo import demo as run_demo
+
+    with status("running the demo pipeline", quiet(json_path)) as update:
+        result = run_demo(run_dir, force=force, progress=update, cache=stage_cache(cache_dir, no_cache))
+    _render_run(result, json_path)
