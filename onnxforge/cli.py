@@ -953,20 +953,28 @@ def _render_merge(result) -> None:
 
 
 @cli.command(name="cache")
-@click.option("--clear", is_flag=True, help="remove every cached stage output")
+@click.option("--clear", is_flag=True, help="remove every cached stage output (and nothing that is not one)")
+@click.option("--max-size", metavar="SIZE", default=None,
+              help="keep the cache under SIZE (e.g. 2G; kept in the cache); least recently used outputs go first")
 @cache_options
-def cache_cmd(clear, cache_dir, no_cache):
-    """Show where the stage cache is and how much it holds; --clear empties it."""
+def cache_cmd(clear, max_size, cache_dir, no_cache):
+    """Show where the stage cache is, what it holds and its cap; --clear empties it, --max-size caps it."""
     cache = _cache(cache_dir, no_cache)
     if not cache.enabled:
         out.print("the stage cache is off (--no-cache)")
         return
+    if max_size is not None:
+        from onnxforge.pipeline.quantize.calibration_memory import parse_memory_size
+
+        cache.set_max_size(parse_memory_size(max_size, "--max-size"))
     entries, size = cache.usage()
     if clear:
-        removed = cache.clear()
-        out.print(f"removed {removed} cached stage outputs ({_human_bytes(size)}) from {cache.root}")
+        removed, left = cache.clear()
+        out.print(f"removed {removed} cached stage outputs ({_human_bytes(size)}) from {cache.root}"
+                  + (f"; left {left} items that are not cache entries" if left else ""))
         return
-    out.print(f"stage cache {cache.root}: {entries} stage outputs, {_human_bytes(size)}")
+    out.print(f"stage cache {cache.root}: {entries} stage outputs, {_human_bytes(size)}, "
+              f"cap {_human_bytes(cache.max_size())}")
 
 
 def _target_b_option(f: Callable) -> Callable:
