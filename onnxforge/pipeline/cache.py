@@ -60,6 +60,7 @@ from onnxforge.pipeline.cache_layout import (
     discard,
     entry_bytes,
     last_use,
+    listdir,
     private_dir,
     scan,
     write_private,
@@ -219,7 +220,7 @@ class StageCache:
         assert self._secret is not None
         if not signed_by(self._secret, {k: v for k, v in entry.items() if k != "hmac"}, entry.get("hmac")):
             return "is not signed by your cache key (planted or re-hashed)"
-        if set(os.listdir(folder)) != {*files, ENTRY_NAME}:
+        if set(listdir(folder)) != {*files, ENTRY_NAME}:
             return "holds other files than it lists"
         for name, digest in files.items():
             try:
@@ -357,6 +358,8 @@ class StageCache:
         stored = {"format": FORMAT, "kind": kind, "key": key, "data": data}
         try:
             for folder in (self.root, self.root / RECORDS, path.parent):
+                if folder != self.root and not private(folder.parent, directory=True):
+                    return  # a planted link or someone else's folder: never created or written through
                 private_dir(folder)
             if private(path.parent, directory=True):
                 write_private(path, json.dumps({**stored, "hmac": sign(self._secret, stored)}, sort_keys=True))

@@ -54,14 +54,14 @@ def scan(root: Path) -> tuple[list[Path], int]:
     if not root.is_dir():
         return [], 0
     entries, unknown = [], 0
-    for name in _listdir(root):
+    for name in listdir(root):
         shard = root / name
         if name in (RECORDS, SETTINGS_NAME) or name.startswith(_OURS_IN_PASSING):
             continue
         if not (SHARD.fullmatch(name) and private(shard, directory=True)):
             unknown += 1  # a two-letter folder of someone else's, a link: never descended into
             continue
-        for child in _listdir(shard):
+        for child in listdir(shard):
             if child.startswith(_OURS_IN_PASSING):
                 continue
             if provable_entry(shard / child):
@@ -71,7 +71,7 @@ def scan(root: Path) -> tuple[list[Path], int]:
     return entries, unknown
 
 
-def _listdir(folder: Path) -> list[str]:
+def listdir(folder: Path) -> list[str]:
     try:
         return sorted(os.listdir(folder))
     except OSError:
@@ -84,7 +84,7 @@ def provable_entry(folder: Path) -> bool:
     name = folder.name
     if not (KEY.fullmatch(name) and name[:2] == folder.parent.name and private(folder, directory=True)):
         return False
-    names = set(_listdir(folder))
+    names = set(listdir(folder))
     if ENTRY_NAME not in names or not names <= {*MODEL_FILES, ENTRY_NAME}:
         return False
     if not all(private(folder / n, directory=False) for n in names):
@@ -97,7 +97,7 @@ def provable_entry(folder: Path) -> bool:
 
 
 def entry_bytes(folder: Path) -> int:
-    return sum(os.lstat(folder / n).st_size for n in _listdir(folder))
+    return sum(os.lstat(folder / n).st_size for n in listdir(folder))
 
 
 def last_use(folder: Path) -> int:
@@ -137,10 +137,10 @@ def clear_records(records: Path) -> None:
     """Remove our record files (real files of ours that parse as records), then the folders left empty."""
     if not private(records, directory=True):
         return
-    for kind in _listdir(records):
+    for kind in listdir(records):
         if not private(records / kind, directory=True):
             continue
-        for name in _listdir(records / kind):
+        for name in listdir(records / kind):
             path = records / kind / name
             try:
                 stored = json.loads(read_private(path))

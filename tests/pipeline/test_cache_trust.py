@@ -158,6 +158,16 @@ def test_a_rehashed_record_is_ignored(tmp_path):
     assert cache.record("quantize-timings", "k1") is None
 
 
+def test_a_planted_records_link_is_never_written_through(tmp_path):
+    cache_root, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    cache_root.mkdir()
+    elsewhere.mkdir()
+    (cache_root / "records").symlink_to(elsewhere)
+    cache = StageCache(cache_root)
+    cache.save_record("quantize-timings", "k1", {"x": 1})
+    assert list(elsewhere.iterdir()) == [] and cache.record("quantize-timings", "k1") is None
+
+
 # ----------------------------------------------------------------------------------------------
 # ownership and permissions
 
