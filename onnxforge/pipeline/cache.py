@@ -83,6 +83,7 @@ __all__ = ["DEFAULT_MAX_SIZE", "CacheLookup", "StageCache", "code_fingerprint", 
 DEFAULT_MAX_SIZE = 2 << 30
 
 _log = logging.getLogger(__name__)
+_LOGGED: set[str] = set()
 
 
 def default_cache_dir() -> Path:
@@ -154,6 +155,8 @@ class StageCache:
     def _warn(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
+        if message not in _LOGGED:  # once per process: a search builds a StageCache per trial
+            _LOGGED.add(message)
             _log.warning("warning: %s", message)
 
     def _turn_off(self, why: str) -> None:
