@@ -131,7 +131,6 @@ class CacheLookup:
         return self.entry is not None
 
 
-
 class StageCache:
     """See the module docstring. ``StageCache(None)`` is a cache that never hits and never stores.
 
