@@ -9,17 +9,18 @@ output went away (EPIPE, ``| head``), 1 anything else (a bug in onnxforge: pleas
 from __future__ import annotations
 
 __all__ = [
-    "OnnxForgeError",
-    "UsageError",
-    "InvalidModelError",
-    "ExportError",
-    "ModelSourceError",
+    "CacheError",
     "CalibrationDataError",
-    "RecipeError",
-    "OutputPathError",
+    "ExportError",
+    "InvalidModelError",
     "MergeError",
-    "TargetUnavailableError",
+    "ModelSourceError",
+    "OnnxForgeError",
+    "OutputPathError",
     "QualityGateError",
+    "RecipeError",
+    "TargetUnavailableError",
+    "UsageError",
     "first_line",
 ]
 
@@ -97,6 +98,11 @@ class RecipeError(UsageError):
 
 class OutputPathError(UsageError):
     """An output path that cannot be written, or that would overwrite the input."""
+
+
+class CacheError(UsageError):
+    """The stage cache cannot be used or written (for a command about the cache itself; a run goes on
+    without it)."""
 
 
 class MergeError(UsageError):

@@ -31,6 +31,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def _private_stage_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own stage cache: nothing leaks between tests or into the user's ~/.cache."""
     monkeypatch.setenv("ONNXFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("stage-cache")))
+    # and its own cache key: the one that signs entries lives outside the cache, never in the real home
+    monkeypatch.setenv("ONNXFORGE_CACHE_KEY_FILE", str(tmp_path_factory.mktemp("cache-key") / "cache.key"))
 
 
 IMAGE_SHAPE = (3, 8, 8)  # C, H, W of the tiny classifier's input

@@ -41,15 +41,16 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 2
           "t": 1 << 40, "tb": 1 << 40}
 
 
-def parse_memory_size(text: str) -> int:
-    """``512M``, ``2G``, ``1.5GB``, ``1000000`` (bytes) -> bytes (binary units)."""
+def parse_memory_size(text: str, option: str = "--max-memory") -> int:
+    """``512M``, ``2G``, ``1.5GB``, ``1000000`` (bytes) -> bytes (binary units); ``option`` names the
+    setting in the UsageError."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match[2].lower() if match else None
     if not match or unit not in _UNITS:
-        raise UsageError(f"--max-memory {text!r}: expected a size such as 512M, 2G or 1.5GB")
+        raise UsageError(f"{option} {text!r}: expected a size such as 512M, 2G or 1.5GB")
     size = int(float(match[1]) * _UNITS[unit])
     if size <= 0:
-        raise UsageError(f"--max-memory {text!r}: must be more than 0")
+        raise UsageError(f"{option} {text!r}: must be more than 0")
     return size
 
 
