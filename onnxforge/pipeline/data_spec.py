@@ -114,19 +114,43 @@ def data_spec_from_options(
     path: str | os.PathLike,
     *,
     kind: DataKind | str = DataKind.AUTO,
-    image_size: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | str | None = None,
     scale: float | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    mean: Sequence[float] | str | None = None,
+    std: Sequence[float] | str | None = None,
     layout: ImageLayout | str | None = None,
 ) -> DataSpec:
-    """A DataSpec from flat options as a command line gives them (``--calibration DIR --image-size
-    224x224 --mean ... --std ... --layout nchw``): any image option given declares the images'
-    preprocessing; options left None keep ImagePreprocessing's defaults."""
-    given = {"size": image_size, "scale": scale, "mean": None if mean is None else tuple(mean),
-             "std": None if std is None else tuple(std), "layout": None if layout is None else ImageLayout(layout)}
+    """A DataSpec from flat options as a command line gives them: ``--calibration DIR --image-size
+    224x224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --layout nchw`` (text as typed, or
+    values). Any image option given (a layout other than auto included) declares the images'
+    preprocessing; options left None keep ImagePreprocessing's defaults. UsageError names the flag."""
+    if isinstance(image_size, str):
+        try:
+            h, w = (int(v) for v in image_size.lower().split("x"))
+        except ValueError:
+            raise UsageError(f"--image-size {image_size!r}: expected HxW, e.g. 224x224") from None
+        image_size = (h, w)
+    given = {"size": image_size, "scale": scale, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
+             "layout": None if layout in (None, ImageLayout.AUTO, "auto") else _choice(ImageLayout, layout, "--layout")}
     given = {k: v for k, v in given.items() if v is not None}
-    return DataSpec(path=Path(path), kind=DataKind(kind), image=ImagePreprocessing(**given) if given else None)
+    return DataSpec(path=Path(path), kind=_choice(DataKind, kind, "--data-kind"),
+                    image=ImagePreprocessing(**given) if given else None)
+
+
+def _floats(value: Sequence[float] | str | None, flag: str) -> tuple[float, ...] | None:
+    try:
+        if isinstance(value, str):
+            return tuple(float(v) for v in value.split(","))
+        return None if value is None else tuple(float(v) for v in value)
+    except ValueError:
+        raise UsageError(f"{flag} {value!r}: expected comma-separated numbers") from None
+
+
+def _choice(cls: type[enum.Enum], value: Any, flag: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise UsageError(f"{flag} {value!r}: expected one of {', '.join(str(m.value) for m in cls)}") from None
 
 
 def open_data(

@@ -82,6 +82,10 @@ def test_open_data_reads_images_as_declared(image_project):
     streamed = open_calibration(spec, specs, limit=3).take(slice(0, 3)).materialize()
     np.testing.assert_array_equal(streamed.inputs["x"], normalized.inputs["x"])
     assert ChannelPruneConfig(calibration_data=folder).calibration_data == DataSpec(path=folder)
+    # the command line's flags as typed: the same spec; --layout auto alone declares nothing
+    assert data_spec_from_options(folder, mean="0.5", std="0.25", layout="auto") == spec
+    assert data_spec_from_options(folder, layout="auto").image is None
+    assert data_spec_from_options(folder, image_size="4x6").image.size == (4, 6)
 
 
 TOKENS_MODEL = textwrap.dedent(
