@@ -133,7 +133,7 @@ def data_spec_from_options(
     given = {"size": image_size, "scale": scale, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
              "layout": None if layout in (None, ImageLayout.AUTO, "auto") else _choice(ImageLayout, layout, "--layout")}
     given = {k: v for k, v in given.items() if v is not None}
-    return DataSpec(path=Path(path), kind=_choice(DataKind, kind, "--data-kind"),
+    return DataSpec(path=Path(path), kind=_choice(DataKind, kind, "kind"),
                     image=ImagePreprocessing(**given) if given else None)
 
 
