@@ -63,7 +63,14 @@ def paths_in(config: object) -> list[Path]:
     """The file paths a (dataclass) config reads: calibration, evaluation and sample data."""
     if not dataclasses.is_dataclass(config):
         return []
-    return [v for f in dataclasses.fields(config) if isinstance(v := getattr(config, f.name), Path)]
+    found = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Path):
+            found.append(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # a DataSpec names its path inside
+            found.extend(paths_in(value))
+    return found
 
 
 def write_error(path: str | os.PathLike, error: OSError) -> OutputPathError:

@@ -11,7 +11,7 @@ import hashlib
 import io
 import os
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +27,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_key(tmp_path_factory) -> Iterator[str]:
+    """One cache key for the whole session, as a user has one: session fixtures (the demo run, set up
+    before any test's own fixtures) publish entries that later tests must verify. It lives outside every
+    cache, never in the real home."""
+    path = str(tmp_path_factory.mktemp("cache-key") / "cache.key")
+    before = os.environ.get("ONNXFORGE_CACHE_KEY_FILE")
+    os.environ["ONNXFORGE_CACHE_KEY_FILE"] = path
+    yield path
+    if before is None:
+        os.environ.pop("ONNXFORGE_CACHE_KEY_FILE", None)
+    else:
+        os.environ["ONNXFORGE_CACHE_KEY_FILE"] = before
+
+
 @pytest.fixture(autouse=True)
-def _private_stage_cache(tmp_path_factory, monkeypatch):
+def _private_stage_cache(tmp_path_factory, monkeypatch, _session_cache_key):
     """Each test gets its own stage cache: nothing leaks between tests or into the user's ~/.cache."""
     monkeypatch.setenv("ONNXFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("stage-cache")))
-    # and its own cache key: the one that signs entries lives outside the cache, never in the real home
-    monkeypatch.setenv("ONNXFORGE_CACHE_KEY_FILE", str(tmp_path_factory.mktemp("cache-key") / "cache.key"))
+    monkeypatch.setenv("ONNXFORGE_CACHE_KEY_FILE", _session_cache_key)
 
 
 IMAGE_SHAPE = (3, 8, 8)  # C, H, W of the tiny classifier's input

@@ -122,7 +122,7 @@ COMPOSITE = {"input_shapes": "--input-shape", "input_dtypes": "--input-shape", "
              "pre": "--pre ...", "tokenizer": "--tokenizer ...", "top_k": "--top-k", "softmax": "--no-softmax",
              "post_output": "--post-output", "mask_input": "--mask-input", "ensemble": "--ensemble", "post": "--post"}
 # command-line only: where the output goes and how it is reported (not part of what a stage computes)
-OUTPUT_SIDE = {"output", "json_path", "save_recipe", "cache_dir", "no_cache", "dynamic_dims", "atol", "rtol",
+OUTPUT_SIDE = {"output", "json_path", "save_recipe", "cache_dir", "no_cache", "force", "dynamic_dims", "atol", "rtol",
                "input_shapes"}
 
 

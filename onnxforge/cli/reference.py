@@ -40,7 +40,7 @@ def _recipe_spelling(command: str, param: click.Parameter) -> str:
         return top[param.name]
     stage_fields = getattr(module, "SKIP", ()) + getattr(module, "SHARED", ())
     if param.name not in stage_fields and param.name not in (
-            "output", "json_path", "save_recipe", "cache_dir", "no_cache", "model", "source"):
+            "output", "json_path", "save_recipe", "cache_dir", "no_cache", "force", "model", "source"):
         return f"stage `{param.name}`"
     return ""
 

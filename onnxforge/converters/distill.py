@@ -48,7 +48,8 @@ from onnxforge.converters.student import Student, build_student, kept_channels
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import input_specs, load_model, output_specs, save_model
 from onnxforge.parity import Tolerance, compare_outputs
-from onnxforge.pipeline.calibration import SampleSet, load_samples
+from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.data_spec import load_data
 from onnxforge.pipeline.evaluate import Metric, QualityGate, score
 from onnxforge.targets import CpuTarget
 
@@ -238,7 +239,7 @@ def distill(
     data = config.require_data()
     pruned = load_model(student_onnx)
     specs = input_specs(pruned)
-    samples = load_samples(data, specs, min_samples=4)
+    samples = load_data(data, specs, min_samples=4)
     if samples.is_ragged:
         raise UsageError(f"distill: {data} holds inputs of different shapes; distillation needs equal-shape samples")
     torch.manual_seed(config.seed)
@@ -378,7 +379,7 @@ def _gate(config: DistillConfig, result: DistillResult, teacher: torch.nn.Module
     """Teacher, repair-only and distilled scores on the eval data; the error to raise when the gate fails."""
     if config.eval_data is None:
         return None
-    samples = load_samples(config.eval_data, specs)
+    samples = load_data(config.eval_data, specs)
     reference = _run(teacher, samples, 64)
     gate = QualityGate.resolve(config.metric, config.tolerance, samples.labels is not None, reference.shape)
     scores = {

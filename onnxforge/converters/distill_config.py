@@ -13,6 +13,7 @@ from typing import Any
 
 from onnxforge.converters._isolation import SOURCE_TIMEOUT_S
 from onnxforge.errors import CalibrationDataError, UsageError
+from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 
 __all__ = ["DistillLoss", "DistillConfig", "DistillResult"]
@@ -58,12 +59,13 @@ class DistillConfig:
     patience: int = 6
     time_budget_s: float | None = None
     timeout_s: float = field(default=SOURCE_TIMEOUT_S, metadata={"key": False})
-    calibration_data: Path | None = None
-    eval_data: Path | None = None
+    calibration_data: DataSpec | None = None
+    eval_data: DataSpec | None = None
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
 
     def __post_init__(self) -> None:
+        set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec
         if self.temperature <= 0:
             raise UsageError(f"distill: temperature {self.temperature:g} must be positive")
         if not 0.0 <= self.alpha <= 1.0:
@@ -88,7 +90,7 @@ class DistillConfig:
         if self.tolerance is not None and self.tolerance < 0:
             raise UsageError(f"distill: tolerance {self.tolerance:g} must be >= 0")
 
-    def require_data(self) -> Path:
+    def require_data(self) -> DataSpec:
         if self.calibration_data is None:
             raise CalibrationDataError("the distill stage trains on calibration data",
                                        hint="set 'calibration' in the recipe, or pass --calibration")

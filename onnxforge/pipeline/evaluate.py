@@ -215,10 +215,10 @@ class QualityBaseline:
         """Score ``model`` on ``eval_data`` (its first ``limit`` samples: nothing past them is read) on
         ``target`` (a Target; None = the CPU)."""
         from onnxforge.model_io import input_specs
-        from onnxforge.pipeline.calibration import load_samples
+        from onnxforge.pipeline.data_spec import load_data
 
         specs = input_specs(model)
-        return cls.from_samples(model, load_samples(eval_data, specs, limit=limit), metric, tolerance, target)
+        return cls.from_samples(model, load_data(eval_data, specs, limit=limit), metric, tolerance, target)
 
     @classmethod
     def from_samples(

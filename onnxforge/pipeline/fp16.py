@@ -25,8 +25,9 @@ import onnx_ir as ir
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import InvalidModelError, OnnxForgeError, QualityGateError, first_line
 from onnxforge.model_io import check_model, infer_shapes, save_model, serialized_size, stored_at
-from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.parity import ParityReport, Tolerance, compare_models
+from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
+from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.parity_feeds import parity_feeds
 
 __all__ = ["Fp16Config", "Fp16Result", "convert_fp16", "to_fp16_model"]
@@ -37,8 +38,11 @@ class Fp16Config:
     keep_io_types: bool = True
     op_block_list: tuple[str, ...] = ()
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    sample_data: Path | None = None  # .npz keyed by input name: parity inputs instead of random ones
+    sample_data: DataSpec | None = None  # .npz keyed by input name: parity inputs instead of random ones
     tolerance: Tolerance = Tolerance(atol=1e-2, rtol=1e-2)
+
+    def __post_init__(self) -> None:
+        set_data_fields(self, "sample_data")  # a str or Path from the Python API becomes a DataSpec
 
 
 @dataclass

@@ -9,26 +9,24 @@ size, and the description says which shapes were chosen and how to choose others
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import onnx
 
 from onnxforge.model_io import input_specs
+from onnxforge.pipeline.data_spec import DataSource, load_data
 from onnxforge.targets.feeds import generate_feeds
 
 __all__ = ["parity_feeds"]
 
 
 def parity_feeds(
-    model: onnx.ModelProto, data: Path | None, input_shapes: Mapping[str, tuple[int, ...]]
+    model: onnx.ModelProto, data: DataSource | None, input_shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[list[dict[str, np.ndarray]], str]:
     """(feeds, what they are): two batches of one sample of ``data``, else two seeded N(0,1) feeds."""
     specs = input_specs(model)
     if data is not None:
-        from onnxforge.pipeline.calibration import load_samples
-
-        samples = load_samples(data, specs, allow_ragged=True, limit=2)  # what parity runs on
+        samples = load_data(data, specs, allow_ragged=True, limit=2)  # what parity runs on
         count = min(2, len(samples))
         feeds = [samples.take(slice(i, i + 1)).first_batch(1) for i in range(count)]
         return feeds, f"{count} sample(s) of {data}"

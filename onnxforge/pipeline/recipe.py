@@ -4,6 +4,8 @@
 model: model.py:build          # or model.onnx, model.pt, model.keras, builtin:digits_cnn
 input_shapes: {image: [1, 1, 32, 32]}
 dynamic_batch: true
+# or, per input, as the CLI's --input-shape input_ids=1x128:int64 --dynamic input_ids=1:sequence:
+# inputs: {input_ids: {shape: [1, 128], dtype: int64, dynamic: {0: batch, 1: sequence}}}
 calibration: calib.npz         # arrays keyed by input name, first axis = samples
 eval: eval.npz                 # held-out samples (+ 'label' for accuracy)
 max_samples: 256               # optional: samples read from each data file at most (eval scoring too)
@@ -36,21 +38,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from onnxforge.converters.source import SourceSpec, parse_source
-from onnxforge.errors import RecipeError
+from onnxforge.errors import RecipeError, UsageError
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.registry import Artifact, Pass, Phase, StageContext, get_pass, registered_passes
 from onnxforge.targets import TARGETS
 
-__all__ = ["Recipe", "StageSpec", "SOURCE", "load_recipe", "recipe_from_mapping", "config_from_mapping", "is_file_input"]
+__all__ = ["InputDecl", "Recipe", "StageSpec", "SOURCE", "load_recipe", "recipe_from_mapping", "config_from_mapping",
+           "is_file_input"]
 
 SOURCE = "source"  # the name by which a stage names the recipe's model as its input
-_TOP_KEYS = {"model", "input_shapes", "dynamic_batch", "calibration", "eval", "max_samples", "target", "stages", "name",
-             "search"}
+_TOP_KEYS = {"model", "inputs", "input_shapes", "dynamic_batch", "calibration", "eval", "max_samples", "target", "stages",
+             "name", "search"}
+INPUT_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 _STAGE_KEYS = {"name", "inputs"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputDecl:
+    """One model input under a recipe's ``inputs:``: what the CLI says with ``--input-shape
+    NAME=1x128:int64`` and ``--dynamic NAME=1:sequence``. ``dynamic`` names axes (``{0: batch, 1:
+    sequence}``); ``dtype`` is one of INPUT_DTYPES (None: the exporter's float32)."""
+
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    dynamic: Mapping[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in INPUT_DTYPES:
+            raise UsageError(f"dtype {self.dtype!r} is not one of {', '.join(INPUT_DTYPES)}")
+        if self.shape is not None and (not self.shape or any(d < 1 for d in self.shape)):
+            raise UsageError(f"shape {list(self.shape)}: dims must be positive")
+        for axis, dim in self.dynamic.items():
+            if axis < 0 or (self.shape is not None and axis >= len(self.shape)):
+                rank = "" if self.shape is None else f" (the shape has rank {len(self.shape)})"
+                raise UsageError(f"dynamic: axis {axis} is not an axis of the input{rank}")
+            if not dim.isidentifier():
+                raise UsageError(f"dynamic: axis {axis} is named {dim!r}; a dim name is a word such as 'sequence'")
 
 
 @dataclass(frozen=True)
@@ -78,6 +106,8 @@ class Recipe:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     dynamic_batch: bool = False
     name: str = "run"
+    input_dtypes: Mapping[str, np.dtype] = field(default_factory=dict)  # from ``inputs:``; fills export
+    dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # from ``inputs:``; fills export
     search: Mapping[str, Any] | None = None  # the optimize section, read by onnxforge.pipeline.search
     max_samples: int | None = None  # eval samples the runner scores at most; fills the stages' max_samples
 
@@ -85,6 +115,7 @@ class Recipe:
         return StageContext(
             target=self.target, calibration=self.calibration, eval_data=self.eval_data,
             input_shapes=dict(self.input_shapes), dynamic_batch=self.dynamic_batch, max_samples=self.max_samples,
+            input_dtypes=dict(self.input_dtypes), dynamic_axes=dict(self.dynamic_axes),
             **({"progress": progress} if progress else {}),
         )
 
@@ -98,6 +129,8 @@ class Recipe:
             "target": self.target,
             "input_shapes": codec.encode(self.input_shapes),
             "dynamic_batch": self.dynamic_batch,
+            "input_dtypes": codec.encode(self.input_dtypes),
+            "dynamic_axes": codec.encode(self.dynamic_axes),
             "stages": [
                 {"kind": s.kind, "name": s.name, "inputs": list(s.inputs), "config": codec.encode(s.config)}
                 for s in self.stages
@@ -112,9 +145,7 @@ def config_from_mapping(cls: type, values: Mapping[str, Any], where: str, base: 
 
 
 def _fill_value(value: Any) -> Any:
-    """A recipe-level value as a stage option: data specs give their path to ``*_data: Path`` fields."""
-    if isinstance(value, DataSpec):
-        return str(value.path)
+    """A recipe-level value as a stage option (codec data): a DataSpec whole, image options included."""
     return codec.encode(value)
 
 
@@ -139,7 +170,7 @@ def _stage(entry: Any, index: int, context: StageContext, base: Path) -> tuple[s
         value = context.value(item)
         if field_name not in values and value is not None and value != {} and value is not False:
             values[field_name] = _fill_value(value)
-    return kind, graph, values
+    return kind, graph, pass_cls.from_recipe(values, context, f"{where}.{kind}")
 
 
 def _check_name(name: Any, where: str, taken: set[str]) -> str:
@@ -258,13 +289,16 @@ def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe
     target = codec.decode(str, data.get("target", "cpu"), "target", base)
     if target not in TARGETS:
         raise RecipeError(f"{source}: target {target!r} is not one of {', '.join(TARGETS)}")
+    input_shapes, input_dtypes, dynamic_axes = _inputs(data, base, source)
     context = StageContext(
         target=target,
         calibration=codec.decode(DataSpec | None, data.get("calibration"), "calibration", base),
         eval_data=codec.decode(DataSpec | None, data.get("eval"), "eval", base),
-        input_shapes=codec.decode(Mapping[str, tuple[int, ...]], data.get("input_shapes", {}), "input_shapes", base),
+        input_shapes=input_shapes,
         dynamic_batch=codec.decode(bool, data.get("dynamic_batch", False), "dynamic_batch", base),
         max_samples=codec.decode(int | None, data.get("max_samples"), "max_samples", base),
+        input_dtypes=input_dtypes,
+        dynamic_axes=dynamic_axes,
     )
     if context.max_samples is not None and context.max_samples < 1:
         raise RecipeError(f"{source}: max_samples must be at least 1, got {context.max_samples}")
@@ -286,10 +320,28 @@ def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe
         target=target,
         input_shapes=context.input_shapes,
         dynamic_batch=context.dynamic_batch,
+        input_dtypes=context.input_dtypes,
+        dynamic_axes=context.dynamic_axes,
         max_samples=context.max_samples,
         name=_plain_name(name, source),
         search=dict(search) if search else None,
     )
+
+
+def _inputs(data: Mapping[str, Any], base: Path, source: str) -> tuple[dict, dict, dict]:
+    """(input_shapes, input_dtypes, dynamic_axes) from ``input_shapes:`` and ``inputs:`` together."""
+    shapes = dict(codec.decode(Mapping[str, tuple[int, ...]], data.get("input_shapes", {}), "input_shapes", base))
+    inputs = codec.decode(Mapping[str, InputDecl], data.get("inputs", {}), "inputs", base)
+    for name, decl in inputs.items():
+        if decl.shape is None:
+            continue
+        if name in shapes and tuple(shapes[name]) != decl.shape:
+            raise RecipeError(f"{source}: inputs.{name}.shape {list(decl.shape)} differs from input_shapes.{name} "
+                              f"{list(shapes[name])}", hint="give the shape once, under inputs")
+        shapes[name] = decl.shape
+    dtypes = {name: np.dtype(decl.dtype) for name, decl in inputs.items() if decl.dtype is not None}
+    axes = {name: dict(decl.dynamic) for name, decl in inputs.items() if decl.dynamic}
+    return shapes, dtypes, axes
 
 
 def _plain_name(value: Any, source: str) -> str:

@@ -104,6 +104,8 @@ class StageContext:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     dynamic_batch: bool = False
     max_samples: int | None = None  # samples read from each data file at most (None: the stages' defaults)
+    input_dtypes: Mapping[str, Any] = field(default_factory=dict)  # input name -> numpy dtype (recipe ``inputs:``)
+    dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # input name -> {axis: dim name}
     cache: Any = None  # the StageCache, where a stage may record measurements a re-run reuses (quantize's timings)
     progress: Callable[[str], None] = lambda message: None
 
@@ -134,6 +136,13 @@ class Pass(abc.ABC):
     def knobs(cls, target: str) -> tuple[Knob, ...]:
         """What the search may vary on ``target`` (empty: the pass has nothing worth searching)."""
         return ()
+
+    @classmethod
+    def from_recipe(cls, values: dict[str, Any], context: StageContext, where: str) -> dict[str, Any]:
+        """The stage's recipe options (codec data, after ``fills``) completed or checked against the
+        recipe's top level where a field-for-field fill cannot say it (merge's image ``pre`` takes the
+        image calibration's normalization); RecipeError naming ``where``. Default: unchanged."""
+        return values
 
     @classmethod
     def search_defaults(cls, context: StageContext) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from onnxforge.errors import OnnxForgeError, QualityGateError
 from onnxforge.model_io import file_sha256, input_specs, load_model
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, code_fingerprint, stage_key
-from onnxforge.pipeline.calibration import load_samples, model_batch_size
+from onnxforge.pipeline.calibration import model_batch_size
+from onnxforge.pipeline.data_spec import load_data
 from onnxforge.pipeline.evaluate import Metric, resolve_metric, run_outputs, score
 from onnxforge.pipeline.manifest import Manifest, StageRecord, describe_file, tool_versions
 from onnxforge.pipeline.recipe import SOURCE, Recipe, StageSpec
@@ -168,7 +169,7 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | No
     metric_name = None
     if recipe.eval_data is not None:
         progress("scoring every stage on the evaluation data")
-        samples = load_samples(recipe.eval_data.path, specs, limit=recipe.max_samples)
+        samples = load_data(recipe.eval_data, specs, limit=recipe.max_samples)
         batch = model_batch_size(specs, preferred=64)
         outputs = {name: run_outputs(target.session(p), samples, batch) for name, p in paths.items() if name not in own}
         reference = outputs[records[0].name]

@@ -32,14 +32,20 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from onnxforge._ort_logs import session_options
 from onnxforge._atomic import check_output_path, paths_in
+from onnxforge._ort_logs import session_options
 from onnxforge.errors import first_line
 from onnxforge.model_io import (
-    check_model, fits_in_protobuf, runnable, save_model, serialized_size, stored_at,
+    check_model,
+    fits_in_protobuf,
+    runnable,
+    save_model,
+    serialized_size,
+    stored_at,
 )
-from onnxforge.pipeline.normalize import StageInput, load_stage_input
 from onnxforge.parity import ParityReport, Tolerance, compare_models
+from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
+from onnxforge.pipeline.normalize import StageInput, load_stage_input
 from onnxforge.pipeline.parity_feeds import parity_feeds
 
 __all__ = ["SimplifyMethod", "SimplifyConfig", "SimplifyResult", "simplify", "simplify_model"]
@@ -57,7 +63,10 @@ class SimplifyConfig:
     method: SimplifyMethod = SimplifyMethod.AUTO
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
-    sample_data: Path | None = None  # .npz keyed by input name: parity inputs instead of random ones
+    sample_data: DataSpec | None = None  # .npz keyed by input name: parity inputs instead of random ones
+
+    def __post_init__(self) -> None:
+        set_data_fields(self, "sample_data")  # a str or Path from the Python API becomes a DataSpec
 
 
 

@@ -124,9 +124,9 @@ def _shape_overrides(model, config: ProfileConfig, batch: int) -> dict[str, tupl
 def _feeds(model, config: ProfileConfig, batch: int) -> dict[str, np.ndarray]:
     specs = input_specs(model)
     if config.sample_data is not None:
-        from onnxforge.pipeline.calibration import load_samples
+        from onnxforge.pipeline.data_spec import load_data
 
-        samples = load_samples(config.sample_data, specs, limit=batch)  # one batch: nothing else is read
+        samples = load_data(config.sample_data, specs, limit=batch)  # one batch: nothing else is read
         return samples.first_batch(batch)
     return generate_feeds(specs, batch=batch, overrides=_shape_overrides(model, config, batch), guess=True)
 

@@ -46,7 +46,8 @@ def test_a_recipe_distills_the_pruned_model_against_its_source(project):
         {"distill": {"inputs": ["source", "prune_channels"], "epochs": 2, "tolerance": 100.0}}]))
     distill = recipe.stages[-1]
     assert distill.inputs == ("source", "prune_channels")
-    assert distill.config.calibration_data == project / "calib.npz" and distill.config.eval_data == project / "eval.npz"
+    assert distill.config.calibration_data.path == project / "calib.npz"
+    assert distill.config.eval_data.path == project / "eval.npz"
     result = run_recipe(recipe, project / "run", measure=False)
     record = result.stages[-1]
     assert record.kind == "distill" and record.status == "done" and record.verified

@@ -37,7 +37,7 @@ def test_an_ensemble_stage_takes_two_earlier_stages(project):
     recipe = _recipe(project, ENSEMBLE)
     merge_stage = recipe.stages[-1]
     assert merge_stage.inputs == ("a", "b") and recipe.stages[1].inputs == (SOURCE,)
-    assert merge_stage.config.eval_data == project / "eval.npz"  # filled from the recipe's eval
+    assert merge_stage.config.eval_data.path == project / "eval.npz"  # filled from the recipe's eval
     result = run_recipe(recipe, project / "run")
     record = result.stages[-1]
     assert record.status == "done" and record.verified

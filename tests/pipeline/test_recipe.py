@@ -65,10 +65,10 @@ def test_full_recipe(project, monkeypatch):
     assert simplify == SimplifyConfig(method=SimplifyMethod.ONNXSLIM, input_shapes={"input": (1, 3, 8, 8)},
                                       sample_data=recipe.calibration.path)
     assert prune.scope is Scope.GLOBAL and prune.sparsity == 0.3
-    assert prune.eval_data == recipe.eval_data.path
+    assert prune.eval_data == recipe.eval_data  # the whole DataSpec, not its path
     assert isinstance(quantize, QuantizeConfig)
     assert quantize.tolerance == 1.5 and quantize.calibration_method is CalibrationMethod.PERCENTILE
-    assert quantize.eval_data == recipe.eval_data.path and quantize.target == "cpu"
+    assert quantize.eval_data == recipe.eval_data and quantize.target == "cpu"
 
 
 def test_stage_options_override_the_defaults(project):
@@ -83,7 +83,7 @@ def test_stage_options_override_the_defaults(project):
         """,
     )
     prune = load_recipe(path).stages[1].config
-    assert prune.eval_data == project.resolve() / "data" / "other.npz"
+    assert prune.eval_data.path == project.resolve() / "data" / "other.npz"
     assert prune.metric is Metric.COSINE
 
 

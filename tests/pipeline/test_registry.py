@@ -17,6 +17,7 @@ from onnxforge.errors import RecipeError
 from onnxforge.parity import Tolerance
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import stage_key
+from onnxforge.pipeline.calibration import ImageLayout, ImagePreprocessing
 from onnxforge.pipeline.data_spec import DataKind, DataSpec
 from onnxforge.pipeline.registry import Artifact, KnobKind, Pass, Phase, get_pass, registered_passes
 from onnxforge.targets import QuantScheme
@@ -83,6 +84,8 @@ def _example(annotation, folder: Path):
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Path:
         return _data_file(folder, "example.npz", seed=3)
+    if annotation is DataSpec:
+        return DataSpec(path=_data_file(folder, "example.npz", seed=3))
     if annotation is QuantScheme:
         from onnxforge.pipeline.quantize import parse_scheme
 
@@ -110,7 +113,7 @@ def _configs(cls, folder: Path):
     hints = typing.get_type_hints(cls)
     base_values = {}
     for f in dataclasses.fields(cls):
-        if typing.get_origin(hints[f.name]) is not None and Path in typing.get_args(hints[f.name]):
+        if typing.get_origin(hints[f.name]) is not None and {Path, DataSpec} & set(typing.get_args(hints[f.name])):
             base_values[f.name] = _data_file(folder, f"{f.name}.npz", seed=1)
     base = cls(**base_values)
     variants = {}
@@ -179,10 +182,11 @@ class TestDataSpec:
         assert codec.encode(spec) == str(tmp_path / "imgs")  # written back as the recipe would
         full = codec.decode(DataSpec, {"path": "imgs", "image_size": [24, 32], "mean": [0.5, 0.5, 0.5],
                                        "std": [0.25, 0.25, 0.25], "layout": "nhwc"}, "calibration", tmp_path)
-        assert full.image_size == (24, 32) and full.resolved_kind() is DataKind.IMAGES
+        assert full.image.size == (24, 32) and full.resolved_kind() is DataKind.IMAGES
         assert codec.decode(DataSpec, json.loads(json.dumps(codec.encode(full)))) == full
-        source = full.source()
-        assert source.preprocessing.size == (24, 32) and source.preprocessing.mean == (0.5, 0.5, 0.5)
+        # the flat recipe spelling is one ImagePreprocessing: the object merge and calibration share
+        assert full.image == ImagePreprocessing(size=(24, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                                layout=ImageLayout.NHWC)
 
     @pytest.mark.parametrize(("value", "fragment"), [
         ({"image_size": [1]}, "path"),

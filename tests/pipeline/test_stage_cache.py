@@ -142,7 +142,7 @@ def test_calibration_with_image_options_is_recipe_config(project):
         "stages: [quantize]\n"
     )
     recipe = load_recipe(project / "recipe.yaml")
-    assert recipe.calibration.image_size == (8, 8)
+    assert recipe.calibration.image.size == (8, 8)  # the flat spelling is one ImagePreprocessing
     assert recipe.to_json()["calibration"]["mean"] == [0.5, 0.5, 0.5]
 
 

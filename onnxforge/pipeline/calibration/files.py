@@ -20,7 +20,9 @@ from onnxforge.pipeline.calibration.feeding import CONST_SUFFIX, Feeding, batch_
 from onnxforge.pipeline.calibration.npy_rows import StoredArray, stored_arrays
 from onnxforge.pipeline.calibration.samples import LABEL_KEY, SampleSet, StreamedSamples
 
-__all__ = ["array_files", "check_array", "load_samples", "open_samples", "stream_file", "stream_folder"]
+__all__ = [
+    "array_files", "check_array", "load_samples", "materialize_checked", "open_samples", "stream_file", "stream_folder",
+]
 
 
 def _stored(path: Path, input_names: Sequence[str]) -> dict[str, StoredArray]:
@@ -268,21 +270,36 @@ def load_samples(
     allow_ragged: bool = False,
     limit: int | None = None,
 ) -> SampleSet:
-    """Load and check samples for a model with inputs ``specs``, all in memory: the first ``limit``
-    (all when None); nothing past them is read.
+    """Load and check samples of an .npz/.npy file or a folder of them for a model with inputs
+    ``specs``, all in memory: the first ``limit`` (all when None); nothing past them is read.
+    (Stages read their data through ``onnxforge.pipeline.data_spec.load_data``, which takes image
+    folders too.)
 
     A folder's files are concatenated; files whose dynamic dims differ are an error unless
     ``allow_ragged``, which returns a ragged set instead.
     """
     path = Path(path)
     stream = stream_folder(path, specs) if path.is_dir() else stream_file(path, specs)
+    return materialize_checked(stream, min_samples=min_samples, want_labels=want_labels,
+                               allow_ragged=allow_ragged, limit=limit)
+
+
+def materialize_checked(
+    stream: StreamedSamples,
+    *,
+    min_samples: int = 1,
+    want_labels: bool = False,
+    allow_ragged: bool = False,
+    limit: int | None = None,
+) -> SampleSet:
+    """The first ``limit`` samples of ``stream`` in memory, checked as ``load_samples`` says."""
     if limit is not None:
         stream = stream.take(slice(0, limit))
     if len(stream) < min_samples:
-        raise CalibrationDataError(f"{path}: {len(stream)} samples; at least {min_samples} are needed")
+        raise CalibrationDataError(f"{stream.source}: {len(stream)} samples; at least {min_samples} are needed")
     samples = stream.materialize()
     if samples.is_ragged and not allow_ragged:
-        raise CalibrationDataError(f"{path}: files have arrays of different shapes")
+        raise CalibrationDataError(f"{stream.source}: files have arrays of different shapes")
     if want_labels and samples.labels is None:
-        raise CalibrationDataError(f"{path}: no {LABEL_KEY!r} array; accuracy needs labels")
+        raise CalibrationDataError(f"{stream.source}: no {LABEL_KEY!r} array; accuracy needs labels")
     return samples

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxforge.errors import CalibrationDataError
+from onnxforge.errors import CalibrationDataError, UsageError
 from onnxforge.model_io import TensorSpec
 from onnxforge.pipeline.calibration.samples import StreamedSamples
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "ImageLayout", "ImagePreprocessing", "image_files", "stream_images"]
+__all__ = [
+    "IMAGE_SUFFIXES", "ImageFolder", "ImageLayout", "ImagePreprocessing", "image_files", "is_image_folder", "stream_images",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -29,7 +31,11 @@ class ImageLayout(enum.Enum):
 class ImagePreprocessing:
     """How an image file becomes a model input: resize to ``size`` (height, width; None = the
     model input's fixed H and W), convert to RGB (3 channels) or grayscale (1), multiply by
-    ``scale``, subtract ``mean`` and divide by ``std`` per channel, lay out as ``layout``."""
+    ``scale``, subtract ``mean`` and divide by ``std`` per channel, lay out as ``layout``.
+
+    The one description of image preprocessing: calibration and evaluation folders read images
+    with it (``DataSpec.image``) and merge's ``ImagePre`` builds its graph block from it, so the
+    normalization a model is calibrated with is the one it ships with."""
 
     size: tuple[int, int] | None = None
     scale: float = 1.0 / 255.0
@@ -37,6 +43,15 @@ class ImagePreprocessing:
     std: tuple[float, ...] = (1.0,)
     layout: ImageLayout = ImageLayout.AUTO
 
+    def __post_init__(self) -> None:
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise UsageError(f"image_size {self.size}: expected [height, width], both at least 1")
+        if not self.mean or not self.std:
+            raise UsageError("mean and std need at least one value")
+        if any(s == 0 for s in self.std):
+            raise UsageError("std: every value must be non-zero")
+        if self.scale == 0:
+            raise UsageError("scale must be non-zero")
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,14 @@ class ImageFolder:
 
 def image_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def is_image_folder(path: Path) -> bool:
+    """A folder read as images: it holds image files (searched recursively) and no .npz/.npy file,
+    which would make it a folder of arrays. The one place this is decided."""
+    path = Path(path)
+    return path.is_dir() and not any(p.suffix in (".npz", ".npy") for p in path.iterdir()) and any(
+        p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in path.rglob("*"))
 
 
 def _resolve_image_geometry(spec: TensorSpec, pre: ImagePreprocessing, where: str) -> tuple[ImageLayout, int, int, int]:
@@ -82,8 +105,6 @@ def _resolve_image_geometry(spec: TensorSpec, pre: ImagePreprocessing, where: st
     for name, values in (("mean", pre.mean), ("std", pre.std)):
         if len(values) not in (1, c):
             raise CalibrationDataError(f"{where}: {name} has {len(values)} values; the input has {c} channels")
-    if any(s == 0 for s in pre.std):
-        raise CalibrationDataError(f"{where}: std must not be 0")
     return layout, c, h, w
 
 

@@ -1,17 +1,16 @@
 """Any supported calibration source opened as samples: a SampleSet, a StreamedSamples, an ImageFolder,
-an ``.npz``/``.npy`` path, a folder of those or of images, or a Python iterable."""
+a DataSpec, an ``.npz``/``.npy`` path, a folder of those or of images, or a Python iterable.
+Paths and DataSpecs are opened by ``onnxforge.pipeline.data_spec.open_data``, as every stage opens them."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from onnxforge.errors import CalibrationDataError
 from onnxforge.model_io import TensorSpec
-from onnxforge.pipeline.calibration.files import array_files, stream_file, stream_folder
-from onnxforge.pipeline.calibration.images import ImageFolder, image_files, stream_images
+from onnxforge.pipeline.calibration.images import ImageFolder, stream_images
 from onnxforge.pipeline.calibration.iterables import samples_from_iterable
 from onnxforge.pipeline.calibration.samples import SampleSet, StreamedSamples
 
@@ -31,18 +30,13 @@ def open_calibration(
         return calibration
     if isinstance(calibration, ImageFolder):
         return stream_images(calibration, specs)
-    if isinstance(calibration, (str, os.PathLike)):
-        path = Path(calibration)
-        if path.is_dir():
-            if array_files(path):
-                return stream_folder(path, specs)
-            if image_files(path):
-                return stream_images(ImageFolder(path), specs)
-            raise CalibrationDataError(f"{path}: folder holds no .npz, .npy or image files")
-        return stream_file(path, specs)
+    from onnxforge.pipeline.data_spec import DataSpec, open_data  # data_spec reads through this package
+
+    if isinstance(calibration, (str, os.PathLike, DataSpec)):
+        return open_data(calibration, specs)
     if isinstance(calibration, (bytes, bytearray)) or not isinstance(calibration, Iterable):
         raise CalibrationDataError(
             f"calibration data of type {type(calibration).__name__} is not supported",
-            hint="give an .npz path, a folder, an ImageFolder, or an iterable of samples",
+            hint="give an .npz path, a folder, a DataSpec, an ImageFolder, or an iterable of samples",
         )
     return samples_from_iterable(calibration, specs, limit=limit)

@@ -22,7 +22,8 @@ import onnxruntime as ort
 from onnxforge._ort_logs import session_options
 from onnxforge.model_io import TensorSpec, input_specs
 from onnxforge.parity import ParityReport, compare_outputs
-from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
+from onnxforge.pipeline.calibration import SampleSet, model_batch_size
+from onnxforge.pipeline.data_spec import load_data
 from onnxforge.pipeline.evaluate import run_outputs
 from onnxforge.pipeline.merge.build import Composition
 from onnxforge.pipeline.merge.config import MergeConfig
@@ -116,7 +117,7 @@ def _eval_raw(
 ) -> tuple[SampleSet, dict[str, np.ndarray] | None, str]:
     """The evaluation samples (as the network takes them) and the merged graph's raw inputs for them
     (None with the reason when they cannot be made)."""
-    samples = load_samples(config.eval_data, input_specs(c.members[0][1]))
+    samples = load_data(config.eval_data, input_specs(c.members[0][1]))
     if limit is not None:
         samples = samples.take(slice(0, min(limit, len(samples))))
     if samples.is_ragged:
@@ -209,7 +210,7 @@ def measure_accuracy(c: Composition, config: MergeConfig, notes: list[str]) -> d
         result["members"] = members
     merged_accuracy = None
     if raw is None:
-        notes.append(f"the merged graph is not measured on {config.eval_data.name}: {why}")
+        notes.append(f"the merged graph is not measured on {config.eval_data.path.name}: {why}")
     else:
         predicted = _labels_from(c, _run_merged(c, session(c.model, extensions=c.uses_extensions), raw))
         if predicted is None:

@@ -9,6 +9,7 @@ from typing import Any
 from onnxforge.errors import MergeError
 from onnxforge.model_io import TensorSpec
 from onnxforge.parity import ParityReport, Tolerance
+from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.merge.ensemble import EnsembleMode
 from onnxforge.pipeline.merge.postprocess import PostKind
 from onnxforge.pipeline.merge.preprocess import AudioPre, ImagePre
@@ -36,10 +37,11 @@ class MergeConfig:
     post_output: str | None = None
     mask_input: str = "attention_mask"
     ensemble: EnsembleMode = EnsembleMode.MEAN
-    eval_data: Path | None = None
+    eval_data: DataSpec | None = None
     tolerance: Tolerance = Tolerance()
 
     def __post_init__(self) -> None:
+        set_data_fields(self, "eval_data")  # a str or Path from the Python API becomes a DataSpec
         if self.pre is not None and self.tokenizer is not None:
             raise MergeError("a merged graph has one pre-processing block: an image/audio one or a tokenizer, not both")
         if self.top_k < 1:

@@ -31,10 +31,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxforge.errors import MergeError, RecipeError
+from onnxforge.errors import MergeError, RecipeError, UsageError
 from onnxforge.model_io import TensorSpec, input_specs
 from onnxforge.pipeline import codec
-from onnxforge.pipeline.calibration import ImageLayout
+from onnxforge.pipeline.calibration import ImageLayout, ImagePreprocessing
 from onnxforge.pipeline.merge._compose import block_model, spec_info, value_info
 
 __all__ = [
@@ -67,6 +67,11 @@ class ImagePre:
     ``size``: the raw images' fixed H x W (default: the network's); ``dynamic_size``: any H x W,
     resized to the network's. ``input``: the network input it feeds (default: its only 4-D input);
     ``network_layout``: that input's layout (auto: channels of 1, 3 or 4 on axis 1 = NCHW, else last).
+
+    ``scale``, ``mean``, ``std`` and ``network_layout`` are the ``ImagePreprocessing`` calibration
+    data declares (``preprocessing``; ``from_preprocessing`` builds the block from one, and a recipe's
+    merge takes them from its image calibration): what calibrates is what ships. ``layout``,
+    ``batched``, ``size``, ``dynamic_size`` and ``resize`` describe the raw images, merge's own.
     """
 
     layout: PixelLayout = PixelLayout.HWC
@@ -86,10 +91,23 @@ class ImagePre:
         if self.size is not None and self.dynamic_size:
             raise MergeError("an image input has a fixed size or a dynamic size, not both",
                              hint="drop size, or drop dynamic_size")
-        if self.scale == 0 or any(s == 0 for s in self.std):
-            raise MergeError("image scale and std must be non-zero")
-        if not self.mean or not self.std:
-            raise MergeError("image mean and std need at least one value")
+        try:  # the normalization is checked where it is described: non-zero std and scale, a value each
+            ImagePreprocessing(scale=self.scale, mean=self.mean, std=self.std, layout=self.network_layout)
+        except UsageError as e:
+            raise MergeError(f"image pre-processing: {e.message}") from e
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        """The normalization this block applies, as image calibration data declares it (resized to the
+        network's own size, hence ``size`` None)."""
+        return ImagePreprocessing(scale=self.scale, mean=self.mean, std=self.std, layout=self.network_layout)
+
+    @classmethod
+    def from_preprocessing(cls, preprocessing: ImagePreprocessing, **raw: Any) -> ImagePre:
+        """The block that ships ``preprocessing`` (a calibration's image options) for raw images
+        described by ``raw`` (``layout``, ``batched``, ``size``, ``dynamic_size``, ``resize``, ``input``)."""
+        return cls(scale=preprocessing.scale, mean=preprocessing.mean, std=preprocessing.std,
+                   network_layout=preprocessing.layout, **raw)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,7 +282,8 @@ def _resize_axis(x: np.ndarray, axis: int, length: int, mode: ResizeMode) -> np.
 def _plan_image(pre: ImagePre, network: onnx.ModelProto) -> ImagePlan:
     spec = _network_input(network, pre.input, 4, "image")
     dims = spec.shape
-    layout = pre.network_layout
+    norm = pre.preprocessing
+    layout = norm.layout
     if layout is ImageLayout.AUTO:
         layout = (ImageLayout.NCHW if dims[1] in (1, 3, 4) else ImageLayout.NHWC if dims[3] in (1, 3, 4) else None)
         if layout is None:
@@ -274,7 +293,7 @@ def _plan_image(pre: ImagePre, network: onnx.ModelProto) -> ImagePlan:
     c = dims[3] if channels_last else dims[1]
     if not isinstance(c, int):
         raise MergeError(f"image pre-processing: {spec.name!r} has a dynamic channel count ({spec.shape_text()})")
-    for label, values in (("mean", pre.mean), ("std", pre.std)):
+    for label, values in (("mean", norm.mean), ("std", norm.std)):
         if len(values) not in (1, c):
             raise MergeError(f"image {label} has {len(values)} values; {spec.name!r} has {c} channels")
     net_hw = (dims[1], dims[2]) if channels_last else (dims[2], dims[3])
@@ -299,10 +318,10 @@ def _plan_image(pre: ImagePre, network: onnx.ModelProto) -> ImagePlan:
     perm = None
     if hwc != channels_last:
         perm = (0, 3, 1, 2) if hwc else (0, 2, 3, 1)
-    mean = np.asarray(pre.mean, np.float64)
-    std = np.asarray(pre.std, np.float64)
+    mean = np.asarray(norm.mean, np.float64)
+    std = np.asarray(norm.std, np.float64)
     shape = [1, 1, 1, -1] if channels_last else [1, -1, 1, 1]
-    multiplier = (pre.scale / std).astype(np.float32).reshape(shape)
+    multiplier = (norm.scale / std).astype(np.float32).reshape(shape)
     offset = (-mean / std).astype(np.float32).reshape(shape)
     multiplier, offset = np.broadcast_arrays(multiplier, offset)
     return ImagePlan(pre, spec, TensorSpec(spec.name, tuple(raw_shape), np.dtype(np.uint8)), perm, channels_last,

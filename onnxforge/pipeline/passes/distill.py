@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxforge.converters.distill_config import DistillConfig
+from onnxforge.pipeline import codec
 from onnxforge.pipeline.registry import Artifact, Knob, KnobKind, Pass, Phase, StageContext, register
 
 
@@ -32,7 +33,7 @@ class DistillPass(Pass):
     @classmethod
     def search_defaults(cls, context: StageContext) -> dict[str, Any]:
         # No gate of its own (the search scores the chain) and a bound on each trial's training.
-        data = {"calibration_data": str(context.calibration.path)} if context.calibration is not None else {}
+        data = {"calibration_data": codec.encode(context.calibration)} if context.calibration is not None else {}
         return {**data, "time_budget_s": 600.0}
 
     def run(self, config: DistillConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:

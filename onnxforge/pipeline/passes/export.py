@@ -18,7 +18,8 @@ class ExportPass(Pass):
     description = "framework model to ONNX, parity checked"
     consumes = (Artifact.SOURCE,)
     phase = Phase.EXPORT
-    fills = {"input_shapes": "input_shapes", "dynamic_batch": "dynamic_batch"}
+    fills = {"input_shapes": "input_shapes", "dynamic_batch": "dynamic_batch", "input_dtypes": "input_dtypes",
+             "dynamic_axes": "dynamic_axes"}
 
     def run(self, config: ExportConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
         from onnxforge import converters

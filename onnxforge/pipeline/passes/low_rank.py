@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from onnxforge.pipeline import codec
 from onnxforge.pipeline.prune.low_rank import LowRankConfig, low_rank
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 
@@ -25,7 +26,7 @@ class LowRankPass(Pass):
     @classmethod
     def search_defaults(cls, context: StageContext) -> dict[str, Any]:
         spec = context.calibration
-        data = {"calibration_data": str(spec.path)} if spec is not None else {}
+        data = {"calibration_data": codec.encode(spec)} if spec is not None else {}
         return {**data, "measure_latency": False, "target": context.target, "gate": False}
 
     def run(self, config: LowRankConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:

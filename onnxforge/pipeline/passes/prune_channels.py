@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from onnxforge.pipeline import codec
 from onnxforge.pipeline.prune.channels import ChannelPruneConfig, prune_channels
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 
@@ -34,7 +35,7 @@ class ChannelPrunePass(Pass):
         # the search varies the ratio and scores every trial itself: the stage keeps the ratio it is given
         values = {"target": context.target, "round_to": get_target(context.target).channel_multiple, "gate": False}
         if context.calibration is not None:
-            values["calibration_data"] = str(context.calibration.path)
+            values["calibration_data"] = codec.encode(context.calibration)  # the whole DataSpec: images keep their options
         return values
 
     def run(self, config: ChannelPruneConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:

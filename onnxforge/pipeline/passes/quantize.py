@@ -47,7 +47,7 @@ class QuantizePass(Pass):
                 "error_report": False, "latency_rounds": 3}
 
     def run(self, config: QuantizeConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
-        return quantize(inputs[0], output, context.require_calibration(self.name).source(), config, cache=context.cache)
+        return quantize(inputs[0], output, context.require_calibration(self.name), config, cache=context.cache)
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:

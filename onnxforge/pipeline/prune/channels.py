@@ -38,7 +38,8 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
 from onnxforge.model_cost import count_params_and_macs
 from onnxforge.model_io import input_specs, save_model
-from onnxforge.pipeline.calibration import SampleSet, open_samples
+from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.activations import batches_of_values
@@ -85,14 +86,14 @@ class ChannelPruneConfig:
     importance: Importance = Importance.L2
     allocation: Allocation = Allocation.UNIFORM
     repair: Repair = Repair.AUTO
-    calibration_data: Path | None = None
+    calibration_data: DataSpec | None = None
     calibration_samples: int = 256
     max_samples: int | None = None  # bounds every use of the data: samples fit and eval samples scored
     positions: int = 64  # im2col rows sampled per calibration sample for the repair
     ridge: float = 1e-3
     round_to: int = 1
     exclude_nodes: tuple[str, ...] = ()
-    eval_data: Path | None = None
+    eval_data: DataSpec | None = None
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
     target: str = "cpu"  # where the quality gate runs
@@ -101,6 +102,7 @@ class ChannelPruneConfig:
     gate: bool = True
 
     def __post_init__(self) -> None:
+        set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec
         if not 0.0 < self.ratio < 1.0:
             raise UsageError(f"--ratio {self.ratio}: must be in (0, 1), the fraction of channels to remove")
         if (self.round_to < 1 or self.calibration_samples < 1 or self.positions < 1
@@ -384,7 +386,7 @@ def prune_channels(
     model = lift_constants(loaded.model)  # weights in Constant nodes (paddle2onnx) are weights too
     calibration = None
     if config.calibration_data is not None:
-        calibration = open_samples(config.calibration_data, input_specs(model))  # read only as deep as used
+        calibration = open_data(config.calibration_data, input_specs(model), equal_shapes=True)  # read as deep as used
     check, calibration = QualityCheck.measure(model, config, calibration, max_fit=config.calibration_samples)
     shapes = check.shapes
     params_before, macs_before = count_params_and_macs(model, shapes)

@@ -37,7 +37,8 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import input_specs, save_model
-from onnxforge.pipeline.calibration import SampleSet, open_samples
+from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.activations import batches_of_values
@@ -65,11 +66,11 @@ class LowRankConfig:
     ratio: float = 0.5
     max_cost: float = 0.7
     min_params: int = 4096
-    calibration_data: Path | None = None
+    calibration_data: DataSpec | None = None
     calibration_samples: int = 256
     max_samples: int | None = None  # bounds every use of the data: samples fit and eval samples scored
     exclude_nodes: tuple[str, ...] = ()
-    eval_data: Path | None = None
+    eval_data: DataSpec | None = None
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
     measure_latency: bool = True
@@ -77,6 +78,7 @@ class LowRankConfig:
     gate: bool = True  # False: no tolerance loop, the rank rule given is kept (onnxforge optimize scores it)
 
     def __post_init__(self) -> None:
+        set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec
         if self.max_samples is not None and self.max_samples < 1:
             raise UsageError("--max-samples must be at least 1")
         if not 0.0 < self.energy < 1.0:
@@ -391,7 +393,7 @@ def low_rank(
     model = lift_constants(loaded.model)
     calibration = None
     if config.calibration_data is not None:
-        calibration = open_samples(config.calibration_data, input_specs(model))  # read only as deep as used
+        calibration = open_data(config.calibration_data, input_specs(model), equal_shapes=True)  # read as deep as used
     check, calibration = QualityCheck.measure(model, config, calibration, max_fit=config.calibration_samples)
     fit = held = None
     if calibration is not None:

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import save_model
+from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
@@ -46,13 +47,14 @@ class MagnitudePruneConfig:
     scope: Scope = Scope.PER_LAYER
     min_params: int = 64
     exclude_nodes: tuple[str, ...] = ()
-    eval_data: Path | None = None
+    eval_data: DataSpec | None = None
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
     target: str = "cpu"  # where the quality gate runs
     max_samples: int | None = None  # bounds every use of the data: samples fit and eval samples scored
 
     def __post_init__(self) -> None:
+        set_data_fields(self, "eval_data")  # a str or Path from the Python API becomes a DataSpec
         if self.max_samples is not None and self.max_samples < 1:
             raise UsageError("--max-samples must be at least 1")
         if not 0.0 <= self.sparsity < 1.0:

@@ -36,10 +36,10 @@ from onnxforge.pipeline.calibration import (
     ImageFolder,
     SampleSet,
     StreamedSamples,
-    load_samples,
     model_batch_size,
     open_calibration,
 )
+from onnxforge.pipeline.data_spec import DataKind, DataSpec, as_data_spec, load_data
 from onnxforge.pipeline.quantize.backends import error_line, op_types_to_quantize
 from onnxforge.pipeline.quantize.calibration_ranges import collect_ranges
 from onnxforge.pipeline.quantize.config import CalibrationMethod, QuantizeConfig, Ranges
@@ -118,7 +118,7 @@ def load_calibration(model: onnx.ModelProto, calibration: object, config: Quanti
     calib, held_out = _split_eval(config, model, source)
     if len(calib) > config.calibration_samples:
         calib = calib.take(slice(0, config.calibration_samples))
-    if isinstance(calibration, (str, os.PathLike)) and Path(calibration).is_file():
+    if isinstance(calibration, (str, os.PathLike, DataSpec)) and as_data_spec(calibration).path.is_file():
         calib = calib.materialize()  # at most calibration_samples, read once (a folder streams, one file at a time)
     if len(calib) == 0:
         raise CalibrationDataError(f"{source.source}: no calibration samples left after holding out evaluation ones")
@@ -162,7 +162,7 @@ def _split_eval(
 ) -> tuple[SampleSet | StreamedSamples, SampleSet]:
     """(calibration part, held-out samples in memory), both bounded (see the module doc)."""
     if config.eval_data is not None:
-        held_out = load_samples(config.eval_data, input_specs(model), allow_ragged=True, limit=config.max_samples)
+        held_out = load_data(config.eval_data, input_specs(model), allow_ragged=True, limit=config.max_samples)
         return calibration, held_out
     if len(calibration) < 2:
         raise CalibrationDataError(
@@ -189,6 +189,8 @@ def data_notes(calibration: object, config: QuantizeConfig, data: CalibrationDat
             "onnxruntime's Distribution calibration computes statistics meant for float8 types; with int8 it "
             "left the digits CNN at 10% accuracy (MinMax: 99.8%): prefer minmax, entropy or percentile"
         )
+    if isinstance(calibration, DataSpec) and calibration.resolved_kind() is DataKind.IMAGES:
+        calibration = ImageFolder(calibration.path, calibration.preprocessing)  # the same note as the API's
     if isinstance(calibration, ImageFolder):
         pre = calibration.preprocessing
         notes.append(

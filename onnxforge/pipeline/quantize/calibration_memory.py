@@ -176,7 +176,11 @@ def guard_calibration_memory(model: onnx.ModelProto, specs, calibration, limit: 
     from onnxforge.pipeline.calibration import model_batch_size
 
     batch = model_batch_size(specs, preferred=1)  # memory_plan lowers the batch to what fits
+    from onnxforge.pipeline.data_spec import DataKind, DataSpec
+
     samples_bytes, source = 0, "calibration data"
+    if isinstance(calibration, DataSpec) and calibration.resolved_kind() is DataKind.ARRAYS:
+        calibration = calibration.path  # an image folder is streamed one file at a time: not sized here
     if isinstance(calibration, (str, Path)) or hasattr(calibration, "__fspath__"):
         path = Path(calibration)
         source = str(path)

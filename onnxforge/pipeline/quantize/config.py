@@ -10,6 +10,7 @@ from pathlib import Path
 from onnxruntime import quantization as ortq
 
 from onnxforge.errors import UsageError
+from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
 from onnxforge.pipeline.quantize.mixed_precision import MixedPrecisionSearch, rank_nodes
@@ -83,7 +84,7 @@ class QuantizeConfig:
     max_samples: int | None = field(default=None, metadata={"renamed_from": "max_calibration_samples"})
     metric: Metric = Metric.AUTO
     tolerance: float | None = None
-    eval_data: Path | None = None
+    eval_data: DataSpec | None = None
     holdout_fraction: float = 0.2
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
@@ -114,6 +115,7 @@ class QuantizeConfig:
         return self.max_samples or DEFAULT_CALIBRATION_SAMPLES
 
     def __post_init__(self) -> None:
+        set_data_fields(self, "eval_data")  # a str or Path from the Python API becomes a DataSpec
         if not 0.0 < self.holdout_fraction < 1.0:
             raise UsageError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if not 0.0 < self.max_float_fraction <= 1.0:

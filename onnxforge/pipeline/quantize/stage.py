@@ -21,7 +21,7 @@ from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import save_model
 from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.normalize import load_stage_input, quantized_ops
-from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.quantize.calibrate import data_notes, load_calibration
 from onnxforge.pipeline.quantize.config import QuantizeConfig, QuantizeResult
 from onnxforge.pipeline.quantize.embeddings import embedding_tables
@@ -58,12 +58,14 @@ def quantize(
     ``cache``: where the candidates' timings are recorded, so that a re-run with the same candidates
     reuses them and keeps the same scheme (timing_record); None times every run.
 
-    ``calibration``: an .npz path, a folder of .npz/.npy or of images, an ImageFolder (declared
-    preprocessing), a SampleSet, or any iterable of samples (see onnxforge.pipeline.calibration).
+    ``calibration``: a DataSpec (how every stage names its data), an .npz path, a folder of .npz/.npy
+    or of images, an ImageFolder (declared preprocessing), a SampleSet, or any iterable of samples
+    (see onnxforge.pipeline.calibration).
     Measured: each candidate's score on held-out samples vs fp32, p50 latency interleaved with
     fp32 on the target, size; for mixed precision every step's score; per-node SQNR.
     """
-    calibration_path = None if isinstance(calibration, SampleSet) or not isinstance(calibration, (str, os.PathLike)) else calibration
+    calibration_path = calibration.path if isinstance(calibration, DataSpec) else (
+        calibration if isinstance(calibration, (str, os.PathLike)) else None)
     out = check_output_path(output, input_path, calibration_path, *paths_in(config))
     target = get_target(config.target)
     target.require()

@@ -32,7 +32,8 @@ from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
 from onnxforge.model_io import file_sha256, input_specs, load_model
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, stage_key
-from onnxforge.pipeline.calibration import load_samples, model_batch_size
+from onnxforge.pipeline.calibration import model_batch_size
+from onnxforge.pipeline.data_spec import load_data
 from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
 from onnxforge.pipeline.manifest import machine_description, tool_versions
 from onnxforge.pipeline.recipe import StageSpec
@@ -102,7 +103,7 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
         output = run_dir / "input_export.onnx"
         record = run_stage(spec, [StageArtifact(model, source_fingerprint(model))], output, context, cache)
         reference = StageArtifact(str(output), record.output["sha256"])
-    simplify = StageSpec("simplify", SimplifyConfig(sample_data=config.eval_data.path), "simplify", ("reference",))
+    simplify = StageSpec("simplify", SimplifyConfig(sample_data=config.eval_data), "simplify", ("reference",))
     output = run_dir / "input_simplified.onnx"
     try:
         record = run_stage(simplify, [reference], output, context, cache)
@@ -116,7 +117,7 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
 def _reference_gate(reference: str, config: OptimizeConfig) -> tuple[QualityGate, float]:
     model = load_model(reference)
     specs = input_specs(model)
-    samples = load_samples(config.eval_data.path, specs)
+    samples = load_data(config.eval_data, specs)
     if config.metric is Metric.ACCURACY and samples.labels is None:
         raise CalibrationDataError(
             f"{config.eval_data.path}: no 'label' array; an accuracy budget (--max-drop) needs labels",
@@ -320,7 +321,7 @@ def _front(records: list[dict[str, Any]], config: OptimizeConfig) -> list[dict[s
 def _recipe_for(model: str, record: dict[str, Any], config: OptimizeConfig, space: SearchSpace) -> dict[str, Any]:
     """A recipe that rebuilds a front model with ``onnxforge run``."""
     stages: list[Any] = [] if model.endswith(".onnx") else ["export"]
-    stages.append("simplify" if not stages else {"simplify": {"sample_data": str(config.eval_data.path)}})
+    stages.append("simplify" if not stages else {"simplify": {"sample_data": codec.encode(config.eval_data)}})
     context = StageContext(target=config.target, calibration=config.calibration)
     for spec in stage_specs(space.plan_from_params(record["plan"]), context):
         stages.append({spec.kind: codec.encode(spec.config)})

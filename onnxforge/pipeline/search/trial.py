@@ -24,8 +24,8 @@ from onnxforge.errors import OnnxForgeError, QualityGateError
 from onnxforge.model_io import file_sha256, input_specs, load_model, model_file_size
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache
-from onnxforge.pipeline.calibration import SampleSet, load_samples, model_batch_size
-from onnxforge.pipeline.data_spec import DataSpec
+from onnxforge.pipeline.calibration import SampleSet, model_batch_size
+from onnxforge.pipeline.data_spec import DataSpec, load_data
 from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
 from onnxforge.pipeline.recipe import StageSpec
 from onnxforge.pipeline.registry import Artifact, Phase, StageContext, registered_passes
@@ -141,7 +141,7 @@ def _eval_data(ctx: TrialContext) -> tuple[SampleSet, list[np.ndarray], int]:
     if key not in _EVAL:
         reference = load_model(ctx.reference_model)
         specs = input_specs(reference)
-        samples = load_samples(Path(ctx.eval_path), specs)
+        samples = load_data(ctx.eval_path, specs)
         batch = model_batch_size(specs, preferred=32)
         outputs = run_outputs(get_target(ctx.target).session(ctx.reference_model), samples, batch)
         _EVAL.clear()
