@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from onnxforge.pipeline.calibration import SampleSet
 
-__all__ = ["QualityBaseline", "Metric", "QualityGate", "run_outputs", "score", "resolve_metric"]
+__all__ = ["QualityBaseline", "Metric", "QualityGate", "run_outputs", "score", "resolve_metric", "tolerance_help"]
 
 T = TypeVar("T")
 
@@ -44,6 +44,14 @@ _DEFAULT_TOLERANCE = {
     Metric.MIN_COSINE: 0.99,  # minimum cosine of the worst sample
     Metric.REL_ERROR: 0.05,  # maximum mean relative error
 }
+# One spelling of the tolerance per metric, in the metric's own unit (what --tolerance means).
+_TOLERANCE_UNIT = {
+    Metric.ACCURACY: "points of accuracy the candidate may lose (at most)",
+    Metric.AGREEMENT: "points of top-1 disagreement with the reference (at most)",
+    Metric.COSINE: "minimum mean cosine similarity to the reference",
+    Metric.MIN_COSINE: "minimum cosine similarity of every sample to the reference",
+    Metric.REL_ERROR: "maximum mean relative error to the reference",
+}
 _HIGHER_IS_BETTER = {Metric.ACCURACY: True, Metric.AGREEMENT: True, Metric.COSINE: True, Metric.MIN_COSINE: True,
                      Metric.REL_ERROR: False}
 
@@ -63,6 +71,16 @@ class QualityGate:
     @property
     def higher_is_better(self) -> bool:
         return _HIGHER_IS_BETTER[self.metric]
+
+    @property
+    def unit(self) -> str:
+        """What the tolerance is measured in: a drop in points (accuracy, agreement), a minimum
+        (cosine, min-cosine) or a maximum (rel-error)."""
+        return _TOLERANCE_UNIT[self.metric]
+
+    def describe_tolerance(self) -> str:
+        """The tolerance with its unit, e.g. ``0.5 (points of accuracy the candidate may lose (at most))``."""
+        return f"{self.tolerance:g} ({self.unit})"
 
     def best(self, items: Iterable[T], score: Callable[[T], float]) -> T | None:
         """The item whose ``score`` is best under this metric (highest, or lowest for rel-error); None if none."""
@@ -91,6 +109,11 @@ class QualityGate:
         if self.metric in (Metric.ACCURACY, Metric.AGREEMENT):
             return f"{value * 100:.2f}%"
         return f"{value:.4f}"
+
+
+def tolerance_help() -> str:
+    """What a tolerance means for each metric, in its unit: for help texts."""
+    return "; ".join(f"{metric.value}: {unit}" for metric, unit in _TOLERANCE_UNIT.items())
 
 
 def resolve_metric(metric: Metric, has_labels: bool, output_shape: tuple) -> Metric:

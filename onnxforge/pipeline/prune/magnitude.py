@@ -164,7 +164,7 @@ def prune_magnitude(
         entry = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
         value = check.score(serialized)
         passes = check.passes(value)
-        if check.baseline is not None:
+        if check.measured:
             entry["score"] = value
             entry["passes"] = passes
         tried.append(entry)
