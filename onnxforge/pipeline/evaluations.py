@@ -29,7 +29,7 @@ __all__ = ["file_fingerprint", "model_fingerprint", "samples_fingerprint", "cach
 
 MAX_OUTPUTS = 4
 
-_FILES: dict[str, tuple[tuple[int, int, int], str]] = {}
+_FILES: dict[str, tuple[tuple, str]] = {}
 _SAMPLES: dict[int, tuple[weakref.ref, str]] = {}
 _OUTPUTS: OrderedDict[tuple, list[np.ndarray]] = OrderedDict()
 _SCORES: dict[tuple, float] = {}
@@ -37,18 +37,23 @@ _SCORES: dict[tuple, float] = {}
 
 def file_fingerprint(path: str | os.PathLike) -> str:
     """sha256 of a file (or a folder's files: model_io.content_sha256), computed once per process
-    while the file's size, modification time and inode are unchanged."""
+    while the file's (every file's, for a folder) size, modification time and inode are unchanged."""
     from onnxforge.model_io import content_sha256
 
     resolved = Path(path).resolve()
-    stat = resolved.stat()
-    state = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    files = sorted(p for p in resolved.rglob("*") if p.is_file()) if resolved.is_dir() else [resolved]
+    state = tuple((str(f), *_stat(f)) for f in files)
     known = _FILES.get(str(resolved))
     if known is not None and known[0] == state:
         return known[1]
     digest = content_sha256(resolved)
     _FILES[str(resolved)] = (state, digest)
     return digest
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def model_fingerprint(model: str | os.PathLike | bytes | onnx.ModelProto) -> str:
