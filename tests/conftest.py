@@ -33,6 +33,17 @@ def _private_stage_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ONNXFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("stage-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_evaluations():
+    """Each test starts with nothing measured: the process-wide evaluation cache (pipeline.evaluations)
+    would otherwise answer a test from what an earlier one ran."""
+    from onnxforge.pipeline.evaluations import clear_evaluations
+
+    clear_evaluations()
+    yield
+    clear_evaluations()
+
+
 IMAGE_SHAPE = (3, 8, 8)  # C, H, W of the tiny classifier's input
 NUM_CLASSES = 5
 

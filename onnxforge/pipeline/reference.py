@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import onnx
 
+from onnxforge.model_io import TensorSpec
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, load_samples, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
 from onnxforge.pipeline.evaluations import (
@@ -38,7 +38,7 @@ from onnxforge.targets.latency import LatencyStats, compare_latency
 
 __all__ = ["Reference", "Timing", "ModelRef"]
 
-ModelRef = Union[str, os.PathLike, bytes, onnx.ModelProto]
+ModelRef = str | os.PathLike | bytes | onnx.ModelProto
 Feeds = Mapping[str, np.ndarray]
 
 
@@ -71,7 +71,8 @@ class Reference:
     is False and only timing works, on generated feeds of ``input_shapes``). ``metric`` and
     ``tolerance`` resolve the gate on the reference's outputs (``Metric.AUTO``: accuracy with
     labels, agreement for class scores, else cosine). Scoring sessions use ``threads`` and
-    ``low_memory``, and batches of ``eval_batch`` (the model's fixed batch wins).
+    ``low_memory``, and batches of ``eval_batch`` (the model's fixed batch wins). ``specs``: the
+    model's inputs when the caller has them (the model is then not loaded to read them).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class Reference:
         threads: int | None = None,
         low_memory: bool = False,
         input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        specs: Sequence[TensorSpec] | None = None,
     ) -> None:
         self.model = model
         self.target = get_target(target)
@@ -96,6 +98,7 @@ class Reference:
         self.threads = threads
         self.low_memory = low_memory
         self.input_shapes = dict(input_shapes or {})
+        self._specs = list(specs) if specs is not None else None
         self._data = data.materialize() if isinstance(data, StreamedSamples) else data
         self._eval_batch = eval_batch
         self._proto: onnx.ModelProto | None = model if isinstance(model, onnx.ModelProto) else None
@@ -114,10 +117,13 @@ class Reference:
         return self._data is not None
 
     @property
-    def specs(self):
-        from onnxforge.model_io import input_specs
+    def specs(self) -> list[TensorSpec]:
+        """The model's run-time inputs (given, or read from the model once)."""
+        if self._specs is None:
+            from onnxforge.model_io import input_specs
 
-        return input_specs(self.proto)
+            self._specs = input_specs(self.proto)
+        return self._specs
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -209,8 +215,11 @@ class Reference:
         return cached_score((fingerprint, self.fingerprint, *self._key(), metric.value), compute)
 
     def passes(self, value: float | None) -> bool:
-        """Whether ``value`` is within the gate's tolerance of the reference (always, without data)."""
-        return not self.measured or self.gate.passes(value, self.value)
+        """Whether ``value`` is within the gate's tolerance of the reference (always, without data;
+        never for a missing value when there is data)."""
+        if not self.measured:
+            return True
+        return value is not None and self.gate.passes(value, self.value)
 
     # ------------------------------------------------------------------------------------------
     # Latency

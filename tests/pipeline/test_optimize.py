@@ -255,9 +255,7 @@ def test_the_input_model_runs_once_on_the_eval_data_however_many_trials(project,
     """The gate, every trial's score and every trial's timing measure against one Reference: the input
     model's outputs on the eval data are computed once in the process, and timing goes through it."""
     from onnxforge.pipeline import reference
-    from onnxforge.pipeline.evaluations import clear_evaluations
 
-    clear_evaluations()
     model = str((project / "model.onnx").resolve())
     runs: list[str] = []
     original = reference.run_outputs

@@ -70,7 +70,7 @@ class QualityCheck:
         if limit is not None:
             max_fit = limit if max_fit is None else min(max_fit, limit)
         fit, held, source = calibration, None, None
-        gate = dict(metric=config.metric, tolerance=config.tolerance, eval_batch=EVAL_BATCH)
+        gate = {"metric": config.metric, "tolerance": config.tolerance, "eval_batch": EVAL_BATCH}
         if config.eval_data is not None:
             reference = Reference(model, config.eval_data, target, limit=limit, **gate)
             source = f"{len(reference.samples)} samples of the eval data"
