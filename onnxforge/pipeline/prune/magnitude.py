@@ -199,7 +199,7 @@ def prune_magnitude(
         raise QualityGateError(
             f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}); "
             f"the unpruned model is saved at {out}",
-            hint="loosen --tolerance, or exclude sensitive layers with --exclude",
+            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or exclude sensitive layers with --exclude",
             best_path=str(out),
             result=result.to_json(),
         )
