@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from onnxforge.pipeline.calibration import SampleSet
 
-__all__ = ["QualityBaseline", "Metric", "QualityGate", "run_outputs", "score", "resolve_metric", "tolerance_help"]
+__all__ = ["Metric", "QualityGate", "run_outputs", "score", "resolve_metric", "tolerance_help"]
 
 T = TypeVar("T")
 
@@ -215,42 +214,3 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
             np.mean([float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(b)), 1e-12) for a, b in zip(y, ref)])
         )
     raise ValueError(f"unresolved metric {metric}")
-
-
-@dataclass
-class QualityBaseline:
-    """The fp32 model's outputs on evaluation data and its score: what a pruning stage gates against."""
-
-    samples: SampleSet
-    reference: list[np.ndarray]
-    gate: QualityGate
-    score: float
-
-    @classmethod
-    def measure(
-        cls, model: onnx.ModelProto, eval_data, metric: Metric, tolerance: float | None, target=None,
-        limit: int | None = None,
-    ) -> QualityBaseline:
-        """Score ``model`` on ``eval_data`` (its first ``limit`` samples: nothing past them is read) on
-        ``target`` (a Target; None = the CPU)."""
-        from onnxforge.model_io import input_specs
-        from onnxforge.pipeline.calibration import load_samples
-
-        specs = input_specs(model)
-        return cls.from_samples(model, load_samples(eval_data, specs, limit=limit), metric, tolerance, target)
-
-    @classmethod
-    def from_samples(
-        cls, model: onnx.ModelProto, samples: SampleSet, metric: Metric, tolerance: float | None, target=None
-    ) -> QualityBaseline:
-        """Score ``model`` on ``samples`` (held-out calibration samples, when there is no eval data)."""
-        from onnxforge.model_io import input_specs
-        from onnxforge.pipeline.calibration import model_batch_size
-        from onnxforge.targets.cpu import CpuTarget
-
-        specs = input_specs(model)
-        reference = run_outputs(
-            (target or CpuTarget()).session(model.SerializeToString()), samples, model_batch_size(specs, preferred=32)
-        )
-        gate = QualityGate.resolve(metric, tolerance, samples.labels is not None, reference[0].shape)
-        return cls(samples, reference, gate, score(gate.metric, reference, reference, samples.labels))
