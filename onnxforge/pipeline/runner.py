@@ -8,7 +8,9 @@ target, the tool versions and onnxforge's own code; a hit is verified by hash an
 run folder (a file already there with the right hash is left alone). A change re-runs that stage,
 and — because their inputs' hashes change — every stage downstream of it, and nothing else.
 After the stages, all stage models are scored on the evaluation data (its first ``max_samples``
-when the recipe sets it) and timed side by side (interleaved, batch 1) on the recipe's target.
+when the recipe sets it) and timed side by side (interleaved, batch 1) on the recipe's target, all
+against the first row through one ``Reference`` (pipeline/reference.py); each stage's phrase quotes
+its speed over its input from that same timing.
 """
 
 from __future__ import annotations
