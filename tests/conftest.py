@@ -49,6 +49,17 @@ def _private_stage_cache(tmp_path_factory, monkeypatch, _session_cache_key):
     monkeypatch.setenv("ONNXFORGE_CACHE_KEY_FILE", _session_cache_key)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_evaluations():
+    """Each test starts with nothing measured: the process-wide evaluation cache (pipeline.evaluations)
+    would otherwise answer a test from what an earlier one ran."""
+    from onnxforge.pipeline.evaluations import clear_evaluations
+
+    clear_evaluations()
+    yield
+    clear_evaluations()
+
+
 IMAGE_SHAPE = (3, 8, 8)  # C, H, W of the tiny classifier's input
 NUM_CLASSES = 5
 

@@ -266,9 +266,10 @@ def save_recipe_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def quality_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from onnxforge.pipeline.evaluate import TOLERANCE_HELP, Metric
+    from onnxforge.pipeline.evaluate import Metric, tolerance_help
 
-    f = click.option("--tolerance", type=float, default=None, help=TOLERANCE_HELP)(f)
+    f = click.option("--tolerance", type=float, default=None,
+                     help=f"the quality gate, in the metric's unit ({tolerance_help()})")(f)
     f = click.option(
         "--metric", type=click.Choice([m.value for m in Metric]), default="auto", show_default=True,
         help="quality metric vs the input model (auto: accuracy with labels, else top-1 agreement or cosine)",

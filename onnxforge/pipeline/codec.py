@@ -76,7 +76,7 @@ def encode(value: Any) -> Any:
 
 def fingerprint(value: Any) -> Any:
     """``encode(value)`` with paths replaced by the sha256 of their content and non-key fields left out."""
-    from onnxforge.model_io import content_sha256
+    from onnxforge.pipeline.evaluations import file_fingerprint  # hashed once per file per process
 
     # Dataclasses go field by field even when they have their own spelling, so paths inside them
     # are hashed by content.
@@ -84,7 +84,7 @@ def fingerprint(value: Any) -> Any:
         return {f.name: fingerprint(getattr(value, f.name)) for f in key_fields(type(value))}
     if isinstance(value, os.PathLike):
         path = Path(value)
-        return {"sha256": content_sha256(path)} if path.exists() else {"missing": os.fspath(path)}
+        return {"sha256": file_fingerprint(path)} if path.exists() else {"missing": os.fspath(path)}
     if isinstance(value, Mapping):
         return {str(k): fingerprint(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from onnxforge.pipeline.calibration import SampleSet
 
-__all__ = ["QualityBaseline", "Metric", "QualityGate", "TOLERANCE_HELP", "run_outputs", "score", "resolve_metric"]
+__all__ = ["Metric", "QualityGate", "run_outputs", "score", "resolve_metric", "tolerance_help"]
 
 T = TypeVar("T")
 
@@ -44,10 +43,14 @@ _DEFAULT_TOLERANCE = {
     Metric.MIN_COSINE: 0.99,  # minimum cosine of the worst sample
     Metric.REL_ERROR: 0.05,  # maximum mean relative error
 }
-# Each metric's tolerance in its own unit, as every --tolerance help and message states it.
-TOLERANCE_HELP = ("the quality gate, in the metric's unit: accuracy = max drop in points (default 0.5); agreement = "
-                  "max disagreement with the input in points (1.0); cosine, min-cosine = the minimum cosine (0.99); "
-                  "rel-error = the maximum mean relative error (0.05)")
+# One spelling of the tolerance per metric, in the metric's own unit (what --tolerance means).
+_TOLERANCE_UNIT = {
+    Metric.ACCURACY: "points of accuracy the candidate may lose (at most)",
+    Metric.AGREEMENT: "points of top-1 disagreement with the reference (at most)",
+    Metric.COSINE: "minimum mean cosine similarity to the reference",
+    Metric.MIN_COSINE: "minimum cosine similarity of every sample to the reference",
+    Metric.REL_ERROR: "maximum mean relative error to the reference",
+}
 _HIGHER_IS_BETTER = {Metric.ACCURACY: True, Metric.AGREEMENT: True, Metric.COSINE: True, Metric.MIN_COSINE: True,
                      Metric.REL_ERROR: False}
 
@@ -67,6 +70,16 @@ class QualityGate:
     @property
     def higher_is_better(self) -> bool:
         return _HIGHER_IS_BETTER[self.metric]
+
+    @property
+    def unit(self) -> str:
+        """What the tolerance is measured in: a drop in points (accuracy, agreement), a minimum
+        (cosine, min-cosine) or a maximum (rel-error)."""
+        return _TOLERANCE_UNIT[self.metric]
+
+    def describe_tolerance(self) -> str:
+        """The tolerance with its unit, e.g. ``0.5 (points of accuracy the candidate may lose (at most))``."""
+        return f"{self.tolerance:g} ({self.unit})"
 
     def best(self, items: Iterable[T], score: Callable[[T], float]) -> T | None:
         """The item whose ``score`` is best under this metric (highest, or lowest for rel-error); None if none."""
@@ -95,6 +108,12 @@ class QualityGate:
         if self.metric in (Metric.ACCURACY, Metric.AGREEMENT):
             return f"{value * 100:.2f}%"
         return f"{value:.4f}"
+
+
+def tolerance_help() -> str:
+    """What a tolerance means for each metric, in its unit: for help texts."""
+    return "; ".join(f"{metric.value}: {unit}, default {_DEFAULT_TOLERANCE[metric]:g}"
+                     for metric, unit in _TOLERANCE_UNIT.items())
 
 
 def resolve_metric(metric: Metric, has_labels: bool, output_shape: tuple) -> Metric:
@@ -196,42 +215,3 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
             np.mean([float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(b)), 1e-12) for a, b in zip(y, ref)])
         )
     raise ValueError(f"unresolved metric {metric}")
-
-
-@dataclass
-class QualityBaseline:
-    """The fp32 model's outputs on evaluation data and its score: what a pruning stage gates against."""
-
-    samples: SampleSet
-    reference: list[np.ndarray]
-    gate: QualityGate
-    score: float
-
-    @classmethod
-    def measure(
-        cls, model: onnx.ModelProto, eval_data, metric: Metric, tolerance: float | None, target=None,
-        limit: int | None = None,
-    ) -> QualityBaseline:
-        """Score ``model`` on ``eval_data`` (its first ``limit`` samples: nothing past them is read) on
-        ``target`` (a Target; None = the CPU)."""
-        from onnxforge.model_io import input_specs
-        from onnxforge.pipeline.data_spec import load_data
-
-        specs = input_specs(model)
-        return cls.from_samples(model, load_data(eval_data, specs, limit=limit), metric, tolerance, target)
-
-    @classmethod
-    def from_samples(
-        cls, model: onnx.ModelProto, samples: SampleSet, metric: Metric, tolerance: float | None, target=None
-    ) -> QualityBaseline:
-        """Score ``model`` on ``samples`` (held-out calibration samples, when there is no eval data)."""
-        from onnxforge.model_io import input_specs
-        from onnxforge.pipeline.calibration import model_batch_size
-        from onnxforge.targets.cpu import CpuTarget
-
-        specs = input_specs(model)
-        reference = run_outputs(
-            (target or CpuTarget()).session(model.SerializeToString()), samples, model_batch_size(specs, preferred=32)
-        )
-        gate = QualityGate.resolve(metric, tolerance, samples.labels is not None, reference[0].shape)
-        return cls(samples, reference, gate, score(gate.metric, reference, reference, samples.labels))

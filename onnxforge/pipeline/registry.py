@@ -161,7 +161,11 @@ class Pass(abc.ABC):
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:
-        """One phrase for the run table and the report, from the result's JSON."""
+        """One phrase for the run table and the report, from the result's JSON.
+
+        A phrase that quotes a speed reads it from ``measured_speedup`` (the stage's speed over its
+        input's): in a run, the runner sets it from the table's own interleaved timing
+        (``runner._speed_against_inputs``), so the row and its phrase say the same number."""
         return ""
 
 

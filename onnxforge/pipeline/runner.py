@@ -8,7 +8,9 @@ target, the tool versions and onnxforge's own code; a hit is verified by hash an
 run folder (a file already there with the right hash is left alone). A change re-runs that stage,
 and — because their inputs' hashes change — every stage downstream of it, and nothing else.
 After the stages, all stage models are scored on the evaluation data (its first ``max_samples``
-when the recipe sets it) and timed side by side (interleaved, batch 1) on the recipe's target.
+when the recipe sets it) and timed side by side (interleaved, batch 1) on the recipe's target, all
+against the first row through one ``Reference`` (pipeline/reference.py); each stage's phrase quotes
+its speed over its input from that same timing.
 """
 
 from __future__ import annotations
@@ -24,16 +26,13 @@ from onnxforge.errors import OnnxForgeError, QualityGateError
 from onnxforge.model_io import file_sha256, input_specs, load_model
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, code_fingerprint, stage_key
-from onnxforge.pipeline.calibration import model_batch_size
-from onnxforge.pipeline.data_spec import load_data
-from onnxforge.pipeline.evaluate import Metric, resolve_metric, run_outputs, score
 from onnxforge.pipeline.manifest import Manifest, StageRecord, describe_file, tool_versions
 from onnxforge.pipeline.recipe import SOURCE, Recipe, StageSpec
-from onnxforge.pipeline.registry import StageContext
+from onnxforge.pipeline.reference import Reference
+from onnxforge.pipeline.registry import StageContext, registered_passes
 from onnxforge.pipeline.run_guard import check_run_paths, stage_output
 from onnxforge.targets import get_target
 from onnxforge.targets.feeds import generate_feeds
-from onnxforge.targets.latency import compare_latency
 
 __all__ = ["RunResult", "run_recipe", "source_fingerprint", "StageArtifact", "model_artifact", "stage_inputs", "run_stage"]
 
@@ -157,46 +156,63 @@ def run_stage(
 
 
 def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | None:
-    """Score and time every stage output; fills each record's metrics. Returns the metric name."""
+    """Score and time every stage output against the first row (the input model, else the first stage)
+    through one Reference; fills each record's metrics. Returns the metric name.
+
+    A stage's summary quotes its speed against its input from this same timing (the table's numbers),
+    not the check the stage ran on itself, so the row and its note never disagree.
+    """
     records = [r for r in [manifest.baseline, *manifest.stages] if r is not None and r.output is not None]
     if not records:
         return None
     paths = {r.name: manifest.run_dir / r.output["path"] for r in records}
-    target = get_target(recipe.target)
-    first = load_model(paths[records[0].name])
-    specs = input_specs(first)
+    first = records[0].name
+    reference = Reference(paths[first], recipe.eval_data, recipe.target, limit=recipe.max_samples, eval_batch=64,
+                          input_shapes=dict(recipe.input_shapes))
+    specs = reference.specs
     own = {r.name for r in records if _takes_other_inputs(r, specs)}
     metric_name = None
-    if recipe.eval_data is not None:
+    if reference.measured:
         progress("scoring every stage on the evaluation data")
-        samples = load_data(recipe.eval_data, specs, limit=recipe.max_samples)
-        batch = model_batch_size(specs, preferred=64)
-        outputs = {name: run_outputs(target.session(p), samples, batch) for name, p in paths.items() if name not in own}
-        reference = outputs[records[0].name]
-        metric = resolve_metric(Metric.AUTO, samples.labels is not None, tuple(reference[0].shape))
+        metric = reference.gate.metric
         metric_name = metric.value
         for r in records:
             if r.name in own or _measured_itself(r, metric.value):
                 _own_measurement(r, metric.value)
             else:
-                r.metrics[metric.value] = score(metric, outputs[r.name], reference, samples.labels)
-        feeds = samples.first_batch(model_batch_size(specs, preferred=1))
-    else:
-        feeds = generate_feeds(specs, batch=1, overrides=dict(recipe.input_shapes))
+                r.metrics[metric.value] = reference.score(paths[r.name])
     progress(f"timing every stage side by side on {recipe.target} (batch 1, 1 thread)")
-    sessions = {name: (target.session(p, threads=1, interleaved=True), feeds) for name, p in paths.items() if name not in own}
-    sessions.update(_own_sessions(target, paths, [r for r in records if r.name in own]))
-    timings = compare_latency({n: s for n, (s, _) in sessions.items()}, {n: f for n, (_, f) in sessions.items()},
-                              rounds=30)
+    own_feeds = _own_feeds(reference.target, paths, [r for r in records if r.name in own])
+    timed = {r.name: paths[r.name] for r in records[1:] if r.name not in own or r.name in own_feeds}
+    timings = reference.time_against(timed, rounds=30, batch=1, threads=1, own_feeds=own_feeds, reference_name=first)
     for r in records:
         r.metrics["bytes"] = r.output["bytes"]
-    records = [r for r in records if r.name in timings]
-    base = timings[records[0].name].p50_ms
+    stats = {name: t.stats for name, t in timings.items()}
+    base = stats[first].p50_ms
     for r in records:
-        r.metrics["latency_p50_ms"] = timings[r.name].p50_ms
-        r.metrics["latency"] = timings[r.name].to_json()
-        r.metrics["speedup_vs_first"] = base / timings[r.name].p50_ms
+        if r.name not in stats:
+            continue
+        r.metrics["latency_p50_ms"] = stats[r.name].p50_ms
+        r.metrics["latency"] = stats[r.name].to_json()
+        r.metrics["speedup_vs_first"] = base / stats[r.name].p50_ms
+    _speed_against_inputs(records, paths, stats)
     return metric_name
+
+
+def _speed_against_inputs(records: list[StageRecord], paths: dict[str, Path], stats: dict) -> None:
+    """Each timed stage's speed against its (timed) input, from the table's timing; its summary says it."""
+    by_path = {os.path.realpath(p): name for name, p in paths.items()}
+    for r in records:
+        if r.name not in stats or not r.inputs or r.status not in ("done", "cached"):
+            continue
+        source = by_path.get(os.path.realpath(r.inputs[0]))
+        if source is None or source not in stats or source == r.name:
+            continue
+        speedup = stats[source].p50_ms / stats[r.name].p50_ms
+        r.metrics["speedup_vs_input"] = speedup
+        pass_cls = registered_passes().get(r.kind)
+        if pass_cls is not None and r.result is not None:
+            r.summary = pass_cls.summary({**r.result, "measured_speedup": speedup})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,17 +239,17 @@ def _own_measurement(record: StageRecord, metric: str) -> None:
         record.metrics["note"] = "its inputs differ from the evaluation data's: not scored"
 
 
-def _own_sessions(target, paths: dict[str, Path], records: list[StageRecord]) -> dict:
-    """{name: (session, random feeds of the graph's own inputs)}; a graph that cannot be run here
-    (text inputs, a tokenizer's custom ops) gets a note instead."""
-    sessions = {}
+def _own_feeds(target, paths: dict[str, Path], records: list[StageRecord]) -> dict:
+    """{name: random feeds of the graph's own inputs}; a graph that cannot be run here (text inputs,
+    a tokenizer's custom ops) gets a note instead, and is not timed."""
+    feeds = {}
     for record in records:
         try:
-            feeds = generate_feeds(input_specs(load_model(paths[record.name])), batch=1)
-            sessions[record.name] = (target.session(paths[record.name], threads=1, interleaved=True), feeds)
+            feeds[record.name] = generate_feeds(input_specs(load_model(paths[record.name])), batch=1)
+            target.session(paths[record.name])  # loads here: timed with the others
         except OnnxForgeError as e:
             record.metrics["note"] = (record.metrics.get("note", "") + f"; not timed: {e.message}").lstrip("; ")
-    return sessions
+    return feeds
 
 
 def run_recipe(

@@ -249,3 +249,36 @@ def test_a_framework_source_is_exported_once_and_searched(tmp_path, torch_model_
     assert again.best["sha256"] == result.best["sha256"]
     assert all(s["cache"] == "cached" or s["cache"].startswith(("unchanged", "restored"))
                for r in again.trials for s in r.get("stages", []))  # every stage came from the cache
+
+
+def test_the_input_model_runs_once_on_the_eval_data_however_many_trials(project, monkeypatch):
+    """The gate, every trial's score and every trial's timing measure against one Reference: the input
+    model's outputs on the eval data are computed once in the process, and timing goes through it."""
+    from onnxforge.pipeline import reference
+
+    model = str((project / "model.onnx").resolve())
+    runs: list[str] = []
+    original = reference.run_outputs
+
+    def counting(session, samples, batch_size):
+        runs.append(str(Path(getattr(session, "_model_path", "") or "bytes").resolve()))
+        return original(session, samples, batch_size)
+
+    timed = []
+    time_against = reference.Reference.time_against
+
+    def spying(self, candidates, **kwargs):
+        if isinstance(self.model, (str, Path)):  # not a prune stage's own check (a ModelProto)
+            timed.append((str(Path(self.model).resolve()), list(candidates)))
+        return time_against(self, candidates, **kwargs)
+
+    monkeypatch.setattr(reference, "run_outputs", counting)
+    monkeypatch.setattr(reference.Reference, "time_against", spying)
+    result = optimize(project / "model.onnx", project / "run",
+                      _config(project, objective=Objective.LATENCY, space={"prune_channels.ratio": (0.25, 0.5, 0.75),
+                                                                           "prune_channels.importance": ("l2",)}))
+    ok = [r for r in result.trials if r["status"] == "ok"]
+    assert len(ok) >= 3 and all("ratio" in r for r in ok), [r.get("error") for r in result.trials]
+    assert runs.count(model) == 1
+    trials = [(path, names) for path, names in timed if names == ["trial"]]
+    assert len(trials) >= 3 and all(path == model for path, _ in trials)  # every trial timed against the input

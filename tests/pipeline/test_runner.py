@@ -200,3 +200,39 @@ def test_export_stage_from_python_is_cached_until_the_source_changes(tmp_path):
     (tmp_path / "model.py").write_text(TORCH_MODEL_SOURCE.replace("torch.manual_seed(0)", "torch.manual_seed(1)"))
     third = run_recipe(load_recipe(recipe_path), run_dir, measure=False)
     assert _statuses(third) == {"export": "done", "simplify": "done"}
+
+
+def test_a_stage_summary_quotes_the_speed_the_run_table_shows(project, monkeypatch):
+    """The stage's own check and the run table time separately (here 1.90x and then 2.12x, as a loaded
+    machine might answer); the row's phrase must say the table's number, not the check's."""
+    from onnxforge.pipeline import reference
+    from onnxforge.targets.latency import LatencyStats
+
+    speeds = iter([1.90, 2.12, 2.50, 2.75])
+
+    def timed(sessions, feeds, **_):
+        speed = next(speeds)
+        base, *others = list(sessions)
+        stats = {base: LatencyStats(2.0, 2.0, 2.0, 2.0, 0.0, 30, 1)}
+        for name in others:
+            p50 = 2.0 / speed
+            stats[name] = LatencyStats(p50, p50, p50, p50, 0.0, 30, 1)
+        return stats
+
+    monkeypatch.setattr(reference, "compare_latency", timed)
+    (project / "recipe.yaml").write_text(textwrap.dedent("""\
+        name: speed
+        model: classifier.onnx
+        calibration: calib.npz
+        eval: eval.npz
+        stages:
+          - prune_channels: {ratio: 0.5, tolerance: 100}
+        """))
+    result = run_recipe(load_recipe(project / "recipe.yaml"), project / "run", measure=True)
+    (stage,) = result.stages
+    assert stage.result["measured_speedup"] == pytest.approx(1.90)  # the stage's own check, kept in its result
+    table = f"{stage.metrics['speedup_vs_first']:.2f}x"
+    assert table == "2.12x"
+    assert f"measured {table} the input's speed" in stage.summary
+    assert stage.metrics["speedup_vs_input"] == stage.metrics["speedup_vs_first"]
+    assert _manifest(project / "run")["stages"][0]["summary"] == stage.summary

@@ -88,7 +88,7 @@ def test_a_latency_tie_goes_to_the_earlier_scheme():
 @pytest.fixture
 def flipping_timings(monkeypatch):
     """compare_latency as a loaded machine might answer: each call, another candidate is 30% faster."""
-    from onnxforge.pipeline.quantize import select
+    from onnxforge.pipeline import reference
 
     calls = itertools.count()
 
@@ -97,7 +97,7 @@ def flipping_timings(monkeypatch):
         fast = labels[next(calls) % len(labels)]
         return {label: _stats(1.0 if label == fast else 1.3) for label in sessions}
 
-    monkeypatch.setattr(select, "compare_latency", flipping)
+    monkeypatch.setattr(reference, "compare_latency", flipping)  # every timing goes through Reference
 
 
 def test_a_rerun_keeps_the_scheme_its_recorded_timings_chose(cli, tmp_path, flipping_timings):

@@ -75,16 +75,16 @@ def rows_read(monkeypatch) -> Counter:
 @pytest.fixture
 def scored(monkeypatch) -> list[int]:
     """How many samples each scoring pass of quantize's candidates (and fp32) ran on."""
-    from onnxforge.pipeline.quantize import select
+    from onnxforge.pipeline import reference
 
     sizes: list[int] = []
-    original = select.run_outputs
+    original = reference.run_outputs
 
     def counting(session, samples, batch_size):
         sizes.append(len(samples))
         return original(session, samples, batch_size)
 
-    monkeypatch.setattr(select, "run_outputs", counting)
+    monkeypatch.setattr(reference, "run_outputs", counting)  # every scoring goes through Reference
     return sizes
 
 

@@ -52,6 +52,6 @@ class QuantizePass(Pass):
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:
         chosen = next((c for c in result.get("candidates", []) if c.get("scheme") == result.get("chosen")), {})
-        speed = chosen.get("speedup_vs_fp32")
+        speed = result.get("measured_speedup", chosen.get("speedup_vs_fp32"))  # the run table's, in a run
         pace = "" if speed is None else f", {speed:.2f}x fp32's speed" if speed >= 1 else f", {1 / speed:.2f}x SLOWER than fp32"
         return f"{result.get('chosen', '?')} of {len(result.get('candidates', []))} measured{pace}"

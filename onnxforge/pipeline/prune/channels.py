@@ -456,7 +456,7 @@ def prune_channels(
             f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}, on "
             f"{check.source}): the input scores {check.gate.format(check.reference_score)}, the best try (ratio "
             f"{best['ratio']:.3f}) {check.gate.format(best['score'])}; the unpruned model is saved at {out}",
-            hint="loosen --tolerance, pass --calibration for the least-squares repair, or --exclude sensitive layers",
+            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), pass --calibration for the least-squares repair, or --exclude sensitive layers",
             best_path=str(out),
             result=result.to_json(),
         )

@@ -5,17 +5,16 @@
 2. **Its quality.** It is compared with the input model on held-out samples — the eval data, else
    a ``HOLDOUT`` share of the calibration samples (at most ``MAX_HELD_OUT``, right after the ones
    that fit: calibration.split_bounds), which are then not used to fit anything —
-   with the stage's metric and tolerance (onnxforge.pipeline.evaluate.QualityGate), inside the
+   through a ``Reference`` (onnxforge.pipeline.reference) with the stage's metric and tolerance, inside the
    back-off loop (onnxforge.pipeline.prune.backoff). Without either the result says "quality not
    measured", and so does the run table.
-3. **Its speed.** Input and candidate are timed interleaved on the target, at the model's own batch
+3. **Its speed.** Input and candidate are timed interleaved on the target (Reference.time_against), at the model's own batch
    size (its fixed batch, else 1), on the same feeds: a reported speedup is measured, never derived
    from MACs. MACs are estimates, counted with the shapes of the data (onnxforge.model_cost).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,11 +24,11 @@ import onnx
 from onnxforge.errors import InvalidModelError, OnnxForgeError
 from onnxforge.model_io import input_specs
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, model_batch_size
-from onnxforge.pipeline.evaluate import QualityBaseline, QualityGate, run_outputs, score
+from onnxforge.pipeline.evaluate import QualityGate
+from onnxforge.pipeline.reference import Reference
 from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
 from onnxforge.targets.feeds import generate_feeds
-from onnxforge.targets.latency import compare_latency
 
 __all__ = ["HOLDOUT", "QualityCheck"]
 
@@ -41,17 +40,17 @@ TIMING_SECONDS = 3.0  # about how long the interleaved timing of input and candi
 
 @dataclass
 class QualityCheck:
-    """A prune stage's checks: the input model's outputs and score on held-out samples (``baseline``,
-    None when there is no data to measure quality on), one batch of feeds at the model's own batch size
-    (for running and timing candidates) and the data's input shapes (for MAC estimates)."""
+    """A prune stage's checks: the input model as a ``Reference`` on held-out samples (its outputs and
+    score; ``measured`` is False when there is no data to measure quality on), one batch of feeds at the
+    model's own batch size (for running and timing candidates) and the data's input shapes (for MAC
+    estimates)."""
 
     target: Target
     batch: int  # the model's own batch size: its fixed batch, else 1
-    baseline: QualityBaseline | None = None
+    reference: Reference
     source: str | None = None  # what quality is measured on
     feeds: dict[str, np.ndarray] | None = None
     shapes: dict[str, tuple[int, ...]] | None = None  # input shapes at batch 1, from the data
-    eval_batch: int = EVAL_BATCH
 
     @classmethod
     def measure(
@@ -67,15 +66,14 @@ class QualityCheck:
         target = get_target(config.target)
         specs = input_specs(model)
         batch = model_batch_size(specs, preferred=1)
-        eval_batch = model_batch_size(specs, preferred=EVAL_BATCH)
         limit = getattr(config, "max_samples", None)  # --max-samples: bounds the fit and the scoring alike
         if limit is not None:
             max_fit = limit if max_fit is None else min(max_fit, limit)
-        fit, baseline, source = calibration, None, None
+        fit, held, source = calibration, None, None
+        gate = {"metric": config.metric, "tolerance": config.tolerance, "eval_batch": EVAL_BATCH}
         if config.eval_data is not None:
-            baseline = QualityBaseline.measure(model, config.eval_data, config.metric, config.tolerance, target,
-                                               limit=limit)
-            source = f"{len(baseline.samples)} samples of the eval data"
+            reference = Reference(model, config.eval_data, target, limit=limit, **gate)
+            source = f"{len(reference.samples)} samples of the eval data"
             if limit is not None:
                 source += f" (the first {limit}: --max-samples)"
             if calibration is not None and max_fit is not None:
@@ -83,12 +81,13 @@ class QualityCheck:
         elif calibration is not None and len(calibration) >= 2:
             max_held = MAX_HELD_OUT if limit is None else min(MAX_HELD_OUT, max(1, limit // 4))
             fit, held = calibration.split(HOLDOUT, max_fit=max_fit, max_held=max_held)
-            held = held.materialize()
-            baseline = QualityBaseline.from_samples(model, held, config.metric, config.tolerance, target)
-            source = f"{len(held)} held-out calibration samples (not used to fit)"
+            reference = Reference(model, held.materialize(), target, **gate)
+            source = f"{len(reference.samples)} held-out calibration samples (not used to fit)"
+        else:
+            reference = Reference(model, None, target, **gate)  # times candidates; no quality to measure
         if fit is not None:
             fit = fit.materialize()
-        data = baseline.samples if baseline is not None else calibration
+        data = reference.samples if reference.measured else calibration
         feeds = shapes = None
         if data is not None:
             feeds = data.first_batch(batch)
@@ -99,44 +98,42 @@ class QualityCheck:
                 shapes = _shapes(generate_feeds(specs, batch=1))
             except OnnxForgeError:
                 pass  # a dynamic dim nobody gave: the candidate is only loaded, and not timed
-        return cls(target, batch, baseline, source, feeds, shapes, eval_batch), fit
+        if reference.measured:
+            reference.value  # noqa: B018 - the input's outputs and score, before any candidate is built
+        return cls(target, batch, reference, source, feeds, shapes), fit
 
     @property
     def measured(self) -> bool:
-        return self.baseline is not None
+        return self.reference.measured
 
     @property
     def samples(self) -> SampleSet | None:
-        return self.baseline.samples if self.baseline else None
+        return self.reference.samples if self.measured else None
 
     @property
     def gate(self) -> QualityGate | None:
-        return self.baseline.gate if self.baseline else None
+        return self.reference.gate if self.measured else None
 
     @property
     def reference_score(self) -> float | None:
-        return self.baseline.score if self.baseline else None
+        return self.reference.value if self.measured else None
 
     def describe(self) -> str | None:
-        return self.baseline.gate.describe() if self.baseline else None
+        return self.reference.gate.describe() if self.measured else None
 
     def quality_note(self) -> str:
         """What the quality numbers rest on, or that there are none."""
-        if self.baseline is not None:
+        if self.measured:
             return f"quality measured on {self.source} ({self.describe()})"
         return ("quality NOT measured: no --eval or --calibration data; the model was only checked to load"
                 + (" and run" if self.feeds is not None else ""))
 
     def score(self, candidate: onnx.ModelProto | bytes) -> float | None:
         """``candidate``'s score on the held-out samples on the target; None without them."""
-        if self.baseline is None:
-            return None
-        data = candidate if isinstance(candidate, bytes) else candidate.SerializeToString()
-        outputs = run_outputs(self.target.session(data), self.baseline.samples, self.eval_batch)
-        return score(self.baseline.gate.metric, outputs, self.baseline.reference, self.baseline.samples.labels)
+        return self.reference.score(candidate) if self.measured else None
 
     def passes(self, value: float | None) -> bool:
-        return self.baseline is None or self.baseline.gate.passes(value, self.baseline.score)
+        return self.reference.passes(value)
 
     def runs(self, candidate: onnx.ModelProto | bytes, stage: str) -> None:
         """InvalidModelError naming ``stage`` when ``candidate`` does not run on one batch of the feeds."""
@@ -149,26 +146,19 @@ class QualityCheck:
             raise InvalidModelError(f"{stage}: the rewritten model does not run: {e.message}") from e
 
     def speedup(self, model: onnx.ModelProto | bytes, candidate: onnx.ModelProto | bytes) -> dict | None:
-        """Input and candidate timed interleaved at the model's own batch size: p50s and their ratio
-        (> 1: the candidate is faster); None without feeds."""
+        """Input and candidate timed interleaved at the model's own batch size (Reference.time_against,
+        about ``TIMING_SECONDS``): p50s and their ratio (> 1: the candidate is faster); None without feeds."""
         if self.feeds is None:
             return None
-        sessions = {
-            name: self.target.session(m if isinstance(m, bytes) else m.SerializeToString(), interleaved=True)
-            for name, m in (("input", model), ("candidate", candidate))
-        }
-        start = time.perf_counter()
-        for session in sessions.values():
-            session.run(None, self.feeds)
-        one_round = max(time.perf_counter() - start, 1e-6) * 3  # runs_per_round = 3
-        rounds = int(min(20, max(3, TIMING_SECONDS / one_round)))
-        stats = compare_latency(sessions, self.feeds, warmup=2, rounds=rounds)
+        timer = self.reference if model is self.reference.model else Reference(model, None, self.target)
+        timing = timer.time_against({"candidate": candidate}, rounds=20, warmup=2, seconds=TIMING_SECONDS,
+                                    feeds=self.feeds)["candidate"]
         return {
             "batch": self.batch,
-            "input_p50_ms": stats["input"].p50_ms,
-            "candidate_p50_ms": stats["candidate"].p50_ms,
-            "speedup": stats["input"].p50_ms / stats["candidate"].p50_ms,
-            "runs": stats["input"].runs,
+            "input_p50_ms": timing.reference.p50_ms,
+            "candidate_p50_ms": timing.stats.p50_ms,
+            "speedup": timing.speedup,
+            "runs": timing.reference.runs,
         }
 
 

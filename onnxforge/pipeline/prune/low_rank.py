@@ -450,7 +450,7 @@ def low_rank(
             f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
             f"{check.gate.format(check.reference_score)}, the best try {check.gate.format(best['score'])}; the "
             f"input model is saved at {out}",
-            hint="loosen --tolerance, or pass --calibration for the data-aware factorization",
+            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or pass --calibration for the data-aware factorization",
             best_path=str(out),
             result=result.to_json(),
         )

@@ -166,7 +166,7 @@ def prune_magnitude(
         entry = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
         value = check.score(serialized)
         passes = check.passes(value)
-        if check.baseline is not None:
+        if check.measured:
             entry["score"] = value
             entry["passes"] = passes
         tried.append(entry)
@@ -201,7 +201,7 @@ def prune_magnitude(
         raise QualityGateError(
             f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}); "
             f"the unpruned model is saved at {out}",
-            hint="loosen --tolerance, or exclude sensitive layers with --exclude",
+            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or exclude sensitive layers with --exclude",
             best_path=str(out),
             result=result.to_json(),
         )

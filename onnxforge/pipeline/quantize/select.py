@@ -23,7 +23,7 @@ import onnx
 
 from onnxforge.errors import CalibrationDataError, QualityGateError
 from onnxforge.pipeline.calibration import SampleSet, model_batch_size
-from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
+from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.quantize.attention_mask import mask_nodes
 from onnxforge.pipeline.quantize.backends import error_line, quantize_candidate
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, collect
@@ -40,8 +40,9 @@ from onnxforge.pipeline.quantize.quant_error import NodeError, measure_node_erro
 from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES, qdq_twin
 from onnxforge.pipeline.quantize.smooth_quant import smooth_model
 from onnxforge.pipeline.quantize.timing_record import recorded_timings, timing_key
+from onnxforge.pipeline.reference import Reference
 from onnxforge.targets import QuantFormat, QuantMethod, QuantScheme
-from onnxforge.targets.latency import LatencyStats, compare_latency
+from onnxforge.targets.latency import LatencyStats
 
 __all__ = ["REWRITTEN_FP32", "CandidateRun"]
 
@@ -81,19 +82,16 @@ class CandidateRun:
         self.data = data
         self.held_out = data.held_out
         self.eval_batch = data.eval_batch()  # what fits the memory limit (memory_plan)
-        self.fp32_session = target.session(graphs.fp32, threads=config.threads, interleaved=True)  # timed too
-        scoring = (target.session(graphs.fp32, threads=config.threads, low_memory=True) if data.low_memory
-                   else self.fp32_session)
-        self.reference = run_outputs(scoring, self.held_out, self.eval_batch)
-        del scoring
-        first = self.reference[0]  # ragged (an object array of per-sample outputs) for variable-length inputs
-        first_shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
-        self.gate = QualityGate.resolve(config.metric, config.tolerance, self.held_out.labels is not None, first_shape)
+        # fp32 on the held-out samples: what every candidate is scored against and timed beside
+        self.reference = Reference(graphs.fp32, self.held_out, target, metric=config.metric, tolerance=config.tolerance,
+                                   eval_batch=self.eval_batch, threads=config.threads, low_memory=data.low_memory,
+                                   specs=data.specs)
+        self.gate = self.reference.gate
         if self.gate.metric is Metric.ACCURACY and self.held_out.labels is None:
             raise CalibrationDataError(
                 f"{self.held_out.source}: accuracy needs a 'label' array", hint="or use --metric agreement"
             )
-        self.fp32_score = score(self.gate.metric, self.reference, self.reference, self.held_out.labels)
+        self.fp32_score = self.reference.value
         self.candidates: list[CandidateResult] = []
         self.paths: dict[str, Path] = {}  # candidate label -> its model
         self.scheme_of: dict[str, QuantScheme] = {}  # candidate label -> the scheme it was quantized with
@@ -148,9 +146,8 @@ class CandidateRun:
         return dest
 
     def score(self, path: Path) -> float:
-        session = self.target.session(path, threads=self.config.threads, low_memory=self.data.low_memory)
-        outputs = run_outputs(session, self.held_out, self.eval_batch)
-        return score(self.gate.metric, outputs, self.reference, self.held_out.labels)
+        """``path``'s score against fp32 on the held-out samples (Reference.score)."""
+        return self.reference.score(path)
 
     def measure(self, schemes: Sequence[QuantScheme]) -> None:
         """Quantize and score every scheme, then time them all; raises QualityGateError when every one failed."""
@@ -188,18 +185,18 @@ class CandidateRun:
         self.time_all()
 
     def time_all(self) -> None:
-        """Time fp32 and every candidate interleaved on the target; sets each candidate's latency and speedup.
-        The timings of the same models recorded in ``records`` (the stage cache) are reused (timing_record)."""
+        """Time fp32 and every candidate interleaved on the target (Reference.time_against: one call, fp32's
+        own timing in it the baseline); sets each candidate's latency and speedup. The timings of the same models recorded in ``records`` (the stage cache) are reused (timing_record)."""
         models = {"fp32": self.fp32_path} | dict(self.paths)
         if self.graphs.rewritten:
             models[REWRITTEN_FP32] = self.graphs.base
         feeds = _latency_feeds(self.held_out, model_batch_size(self.data.specs, preferred=1))
 
         def measure() -> dict[str, LatencyStats]:
-            sessions = {label: self.fp32_session if label == "fp32" else
-                        self.target.session(path, threads=self.config.threads, interleaved=True)
-                        for label, path in models.items()}
-            return compare_latency(sessions, feeds, rounds=self.config.latency_rounds)
+            candidates = {label: path for label, path in models.items() if label != "fp32"}
+            timed = self.reference.time_against(candidates, rounds=self.config.latency_rounds,
+                                                threads=self.config.threads, feeds=feeds, reference_name="fp32")
+            return {label: timed[label].stats for label in models}
 
         key = timing_key(models, feeds, target=self.target.name, threads=self.config.threads,
                          rounds=self.config.latency_rounds)

@@ -130,7 +130,7 @@ def quantize(
         raise QualityGateError(
             f"no quantized model meets the tolerance ({run.gate.describe()}): the best, {chosen.scheme}, scores "
             f"{run.gate.format(chosen.score)} vs fp32 {run.gate.format(run.fp32_score)}; it is saved at {out}",
-            hint="loosen --tolerance, add calibration data, or keep sensitive ops in float with --exclude-op",
+            hint=f"loosen --tolerance (now {run.gate.describe_tolerance()}), add calibration data, or keep sensitive ops in float with --exclude-op",
             best_path=str(out),
             result=result.to_json(),
         )

@@ -28,13 +28,11 @@ from typing import Any
 import yaml
 
 from onnxforge._atomic import atomic_write_text
-from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
-from onnxforge.model_io import file_sha256, input_specs, load_model
+from onnxforge.errors import QualityGateError, UsageError
+from onnxforge.model_io import file_sha256
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, stage_key
-from onnxforge.pipeline.calibration import model_batch_size
-from onnxforge.pipeline.data_spec import load_data
-from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
+from onnxforge.pipeline.evaluate import QualityGate
 from onnxforge.pipeline.manifest import machine_description, tool_versions
 from onnxforge.pipeline.recipe import StageSpec
 from onnxforge.pipeline.registry import StageContext
@@ -46,6 +44,7 @@ from onnxforge.pipeline.search.trial import (
     TrialContext,
     evaluate_plan,
     latency_feeds,
+    reference_gate,
     stage_specs,
     time_against_reference,
 )
@@ -115,19 +114,7 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
 
 
 def _reference_gate(reference: str, config: OptimizeConfig) -> tuple[QualityGate, float]:
-    model = load_model(reference)
-    specs = input_specs(model)
-    samples = load_data(config.eval_data, specs)
-    if config.metric is Metric.ACCURACY and samples.labels is None:
-        raise CalibrationDataError(
-            f"{config.eval_data.path}: no 'label' array; an accuracy budget (--max-drop) needs labels",
-            hint="add a 'label' array to the eval data, or use --metric agreement / cosine",
-        )
-    outputs = run_outputs(get_target(config.target).session(reference), samples, model_batch_size(specs, preferred=32))
-    first = outputs[0]
-    shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
-    gate = QualityGate.resolve(config.metric, config.tolerance, samples.labels is not None, shape)
-    return gate, score(gate.metric, outputs, outputs, samples.labels)
+    return reference_gate(reference, config.eval_data, config.target, config.metric, config.tolerance)
 
 
 def _settings(model_sha: str, config: OptimizeConfig, space: SearchSpace) -> dict[str, Any]:

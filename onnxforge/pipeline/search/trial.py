@@ -20,21 +20,20 @@ from typing import Any
 
 import numpy as np
 
-from onnxforge.errors import OnnxForgeError, QualityGateError
-from onnxforge.model_io import file_sha256, input_specs, load_model, model_file_size
+from onnxforge.errors import CalibrationDataError, OnnxForgeError, QualityGateError
+from onnxforge.model_io import file_sha256, load_model, model_file_size
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache
-from onnxforge.pipeline.calibration import SampleSet, model_batch_size
-from onnxforge.pipeline.data_spec import DataSpec, load_data
-from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
+from onnxforge.pipeline.data_spec import DataSpec
+from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.recipe import StageSpec
+from onnxforge.pipeline.reference import Reference
 from onnxforge.pipeline.registry import Artifact, Phase, StageContext, registered_passes
 from onnxforge.pipeline.runner import StageArtifact, run_stage
 from onnxforge.pipeline.search.space import TrialPlan
-from onnxforge.targets import get_target
-from onnxforge.targets.latency import compare_latency
 
-__all__ = ["TrialContext", "build_trial", "measure_quality", "time_against_reference", "quality_loss"]
+__all__ = ["TrialContext", "build_trial", "measure_quality", "time_against_reference", "quality_loss", "trial_reference",
+           "reference_gate"]
 
 
 @dataclass(frozen=True)
@@ -132,46 +131,51 @@ def build_trial(plan: TrialPlan, ctx: TrialContext, work_dir: Path) -> BuiltTria
     return BuiltTrial(current, records, time.perf_counter() - start)
 
 
-_EVAL: dict[tuple[str, str], tuple[SampleSet, list[np.ndarray], int]] = {}
+_REFERENCES: dict[tuple, Reference] = {}
 
 
-def _eval_data(ctx: TrialContext) -> tuple[SampleSet, list[np.ndarray], int]:
-    """Eval samples, the reference model's outputs on them and the batch, loaded once per process."""
-    key = (ctx.eval_path, ctx.reference_model)
-    if key not in _EVAL:
-        reference = load_model(ctx.reference_model)
-        specs = input_specs(reference)
-        samples = load_data(ctx.eval_path, specs)
-        batch = model_batch_size(specs, preferred=32)
-        outputs = run_outputs(get_target(ctx.target).session(ctx.reference_model), samples, batch)
-        _EVAL.clear()
-        _EVAL[key] = (samples, outputs, batch)
-    return _EVAL[key]
+def trial_reference(ctx: TrialContext) -> Reference:
+    """The search's measurement service: the input model on the eval data on the target, with the
+    search's gate; one per process (its outputs are computed once, and shared through the evaluation
+    cache with the gate optimize resolved: ``reference_gate``)."""
+    key = (ctx.reference_model, ctx.eval_path, ctx.target, ctx.gate)
+    if key not in _REFERENCES:
+        _REFERENCES.clear()
+        _REFERENCES[key] = Reference(ctx.reference_model, Path(ctx.eval_path), ctx.target, metric=ctx.gate.metric,
+                                     tolerance=ctx.gate.tolerance, eval_batch=32)
+    return _REFERENCES[key]
+
+
+def reference_gate(reference: str, eval_path: DataSpec | Path, target: str, metric: Metric,
+                   tolerance: float | None) -> tuple[QualityGate, float]:
+    """The search's gate, resolved on ``reference``'s outputs on the eval data, and its score there.
+
+    An accuracy budget on data without labels is a CalibrationDataError."""
+    measured = Reference(reference, eval_path if isinstance(eval_path, DataSpec) else Path(eval_path), target, metric=metric, tolerance=tolerance, eval_batch=32)
+    if metric is Metric.ACCURACY and measured.samples.labels is None:
+        raise CalibrationDataError(
+            f"{getattr(eval_path, 'path', eval_path)}: no 'label' array; an accuracy budget (--max-drop) needs labels",
+            hint="add a 'label' array to the eval data, or use --metric agreement / cosine",
+        )
+    return measured.gate, measured.value
 
 
 def measure_quality(model: Path, ctx: TrialContext) -> float:
-    samples, reference, batch = _eval_data(ctx)
-    outputs = run_outputs(get_target(ctx.target).session(str(model)), samples, batch)
-    return score(ctx.gate.metric, outputs, reference, samples.labels)
+    """The trial's score against the input model on the eval data (Reference.score)."""
+    return trial_reference(ctx).score(model)
 
 
 def latency_feeds(ctx: TrialContext) -> dict[str, np.ndarray]:
-    samples, _, _ = _eval_data(ctx)
-    specs = input_specs(load_model(ctx.reference_model))
-    return samples.first_batch(model_batch_size(specs, preferred=ctx.batch))
+    return trial_reference(ctx).feeds(ctx.batch)
 
 
 def time_against_reference(models: dict[str, bytes | str], reference: bytes | str, ctx: TrialContext,
                            feeds: dict[str, np.ndarray], rounds: int | None = None) -> dict[str, dict[str, float]]:
-    """Time ``models`` interleaved with the reference on this machine; p50s and ratios to the reference."""
-    target = get_target(ctx.target)
-    sessions = {"__reference__": target.session(reference, threads=ctx.threads, interleaved=True)}
-    for name, model in models.items():
-        sessions[name] = target.session(model, threads=ctx.threads, interleaved=True)
-    timings = compare_latency(sessions, feeds, rounds=rounds or ctx.rounds)
-    base = timings["__reference__"].p50_ms
-    return {name: {"reference_ms": base, "model_ms": timings[name].p50_ms, "ratio": timings[name].p50_ms / base}
-            for name in models}
+    """Time ``models`` interleaved with the reference on this machine (Reference.time_against); p50s
+    and ratios to the reference's p50 in the same run."""
+    timer = trial_reference(ctx) if reference == ctx.reference_model else Reference(reference, None, ctx.target)
+    timed = timer.time_against(models, rounds=rounds or ctx.rounds, threads=ctx.threads, feeds=feeds)
+    return {name: timing.to_json() for name, timing in timed.items()}
 
 
 def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *, timing: bool = True) -> dict[str, Any]:
