@@ -114,7 +114,7 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
 
 
 def _reference_gate(reference: str, config: OptimizeConfig) -> tuple[QualityGate, float]:
-    return reference_gate(reference, config.eval_data, config.target, config.metric, config.tolerance)
+    return reference_gate(reference, config.eval_data.path, config.target, config.metric, config.tolerance)
 
 
 def _settings(model_sha: str, config: OptimizeConfig, space: SearchSpace) -> dict[str, Any]:
