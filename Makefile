@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip
 # constraints.txt pins torch to the 2.13.0 CPU wheel (an unpinned torch is a multi-GB CUDA build).
 PIP_INSTALL := $(PIP) install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ $(REALWORLD_STAMP): $(STAMP)
 
 test: $(REALWORLD_STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (pyproject's rule set) over the package, tests and benchmarks; mypy over the package
+lint: $(STAMP)
+	$(BIN)/ruff check onnxforge tests benchmarks
+	$(BIN)/mypy
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

@@ -30,7 +30,8 @@ import numpy as np
 
 from onnxforge.errors import OnnxForgeError, RecipeError
 
-__all__ = ["encode", "decode", "decode_dataclass", "fingerprint", "register_type", "key_fields"]
+__all__ = ["JsonResult", "decode", "decode_dataclass", "encode", "encode_result", "fingerprint", "key_fields",
+           "register_type"]
 
 _HOOKS: dict[type, tuple[Callable[[Any], Any] | None, Callable[[Any, str, Path | None], Any]]] = {}
 
@@ -50,11 +51,35 @@ def key_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
 
 
+class JsonResult:
+    """A stage result (or trial record) saved through the codec: ``to_json()`` encodes every field, nested
+    results included, except those marked ``metadata={"json": False}`` (an in-memory model), then adds what
+    ``json_extra()`` derives (a ratio, a flag a reader wants without recomputing it). No hand-written
+    ``to_json``: a field that exists is a field that is saved."""
+
+    def json_extra(self) -> dict[str, Any]:
+        return {}
+
+    def to_json(self) -> dict[str, Any]:
+        return encode_result(self)
+
+
+def encode_result(value: Any) -> dict[str, Any]:
+    """A result dataclass as JSON data: its JSON fields by ``encode``, then its ``json_extra()``."""
+    data = {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.metadata.get("json", True)}
+    extra = getattr(value, "json_extra", None)
+    if extra is not None:
+        data.update({k: encode(v) for k, v in extra().items()})
+    return data
+
+
 def encode(value: Any) -> Any:
     """``value`` as JSON data (see the module docstring)."""
     for cls, (encoder, _) in _HOOKS.items():
         if encoder is not None and isinstance(value, cls):
             return encoder(value)
+    if isinstance(value, JsonResult) and dataclasses.is_dataclass(value):
+        return encode_result(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
