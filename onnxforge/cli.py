@@ -1276,6 +1276,10 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
             import dataclasses
 
             config = dataclasses.replace(config, ray_address=ray_address)
+        from onnxforge.pipeline.run_guard import check_search_paths
+        from onnxforge.pipeline.search.optimize import search_reads
+
+        check_search_paths(recipe.model, [Path(model), *search_reads(config)], run_dir, json_path=json_path)
         with _optimize_progress(_quiet(json_path)) as update:
             result = run_optimize(recipe.model, run_dir, config, progress=update, cache=_cache(cache_dir, no_cache))
         _render_optimize(result, json_path)
@@ -1293,10 +1297,6 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
 
     if not model.startswith("builtin:") and not parse_source(model).path.exists():
         raise UsageError(f"{model}: no such model file")
-    if json_path and json_path != "-":
-        from onnxforge._atomic import check_output_path
-
-        check_output_path(json_path, calibration, eval_data)
     config = OptimizeConfig(
         calibration=DataSpec(path=calibration), eval_data=DataSpec(path=eval_data), target=target,
         metric=Metric(metric), tolerance=tolerance, objective=Objective(objective), trials=trials,
@@ -1304,6 +1304,10 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
         passes=tuple(passes) or None, space=_space_option(space), batch=batch, threads=threads,
         input_shapes=parse_input_shapes(input_shapes), min_speedup=min_speedup, ray_address=ray_address,
     )
+    from onnxforge.pipeline.run_guard import check_search_paths
+    from onnxforge.pipeline.search.optimize import search_reads
+
+    check_search_paths(model, search_reads(config), run_dir, json_path=json_path)
     try:
         with _optimize_progress(_quiet(json_path)) as update:
             result = run_optimize(model, run_dir, config, progress=update, cache=_cache(cache_dir, no_cache))
