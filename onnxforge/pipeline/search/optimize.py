@@ -230,8 +230,12 @@ def optimize(
     *,
     progress: Progress | None = None,
     cache: StageCache | None = None,
+    notes: list[str] | None = None,
 ) -> OptimizeResult:
-    """Search for the best model within ``config``'s budget; see the module docstring."""
+    """Search for the best model within ``config``'s budget; see the module docstring.
+
+    ``notes``: lines the run's report, pareto.json and manifest carry (say, flags that overrode a recipe).
+    """
     import optuna
 
     started = time.perf_counter()
@@ -257,7 +261,7 @@ def optimize(
         cache_root=str(cache.root) if cache.root else None,
         source=model if has_source else None, source_sha256=source_fingerprint(model) if has_source else None,
     )
-    notes: list[str] = []
+    notes = list(notes or [])
     study = _open_study(run_dir, config, space, _settings(reference.sha256, config, space), notes)
     trials_dir = run_dir / TRIALS_DIR
     pool = None
@@ -430,7 +434,7 @@ def _publish(run_dir, model, config, space, ctx, gate, reference_score, records,
     atomic_write_text(run_dir / "pareto.json", json.dumps(payload, indent=1, default=str) + "\n")
     atomic_write_text(run_dir / "manifest.json", json.dumps({
         "format": "onnxforge-manifest/1", "kind": "optimize", "model": model, "config": codec.encode(config),
-        "tool_versions": tool_versions(), "machine": machine_description(),
+        "tool_versions": tool_versions(), "machine": machine_description(), "notes": notes,
         "files": {"best": "best.onnx" if best_path else None, "pareto": "pareto.json", "report": "report.html",
                   "front": [r["front_path"] for r in front]},
     }, indent=1, default=str) + "\n")
