@@ -215,7 +215,8 @@ def _own_sessions(target, paths: dict[str, Path], records: list[StageRecord]) ->
     sessions = {}
     for record in records:
         try:
-            feeds = generate_feeds(input_specs(load_model(paths[record.name])), batch=1)
+            own = load_model(paths[record.name])
+            feeds = generate_feeds(input_specs(own), batch=1, model=own)
             sessions[record.name] = (target.session(paths[record.name], threads=1, interleaved=True), feeds)
         except OnnxForgeError as e:
             record.metrics["note"] = (record.metrics.get("note", "") + f"; not timed: {e.message}").lstrip("; ")
