@@ -5,7 +5,6 @@ choices is refused before the first trial."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml

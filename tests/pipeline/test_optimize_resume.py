@@ -43,7 +43,7 @@ def test_a_record_naming_a_file_outside_the_run_folder_never_deletes_it(project)
     assert precious.read_bytes() == b"a user's model"
 
 
-def _refused(project: Path, run: Path) -> str:
+def _refused(project: Path, run: Path) -> str:  # noqa: F811 - the fixture's value
     from onnxforge.errors import UsageError
 
     with pytest.raises(UsageError) as raised:  # the CLI prints it as one line, exit 2
