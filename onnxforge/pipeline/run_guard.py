@@ -81,8 +81,8 @@ def check_search_paths(model: str | os.PathLike, reads: list[Path], run_dir: str
     inputs = [*(Path(p) for p in source_files(str(model))), *reads]
     for read in inputs:
         if run.is_dir() and _inside_folder(read, run):
-            raise OutputPathError(f"run folder {run} holds {read}, an input of this search; onnxforge never overwrites its inputs",
-                                  hint="choose another run folder (-o)")
+            raise OutputPathError(f"run folder {run} holds {read}, an input of this search; "
+                                  "onnxforge never overwrites its inputs", hint="choose another run folder (-o)")
     if run.is_dir() and not (run / SEARCH_MARKER).is_file():
         foreign = sorted(p.name for p in run.iterdir() if not _written_by_search(p.name))
         if foreign:

@@ -9,7 +9,6 @@ a stated guess (``guess=True``: simplify's parity and profile, which say the sha
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,8 @@ import numpy as np
 from onnxforge.errors import UsageError
 from onnxforge.model_io import TensorSpec
 
-__all__ = ["parse_input_shapes", "parse_input_dtypes", "resolve_shape", "generate_feeds", "batch_from_samples"]
+__all__ = ["parse_input_shapes", "parse_input_dtypes", "resolve_shape", "generate_feeds", "batch_from_samples",
+           "id_bounds"]
 
 _MAX_FEED_BYTES = 4 << 30  # generated inputs larger than this are a damaged shape, not a benchmark
 

@@ -76,8 +76,8 @@ def check_journal(path: Path) -> str | None:
     if not tail:
         return None
     if not lines or not tail.startswith(b'{"op_code"'):  # garbage, not a record cut short
-        raise UsageError(f"{path}: line {len(lines) + 1} is not a study record written by onnxforge; the file is damaged",
-                         hint=_HINT)
+        raise UsageError(f"{path}: line {len(lines) + 1} is not a study record written by onnxforge; "
+                         "the file is damaged", hint=_HINT)
     atomic_write_bytes(path, data[: len(data) - len(tail)])
     return f"{path.name}: its last line was cut mid-write (an interrupted run) and was dropped"
 
@@ -114,7 +114,8 @@ def trial_file(run_dir: Path, stored: str) -> Path | None:
     return None
 
 
-def trial_records(raw: list[dict[str, Any]], run_dir: Path, study_path: Path, notes: list[str] | None = None) -> list[dict[str, Any]]:
+def trial_records(raw: list[dict[str, Any]], run_dir: Path, study_path: Path,
+                  notes: list[str] | None = None) -> list[dict[str, Any]]:
     """The records of a study, each checked against ``TrialRecord``; ``path`` is made relative to the run
     folder, or None (with a note) when it names a file outside ``RUN_DIR/trials`` or one that is gone."""
     records = []
