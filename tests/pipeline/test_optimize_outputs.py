@@ -76,3 +76,34 @@ def test_the_library_refuses_a_run_folder_holding_its_model(project):  # noqa: F
 
     with pytest.raises(UsageError, match="input"):
         optimize(project / "model.onnx", project, _config(project))
+
+
+def test_a_symlink_in_its_own_run_folder_is_replaced_not_written_through(project):  # noqa: F811
+    run = project / "run"
+    first = optimize(project / "model.onnx", run, _config(project))
+    precious = project / "precious.onnx"
+    precious.write_bytes(b"a user's model")
+    (run / "best.onnx").unlink()
+    (run / "best.onnx").symlink_to(precious)
+    front = run / first.front[0]["front_path"]
+    front.unlink()
+    front.symlink_to(precious)
+    optimize(project / "model.onnx", run, _config(project))
+    assert precious.read_bytes() == b"a user's model"
+    assert not (run / "best.onnx").is_symlink() and (run / "best.onnx").stat().st_size > 100
+
+
+def test_a_symlink_planted_where_a_trial_is_kept_is_replaced_not_written_through(project):  # noqa: F811
+    run = project / "run"
+
+    def interrupt_trial_2(event):
+        if event.get("message", "").startswith("trial 2:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        optimize(project / "model.onnx", run, _config(project), progress=interrupt_trial_2)
+    precious = project / "precious.onnx"
+    precious.write_bytes(b"a user's model")
+    (run / "trials" / "0003.onnx").symlink_to(precious)  # trial 2 runs again as trial 3
+    optimize(project / "model.onnx", run, _config(project))
+    assert precious.read_bytes() == b"a user's model"

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from onnxforge._atomic import atomic_write_text
+from onnxforge._atomic import atomic_write_bytes, atomic_write_text
 from onnxforge.errors import CalibrationDataError, UsageError
 from onnxforge.model_io import file_sha256, input_specs, load_model
 from onnxforge.pipeline import codec
@@ -281,7 +281,7 @@ def optimize(
                     if data is not None:
                         keep = trials_dir / f"{trial.number:04d}.onnx"
                         keep.parent.mkdir(parents=True, exist_ok=True)
-                        keep.write_bytes(data)
+                        atomic_write_bytes(keep, data)
                         record["path"] = str(keep)
                     tell(trial, record)
         records = _finished(study, run_dir, notes)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from onnxforge._atomic import atomic_write_text
+from onnxforge._atomic import atomic_path, atomic_write_text
 from onnxforge.errors import QualityGateError
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.manifest import machine_description, tool_versions
@@ -123,6 +123,12 @@ def _retimed_front(records, config, ctx, pool, say, run_dir: Path) -> list[dict[
     return sorted(front, key=lambda r: r["ratio"])
 
 
+def _copy(source: Path, destination: Path) -> None:
+    """Copy atomically: a symlink at ``destination`` is replaced, never written through."""
+    with atomic_path(destination) as tmp:
+        shutil.copyfile(source, tmp)
+
+
 def publish(run_dir, model, config, space, ctx, gate, reference_score, records, pool, started, executor, notes, say):
     front = _retimed_front(records, config, ctx, pool, say, run_dir)
     within = [r for r in front if r["within_budget"]]
@@ -135,7 +141,7 @@ def publish(run_dir, model, config, space, ctx, gate, reference_score, records, 
             old.unlink()
     for rank, r in enumerate(front, start=1):
         target_path = front_dir / f"{rank:02d}_trial{r['number']}.onnx"
-        shutil.copyfile(run_dir / r["path"], target_path)
+        _copy(run_dir / r["path"], target_path)
         recipe = _recipe_for(model, r, config, space)
         atomic_write_text(target_path.with_suffix(".recipe.yaml"), yaml.safe_dump(recipe, sort_keys=False))
         r["front_path"] = str(target_path.relative_to(run_dir))
@@ -143,7 +149,7 @@ def publish(run_dir, model, config, space, ctx, gate, reference_score, records, 
     best_path = None
     if best is not None:
         best_path = run_dir / "best.onnx"
-        shutil.copyfile(run_dir / best["path"], best_path)
+        _copy(run_dir / best["path"], best_path)
         atomic_write_text(run_dir / "best.recipe.yaml", yaml.safe_dump(_recipe_for(model, best, config, space), sort_keys=False))
     on_front = {r["number"]: r for r in front}
     for r in records:  # the table shows every trial, the front ones with their re-timed numbers
