@@ -46,19 +46,19 @@ import time, types
 from pathlib import Path
 
 
-def test_starts_and_stops_ray(tmp_path):
+def test_starts_ray_then_sleeps(tmp_path):
     from onnxforge.pipeline.search.ray_pool import RayPool
 
     (tmp_path / "ref.onnx").write_bytes(b"x")
-    RayPool("local", types.SimpleNamespace(reference_model=str(tmp_path / "ref.onnx"))).close()
+    pool = RayPool("local", types.SimpleNamespace(reference_model=str(tmp_path / "ref.onnx")))
+    try:
+        Path({ready!r}).write_text("ready")
+        time.sleep(600)
+    finally:
+        pool.close()
 
 
 def test_an_unrelated_slow_test():
-    Path({ready!r}).write_text("ready")
-    time.sleep(600)
-
-
-def test_another_slow_test():
     time.sleep(600)
 """
 
@@ -76,7 +76,7 @@ def test_a_pytest_run_that_started_ray_stops_on_sigterm(tmp_path):
         deadline = time.monotonic() + 240
         while not ready.exists():
             assert process.poll() is None, process.stdout.read().decode(errors="replace")
-            assert time.monotonic() < deadline, "the Ray test did not finish within 4 minutes"
+            assert time.monotonic() < deadline, "Ray did not start within 4 minutes"
             time.sleep(0.5)
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -85,7 +85,8 @@ def test_a_pytest_run_that_started_ray_stops_on_sigterm(tmp_path):
         except subprocess.TimeoutExpired:
             pytest.fail("pytest was still running 20 s after SIGTERM")
         assert time.monotonic() - sent < 20
-        assert process.returncode != 0, "a run stopped by SIGTERM must not report success"
+        # ended by the signal, as without Ray: not a SystemExit turned into a test failure (then an abort)
+        assert process.returncode == -signal.SIGTERM, process.stdout.read().decode(errors="replace")[-2000:]
     finally:
         if process.poll() is None:
             process.kill()
