@@ -35,6 +35,7 @@ from onnxforge.errors import InvalidModelError, first_line
 
 __all__ = [
     "TensorSpec",
+    "check_utf8_path",
     "load_model",
     "save_model",
     "input_specs",
@@ -160,6 +161,18 @@ def model_file_size(path: str | os.PathLike) -> int:
     return total
 
 
+def check_utf8_path(path: str | os.PathLike) -> None:
+    """Refuse a path whose bytes are not UTF-8 (a Latin-1 name): onnx and onnxruntime take paths as
+    UTF-8 strings and cannot open it, which they report as a checker or type error about something else."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise InvalidModelError(f"{shown}: the path is not valid UTF-8; onnx and onnxruntime cannot open it",
+                                hint="rename the file (or its folder) to a UTF-8 name, or copy it to one") from None
+
+
 def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
     """Load an ONNX file with its external data, raising InvalidModelError with the reason if unusable."""
     path = Path(path)
@@ -167,6 +180,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         raise InvalidModelError(f"{path}: no such file")
     if path.is_dir():
         raise InvalidModelError(f"{path}: is a folder, expected an .onnx file")
+    check_utf8_path(path)
     if path.stat().st_size == 0:
         raise InvalidModelError(f"{path}: file is empty (0 bytes)")
     try:

@@ -48,6 +48,20 @@ def _space_option(items: tuple[str, ...]) -> dict[str, tuple]:
     return space
 
 
+def _given_flags(exclude: tuple[str, ...] = ()) -> dict[str, object]:
+    """The current command's options typed on the command line (not defaults), by their long flag."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = {}
+    for param in ctx.command.params:
+        if param.name in exclude or not isinstance(param, click.Option):
+            continue
+        if ctx.get_parameter_source(param.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            given[max(param.opts, key=len)] = ctx.params[param.name]
+    return given
+
+
 def _optimize_progress(quiet: bool):
     """A rich progress bar on a terminal (trials done, best so far, time left); silent otherwise."""
     import time as _time
@@ -144,21 +158,29 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
     recipe .yaml whose 'search:' section holds these options (its model, data and target are used)."""
     from onnxforge.pipeline.data_spec import DataSpec
     from onnxforge.pipeline.evaluate import Metric
+    from onnxforge.pipeline.run_guard import check_search_paths
     from onnxforge.pipeline.search import Objective, OptimizeConfig, Strategy, optimize as run_optimize
+    from onnxforge.pipeline.search.optimize import search_reads
+    from onnxforge.pipeline.search.space import SearchSpace
     from onnxforge.targets.feeds import parse_input_shapes
 
     if model.endswith((".yaml", ".yml")):
         from onnxforge.pipeline.recipe import load_recipe
         from onnxforge.pipeline.search.config import config_from_recipe
 
+        from onnxforge.pipeline.search.config import override_from_flags
+
         recipe = load_recipe(model)
         config = config_from_recipe(recipe, Path(model).parent.resolve())
-        if ray_address:
-            import dataclasses
-
-            config = dataclasses.replace(config, ray_address=ray_address)
+        parse = {"--time-budget": _duration, "--space": _space_option, "--pass": tuple}
+        flags = {flag: parse.get(flag, lambda v: v)(value) for flag, value in _given_flags(
+            exclude=("model", "run_dir", "json_path", "cache_dir", "no_cache")).items()}
+        config, notes = override_from_flags(config, flags)
+        SearchSpace(config.target, config.passes, config.space, has_source=not recipe.model.endswith(".onnx"))
+        check_search_paths(recipe.model, [Path(model), *search_reads(config)], run_dir, json_path=json_path)
         with _optimize_progress(quiet(json_path)) as update:
-            result = run_optimize(recipe.model, run_dir, config, progress=update, cache=stage_cache(cache_dir, no_cache))
+            result = run_optimize(recipe.model, run_dir, config, progress=update, cache=stage_cache(cache_dir, no_cache),
+                                  notes=notes)
         _render_optimize(result, json_path)
         return
     if calibration is None or eval_data is None:
@@ -174,10 +196,6 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
 
     if not model.startswith("builtin:") and not parse_source(model).path.exists():
         raise UsageError(f"{model}: no such model file")
-    if json_path and json_path != "-":
-        from onnxforge._atomic import check_output_path
-
-        check_output_path(json_path, calibration, eval_data)
     config = OptimizeConfig(
         calibration=DataSpec(path=calibration), eval_data=DataSpec(path=eval_data), target=target,
         metric=Metric(metric), tolerance=tolerance, objective=Objective(objective), trials=trials,
@@ -185,6 +203,7 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
         passes=tuple(passes) or None, space=_space_option(space), batch=batch, threads=threads,
         input_shapes=parse_input_shapes(input_shapes), min_speedup=min_speedup, ray_address=ray_address,
     )
+    check_search_paths(model, search_reads(config), run_dir, json_path=json_path)
     try:
         with _optimize_progress(quiet(json_path)) as update:
             result = run_optimize(model, run_dir, config, progress=update, cache=stage_cache(cache_dir, no_cache))

@@ -30,7 +30,7 @@ def parity_feeds(
         count = min(2, len(samples))
         feeds = [samples.take(slice(i, i + 1)).first_batch(1) for i in range(count)]
         return feeds, f"{count} sample(s) of {data}"
-    feeds = [generate_feeds(specs, batch=1, overrides=input_shapes, seed=s, guess=True) for s in (1, 2)]
+    feeds = [generate_feeds(specs, batch=1, overrides=input_shapes, seed=s, guess=True, model=model) for s in (1, 2)]
     shapes = "; ".join(f"{k} {'x'.join(map(str, v.shape)) or 'scalar'}" for k, v in feeds[0].items())
     guessed = any(
         not s.is_static and s.name not in input_shapes and len(s.shape) > 1

@@ -245,7 +245,8 @@ def _own_feeds(target, paths: dict[str, Path], records: list[StageRecord]) -> di
     feeds = {}
     for record in records:
         try:
-            feeds[record.name] = generate_feeds(input_specs(load_model(paths[record.name])), batch=1)
+            own_model = load_model(paths[record.name])
+            feeds[record.name] = generate_feeds(input_specs(own_model), batch=1, model=own_model)
             target.session(paths[record.name])  # loads here: timed with the others
         except OnnxForgeError as e:
             record.metrics["note"] = (record.metrics.get("note", "") + f"; not timed: {e.message}").lstrip("; ")

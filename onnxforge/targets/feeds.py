@@ -9,13 +9,15 @@ a stated guess (``guess=True``: simplify's parity and profile, which say the sha
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from onnxforge.errors import UsageError
 from onnxforge.model_io import TensorSpec
 
-__all__ = ["parse_input_shapes", "parse_input_dtypes", "resolve_shape", "generate_feeds", "batch_from_samples"]
+__all__ = ["parse_input_shapes", "parse_input_dtypes", "resolve_shape", "generate_feeds", "batch_from_samples",
+           "id_bounds"]
 
 _MAX_FEED_BYTES = 4 << 30  # generated inputs larger than this are a damaged shape, not a benchmark
 
@@ -97,6 +99,41 @@ def resolve_shape(
     return tuple(resolved)
 
 
+_SMALL_INT = 100  # integer inputs that index no table we can see: 0..99
+_PASS_THROUGH = {"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}  # ids go through unchanged
+
+
+def id_bounds(model: Any) -> dict[str, int]:
+    """For each graph input that indexes an embedding table (``Gather(table, ids)``, axis 0, the table an
+    initializer), possibly through Cast/Reshape/Unsqueeze/..., the smallest such table's first dim."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return {}
+    tables = {init.name: init.dims[0] for init in graph.initializer if len(init.dims) >= 1}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    bounds: dict[str, int] = {}
+    for graph_input in graph.input:
+        seen, frontier = set(), [graph_input.name]
+        while frontier:
+            value = frontier.pop()
+            for node in consumers.get(value, []):
+                if node.op_type in _PASS_THROUGH and node.input[0] == value and id(node) not in seen:
+                    seen.add(id(node))
+                    frontier.extend(node.output)
+                elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == value \
+                        and node.input[0] in tables and _gather_axis(node) == 0:
+                    limit = int(tables[node.input[0]])
+                    bounds[graph_input.name] = min(bounds.get(graph_input.name, limit), limit)
+    return bounds
+
+
+def _gather_axis(node: Any) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
 def generate_feeds(
     specs: Sequence[TensorSpec],
     *,
@@ -104,9 +141,13 @@ def generate_feeds(
     overrides: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
     guess: bool = False,
+    model: Any = None,
 ) -> dict[str, np.ndarray]:
-    """Random inputs of the right shape and dtype: normal floats, small ints, ones for masks (``guess``:
-    see ``resolve_shape``; the caller says which shapes it ran)."""
+    """Random inputs of the right shape and dtype: normal floats, small non-negative ints, ones for masks
+    (``guess``: see ``resolve_shape``; the caller says which shapes it ran). Given the ``model``
+    (a ModelProto), an integer input that indexes an embedding table (a Gather on an initializer)
+    gets ids below the table's first dim: an id outside the vocabulary is an error in onnxruntime."""
+    bounds = id_bounds(model)
     overrides = overrides or {}
     unknown = set(overrides) - {s.name for s in specs}
     if unknown:
@@ -131,7 +172,8 @@ def generate_feeds(
             if "mask" in spec.name.lower():
                 feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
             else:
-                feeds[spec.name] = rng.integers(0, 100, size=shape).astype(spec.dtype)
+                high = max(1, bounds.get(spec.name, _SMALL_INT))
+                feeds[spec.name] = rng.integers(0, high, size=shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
             feeds[spec.name] = np.ones(shape, dtype=bool)
         else:

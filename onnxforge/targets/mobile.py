@@ -324,7 +324,7 @@ def prepare_mobile(
         ort_tmp, config_tmp = _convert_to_ort(fixed_tmp, work / "ort")
         random_feeds = feeds is None
         if random_feeds:
-            feeds = generate_feeds(input_specs(fixed_model), batch=config.batch)
+            feeds = generate_feeds(input_specs(fixed_model), batch=config.batch, model=fixed_model)
         parity = compare_models(str(fixed_tmp), str(ort_tmp), [dict(feeds)], config.tolerance)
         host_latency = None
         if config.measure_latency:

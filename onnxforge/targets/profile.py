@@ -128,7 +128,8 @@ def _feeds(model, config: ProfileConfig, batch: int) -> dict[str, np.ndarray]:
 
         samples = load_data(config.sample_data, specs, limit=batch)  # one batch: nothing else is read
         return samples.first_batch(batch)
-    return generate_feeds(specs, batch=batch, overrides=_shape_overrides(model, config, batch), guess=True)
+    return generate_feeds(specs, batch=batch, overrides=_shape_overrides(model, config, batch), guess=True,
+                          model=model)
 
 
 def _describe_inputs(model, config: ProfileConfig, feeds: dict[str, np.ndarray]) -> str:

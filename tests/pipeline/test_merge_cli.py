@@ -109,3 +109,12 @@ def test_a_parity_failure_is_exit_4_and_keeps_the_file(cli, tmp_path, models, mo
     assert code == 4
     one_error(err, "parity FAILED", "UNVERIFIED")
     assert out.exists() and (tmp_path / "m.onnx.unverified.json").exists()
+
+
+def test_an_image_size_that_cannot_fit_in_memory_is_refused_up_front(cli, tmp_path, models):
+    # 100000 x 100000 x 3 bytes is 28 GiB per image: the parity check's random images alone would not fit
+    before = sha256(models[0])
+    code, _, err = cli("merge", models[0], "-o", tmp_path / "m.onnx", "--pre", "image", "--size", "100000x100000")
+    assert code == 2, err
+    one_error(err, "100000x100000", "memory")
+    assert not (tmp_path / "m.onnx").exists() and sha256(models[0]) == before

@@ -98,3 +98,35 @@ def test_a_stated_guess_for_dynamic_dims():
     assert feeds["x"].shape == (2, 3, 224, 224) and feeds["ids"].shape == (2, 128)
     with pytest.raises(UsageError, match="dynamic dimension 2"):
         generate_feeds([image], batch=1)
+
+
+def _embedding_model(vocab: int):
+    import onnx
+    import onnx.numpy_helper
+    import onnx.parser
+
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (int64[batch, 6] input_ids, int64[batch, 6] position) => (float[batch, 6, 4] out) {
+            ids = Cast<to = 7>(input_ids)
+            out = Gather<axis = 0>(table, ids)
+        }""")
+    table = np.arange(vocab * 4, dtype=np.float32).reshape(vocab, 4)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(table, "table"))
+    return model
+
+
+def test_int64_ids_feeding_an_embedding_stay_inside_its_vocabulary(tmp_path, cli):
+    from conftest import run_model, save
+
+    from onnxforge.model_io import input_specs
+
+    model = _embedding_model(vocab=7)
+    for seed in range(5):
+        feeds = generate_feeds(input_specs(model), batch=4, seed=seed, model=model)
+        assert 0 <= feeds["input_ids"].min() and feeds["input_ids"].max() < 7
+        assert feeds["position"].min() >= 0  # not an id of a table: small non-negative values
+        run_model(model, feeds)  # onnxruntime would refuse an id outside the table
+    path = save(model, tmp_path / "embed.onnx")
+    code, _, err = cli("profile", path, "--min-seconds", "0")
+    assert code == 0, err

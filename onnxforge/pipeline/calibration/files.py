@@ -168,6 +168,9 @@ def _checked_arrays(
         s.name: check_array(path, s, per_sample[s.name], batch_axis=feeding.batch_axes.get(s.name, 0))
         for s in specs if s.name in per_sample
     }
+    if not specs:
+        raise CalibrationDataError(f"{path}: the model has no inputs: there is nothing to feed it samples of",
+                                   hint="a model without inputs computes constants; nothing here needs data")
     if not inputs:
         raise CalibrationDataError(
             f"{path}: every input is a constant: there are no samples",

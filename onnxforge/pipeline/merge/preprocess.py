@@ -110,6 +110,25 @@ class ImagePre:
                    network_layout=preprocessing.layout, **raw)
 
 
+# bytes per raw pixel while checking: the uint8 image, the graph's float32 copy, numpy's float64 reference
+_CHECK_BYTES_PER_PIXEL = 1 + 4 + 8
+
+
+def _check_fits(sizes: list[tuple[int, int]], batch: int, channels: int) -> None:
+    """Refuse (exit 2) an image size whose parity-check images cannot fit in the memory available now."""
+    from onnxforge.pipeline.quantize.memory_plan import available_memory
+
+    available = available_memory()
+    if available is None:
+        return
+    for h, w in sizes:
+        need = batch * h * w * channels * _CHECK_BYTES_PER_PIXEL
+        if need > available // 2:
+            raise MergeError(f"image size {h}x{w}: checking the merged model on {batch} such images needs "
+                             f"{need / 2**30:.1f} GiB of memory, {available / 2**30:.1f} GiB is available",
+                             hint="give the size the deployed model receives (--size HxW), or use --dynamic-size")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AudioPre:
     """int16 samples -> float samples ``x * scale``, fed to ``input`` (default: the network's only input)."""
@@ -246,6 +265,7 @@ class ImagePlan:
             h, w = sizes[0]
             sizes.append((h * 3 // 2 + 1, max(1, w * 3 // 4 + 3)))
         batch = self.raw_input.shape[0] if isinstance(self.raw_input.shape[0], int) else 2
+        _check_fits(sizes, batch, self._channels())
         feeds = []
         for h, w in sizes:
             c = self._channels()

@@ -108,3 +108,54 @@ def config_from_recipe(recipe: Any, base: Any = None) -> OptimizeConfig:
     import dataclasses
 
     return dataclasses.replace(config, **decoded)
+
+
+# A flag beside a recipe: the flags that override its ``search:`` values, and those refused because the
+# recipe's top level owns what they set (its data, its target, its input shapes).
+FLAG_FIELDS = {"--trials": "trials", "--time-budget": "time_budget_s", "--strategy": "strategy", "--seed": "seed",
+               "--objective": "objective", "--pass": "passes", "--space": "space", "--batch": "batch",
+               "--threads": "threads", "--min-speedup": "min_speedup", "--metric": "metric", "--tolerance": "tolerance",
+               "--max-drop": "tolerance", "--ray-address": "ray_address"}
+RECIPE_OWNED = {"--calibration": "calibration", "--eval": "eval", "--target": "target", "--input-shape": "input_shapes"}
+
+
+def override_from_flags(config: OptimizeConfig, flags: Mapping[str, Any]) -> tuple[OptimizeConfig, list[str]]:
+    """``config`` (from a recipe) with the values of the flags given beside it, and a note per override.
+
+    ``flags`` maps a flag as typed (``--trials``) to its parsed value (seconds for ``--time-budget``,
+    ``{knob: values}`` for ``--space``, which pins those knobs on top of the recipe's). A flag for what the
+    recipe's top level sets (its data, target, input shapes) is refused: edit the recipe instead.
+    """
+    import dataclasses
+    import typing
+
+    from onnxforge.errors import RecipeError
+    from onnxforge.pipeline import codec
+
+    for flag in flags:
+        if flag in RECIPE_OWNED:
+            raise UsageError(f"{flag} beside a recipe: the recipe sets its {RECIPE_OWNED[flag]}",
+                             hint=f"edit '{RECIPE_OWNED[flag]}' in the recipe, or give the model instead of the recipe")
+        if flag not in FLAG_FIELDS:
+            raise UsageError(f"{flag} does not apply beside a recipe")
+    if "--max-drop" in flags and ({"--metric", "--tolerance"} & set(flags)):
+        raise UsageError("--max-drop is the accuracy budget; it does not combine with --metric/--tolerance")
+    hints = typing.get_type_hints(OptimizeConfig)
+    changes: dict[str, Any] = {}
+    notes = []
+    for flag, value in flags.items():
+        name = FLAG_FIELDS[flag]
+        if flag == "--space":
+            value = {**config.space, **value}
+        try:
+            changes[name] = codec.decode(hints[name], codec.encode(value), flag)
+        except RecipeError as e:
+            raise UsageError(e.message, hint=e.hint) from e
+        if flag == "--max-drop":
+            changes["metric"] = Metric.ACCURACY
+        shown = " ".join(f"{k}={','.join(map(str, v))}" for k, v in flags[flag].items()) if flag == "--space" else (
+            " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value)
+        if flag != "--ray-address":  # where trials run changes nothing they compute
+            notes.append(f"{flag} {shown} overrides the recipe's search.{name} "
+                         f"({codec.encode(getattr(config, name))})")
+    return dataclasses.replace(config, **changes), notes

@@ -7,46 +7,42 @@
    built through the stage cache (so a prune shared by several quantization schemes is computed
    once), scored on the eval data and timed interleaved with the input model on the target.
 3. The study lives in ``RUN_DIR/study.log``: running ``optimize`` on the same folder continues it,
-   and trials interrupted mid-way are run again.
+   and trials interrupted mid-way are run again (they do not count against ``trials``). The log is
+   checked before it is trusted (``study_file``): trial files are relative to the run folder and
+   confined to ``RUN_DIR/trials``.
 4. The Pareto front is re-timed together, interleaved, so its speedups are consistent with each
    other; front models go to ``RUN_DIR/front/`` with a recipe each that rebuilds them, the chosen
-   one to ``RUN_DIR/best.onnx``, plus ``pareto.json``, ``manifest.json`` and ``report.html``.
+   one to ``RUN_DIR/best.onnx``, plus ``pareto.json``, ``manifest.json`` and ``report.html`` (``publish``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from onnxforge._atomic import atomic_write_text
-from onnxforge.errors import QualityGateError, UsageError
+from onnxforge._atomic import atomic_write_bytes, atomic_write_text
+from onnxforge.errors import UsageError
 from onnxforge.model_io import file_sha256
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, stage_key
 from onnxforge.pipeline.evaluate import QualityGate
-from onnxforge.pipeline.manifest import machine_description, tool_versions
 from onnxforge.pipeline.recipe import StageSpec
 from onnxforge.pipeline.registry import StageContext
+from onnxforge.pipeline.run_guard import check_search_paths
 from onnxforge.pipeline.runner import StageArtifact, run_stage, source_fingerprint
-from onnxforge.pipeline.search.config import Objective, OptimizeConfig, Strategy
-from onnxforge.pipeline.search.pareto import pareto_front
+from onnxforge.pipeline.search.config import OptimizeConfig, Strategy
+from onnxforge.pipeline.search.publish import OptimizeResult, objectives, publish
 from onnxforge.pipeline.search.space import SearchSpace
+from onnxforge.pipeline.search.study_file import TRIALS_DIR, check_journal, stored_path, trial_records
 from onnxforge.pipeline.search.trial import (
     TrialContext,
     evaluate_plan,
-    latency_feeds,
     reference_gate,
-    stage_specs,
-    time_against_reference,
 )
 from onnxforge.targets import get_target
 
@@ -55,37 +51,6 @@ __all__ = ["optimize", "OptimizeResult"]
 Progress = Callable[[dict[str, Any]], None]
 STUDY_FILE = "study.log"
 SETTINGS_FILE = "search.json"
-
-
-@dataclass
-class OptimizeResult:
-    run_dir: Path
-    metric: str
-    gate: str
-    reference_score: float
-    trials: list[dict[str, Any]]
-    front: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    best_path: Path | None
-    wall_seconds: float
-    executor: str
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": "onnxforge-pareto/1",
-            "run_dir": str(self.run_dir),
-            "metric": self.metric,
-            "gate": self.gate,
-            "reference_score": self.reference_score,
-            "executor": self.executor,
-            "wall_seconds": round(self.wall_seconds, 2),
-            "best": self.best,
-            "best_path": str(self.best_path) if self.best_path else None,
-            "front": self.front,
-            "trials": self.trials,
-            "notes": self.notes,
-        }
 
 
 def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCache, progress: Callable[[str], None]):
@@ -111,6 +76,11 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
         progress(f"simplify failed ({e}); trials start from the input model")
         start = reference
     return reference, start
+
+
+def search_reads(config: OptimizeConfig) -> list[Path]:
+    """The data files (or folders) a search reads besides its model."""
+    return [Path(spec.path) for spec in (config.calibration, config.eval_data) if spec is not None and spec.path is not None]
 
 
 def _reference_gate(reference: str, config: OptimizeConfig) -> tuple[QualityGate, float]:
@@ -154,11 +124,21 @@ def _open_study(run_dir: Path, config: OptimizeConfig, space: SearchSpace, setti
         if not previous or previous.get("key") != settings["key"]:
             raise UsageError(f"{run_dir} holds a search with other settings (model, data, budget or space)",
                              hint="use another -o folder to start a new search, or the same settings to continue it")
+        dropped = check_journal(study_path)
+        if dropped:
+            notes.append(dropped)
     atomic_write_text(settings_path, json.dumps(settings, indent=1, default=str) + "\n")
     storage = JournalStorage(JournalFileBackend(str(study_path)))
-    fresh = not study_path.exists() or not optuna.study.get_all_study_names(storage)
-    study = optuna.create_study(study_name="onnxforge", storage=storage, sampler=_sampler(config),
-                                directions=["minimize", "minimize"], load_if_exists=True)
+    names = optuna.study.get_all_study_names(storage) if study_path.exists() else []
+    if names and names != ["onnxforge"]:
+        raise UsageError(f"{study_path}: not a study written by onnxforge", hint="use another -o folder")
+    fresh = not names
+    if fresh:
+        study = optuna.create_study(study_name="onnxforge", storage=storage, sampler=_sampler(config),
+                                    directions=["minimize", "minimize"])
+    else:  # loading writes nothing: a damaged record is refused with the file as it was
+        study = optuna.load_study(study_name="onnxforge", storage=storage, sampler=_sampler(config))
+        _finished(study, run_dir)
     if fresh:
         plans = space.grid() if config.strategy is Strategy.GRID else space.seeds()
         for plan in plans[: config.trials]:
@@ -174,19 +154,16 @@ def _open_study(run_dir: Path, config: OptimizeConfig, space: SearchSpace, setti
     return study
 
 
-def _objectives(record: dict[str, Any], config: OptimizeConfig) -> tuple[float, float]:
-    cost = record["bytes"] if config.objective is Objective.SIZE else record["ratio"]
-    return float(record["loss"]), float(cost)
-
-
-def _finished(study) -> list[dict[str, Any]]:
+def _finished(study, run_dir: Path, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """The checked records of the finished trials (see ``study_file.trial_records``), by number."""
     import optuna
 
     records = []
     for t in study.get_trials(deepcopy=False):
         if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) and "record" in t.user_attrs:
             records.append(t.user_attrs["record"])
-    return sorted(records, key=lambda r: r["number"])
+    checked = trial_records(records, run_dir, run_dir / STUDY_FILE, notes)
+    return sorted(checked, key=lambda r: r["number"])
 
 
 def optimize(
@@ -196,8 +173,12 @@ def optimize(
     *,
     progress: Progress | None = None,
     cache: StageCache | None = None,
+    notes: list[str] | None = None,
 ) -> OptimizeResult:
-    """Search for the best model within ``config``'s budget; see the module docstring."""
+    """Search for the best model within ``config``'s budget; see the module docstring.
+
+    ``notes``: lines the run's report, pareto.json and manifest carry (say, flags that overrode a recipe).
+    """
     import optuna
 
     started = time.perf_counter()
@@ -208,6 +189,7 @@ def optimize(
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir}: exists and is not a folder")
+    check_search_paths(model, search_reads(config), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     get_target(config.target).require()
     has_source = not model.endswith(".onnx")
@@ -222,9 +204,9 @@ def optimize(
         cache_root=str(cache.root) if cache.root else None,
         source=model if has_source else None, source_sha256=source_fingerprint(model) if has_source else None,
     )
-    notes: list[str] = []
+    notes = list(notes or [])
     study = _open_study(run_dir, config, space, _settings(reference.sha256, config, space), notes)
-    trials_dir = run_dir / "trials"
+    trials_dir = run_dir / TRIALS_DIR
     pool = None
     if config.ray_address:
         from onnxforge.pipeline.search.ray_pool import RayPool
@@ -234,22 +216,25 @@ def optimize(
     executor = pool.describe() if pool else "local: one trial at a time"
     deadline = None if config.time_budget_s is None else started + config.time_budget_s
 
-    def complete() -> int:
-        return sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    def complete() -> int:  # an interrupted trial (failed without a record) is run again, not counted
+        return sum(t.state is optuna.trial.TrialState.COMPLETE
+                   or t.state is optuna.trial.TrialState.FAIL and "record" in t.user_attrs
                    for t in study.get_trials(deepcopy=False))
 
     def goal_met() -> bool:
         return config.min_speedup is not None and any(
             r["status"] == "ok" and r["within_budget"] and r.get("speedup", 0) >= config.min_speedup
-            for r in _finished(study))
+            for r in _finished(study, run_dir))
 
     def tell(trial, record: dict[str, Any]) -> None:
+        if record.get("path"):
+            record["path"] = stored_path(run_dir, Path(record["path"]))
         trial.set_user_attr("record", record)
         if record["status"] == "ok":
-            study.tell(trial, _objectives(record, config))
+            study.tell(trial, objectives(record, config))
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        report({"trial": record, "done": complete(), "total": config.trials, "records": _finished(study),
+        report({"trial": record, "done": complete(), "total": config.trials, "records": _finished(study, run_dir),
                 "deadline": deadline})
 
     def grid_done() -> bool:  # the grid strategy runs its enqueued plans, nothing sampled beyond them
@@ -284,127 +269,13 @@ def optimize(
                     if data is not None:
                         keep = trials_dir / f"{trial.number:04d}.onnx"
                         keep.parent.mkdir(parents=True, exist_ok=True)
-                        keep.write_bytes(data)
+                        atomic_write_bytes(keep, data)
                         record["path"] = str(keep)
                     tell(trial, record)
-        records = _finished(study)
-        return _publish(run_dir, model, config, space, ctx, gate, reference_score, records, pool, started,
+        records = _finished(study, run_dir, notes)
+        return publish(run_dir, model, config, space, ctx, gate, reference_score, records, pool, started,
                         executor, notes, say)
     finally:
         if pool is not None:
             pool.close()
 
-
-def _front(records: list[dict[str, Any]], config: OptimizeConfig) -> list[dict[str, Any]]:
-    ok = [r for r in records if r["status"] == "ok" and r.get("path") and Path(r["path"]).exists()]
-    seen: dict[str, dict[str, Any]] = {}
-    for r in ok:  # the same model reached twice counts once
-        seen.setdefault(r["sha256"], r)
-    unique = list(seen.values())
-    points = [_objectives(r, config) for r in unique]
-    return [unique[i] for i in pareto_front(points)]
-
-
-def _recipe_for(model: str, record: dict[str, Any], config: OptimizeConfig, space: SearchSpace) -> dict[str, Any]:
-    """A recipe that rebuilds a front model with ``onnxforge run``."""
-    stages: list[Any] = [] if model.endswith(".onnx") else ["export"]
-    stages.append("simplify" if not stages else {"simplify": {"sample_data": codec.encode(config.eval_data)}})
-    context = StageContext(target=config.target, calibration=config.calibration)
-    for spec in stage_specs(space.plan_from_params(record["plan"]), context):
-        stages.append({spec.kind: codec.encode(spec.config)})
-    recipe = {"name": f"trial-{record['number']}", "model": str(Path(model).resolve()) if not model.startswith("builtin:") else model,
-              "calibration": codec.encode(config.calibration), "eval": str(config.eval_data.path),
-              "target": config.target, "stages": stages}
-    if not model.endswith(".onnx"):
-        recipe["dynamic_batch"] = config.dynamic_batch
-        if config.input_shapes:
-            recipe["input_shapes"] = codec.encode(config.input_shapes)
-    return recipe
-
-
-RETIME_EXTRA = 6  # besides the front, the fastest within-budget trials are re-timed too
-
-
-def _retimed_front(records, config, ctx, pool, say) -> list[dict[str, Any]]:
-    """The front after re-timing it together with the fastest within-budget trials, interleaved in one
-    run: single trial timings on a busy machine can be off by tens of percent, and a front drawn from
-    them would not be consistent with itself."""
-    front = _front(records, config)
-    if not front or config.objective is not Objective.LATENCY:
-        return front
-    usable = {r["sha256"]: r for r in reversed(records)
-              if r["status"] == "ok" and r.get("path") and Path(r["path"]).exists()}
-    fastest = sorted((r for r in usable.values() if r["within_budget"]), key=lambda r: r["ratio"])[:RETIME_EXTRA]
-    candidates = {r["sha256"]: r for r in [*front, *fastest]}
-    say(f"re-timing {len(candidates)} models (the front and the fastest within budget) together, interleaved")
-    models = {str(r["number"]): r["path"] for r in candidates.values()}
-    rounds = max(ctx.rounds, 30)
-    timed = pool.retime(models, rounds) if pool else time_against_reference(
-        models, ctx.reference_model, ctx, latency_feeds(ctx), rounds=rounds)
-    for r in candidates.values():
-        t = timed[str(r["number"])]
-        r["trial_ratio"] = r.get("trial_ratio", r.get("ratio"))
-        r.update(ratio=t["ratio"], reference_ms=t["reference_ms"], model_ms=t["model_ms"], speedup=1.0 / t["ratio"])
-    retimed = list(candidates.values())
-    front = [retimed[i] for i in pareto_front([_objectives(r, config) for r in retimed])]
-    return sorted(front, key=lambda r: r["ratio"])
-
-
-def _publish(run_dir, model, config, space, ctx, gate, reference_score, records, pool, started, executor, notes, say):
-    front = _retimed_front(records, config, ctx, pool, say)
-    within = [r for r in front if r["within_budget"]]
-    key = (lambda r: r["bytes"]) if config.objective is Objective.SIZE else (lambda r: r["ratio"])
-    best = min(within, key=key) if within else None
-    front_dir = run_dir / "front"
-    if front_dir.exists():
-        shutil.rmtree(front_dir)
-    front_dir.mkdir()
-    for rank, r in enumerate(front, start=1):
-        target_path = front_dir / f"{rank:02d}_trial{r['number']}.onnx"
-        shutil.copyfile(r["path"], target_path)
-        recipe = _recipe_for(model, r, config, space)
-        atomic_write_text(target_path.with_suffix(".recipe.yaml"), yaml.safe_dump(recipe, sort_keys=False))
-        r["front_path"] = str(target_path.relative_to(run_dir))
-        r["recipe"] = str(target_path.with_suffix(".recipe.yaml").relative_to(run_dir))
-    best_path = None
-    if best is not None:
-        best_path = run_dir / "best.onnx"
-        shutil.copyfile(best["path"], best_path)
-        atomic_write_text(run_dir / "best.recipe.yaml", yaml.safe_dump(_recipe_for(model, best, config, space), sort_keys=False))
-    on_front = {r["number"]: r for r in front}
-    for r in records:  # the table shows every trial, the front ones with their re-timed numbers
-        if r["number"] in on_front:
-            r.update(on_front[r["number"]])
-        r["on_front"] = r["number"] in on_front
-    result = OptimizeResult(run_dir, gate.metric.value, gate.describe(), reference_score, records,
-                            [on_front[r["number"]] for r in front], best, best_path,
-                            time.perf_counter() - started, executor, notes)
-    if best is None:
-        notes.append("no trial stayed within the budget: best.onnx was not written")
-    payload = result.to_json()
-    payload["config"] = codec.encode(config)
-    payload["space"] = space.describe()
-    payload["machine"] = machine_description()
-    payload["tool_versions"] = tool_versions()
-    payload["reference_model"] = ctx.reference_model
-    atomic_write_text(run_dir / "pareto.json", json.dumps(payload, indent=1, default=str) + "\n")
-    atomic_write_text(run_dir / "manifest.json", json.dumps({
-        "format": "onnxforge-manifest/1", "kind": "optimize", "model": model, "config": codec.encode(config),
-        "tool_versions": tool_versions(), "machine": machine_description(),
-        "files": {"best": "best.onnx" if best_path else None, "pareto": "pareto.json", "report": "report.html",
-                  "front": [r["front_path"] for r in front]},
-    }, indent=1, default=str) + "\n")
-    from onnxforge.optimize_report import optimize_report_html
-    from onnxforge.report import write_report
-
-    write_report(run_dir / "report.html", optimize_report_html(payload))
-    for r in records:  # trial files not on the front are in the stage cache; keep the run folder small
-        if not r.get("on_front") and r.get("path") and Path(r["path"]).exists():
-            Path(r["path"]).unlink()
-    if best is None:
-        error = QualityGateError(
-            f"no trial stayed within the budget ({gate.describe()}); the front is in {run_dir / 'pareto.json'}",
-            hint="loosen the budget (--max-drop / --tolerance), or give more --trials")
-        error.result = result  # the CLI still shows the trials
-        raise error
-    return result

@@ -9,6 +9,8 @@ it reports a ratio, which compares across nodes where absolute times would not.
 Data files (calibration, eval) and the stage cache are read by path: on a multi-node cluster they
 must sit on a path every node sees (a shared file system); the models themselves travel through the
 object store. ``address="local"`` starts a private local Ray instance and stops it on ``close()``.
+Connecting leaves the process's SIGTERM/SIGINT handlers as they were: ``ray.init`` replaces them, and
+a library must not take a user's (or pytest's) signals.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from onnxforge._signals import keep_signal_handlers
 from onnxforge.errors import TargetUnavailableError, UsageError
 from onnxforge.pipeline.search.space import TrialPlan
 from onnxforge.pipeline.search.trial import TrialContext, evaluate_plan, latency_feeds, time_against_reference
@@ -81,15 +84,24 @@ class RayPool:
         if not self.owned:
             _check_reachable(address)
         try:
-            if self.owned:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         object_store_memory=256 * 1024 * 1024, configure_logging=False)
-            else:
-                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            with keep_signal_handlers():
+                if self.owned:
+                    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                             object_store_memory=256 * 1024 * 1024, configure_logging=False)
+                else:
+                    ray.init(address=address, log_to_driver=False, configure_logging=False)
         except Exception as e:  # ConnectionError, RuntimeError, ValueError: all mean "not reachable here"
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise TargetUnavailableError(f"cannot reach the Ray cluster at {address!r}: {first}",
                                          hint="start one with 'ray start --head', or use --ray-address local") from e
+        try:
+            self._setup(ctx)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, ctx: TrialContext) -> None:
+        ray = self.ray
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         self.node_cpus = max(1, int(min(n["Resources"].get("CPU", 1) for n in nodes)))
         self.parallelism = max(1, int(sum(n["Resources"].get("CPU", 1) for n in nodes)))
@@ -119,4 +131,5 @@ class RayPool:
 
     def close(self) -> None:
         if self.owned and self.ray.is_initialized():
-            self.ray.shutdown()
+            with keep_signal_handlers():
+                self.ray.shutdown()

@@ -43,6 +43,19 @@ class TrialPlan:
         return " -> ".join(parts)
 
 
+def _check_in_knob(key: str, knob: Knob, value: Any) -> None:
+    """Refuse a pinned value outside the knob's declared range or choices (the registry's word on
+    what the pass accepts), before the first trial rather than as a failed trial each time."""
+    if knob.kind is KnobKind.CHOICE:
+        spelled = {json.dumps(codec.encode(c), sort_keys=True) for c in knob.choices}
+        if json.dumps(codec.encode(value), sort_keys=True) not in spelled:
+            shown = ", ".join(str(_short(codec.encode(c))) for c in knob.choices)
+            raise UsageError(f"search space {key}={_short(value)}: not one of the knob's choices ({shown})")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not knob.low <= value <= knob.high:
+        raise UsageError(f"search space {key}={value!r}: outside the knob's range [{knob.low:g}, {knob.high:g}]")
+
+
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -95,6 +108,7 @@ class SearchSpace:
             for knob in knobs:
                 for value in self.pinned.get(f"{name}.{knob.field}", []):
                     codec.decode(hints[knob.field], value, f"search space {name}.{knob.field}")
+                    _check_in_knob(f"{name}.{knob.field}", knob, value)
 
     # -- sampling ------------------------------------------------------------------------------
 

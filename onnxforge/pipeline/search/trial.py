@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxforge._atomic import atomic_path
 from onnxforge.errors import CalibrationDataError, OnnxForgeError, QualityGateError
 from onnxforge.model_io import file_sha256, load_model, model_file_size
 from onnxforge.pipeline import codec
@@ -209,7 +210,8 @@ def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *
             record.update(timed["trial"])
             record["speedup"] = 1.0 / record["ratio"]
         keep.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(built.path, keep)
+        with atomic_path(keep) as tmp:  # a symlink left at ``keep`` is replaced, never written through
+            shutil.copyfile(built.path, tmp)
         record["path"] = str(keep)
     except OnnxForgeError as e:
         record.update(status="failed", error=e.message)
