@@ -29,6 +29,7 @@ import enum
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -39,6 +40,7 @@ from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
 from onnxforge.model_cost import count_params_and_macs
 from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
@@ -57,12 +59,12 @@ from onnxforge.pipeline.prune.importance import Importance, activation_means, ch
 from onnxforge.pipeline.prune.repair import repair_model
 
 __all__ = [
-    "Importance",
     "Allocation",
-    "Repair",
     "ChannelPruneConfig",
     "ChannelPruneResult",
+    "Importance",
     "PrunedModel",
+    "Repair",
     "prune_channels",
     "prune_model",
     "sensitivity_ratios",
@@ -116,7 +118,8 @@ class ChannelPruneConfig:
             )
         if self.allocation is Allocation.SENSITIVITY and self.calibration_data is None:
             raise CalibrationDataError(
-                "the sensitivity scan needs calibration data", hint="pass --calibration DATA.npz, or --allocation uniform"
+                "the sensitivity scan needs calibration data",
+                hint="pass --calibration DATA.npz, or --allocation uniform",
             )
         if self.importance is Importance.ACTIVATION and self.calibration_data is None:
             raise CalibrationDataError(
@@ -126,7 +129,6 @@ class ChannelPruneConfig:
     @property
     def repairs(self) -> bool:
         return self.repair is not Repair.NONE and self.calibration_data is not None
-
 
 
 @dataclass
@@ -142,8 +144,11 @@ class PrunedModel:
 
 
 @dataclass
-class ChannelPruneResult:
-    path: Path | None
+class ChannelPruneResult(JsonResult):
+    """What prune_channels() did. The output path is not saved (the caller has it); the MAC ratio,
+    the measured speedup and whether quality was measured are derived (``json_extra``)."""
+
+    path: Path | None = field(metadata={"json": False})
     ratio: float
     groups: list[dict]
     pruned_layers: dict[str, str]
@@ -164,31 +169,12 @@ class ChannelPruneResult:
     macs_shapes: dict | None = None  # the input shapes the MAC estimates were counted at
     notes: list[str] = field(default_factory=list)  # what was normalized on load
 
-    def to_json(self) -> dict:
+    def json_extra(self) -> dict[str, Any]:
         return {
-            "notes": self.notes,
-            "quality": self.quality,
             "quality_measured": self.score_after is not None,
-            "speed": self.speed,
             "measured_speedup": self.speed["speedup"] if self.speed else None,
             "macs_are_estimates": True,
-            "macs_shapes": self.macs_shapes,
-            "ratio": self.ratio,
-            "groups": self.groups,
-            "pruned_layers": self.pruned_layers,
-            "skipped_layers": self.skipped_layers,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "macs_before": self.macs_before,
-            "macs_after": self.macs_after,
             "macs_ratio": self.macs_before / self.macs_after if self.macs_after else None,
-            "repaired": self.repaired,
-            "repair_errors": self.repair_errors,
-            "score_before": self.score_before,
-            "score_without_repair": self.score_without_repair,
-            "score_after": self.score_after,
-            "gate": self.gate,
-            "tried": self.tried,
         }
 
 
@@ -204,9 +190,9 @@ def _grouped_input_cut(weight: np.ndarray, groups: int, kept: np.ndarray) -> np.
 
 
 def _keep_count(channels: int, ratio: float, round_to: int) -> int:
-    keep = max(1, channels - int(round(ratio * channels)))
+    keep = max(1, channels - round(ratio * channels))
     if round_to > 1:
-        keep = max(round_to, int(round(keep / round_to)) * round_to)
+        keep = max(round_to, round(keep / round_to) * round_to)
     return min(keep, channels)
 
 
@@ -240,21 +226,28 @@ def prune_model(
             raise CalibrationDataError("activation importance needs calibration data")
         activations = activation_means(cg, ir.to_proto(model_ir), calibration)
     scores = channel_importance(cg, prunable, config.importance, activations)
-    ratio_of = {g.root: (group_ratios or {}).get(g.id, 0.0) if group_ratios is not None else config.ratio
-                for g in groups if g.prunable}
+    ratio_of = {
+        g.root: (group_ratios or {}).get(g.id, 0.0) if group_ratios is not None else config.ratio
+        for g in groups
+        if g.prunable
+    }
     blocks = {g.root: g.blocks for g in groups if g.prunable}
     keep = {}
     for root, n in prunable.items():
         if blocks[root] == 1:
-            keep[root] = np.sort(np.argsort(-scores[root], kind="stable")[: _keep_count(n, ratio_of[root], config.round_to)])
+            keep[root] = np.sort(
+                np.argsort(-scores[root], kind="stable")[: _keep_count(n, ratio_of[root], config.round_to)]
+            )
             continue
         # a grouped Conv keeps its group count: the same number of channels survives in every block
         size = n // blocks[root]
         per_block = _keep_count(size, ratio_of[root], 1)
-        keep[root] = np.concatenate([
-            b * size + np.sort(np.argsort(-scores[root][b * size : (b + 1) * size], kind="stable")[:per_block])
-            for b in range(blocks[root])
-        ])
+        keep[root] = np.concatenate(
+            [
+                b * size + np.sort(np.argsort(-scores[root][b * size : (b + 1) * size], kind="stable")[:per_block])
+                for b in range(blocks[root])
+            ]
+        )
     # Gather every slice per (node, input) first: a Conv weight is cut on two axes by two groups.
     cuts: dict[tuple[int, int], tuple[ir.Node, int, dict[int, np.ndarray]]] = {}
     grouped_inputs: dict[tuple[int, int], int] = {}  # (node, input) -> G: axis 1 is cut block by block
@@ -306,8 +299,11 @@ def prune_model(
             for name in g.producers:
                 skipped.setdefault(name, "; ".join(g.blocked) or "too few channels")
     repair_layers = []
-    consumers_pruned = {id(p.node) for p in cg.params if p.role == "consumer" and (id(p.node), p.index) in cuts
-                        and p.axis in cuts[(id(p.node), p.index)][2]}
+    consumers_pruned = {
+        id(p.node)
+        for p in cg.params
+        if p.role == "consumer" and (id(p.node), p.index) in cuts and p.axis in cuts[(id(p.node), p.index)][2]
+    }
     for node in graph:
         if id(node) in consumers_pruned:
             repair_layers.append(node.outputs[0].name)
@@ -407,8 +403,13 @@ def prune_channels(
         value = check.score(candidate) if attempt_config.repairs else unrepaired_score
         verdict = check.passes(value)
         tried.append(
-            {"ratio": round(ratio, 4), "score_without_repair": unrepaired_score, "score": value, "passes": verdict,
-             "channels_removed": _channels_removed(pruned)}
+            {
+                "ratio": round(ratio, 4),
+                "score_without_repair": unrepaired_score,
+                "score": value,
+                "passes": verdict,
+                "channels_removed": _channels_removed(pruned),
+            }
         )
         if group_ratios is not None:
             tried[-1]["group_ratios"] = {str(k): round(v, 4) for k, v in group_ratios.items()}
@@ -456,7 +457,8 @@ def prune_channels(
             f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}, on "
             f"{check.source}): the input scores {check.gate.format(check.reference_score)}, the best try (ratio "
             f"{best['ratio']:.3f}) {check.gate.format(best['score'])}; the unpruned model is saved at {out}",
-            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), pass --calibration for the least-squares repair, or --exclude sensitive layers",
+            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), pass --calibration for the "
+            "least-squares repair, or --exclude sensitive layers",
             best_path=str(out),
             result=result.to_json(),
         )

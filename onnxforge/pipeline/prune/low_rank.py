@@ -28,6 +28,7 @@ import enum
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,6 +39,7 @@ from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
@@ -51,7 +53,7 @@ from onnxforge.pipeline.prune.graph import (
     lift_constants,
 )
 
-__all__ = ["RankRule", "LowRankConfig", "LowRankResult", "factorize_model", "layer_candidates", "low_rank"]
+__all__ = ["LowRankConfig", "LowRankResult", "RankRule", "factorize_model", "layer_candidates", "low_rank"]
 
 
 class RankRule(enum.Enum):
@@ -91,8 +93,11 @@ class LowRankConfig:
 
 
 @dataclass
-class LowRankResult:
-    path: Path | None
+class LowRankResult(JsonResult):
+    """What low_rank() did. The output path is not saved (the caller has it); the measured speedup
+    and whether quality was measured are derived (``json_extra``)."""
+
+    path: Path | None = field(metadata={"json": False})
     factored_layers: dict[str, dict]  # layer -> {"shape": [K, N], "rank": r, "energy": kept share, "output_error"}
     skipped_layers: dict[str, str]
     params_before: int
@@ -106,14 +111,9 @@ class LowRankResult:
     speed: dict | None = None
     notes: list[str] = field(default_factory=list)  # what was normalized on load
 
-    def to_json(self) -> dict:
+    def json_extra(self) -> dict[str, Any]:
         return {
-            "notes": self.notes,
-            "factored_layers": self.factored_layers, "skipped_layers": self.skipped_layers,
-            "params_before": self.params_before, "params_after": self.params_after,
-            "latency_speedup": self.latency_speedup, "score_before": self.score_before,
-            "score_after": self.score_after, "gate": self.gate, "tried": self.tried,
-            "quality": self.quality, "quality_measured": self.score_after is not None, "speed": self.speed,
+            "quality_measured": self.score_after is not None,
             "measured_speedup": self.speed["speedup"] if self.speed else None,
         }
 
@@ -139,7 +139,7 @@ def _rank(values: np.ndarray, config: LowRankConfig, shape: tuple[int, int]) -> 
     if config.rule is RankRule.ENERGY:
         r = int(np.searchsorted(energy, config.energy - 1e-12) + 1)
     else:
-        r = max(1, int(round((1.0 - config.ratio) * min(shape))))
+        r = max(1, round((1.0 - config.ratio) * min(shape)))
     r = min(r, len(values))
     return r, float(energy[r - 1])
 
@@ -301,7 +301,7 @@ def layer_candidates(model: onnx.ModelProto, config: LowRankConfig) -> tuple[lis
     """(the input names of the layers that may be factored, skipped layers with reasons)."""
     graph = ir.from_proto(lift_constants(model)).graph
     names, skipped = [], {}
-    for node, w, reason in _candidates(graph, config):
+    for node, _w, reason in _candidates(graph, config):
         if reason:
             skipped[layer_name(node)] = reason
         else:
@@ -450,7 +450,8 @@ def low_rank(
             f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
             f"{check.gate.format(check.reference_score)}, the best try {check.gate.format(best['score'])}; the "
             f"input model is saved at {out}",
-            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or pass --calibration for the data-aware factorization",
+            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or pass --calibration for the "
+            "data-aware factorization",
             best_path=str(out),
             result=result.to_json(),
         )

@@ -17,6 +17,7 @@ import gzip
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,13 +26,14 @@ import onnx_ir as ir
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import save_model
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
 from onnxforge.pipeline.prune.graph import layer_name, lift_constants
 
-__all__ = ["Scope", "MagnitudePruneConfig", "MagnitudePruneResult", "prune_magnitude", "sparsify_model"]
+__all__ = ["MagnitudePruneConfig", "MagnitudePruneResult", "Scope", "prune_magnitude", "sparsify_model"]
 
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -63,8 +65,11 @@ class MagnitudePruneConfig:
 
 
 @dataclass
-class MagnitudePruneResult:
-    path: Path | None
+class MagnitudePruneResult(JsonResult):
+    """What prune_magnitude() did. The output path is not saved (the caller has it); whether quality
+    was measured is derived (``json_extra``)."""
+
+    path: Path | None = field(metadata={"json": False})
     requested_sparsity: float
     achieved_sparsity: float
     pruned_layers: list[str]
@@ -79,23 +84,8 @@ class MagnitudePruneResult:
     quality: str = ""  # what the scores rest on, or "quality NOT measured: ..."
     notes: list[str] = field(default_factory=list)  # what was normalized on load
 
-    def to_json(self) -> dict:
-        return {
-            "notes": self.notes,
-            "quality": self.quality,
-            "quality_measured": self.score_after is not None,
-            "requested_sparsity": self.requested_sparsity,
-            "achieved_sparsity": self.achieved_sparsity,
-            "pruned_layers": self.pruned_layers,
-            "skipped_layers": self.skipped_layers,
-            "bytes": self.bytes,
-            "gzip_bytes_before": self.gzip_bytes_before,
-            "gzip_bytes_after": self.gzip_bytes_after,
-            "score_before": self.score_before,
-            "score_after": self.score_after,
-            "gate": self.gate,
-            "tried": self.tried,
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"quality_measured": self.score_after is not None}
 
 
 def _eligible_weights(graph: ir.Graph, config: MagnitudePruneConfig) -> tuple[list[tuple[str, ir.Value]], list[str]]:
@@ -201,7 +191,8 @@ def prune_magnitude(
         raise QualityGateError(
             f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}); "
             f"the unpruned model is saved at {out}",
-            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or exclude sensitive layers with --exclude",
+            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or exclude sensitive layers "
+            "with --exclude",
             best_path=str(out),
             result=result.to_json(),
         )
