@@ -12,8 +12,8 @@ import onnx
 import onnx.numpy_helper
 import pytest
 from conftest import make_classifier, random_images, run_model, save
-
 from onnx_graphs import model_from_text
+
 from onnxforge.pipeline.prune.channels import ChannelPruneConfig, Repair, prune_channels, prune_model
 
 
@@ -184,5 +184,5 @@ def test_the_repair_reads_the_model_twice_whatever_its_depth(monkeypatch):
     passes = []
     real = repair.batches_of_values
     monkeypatch.setattr(repair, "batches_of_values", lambda *a, **k: passes.append(a[2]) or real(*a, **k))
-    repaired, errors = repair.repair_model(model, pruned, calibration, config)
+    _repaired, errors = repair.repair_model(model, pruned, calibration, config)
     assert len(passes) == 2 and all(e["after"] <= e["before"] for e in errors.values())

@@ -45,9 +45,9 @@ def _split_item(item: Any, specs: Sequence[TensorSpec], where: str) -> tuple[dic
         return {n: item[n] for n in names}, item.get(LABEL_KEY)
     if isinstance(item, (tuple, list)):
         if len(item) == len(names):
-            return dict(zip(names, item)), None
+            return dict(zip(names, item, strict=True)), None
         if len(item) == len(names) + 1:
-            return dict(zip(names, item[: len(names)])), item[-1]
+            return dict(zip(names, item[: len(names)], strict=True)), item[-1]
         raise CalibrationDataError(
             f"{where}: a tuple of {len(item)} values; the model has {len(names)} input(s) "
             f"({', '.join(names)}), optionally followed by a label"

@@ -8,9 +8,9 @@
    through a ``Reference`` (onnxforge.pipeline.reference) with the stage's metric and tolerance, inside the
    back-off loop (onnxforge.pipeline.prune.backoff). Without either the result says "quality not
    measured", and so does the run table.
-3. **Its speed.** Input and candidate are timed interleaved on the target (Reference.time_against), at the model's own batch
-   size (its fixed batch, else 1), on the same feeds: a reported speedup is measured, never derived
-   from MACs. MACs are estimates, counted with the shapes of the data (onnxforge.model_cost).
+3. **Its speed.** Input and candidate are timed interleaved on the target (Reference.time_against), at
+   the model's own batch size (its fixed batch, else 1), on the same feeds: a reported speedup is measured,
+   never derived from MACs. MACs are estimates, counted with the shapes of the data (onnxforge.model_cost).
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ class QualityCheck:
 
     @classmethod
     def measure(
-        cls, model: onnx.ModelProto, config, calibration: SampleSet | StreamedSamples | None = None,
+        cls,
+        model: onnx.ModelProto,
+        config,
+        calibration: SampleSet | StreamedSamples | None = None,
         max_fit: int | None = None,
     ) -> tuple[QualityCheck, SampleSet | None]:
         """The checks for ``model`` and the samples left to fit on (at most ``max_fit``, in memory).
@@ -125,8 +128,9 @@ class QualityCheck:
         """What the quality numbers rest on, or that there are none."""
         if self.measured:
             return f"quality measured on {self.source} ({self.describe()})"
-        return ("quality NOT measured: no --eval or --calibration data; the model was only checked to load"
-                + (" and run" if self.feeds is not None else ""))
+        return "quality NOT measured: no --eval or --calibration data; the model was only checked to load" + (
+            " and run" if self.feeds is not None else ""
+        )
 
     def score(self, candidate: onnx.ModelProto | bytes) -> float | None:
         """``candidate``'s score on the held-out samples on the target; None without them."""
@@ -151,8 +155,9 @@ class QualityCheck:
         if self.feeds is None:
             return None
         timer = self.reference if model is self.reference.model else Reference(model, None, self.target)
-        timing = timer.time_against({"candidate": candidate}, rounds=20, warmup=2, seconds=TIMING_SECONDS,
-                                    feeds=self.feeds)["candidate"]
+        timing = timer.time_against(
+            {"candidate": candidate}, rounds=20, warmup=2, seconds=TIMING_SECONDS, feeds=self.feeds
+        )["candidate"]
         return {
             "batch": self.batch,
             "input_p50_ms": timing.reference.p50_ms,

@@ -77,7 +77,7 @@ def prepared(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
                 continue
             known[name] = tuple(
                 d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (size if size > 1 else -1)
-                for d, size in zip(dims, shape)
+                for d, size in zip(dims, shape, strict=True)
             )
         source = _with_dims(model, known)
     try:
@@ -101,7 +101,7 @@ def _with_dims(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) ->
     for vi in copy.graph.input:
         if vi.name not in shapes:
             continue
-        for axis, (d, size) in enumerate(zip(vi.type.tensor_type.shape.dim, shapes[vi.name])):
+        for axis, (d, size) in enumerate(zip(vi.type.tensor_type.shape.dim, shapes[vi.name], strict=False)):
             if size >= 0:
                 d.Clear()
                 d.dim_value = int(size)

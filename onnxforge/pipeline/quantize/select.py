@@ -29,13 +29,13 @@ from onnxforge.pipeline.quantize.backends import error_line, quantize_candidate
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, collect
 from onnxforge.pipeline.quantize.config import CalibrationMethod, CandidateResult, QuantizeConfig, Ranges
 from onnxforge.pipeline.quantize.graphs import Graphs
-from onnxforge.pipeline.quantize.opset import failing_op
 from onnxforge.pipeline.quantize.mixed_precision import (
     MixedPrecisionSearch,
     node_groups,
     rank_nodes,
     search_float_nodes,
 )
+from onnxforge.pipeline.quantize.opset import failing_op
 from onnxforge.pipeline.quantize.quant_error import NodeError, measure_node_errors
 from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES, qdq_twin
 from onnxforge.pipeline.quantize.smooth_quant import smooth_model
@@ -186,7 +186,8 @@ class CandidateRun:
 
     def time_all(self) -> None:
         """Time fp32 and every candidate interleaved on the target (Reference.time_against: one call, fp32's
-        own timing in it the baseline); sets each candidate's latency and speedup. The timings of the same models recorded in ``records`` (the stage cache) are reused (timing_record)."""
+        own timing in it the baseline); sets each candidate's latency and speedup. The timings of the same
+        models recorded in ``records`` (the stage cache) are reused (timing_record)."""
         models = {"fp32": self.fp32_path} | dict(self.paths)
         if self.graphs.rewritten:
             models[REWRITTEN_FP32] = self.graphs.base
@@ -194,12 +195,18 @@ class CandidateRun:
 
         def measure() -> dict[str, LatencyStats]:
             candidates = {label: path for label, path in models.items() if label != "fp32"}
-            timed = self.reference.time_against(candidates, rounds=self.config.latency_rounds,
-                                                threads=self.config.threads, feeds=feeds, reference_name="fp32")
+            timed = self.reference.time_against(
+                candidates,
+                rounds=self.config.latency_rounds,
+                threads=self.config.threads,
+                feeds=feeds,
+                reference_name="fp32",
+            )
             return {label: timed[label].stats for label in models}
 
-        key = timing_key(models, feeds, target=self.target.name, threads=self.config.threads,
-                         rounds=self.config.latency_rounds)
+        key = timing_key(
+            models, feeds, target=self.target.name, threads=self.config.threads, rounds=self.config.latency_rounds
+        )
         timings, reused = recorded_timings(self.records, key, list(models), measure)
         self.timings_reused = reused
         for c in self.candidates:
@@ -222,8 +229,11 @@ class CandidateRun:
         fastest = _fastest(timed)
         to_search = [fastest] if config.mixed_precision and not fastest.meets_tolerance else []
         if to_search:
-            to_search += [c for c in timed if c is not fastest and not c.meets_tolerance
-                          and self.scheme_of[c.scheme].method is QuantMethod.DYNAMIC][:1]
+            to_search += [
+                c
+                for c in timed
+                if c is not fastest and not c.meets_tolerance and self.scheme_of[c.scheme].method is QuantMethod.DYNAMIC
+            ][:1]
         for base in to_search:
             if self.scheme_of[base.scheme].method is QuantMethod.FP16:
                 notes.append(f"mixed precision skipped on {base.scheme}: fp16 has no per-node int8 to undo")
@@ -265,8 +275,13 @@ class CandidateRun:
     def _node_errors(self, source: Path, qdq_path: Path, size: tuple[int, int]) -> list[NodeError]:
         """measure_node_errors on calibration samples at ``size``: (batch, passes over the nodes)."""
         batch, passes = size
-        return measure_node_errors(source, qdq_path, self.data.batches(self.config.analysis_samples, batch),
-                                   passes=passes, output_sizes=self.data.tensor_sizes(source) if passes > 1 else None)
+        return measure_node_errors(
+            source,
+            qdq_path,
+            self.data.batches(self.config.analysis_samples, batch),
+            passes=passes,
+            output_sizes=self.data.tensor_sizes(source) if passes > 1 else None,
+        )
 
     def _search_float_nodes(
         self, scheme: QuantScheme, path: Path, size: tuple[int, int]
@@ -274,7 +289,9 @@ class CandidateRun:
         """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
         static = scheme.method is QuantMethod.STATIC
         source = self.source(scheme)
-        qdq_path = path if static and scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), source=source)
+        qdq_path = (
+            path if static and scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), source=source)
+        )
         errors = self._node_errors(source, qdq_path, size)
         errors = [e for e in errors if e.node not in self.config.exclude_nodes]
         if static:
@@ -320,8 +337,11 @@ class CandidateRun:
         try:
             path = self.paths[chosen.scheme]
             source = self.source(scheme)
-            qdq_path = path if scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), chosen.float_nodes,
-                                                                                  source=source)
+            qdq_path = (
+                path
+                if scheme.format is QuantFormat.QDQ
+                else self.quantize(qdq_twin(scheme), chosen.float_nodes, source=source)
+            )
             size = self.data.analysis_size()
             if size is None:
                 notes.append(f"per-layer error report skipped: {self.data.plan.refusal('analysis')}")

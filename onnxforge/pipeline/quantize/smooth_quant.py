@@ -82,18 +82,21 @@ def _groups(graph: ir.Graph) -> dict[str, list[ir.Node]]:
     return groups
 
 
-def channel_max(model: onnx.ModelProto, names: Iterable[str], batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def channel_max(
+    model: onnx.ModelProto, names: Iterable[str], batches: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor in ``names`` over ``batches``, one batch in memory."""
     names = list(names)
     options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
-    session = ort.InferenceSession(with_outputs(model, names).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        with_outputs(model, names).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     outputs = [o.name for o in session.get_outputs()]
     inputs = [i.name for i in session.get_inputs()]
     found: dict[str, np.ndarray] = {}
     for batch in batches:
-        values = dict(zip(outputs, session.run(None, {k: batch[k] for k in inputs})))
+        values = dict(zip(outputs, session.run(None, {k: batch[k] for k in inputs}), strict=True))
         for name in names:
             x = np.abs(np.asarray(values[name], dtype=np.float32))
             x = x.reshape(-1, x.shape[-1]).max(axis=0)
@@ -101,7 +104,9 @@ def channel_max(model: onnx.ModelProto, names: Iterable[str], batches: Iterable[
     return found
 
 
-def smooth_model(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]], alpha: float = 0.5) -> SmoothResult:
+def smooth_model(
+    model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]], alpha: float = 0.5
+) -> SmoothResult:
     """``model`` with SmoothQuant scales migrated (see the module doc), statistics from ``batches``."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -128,8 +133,12 @@ def smooth_model(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarr
         if _fold_into_norm(norm_out, nodes, 1.0 / scale):
             folded += 1
             continue
-        inverse = ir.Value(name=f"{name}_smooth_scale", const_value=ir.tensor((1.0 / scale).astype(np.float32),
-                           name=f"{name}_smooth_scale"), shape=ir.Shape(scale.shape), type=ir.TensorType(ir.DataType.FLOAT))
+        inverse = ir.Value(
+            name=f"{name}_smooth_scale",
+            const_value=ir.tensor((1.0 / scale).astype(np.float32), name=f"{name}_smooth_scale"),
+            shape=ir.Shape(scale.shape),
+            type=ir.TensorType(ir.DataType.FLOAT),
+        )
         graph.register_initializer(inverse)
         mul = ir.node("Mul", [norm_out, inverse], name=f"{name}_smooth")
         mul.outputs[0].name = f"{name}_smoothed"
@@ -151,7 +160,9 @@ def _fold_into_norm(norm_out: ir.Value, group: list[ir.Node], inverse: np.ndarra
     if norm is None or norm_out.is_graph_output() or {id(u) for u, _ in norm_out.uses()} != {id(n) for n in group}:
         return False
     skip = norm.op_type.startswith("Skip")
-    params = [norm.inputs[i] for i in ((2, 3) if skip else (1, 2)) if i < len(norm.inputs) and norm.inputs[i] is not None]
+    params = [
+        norm.inputs[i] for i in ((2, 3) if skip else (1, 2)) if i < len(norm.inputs) and norm.inputs[i] is not None
+    ]
     if not params or any(p.const_value is None or len(p.uses()) != 1 for p in params):
         return False
     for p in params:
