@@ -144,8 +144,8 @@ def stream_images(folder: ImageFolder, specs: Sequence[TensorSpec]) -> StreamedS
 
     def read(f: Path, start: int = 0, stop: int = 1) -> dict[str, np.ndarray]:  # one sample per file
         try:
-            with Image.open(f) as image:
-                image = image.convert("RGB" if channels == 3 else "L")
+            with Image.open(f) as opened:
+                image = opened.convert("RGB" if channels == 3 else "L")
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
                 pixels = np.asarray(image, dtype=np.float32)
         except Exception as e:

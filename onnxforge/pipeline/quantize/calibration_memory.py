@@ -163,8 +163,8 @@ def _npz_array_bytes(path, rows: int | None = None) -> int:
             total = 0
             for member in archive.namelist():
                 if member.endswith(".npy"):
-                    with archive.open(member) as f:
-                        total += header_bytes(f)
+                    with archive.open(member) as member_file:
+                        total += header_bytes(member_file)
             return total
     except Exception:
         return 0  # unreadable: loading it reports the problem

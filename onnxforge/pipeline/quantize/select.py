@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -43,6 +44,9 @@ from onnxforge.pipeline.quantize.timing_record import recorded_timings, timing_k
 from onnxforge.pipeline.reference import Reference
 from onnxforge.targets import QuantFormat, QuantMethod, QuantScheme
 from onnxforge.targets.latency import LatencyStats
+
+if TYPE_CHECKING:  # the cache imports the registry, which imports this stage
+    from onnxforge.pipeline.cache import StageCache
 
 __all__ = ["REWRITTEN_FP32", "CandidateRun"]
 
@@ -96,7 +100,8 @@ class CandidateRun:
         self.paths: dict[str, Path] = {}  # candidate label -> its model
         self.scheme_of: dict[str, QuantScheme] = {}  # candidate label -> the scheme it was quantized with
         self.timings: dict[str, LatencyStats] = {}  # the latest interleaved timing, "fp32" included
-        self.records = None  # a StageCache where timings are recorded and found (timing_record); None: always time
+        # where timings are recorded and found (timing_record); None: always time
+        self.records: StageCache | None = None
         self.timings_reused = False  # whether the latest timing was recorded by an earlier run
         self.notes: list[str] = []  # what building the graphs said (smoothing)
         self.calibration_batches = 0
@@ -114,7 +119,7 @@ class CandidateRun:
         if graph not in self._smoothed:
             batch = self.data.statistics_batch()
             if batch is None:
-                raise CalibrationDataError(f"smoothing statistics: {self.data.plan.refusal('statistics')}")
+                raise CalibrationDataError(f"smoothing statistics: {self.data.refusal('statistics')}")
             batches = self.data.batches(self.config.calibration_samples, batch)
             result = smooth_model(onnx.load(str(graph)), batches(), self.config.smooth_alpha)
             path = graph.with_name(graph.stem + "_smooth.onnx")
@@ -240,7 +245,7 @@ class CandidateRun:
                 continue
             size = self.data.analysis_size()  # ranking the nodes measures every quantized node's output
             if size is None:
-                notes.append(f"mixed precision skipped on {base.scheme}: {self.data.plan.refusal('analysis')}")
+                notes.append(f"mixed precision skipped on {base.scheme}: {self.data.refusal('analysis')}")
                 continue
             found = None
             try:
@@ -250,8 +255,9 @@ class CandidateRun:
             if found is None:
                 continue
             search = found
-            step = search.best or gate.best((s for s in search.steps if s.score is not None), lambda s: s.score)
-            if step is None:
+            scored = gate.best([(s, s.score) for s in search.steps if s.score is not None], lambda pair: pair[1])
+            step = search.best or (scored[0] if scored else None)
+            if step is None or step.score is None:  # a passing step (best) is a scored one
                 notes.append(f"mixed precision on {base.scheme}: no step could be scored")
                 continue
             label = f"{base.scheme} + {len(step.float_nodes)} float node(s)"
@@ -267,7 +273,7 @@ class CandidateRun:
             notes.append(
                 f"mixed precision on {base.scheme}: {len(step.float_nodes)} node(s) back to float "
                 f"({', '.join(step.float_nodes[:6])}{', ...' if len(step.float_nodes) > 6 else ''}), "
-                f"{gate.format(base.score)} -> {gate.format(step.score)}"
+                f"{gate.format(base.score) if base.score is not None else 'no score'} -> {gate.format(step.score)}"
                 + ("" if step.meets_tolerance else ": still over tolerance")
             )
         return search
@@ -323,8 +329,11 @@ class CandidateRun:
         passing = [c for c in self.candidates if c.meets_tolerance and c.latency is not None]
         if passing:
             return _fastest(passing), True
-        measured = [c for c in self.candidates if c.score is not None and c.scheme in self.paths]
-        return self.gate.best(measured, lambda c: c.score), False
+        measured = [(c, c.score) for c in self.candidates if c.score is not None and c.scheme in self.paths]
+        best = self.gate.best(measured, lambda pair: pair[1])
+        if best is None:  # never: measure() raised QualityGateError when no candidate could be scored
+            raise QualityGateError("no quantized candidate could be scored")
+        return best[0], False
 
     def layer_errors(self, chosen: CandidateResult, notes: list[str]) -> list[NodeError]:
         """Per-node error of the kept model (of its QDQ twin when it is QOperator) on calibration samples."""
@@ -344,7 +353,7 @@ class CandidateRun:
             )
             size = self.data.analysis_size()
             if size is None:
-                notes.append(f"per-layer error report skipped: {self.data.plan.refusal('analysis')}")
+                notes.append(f"per-layer error report skipped: {self.data.refusal('analysis')}")
                 return []
             return self._node_errors(source, qdq_path, size)
         except Exception as e:

@@ -162,10 +162,15 @@ def _fold_packed_weight(graph: ir.Graph, node: ir.Node) -> None:
     if weight is None or weight.const_value is not None or weight.is_initializer():
         return
     concat = weight.producer()
-    if concat is None or concat.op_type != "Concat" or any(v is None or v.const_value is None for v in concat.inputs):
+    if concat is None or concat.op_type != "Concat":
         return
+    parts = []
+    for v in concat.inputs:
+        if v is None or v.const_value is None:
+            return
+        parts.append(v.const_value.numpy())
     axis = concat.attributes.get_int("axis", 0)
-    packed = np.concatenate([v.const_value.numpy() for v in concat.inputs], axis=axis)
+    packed = np.concatenate(parts, axis=axis)
     value = ir.Value(
         name=f"{weight.name}_packed",
         const_value=ir.tensor(packed, name=f"{weight.name}_packed"),
