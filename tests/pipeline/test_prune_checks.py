@@ -138,7 +138,7 @@ def test_speed_is_measured_and_macs_are_estimates_at_the_data_shapes(tmp_path):
     result = prune_channels(model_path, tmp_path / "p.onnx", ChannelPruneConfig(
         ratio=0.25, calibration_data=tmp_path / "calib.npz", tolerance=0.0))
     report = result.to_json()
-    assert report["macs_are_estimates"] and report["macs_shapes"] == {"x": (1, 3, 32, 32)}
+    assert report["macs_are_estimates"] and report["macs_shapes"] == {"x": [1, 3, 32, 32]}  # JSON data: lists
     # conv1 3x3x3x16 + conv2 3x3x16x16 + conv3 16x4, each at 32x32 output positions
     assert result.macs_before == (16 * 27 + 16 * 144 + 4 * 16) * 32 * 32
     speed = report["speed"]

@@ -167,8 +167,9 @@ class ChannelGroups:
             channels = known or channels
             if not channels:
                 return None
+            producer = value.producer()
             source = "a graph input" if value.is_graph_input() else (
-                f"{value.producer().op_type} {layer_name(value.producer())}" if value.producer() else "a constant")
+                f"{producer.op_type} {layer_name(producer)}" if producer else "a constant")
             gid = self.new_group(channels, f"channels come from {source}")
             layout = Layout(axis % len(shape) if shape else axis, 1, ((gid, channels),))
             self.layouts[value] = layout

@@ -72,7 +72,9 @@ class QualityCheck:
         limit = getattr(config, "max_samples", None)  # --max-samples: bounds the fit and the scoring alike
         if limit is not None:
             max_fit = limit if max_fit is None else min(max_fit, limit)
-        fit, held, source = calibration, None, None
+        fit: SampleSet | StreamedSamples | None = calibration
+        held: SampleSet | StreamedSamples | None = None
+        source: str | None = None
         gate = {"metric": config.metric, "tolerance": config.tolerance, "eval_batch": EVAL_BATCH}
         if config.eval_data is not None:
             reference = Reference(model, config.eval_data, target, limit=limit, **gate)
@@ -120,6 +122,15 @@ class QualityCheck:
     @property
     def reference_score(self) -> float | None:
         return self.reference.value if self.measured else None
+
+    def failure(self, tried: list[dict]) -> tuple[QualityGate, float, dict]:
+        """(the gate, the input's score, the best try) for the message when no try met the tolerance;
+        only a measured check fails one."""
+        gate, reference_score = self.gate, self.reference_score
+        best = gate.best(tried, lambda t: t["score"]) if gate is not None else None
+        if gate is None or reference_score is None or best is None:
+            raise ValueError("no try failed: quality was not measured")
+        return gate, reference_score, best
 
     def describe(self) -> str | None:
         return self.reference.gate.describe() if self.measured else None

@@ -38,7 +38,7 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import input_specs, save_model
-from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
 from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
@@ -48,7 +48,9 @@ from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     clear_inner_shapes,
+    const_array,
     drop_unused_initializers,
+    input_name,
     layer_name,
     lift_constants,
 )
@@ -178,7 +180,7 @@ class _Moments:
 
 def _input_moments(model: onnx.ModelProto, nodes: list[ir.Node], samples: SampleSet) -> dict[str, _Moments]:
     """Moments of each layer's input features (channels for a 1x1 Conv) over ``samples``, batch by batch."""
-    names = list(dict.fromkeys(n.inputs[0].name for n in nodes))
+    names = list(dict.fromkeys(input_name(n) for n in nodes))
     moments: dict[str, _Moments] = {}
     for _, values in batches_of_values(model, samples, names, 8):
         for name in names:
@@ -208,7 +210,7 @@ def _factor(
     """(A, B, bias shift or None, kept energy) for ``w`` (K x N); see the module doc."""
     w64 = w.astype(np.float64)
     upper, u, s, vt = decomposition or _decompose(w, moments)
-    if upper is None:
+    if upper is None or moments is None:  # no moments, no whitening
         r, kept = _rank(s, config, w.shape)
         return u[:, :r] * s[:r], vt[:r], None, kept
     r, kept = _rank(s, config, w.shape)
@@ -249,7 +251,7 @@ def _shifted_bias(graph: ir.Graph, node: ir.Node, bias: ir.Value | None, shift: 
         return bias
     if bias is None:
         return _const(graph, f"{tag}.lowrank_bias", shift)
-    old = bias.const_value.numpy().astype(np.float64)
+    old = const_array(node, 2).astype(np.float64)  # bias is node's input 2
     return _const(graph, f"{tag}.lowrank_bias", old + shift.reshape((1,) * max(old.ndim - 1, 0) + (n,)))
 
 
@@ -305,7 +307,7 @@ def layer_candidates(model: onnx.ModelProto, config: LowRankConfig) -> tuple[lis
         if reason:
             skipped[layer_name(node)] = reason
         else:
-            names.append(node.inputs[0].name)
+            names.append(input_name(node))
     return list(dict.fromkeys(names)), skipped
 
 
@@ -355,7 +357,7 @@ def factorize_model(
     fit = fit or {}
     factored = {}
     for node, w in candidates:
-        moments = fit.get(node.inputs[0].name)
+        moments = fit.get(input_name(node))
         decomposition = None
         if decompositions is not None:
             decomposition = decompositions.get(layer_name(node)) or _decompose(w, moments)
@@ -368,8 +370,8 @@ def factorize_model(
             skipped[layer_name(node)] = f"rank {r} of {min(k, n)} does not pay (cost {cost:.2f} of dense)"
             continue
         info = {"shape": [k, n], "rank": r, "energy": round(kept, 6)}
-        if held and node.inputs[0].name in held:
-            info["output_error"] = round(_output_error(w, a, b, shift, held[node.inputs[0].name]), 6)
+        if held and input_name(node) in held:
+            info["output_error"] = round(_output_error(w, a, b, shift, held[input_name(node)]), 6)
         factored[layer_name(node)] = info
         _rewrite(graph, node, a, b, shift)
     drop_unused_initializers(graph)  # the dense weights that were factored
@@ -391,10 +393,10 @@ def low_rank(
     out = check_output_path(output, input_path, *paths_in(config))
     loaded = load_stage_input(input_path, "low-rank")
     model = lift_constants(loaded.model)
-    calibration = None
+    data: SampleSet | StreamedSamples | None = None
     if config.calibration_data is not None:
-        calibration = open_data(config.calibration_data, input_specs(model), equal_shapes=True)  # read as deep as used
-    check, calibration = QualityCheck.measure(model, config, calibration, max_fit=config.calibration_samples)
+        data = open_data(config.calibration_data, input_specs(model), equal_shapes=True)  # read as deep as used
+    check, calibration = QualityCheck.measure(model, config, data, max_fit=config.calibration_samples)
     fit = held = None
     if calibration is not None:
         names, _ = layer_candidates(model, config)
@@ -445,12 +447,12 @@ def low_rank(
     )
     save_model(candidate, out)
     if not passed:
-        best = check.gate.best(tried, lambda t: t["score"])
+        gate, reference_score, best = check.failure(tried)
         raise QualityGateError(
             f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
-            f"{check.gate.format(check.reference_score)}, the best try {check.gate.format(best['score'])}; the "
+            f"{gate.format(reference_score)}, the best try {gate.format(best['score'])}; the "
             f"input model is saved at {out}",
-            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or pass --calibration for the "
+            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or pass --calibration for the "
             "data-aware factorization",
             best_path=str(out),
             result=result.to_json(),

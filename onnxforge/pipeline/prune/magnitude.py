@@ -118,7 +118,8 @@ def sparsify_model(
     """Zero the smallest weights. Returns (model, achieved sparsity over eligible weights, pruned, skipped)."""
     ir_model = ir.from_proto(lift_constants(model))
     weights, skipped = _eligible_weights(ir_model.graph, config)
-    arrays = {name: value.const_value.numpy() for name, value in weights}
+    # every eligible weight is a constant (_eligible_weights)
+    arrays = {name: tensor.numpy() for name, value in weights if (tensor := value.const_value) is not None}
     if config.scope is Scope.GLOBAL and arrays:
         everything = np.concatenate([np.abs(a).ravel() for a in arrays.values()])
         thresholds = {name: np.quantile(everything, config.sparsity) for name in arrays}
@@ -153,7 +154,7 @@ def prune_magnitude(
         pruned, achieved, layers, skipped = sparsify_model(model, replace(config, sparsity=sparsity))
         serialized = pruned.SerializeToString()
         check.runs(serialized, "prune")
-        entry = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
+        entry: dict[str, float | bool | None] = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
         value = check.score(serialized)
         passes = check.passes(value)
         if check.measured:
@@ -188,10 +189,11 @@ def prune_magnitude(
         notes=loaded.notes,
     )
     if not passed:
+        gate, _, _ = check.failure(tried)
         raise QualityGateError(
             f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}); "
             f"the unpruned model is saved at {out}",
-            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or exclude sensitive layers "
+            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or exclude sensitive layers "
             "with --exclude",
             best_path=str(out),
             result=result.to_json(),
