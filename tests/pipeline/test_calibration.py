@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import random_images, write_npz
+
 from onnxforge.errors import CalibrationDataError
 from onnxforge.model_io import TensorSpec
 from onnxforge.pipeline.calibration import CalibrationReader, SampleSet, load_samples, model_batch_size

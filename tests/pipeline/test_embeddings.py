@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-
 from conftest import run_model
 from onnx_graphs import model_from_text
+
 from onnxforge.pipeline.quantize.embeddings import MIN_ELEMENTS, embedding_tables, quantize_embeddings
 
 

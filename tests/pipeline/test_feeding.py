@@ -13,9 +13,9 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import run_model, save
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import run_model, save
 from onnxforge.errors import CalibrationDataError
 from onnxforge.model_io import input_specs, load_model
 from onnxforge.pipeline.calibration import load_samples, stream_folder
@@ -135,7 +135,7 @@ def test_simplify_profile_and_quantize_honour_the_data(tmp_path, cli, vad_path, 
     np.savez(data, **vad_data, **{"sr@const": 16000})
     code, _, err = cli("simplify", vad_path, "-o", tmp_path / "s.onnx", "--data", data)
     assert code == 0, err
-    code, out, err = cli("profile", vad_path, "--data", data, "--min-seconds", "0.05", "--json", "-")
+    code, _out, err = cli("profile", vad_path, "--data", data, "--min-seconds", "0.05", "--json", "-")
     assert code == 0, err
     code, _, err = cli("quantize", vad_path, "-o", tmp_path / "q.onnx", "--calibration", data,
                        "--tolerance", "0.9", "--scheme", "dynamic-s8-per-channel", "--json", tmp_path / "q.json")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx.parser
 import pytest
 from conftest import assert_numerically_equal, run_model, save
-
 from onnx_graphs import model_from_text
+
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.prune.low_rank import LowRankConfig, RankRule, factorize_model, low_rank
@@ -123,7 +122,11 @@ def test_low_rank_stage_saves_and_reports(tmp_path):
     assert result.speed["speedup"] == result.latency_speedup["b1"] and "eval data" in result.quality
     # a gate that cannot be met: the input model is saved and exit code 4 raised
     with pytest.raises(QualityGateError) as info:
-        low_rank(model_path, tmp_path / "lr2.onnx", LowRankConfig(energy=0.5, eval_data=tmp_path / "eval.npz", tolerance=-1.0))
+        low_rank(
+            model_path,
+            tmp_path / "lr2.onnx",
+            LowRankConfig(energy=0.5, eval_data=tmp_path / "eval.npz", tolerance=-1.0),
+        )
     assert info.value.exit_code == 4
     assert_numerically_equal(model_path, tmp_path / "lr2.onnx", _feeds())
 
@@ -163,13 +166,15 @@ def test_rank_comes_from_centred_statistics_and_the_mean_is_kept_in_the_bias():
     spread = np.linalg.norm(y - y.mean(0))
     assert np.linalg.norm(got - y) / spread < 0.25  # the mean part of the output is exact
     # the per-layer output error is measured on held-out samples
-    from onnxforge.pipeline.prune.low_rank import _input_moments, layer_candidates  # noqa: F401
-
     import onnx_ir as ir
+
+    from onnxforge.pipeline.prune.low_rank import _input_moments, layer_candidates  # noqa: F401
 
     node = next(iter(ir.from_proto(model).graph))
     _, layers, _ = factorize_model(
-        model, LowRankConfig(energy=0.95), SampleSet({"x": x_cal}, None, "cal"),
+        model,
+        LowRankConfig(energy=0.95),
+        SampleSet({"x": x_cal}, None, "cal"),
         held=_input_moments(model, [node], held),
     )
     error = next(iter(layers.values()))["output_error"]
@@ -185,8 +190,9 @@ def test_a_matmul_without_bias_gets_the_mean_shift_as_an_add():
     mixing = rng.standard_normal((6, 64)).astype(np.float32)
     offset = rng.uniform(3.0, 6.0, 64).astype(np.float32)
     x_cal, x_test = _offset_inputs(rng, 256, mixing, offset), _offset_inputs(rng, 64, mixing, offset)
-    factored, _, _ = factorize_model(model, LowRankConfig(rule=RankRule.RATIO, ratio=0.875),
-                                     SampleSet({"x": x_cal}, None, "cal"))
+    factored, _, _ = factorize_model(
+        model, LowRankConfig(rule=RankRule.RATIO, ratio=0.875), SampleSet({"x": x_cal}, None, "cal")
+    )
     assert [n.op_type for n in factored.graph.node] == ["MatMul", "MatMul", "Add"]
     assert [o.name for o in factored.graph.output] == ["y"]
     assert_numerically_equal(model, factored, {"x": x_test}, atol=1e-2, rtol=1e-3)
@@ -200,7 +206,9 @@ def test_a_fixed_batch_model_is_timed_at_its_own_batch_and_written_only_at_the_e
     model_path = save(model, tmp_path / "mlp4.onnx")
     rng = np.random.default_rng(8)
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((40, 64)).astype(np.float32))
-    result = low_rank(model_path, tmp_path / "lr.onnx", LowRankConfig(energy=0.999, calibration_data=tmp_path / "calib.npz"))
+    result = low_rank(
+        model_path, tmp_path / "lr.onnx", LowRankConfig(energy=0.999, calibration_data=tmp_path / "calib.npz")
+    )
     assert set(result.latency_speedup) == {"b4"} and result.speed["batch"] == 4
     assert "held-out calibration samples" in result.quality and result.score_after >= 0.99
     assert all("output_error" in info for info in result.factored_layers.values())

@@ -16,8 +16,8 @@ import onnx.numpy_helper
 import onnx.parser
 import pytest
 from conftest import assert_numerically_equal, run_model, save
-
 from onnx_graphs import model_from_text
+
 from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
 from onnxforge.model_cost import count_params_and_macs
 from onnxforge.pipeline.calibration import SampleSet
@@ -35,7 +35,9 @@ from onnxforge.pipeline.prune.repair import repair_model
 IMAGE = "float[N,3,8,8] x"
 
 
-def _model(body: str, weights: dict[str, np.ndarray], inputs: str = IMAGE, outputs: str = "float[N,4,8,8] y") -> onnx.ModelProto:
+def _model(
+    body: str, weights: dict[str, np.ndarray], inputs: str = IMAGE, outputs: str = "float[N,4,8,8] y"
+) -> onnx.ModelProto:
     return model_from_text(body, weights, inputs, outputs)
 
 
@@ -76,7 +78,14 @@ def _feeds(seed: int = 7) -> list[dict[str, np.ndarray]]:
 
 def test_conv_chain_removes_zero_channels_exactly():
     rng = _rng(0)
-    w1, b1, w2, b2, w3, b3 = _conv(rng, 8, 3), _bias(rng, 8), _conv(rng, 8, 8), _bias(rng, 8), _conv(rng, 4, 8), _bias(rng, 4)
+    w1, b1, w2, b2, w3, b3 = (
+        _conv(rng, 8, 3),
+        _bias(rng, 8),
+        _conv(rng, 8, 8),
+        _bias(rng, 8),
+        _conv(rng, 4, 8),
+        _bias(rng, 4),
+    )
     dead1, dead2 = [1, 3, 5, 7], [0, 2, 4, 6]
     w1[dead1], b1[dead1], w2[:, dead1] = 0, 0, 0
     w2[dead2], b2[dead2], w3[:, dead2] = 0, 0, 0
@@ -168,7 +177,11 @@ def test_depthwise_conv_follows_its_input_and_rewrites_group():
         dict(w1=w1, b1=b1, wd=wd, bd=bd, w2=w2),
     )
     pruned = _prune(model)
-    depthwise = [n for n in pruned.model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    depthwise = [
+        n
+        for n in pruned.model.graph.node
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    ]
     assert len(depthwise) == 1
     assert next(a.i for a in depthwise[0].attribute if a.name == "group") == 4
     inits = {t.name: tuple(t.dims) for t in pruned.model.graph.initializer}
@@ -251,8 +264,14 @@ def test_matmul_chain_with_bias_add():
 
 def test_grouped_conv_prunes_the_same_count_in_every_group():
     rng = _rng(7)
-    w1, b1, wm, wg, bg, w2 = (_conv(rng, 8, 3), _bias(rng, 8), _conv(rng, 8, 8), _conv(rng, 8, 4), _bias(rng, 8),
-                              _conv(rng, 4, 8, 1))
+    w1, b1, wm, wg, bg, w2 = (
+        _conv(rng, 8, 3),
+        _bias(rng, 8),
+        _conv(rng, 8, 8),
+        _conv(rng, 8, 4),
+        _bias(rng, 8),
+        _conv(rng, 4, 8, 1),
+    )
     # group=2: input channels 0-3 feed outputs 0-3, input channels 4-7 feed outputs 4-7
     dead_a, dead_in, dead_out = [0, 2, 4, 6], [1, 2, 5, 7], [0, 3, 4, 5]  # two in each block
     w1[dead_a], b1[dead_a], wm[:, dead_a] = 0, 0, 0
@@ -423,8 +442,10 @@ def test_activation_importance_keeps_the_live_channels():
     assert pruned.kept_outputs["a"].tolist() == [0, 1, 2, 3]  # weight norm keeps the dead ones
     pruned = prune_model(
         # prune_model takes the samples directly; the config only records where they came from
-        model, ChannelPruneConfig(ratio=0.5, importance=Importance.ACTIVATION, repair=Repair.NONE,
-                                  calibration_data=Path("inline.npz")),
+        model,
+        ChannelPruneConfig(
+            ratio=0.5, importance=Importance.ACTIVATION, repair=Repair.NONE, calibration_data=Path("inline.npz")
+        ),
         calibration,
     )
     assert pruned.kept_outputs["a"].tolist() == [4, 5, 6, 7]
@@ -447,8 +468,9 @@ def test_sensitivity_scan_prunes_the_robust_group_harder():
         dict(w1=w1, w2=w2, w3=w3),
     )
     calibration = SampleSet({"x": _images(32, 5)}, None, "inline")
-    config = ChannelPruneConfig(ratio=0.5, allocation=Allocation.SENSITIVITY, repair=Repair.NONE,
-                                calibration_data=Path("inline.npz"))
+    config = ChannelPruneConfig(
+        ratio=0.5, allocation=Allocation.SENSITIVITY, repair=Repair.NONE, calibration_data=Path("inline.npz")
+    )
     ratios, sensitivity = sensitivity_ratios(model, config, calibration)
     (group_a, group_b) = sorted(ratios)
     assert sensitivity[group_a] > 10 * sensitivity[group_b]
@@ -500,8 +522,9 @@ def residual_data(tmp_path, residual_path):
 def test_prune_channels_writes_a_smaller_model_and_reports(tmp_path, residual_path, residual_data):
     calib, evaluation = residual_data
     out = tmp_path / "pruned.onnx"
-    result = prune_channels(residual_path, out, ChannelPruneConfig(
-        ratio=0.5, calibration_data=calib, eval_data=evaluation, tolerance=100.0))
+    result = prune_channels(
+        residual_path, out, ChannelPruneConfig(ratio=0.5, calibration_data=calib, eval_data=evaluation, tolerance=100.0)
+    )
     report = result.to_json()
     json.dumps(report)
     assert out.exists() and result.repaired
@@ -512,11 +535,13 @@ def test_prune_channels_writes_a_smaller_model_and_reports(tmp_path, residual_pa
 
 
 def test_prune_channels_unmet_gate_saves_the_original_and_exits_4(tmp_path, residual_path, residual_data):
-    calib, evaluation = residual_data
+    _calib, evaluation = residual_data
     out = tmp_path / "pruned.onnx"
     with pytest.raises(QualityGateError) as info:
         # a negative tolerance can never be met: the loop backs off to its floor, then gives up
-        prune_channels(residual_path, out, ChannelPruneConfig(ratio=0.5, repair=Repair.NONE, eval_data=evaluation, tolerance=-1.0))
+        prune_channels(
+            residual_path, out, ChannelPruneConfig(ratio=0.5, repair=Repair.NONE, eval_data=evaluation, tolerance=-1.0)
+        )
     assert info.value.exit_code == 4 and info.value.best_path == str(out)
     assert_numerically_equal(residual_path, out, {"x": _images(4, 2)})
 
@@ -525,8 +550,24 @@ def test_cli_prune_channels_and_default_magnitude(tmp_path, cli, residual_path, 
     calib, evaluation = residual_data
     out = tmp_path / "c.onnx"
     report = tmp_path / "c.json"
-    code, stdout, _ = cli("prune", residual_path, "-o", out, "--method", "channels", "--ratio", "0.5",
-                          "--calibration", calib, "--eval", evaluation, "--tolerance", "100", "--json", report)
+    code, stdout, _ = cli(
+        "prune",
+        residual_path,
+        "-o",
+        out,
+        "--method",
+        "channels",
+        "--ratio",
+        "0.5",
+        "--calibration",
+        calib,
+        "--eval",
+        evaluation,
+        "--tolerance",
+        "100",
+        "--json",
+        report,
+    )
     assert code == 0, stdout
     data = json.loads(report.read_text())
     assert data["macs_after"] < data["macs_before"] and data["repaired"]
@@ -534,7 +575,9 @@ def test_cli_prune_channels_and_default_magnitude(tmp_path, cli, residual_path, 
     assert code == 0 and (tmp_path / "m.onnx").exists()
     code, _, err = cli("prune", residual_path, "-o", tmp_path / "x.onnx", "--method", "channels", "--sparsity", "0.3")
     assert code == 2 and "--sparsity" in err
-    code, _, err = cli("prune", residual_path, "-o", tmp_path / "x.onnx", "--method", "channels", "--repair", "least-squares")
+    code, _, err = cli(
+        "prune", residual_path, "-o", tmp_path / "x.onnx", "--method", "channels", "--repair", "least-squares"
+    )
     assert code == 2 and "calibration" in err
 
 
@@ -548,8 +591,13 @@ def test_demo_cnn_half_channels_with_repair_keeps_accuracy(tmp_path):
     export("builtin:digits_cnn", fp32, ExportConfig(dynamic_batch=True))
     np.savez(tmp_path / "calib.npz", image=split.train_images[:256])
     np.savez(tmp_path / "eval.npz", image=split.test_images, label=split.test_labels)
-    result = prune_channels(fp32, tmp_path / "half.onnx", ChannelPruneConfig(
-        ratio=0.5, calibration_data=tmp_path / "calib.npz", eval_data=tmp_path / "eval.npz", tolerance=100.0))
+    result = prune_channels(
+        fp32,
+        tmp_path / "half.onnx",
+        ChannelPruneConfig(
+            ratio=0.5, calibration_data=tmp_path / "calib.npz", eval_data=tmp_path / "eval.npz", tolerance=100.0
+        ),
+    )
     assert result.macs_before / result.macs_after > 3.5
     assert result.score_after >= 0.98
     assert result.score_after > result.score_without_repair
@@ -580,8 +628,15 @@ def _ffn(seed: int, dead: list[int] | None = None) -> onnx.ModelProto:
         ob = Add (o, b2)
         y = Add (x, ob)
         """,
-        dict(w1=w1, b1=b1, w2=w2, b2=_bias(rng, 16), sqrt2=np.array(1.4142135, np.float32),
-             one=np.array(1.0, np.float32), half=np.array(0.5, np.float32)),
+        dict(
+            w1=w1,
+            b1=b1,
+            w2=w2,
+            b2=_bias(rng, 16),
+            sqrt2=np.array(1.4142135, np.float32),
+            one=np.array(1.0, np.float32),
+            half=np.array(0.5, np.float32),
+        ),
         inputs="float[N,S,16] x",
         outputs="float[N,S,16] y",
     )
@@ -647,7 +702,8 @@ def test_cli_unprunable_model_exits_2_without_output(tmp_path, cli):
 
 def test_cli_repair_without_calibration_exits_2_without_output(tmp_path, cli, residual_path):
     out = tmp_path / "pruned.onnx"
-    code, stdout, err = cli("prune", residual_path, "-o", out, "--method", "channels", "--ratio", "0.5",
-                            "--repair", "least-squares")
+    code, stdout, err = cli(
+        "prune", residual_path, "-o", out, "--method", "channels", "--ratio", "0.5", "--repair", "least-squares"
+    )
     assert code == 2 and "calibration" in err
     assert not out.exists() and "Traceback" not in err + stdout

@@ -12,8 +12,8 @@ import onnx
 import onnx.numpy_helper
 import pytest
 from conftest import make_classifier, random_images, run_model, save
-
 from onnx_graphs import model_from_text
+
 from onnxforge.pipeline.prune.channels import ChannelPruneConfig, Repair, prune_channels, prune_model
 
 
@@ -138,7 +138,7 @@ def test_speed_is_measured_and_macs_are_estimates_at_the_data_shapes(tmp_path):
     result = prune_channels(model_path, tmp_path / "p.onnx", ChannelPruneConfig(
         ratio=0.25, calibration_data=tmp_path / "calib.npz", tolerance=0.0))
     report = result.to_json()
-    assert report["macs_are_estimates"] and report["macs_shapes"] == {"x": (1, 3, 32, 32)}
+    assert report["macs_are_estimates"] and report["macs_shapes"] == {"x": [1, 3, 32, 32]}  # JSON data: lists
     # conv1 3x3x3x16 + conv2 3x3x16x16 + conv3 16x4, each at 32x32 output positions
     assert result.macs_before == (16 * 27 + 16 * 144 + 4 * 16) * 32 * 32
     speed = report["speed"]
@@ -184,5 +184,5 @@ def test_the_repair_reads_the_model_twice_whatever_its_depth(monkeypatch):
     passes = []
     real = repair.batches_of_values
     monkeypatch.setattr(repair, "batches_of_values", lambda *a, **k: passes.append(a[2]) or real(*a, **k))
-    repaired, errors = repair.repair_model(model, pruned, calibration, config)
+    _repaired, errors = repair.repair_model(model, pruned, calibration, config)
     assert len(passes) == 2 and all(e["after"] <= e["before"] for e in errors.values())

@@ -3,11 +3,13 @@ data the sparsity backs off until the quality gate holds."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
-
 from conftest import assert_numerically_equal, make_classifier, random_images, write_npz
+
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig, Scope, prune_magnitude, sparsify_model
@@ -119,7 +121,7 @@ def test_with_eval_data_sparsity_backs_off_until_the_gate_holds(tmp_path, classi
     assert tried[-1]["passes"] and all(not t["passes"] for t in tried[:-1])
     sparsities = [t["sparsity"] for t in tried]
     assert sparsities == sorted(sparsities, reverse=True)
-    for a, b in zip(sparsities, sparsities[1:]):
+    for a, b in itertools.pairwise(sparsities):
         assert b == pytest.approx(a * 0.75, abs=1e-3)
     assert result.achieved_sparsity == pytest.approx(tried[-1]["achieved"], abs=1e-3)
     assert result.score_after >= 0.99

@@ -92,7 +92,7 @@ def test_sums_do_not_depend_on_batching(tmp_path):
     x = data(32, seed=2)
     whole = measure_node_errors(fp32, qdq, [{"x": x}])
     split = measure_node_errors(fp32, qdq, [{"x": x[i : i + 5]} for i in range(0, 32, 5)])
-    for a, b in zip(whole, split):
+    for a, b in zip(whole, split, strict=True):
         assert a.node == b.node
         assert a.local_sqnr_db == pytest.approx(b.local_sqnr_db, rel=1e-6)
         assert a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-6)

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import onnx
 import pytest
-
 from conftest import assert_numerically_equal, random_images, run_model
+
 from onnxforge.errors import QualityGateError
-from onnxforge.pipeline.quantize import select as quantize_module
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.quantize import QuantizeConfig, quantize
+from onnxforge.pipeline.quantize import select as quantize_module
 from onnxforge.targets import ActivationType, QuantFormat, QuantScheme
 
 QUANT_OPS = {

@@ -8,11 +8,17 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
-
 from conftest import make_classifier, write_npz
+
 from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize, scheme_id
 from onnxforge.targets import (
-    ActivationType, CpuTarget, CudaTarget, QuantFormat, QuantMethod, QuantScheme, TensorrtTarget,
+    ActivationType,
+    CpuTarget,
+    CudaTarget,
+    QuantFormat,
+    QuantMethod,
+    QuantScheme,
+    TensorrtTarget,
 )
 from onnxforge.targets.cpu import matmul_dominated
 

@@ -25,7 +25,9 @@ def test_an_opset_11_model_is_upgraded_for_per_channel_and_checked(tmp_path, cal
     result = quantize(model_path, tmp_path / "q.onnx", calibration_npz, _config(schemes=(PER_CHANNEL, PER_TENSOR)))
     assert all(c.error is None and c.score is not None for c in result.candidates), result.candidates
     assert any("opset 11 upgraded to 13" in n and "same outputs on the data" in n for n in result.notes)
-    assert next(o.version for o in onnx.load(str(tmp_path / "q.onnx")).opset_import if o.domain in ("", "ai.onnx")) >= 13
+    assert (
+        next(o.version for o in onnx.load(str(tmp_path / "q.onnx")).opset_import if o.domain in ("", "ai.onnx")) >= 13
+    )
 
 
 def test_a_model_that_cannot_be_upgraded_drops_per_channel_with_a_note(tmp_path, calibration_npz, monkeypatch):
@@ -43,9 +45,11 @@ def test_a_model_that_cannot_be_upgraded_drops_per_channel_with_a_note(tmp_path,
 
 
 def test_error_lines_are_cut_at_a_word_and_lose_temp_paths():
-    message = ("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model from /tmp/onnxforge-6813-mlelr2xo/onnxforge-quant-"
-               "j6who9o0/candidate_1.onnx failed:This is an invalid model. In Node, (\"bias_DequantizeLinear\", "
-               "DequantizeLinear, \"\", -1) : Error Unrecognized attribute: axis for operator DequantizeLinear")
+    message = (
+        "[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model from /tmp/onnxforge-6813-mlelr2xo/onnxforge-quant-"
+        'j6who9o0/candidate_1.onnx failed:This is an invalid model. In Node, ("bias_DequantizeLinear", '
+        'DequantizeLinear, "", -1) : Error Unrecognized attribute: axis for operator DequantizeLinear'
+    )
     line = first_line(message, 120)
     assert "/tmp/onnxforge" not in line and line.endswith(" …") and len(line) <= 120
     whole = first_line(message, 10_000)
@@ -53,7 +57,10 @@ def test_error_lines_are_cut_at_a_word_and_lose_temp_paths():
     assert whole.startswith(kept) and whole[len(kept)] in " ,:;"  # cut between words, never inside one
     assert first_line(message, 1000).endswith("for operator DequantizeLinear")
     assert failing_op(message) == "DequantizeLinear"
-    assert failing_op("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Op (Resize) node") == "Resize"
+    assert (
+        failing_op("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Op (Resize) node")
+        == "Resize"
+    )
     assert failing_op("shape mismatch") is None
 
 

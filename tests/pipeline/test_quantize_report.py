@@ -4,7 +4,6 @@ slower model called slower (a 0.84x speedup was printed as "0.84x faster")."""
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 from onnxforge.cli.console import speed_words as _speed_words

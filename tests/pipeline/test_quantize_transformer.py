@@ -7,15 +7,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import make_classifier, run_model, write_npz
+from transformer_graphs import HIDDEN, encoder_feeds, make_encoder
+
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.passes.quantize import QuantizePass
 from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize, scheme_id
 from onnxforge.pipeline.quantize.attention_mask import mask_nodes
 from onnxforge.targets import CpuTarget, MobileTarget, QuantMethod
-from transformer_graphs import HIDDEN, encoder_feeds, make_encoder
 
 VOCAB = 4096  # 4096 x 16 floats: the smallest table quantize_embeddings stores in int8
 
@@ -104,7 +104,7 @@ def test_weight_matmul_scope_leaves_everything_else_float(encoder_files, tmp_pat
 
 def test_mask_nodes_are_the_mask_subgraph_and_the_add_applying_it():
     model = make_encoder(layers=2)
-    for i, node in enumerate(model.graph.node):
+    for _i, node in enumerate(model.graph.node):
         node.name = node.output[0]
     found = set(mask_nodes(model))
     assert {"maskf", "inv", "neg", "bias1", "bias", "s0m", "s1m"} <= found

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import QuantType, quantize_dynamic
-
 from conftest import assert_numerically_equal, run_model
 from onnx_graphs import model_from_text
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from transformer_graphs import encoder_feeds, make_encoder
+
 from onnxforge.pipeline.compare import ErrorAccumulator
 from onnxforge.pipeline.quantize.smooth_quant import smooth_groups, smooth_model
-from transformer_graphs import encoder_feeds, make_encoder
 
 
 def _batches(count: int = 6):
@@ -35,7 +35,9 @@ def test_smoothing_keeps_outputs_and_cuts_int8_error_on_outlier_channels(tmp_pat
     for name, fp32 in (("plain", model), ("smoothed", result.model)):
         src, dst = tmp_path / f"{name}.onnx", tmp_path / f"{name}_int8.onnx"
         onnx.save_model(fp32, str(src))
-        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        quantize_dynamic(
+            str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+        )
         acc = ErrorAccumulator()
         for feeds in _batches(4):
             acc.add(run_model(model, feeds)[0], run_model(dst, feeds)[0])
@@ -52,9 +54,14 @@ def test_a_pre_norm_block_gets_the_scales_folded_into_gamma_and_beta():
         k = MatMul (n, wk)
         y = Add (q, k)
         """,
-        {"gamma": (1 + rng.standard_normal(8)).astype(np.float32), "beta": rng.standard_normal(8).astype(np.float32),
-         "wq": rng.standard_normal((8, 8)).astype(np.float32), "wk": rng.standard_normal((8, 8)).astype(np.float32)},
-        "float[N,8] x", "float[N,8] y",
+        {
+            "gamma": (1 + rng.standard_normal(8)).astype(np.float32),
+            "beta": rng.standard_normal(8).astype(np.float32),
+            "wq": rng.standard_normal((8, 8)).astype(np.float32),
+            "wk": rng.standard_normal((8, 8)).astype(np.float32),
+        },
+        "float[N,8] x",
+        "float[N,8] y",
     )
     batches = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(3)]
     result = smooth_model(model, batches)

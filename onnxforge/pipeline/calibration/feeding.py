@@ -93,7 +93,9 @@ def parse_key(key: str) -> tuple[str, str | int | None]:
 
 
 def _fits(declared: Sequence[int | str | None], actual: Sequence[int]) -> bool:
-    return len(declared) == len(actual) and all(not isinstance(d, int) or d == a for d, a in zip(declared, actual))
+    return len(declared) == len(actual) and all(
+        not isinstance(d, int) or d == a for d, a in zip(declared, actual, strict=True)
+    )
 
 
 def batch_axis_for(spec: TensorSpec, sample_shape: Sequence[int]) -> int:

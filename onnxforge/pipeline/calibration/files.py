@@ -60,7 +60,9 @@ def _sample_count(path: Path, stored: Mapping[str, StoredArray], input_names: Se
     return n
 
 
-def _read_rows(path: Path, input_names: Sequence[str], start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+def _read_rows(
+    path: Path, input_names: Sequence[str], start: int = 0, stop: int | None = None
+) -> dict[str, np.ndarray]:
     """The arrays of ``path``: per-sample ones (and labels) cut to samples ``[start, stop)`` and read
     only there; constants whole."""
     stored = _stored(path, input_names)
@@ -100,15 +102,17 @@ def check_array(
     if array.ndim != len(spec.shape):
         hint = None
         if not spec.shape:
-            hint = (f"a scalar input takes one value for every batch: save it as a 0-d array, or under the key "
-                    f"'{spec.name}{CONST_SUFFIX}'")
+            hint = (
+                f"a scalar input takes one value for every batch: save it as a 0-d array, or under the key "
+                f"'{spec.name}{CONST_SUFFIX}'"
+            )
         raise CalibrationDataError(
             f"{where} has rank {array.ndim} (shape {'x'.join(map(str, array.shape))}); the model expects "
             f"rank {len(spec.shape)} ({spec.shape_text()}), with samples on the first axis",
             hint=hint,
         )
     declared = list(spec.shape[:batch_axis]) + list(spec.shape[batch_axis + 1 :])
-    for axis, (got, want) in enumerate(zip(array.shape[1:], declared), start=1):
+    for axis, (got, want) in enumerate(zip(array.shape[1:], declared, strict=True), start=1):
         if isinstance(want, int) and got != want:
             where_axis = f"dimension {axis}" if batch_axis == 0 else f"dimension {axis} of a sample"
             raise CalibrationDataError(
@@ -166,7 +170,8 @@ def _checked_arrays(
         )
     inputs = {
         s.name: check_array(path, s, per_sample[s.name], batch_axis=feeding.batch_axes.get(s.name, 0))
-        for s in specs if s.name in per_sample
+        for s in specs
+        if s.name in per_sample
     }
     if not specs:
         raise CalibrationDataError(f"{path}: the model has no inputs: there is nothing to feed it samples of",
@@ -182,7 +187,12 @@ def _checked_arrays(
     if LABEL_KEY in arrays:
         labels = np.asarray(arrays[LABEL_KEY])
         n = next(iter(counts.values()), 0)
-        if labels.dtype.kind == "f" and labels.ndim and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+        if (
+            labels.dtype.kind == "f"
+            and labels.ndim
+            and np.all(np.isfinite(labels))
+            and np.all(labels == np.round(labels))
+        ):
             labels = labels.astype(np.int64)  # whole-number float labels are class ids too
         if labels.ndim == 0 or labels.dtype.kind not in "biu":  # found by fuzzing: a scalar or text label crashed
             raise CalibrationDataError(
@@ -228,7 +238,8 @@ def open_samples(path: str | os.PathLike, specs: Sequence[TensorSpec]) -> Stream
                 if first[1] != array.shape[1:]:
                     raise CalibrationDataError(
                         f"{path}: files have arrays of different shapes ({name!r}: {first[0].name} "
-                        f"{'x'.join(map(str, first[1]))}, {f.name} {'x'.join(map(str, array.shape[1:]))})")
+                        f"{'x'.join(map(str, first[1]))}, {f.name} {'x'.join(map(str, array.shape[1:]))})"
+                    )
     return stream
 
 
@@ -259,8 +270,10 @@ def _stream(source: str, files: Sequence[Path], specs: Sequence[TensorSpec]) -> 
 
 
 def _same_feeding(a: Feeding, b: Feeding) -> bool:
-    return dict(a.batch_axes) == dict(b.batch_axes) and a.constants.keys() == b.constants.keys() and all(
-        np.array_equal(a.constants[k], b.constants[k]) for k in a.constants
+    return (
+        dict(a.batch_axes) == dict(b.batch_axes)
+        and a.constants.keys() == b.constants.keys()
+        and all(np.array_equal(a.constants[k], b.constants[k]) for k in a.constants)
     )
 
 
@@ -283,8 +296,9 @@ def load_samples(
     """
     path = Path(path)
     stream = stream_folder(path, specs) if path.is_dir() else stream_file(path, specs)
-    return materialize_checked(stream, min_samples=min_samples, want_labels=want_labels,
-                               allow_ragged=allow_ragged, limit=limit)
+    return materialize_checked(
+        stream, min_samples=min_samples, want_labels=want_labels, allow_ragged=allow_ragged, limit=limit
+    )
 
 
 def materialize_checked(

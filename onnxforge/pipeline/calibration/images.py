@@ -15,7 +15,13 @@ from onnxforge.model_io import TensorSpec
 from onnxforge.pipeline.calibration.samples import StreamedSamples
 
 __all__ = [
-    "IMAGE_SUFFIXES", "ImageFolder", "ImageLayout", "ImagePreprocessing", "image_files", "is_image_folder", "stream_images",
+    "IMAGE_SUFFIXES",
+    "ImageFolder",
+    "ImageLayout",
+    "ImagePreprocessing",
+    "image_files",
+    "is_image_folder",
+    "stream_images",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -70,8 +76,11 @@ def is_image_folder(path: Path) -> bool:
     """A folder read as images: it holds image files (searched recursively) and no .npz/.npy file,
     which would make it a folder of arrays. The one place this is decided."""
     path = Path(path)
-    return path.is_dir() and not any(p.suffix in (".npz", ".npy") for p in path.iterdir()) and any(
-        p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in path.rglob("*"))
+    return (
+        path.is_dir()
+        and not any(p.suffix in (".npz", ".npy") for p in path.iterdir())
+        and any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in path.rglob("*"))
+    )
 
 
 def _resolve_image_geometry(spec: TensorSpec, pre: ImagePreprocessing, where: str) -> tuple[ImageLayout, int, int, int]:
@@ -135,8 +144,8 @@ def stream_images(folder: ImageFolder, specs: Sequence[TensorSpec]) -> StreamedS
 
     def read(f: Path, start: int = 0, stop: int = 1) -> dict[str, np.ndarray]:  # one sample per file
         try:
-            with Image.open(f) as image:
-                image = image.convert("RGB" if channels == 3 else "L")
+            with Image.open(f) as opened:
+                image = opened.convert("RGB" if channels == 3 else "L")
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
                 pixels = np.asarray(image, dtype=np.float32)
         except Exception as e:

@@ -45,9 +45,9 @@ def _split_item(item: Any, specs: Sequence[TensorSpec], where: str) -> tuple[dic
         return {n: item[n] for n in names}, item.get(LABEL_KEY)
     if isinstance(item, (tuple, list)):
         if len(item) == len(names):
-            return dict(zip(names, item)), None
+            return dict(zip(names, item, strict=True)), None
         if len(item) == len(names) + 1:
-            return dict(zip(names, item[: len(names)])), item[-1]
+            return dict(zip(names, item[: len(names)], strict=True)), item[-1]
         raise CalibrationDataError(
             f"{where}: a tuple of {len(item)} values; the model has {len(names)} input(s) "
             f"({', '.join(names)}), optionally followed by a label"
@@ -88,7 +88,8 @@ def samples_from_iterable(
             has_labels = False
         else:
             label_array = _to_numpy(label, f"{where} label").reshape(-1)
-            labels.extend(label_array if len(label_array) == batch else np.resize(label_array, batch))
+            # batch is None only for a model without inputs: its labels are taken as given
+            labels.extend(label_array if batch is None or len(label_array) == batch else np.resize(label_array, batch))
         taken += batch or 0
         if taken >= limit:
             break
@@ -98,5 +99,5 @@ def samples_from_iterable(
     for name, items in rows.items():
         items = items[:limit]
         inputs[name] = np.stack(items) if len({a.shape for a in items}) == 1 else object_array(items)
-    label_array = np.asarray(labels[:limit]) if has_labels and labels else None
-    return SampleSet(inputs, label_array, source)
+    kept_labels = np.asarray(labels[:limit]) if has_labels and labels else None
+    return SampleSet(inputs, kept_labels, source)

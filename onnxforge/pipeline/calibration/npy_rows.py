@@ -11,12 +11,13 @@ holding one chunk at a time. Object arrays are refused, never unpickled.
 from __future__ import annotations
 
 import contextlib
+import io
 import struct
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import cast
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class StoredArray:
             row_bytes = out.nbytes // (stop - start)
             with _open(self.path, self.member) as (f, base):
                 f.seek(base + self.data_offset + start * row_bytes)
-                _read_into(f, memoryview(out.reshape(-1).view(np.uint8)), self.path)
+                _read_into(f, out.reshape(-1).view(np.uint8).data, self.path)
         return out
 
 
@@ -104,12 +105,13 @@ def _header(path: Path, member: str | None) -> StoredArray:
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         else:  # 3.0 (utf-8 field names): numpy has no public reader for it
-            shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+            # private, so numpy's stubs leave it out
+            shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
         return StoredArray(path, member, tuple(int(d) for d in shape), np.dtype(dtype), bool(fortran), f.tell() - base)
 
 
 @contextlib.contextmanager
-def _open(path: Path, member: str | None) -> Iterator[tuple[BinaryIO, int]]:
+def _open(path: Path, member: str | None) -> Iterator[tuple[io.BufferedIOBase, int]]:
     """(a binary file, the offset of the array's member in it). An uncompressed .npz member is read
     straight from the archive file, so seeking to a row costs nothing; a compressed one is read
     through zipfile (offset 0), whose forward seek decompresses up to it."""
@@ -128,10 +130,10 @@ def _open(path: Path, member: str | None) -> Iterator[tuple[BinaryIO, int]]:
                 yield f, info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
             return
         with archive.open(member) as f:
-            yield f, 0
+            yield cast(io.BufferedIOBase, f), 0  # a ZipExtFile, which is one
 
 
-def _read_into(f: BinaryIO, buffer: memoryview, path: Path) -> None:
+def _read_into(f: io.BufferedIOBase, buffer: memoryview, path: Path) -> None:
     done = 0
     while done < len(buffer):
         n = f.readinto(buffer[done:])

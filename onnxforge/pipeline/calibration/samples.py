@@ -32,7 +32,7 @@ def split_bounds(n: int, holdout_fraction: float, max_fit: int | None, max_held:
     come from the start of the set, the held-out samples right after the fit ones, so that a
     130,000-sample file used for 64 samples is read 80 samples deep, not held out 26,000 deep.
     """
-    held = max(1, int(round(n * holdout_fraction)))
+    held = max(1, round(n * holdout_fraction))
     if max_held is not None:
         held = min(held, max(1, max_held))
     fit = n - held if max_fit is None else min(n - held, max_fit)
@@ -211,7 +211,7 @@ class StreamedSamples:
         """Each file's arrays, cut to this view's sample range; files outside it are not read."""
         position = 0
         stop = self._start + len(self)
-        for path, count in zip(self._files, self.counts):
+        for path, count in zip(self._files, self.counts, strict=True):
             lo, hi = max(self._start, position), min(stop, position + count)
             if lo < hi:
                 yield self._reader(path, lo - position, hi - position)

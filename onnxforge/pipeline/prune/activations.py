@@ -35,8 +35,8 @@ def batches_of_values(
     session = CpuTarget().session(_with_outputs(model, names))
     fixed = model_batch_size(input_specs(model), preferred=-1)
     batch = fixed if fixed > 0 else batch
-    for start, feeds in zip(range(0, len(samples), batch), samples.batches(batch)):
+    for start, feeds in zip(range(0, len(samples), batch), samples.batches(batch), strict=False):
         n = samples.feeding.batch_size(feeds)
         if fixed > 0 and n != fixed:
             continue  # a fixed-batch model cannot take a short last batch
-        yield start, dict(zip(names, session.run(names, feeds)))
+        yield start, dict(zip(names, session.run(names, feeds), strict=True))

@@ -17,10 +17,12 @@ be broken by pruning.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.prune.graph import layer_name
 
 __all__ = ["ChannelGroup", "ChannelGroups", "Layout", "ParamSlice", "value_shape"]
@@ -50,11 +52,12 @@ class ParamSlice:
 
 
 @dataclass
-class ChannelGroup:
-    """Channels that must be removed together: their count, the layers involved, and why not, if blocked."""
+class ChannelGroup(JsonResult):
+    """Channels that must be removed together: their count, the layers involved, and why not, if blocked.
+    ``root`` (union-find bookkeeping) is not saved; ``prunable`` is derived (``json_extra``)."""
 
     id: int
-    root: int
+    root: int = field(metadata={"json": False})
     channels: int
     producers: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
@@ -65,16 +68,8 @@ class ChannelGroup:
     def prunable(self) -> bool:
         return not self.blocked and bool(self.producers) and self.channels > 1
 
-    def to_json(self) -> dict:
-        return {
-            "id": self.id,
-            "channels": self.channels,
-            "producers": self.producers,
-            "consumers": self.consumers,
-            "prunable": self.prunable,
-            "blocked": self.blocked,
-            "blocks": self.blocks,
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"prunable": self.prunable}
 
 
 def value_shape(value: ir.Value | None) -> list[int | None] | None:
@@ -153,7 +148,7 @@ class ChannelGroups:
             self.block(a, reason)
             self.block(b, reason)
             return False
-        for (ga, _), (gb, _) in zip(a.segments, b.segments):
+        for (ga, _), (gb, _) in zip(a.segments, b.segments, strict=True):
             self._union(ga, gb)
         return True
 
@@ -172,8 +167,9 @@ class ChannelGroups:
             channels = known or channels
             if not channels:
                 return None
+            producer = value.producer()
             source = "a graph input" if value.is_graph_input() else (
-                f"{value.producer().op_type} {layer_name(value.producer())}" if value.producer() else "a constant")
+                f"{producer.op_type} {layer_name(producer)}" if producer else "a constant")
             gid = self.new_group(channels, f"channels come from {source}")
             layout = Layout(axis % len(shape) if shape else axis, 1, ((gid, channels),))
             self.layouts[value] = layout

@@ -29,6 +29,7 @@ import enum
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,7 +39,8 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
 from onnxforge.model_cost import count_params_and_macs
 from onnxforge.model_io import input_specs, save_model
-from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
@@ -48,6 +50,9 @@ from onnxforge.pipeline.prune.coupling import find_channel_groups
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     clear_inner_shapes,
+    const_array,
+    const_input,
+    const_shape,
     drop_unused_initializers,
     lift_constants,
     new_initializer,
@@ -57,12 +62,12 @@ from onnxforge.pipeline.prune.importance import Importance, activation_means, ch
 from onnxforge.pipeline.prune.repair import repair_model
 
 __all__ = [
-    "Importance",
     "Allocation",
-    "Repair",
     "ChannelPruneConfig",
     "ChannelPruneResult",
+    "Importance",
     "PrunedModel",
+    "Repair",
     "prune_channels",
     "prune_model",
     "sensitivity_ratios",
@@ -116,7 +121,8 @@ class ChannelPruneConfig:
             )
         if self.allocation is Allocation.SENSITIVITY and self.calibration_data is None:
             raise CalibrationDataError(
-                "the sensitivity scan needs calibration data", hint="pass --calibration DATA.npz, or --allocation uniform"
+                "the sensitivity scan needs calibration data",
+                hint="pass --calibration DATA.npz, or --allocation uniform",
             )
         if self.importance is Importance.ACTIVATION and self.calibration_data is None:
             raise CalibrationDataError(
@@ -126,7 +132,6 @@ class ChannelPruneConfig:
     @property
     def repairs(self) -> bool:
         return self.repair is not Repair.NONE and self.calibration_data is not None
-
 
 
 @dataclass
@@ -142,8 +147,11 @@ class PrunedModel:
 
 
 @dataclass
-class ChannelPruneResult:
-    path: Path | None
+class ChannelPruneResult(JsonResult):
+    """What prune_channels() did. The output path is not saved (the caller has it); the MAC ratio,
+    the measured speedup and whether quality was measured are derived (``json_extra``)."""
+
+    path: Path | None = field(metadata={"json": False})
     ratio: float
     groups: list[dict]
     pruned_layers: dict[str, str]
@@ -164,31 +172,12 @@ class ChannelPruneResult:
     macs_shapes: dict | None = None  # the input shapes the MAC estimates were counted at
     notes: list[str] = field(default_factory=list)  # what was normalized on load
 
-    def to_json(self) -> dict:
+    def json_extra(self) -> dict[str, Any]:
         return {
-            "notes": self.notes,
-            "quality": self.quality,
             "quality_measured": self.score_after is not None,
-            "speed": self.speed,
             "measured_speedup": self.speed["speedup"] if self.speed else None,
             "macs_are_estimates": True,
-            "macs_shapes": self.macs_shapes,
-            "ratio": self.ratio,
-            "groups": self.groups,
-            "pruned_layers": self.pruned_layers,
-            "skipped_layers": self.skipped_layers,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "macs_before": self.macs_before,
-            "macs_after": self.macs_after,
             "macs_ratio": self.macs_before / self.macs_after if self.macs_after else None,
-            "repaired": self.repaired,
-            "repair_errors": self.repair_errors,
-            "score_before": self.score_before,
-            "score_without_repair": self.score_without_repair,
-            "score_after": self.score_after,
-            "gate": self.gate,
-            "tried": self.tried,
         }
 
 
@@ -204,9 +193,9 @@ def _grouped_input_cut(weight: np.ndarray, groups: int, kept: np.ndarray) -> np.
 
 
 def _keep_count(channels: int, ratio: float, round_to: int) -> int:
-    keep = max(1, channels - int(round(ratio * channels)))
+    keep = max(1, channels - round(ratio * channels))
     if round_to > 1:
-        keep = max(round_to, int(round(keep / round_to)) * round_to)
+        keep = max(round_to, round(keep / round_to) * round_to)
     return min(keep, channels)
 
 
@@ -240,21 +229,28 @@ def prune_model(
             raise CalibrationDataError("activation importance needs calibration data")
         activations = activation_means(cg, ir.to_proto(model_ir), calibration)
     scores = channel_importance(cg, prunable, config.importance, activations)
-    ratio_of = {g.root: (group_ratios or {}).get(g.id, 0.0) if group_ratios is not None else config.ratio
-                for g in groups if g.prunable}
+    ratio_of = {
+        g.root: (group_ratios or {}).get(g.id, 0.0) if group_ratios is not None else config.ratio
+        for g in groups
+        if g.prunable
+    }
     blocks = {g.root: g.blocks for g in groups if g.prunable}
     keep = {}
     for root, n in prunable.items():
         if blocks[root] == 1:
-            keep[root] = np.sort(np.argsort(-scores[root], kind="stable")[: _keep_count(n, ratio_of[root], config.round_to)])
+            keep[root] = np.sort(
+                np.argsort(-scores[root], kind="stable")[: _keep_count(n, ratio_of[root], config.round_to)]
+            )
             continue
         # a grouped Conv keeps its group count: the same number of channels survives in every block
         size = n // blocks[root]
         per_block = _keep_count(size, ratio_of[root], 1)
-        keep[root] = np.concatenate([
-            b * size + np.sort(np.argsort(-scores[root][b * size : (b + 1) * size], kind="stable")[:per_block])
-            for b in range(blocks[root])
-        ])
+        keep[root] = np.concatenate(
+            [
+                b * size + np.sort(np.argsort(-scores[root][b * size : (b + 1) * size], kind="stable")[:per_block])
+                for b in range(blocks[root])
+            ]
+        )
     # Gather every slice per (node, input) first: a Conv weight is cut on two axes by two groups.
     cuts: dict[tuple[int, int], tuple[ir.Node, int, dict[int, np.ndarray]]] = {}
     grouped_inputs: dict[tuple[int, int], int] = {}  # (node, input) -> G: axis 1 is cut block by block
@@ -262,16 +258,15 @@ def prune_model(
         if not any(root in keep for root in cg.roots(p.ref)):
             continue  # nothing of this tensor's channels is pruned: its weights stay whole
         idx = cg.indices(p.ref, keep)
-        weight = p.node.inputs[p.index]
-        if len(idx) == weight.const_value.shape[p.axis] * p.groups:
+        if len(idx) == const_shape(p.node, p.index)[p.axis] * p.groups:
             continue
         cuts.setdefault((id(p.node), p.index), (p.node, p.index, {}))[2][p.axis] = idx
         if p.groups > 1:
             grouped_inputs[(id(p.node), p.index)] = p.groups
     counter = [0]
     for node, index, axes in cuts.values():
-        old = node.inputs[index]
-        array = old.const_value.numpy()
+        old = const_input(node, index)
+        array = const_array(node, index)
         groups_in = grouped_inputs.get((id(node), index))
         if groups_in is not None:
             array = _grouped_input_cut(array, groups_in, axes[1])  # before axis 0 reorders the blocks
@@ -283,13 +278,13 @@ def prune_model(
     for node, ref in cg.group_attrs:
         node.attributes["group"] = ir.AttrInt64("group", len(cg.indices(ref, keep)))
     for node, position, ref in cg.shape_literals:
-        old = node.inputs[1]
-        shape = old.const_value.numpy().copy()
+        old = const_input(node, 1)
+        shape = const_array(node, 1).copy()
         shape[position] = len(cg.indices(ref, keep))
         node.replace_input_with(1, new_initializer(graph, old, shape, counter))
-    kept_outputs = {}
+    kept_outputs: dict[str, np.ndarray] = {}
     for value, layout in cg.layouts.items():
-        if any(cg.find(g) in keep for g, _ in layout.segments):
+        if value.name is not None and any(cg.find(g) in keep for g, _ in layout.segments):
             kept_outputs[value.name] = cg.indices(value, keep)
     drop_unused_initializers(graph)
     clear_inner_shapes(graph)
@@ -305,12 +300,15 @@ def prune_model(
         if not g.prunable:
             for name in g.producers:
                 skipped.setdefault(name, "; ".join(g.blocked) or "too few channels")
-    repair_layers = []
-    consumers_pruned = {id(p.node) for p in cg.params if p.role == "consumer" and (id(p.node), p.index) in cuts
-                        and p.axis in cuts[(id(p.node), p.index)][2]}
+    repair_layers: list[str] = []
+    consumers_pruned = {
+        id(p.node)
+        for p in cg.params
+        if p.role == "consumer" and (id(p.node), p.index) in cuts and p.axis in cuts[(id(p.node), p.index)][2]
+    }
     for node in graph:
-        if id(node) in consumers_pruned:
-            repair_layers.append(node.outputs[0].name)
+        if id(node) in consumers_pruned and (output := node.outputs[0].name) is not None:
+            repair_layers.append(output)
     return PrunedModel(
         model=pruned_proto,
         groups=[g.to_json() for g in groups],
@@ -339,7 +337,7 @@ def sensitivity_ratios(
     for gid in prunable:
         probe = prune_model(model, config, calibration, group_ratios={gid: config.ratio}, input_shapes=shapes)
         out = _model_outputs(probe.model, calibration)
-        sensitivity[gid] = float(np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-12))
+        sensitivity[gid] = float(np.linalg.norm(out - reference) / max(float(np.linalg.norm(reference)), 1e-12))
     weights = {gid: 1.0 / np.sqrt(s + 1e-6) for gid, s in sensitivity.items()}
     total = sum(prunable.values())
     scale = config.ratio * total / sum(weights[g] * prunable[g] for g in prunable)
@@ -384,10 +382,15 @@ def prune_channels(
     out = check_output_path(output, input_path, *paths_in(config))
     loaded = load_stage_input(input_path, "prune-channels")
     model = lift_constants(loaded.model)  # weights in Constant nodes (paddle2onnx) are weights too
-    calibration = None
+    data: SampleSet | StreamedSamples | None = None
     if config.calibration_data is not None:
-        calibration = open_data(config.calibration_data, input_specs(model), equal_shapes=True)  # read as deep as used
-    check, calibration = QualityCheck.measure(model, config, calibration, max_fit=config.calibration_samples)
+        data = open_data(config.calibration_data, input_specs(model), equal_shapes=True)  # read as deep as used
+    check, calibration = QualityCheck.measure(model, config, data, max_fit=config.calibration_samples)
+
+    def fit_samples() -> SampleSet:
+        if calibration is None:  # never: the config refuses sensitivity and repair without calibration data
+            raise CalibrationDataError("the sensitivity scan and the repair need calibration data")
+        return calibration
     shapes = check.shapes
     params_before, macs_before = count_params_and_macs(model, shapes)
     tried: list[dict] = []
@@ -396,19 +399,25 @@ def prune_channels(
         attempt_config = replace(config, ratio=ratio)
         group_ratios = None
         if attempt_config.allocation is Allocation.SENSITIVITY:
-            group_ratios, _ = sensitivity_ratios(model, attempt_config, calibration)
+            group_ratios, _ = sensitivity_ratios(model, attempt_config, fit_samples())
         pruned = prune_model(model, attempt_config, calibration, group_ratios, input_shapes=shapes)
-        candidate, repair_errors = pruned.model, {}
+        candidate = pruned.model
+        repair_errors: dict[str, dict] = {}
         check.runs(candidate, "prune-channels")
         unrepaired_score = check.score(candidate)
         if attempt_config.repairs:
-            candidate, repair_errors = repair_model(model, pruned, calibration, attempt_config)
+            candidate, repair_errors = repair_model(model, pruned, fit_samples(), attempt_config)
             check.runs(candidate, "prune-channels (after the least-squares repair)")
         value = check.score(candidate) if attempt_config.repairs else unrepaired_score
         verdict = check.passes(value)
         tried.append(
-            {"ratio": round(ratio, 4), "score_without_repair": unrepaired_score, "score": value, "passes": verdict,
-             "channels_removed": _channels_removed(pruned)}
+            {
+                "ratio": round(ratio, 4),
+                "score_without_repair": unrepaired_score,
+                "score": value,
+                "passes": verdict,
+                "channels_removed": _channels_removed(pruned),
+            }
         )
         if group_ratios is not None:
             tried[-1]["group_ratios"] = {str(k): round(v, 4) for k, v in group_ratios.items()}
@@ -451,12 +460,13 @@ def prune_channels(
     )
     save_model(candidate, out)
     if not passed:
-        best = check.gate.best(tried, lambda t: t["score"])
+        gate, reference_score, best = check.failure(tried)
         raise QualityGateError(
             f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}, on "
-            f"{check.source}): the input scores {check.gate.format(check.reference_score)}, the best try (ratio "
-            f"{best['ratio']:.3f}) {check.gate.format(best['score'])}; the unpruned model is saved at {out}",
-            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), pass --calibration for the least-squares repair, or --exclude sensitive layers",
+            f"{check.source}): the input scores {gate.format(reference_score)}, the best try (ratio "
+            f"{best['ratio']:.3f}) {gate.format(best['score'])}; the unpruned model is saved at {out}",
+            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), pass --calibration for the "
+            "least-squares repair, or --exclude sensitive layers",
             best_path=str(out),
             result=result.to_json(),
         )

@@ -8,9 +8,9 @@
    through a ``Reference`` (onnxforge.pipeline.reference) with the stage's metric and tolerance, inside the
    back-off loop (onnxforge.pipeline.prune.backoff). Without either the result says "quality not
    measured", and so does the run table.
-3. **Its speed.** Input and candidate are timed interleaved on the target (Reference.time_against), at the model's own batch
-   size (its fixed batch, else 1), on the same feeds: a reported speedup is measured, never derived
-   from MACs. MACs are estimates, counted with the shapes of the data (onnxforge.model_cost).
+3. **Its speed.** Input and candidate are timed interleaved on the target (Reference.time_against), at
+   the model's own batch size (its fixed batch, else 1), on the same feeds: a reported speedup is measured,
+   never derived from MACs. MACs are estimates, counted with the shapes of the data (onnxforge.model_cost).
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ class QualityCheck:
 
     @classmethod
     def measure(
-        cls, model: onnx.ModelProto, config, calibration: SampleSet | StreamedSamples | None = None,
+        cls,
+        model: onnx.ModelProto,
+        config,
+        calibration: SampleSet | StreamedSamples | None = None,
         max_fit: int | None = None,
     ) -> tuple[QualityCheck, SampleSet | None]:
         """The checks for ``model`` and the samples left to fit on (at most ``max_fit``, in memory).
@@ -69,7 +72,9 @@ class QualityCheck:
         limit = getattr(config, "max_samples", None)  # --max-samples: bounds the fit and the scoring alike
         if limit is not None:
             max_fit = limit if max_fit is None else min(max_fit, limit)
-        fit, held, source = calibration, None, None
+        fit: SampleSet | StreamedSamples | None = calibration
+        held: SampleSet | StreamedSamples | None = None
+        source: str | None = None
         gate = {"metric": config.metric, "tolerance": config.tolerance, "eval_batch": EVAL_BATCH}
         if config.eval_data is not None:
             reference = Reference(model, config.eval_data, target, limit=limit, **gate)
@@ -118,6 +123,15 @@ class QualityCheck:
     def reference_score(self) -> float | None:
         return self.reference.value if self.measured else None
 
+    def failure(self, tried: list[dict]) -> tuple[QualityGate, float, dict]:
+        """(the gate, the input's score, the best try) for the message when no try met the tolerance;
+        only a measured check fails one."""
+        gate, reference_score = self.gate, self.reference_score
+        best = gate.best(tried, lambda t: t["score"]) if gate is not None else None
+        if gate is None or reference_score is None or best is None:
+            raise ValueError("no try failed: quality was not measured")
+        return gate, reference_score, best
+
     def describe(self) -> str | None:
         return self.reference.gate.describe() if self.measured else None
 
@@ -125,8 +139,9 @@ class QualityCheck:
         """What the quality numbers rest on, or that there are none."""
         if self.measured:
             return f"quality measured on {self.source} ({self.describe()})"
-        return ("quality NOT measured: no --eval or --calibration data; the model was only checked to load"
-                + (" and run" if self.feeds is not None else ""))
+        return "quality NOT measured: no --eval or --calibration data; the model was only checked to load" + (
+            " and run" if self.feeds is not None else ""
+        )
 
     def score(self, candidate: onnx.ModelProto | bytes) -> float | None:
         """``candidate``'s score on the held-out samples on the target; None without them."""
@@ -151,8 +166,9 @@ class QualityCheck:
         if self.feeds is None:
             return None
         timer = self.reference if model is self.reference.model else Reference(model, None, self.target)
-        timing = timer.time_against({"candidate": candidate}, rounds=20, warmup=2, seconds=TIMING_SECONDS,
-                                    feeds=self.feeds)["candidate"]
+        timing = timer.time_against(
+            {"candidate": candidate}, rounds=20, warmup=2, seconds=TIMING_SECONDS, feeds=self.feeds
+        )["candidate"]
         return {
             "batch": self.batch,
             "input_p50_ms": timing.reference.p50_ms,

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxforge.pipeline.prune.channel_groups import ChannelGroups, Layout, ParamSlice, value_shape
-from onnxforge.pipeline.prune.graph import layer_name
+from onnxforge.pipeline.prune.graph import const_shape, layer_name, required_input
 
 __all__ = ["find_channel_groups"]
 
@@ -58,7 +58,7 @@ def _attr(node: ir.Node, name: str, default):
 
 
 def _visit_conv(cg: ChannelGroups, node: ir.Node) -> None:
-    x, w = node.inputs[0], node.inputs[1]
+    x, w = required_input(node, 0), node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
     y = node.outputs[0]
     name = layer_name(node)
@@ -66,7 +66,7 @@ def _visit_conv(cg: ChannelGroups, node: ir.Node) -> None:
         cg.skipped[name] = "weights are not constant"
         cg.block_inputs(node, f"{node.op_type} {name} has non-constant weights")
         return
-    wshape = list(w.const_value.shape)
+    wshape = list(const_shape(node, 1))
     groups = int(_attr(node, "group", 1))
     transpose = node.op_type == "ConvTranspose"
     in_axis, out_axis = (0, 1) if transpose else (1, 0)
@@ -115,7 +115,7 @@ def _visit_conv(cg: ChannelGroups, node: ir.Node) -> None:
 
 
 def _visit_gemm(cg: ChannelGroups, node: ir.Node) -> None:
-    x, w = node.inputs[0], node.inputs[1]
+    x, w = required_input(node, 0), node.inputs[1]
     c = node.inputs[2] if len(node.inputs) > 2 else None
     y = node.outputs[0]
     name = layer_name(node)
@@ -125,15 +125,16 @@ def _visit_gemm(cg: ChannelGroups, node: ir.Node) -> None:
         return
     trans_b = int(_attr(node, "transB", 0))
     k_axis, n_axis = (1, 0) if trans_b else (0, 1)
-    n = int(w.const_value.shape[n_axis])
-    layout = cg.layout_of(x, 1, f"Gemm {name}", int(w.const_value.shape[k_axis]))
+    wshape = const_shape(node, 1)
+    n = wshape[n_axis]
+    layout = cg.layout_of(x, 1, f"Gemm {name}", wshape[k_axis])
     if layout is not None:
         cg.params.append(ParamSlice(node, 1, k_axis, x, "consumer"))
         cg.add_consumer(node, layout)
     out = cg.add_producer(node, y, 1, n)
     cg.params.append(ParamSlice(node, 1, n_axis, y, "producer"))
     if c is not None:
-        cshape = list(c.const_value.shape)
+        cshape = list(const_shape(node, 2))
         if cshape and cshape[-1] == n and int(np.prod(cshape)) == n:
             cg.params.append(ParamSlice(node, 2, len(cshape) - 1, y, "follower"))
         elif int(np.prod(cshape)) != 1:
@@ -141,7 +142,7 @@ def _visit_gemm(cg: ChannelGroups, node: ir.Node) -> None:
 
 
 def _visit_matmul(cg: ChannelGroups, node: ir.Node) -> None:
-    x, w = node.inputs[0], node.inputs[1]
+    x, w = required_input(node, 0), node.inputs[1]
     y = node.outputs[0]
     name = layer_name(node)
     xs, ys = value_shape(x), value_shape(y)
@@ -149,11 +150,12 @@ def _visit_matmul(cg: ChannelGroups, node: ir.Node) -> None:
         cg.skipped[name] = "MatMul of two activations (or unknown shapes)"
         cg.block_inputs(node, f"MatMul {name} has no constant 2-D weight")
         return
-    layout = cg.layout_of(x, len(xs) - 1, f"MatMul {name}", int(w.const_value.shape[0]))
+    k, n = const_shape(node, 1)
+    layout = cg.layout_of(x, len(xs) - 1, f"MatMul {name}", k)
     if layout is not None:
         cg.params.append(ParamSlice(node, 1, 0, x, "consumer"))
         cg.add_consumer(node, layout)
-    cg.add_producer(node, y, len(ys) - 1, int(w.const_value.shape[1]))
+    cg.add_producer(node, y, len(ys) - 1, n)
     cg.params.append(ParamSlice(node, 1, 1, y, "producer"))
 
 
@@ -166,15 +168,18 @@ def _visit_elementwise(cg: ChannelGroups, node: ir.Node) -> None:
     with_layout = [(i, v) for i, v in dynamic if v in cg.layouts]
     if not with_layout:
         return  # no channels flow through here (e.g. shape arithmetic)
-    if ys is None or any(value_shape(v) is None for _, v in dynamic):
+    first_shape = value_shape(with_layout[0][1])  # with_layout is part of dynamic
+    if ys is None or first_shape is None or any(value_shape(v) is None for _, v in dynamic):
         cg.block_inputs(node, f"{node.op_type} {name} has unknown shapes")
         return
     rank = len(ys)
     first = cg.layouts[with_layout[0][1]]
-    out_axis = first.axis + rank - len(value_shape(with_layout[0][1]))
+    out_axis = first.axis + rank - len(first_shape)
     out_layout: Layout | None = None
     for i, v in inputs:
-        vs = value_shape(v) if v.const_value is None else list(v.const_value.shape)
+        vs = value_shape(v) if v.const_value is None else list(v.const_value.shape.numpy())
+        if vs is None:  # never: the dynamic inputs' shapes were checked above
+            continue
         axis = out_axis - (rank - len(vs))
         if axis < 0 or vs[axis] == 1:
             continue  # broadcast over the channels: no coupling
@@ -196,8 +201,8 @@ def _visit_elementwise(cg: ChannelGroups, node: ir.Node) -> None:
         cg.layouts[y] = Layout(out_axis, out_layout.expand, out_layout.segments)
 
 
-def _passthrough(cg: ChannelGroups, node: ir.Node, x: ir.Value, new_axis: int | None = None) -> None:
-    layout = cg.layouts.get(x)
+def _passthrough(cg: ChannelGroups, node: ir.Node, x: ir.Value | None, new_axis: int | None = None) -> None:
+    layout = cg.layouts.get(x) if x is not None else None
     if layout is None:
         return
     cg.layouts[node.outputs[0]] = Layout(layout.axis if new_axis is None else new_axis, layout.expand, layout.segments)
@@ -223,7 +228,7 @@ def _visit_node(cg: ChannelGroups, node: ir.Node) -> None:
     if not channel_inputs:
         return  # nothing with channels flows in (shape subgraphs, constants)
     x = node.inputs[0]
-    layout = cg.layouts.get(x)
+    layout = cg.layouts.get(x) if x is not None else None
     used_extra_outputs = any(o.uses() for o in node.outputs[1:])
     if op in _UNARY and not used_extra_outputs:
         if any(v.const_value is None and v in cg.layouts for v in inputs[1:]):
@@ -306,8 +311,8 @@ def _visit_flatten(cg: ChannelGroups, node: ir.Node, layout: Layout, xs: list[in
     """[N, C, d...] -> [N, C*prod(d)]: channel c becomes features [c*prod(d), (c+1)*prod(d))."""
     y = node.outputs[0]
     ys = value_shape(y)
-    inner = xs[layout.axis + 1 :]
-    if layout.axis != 1 or any(d is None for d in inner) or ys is None or len(ys) != 2:
+    inner = [d for d in xs[layout.axis + 1 :] if d is not None]
+    if layout.axis != 1 or len(inner) != len(xs[layout.axis + 1 :]) or ys is None or len(ys) != 2:
         return False
     expand = layout.expand * int(np.prod(inner, dtype=np.int64))
     if node.op_type == "Flatten":

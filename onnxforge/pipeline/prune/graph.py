@@ -22,17 +22,69 @@ from onnxforge.targets.cpu import CpuTarget
 __all__ = [
     "checked_model",
     "clear_inner_shapes",
+    "const_array",
+    "const_input",
+    "const_shape",
     "drop_unused_initializers",
+    "input_name",
     "layer_name",
     "lift_constants",
     "new_initializer",
     "prepared",
+    "required_input",
+    "value_name",
 ]
 
 
 def layer_name(node: ir.Node) -> str:
     """How results and options name a layer: the node's name, else its first output's, else its op type."""
     return node.name or (node.outputs[0].name if node.outputs else node.op_type) or node.op_type
+
+
+def _constant(node: ir.Node, index: int) -> tuple[ir.Value, ir.TensorProtocol]:
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None or value.const_value is None:
+        raise InvalidModelError(f"{node.op_type} {layer_name(node)}: input {index} is not a constant")
+    return value, value.const_value
+
+
+def const_input(node: ir.Node, index: int) -> ir.Value:
+    """``node``'s input ``index``, which the layer checks found constant (a weight, a bias); InvalidModelError
+    naming the layer when it is missing or not constant."""
+    return _constant(node, index)[0]
+
+
+def const_array(node: ir.Node, index: int) -> np.ndarray:
+    """The values of ``node``'s constant input ``index`` (see ``const_input``)."""
+    return _constant(node, index)[1].numpy()
+
+
+def const_shape(node: ir.Node, index: int) -> tuple[int, ...]:
+    """The shape of ``node``'s constant input ``index`` (see ``const_input``); a tensor's dims are ints."""
+    return tuple(_constant(node, index)[1].shape.numpy())
+
+
+def required_input(node: ir.Node, index: int) -> ir.Value:
+    """``node``'s input ``index``, one the operator requires; InvalidModelError naming the layer when absent."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None:
+        raise InvalidModelError(f"{node.op_type} {layer_name(node)}: required input {index} is missing")
+    return value
+
+
+def value_name(value: ir.Value) -> str:
+    """``value``'s name; InvalidModelError when it has none (a graph's tensors are named)."""
+    if not value.name:
+        raise InvalidModelError("a tensor of the graph has no name")
+    return value.name
+
+
+def input_name(node: ir.Node, index: int = 0) -> str:
+    """The name of ``node``'s input ``index``; InvalidModelError naming the layer when it has none."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None or not value.name:
+        raise InvalidModelError(f"{node.op_type} {layer_name(node)}: input {index} is missing or unnamed")
+    return value.name
 
 
 def new_initializer(graph: ir.Graph, like: ir.Value, array: np.ndarray, counter: list[int]) -> ir.Value:
@@ -43,8 +95,9 @@ def new_initializer(graph: ir.Graph, like: ir.Value, array: np.ndarray, counter:
     while name in graph.initializers:
         counter[0] += 1
         name = f"{like.name}__pruned{counter[0]}"
+    dtype = like.dtype if like.dtype is not None else ir.DataType.from_numpy(array.dtype)  # a weight has one
     value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(like.dtype), const_value=ir.tensor(array, name=name)
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=ir.tensor(array, name=name)
     )
     graph.register_initializer(value)
     return value
@@ -77,7 +130,7 @@ def prepared(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
                 continue
             known[name] = tuple(
                 d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (size if size > 1 else -1)
-                for d, size in zip(dims, shape)
+                for d, size in zip(dims, shape, strict=True)
             )
         source = _with_dims(model, known)
     try:
@@ -101,7 +154,7 @@ def _with_dims(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) ->
     for vi in copy.graph.input:
         if vi.name not in shapes:
             continue
-        for axis, (d, size) in enumerate(zip(vi.type.tensor_type.shape.dim, shapes[vi.name])):
+        for axis, (d, size) in enumerate(zip(vi.type.tensor_type.shape.dim, shapes[vi.name], strict=False)):
             if size >= 0:
                 d.Clear()
                 d.dim_value = int(size)

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.channel_groups import ChannelGroups, ParamSlice
+from onnxforge.pipeline.prune.graph import const_array, value_name
 
 __all__ = ["Importance", "activation_means", "channel_importance"]
 
@@ -73,12 +74,12 @@ def channel_importance(
     for p in cg.params:
         if not any(cg.find(g) in roots for g, _ in cg.layouts[p.ref].segments):
             continue
-        weight = p.node.inputs[p.index].const_value.numpy()
+        weight = const_array(p.node, p.index)
         if kind is Importance.ACTIVATION:
             if p.role != "consumer":
                 continue
             column = _param_norms(p, weight, Importance.L2)
-            contribution = activations[p.ref.name] * column
+            contribution = activations[value_name(p.ref)] * column
         else:
             if p.role == "follower":
                 continue
@@ -93,9 +94,10 @@ def activation_means(cg: ChannelGroups, model: onnx.ModelProto, calibration: Sam
     refs = list(dict.fromkeys(p.ref for p in cg.params if p.role == "consumer"))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for _, values in batches_of_values(model, calibration, [r.name for r in refs], 32):
-        for ref in refs:
-            total, count = _channel_means(values[ref.name], cg.layouts[ref].axis)
-            sums[ref.name] = sums.get(ref.name, 0) + total
-            counts[ref.name] = counts.get(ref.name, 0) + count
+    names = [value_name(r) for r in refs]
+    for _, values in batches_of_values(model, calibration, names, 32):
+        for ref, name in zip(refs, names, strict=True):
+            total, count = _channel_means(values[name], cg.layouts[ref].axis)
+            sums[name] = sums.get(name, 0) + total
+            counts[name] = counts.get(name, 0) + count
     return {name: sums[name] / max(counts[name], 1) for name in sums}

@@ -28,6 +28,7 @@ import enum
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,7 +38,8 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import input_specs, save_model
-from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
@@ -46,12 +48,14 @@ from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     clear_inner_shapes,
+    const_array,
     drop_unused_initializers,
+    input_name,
     layer_name,
     lift_constants,
 )
 
-__all__ = ["RankRule", "LowRankConfig", "LowRankResult", "factorize_model", "layer_candidates", "low_rank"]
+__all__ = ["LowRankConfig", "LowRankResult", "RankRule", "factorize_model", "layer_candidates", "low_rank"]
 
 
 class RankRule(enum.Enum):
@@ -91,8 +95,11 @@ class LowRankConfig:
 
 
 @dataclass
-class LowRankResult:
-    path: Path | None
+class LowRankResult(JsonResult):
+    """What low_rank() did. The output path is not saved (the caller has it); the measured speedup
+    and whether quality was measured are derived (``json_extra``)."""
+
+    path: Path | None = field(metadata={"json": False})
     factored_layers: dict[str, dict]  # layer -> {"shape": [K, N], "rank": r, "energy": kept share, "output_error"}
     skipped_layers: dict[str, str]
     params_before: int
@@ -106,14 +113,9 @@ class LowRankResult:
     speed: dict | None = None
     notes: list[str] = field(default_factory=list)  # what was normalized on load
 
-    def to_json(self) -> dict:
+    def json_extra(self) -> dict[str, Any]:
         return {
-            "notes": self.notes,
-            "factored_layers": self.factored_layers, "skipped_layers": self.skipped_layers,
-            "params_before": self.params_before, "params_after": self.params_after,
-            "latency_speedup": self.latency_speedup, "score_before": self.score_before,
-            "score_after": self.score_after, "gate": self.gate, "tried": self.tried,
-            "quality": self.quality, "quality_measured": self.score_after is not None, "speed": self.speed,
+            "quality_measured": self.score_after is not None,
             "measured_speedup": self.speed["speedup"] if self.speed else None,
         }
 
@@ -139,7 +141,7 @@ def _rank(values: np.ndarray, config: LowRankConfig, shape: tuple[int, int]) -> 
     if config.rule is RankRule.ENERGY:
         r = int(np.searchsorted(energy, config.energy - 1e-12) + 1)
     else:
-        r = max(1, int(round((1.0 - config.ratio) * min(shape))))
+        r = max(1, round((1.0 - config.ratio) * min(shape)))
     r = min(r, len(values))
     return r, float(energy[r - 1])
 
@@ -178,7 +180,7 @@ class _Moments:
 
 def _input_moments(model: onnx.ModelProto, nodes: list[ir.Node], samples: SampleSet) -> dict[str, _Moments]:
     """Moments of each layer's input features (channels for a 1x1 Conv) over ``samples``, batch by batch."""
-    names = list(dict.fromkeys(n.inputs[0].name for n in nodes))
+    names = list(dict.fromkeys(input_name(n) for n in nodes))
     moments: dict[str, _Moments] = {}
     for _, values in batches_of_values(model, samples, names, 8):
         for name in names:
@@ -208,7 +210,7 @@ def _factor(
     """(A, B, bias shift or None, kept energy) for ``w`` (K x N); see the module doc."""
     w64 = w.astype(np.float64)
     upper, u, s, vt = decomposition or _decompose(w, moments)
-    if upper is None:
+    if upper is None or moments is None:  # no moments, no whitening
         r, kept = _rank(s, config, w.shape)
         return u[:, :r] * s[:r], vt[:r], None, kept
     r, kept = _rank(s, config, w.shape)
@@ -249,7 +251,7 @@ def _shifted_bias(graph: ir.Graph, node: ir.Node, bias: ir.Value | None, shift: 
         return bias
     if bias is None:
         return _const(graph, f"{tag}.lowrank_bias", shift)
-    old = bias.const_value.numpy().astype(np.float64)
+    old = const_array(node, 2).astype(np.float64)  # bias is node's input 2
     return _const(graph, f"{tag}.lowrank_bias", old + shift.reshape((1,) * max(old.ndim - 1, 0) + (n,)))
 
 
@@ -301,11 +303,11 @@ def layer_candidates(model: onnx.ModelProto, config: LowRankConfig) -> tuple[lis
     """(the input names of the layers that may be factored, skipped layers with reasons)."""
     graph = ir.from_proto(lift_constants(model)).graph
     names, skipped = [], {}
-    for node, w, reason in _candidates(graph, config):
+    for node, _w, reason in _candidates(graph, config):
         if reason:
             skipped[layer_name(node)] = reason
         else:
-            names.append(node.inputs[0].name)
+            names.append(input_name(node))
     return list(dict.fromkeys(names)), skipped
 
 
@@ -355,7 +357,7 @@ def factorize_model(
     fit = fit or {}
     factored = {}
     for node, w in candidates:
-        moments = fit.get(node.inputs[0].name)
+        moments = fit.get(input_name(node))
         decomposition = None
         if decompositions is not None:
             decomposition = decompositions.get(layer_name(node)) or _decompose(w, moments)
@@ -368,8 +370,8 @@ def factorize_model(
             skipped[layer_name(node)] = f"rank {r} of {min(k, n)} does not pay (cost {cost:.2f} of dense)"
             continue
         info = {"shape": [k, n], "rank": r, "energy": round(kept, 6)}
-        if held and node.inputs[0].name in held:
-            info["output_error"] = round(_output_error(w, a, b, shift, held[node.inputs[0].name]), 6)
+        if held and input_name(node) in held:
+            info["output_error"] = round(_output_error(w, a, b, shift, held[input_name(node)]), 6)
         factored[layer_name(node)] = info
         _rewrite(graph, node, a, b, shift)
     drop_unused_initializers(graph)  # the dense weights that were factored
@@ -391,10 +393,10 @@ def low_rank(
     out = check_output_path(output, input_path, *paths_in(config))
     loaded = load_stage_input(input_path, "low-rank")
     model = lift_constants(loaded.model)
-    calibration = None
+    data: SampleSet | StreamedSamples | None = None
     if config.calibration_data is not None:
-        calibration = open_data(config.calibration_data, input_specs(model), equal_shapes=True)  # read as deep as used
-    check, calibration = QualityCheck.measure(model, config, calibration, max_fit=config.calibration_samples)
+        data = open_data(config.calibration_data, input_specs(model), equal_shapes=True)  # read as deep as used
+    check, calibration = QualityCheck.measure(model, config, data, max_fit=config.calibration_samples)
     fit = held = None
     if calibration is not None:
         names, _ = layer_candidates(model, config)
@@ -445,12 +447,13 @@ def low_rank(
     )
     save_model(candidate, out)
     if not passed:
-        best = check.gate.best(tried, lambda t: t["score"])
+        gate, reference_score, best = check.failure(tried)
         raise QualityGateError(
             f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
-            f"{check.gate.format(check.reference_score)}, the best try {check.gate.format(best['score'])}; the "
+            f"{gate.format(reference_score)}, the best try {gate.format(best['score'])}; the "
             f"input model is saved at {out}",
-            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or pass --calibration for the data-aware factorization",
+            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or pass --calibration for the "
+            "data-aware factorization",
             best_path=str(out),
             result=result.to_json(),
         )

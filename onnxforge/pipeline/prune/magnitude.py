@@ -17,6 +17,7 @@ import gzip
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,13 +26,14 @@ import onnx_ir as ir
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import save_model
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
 from onnxforge.pipeline.prune.graph import layer_name, lift_constants
 
-__all__ = ["Scope", "MagnitudePruneConfig", "MagnitudePruneResult", "prune_magnitude", "sparsify_model"]
+__all__ = ["MagnitudePruneConfig", "MagnitudePruneResult", "Scope", "prune_magnitude", "sparsify_model"]
 
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -63,8 +65,11 @@ class MagnitudePruneConfig:
 
 
 @dataclass
-class MagnitudePruneResult:
-    path: Path | None
+class MagnitudePruneResult(JsonResult):
+    """What prune_magnitude() did. The output path is not saved (the caller has it); whether quality
+    was measured is derived (``json_extra``)."""
+
+    path: Path | None = field(metadata={"json": False})
     requested_sparsity: float
     achieved_sparsity: float
     pruned_layers: list[str]
@@ -79,23 +84,8 @@ class MagnitudePruneResult:
     quality: str = ""  # what the scores rest on, or "quality NOT measured: ..."
     notes: list[str] = field(default_factory=list)  # what was normalized on load
 
-    def to_json(self) -> dict:
-        return {
-            "notes": self.notes,
-            "quality": self.quality,
-            "quality_measured": self.score_after is not None,
-            "requested_sparsity": self.requested_sparsity,
-            "achieved_sparsity": self.achieved_sparsity,
-            "pruned_layers": self.pruned_layers,
-            "skipped_layers": self.skipped_layers,
-            "bytes": self.bytes,
-            "gzip_bytes_before": self.gzip_bytes_before,
-            "gzip_bytes_after": self.gzip_bytes_after,
-            "score_before": self.score_before,
-            "score_after": self.score_after,
-            "gate": self.gate,
-            "tried": self.tried,
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"quality_measured": self.score_after is not None}
 
 
 def _eligible_weights(graph: ir.Graph, config: MagnitudePruneConfig) -> tuple[list[tuple[str, ir.Value]], list[str]]:
@@ -128,7 +118,8 @@ def sparsify_model(
     """Zero the smallest weights. Returns (model, achieved sparsity over eligible weights, pruned, skipped)."""
     ir_model = ir.from_proto(lift_constants(model))
     weights, skipped = _eligible_weights(ir_model.graph, config)
-    arrays = {name: value.const_value.numpy() for name, value in weights}
+    # every eligible weight is a constant (_eligible_weights)
+    arrays = {name: tensor.numpy() for name, value in weights if (tensor := value.const_value) is not None}
     if config.scope is Scope.GLOBAL and arrays:
         everything = np.concatenate([np.abs(a).ravel() for a in arrays.values()])
         thresholds = {name: np.quantile(everything, config.sparsity) for name in arrays}
@@ -163,7 +154,7 @@ def prune_magnitude(
         pruned, achieved, layers, skipped = sparsify_model(model, replace(config, sparsity=sparsity))
         serialized = pruned.SerializeToString()
         check.runs(serialized, "prune")
-        entry = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
+        entry: dict[str, float | bool | None] = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
         value = check.score(serialized)
         passes = check.passes(value)
         if check.measured:
@@ -198,10 +189,12 @@ def prune_magnitude(
         notes=loaded.notes,
     )
     if not passed:
+        gate, _, _ = check.failure(tried)
         raise QualityGateError(
             f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}); "
             f"the unpruned model is saved at {out}",
-            hint=f"loosen --tolerance (now {check.gate.describe_tolerance()}), or exclude sensitive layers with --exclude",
+            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or exclude sensitive layers "
+            "with --exclude",
             best_path=str(out),
             result=result.to_json(),
         )

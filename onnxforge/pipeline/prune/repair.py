@@ -17,6 +17,7 @@ against 0.930; 99.8% against 99.3% on the digits CNN).
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,16 @@ import onnx_ir as ir
 
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.prune.activations import batches_of_values
-from onnxforge.pipeline.prune.graph import checked_model, drop_unused_initializers, new_initializer, prepared
+from onnxforge.pipeline.prune.graph import (
+    checked_model,
+    const_array,
+    const_input,
+    const_shape,
+    drop_unused_initializers,
+    input_name,
+    new_initializer,
+    prepared,
+)
 
 if TYPE_CHECKING:  # channels calls repair_model: importing it here at run time would be circular
     from onnxforge.pipeline.prune.channels import ChannelPruneConfig, PrunedModel
@@ -34,7 +44,7 @@ if TYPE_CHECKING:  # channels calls repair_model: importing it here at run time 
 __all__ = ["repair_model"]
 
 
-def _im2col_rows(x: np.ndarray, node: ir.Node, kernel: tuple[int, int], rows: np.ndarray) -> np.ndarray:
+def _im2col_rows(x: np.ndarray, node: ir.Node, kernel: tuple[int, ...], rows: np.ndarray) -> np.ndarray:
     """Patches [N*P, C*kh*kw] of a 2-D Conv's input at output positions ``rows`` ([N, P] flat indices)."""
     pads = list(node.attributes["pads"].value) if "pads" in node.attributes else [0, 0, 0, 0]
     strides = list(node.attributes["strides"].value) if "strides" in node.attributes else [1, 1]
@@ -52,9 +62,9 @@ def _im2col_rows(x: np.ndarray, node: ir.Node, kernel: tuple[int, int], rows: np
 
 def _weight_matrix(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None]:
     """The layer's weights as [d, out] (x @ W = y) and its bias [out] (None when absent)."""
-    w = node.inputs[1].const_value.numpy().astype(np.float64)
-    b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    bias = None if b is None else b.const_value.numpy().astype(np.float64).ravel()
+    w = const_array(node, 1).astype(np.float64)
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    bias = const_array(node, 2).astype(np.float64).ravel() if has_bias else None
     if node.op_type == "Conv":
         return w.reshape(w.shape[0], -1).T, bias
     if node.op_type == "Gemm":
@@ -65,18 +75,17 @@ def _weight_matrix(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None]:
 def _set_weights(
     graph: ir.Graph, node: ir.Node, matrix: np.ndarray, bias: np.ndarray | None, counter: list[int]
 ) -> None:
-    w_old = node.inputs[1]
-    shape = w_old.const_value.shape
+    w_old = const_input(node, 1)
     if node.op_type == "Conv":
-        w = matrix.T.reshape(tuple(shape))
+        w = matrix.T.reshape(const_shape(node, 1))
     elif node.op_type == "Gemm" and node.attributes.get("transB") and node.attributes["transB"].value:
         w = matrix.T
     else:
         w = matrix
     node.replace_input_with(1, new_initializer(graph, w_old, w.astype(np.float32), counter))
     if bias is not None:
-        b_old = node.inputs[2]
-        new_b = bias.reshape(tuple(b_old.const_value.shape)).astype(np.float32)
+        b_old = const_input(node, 2)
+        new_b = bias.reshape(const_shape(node, 2)).astype(np.float32)
         node.replace_input_with(2, new_initializer(graph, b_old, new_b, counter))
 
 
@@ -85,7 +94,7 @@ def _repairable(node: ir.Node) -> str | None:
     if node.op_type == "Conv":
         if int(node.attributes["group"].value if "group" in node.attributes else 1) != 1:
             return "grouped Conv"
-        if len(node.inputs[1].const_value.shape) != 4:
+        if len(const_shape(node, 1)) != 4:
             return "only 2-D Convs are refit"
         auto_pad = node.attributes.get("auto_pad")
         if auto_pad is not None and auto_pad.value not in ("NOTSET", b"NOTSET"):
@@ -96,8 +105,8 @@ def _repairable(node: ir.Node) -> str | None:
         beta = node.attributes["beta"].value if "beta" in node.attributes else 1.0
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         trans_b = bool(node.attributes.get("transB") and node.attributes["transB"].value)
-        outputs = node.inputs[1].const_value.shape[0 if trans_b else 1]
-        if alpha != 1.0 or (bias is not None and (beta != 1.0 or bias.const_value.size != outputs)):
+        outputs = const_shape(node, 1)[0 if trans_b else 1]
+        if alpha != 1.0 or (bias is not None and (beta != 1.0 or math.prod(const_shape(node, 2)) != outputs)):
             return "Gemm with alpha/beta != 1 or a broadcast bias"
         return None
     if node.op_type == "MatMul":
@@ -119,7 +128,7 @@ def _layer_rows(node: ir.Node, x: np.ndarray, name: str, start: int, positions: 
     if node.op_type == "Conv":
         total = int(np.prod(out_spatial))
         rows = _rows_for(name, start, x.shape[0], positions, total)
-        kernel = tuple(node.inputs[1].const_value.shape[2:])
+        kernel = const_shape(node, 1)[2:]
         return _im2col_rows(x, node, kernel, rows), rows
     flat = x.reshape(-1, x.shape[-1])
     return flat, None
@@ -132,7 +141,7 @@ def _output_spatial(node: ir.Node, x: np.ndarray) -> tuple[int, ...]:
     pads = list(node.attributes["pads"].value) if "pads" in node.attributes else [0, 0, 0, 0]
     strides = list(node.attributes["strides"].value) if "strides" in node.attributes else [1, 1]
     dilations = list(node.attributes["dilations"].value) if "dilations" in node.attributes else [1, 1]
-    kernel = node.inputs[1].const_value.shape[2:]
+    kernel = const_shape(node, 1)[2:]
     return tuple(
         (x.shape[2 + i] + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
         for i in range(2)
@@ -176,12 +185,12 @@ def _layer_statistics(
         w0, b0 = _weight_matrix(producers[name])
         d = w0.shape[0] + (b0 is not None)
         stats[name] = {fold: [np.zeros((d, d)), np.zeros((d, w0.shape[1])), 0.0] for fold in ("fit", "check")}
-    inputs = list(dict.fromkeys(producers[name].inputs[0].name for name in chunk))
+    inputs = list(dict.fromkeys(input_name(producers[name]) for name in chunk))
     for index, (start, values) in enumerate(batches_of_values(reference, calibration, inputs, _BATCH)):
         for name in chunk:
             node = producers[name]
-            x = values[node.inputs[0].name]
-            kept_inputs = pruned.kept_outputs.get(node.inputs[0].name)
+            x = values[input_name(node)]
+            kept_inputs = pruned.kept_outputs.get(input_name(node))
             if kept_inputs is not None:
                 x = np.take(x, kept_inputs, axis=1 if node.op_type in ("Conv", "Gemm") else -1)
             yr = y_rows[name][index]
@@ -246,7 +255,7 @@ def repair_model(
     """
     model_ir = prepared(pruned.model)
     graph = model_ir.graph
-    producers = {node.outputs[0].name: node for node in graph if node.outputs}
+    producers = {name: node for node in graph if node.outputs and (name := node.outputs[0].name)}
     errors: dict[str, dict] = {}
     targets = [name for name in pruned.repair_layers if name in producers]
     reasons = {name: _repairable(producers[name]) for name in targets}

@@ -36,16 +36,16 @@ composing them); ``calibration_ranges``, ``calibration_memory``, ``mixed_precisi
 ``attention_mask`` do one thing each for them.
 """
 
-from onnxforge.pipeline.quantize.schemes import parse_scheme, scheme_id  # first: registers the codec hook
 from onnxforge.pipeline.quantize.config import CalibrationMethod, CandidateResult, QuantizeConfig, QuantizeResult
+from onnxforge.pipeline.quantize.schemes import parse_scheme, scheme_id  # first: registers the codec hook
 from onnxforge.pipeline.quantize.stage import quantize
 
 __all__ = [
     "CalibrationMethod",
+    "CandidateResult",
     "QuantizeConfig",
     "QuantizeResult",
-    "CandidateResult",
-    "quantize",
     "parse_scheme",
+    "quantize",
     "scheme_id",
 ]

@@ -86,7 +86,7 @@ def _static(source: Path, dest: Path, scheme: QuantScheme, config: QuantizeConfi
     if ranges is None:
         raise ValueError(f"{scheme.label}: static quantization needs calibration ranges")
     model = onnx.load(str(source), load_external_data=False)
-    extra = {
+    extra: dict[str, bool | list[str]] = {  # onnxruntime's extra_options
         "CalibMovingAverage": False,
         "ActivationSymmetric": config.activation_symmetric,
         "WeightSymmetric": config.weight_symmetric,

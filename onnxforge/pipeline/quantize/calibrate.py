@@ -89,6 +89,12 @@ class CalibrationData:
         now; None when not even one sample fits what is left of the memory limit."""
         return self.plan.statistics_batch() if self.plan else self.batch
 
+    def refusal(self, phase: str) -> str:
+        """Why the memory plan refused ``phase`` (a sized batch or analysis was None); only a plan refuses."""
+        if self.plan is None:
+            raise ValueError(f"{phase} was not refused: there is no memory plan")
+        return self.plan.refusal(phase)
+
     def analysis_size(self) -> tuple[int, int] | None:
         """(batch, passes over the nodes) for the per-node error analysis, sized now; None when it does
         not fit what is left of the memory limit."""
@@ -118,7 +124,8 @@ def load_calibration(model: onnx.ModelProto, calibration: object, config: Quanti
     calib, held_out = _split_eval(config, model, source)
     if len(calib) > config.calibration_samples:
         calib = calib.take(slice(0, config.calibration_samples))
-    if isinstance(calibration, (str, os.PathLike, DataSpec)) and as_data_spec(calibration).path.is_file():
+    spec = as_data_spec(calibration) if isinstance(calibration, (str, os.PathLike, DataSpec)) else None
+    if spec is not None and spec.path is not None and spec.path.is_file():
         calib = calib.materialize()  # at most calibration_samples, read once (a folder streams, one file at a time)
     if len(calib) == 0:
         raise CalibrationDataError(f"{source.source}: no calibration samples left after holding out evaluation ones")
@@ -169,9 +176,11 @@ def _split_eval(
             f"{calibration.source}: {len(calibration)} sample(s): too few to both calibrate and check accuracy",
             hint="give at least 10 samples, or a separate --eval file",
         )
-    calib, held_out = calibration.split(config.holdout_fraction, max_fit=config.calibration_samples,
-                                        max_held=_max_held_out(config))
-    return calib, held_out.materialize()
+    calib: SampleSet | StreamedSamples
+    rest: SampleSet | StreamedSamples
+    calib, rest = calibration.split(config.holdout_fraction, max_fit=config.calibration_samples,
+                                    max_held=_max_held_out(config))
+    return calib, rest.materialize()
 
 
 def _max_held_out(config: QuantizeConfig) -> int:
@@ -250,7 +259,7 @@ def preprocess(model: onnx.ModelProto, folder: Path, notes: list[str]) -> Path:
         ("symbolic shape inference with auto-merge", {"auto_merge": True}),
         ("ONNX shape inference only", {"skip_symbolic_shape": True}),
     ]
-    errors = []
+    errors: list[str] = []
     chosen = src
     for label, kwargs in attempts:
         try:

@@ -32,7 +32,10 @@ from onnx import helper
 from onnxforge.errors import CalibrationDataError, UsageError
 
 __all__ = [
-    "MemoryEstimate", "estimate_calibration_memory", "check_calibration_memory", "guard_calibration_memory",
+    "MemoryEstimate",
+    "check_calibration_memory",
+    "estimate_calibration_memory",
+    "guard_calibration_memory",
     "parse_memory_size",
 ]
 
@@ -160,14 +163,16 @@ def _npz_array_bytes(path, rows: int | None = None) -> int:
             total = 0
             for member in archive.namelist():
                 if member.endswith(".npy"):
-                    with archive.open(member) as f:
-                        total += header_bytes(f)
+                    with archive.open(member) as member_file:
+                        total += header_bytes(member_file)
             return total
     except Exception:
         return 0  # unreadable: loading it reports the problem
 
 
-def guard_calibration_memory(model: onnx.ModelProto, specs, calibration, limit: int, max_samples: int) -> MemoryEstimate:
+def guard_calibration_memory(
+    model: onnx.ModelProto, specs, calibration, limit: int, max_samples: int
+) -> MemoryEstimate:
     """Check the estimate against ``limit`` before any sample is loaded (files are sized from their
     headers, as far as the ``max_samples`` rows read; a folder is streamed, so its largest file
     counts). Iterables are not sized."""

@@ -6,10 +6,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from onnxruntime import quantization as ortq
 
 from onnxforge.errors import UsageError
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
@@ -132,36 +134,33 @@ class QuantizeConfig:
 
 
 @dataclass
-class CandidateResult:
+class CandidateResult(JsonResult):
+    """One scheme measured. ``speedup`` is saved as ``speedup_vs_fp32``; the latency as its summary
+    (``LatencyStats.to_json``: percentiles, throughput, histogram), not every timed run."""
+
     scheme: str
     score: float | None = None
     meets_tolerance: bool = False
-    latency: LatencyStats | None = None
-    speedup: float | None = None
+    latency: LatencyStats | None = field(default=None, metadata={"json": False})
+    speedup: float | None = field(default=None, metadata={"json": False})
     bytes: int | None = None
     error: str | None = None
     float_nodes: list[str] = field(default_factory=list)  # nodes kept in float by mixed precision
 
-    def to_json(self) -> dict:
-        return {
-            "scheme": self.scheme,
-            "float_nodes": self.float_nodes,
-            "score": self.score,
-            "meets_tolerance": self.meets_tolerance,
-            "latency": self.latency.to_json() if self.latency else None,
-            "speedup_vs_fp32": self.speedup,
-            "bytes": self.bytes,
-            "error": self.error,
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"latency": self.latency.to_json() if self.latency else None, "speedup_vs_fp32": self.speedup}
 
 
 @dataclass
-class QuantizeResult:
+class QuantizeResult(JsonResult):
+    """What quantize() did. The gate is saved as its metric, tolerance and description; the fp32
+    latency as its summary; ``top_offenders`` names the kept model's worst nodes (``json_extra``)."""
+
     path: Path
     chosen: str
-    gate: QualityGate
+    gate: QualityGate = field(metadata={"json": False})
     fp32_score: float
-    fp32_latency: LatencyStats
+    fp32_latency: LatencyStats = field(metadata={"json": False})
     candidates: list[CandidateResult]
     calibration_samples: int
     eval_samples: int
@@ -170,6 +169,15 @@ class QuantizeResult:
     layer_errors: list[NodeError] = field(default_factory=list)  # the kept model's nodes, graph order
     calibration_batches: int = 0
 
+    def json_extra(self) -> dict[str, Any]:
+        return {
+            "metric": self.gate.metric.value,
+            "tolerance": self.gate.tolerance,
+            "gate": self.gate.describe(),
+            "fp32_latency": self.fp32_latency.to_json(),
+            "top_offenders": [e.node for e in self.top_offenders()],
+        }
+
     def top_offenders(self, count: int = 5) -> list[NodeError]:
         """The kept model's nodes with the lowest local SQNR (the error their own quantization adds)."""
         return rank_nodes(self.layer_errors)[:count]
@@ -177,22 +185,3 @@ class QuantizeResult:
     @property
     def chosen_candidate(self) -> CandidateResult:
         return next(c for c in self.candidates if c.scheme == self.chosen)
-
-    def to_json(self) -> dict:
-        return {
-            "path": str(self.path),
-            "chosen": self.chosen,
-            "metric": self.gate.metric.value,
-            "tolerance": self.gate.tolerance,
-            "gate": self.gate.describe(),
-            "fp32_score": self.fp32_score,
-            "fp32_latency": self.fp32_latency.to_json(),
-            "candidates": [c.to_json() for c in self.candidates],
-            "calibration_samples": self.calibration_samples,
-            "eval_samples": self.eval_samples,
-            "notes": self.notes,
-            "calibration_batches": self.calibration_batches,
-            "mixed_precision": self.mixed_precision.to_json() if self.mixed_precision else None,
-            "layer_errors": [e.to_json() for e in self.layer_errors],
-            "top_offenders": [e.node for e in self.top_offenders()],
-        }

@@ -32,24 +32,25 @@ class EmbeddingResult:
     bytes_saved: int
 
 
-def _tables(graph: ir.Graph) -> list[tuple[ir.Value, list[ir.Node]]]:
+def _tables(graph: ir.Graph) -> list[tuple[str, ir.TensorProtocol, list[ir.Node]]]:
+    """(name, values, Gather nodes) of each embedding table."""
     found = []
-    for value in graph.initializers.values():
+    for name, value in graph.initializers.items():
         tensor = value.const_value
         if tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 2:
             continue
-        if tensor.shape[0] * tensor.shape[1] < MIN_ELEMENTS or value.is_graph_input() or value.is_graph_output():
+        if tensor.size < MIN_ELEMENTS or value.is_graph_input() or value.is_graph_output():
             continue
         users = value.uses()
         if users and all(u.op_type == "Gather" and u.domain in ("", "ai.onnx") and i == 0
                          and u.attributes.get_int("axis", 0) == 0 for u, i in users):
-            found.append((value, [u for u, _ in users]))
+            found.append((name, tensor, [u for u, _ in users]))
     return found
 
 
 def embedding_tables(model: onnx.ModelProto) -> list[str]:
     """Names of the tables ``quantize_embeddings`` would store in int8."""
-    return [v.name for v, _ in _tables(ir.from_proto(model).graph)]
+    return [name for name, _, _ in _tables(ir.from_proto(model).graph)]
 
 
 def quantize_rows(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,14 +66,14 @@ def quantize_embeddings(model: onnx.ModelProto) -> EmbeddingResult:
     copy = ir.from_proto(model)
     graph = copy.graph
     names, saved = [], 0
-    for table, gathers in _tables(graph):
-        array = table.const_value.numpy()
+    for table, tensor, gathers in _tables(graph):
+        array = tensor.numpy()
         rows, width = array.shape
         block = max(16, 1 << (int(width) - 1).bit_length())
         codes, scale = quantize_rows(array, block)
-        data = _initializer(graph, f"{table.name}_int8", codes)
-        scales = _initializer(graph, f"{table.name}_scale", scale)
-        zero = _initializer(graph, f"{table.name}_zero_point", np.full((rows, 1), 128, np.uint8))
+        data = _initializer(graph, f"{table}_int8", codes)
+        scales = _initializer(graph, f"{table}_scale", scale)
+        zero = _initializer(graph, f"{table}_zero_point", np.full((rows, 1), 128, np.uint8))
         for gather in gathers:
             quantized = ir.node("GatherBlockQuantized", [data, gather.inputs[1], scales, zero],
                                 {"bits": 8, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
@@ -85,8 +86,8 @@ def quantize_embeddings(model: onnx.ModelProto) -> EmbeddingResult:
             gather.outputs[0].replace_all_uses_with(quantized.outputs[0], replace_graph_outputs=True)
             graph.remove(gather, safe=True)
             quantized.outputs[0].name = name  # the tensor keeps its name (compare matches by name)
-        graph.initializers.pop(table.name)
-        names.append(table.name)
+        graph.initializers.pop(table)
+        names.append(table)
         saved += array.nbytes - codes.nbytes - scale.nbytes
     if names and _DOMAIN not in copy.opset_imports:
         copy.opset_imports[_DOMAIN] = 1

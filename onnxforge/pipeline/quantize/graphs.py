@@ -80,8 +80,8 @@ def prepare_graphs(
     fused = None
     batch = data.statistics_batch() if config.transformer_fusion else None
     if config.transformer_fusion and batch is None:
-        notes.append(f"transformer fusions skipped: checking them would not fit ({data.plan.refusal('statistics')})")
-    elif config.transformer_fusion:
+        notes.append(f"transformer fusions skipped: checking them would not fit ({data.refusal('statistics')})")
+    elif config.transformer_fusion and batch is not None:
         samples = list(data.batches(_PARITY_SAMPLES, batch)())
         first = data.calib.take(slice(0, min(8, len(data.calib)))).samples()
         padded = padded_batch([{k: np.asarray(v)[None] for k, v in sample.items()} for sample in first])

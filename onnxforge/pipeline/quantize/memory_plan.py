@@ -85,7 +85,7 @@ def _inferred_sizes(
     shaped = with_input_shapes(model, input_shapes) if input_shapes else model
     try:
         inferred = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
-    except Exception:  # noqa: BLE001 - without inferred shapes, sizes are unknown and counted as the largest
+    except Exception:
         inferred = shaped
     sizes: dict[str, int | None] = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:

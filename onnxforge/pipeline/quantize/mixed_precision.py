@@ -22,17 +22,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import onnx
 
 from onnxforge.errors import first_line
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.quantize.quant_error import NodeError
 
-__all__ = ["MixedPrecisionStep", "MixedPrecisionSearch", "rank_nodes", "node_groups", "search_float_nodes"]
+__all__ = ["MixedPrecisionSearch", "MixedPrecisionStep", "node_groups", "rank_nodes", "search_float_nodes"]
 
 
 @dataclass(frozen=True)
-class MixedPrecisionStep:
+class MixedPrecisionStep(JsonResult):
     """One quantization tried: the nodes kept in float (beyond the user's) and its held-out score."""
 
     float_nodes: tuple[str, ...]
@@ -40,22 +42,19 @@ class MixedPrecisionStep:
     meets_tolerance: bool
     error: str | None = None
 
-    def to_json(self) -> dict:
-        return {
-            "float_nodes": list(self.float_nodes),
-            "float_node_count": len(self.float_nodes),
-            "score": self.score,
-            "meets_tolerance": self.meets_tolerance,
-            "error": self.error,
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"float_node_count": len(self.float_nodes)}
 
 
 @dataclass
-class MixedPrecisionSearch:
-    """The whole search: the ranking it used and every step it measured."""
+class MixedPrecisionSearch(JsonResult):
+    """The whole search: the ranking it used and every step it measured.
+
+    The ranking is saved as each node's name, op type and local SQNR; ``float_nodes`` and
+    ``met_tolerance`` are the best step's (``json_extra``)."""
 
     scheme: str
-    ranking: list[NodeError]
+    ranking: list[NodeError] = field(metadata={"json": False})
     steps: list[MixedPrecisionStep] = field(default_factory=list)
 
     @property
@@ -64,15 +63,13 @@ class MixedPrecisionSearch:
         passing = [s for s in self.steps if s.meets_tolerance]
         return min(passing, key=lambda s: len(s.float_nodes)) if passing else None
 
-    def to_json(self) -> dict:
+    def json_extra(self) -> dict[str, Any]:
         best = self.best
         return {
-            "scheme": self.scheme,
             "ranking": [
                 {"node": e.node, "op_type": e.op_type, "local_sqnr_db": e.to_json()["local_sqnr_db"]}
                 for e in self.ranking
             ],
-            "steps": [s.to_json() for s in self.steps],
             "float_nodes": list(best.float_nodes) if best else None,
             "met_tolerance": best is not None,
         }

@@ -54,11 +54,16 @@ def opset_for_schemes(
         return upgraded, list(schemes), [note]
     except Exception as e:  # the converter has no adapter for some op, or the outputs changed
         kept = [s for s in schemes if not _needs_axis(s)]
-        reason = (f"per-channel QDQ needs opset {PER_CHANNEL_QDQ_OPSET} (DequantizeLinear's axis) and this opset-{opset} "
-                  f"model could not be upgraded ({type(e).__name__}: {first_line(e, 200)})")
+        reason = (
+            f"per-channel QDQ needs opset {PER_CHANNEL_QDQ_OPSET} (DequantizeLinear's axis) and this opset-{opset} "
+            f"model could not be upgraded ({type(e).__name__}: {first_line(e, 200)})"
+        )
         if not kept:
-            raise UsageError(reason, hint="ask for a per-tensor scheme (--scheme qdq-u8s8-per-tensor) or a QOperator "
-                             "one (--scheme qoperator-u8s8-per-channel), or re-export the model at opset 13+") from e
+            raise UsageError(
+                reason,
+                hint="ask for a per-tensor scheme (--scheme qdq-u8s8-per-tensor) or a QOperator "
+                "one (--scheme qoperator-u8s8-per-channel), or re-export the model at opset 13+",
+            ) from e
         return model, kept, [f"{reason}: {', '.join(s.label for s in needing)} not measured"]
 
 

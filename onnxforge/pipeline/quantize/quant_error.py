@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -34,6 +35,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from onnxforge._ort_logs import session_options
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.compare import ErrorAccumulator, with_outputs
 from onnxforge.pipeline.quantize.memory_plan import balanced_shares
 
@@ -44,25 +46,21 @@ _REF_SUFFIX = "__onnxforge_fp32"
 
 
 @dataclass(frozen=True)
-class NodeError:
-    """One quantized node's error; ``output`` is the fp32 model's name of the tensor measured."""
+class NodeError(JsonResult):
+    """One quantized node's error; ``output`` is the fp32 model's name of the tensor measured.
+
+    The two SQNRs are saved rounded to 3 decimals, an infinite one (an error-free tensor) as null
+    (``json_extra``); the fields keep the exact values the ranking sorts on."""
 
     node: str
     op_type: str
     output: str
-    local_sqnr_db: float
-    sqnr_db: float
+    local_sqnr_db: float = field(metadata={"json": False})
+    sqnr_db: float = field(metadata={"json": False})
     relative_error: float
 
-    def to_json(self) -> dict:
-        return {
-            "node": self.node,
-            "op_type": self.op_type,
-            "output": self.output,
-            "local_sqnr_db": _finite(self.local_sqnr_db),
-            "sqnr_db": _finite(self.sqnr_db),
-            "relative_error": self.relative_error,
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"local_sqnr_db": _finite(self.local_sqnr_db), "sqnr_db": _finite(self.sqnr_db)}
 
 
 def _finite(value: float) -> float | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from onnxforge.errors import OnnxForgeError, RecipeError, UsageError
 from onnxforge.pipeline import codec
@@ -50,7 +51,8 @@ def parse_scheme(text: str) -> QuantScheme:
     """``FORMAT-ACTsWEIGHTS-GRANULARITY[-reduce-range][-matmul][-smooth][-percentile][-int8-embeddings]``,
     ``dynamic-s8-GRANULARITY[...]``, ``int4[...]`` or ``fp16``; e.g. ``qdq-u8s8-per-channel`` (weights int8)."""
     text = text.strip().lower()
-    base, options = text, {}
+    base = text
+    options: dict[str, Any] = {}  # QuantScheme field -> value (the scope, or a flag turned on)
     for suffix, name, _ in reversed(_OPTIONS):
         if base.endswith(suffix):
             base = base[: -len(suffix)]

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -29,13 +30,13 @@ from onnxforge.pipeline.quantize.backends import error_line, quantize_candidate
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, collect
 from onnxforge.pipeline.quantize.config import CalibrationMethod, CandidateResult, QuantizeConfig, Ranges
 from onnxforge.pipeline.quantize.graphs import Graphs
-from onnxforge.pipeline.quantize.opset import failing_op
 from onnxforge.pipeline.quantize.mixed_precision import (
     MixedPrecisionSearch,
     node_groups,
     rank_nodes,
     search_float_nodes,
 )
+from onnxforge.pipeline.quantize.opset import failing_op
 from onnxforge.pipeline.quantize.quant_error import NodeError, measure_node_errors
 from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES, qdq_twin
 from onnxforge.pipeline.quantize.smooth_quant import smooth_model
@@ -43,6 +44,9 @@ from onnxforge.pipeline.quantize.timing_record import recorded_timings, timing_k
 from onnxforge.pipeline.reference import Reference
 from onnxforge.targets import QuantFormat, QuantMethod, QuantScheme
 from onnxforge.targets.latency import LatencyStats
+
+if TYPE_CHECKING:  # the cache imports the registry, which imports this stage
+    from onnxforge.pipeline.cache import StageCache
 
 __all__ = ["REWRITTEN_FP32", "CandidateRun"]
 
@@ -96,7 +100,8 @@ class CandidateRun:
         self.paths: dict[str, Path] = {}  # candidate label -> its model
         self.scheme_of: dict[str, QuantScheme] = {}  # candidate label -> the scheme it was quantized with
         self.timings: dict[str, LatencyStats] = {}  # the latest interleaved timing, "fp32" included
-        self.records = None  # a StageCache where timings are recorded and found (timing_record); None: always time
+        # where timings are recorded and found (timing_record); None: always time
+        self.records: StageCache | None = None
         self.timings_reused = False  # whether the latest timing was recorded by an earlier run
         self.notes: list[str] = []  # what building the graphs said (smoothing)
         self.calibration_batches = 0
@@ -114,7 +119,7 @@ class CandidateRun:
         if graph not in self._smoothed:
             batch = self.data.statistics_batch()
             if batch is None:
-                raise CalibrationDataError(f"smoothing statistics: {self.data.plan.refusal('statistics')}")
+                raise CalibrationDataError(f"smoothing statistics: {self.data.refusal('statistics')}")
             batches = self.data.batches(self.config.calibration_samples, batch)
             result = smooth_model(onnx.load(str(graph)), batches(), self.config.smooth_alpha)
             path = graph.with_name(graph.stem + "_smooth.onnx")
@@ -186,7 +191,8 @@ class CandidateRun:
 
     def time_all(self) -> None:
         """Time fp32 and every candidate interleaved on the target (Reference.time_against: one call, fp32's
-        own timing in it the baseline); sets each candidate's latency and speedup. The timings of the same models recorded in ``records`` (the stage cache) are reused (timing_record)."""
+        own timing in it the baseline); sets each candidate's latency and speedup. The timings of the same
+        models recorded in ``records`` (the stage cache) are reused (timing_record)."""
         models = {"fp32": self.fp32_path} | dict(self.paths)
         if self.graphs.rewritten:
             models[REWRITTEN_FP32] = self.graphs.base
@@ -194,12 +200,18 @@ class CandidateRun:
 
         def measure() -> dict[str, LatencyStats]:
             candidates = {label: path for label, path in models.items() if label != "fp32"}
-            timed = self.reference.time_against(candidates, rounds=self.config.latency_rounds,
-                                                threads=self.config.threads, feeds=feeds, reference_name="fp32")
+            timed = self.reference.time_against(
+                candidates,
+                rounds=self.config.latency_rounds,
+                threads=self.config.threads,
+                feeds=feeds,
+                reference_name="fp32",
+            )
             return {label: timed[label].stats for label in models}
 
-        key = timing_key(models, feeds, target=self.target.name, threads=self.config.threads,
-                         rounds=self.config.latency_rounds)
+        key = timing_key(
+            models, feeds, target=self.target.name, threads=self.config.threads, rounds=self.config.latency_rounds
+        )
         timings, reused = recorded_timings(self.records, key, list(models), measure)
         self.timings_reused = reused
         for c in self.candidates:
@@ -222,15 +234,18 @@ class CandidateRun:
         fastest = _fastest(timed)
         to_search = [fastest] if config.mixed_precision and not fastest.meets_tolerance else []
         if to_search:
-            to_search += [c for c in timed if c is not fastest and not c.meets_tolerance
-                          and self.scheme_of[c.scheme].method is QuantMethod.DYNAMIC][:1]
+            to_search += [
+                c
+                for c in timed
+                if c is not fastest and not c.meets_tolerance and self.scheme_of[c.scheme].method is QuantMethod.DYNAMIC
+            ][:1]
         for base in to_search:
             if self.scheme_of[base.scheme].method is QuantMethod.FP16:
                 notes.append(f"mixed precision skipped on {base.scheme}: fp16 has no per-node int8 to undo")
                 continue
             size = self.data.analysis_size()  # ranking the nodes measures every quantized node's output
             if size is None:
-                notes.append(f"mixed precision skipped on {base.scheme}: {self.data.plan.refusal('analysis')}")
+                notes.append(f"mixed precision skipped on {base.scheme}: {self.data.refusal('analysis')}")
                 continue
             found = None
             try:
@@ -240,8 +255,9 @@ class CandidateRun:
             if found is None:
                 continue
             search = found
-            step = search.best or gate.best((s for s in search.steps if s.score is not None), lambda s: s.score)
-            if step is None:
+            scored = gate.best([(s, s.score) for s in search.steps if s.score is not None], lambda pair: pair[1])
+            step = search.best or (scored[0] if scored else None)
+            if step is None or step.score is None:  # a passing step (best) is a scored one
                 notes.append(f"mixed precision on {base.scheme}: no step could be scored")
                 continue
             label = f"{base.scheme} + {len(step.float_nodes)} float node(s)"
@@ -257,7 +273,7 @@ class CandidateRun:
             notes.append(
                 f"mixed precision on {base.scheme}: {len(step.float_nodes)} node(s) back to float "
                 f"({', '.join(step.float_nodes[:6])}{', ...' if len(step.float_nodes) > 6 else ''}), "
-                f"{gate.format(base.score)} -> {gate.format(step.score)}"
+                f"{gate.format(base.score) if base.score is not None else 'no score'} -> {gate.format(step.score)}"
                 + ("" if step.meets_tolerance else ": still over tolerance")
             )
         return search
@@ -265,8 +281,13 @@ class CandidateRun:
     def _node_errors(self, source: Path, qdq_path: Path, size: tuple[int, int]) -> list[NodeError]:
         """measure_node_errors on calibration samples at ``size``: (batch, passes over the nodes)."""
         batch, passes = size
-        return measure_node_errors(source, qdq_path, self.data.batches(self.config.analysis_samples, batch),
-                                   passes=passes, output_sizes=self.data.tensor_sizes(source) if passes > 1 else None)
+        return measure_node_errors(
+            source,
+            qdq_path,
+            self.data.batches(self.config.analysis_samples, batch),
+            passes=passes,
+            output_sizes=self.data.tensor_sizes(source) if passes > 1 else None,
+        )
 
     def _search_float_nodes(
         self, scheme: QuantScheme, path: Path, size: tuple[int, int]
@@ -274,7 +295,9 @@ class CandidateRun:
         """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
         static = scheme.method is QuantMethod.STATIC
         source = self.source(scheme)
-        qdq_path = path if static and scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), source=source)
+        qdq_path = (
+            path if static and scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), source=source)
+        )
         errors = self._node_errors(source, qdq_path, size)
         errors = [e for e in errors if e.node not in self.config.exclude_nodes]
         if static:
@@ -306,8 +329,11 @@ class CandidateRun:
         passing = [c for c in self.candidates if c.meets_tolerance and c.latency is not None]
         if passing:
             return _fastest(passing), True
-        measured = [c for c in self.candidates if c.score is not None and c.scheme in self.paths]
-        return self.gate.best(measured, lambda c: c.score), False
+        measured = [(c, c.score) for c in self.candidates if c.score is not None and c.scheme in self.paths]
+        best = self.gate.best(measured, lambda pair: pair[1])
+        if best is None:  # never: measure() raised QualityGateError when no candidate could be scored
+            raise QualityGateError("no quantized candidate could be scored")
+        return best[0], False
 
     def layer_errors(self, chosen: CandidateResult, notes: list[str]) -> list[NodeError]:
         """Per-node error of the kept model (of its QDQ twin when it is QOperator) on calibration samples."""
@@ -320,11 +346,14 @@ class CandidateRun:
         try:
             path = self.paths[chosen.scheme]
             source = self.source(scheme)
-            qdq_path = path if scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), chosen.float_nodes,
-                                                                                  source=source)
+            qdq_path = (
+                path
+                if scheme.format is QuantFormat.QDQ
+                else self.quantize(qdq_twin(scheme), chosen.float_nodes, source=source)
+            )
             size = self.data.analysis_size()
             if size is None:
-                notes.append(f"per-layer error report skipped: {self.data.plan.refusal('analysis')}")
+                notes.append(f"per-layer error report skipped: {self.data.refusal('analysis')}")
                 return []
             return self._node_errors(source, qdq_path, size)
         except Exception as e:

@@ -68,7 +68,7 @@ def _unfused(node: onnx.NodeProto, used: set[str]) -> list[onnx.NodeProto]:
 
 
 def _block(fused: bool) -> onnx.ModelProto:
-    shape = ["N", "T", _HIDDEN]
+    shape: list[str | int] = ["N", "T", _HIDDEN]
     if fused:
         nodes = [helper.make_node("SkipLayerNormalization", ["x", "s", "g", "b"], ["y"], domain="com.microsoft",
                                   epsilon=1e-12)]

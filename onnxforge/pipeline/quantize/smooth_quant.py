@@ -64,7 +64,7 @@ def _weight(node: ir.Node) -> ir.Value | None:
     return weight
 
 
-def smooth_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
+def smooth_groups(model: onnx.ModelProto) -> dict[str, list[str | None]]:
     """{normalization output: names of the MatMul/Attention nodes reading it with a constant weight}."""
     graph = ir.from_proto(model).graph
     return {name: [n.name for n in nodes] for name, nodes in _groups(graph).items()}
@@ -82,18 +82,21 @@ def _groups(graph: ir.Graph) -> dict[str, list[ir.Node]]:
     return groups
 
 
-def channel_max(model: onnx.ModelProto, names: Iterable[str], batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def channel_max(
+    model: onnx.ModelProto, names: Iterable[str], batches: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor in ``names`` over ``batches``, one batch in memory."""
     names = list(names)
     options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
-    session = ort.InferenceSession(with_outputs(model, names).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        with_outputs(model, names).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     outputs = [o.name for o in session.get_outputs()]
     inputs = [i.name for i in session.get_inputs()]
     found: dict[str, np.ndarray] = {}
     for batch in batches:
-        values = dict(zip(outputs, session.run(None, {k: batch[k] for k in inputs})))
+        values = dict(zip(outputs, session.run(None, {k: batch[k] for k in inputs}), strict=True))
         for name in names:
             x = np.abs(np.asarray(values[name], dtype=np.float32))
             x = x.reshape(-1, x.shape[-1]).max(axis=0)
@@ -101,7 +104,9 @@ def channel_max(model: onnx.ModelProto, names: Iterable[str], batches: Iterable[
     return found
 
 
-def smooth_model(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]], alpha: float = 0.5) -> SmoothResult:
+def smooth_model(
+    model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]], alpha: float = 0.5
+) -> SmoothResult:
     """``model`` with SmoothQuant scales migrated (see the module doc), statistics from ``batches``."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -115,30 +120,44 @@ def smooth_model(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarr
     for name, nodes in _groups(graph).items():
         if name not in stats:
             continue
-        weights = [_weight(n) for n in nodes]
-        w_max = np.max(np.stack([np.abs(w.const_value.numpy()).max(axis=1) for w in weights]), axis=0)
+        weights = [w for w in map(_weight, nodes) if w is not None]  # all of them: _groups kept those with one
+        norm_out = nodes[0].inputs[0]
+        norm = norm_out.producer() if norm_out is not None else None
+        if norm is None or norm_out is None:  # never: a group is named after a normalization's output
+            continue
+        w_max = np.max(np.stack([np.abs(_array(w)).max(axis=1) for w in weights]), axis=0)
         x_max = stats[name]
         if x_max.shape != w_max.shape:
             continue
         scale = np.power(np.maximum(x_max, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1.0 - alpha)
         scale = np.clip(scale, *_SCALE_RANGE).astype(np.float32)
         for w in weights:
-            _set_const(w, w.const_value.numpy() * scale[:, None])
-        norm_out = nodes[0].inputs[0]
+            _set_const(w, _array(w) * scale[:, None])
         if _fold_into_norm(norm_out, nodes, 1.0 / scale):
             folded += 1
             continue
-        inverse = ir.Value(name=f"{name}_smooth_scale", const_value=ir.tensor((1.0 / scale).astype(np.float32),
-                           name=f"{name}_smooth_scale"), shape=ir.Shape(scale.shape), type=ir.TensorType(ir.DataType.FLOAT))
+        inverse = ir.Value(
+            name=f"{name}_smooth_scale",
+            const_value=ir.tensor((1.0 / scale).astype(np.float32), name=f"{name}_smooth_scale"),
+            shape=ir.Shape(scale.shape),
+            type=ir.TensorType(ir.DataType.FLOAT),
+        )
         graph.register_initializer(inverse)
         mul = ir.node("Mul", [norm_out, inverse], name=f"{name}_smooth")
         mul.outputs[0].name = f"{name}_smoothed"
         mul.outputs[0].type = norm_out.type
         mul.outputs[0].shape = norm_out.shape
-        graph.insert_after(norm_out.producer(), mul)
+        graph.insert_after(norm, mul)
         for node in nodes:
             node.replace_input_with(0, mul.outputs[0])
     return SmoothResult(ir.to_proto(smoothed), len(stats), folded)
+
+
+def _array(value: ir.Value) -> np.ndarray:
+    """A constant's values (``_weight`` and ``_fold_into_norm`` checked it is one)."""
+    if value.const_value is None:
+        raise ValueError(f"{value.name} is not a constant")
+    return value.const_value.numpy()
 
 
 def _set_const(value: ir.Value, array: np.ndarray) -> None:
@@ -151,9 +170,9 @@ def _fold_into_norm(norm_out: ir.Value, group: list[ir.Node], inverse: np.ndarra
     if norm is None or norm_out.is_graph_output() or {id(u) for u, _ in norm_out.uses()} != {id(n) for n in group}:
         return False
     skip = norm.op_type.startswith("Skip")
-    params = [norm.inputs[i] for i in ((2, 3) if skip else (1, 2)) if i < len(norm.inputs) and norm.inputs[i] is not None]
+    params = [p for i in ((2, 3) if skip else (1, 2)) if i < len(norm.inputs) and (p := norm.inputs[i]) is not None]
     if not params or any(p.const_value is None or len(p.uses()) != 1 for p in params):
         return False
     for p in params:
-        _set_const(p, p.const_value.numpy() * inverse)
+        _set_const(p, _array(p) * inverse)
     return True

@@ -8,11 +8,10 @@ candidate), select (scoring, timing, mixed precision, the choice).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
-
-import dataclasses
 
 import onnx
 
@@ -20,8 +19,8 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import save_model
 from onnxforge.pipeline.cache import StageCache
-from onnxforge.pipeline.normalize import load_stage_input, quantized_ops
 from onnxforge.pipeline.data_spec import DataSpec
+from onnxforge.pipeline.normalize import load_stage_input, quantized_ops
 from onnxforge.pipeline.quantize.calibrate import data_notes, load_calibration
 from onnxforge.pipeline.quantize.config import QuantizeConfig, QuantizeResult
 from onnxforge.pipeline.quantize.embeddings import embedding_tables
@@ -32,6 +31,8 @@ from onnxforge.pipeline.quantize.smooth_quant import smooth_groups
 from onnxforge.targets import QuantMethod, QuantScheme, get_target
 
 __all__ = ["quantize"]
+
+_DEFAULT_CONFIG = QuantizeConfig()  # frozen: one shared default is safe
 
 
 def _nothing_quantized(model: onnx.ModelProto) -> str:
@@ -49,7 +50,7 @@ def quantize(
     input_path: str | os.PathLike,
     output: str | os.PathLike,
     calibration: object,
-    config: QuantizeConfig = QuantizeConfig(),
+    config: QuantizeConfig = _DEFAULT_CONFIG,
     *,
     cache: StageCache | None = None,
 ) -> QuantizeResult:
@@ -110,7 +111,8 @@ def quantize(
     if chosen.speedup is not None and chosen.speedup < 1.0:
         notes.append(
             f"the kept model is {1 / chosen.speedup:.2f}x SLOWER than fp32 on target {target.name!r}: no candidate "
-            f"{'within tolerance ' if passed else ''}is faster; this model's time is not in ops that int8 kernels speed up"
+            f"{'within tolerance ' if passed else ''}is faster; this model's time is not in ops that int8 "
+            "kernels speed up"
         )
     result = QuantizeResult(
         path=out,
@@ -129,23 +131,28 @@ def quantize(
     if not passed:
         raise QualityGateError(
             f"no quantized model meets the tolerance ({run.gate.describe()}): the best, {chosen.scheme}, scores "
-            f"{run.gate.format(chosen.score)} vs fp32 {run.gate.format(run.fp32_score)}; it is saved at {out}",
-            hint=f"loosen --tolerance (now {run.gate.describe_tolerance()}), add calibration data, or keep sensitive ops in float with --exclude-op",
+            f"{run.gate.format(chosen.score) if chosen.score is not None else 'no score'} vs fp32 "
+            f"{run.gate.format(run.fp32_score)}; it is saved at {out}",
+            hint=f"loosen --tolerance (now {run.gate.describe_tolerance()}), add calibration data, or keep "
+            "sensitive ops in float with --exclude-op",
             best_path=str(out),
             result=result.to_json(),
         )
     return result
 
 
-def _fit_schemes(schemes: list[QuantScheme], model: onnx.ModelProto, config: QuantizeConfig,
-                 notes: list[str]) -> list[QuantScheme]:
+def _fit_schemes(
+    schemes: list[QuantScheme], model: onnx.ModelProto, config: QuantizeConfig, notes: list[str]
+) -> list[QuantScheme]:
     """``schemes`` with int8 embedding tables where ``quantize_embeddings`` asks and the model has one,
     and without smoothing where no normalization feeds a MatMul (it would measure the same model twice)."""
     if any(s.smooth for s in schemes) and not smooth_groups(model):
         schemes = [dataclasses.replace(s, smooth=False) for s in schemes]
     tables = embedding_tables(model) if config.quantize_embeddings else []
     if tables:
-        notes.append(f"embedding table(s) {', '.join(tables)} stored in int8 with per-row scales in every int8/int4 "
-                     "candidate (quantize_embeddings)")
+        notes.append(
+            f"embedding table(s) {', '.join(tables)} stored in int8 with per-row scales in every int8/int4 "
+            "candidate (quantize_embeddings)"
+        )
         schemes = [s if s.method is QuantMethod.FP16 else dataclasses.replace(s, int8_embeddings=True) for s in schemes]
     return list(dict.fromkeys(schemes))

@@ -79,19 +79,24 @@ def fuse_transformer(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.n
     if fused_model is None or not _gained(before, _counts(fused_model), _STRUCTURAL):
         fused_model, tool = _ort_optimizer(model), "onnxruntime.transformers optimizer"
     if fused_model is None or not _gained(before, _counts(fused_model), _STRUCTURAL):
-        return FusionResult(model, {}, "transformer fusions found no Attention/SkipLayerNorm pattern: graph kept unfused")
+        return FusionResult(
+            model, {}, "transformer fusions found no Attention/SkipLayerNorm pattern: graph kept unfused"
+        )
     fused_model, converted = _prepare_qattention(fused_model, samples)
     gained = _gained(before, _counts(fused_model), FUSED_OPS)
     if samples:
         diff = _parity(model, fused_model, samples)
         if diff is None or diff > _PARITY_RTOL:
             shown = "could not run" if diff is None else f"relative difference {diff:.2e}"
-            return FusionResult(model, {}, f"transformer fusions ({tool}) changed the outputs ({shown}): graph kept unfused")
+            return FusionResult(
+                model, {}, f"transformer fusions ({tool}) changed the outputs ({shown}): graph kept unfused"
+            )
     summary = ", ".join(f"{n} {op}" for op, n in sorted(gained.items()))
     checked = f", outputs match on {len(samples)} batch(es)" if samples else ""
     masks = f"; {converted} attention mask(s) as mask_index for QAttention" if converted else ""
-    return FusionResult(fused_model, gained, f"transformer fusions ({tool}) applied: {summary}{masks}{checked}",
-                        converted)
+    return FusionResult(
+        fused_model, gained, f"transformer fusions ({tool}) applied: {summary}{masks}{checked}", converted
+    )
 
 
 def _gained(before: Counter, after: Counter, ops: Sequence[str]) -> dict[str, int]:
@@ -119,8 +124,13 @@ def _ort_optimizer(model: onnx.ModelProto) -> onnx.ModelProto | None:
     quiet.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            optimized = optimize_model(onnx.ModelProto.FromString(model.SerializeToString()), model_type="bert",
-                                       num_heads=0, hidden_size=0, opt_level=0)
+            optimized = optimize_model(
+                onnx.ModelProto.FromString(model.SerializeToString()),
+                model_type="bert",
+                num_heads=0,
+                hidden_size=0,
+                opt_level=0,
+            )
         return optimized.model
     except Exception:
         return None
@@ -132,7 +142,9 @@ def _ort_optimizer(model: onnx.ModelProto) -> onnx.ModelProto | None:
 # Attention -> QAttention-ready
 
 
-def _prepare_qattention(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]]) -> tuple[onnx.ModelProto, int]:
+def _prepare_qattention(
+    model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]]
+) -> tuple[onnx.ModelProto, int]:
     graph_model = ir.from_proto(model)
     graph = graph_model.graph
     attentions = [n for n in graph if n.op_type == "Attention" and n.domain == "com.microsoft"]
@@ -150,12 +162,21 @@ def _fold_packed_weight(graph: ir.Graph, node: ir.Node) -> None:
     if weight is None or weight.const_value is not None or weight.is_initializer():
         return
     concat = weight.producer()
-    if concat is None or concat.op_type != "Concat" or any(v is None or v.const_value is None for v in concat.inputs):
+    if concat is None or concat.op_type != "Concat":
         return
+    parts = []
+    for v in concat.inputs:
+        if v is None or v.const_value is None:
+            return
+        parts.append(v.const_value.numpy())
     axis = concat.attributes.get_int("axis", 0)
-    packed = np.concatenate([v.const_value.numpy() for v in concat.inputs], axis=axis)
-    value = ir.Value(name=f"{weight.name}_packed", const_value=ir.tensor(packed, name=f"{weight.name}_packed"),
-                     shape=ir.Shape(packed.shape), type=ir.TensorType(ir.DataType.from_numpy(packed.dtype)))
+    packed = np.concatenate(parts, axis=axis)
+    value = ir.Value(
+        name=f"{weight.name}_packed",
+        const_value=ir.tensor(packed, name=f"{weight.name}_packed"),
+        shape=ir.Shape(packed.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(packed.dtype)),
+    )
     graph.register_initializer(value)
     node.replace_input_with(1, value)
 
@@ -175,8 +196,13 @@ def _masks_to_mask_index(model: onnx.ModelProto, samples: Sequence[Mapping[str, 
     inputs = {i.name: i for i in graph.input}
     by_bias: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        if node.op_type == "Attention" and node.domain == "com.microsoft" and len(node.input) > 5 and node.input[5] \
-                and not (len(node.input) > 3 and node.input[3]):
+        if (
+            node.op_type == "Attention"
+            and node.domain == "com.microsoft"
+            and len(node.input) > 5
+            and node.input[5]
+            and not (len(node.input) > 3 and node.input[3])
+        ):
             by_bias.setdefault(node.input[5], []).append(node)
     if not by_bias or not samples:
         return 0
@@ -187,8 +213,9 @@ def _masks_to_mask_index(model: onnx.ModelProto, samples: Sequence[Mapping[str, 
             continue
         index_name = f"{source}_mask_index"
         if index_name not in producer:
-            cast = onnx.helper.make_node("Cast", [source], [index_name], name=f"{source}_to_mask_index",
-                                         to=onnx.TensorProto.INT32)
+            cast = onnx.helper.make_node(
+                "Cast", [source], [index_name], name=f"{source}_to_mask_index", to=onnx.TensorProto.INT32
+            )
             graph.node.insert(0, cast)
             producer[index_name] = cast
         for node in nodes:
@@ -244,7 +271,7 @@ def _is_key_padding_mask(model: onnx.ModelProto, bias: str, source: str, samples
         length = base.shape[1]
         for row in range(mask.shape[0]):
             if trial % 2 == 0:  # padding at the end
-                mask[row, rng.integers(1, length):] = 0
+                mask[row, rng.integers(1, length) :] = 0
             else:  # holes anywhere but the first key
                 mask[row, 1:] = rng.integers(0, 2, length - 1)
         feeds = {k: np.asarray(v) for k, v in sample.items() if k in needed}
@@ -256,7 +283,9 @@ def _is_key_padding_mask(model: onnx.ModelProto, bias: str, source: str, samples
         value = np.asarray(value, dtype=np.float64)
         if value.ndim != 4 or value.shape[0] not in (1, mask.shape[0]) or value.shape[-1] != length:
             return False
-        keep = np.broadcast_to(mask[:, None, None, :].astype(bool), np.broadcast_shapes(value.shape, (mask.shape[0], 1, 1, length)))
+        keep = np.broadcast_to(
+            mask[:, None, None, :].astype(bool), np.broadcast_shapes(value.shape, (mask.shape[0], 1, 1, length))
+        )
         value = np.broadcast_to(value, keep.shape)
         if not (np.all(np.abs(value[keep]) <= 1e-6) and np.all(value[~keep] <= _MASKED)):
             return False
@@ -279,7 +308,7 @@ def _parity(reference: onnx.ModelProto, candidate: onnx.ModelProto, samples) -> 
         a, b = _session(reference), _session(candidate)
         worst = 0.0
         for feeds in samples:
-            for x, y in zip(a.run(None, dict(feeds)), b.run(None, dict(feeds))):
+            for x, y in zip(a.run(None, dict(feeds)), b.run(None, dict(feeds)), strict=False):
                 x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
                 if x.shape != y.shape:
                     return None
@@ -306,5 +335,5 @@ def padded_batch(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nd
         length = max(a.shape[1] for a in arrays)
         padded_any |= any(a.shape[1] != length for a in arrays)
         widths = [[(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2) for a in arrays]
-        batch[name] = np.concatenate([np.pad(a, w) for a, w in zip(arrays, widths)])
+        batch[name] = np.concatenate([np.pad(a, w) for a, w in zip(arrays, widths, strict=True)])
     return batch if padded_any else None
