@@ -191,12 +191,12 @@ def decode(annotation: Any, value: Any, where: str = "config", base: Path | None
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis or len(args) <= 1:
+        if (len(args) == 2 and args[1] is Ellipsis) or len(args) <= 1:
             item = args[0] if args else Any
             return tuple(decode(item, v, f"{where}[{i}]", base) for i, v in enumerate(value))
         if len(value) != len(args):
             raise RecipeError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(decode(a, v, f"{where}[{i}]", base) for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(decode(a, v, f"{where}[{i}]", base) for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin in (Mapping, dict, typing.get_origin(Mapping[str, int])):
         if not isinstance(value, Mapping):
             raise RecipeError(f"{where}: expected a mapping, got {value!r}")

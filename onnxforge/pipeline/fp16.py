@@ -33,13 +33,16 @@ from onnxforge.pipeline.parity_feeds import parity_feeds
 __all__ = ["Fp16Config", "Fp16Result", "convert_fp16", "to_fp16_model"]
 
 
+_DEFAULT_TOLERANCE = Tolerance(atol=1e-2, rtol=1e-2)  # frozen: one shared default is safe
+
+
 @dataclass(frozen=True, kw_only=True)
 class Fp16Config:
     keep_io_types: bool = True
     op_block_list: tuple[str, ...] = ()
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     sample_data: DataSpec | None = None  # .npz keyed by input name: parity inputs instead of random ones
-    tolerance: Tolerance = Tolerance(atol=1e-2, rtol=1e-2)
+    tolerance: Tolerance = _DEFAULT_TOLERANCE
 
     def __post_init__(self) -> None:
         set_data_fields(self, "sample_data")  # a str or Path from the Python API becomes a DataSpec
@@ -102,7 +105,8 @@ def _refuse_fp16(model: onnx.ModelProto, path) -> None:
                                 hint="convert the float32 model it came from")
 
 
-def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike, config: Fp16Config = Fp16Config()) -> Fp16Result:
+def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike,
+                 config: Fp16Config = Fp16Config()) -> Fp16Result:
     """Convert ``input_path`` to fp16 at ``output``; parity vs fp32 beyond tolerance keeps the file and exits 4."""
     out = check_output_path(output, input_path, *paths_in(config))
     loaded = load_stage_input(input_path, "fp16", large=True)

@@ -20,7 +20,7 @@ import onnx
 from onnxforge._atomic import atomic_write_text
 from onnxforge.model_io import default_opset, file_sha256, input_specs, model_file_size, output_specs
 
-__all__ = ["Manifest", "StageRecord", "tool_versions", "describe_file", "machine_description"]
+__all__ = ["Manifest", "StageRecord", "describe_file", "machine_description", "tool_versions"]
 
 MANIFEST_NAME = "manifest.json"
 _TOOLS = ("onnxforge", "onnx", "onnxruntime", "torch", "onnxsim", "onnxslim", "onnxscript", "onnx-ir", "numpy", "keras")
@@ -77,6 +77,12 @@ class StageRecord:
     inputs: list[str] = field(default_factory=list)  # what the stage read: source spec or stage files
     summary: str = ""  # one phrase from the pass's summary(), for the run table and the report
     cache: str = ""  # how the cache answered: cached, not cached, forced, a tampered entry recomputed
+
+    def output_file(self) -> dict[str, Any]:
+        """``output`` of a stage that wrote one (done, cached): path, sha256, bytes, inputs, outputs."""
+        if self.output is None:
+            raise ValueError(f"stage {self.name} ({self.status}) has no output file")
+        return self.output
 
     def to_json(self) -> dict[str, Any]:
         return {

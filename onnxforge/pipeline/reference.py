@@ -36,7 +36,7 @@ from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
 from onnxforge.targets.latency import LatencyStats, compare_latency
 
-__all__ = ["Reference", "Timing", "ModelRef"]
+__all__ = ["ModelRef", "Reference", "Timing"]
 
 ModelRef = str | os.PathLike | bytes | onnx.ModelProto
 Feeds = Mapping[str, np.ndarray]

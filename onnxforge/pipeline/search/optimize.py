@@ -50,7 +50,7 @@ from onnxforge.pipeline.search.trial import (
 )
 from onnxforge.targets import get_target
 
-__all__ = ["optimize", "OptimizeResult"]
+__all__ = ["OptimizeResult", "optimize"]
 
 Progress = Callable[[dict[str, Any]], None]
 STUDY_FILE = "study.log"
@@ -101,13 +101,13 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
                                                 dynamic_batch=config.dynamic_batch), "export", ("source",))
         output = run_dir / "input_export.onnx"
         record = run_stage(spec, [StageArtifact(model, source_fingerprint(model))], output, context, cache)
-        reference = StageArtifact(str(output), record.output["sha256"])
+        reference = StageArtifact(str(output), record.output_file()["sha256"])
     simplify = StageSpec("simplify", SimplifyConfig(sample_data=config.eval_data), "simplify", ("reference",))
     output = run_dir / "input_simplified.onnx"
     try:
         record = run_stage(simplify, [reference], output, context, cache)
-        start = StageArtifact(str(output), record.output["sha256"])
-    except Exception as e:  # noqa: BLE001 - simplification is an optimization, not a requirement
+        start = StageArtifact(str(output), record.output_file()["sha256"])
+    except Exception as e:  # simplification is an optimization, not a requirement
         progress(f"simplify failed ({e}); trials start from the input model")
         start = reference
     return reference, start
@@ -312,7 +312,8 @@ def _recipe_for(model: str, record: dict[str, Any], config: OptimizeConfig, spac
     context = StageContext(target=config.target, calibration=config.calibration)
     for spec in stage_specs(space.plan_from_params(record["plan"]), context):
         stages.append({spec.kind: codec.encode(spec.config)})
-    recipe = {"name": f"trial-{record['number']}", "model": str(Path(model).resolve()) if not model.startswith("builtin:") else model,
+    recipe = {"name": f"trial-{record['number']}",
+              "model": str(Path(model).resolve()) if not model.startswith("builtin:") else model,
               "calibration": codec.encode(config.calibration), "eval": str(config.eval_data.path),
               "target": config.target, "stages": stages}
     if not model.endswith(".onnx"):
@@ -370,7 +371,8 @@ def _publish(run_dir, model, config, space, ctx, gate, reference_score, records,
     if best is not None:
         best_path = run_dir / "best.onnx"
         shutil.copyfile(best["path"], best_path)
-        atomic_write_text(run_dir / "best.recipe.yaml", yaml.safe_dump(_recipe_for(model, best, config, space), sort_keys=False))
+        atomic_write_text(run_dir / "best.recipe.yaml",
+                          yaml.safe_dump(_recipe_for(model, best, config, space), sort_keys=False))
     on_front = {r["number"]: r for r in front}
     for r in records:  # the table shows every trial, the front ones with their re-timed numbers
         if r["number"] in on_front:

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,18 @@ from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.recipe import StageSpec
 from onnxforge.pipeline.reference import Reference
 from onnxforge.pipeline.registry import Artifact, Phase, StageContext, registered_passes
-from onnxforge.pipeline.runner import StageArtifact, run_stage
+from onnxforge.pipeline.runner import StageArtifact, run_stage, stage_record
 from onnxforge.pipeline.search.space import TrialPlan
 
-__all__ = ["TrialContext", "build_trial", "measure_quality", "time_against_reference", "quality_loss", "trial_reference",
-           "reference_gate"]
+__all__ = [
+    "TrialContext",
+    "build_trial",
+    "measure_quality",
+    "quality_loss",
+    "reference_gate",
+    "time_against_reference",
+    "trial_reference",
+]
 
 
 @dataclass(frozen=True)
@@ -114,19 +122,21 @@ def build_trial(plan: TrialPlan, ctx: TrialContext, work_dir: Path) -> BuiltTria
         try:
             record = run_stage(spec, [artifacts[i] for i in spec.inputs], output, context, cache)
         except QualityGateError as e:  # a stage's own gate: keep what it saved, the search scores it
-            if not e.best_path:
+            failed = stage_record(e)
+            if not e.best_path or failed is None:
                 raise
-            record = e.record
+            record = failed
             artifacts[spec.name] = StageArtifact(e.best_path, file_sha256(e.best_path))
             records.append({"kind": spec.kind, "status": record.status, "cache": record.cache,
                             "seconds": round(record.seconds, 3), "config": record.config})
             current = Path(e.best_path)
             continue
-        artifacts[spec.name] = StageArtifact(str(output), record.output["sha256"])
+        artifacts[spec.name] = StageArtifact(str(output), record.output_file()["sha256"])
         records.append({"kind": spec.kind, "status": record.status, "cache": record.cache,
                         "seconds": round(record.seconds, 3), "config": record.config, "summary": record.summary})
-        if "train_seconds" in (record.result or {}):  # a cached distill ran for this long when it was computed
-            records[-1]["train_seconds"] = record.result["train_seconds"]
+        result = record.result or {}
+        if "train_seconds" in result:  # a cached distill ran for this long when it was computed
+            records[-1]["train_seconds"] = result["train_seconds"]
         current = output
     return BuiltTrial(current, records, time.perf_counter() - start)
 
@@ -151,7 +161,8 @@ def reference_gate(reference: str, eval_path: DataSpec | Path, target: str, metr
     """The search's gate, resolved on ``reference``'s outputs on the eval data, and its score there.
 
     An accuracy budget on data without labels is a CalibrationDataError."""
-    measured = Reference(reference, eval_path if isinstance(eval_path, DataSpec) else Path(eval_path), target, metric=metric, tolerance=tolerance, eval_batch=32)
+    data = eval_path if isinstance(eval_path, DataSpec) else Path(eval_path)
+    measured = Reference(reference, data, target, metric=metric, tolerance=tolerance, eval_batch=32)
     if metric is Metric.ACCURACY and measured.samples.labels is None:
         raise CalibrationDataError(
             f"{getattr(eval_path, 'path', eval_path)}: no 'label' array; an accuracy budget (--max-drop) needs labels",
@@ -169,7 +180,7 @@ def latency_feeds(ctx: TrialContext) -> dict[str, np.ndarray]:
     return trial_reference(ctx).feeds(ctx.batch)
 
 
-def time_against_reference(models: dict[str, bytes | str], reference: bytes | str, ctx: TrialContext,
+def time_against_reference(models: Mapping[str, bytes | str], reference: bytes | str, ctx: TrialContext,
                            feeds: dict[str, np.ndarray], rounds: int | None = None) -> dict[str, dict[str, float]]:
     """Time ``models`` interleaved with the reference on this machine (Reference.time_against); p50s
     and ratios to the reference's p50 in the same run."""
@@ -178,7 +189,8 @@ def time_against_reference(models: dict[str, bytes | str], reference: bytes | st
     return {name: timing.to_json() for name, timing in timed.items()}
 
 
-def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *, timing: bool = True) -> dict[str, Any]:
+def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *,
+                  timing: bool = True) -> dict[str, Any]:
     """Build, score and (with ``timing``) time one trial; the final model is copied to ``keep``.
 
     A trial that fails (a pass that cannot handle the graph, a scheme the target rejects) is returned
@@ -215,7 +227,8 @@ def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *
         record.update(status="failed", error=e.message)
     except Exception as e:  # a bug in a pass on this graph: recorded with its type, the search goes on
         last = traceback.extract_tb(e.__traceback__)[-1]
-        record.update(status="failed", error=f"{type(e).__name__}: {str(e)[:200]} ({Path(last.filename).name}:{last.lineno})")
+        where = f"{Path(last.filename).name}:{last.lineno}"
+        record.update(status="failed", error=f"{type(e).__name__}: {str(e)[:200]} ({where})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     record["seconds"] = round(time.perf_counter() - started, 3)
