@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxforge.pipeline import codec
+
 __all__ = [
     "CompareResult",
     "ErrorAccumulator",
@@ -90,8 +92,13 @@ class ErrorAccumulator:
         return self.dot / math.sqrt(self.signal * self.value_energy)
 
 
+def _finite(value: float) -> float | None:
+    # JSON has no Infinity: an error-free tensor is reported as null.
+    return round(value, 3) if math.isfinite(value) else None
+
+
 @dataclass(frozen=True)
-class TensorError:
+class TensorError(codec.JsonResult):
     """One matched tensor pair: A's name, B's name, A's producing node, how they were matched, errors."""
 
     name: str
@@ -99,28 +106,10 @@ class TensorError:
     node: str
     op_type: str
     matched_by: str  # "name", "producer" or "output"
-    sqnr_db: float
+    sqnr_db: float = field(metadata={"encode": _finite})
     cosine: float
     max_abs: float
-    relative_error: float
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "name_b": self.name_b,
-            "node": self.node,
-            "op_type": self.op_type,
-            "matched_by": self.matched_by,
-            "sqnr_db": _finite(self.sqnr_db),
-            "cosine": self.cosine,
-            "max_abs": self.max_abs,
-            "relative_error": _finite(self.relative_error),
-        }
-
-
-def _finite(value: float) -> float | None:
-    # JSON has no Infinity: an error-free tensor is reported as null.
-    return round(value, 3) if math.isfinite(value) else None
+    relative_error: float = field(metadata={"encode": _finite})
 
 
 @dataclass

@@ -295,8 +295,9 @@ def run_recipe(
     if recipe.model.endswith(".onnx"):
         # An .onnx recipe: the input model is the baseline every stage is scored and timed against.
         source = Path(recipe.model)
-        manifest.baseline = StageRecord("input", "input", "input", {}, artifacts[SOURCE].sha256, 0.0,
-                                        describe_file(source, run_dir), {"path": str(source)})
+        manifest.baseline = StageRecord(name="input", kind="input", status="input", config={},
+                                        key=artifacts[SOURCE].sha256, seconds=0.0,
+                                        output=describe_file(source, run_dir), result={"path": str(source)})
     for index, spec in enumerate(recipe.stages, start=1):
         output = stage_output(run_dir, index, spec.name)
         try:

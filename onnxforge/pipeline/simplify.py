@@ -44,6 +44,7 @@ from onnxforge.model_io import (
     stored_at,
 )
 from onnxforge.parity import ParityReport, Tolerance, compare_models
+from onnxforge.pipeline import codec
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.normalize import StageInput, load_stage_input
 from onnxforge.pipeline.parity_feeds import parity_feeds
@@ -74,11 +75,11 @@ class SimplifyConfig:
 
 
 @dataclass
-class Candidate:
+class Candidate(codec.JsonResult):
     method: str
     nodes: int | None
     bytes: int | None
-    seconds: float
+    seconds: float = field(metadata={"encode": codec.rounded(3)})
     parity: ParityReport | None = None
     error: str | None = None
 
@@ -86,45 +87,24 @@ class Candidate:
     def usable(self) -> bool:
         return self.error is None and self.parity is not None and self.parity.ok
 
-    def to_json(self) -> dict:
-        return {
-            "method": self.method,
-            "nodes": self.nodes,
-            "bytes": self.bytes,
-            "seconds": round(self.seconds, 3),
-            "parity": self.parity.to_json() if self.parity else None,
-            "error": self.error,
-        }
 
 
 MAX_GROWTH = 1.05  # a result may be this much larger than the smallest file and still win on nodes
 _SLACK = 4096  # bytes: shape annotations alone can make a tiny model's file grow by more than 5%
 
 
-@dataclass
-class SimplifyResult:
-    model: onnx.ModelProto
+@dataclass(kw_only=True)
+class SimplifyResult(codec.JsonResult):
+    model: onnx.ModelProto = field(metadata={"json": False})
+    path: Path | None = field(default=None, metadata={"json": False})  # set by simplify() once written
+    notes: list[str] = field(default_factory=list)  # what was normalized on load, simplifiers skipped
     chosen: str
     nodes_before: int
     nodes_after: int
-    candidates: list[Candidate]
-    path: Path | None = None
     bytes_before: int | None = None
     bytes_after: int | None = None
     parity_inputs: str = ""  # what parity was measured on
-    notes: list[str] = field(default_factory=list)  # what was normalized on load, simplifiers skipped
-
-    def to_json(self) -> dict:
-        return {
-            "notes": self.notes,
-            "chosen": self.chosen,
-            "nodes_before": self.nodes_before,
-            "nodes_after": self.nodes_after,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "parity_inputs": self.parity_inputs,
-            "candidates": [c.to_json() for c in self.candidates],
-        }
+    candidates: list[Candidate]
 
 
 def _count_nodes(model: onnx.ModelProto) -> int:
@@ -245,11 +225,13 @@ def simplify_model(
     before = _count_nodes(model)
     chosen = _choose(candidates, before, size)
     if chosen is None:
-        return SimplifyResult(model, "none (input kept)", before, before, candidates, None, size, size, described,
-                              notes)
+        return SimplifyResult(model=model, chosen="none (input kept)", nodes_before=before, nodes_after=before,
+                              candidates=candidates, bytes_before=size, bytes_after=size, parity_inputs=described,
+                              notes=notes)
     best, nodes, size_after = chosen
-    return SimplifyResult(produced[best.method], best.method, before, nodes, candidates, None, size,
-                          size_after, described, notes)
+    return SimplifyResult(model=produced[best.method], chosen=best.method, nodes_before=before, nodes_after=nodes,
+                          candidates=candidates, bytes_before=size, bytes_after=size_after, parity_inputs=described,
+                          notes=notes)
 
 
 def _check_runs(loaded: StageInput, config: SimplifyConfig) -> None:
