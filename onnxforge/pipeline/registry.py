@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 from onnxforge.errors import CalibrationDataError
 
 if TYPE_CHECKING:  # the cache and the data specs import the registry's users; the types are for the checker
+    import numpy as np
+
     from onnxforge.pipeline.cache import StageCache
     from onnxforge.pipeline.data_spec import DataSpec
 
@@ -116,7 +118,7 @@ class StageContext:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     dynamic_batch: bool = False
     max_samples: int | None = None  # samples read from each data file at most (None: the stages' defaults)
-    input_dtypes: Mapping[str, Any] = field(default_factory=dict)  # input name -> numpy dtype (recipe ``inputs:``)
+    input_dtypes: Mapping[str, np.dtype] = field(default_factory=dict)  # input name -> dtype (recipe ``inputs:``)
     dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # input name -> {axis: dim name}
     cache: StageCache | None = None  # where a stage may record measurements a re-run reuses (quantize's timings)
     progress: Callable[[str], None] = lambda message: None
