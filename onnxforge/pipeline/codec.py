@@ -30,8 +30,8 @@ import numpy as np
 
 from onnxforge.errors import OnnxForgeError, RecipeError
 
-__all__ = ["JsonResult", "decode", "decode_dataclass", "encode", "encode_result", "fingerprint", "key_fields",
-           "register_type"]
+__all__ = ["ABSENT", "Absent", "JsonResult", "decode", "decode_dataclass", "encode", "encode_result", "fingerprint",
+           "key_fields", "register_type", "rounded"]
 
 _HOOKS: dict[type, tuple[Callable[[Any], Any] | None, Callable[[Any, str, Path | None], Any]]] = {}
 
@@ -51,11 +51,23 @@ def key_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
 
 
+class Absent(enum.Enum):
+    """The value of a result field the result does not have yet (a trial that failed before it was
+    timed has no ``ratio``): ``encode_result`` leaves the key out, where None would write null."""
+
+    ABSENT = "absent"
+
+
+ABSENT = Absent.ABSENT
+
+
 class JsonResult:
     """A stage result (or trial record) saved through the codec: ``to_json()`` encodes every field, nested
     results included, except those marked ``metadata={"json": False}`` (an in-memory model), then adds what
-    ``json_extra()`` derives (a ratio, a flag a reader wants without recomputing it). No hand-written
-    ``to_json``: a field that exists is a field that is saved."""
+    ``json_extra()`` derives (a ratio, a flag a reader wants without recomputing it). A field whose JSON is
+    spelled otherwise than its value (seconds rounded to the millisecond) names the spelling in its
+    metadata: ``metadata={"encode": rounded(3)}``. No hand-written ``to_json``: a field that exists is a
+    field that is saved."""
 
     def json_extra(self) -> dict[str, Any]:
         return {}
@@ -65,12 +77,42 @@ class JsonResult:
 
 
 def encode_result(value: Any) -> dict[str, Any]:
-    """A result dataclass as JSON data: its JSON fields by ``encode``, then its ``json_extra()``."""
-    data = {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.metadata.get("json", True)}
+    """A result dataclass as JSON data: its JSON fields by ``encode`` (or the field's own ``encode``
+    spelling), then its ``json_extra()``."""
+    data = {}
+    for f in dataclasses.fields(value):
+        if not f.metadata.get("json", True):
+            continue
+        spell = f.metadata.get("encode")
+        raw = getattr(value, f.name)
+        if raw is ABSENT:
+            continue
+        data[f.name] = spell(raw) if spell is not None else _encode_in_result(raw)
     extra = getattr(value, "json_extra", None)
     if extra is not None:
-        data.update({k: encode(v) for k, v in extra().items()})
+        data.update({k: _encode_in_result(v) for k, v in extra().items()})
     return data
+
+
+def rounded(digits: int) -> Callable[[float | None], float | None]:
+    """A field spelling (``metadata={"encode": rounded(3)}``): the number rounded to ``digits`` places."""
+    return lambda value: None if value is None else round(value, digits)
+
+
+def _encode_in_result(value: Any) -> Any:
+    """``encode`` for the values inside a result, where a nested result from outside the codec (a
+    ``ParityReport``, a ``TensorSpec``: results still spelled by their own ``to_json``) is encoded by it.
+    Configs never reach here, so what they hash does not depend on such methods."""
+    if isinstance(value, JsonResult) and dataclasses.is_dataclass(value):
+        return encode_result(value)
+    to_json = getattr(value, "to_json", None)
+    if callable(to_json) and not isinstance(value, type):
+        return to_json()
+    if isinstance(value, Mapping):
+        return {str(k): _encode_in_result(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode_in_result(v) for v in value]
+    return encode(value)
 
 
 def encode(value: Any) -> Any:
@@ -191,12 +233,12 @@ def decode(annotation: Any, value: Any, where: str = "config", base: Path | None
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis or len(args) <= 1:
+        if (len(args) == 2 and args[1] is Ellipsis) or len(args) <= 1:
             item = args[0] if args else Any
             return tuple(decode(item, v, f"{where}[{i}]", base) for i, v in enumerate(value))
         if len(value) != len(args):
             raise RecipeError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(decode(a, v, f"{where}[{i}]", base) for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(decode(a, v, f"{where}[{i}]", base) for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin in (Mapping, dict, typing.get_origin(Mapping[str, int])):
         if not isinstance(value, Mapping):
             raise RecipeError(f"{where}: expected a mapping, got {value!r}")

@@ -141,7 +141,7 @@ def run_to_output(
             path = output if last else stage_output(scratch, index, spec.name)
             record = run_stage(spec, stage_inputs(spec, artifacts), path, context, cache, force=force)
             records.append(record)
-            artifacts[spec.name] = StageArtifact(str(path), record.output["sha256"])
+            artifacts[spec.name] = StageArtifact(str(path), record.output_file()["sha256"])
     return records
 
 
@@ -150,7 +150,7 @@ def stage_json(records: Sequence[StageRecord]) -> dict[str, Any]:
     kind, key, config, cache answer, seconds, output); for several stages, each result under its stage's
     name and every record under ``stages``."""
     if len(records) > 1:  # each stage's result under its name, and the records
-        payload = {r.name: r.result for r in records}
+        payload: dict[str, Any] = {r.name: r.result for r in records}
         payload["stages"] = [r.to_json() for r in records]
         return payload
     last = records[-1]

@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxforge.pipeline import codec
+
 __all__ = [
     "CompareResult",
     "ErrorAccumulator",
@@ -43,7 +45,7 @@ _CHUNK = 1 << 20  # elements summed at once (8 MB per float64 temporary)
 class ErrorAccumulator:
     """Running sums for SQNR, cosine, relative and max-abs error between a reference and a value."""
 
-    __slots__ = ("signal", "noise", "dot", "value_energy", "max_abs")
+    __slots__ = ("dot", "max_abs", "noise", "signal", "value_energy")
 
     def __init__(self) -> None:
         self.signal = 0.0
@@ -90,8 +92,13 @@ class ErrorAccumulator:
         return self.dot / math.sqrt(self.signal * self.value_energy)
 
 
+def _finite(value: float) -> float | None:
+    # JSON has no Infinity: an error-free tensor is reported as null.
+    return round(value, 3) if math.isfinite(value) else None
+
+
 @dataclass(frozen=True)
-class TensorError:
+class TensorError(codec.JsonResult):
     """One matched tensor pair: A's name, B's name, A's producing node, how they were matched, errors."""
 
     name: str
@@ -99,28 +106,10 @@ class TensorError:
     node: str
     op_type: str
     matched_by: str  # "name", "producer" or "output"
-    sqnr_db: float
+    sqnr_db: float = field(metadata={"encode": _finite})
     cosine: float
     max_abs: float
-    relative_error: float
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "name_b": self.name_b,
-            "node": self.node,
-            "op_type": self.op_type,
-            "matched_by": self.matched_by,
-            "sqnr_db": _finite(self.sqnr_db),
-            "cosine": self.cosine,
-            "max_abs": self.max_abs,
-            "relative_error": _finite(self.relative_error),
-        }
-
-
-def _finite(value: float) -> float | None:
-    # JSON has no Infinity: an error-free tensor is reported as null.
-    return round(value, 3) if math.isfinite(value) else None
+    relative_error: float = field(metadata={"encode": _finite})
 
 
 @dataclass
@@ -196,7 +185,7 @@ def _match(a: onnx.ModelProto, b: onnx.ModelProto) -> tuple[list[_Pair], list[_P
                 pairs.append(_Pair(name, by_node_b[node.name][index], node.name, node.op_type, "producer"))
     producers_a = {o: n for n in a.graph.node for o in n.output}
     outputs = []
-    for name_a, name_b in zip(outputs_a, outputs_b):
+    for name_a, name_b in zip(outputs_a, outputs_b, strict=False):
         node = producers_a.get(name_a)
         outputs.append(_Pair(name_a, name_b, node.name if node else "", node.op_type if node else "", "output"))
     return pairs, outputs
@@ -243,23 +232,25 @@ def compare_models(
     skipped: dict[str, str] = {}
     count = 0
     for feeds in samples.batches(1):
-        run_a = dict(zip(names_a, session_a.run(None, {k: feeds[k] for k in (s.name for s in specs)})))
-        run_b = dict(zip(names_b_out, session_b.run(None, {i.name: feeds[i.name] for i in session_b.get_inputs()})))
+        run_a = dict(zip(names_a, session_a.run(None, {k: feeds[k] for k in (s.name for s in specs)}), strict=True))
+        feeds_b = {i.name: feeds[i.name] for i in session_b.get_inputs()}
+        run_b = dict(zip(names_b_out, session_b.run(None, feeds_b), strict=True))
         count += 1
         for pair in [*pairs, *outputs]:
             if pair.name in skipped:
                 continue
             x, y = run_a.get(pair.name), run_b.get(pair.name_b)
             reason = _comparable(x, y)
-            if reason:
-                skipped[pair.name] = reason
+            if reason or x is None or y is None:  # _comparable said "missing" for None
+                skipped[pair.name] = reason or "missing"
                 continue
             acc[pair.name].add(x, y)
     kept = [p for p in pairs if p.name not in skipped]
     kept_outputs = [p for p in outputs if p.name not in skipped]
     shapes = sum(1 for p in pairs if skipped.get(p.name) == "shape")
     if shapes:
-        notes.append(f"{shapes} matched tensor(s) differ in shape between the models (a layout or fusion change): skipped")
+        notes.append(f"{shapes} matched tensor(s) differ in shape between the models (a layout or fusion change): "
+                     "skipped")
     for p in outputs:
         if p.name in skipped:
             notes.append(f"output {p.name!r}: not compared ({skipped[p.name]})")
@@ -303,10 +294,11 @@ def compare_report_html(result: CompareResult, *, bars: int = 60) -> str:
         f"<h1>compare {_esc(result.model_a.name)} vs {_esc(result.model_b.name)}</h1>",
         f"<p>{_esc(result.summary())}; {result.samples} sample(s).</p>",
         f"<p><b>First divergence</b> (SQNR below {result.threshold_db:g} dB): "
-        + (f"{_esc(first.name)} from {_esc(first.op_type)} node {_esc(first.node)}, {db(first)} dB" if first else "none")
+        + (f"{_esc(first.name)} from {_esc(first.op_type)} node {_esc(first.node)}, {db(first)} dB"
+           if first else "none")
         + "</p>",
         *[f"<p class=\"meta\">{_esc(n)}</p>" for n in result.notes],
-        bar_chart_svg(chart_items, title=f"SQNR per tensor, graph order{' (every %dth)' % step if step > 1 else ''}",
+        bar_chart_svg(chart_items, title=f"SQNR per tensor, graph order{f' (every {step}th)' if step > 1 else ''}",
                       unit=" dB", width=760, label_width=300),
         "<h2>Tensors</h2>",
         _table(("tensor", "op", "node", "matched by", "SQNR dB", "cosine", "max abs", "rel. error"),

@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from onnxforge.errors import CalibrationDataError, OnnxForgeError, RecipeError, UsageError
 from onnxforge.model_io import TensorSpec
@@ -94,6 +94,14 @@ class DataSpec:
 DataSource = DataSpec | str | os.PathLike
 
 
+@overload
+def as_data_spec(value: DataSource) -> DataSpec: ...
+@overload
+def as_data_spec(value: None) -> None: ...
+@overload
+def as_data_spec(value: DataSource | None) -> DataSpec | None: ...
+
+
 def as_data_spec(value: DataSource | None) -> DataSpec | None:
     """A config's data field as a DataSpec: a ``str``/``Path`` is ``DataSpec(path=value)``."""
     if value is None or isinstance(value, DataSpec):
@@ -130,8 +138,10 @@ def data_spec_from_options(
         except ValueError:
             raise UsageError(f"--image-size {image_size!r}: expected HxW, e.g. 224x224") from None
         image_size = (h, w)
-    given = {"size": image_size, "scale": scale, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
-             "layout": None if layout in (None, ImageLayout.AUTO, "auto") else _choice(ImageLayout, layout, "--layout")}
+    given: dict[str, Any] = {"size": image_size, "scale": scale, "mean": _floats(mean, "--mean"),
+                             "std": _floats(std, "--std"),
+                             "layout": None if layout in (None, ImageLayout.AUTO, "auto")
+                             else _choice(ImageLayout, layout, "--layout")}
     given = {k: v for k, v in given.items() if v is not None}
     return DataSpec(path=Path(path), kind=_choice(DataKind, kind, "kind"),
                     image=ImagePreprocessing(**given) if given else None)

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from onnxforge.pipeline.calibration import SampleSet
 
-__all__ = ["Metric", "QualityGate", "run_outputs", "score", "resolve_metric", "tolerance_help"]
+__all__ = ["Metric", "QualityGate", "resolve_metric", "run_outputs", "score", "tolerance_help"]
 
 T = TypeVar("T")
 
@@ -154,8 +154,9 @@ def run_outputs(session: ort.InferenceSession, samples: SampleSet, batch_size: i
         for index, chunk in placed:
             for j, sample in enumerate(index):
                 rows[int(sample)] = chunk[i][j]
-        if len({r.shape for r in rows}) == 1:
-            outputs.append(np.stack(rows))
+        filled = [r for r in rows if r is not None]  # every sample is in one chunk: all rows are set
+        if len({r.shape for r in filled}) == 1:
+            outputs.append(np.stack(filled))
         else:
             ragged = np.empty(len(rows), dtype=object)
             for j, r in enumerate(rows):
@@ -204,14 +205,16 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
     if metric is Metric.ACCURACY:
         if labels is None:
             raise ValueError("accuracy needs labels")
-        return float(np.mean([int(np.argmax(r)) == int(lab) for r, lab in zip(y, labels)]))
+        return float(np.mean([int(np.argmax(r)) == int(lab) for r, lab in zip(y, labels, strict=False)]))
     if metric is Metric.AGREEMENT:
-        return float(np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(y, ref)]))
+        return float(np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(y, ref, strict=False)]))
     if metric in (Metric.COSINE, Metric.MIN_COSINE):
-        cosines = [float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12) for a, b in zip(y, ref)]
+        cosines = [float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12)
+                   for a, b in zip(y, ref, strict=False)]
         return float(np.mean(cosines) if metric is Metric.COSINE else np.min(cosines))
     if metric is Metric.REL_ERROR:
         return float(
-            np.mean([float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(b)), 1e-12) for a, b in zip(y, ref)])
+            np.mean([float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(b)), 1e-12)
+                     for a, b in zip(y, ref, strict=False)])
         )
     raise ValueError(f"unresolved metric {metric}")

@@ -24,8 +24,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-__all__ = ["file_fingerprint", "model_fingerprint", "samples_fingerprint", "cached_outputs", "cached_score",
-           "clear_evaluations"]
+__all__ = [
+    "cached_outputs",
+    "cached_score",
+    "clear_evaluations",
+    "file_fingerprint",
+    "model_fingerprint",
+    "samples_fingerprint",
+]
 
 MAX_OUTPUTS = 4
 

@@ -26,11 +26,15 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import InvalidModelError, OnnxForgeError, QualityGateError, first_line
 from onnxforge.model_io import check_model, infer_shapes, save_model, serialized_size, stored_at
 from onnxforge.parity import ParityReport, Tolerance, compare_models
+from onnxforge.pipeline import codec
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.parity_feeds import parity_feeds
 
 __all__ = ["Fp16Config", "Fp16Result", "convert_fp16", "to_fp16_model"]
+
+
+_DEFAULT_TOLERANCE = Tolerance(atol=1e-2, rtol=1e-2)  # frozen: one shared default is safe
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,30 +43,20 @@ class Fp16Config:
     op_block_list: tuple[str, ...] = ()
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     sample_data: DataSpec | None = None  # .npz keyed by input name: parity inputs instead of random ones
-    tolerance: Tolerance = Tolerance(atol=1e-2, rtol=1e-2)
+    tolerance: Tolerance = _DEFAULT_TOLERANCE
 
     def __post_init__(self) -> None:
         set_data_fields(self, "sample_data")  # a str or Path from the Python API becomes a DataSpec
 
 
-@dataclass
-class Fp16Result:
+@dataclass(kw_only=True)
+class Fp16Result(codec.JsonResult):
+    notes: list[str] = field(default_factory=list)  # what was normalized on load
     path: Path
     parity: ParityReport
+    parity_inputs: str = ""  # what parity ran on: the user's samples, or random inputs of stated shapes
     bytes_before: int
     bytes_after: int
-    parity_inputs: str = ""  # what parity ran on: the user's samples, or random inputs of stated shapes
-    notes: list[str] = field(default_factory=list)  # what was normalized on load
-
-    def to_json(self) -> dict:
-        return {
-            "notes": self.notes,
-            "path": str(self.path),
-            "parity": self.parity.to_json(),
-            "parity_inputs": self.parity_inputs,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-        }
 
 
 def to_fp16_model(model: onnx.ModelProto, config: Fp16Config = Fp16Config()) -> onnx.ModelProto:
@@ -102,7 +96,8 @@ def _refuse_fp16(model: onnx.ModelProto, path) -> None:
                                 hint="convert the float32 model it came from")
 
 
-def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike, config: Fp16Config = Fp16Config()) -> Fp16Result:
+def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike,
+                 config: Fp16Config = Fp16Config()) -> Fp16Result:
     """Convert ``input_path`` to fp16 at ``output``; parity vs fp32 beyond tolerance keeps the file and exits 4."""
     out = check_output_path(output, input_path, *paths_in(config))
     loaded = load_stage_input(input_path, "fp16", large=True)
@@ -113,7 +108,8 @@ def convert_fp16(input_path: str | os.PathLike, output: str | os.PathLike, confi
     with contextlib.nullcontext() if loaded.notes else stored_at(model, input_path):
         parity = compare_models(model, converted, feeds, config.tolerance)
     save_model(converted, out)
-    result = Fp16Result(out, parity, serialized_size(model), serialized_size(converted), described, loaded.notes)
+    result = Fp16Result(path=out, parity=parity, bytes_before=serialized_size(model),
+                         bytes_after=serialized_size(converted), parity_inputs=described, notes=loaded.notes)
     if not parity.ok:
         real = config.sample_data is not None
         raise QualityGateError(

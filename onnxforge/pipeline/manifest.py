@@ -19,8 +19,9 @@ import onnx
 
 from onnxforge._atomic import atomic_write_text
 from onnxforge.model_io import default_opset, file_sha256, input_specs, model_file_size, output_specs
+from onnxforge.pipeline.codec import JsonResult, rounded
 
-__all__ = ["Manifest", "StageRecord", "tool_versions", "describe_file", "machine_description"]
+__all__ = ["Manifest", "StageRecord", "describe_file", "machine_description", "tool_versions"]
 
 MANIFEST_NAME = "manifest.json"
 _TOOLS = ("onnxforge", "onnx", "onnxruntime", "torch", "onnxsim", "onnxslim", "onnxscript", "onnx-ir", "numpy", "keras")
@@ -61,40 +62,30 @@ def describe_file(path: Path, relative_to: Path | None = None) -> dict[str, Any]
     }
 
 
-@dataclass
-class StageRecord:
+@dataclass(kw_only=True)
+class StageRecord(JsonResult):
+    """One stage of a run as ``manifest.json`` holds it (fields in the order the file shows them)."""
+
     name: str
     kind: str
     status: str  # done | cached | failed | quality-gate-failed
-    config: dict[str, Any]
-    key: str
-    seconds: float
-    output: dict[str, Any] | None = None
-    result: dict[str, Any] | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
     verified: bool = True
-    error: str | None = None
-    inputs: list[str] = field(default_factory=list)  # what the stage read: source spec or stage files
     summary: str = ""  # one phrase from the pass's summary(), for the run table and the report
     cache: str = ""  # how the cache answered: cached, not cached, forced, a tampered entry recomputed
+    inputs: list[str] = field(default_factory=list)  # what the stage read: source spec or stage files
+    key: str
+    seconds: float = field(metadata={"encode": rounded(3)})
+    config: dict[str, Any]
+    output: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "status": self.status,
-            "verified": self.verified,
-            "summary": self.summary,
-            "cache": self.cache,
-            "inputs": self.inputs,
-            "key": self.key,
-            "seconds": round(self.seconds, 3),
-            "config": self.config,
-            "output": self.output,
-            "metrics": self.metrics,
-            "result": self.result,
-            "error": self.error,
-        }
+    def output_file(self) -> dict[str, Any]:
+        """``output`` of a stage that wrote one (done, cached): path, sha256, bytes, inputs, outputs."""
+        if self.output is None:
+            raise ValueError(f"stage {self.name} ({self.status}) has no output file")
+        return self.output
 
 
 @dataclass

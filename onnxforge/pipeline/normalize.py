@@ -80,7 +80,8 @@ def load_stage_input(
     path = Path(path)
     if not large and path.is_file() and not fits_in_protobuf(path):
         raise UsageError(
-            f"{path}: {model_file_size(path) / 1e9:.1f} GB is past protobuf's 2 GB, and {stage} does not take models that large yet",
+            f"{path}: {model_file_size(path) / 1e9:.1f} GB is past protobuf's 2 GB, and {stage} does not take models "
+            "that large yet",
             hint="simplify, fp16 and profile take them (with external data)",
         )
     model = load_model(path)
@@ -111,7 +112,8 @@ def normalize(model: onnx.ModelProto, path: str | os.PathLike = "the model") -> 
     moved, ir_before = _initializers_out_of_inputs(model)
     if moved:
         raised = f", IR version {ir_before} -> {model.ir_version}" if model.ir_version != ir_before else ""
-        notes.append(f"moved {moved} initializer{'s' * (moved != 1)} out of the graph inputs (weights, not fed){raised}")
+        notes.append(f"moved {moved} initializer{'s' * (moved != 1)} out of the graph inputs "
+                     f"(weights, not fed){raised}")
     renamed = _rename_duplicate_nodes(model)
     if renamed:
         notes.append(f"renamed {renamed} duplicate node name{'s' * (renamed != 1)} (onnxruntime refuses duplicates)")

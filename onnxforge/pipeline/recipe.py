@@ -48,12 +48,20 @@ from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.registry import Artifact, Pass, Phase, StageContext, get_pass, registered_passes
 from onnxforge.targets import TARGETS
 
-__all__ = ["InputDecl", "Recipe", "StageSpec", "SOURCE", "load_recipe", "recipe_from_mapping", "config_from_mapping",
-           "is_file_input"]
+__all__ = [
+    "SOURCE",
+    "InputDecl",
+    "Recipe",
+    "StageSpec",
+    "config_from_mapping",
+    "is_file_input",
+    "load_recipe",
+    "recipe_from_mapping",
+]
 
 SOURCE = "source"  # the name by which a stage names the recipe's model as its input
-_TOP_KEYS = {"model", "inputs", "input_shapes", "dynamic_batch", "calibration", "eval", "max_samples", "target", "stages",
-             "name", "search"}
+_TOP_KEYS = {"model", "inputs", "input_shapes", "dynamic_batch", "calibration", "eval", "max_samples", "target",
+             "stages", "name", "search"}
 INPUT_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 _STAGE_KEYS = {"name", "inputs"}
 
@@ -151,6 +159,7 @@ def _fill_value(value: Any) -> Any:
 
 def _stage(entry: Any, index: int, context: StageContext, base: Path) -> tuple[str, dict, dict]:
     where = f"stages[{index}]"
+    options: Any
     if isinstance(entry, str):
         kind, options = entry, {}
     elif isinstance(entry, Mapping) and len(entry) == 1:
@@ -235,7 +244,7 @@ def _stages(raw: list, context: StageContext, base: Path, model_is_onnx: bool) -
         if len(inputs_raw) != len(wanted_kinds):
             raise RecipeError(f"{where}.inputs: {kind} takes {len(pass_cls.consumes)} input(s), got {len(inputs_raw)}")
         _check_packaging_last(pass_cls, inputs_raw, stages, where)
-        for item, wanted in zip(inputs_raw, wanted_kinds):
+        for item, wanted in zip(inputs_raw, wanted_kinds, strict=True):
             produced = Artifact.ONNX if item != SOURCE or model_is_onnx else Artifact.SOURCE
             if wanted is Artifact.ONNX and produced is not Artifact.ONNX:
                 raise RecipeError(f"{where}: a non-ONNX model needs an 'export' stage first",

@@ -16,13 +16,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxforge.model_io import TensorSpec
+from onnxforge.pipeline import codec
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, load_samples, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
 from onnxforge.pipeline.evaluations import (
@@ -36,18 +38,19 @@ from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
 from onnxforge.targets.latency import LatencyStats, compare_latency
 
-__all__ = ["Reference", "Timing", "ModelRef"]
+__all__ = ["ModelRef", "Reference", "Timing"]
 
 ModelRef = str | os.PathLike | bytes | onnx.ModelProto
 Feeds = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
-class Timing:
-    """A candidate's latency and the reference's, from the same interleaved run."""
+class Timing(codec.JsonResult):
+    """A candidate's latency and the reference's, from the same interleaved run; its JSON is the two p50s
+    and their ratio."""
 
-    stats: LatencyStats
-    reference: LatencyStats
+    stats: LatencyStats = field(metadata={"json": False})
+    reference: LatencyStats = field(metadata={"json": False})
 
     @property
     def ratio(self) -> float:
@@ -59,7 +62,7 @@ class Timing:
         """The reference's p50 over the candidate's: > 1 is faster."""
         return self.reference.p50_ms / self.stats.p50_ms
 
-    def to_json(self) -> dict[str, float]:
+    def json_extra(self) -> dict[str, Any]:
         return {"reference_ms": self.reference.p50_ms, "model_ms": self.stats.p50_ms, "ratio": self.ratio}
 
 

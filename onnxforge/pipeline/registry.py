@@ -14,7 +14,8 @@ CLI's run table and the report read it instead of keeping their own lists:
   (``eval_data`` from ``eval``, ``target`` from ``target``), and ``reads`` — recipe-level data the
   pass reads outside its config (quantize reads ``calibration``): both are part of the cache key;
 - ``knobs(target)`` — what the search may vary, with ranges;
-- ``run(...)`` — the work: inputs in, the output file written, a result with ``to_json()`` back;
+- ``run(...)`` — the work: inputs in, the output file written, a result with ``to_json()`` back (a
+  pass is ``Pass[ConfigT, ResultT]``: its config class and its result class, typed);
 - ``summary(result_json)`` — one phrase for the run table and the report.
 
 Adding a stage is one new file in ``pipeline/passes/``: it is imported (and so registered) the first
@@ -30,19 +31,26 @@ import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from onnxforge.errors import CalibrationDataError
 
+if TYPE_CHECKING:  # the cache and the data specs import the registry's users; the types are for the checker
+    import numpy as np
+
+    from onnxforge.pipeline.cache import StageCache
+    from onnxforge.pipeline.data_spec import DataSpec
+
 __all__ = [
     "Artifact",
-    "Phase",
     "Knob",
     "KnobKind",
-    "StageContext",
     "Pass",
-    "register",
+    "Phase",
+    "StageContext",
+    "StageResult",
     "get_pass",
+    "register",
     "registered_passes",
 ]
 
@@ -93,25 +101,32 @@ class Knob:
         if self.kind is not KnobKind.CHOICE and (self.low is None or self.high is None or self.low > self.high):
             raise ValueError(f"knob {self.field}: a range knob needs low <= high")
 
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a range knob (``__post_init__`` checked both are set)."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"knob {self.field}: a choice knob has no range")
+        return self.low, self.high
+
 
 @dataclass
 class StageContext:
     """What a stage may read beyond its config and inputs: the recipe's target, data and shapes."""
 
     target: str = "cpu"
-    calibration: Any = None  # DataSpec | None
-    eval_data: Any = None  # DataSpec | None
+    calibration: DataSpec | None = None
+    eval_data: DataSpec | None = None
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     dynamic_batch: bool = False
     max_samples: int | None = None  # samples read from each data file at most (None: the stages' defaults)
-    input_dtypes: Mapping[str, Any] = field(default_factory=dict)  # input name -> numpy dtype (recipe ``inputs:``)
+    input_dtypes: Mapping[str, np.dtype] = field(default_factory=dict)  # input name -> dtype (recipe ``inputs:``)
     dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # input name -> {axis: dim name}
-    cache: Any = None  # the StageCache, where a stage may record measurements a re-run reuses (quantize's timings)
+    cache: StageCache | None = None  # where a stage may record measurements a re-run reuses (quantize's timings)
     progress: Callable[[str], None] = lambda message: None
 
-    def require_calibration(self, stage: str) -> Any:
+    def require_calibration(self, stage: str) -> DataSpec:
         if self.calibration is None:
-            raise CalibrationDataError(f"the {stage} stage needs calibration data", hint="set 'calibration' in the recipe")
+            raise CalibrationDataError(f"the {stage} stage needs calibration data",
+                                       hint="set 'calibration' in the recipe")
         return self.calibration
 
     def value(self, item: str) -> Any:
@@ -119,8 +134,20 @@ class StageContext:
         return {"eval": self.eval_data}.get(item, getattr(self, item, None))
 
 
-class Pass(abc.ABC):
-    """A stage kind. Subclasses set the class attributes and implement ``run`` and ``summary``."""
+class StageResult(Protocol):
+    """What a pass's ``run`` returns: a result saved as JSON (a ``codec.JsonResult`` dataclass, or a class
+    with its own ``to_json``) into the manifest and the cache."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+ConfigT = TypeVar("ConfigT")
+ResultT = TypeVar("ResultT", bound=StageResult)
+
+
+class Pass(abc.ABC, Generic[ConfigT, ResultT]):
+    """A stage kind, generic over its config (``config_cls``) and the result ``run`` returns. Subclasses set
+    the class attributes and implement ``run`` and ``summary``."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
@@ -152,10 +179,10 @@ class Pass(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def run(self, config: Any, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+    def run(self, config: ConfigT, inputs: Sequence[str], output: Path, context: StageContext) -> ResultT:
         """Write ``output`` from ``inputs`` (paths or source specs) and return a result with ``to_json()``."""
 
-    def verified(self, result: Any) -> bool:
+    def verified(self, result: ResultT) -> bool:
         """Whether the output was checked against its input (an export whose parity failed is not)."""
         return True
 
@@ -169,11 +196,11 @@ class Pass(abc.ABC):
         return ""
 
 
-_PASSES: dict[str, type[Pass]] = {}
+_PASSES: dict[str, type[Pass[Any, Any]]] = {}
 _LOADED = False
 
 
-def register(cls: type[Pass]) -> type[Pass]:
+def register(cls: type[Pass[Any, Any]]) -> type[Pass[Any, Any]]:
     """Class decorator: add a pass to the registry (a name may be registered once)."""
     if cls.name in _PASSES and _PASSES[cls.name] is not cls:
         raise ValueError(f"two passes are named {cls.name!r}: {_PASSES[cls.name].__module__} and {cls.__module__}")
@@ -192,11 +219,11 @@ def _load_builtin_passes() -> None:
     _LOADED = True
 
 
-def registered_passes() -> dict[str, type[Pass]]:
+def registered_passes() -> dict[str, type[Pass[Any, Any]]]:
     """Every registered pass by name, in pipeline order (phase, then name)."""
     _load_builtin_passes()
     return dict(sorted(_PASSES.items(), key=lambda kv: (kv[1].phase, kv[0])))
 
 
-def get_pass(name: str) -> type[Pass] | None:
+def get_pass(name: str) -> type[Pass[Any, Any]] | None:
     return registered_passes().get(name)

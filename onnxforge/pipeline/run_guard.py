@@ -17,12 +17,13 @@ from onnxforge.converters.source import source_files
 from onnxforge.errors import OutputPathError, RecipeError
 from onnxforge.pipeline.recipe import Recipe, is_file_input
 
-__all__ = ["recipe_reads", "run_outputs", "run_paths", "check_run_paths", "stage_output", "check_search_paths"]
+__all__ = ["check_run_paths", "check_search_paths", "recipe_reads", "run_outputs", "run_paths", "stage_output"]
 
 
 def recipe_reads(recipe: Recipe) -> list[Path]:
     """The files and folders a run of ``recipe`` reads: model source, calibration, eval and stage data."""
-    reads = [*source_files(recipe.model), *(spec.path for spec in (recipe.calibration, recipe.eval_data) if spec)]
+    reads: list[str | os.PathLike | None] = [
+        *source_files(recipe.model), *(spec.path for spec in (recipe.calibration, recipe.eval_data) if spec)]
     for spec in recipe.stages:
         reads += paths_in(spec.config)
         reads += [item for item in spec.inputs if is_file_input(item)]
@@ -37,7 +38,7 @@ def stage_output(run_dir: str | os.PathLike, index: int, name: str) -> Path:
 def run_outputs(recipe: Recipe, run_dir: str | os.PathLike) -> list[Path]:
     """The files a run writes into ``run_dir``."""
     stages = [stage_output(run_dir, index, spec.name) for index, spec in enumerate(recipe.stages, start=1)]
-    return [*stages, run_dir / "manifest.json", run_dir / "report.html"]
+    return [*stages, Path(run_dir) / "manifest.json", Path(run_dir) / "report.html"]
 
 
 def run_paths(recipe: Recipe, run_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:

@@ -34,7 +34,8 @@ from onnxforge.pipeline.run_guard import check_run_paths, stage_output
 from onnxforge.targets import get_target
 from onnxforge.targets.feeds import generate_feeds
 
-__all__ = ["RunResult", "run_recipe", "source_fingerprint", "StageArtifact", "model_artifact", "stage_inputs", "run_stage"]
+__all__ = ["RunResult", "StageArtifact", "attach_record", "model_artifact", "run_recipe", "run_stage",
+           "source_fingerprint", "stage_inputs", "stage_record"]
 
 Progress = Callable[[str], None]
 
@@ -83,6 +84,19 @@ def stage_inputs(spec: StageSpec, artifacts: dict[str, StageArtifact]) -> list[S
             for name in spec.inputs]
 
 
+def attach_record(error: BaseException, record: StageRecord) -> None:
+    """Send a failed stage's record out with its error as ``error.record`` (the API documents it), so a
+    caller can log the stage before re-raising. OSError is not ours to declare an attribute on, so the
+    record goes into the instance's ``__dict__``; ``stage_record`` reads it back, typed."""
+    vars(error)["record"] = record
+
+
+def stage_record(error: BaseException) -> StageRecord | None:
+    """The record ``attach_record`` sent out with ``error``, if any."""
+    record = vars(error).get("record")
+    return record if isinstance(record, StageRecord) else None
+
+
 def _key(spec: StageSpec, inputs: list[StageArtifact], context: StageContext) -> str:
     return stage_key({
         "pass": spec.kind,
@@ -115,7 +129,7 @@ def run_stage(
     config_json = codec.encode(spec.config)
     base = dict(name=spec.name, kind=spec.kind, config=config_json, key=key, inputs=[a.ref for a in inputs])
     lookup = cache.lookup(key) if not force else None
-    if lookup is not None and lookup.hit:
+    if lookup is not None and lookup.entry is not None:  # a hit
         entry = lookup.entry
         recorded = entry["files"]["model.onnx"]
         if output.exists() and file_sha256(output) == recorded:
@@ -134,17 +148,18 @@ def run_stage(
         result = pass_obj.run(spec.config, [a.ref for a in inputs], output, context)
     except QualityGateError as e:
         kept = Path(e.best_path) if e.best_path else None
-        e.record = StageRecord(**base, status="quality-gate-failed", seconds=time.perf_counter() - start,
-                               output=describe_file(kept, relative_to) if kept and kept.exists() else None,
-                               verified=False, error=e.message, cache=cache_note)
+        attach_record(e, StageRecord(**base, status="quality-gate-failed", seconds=time.perf_counter() - start,
+                                     output=describe_file(kept, relative_to) if kept and kept.exists() else None,
+                                     verified=False, error=e.message, cache=cache_note))
         raise
     except OnnxForgeError as e:
-        e.record = StageRecord(**base, status="failed", seconds=time.perf_counter() - start, error=e.message,
-                               cache=cache_note)
+        attach_record(e, StageRecord(**base, status="failed", seconds=time.perf_counter() - start,
+                                     error=e.message, cache=cache_note))
         raise
     except OSError as e:  # a full disk or a read-only folder inside a library: recorded, then exit 2 (cli.main)
-        e.record = StageRecord(**base, status="failed", seconds=time.perf_counter() - start, cache=cache_note,
-                               error=f"{e.strerror or type(e).__name__}" + (f": {e.filename}" if e.filename else ""))
+        attach_record(e, StageRecord(**base, status="failed", seconds=time.perf_counter() - start, cache=cache_note,
+                                     error=f"{e.strerror or type(e).__name__}"
+                                     + (f": {e.filename}" if e.filename else "")))
         raise
     result_json = result.to_json()
     verified = pass_obj.verified(result)
@@ -165,7 +180,7 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | No
     records = [r for r in [manifest.baseline, *manifest.stages] if r is not None and r.output is not None]
     if not records:
         return None
-    paths = {r.name: manifest.run_dir / r.output["path"] for r in records}
+    paths = {r.name: manifest.run_dir / r.output_file()["path"] for r in records}
     first = records[0].name
     reference = Reference(paths[first], recipe.eval_data, recipe.target, limit=recipe.max_samples, eval_batch=64,
                           input_shapes=dict(recipe.input_shapes))
@@ -186,7 +201,7 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | No
     timed = {r.name: paths[r.name] for r in records[1:] if r.name not in own or r.name in own_feeds}
     timings = reference.time_against(timed, rounds=30, batch=1, threads=1, own_feeds=own_feeds, reference_name=first)
     for r in records:
-        r.metrics["bytes"] = r.output["bytes"]
+        r.metrics["bytes"] = r.output_file()["bytes"]
     stats = {name: t.stats for name, t in timings.items()}
     base = stats[first].p50_ms
     for r in records:
@@ -223,7 +238,7 @@ def _speed_against_inputs(records: list[StageRecord], paths: dict[str, Path], st
 
 
 def _takes_other_inputs(record: StageRecord, specs) -> bool:
-    theirs = {(i["name"], i["dtype"]) for i in record.output.get("inputs", [])}
+    theirs = {(i["name"], i["dtype"]) for i in record.output_file().get("inputs", [])}
     return bool(theirs) and theirs != {(s.name, str(s.dtype)) for s in specs}
 
 
@@ -233,7 +248,7 @@ def _measured_itself(record: StageRecord, metric: str) -> bool:
 
 def _own_measurement(record: StageRecord, metric: str) -> None:
     if _measured_itself(record, metric):
-        record.metrics[metric] = record.result["metrics"][metric]
+        record.metrics[metric] = (record.result or {})["metrics"][metric]
         record.metrics["note"] = f"{metric} measured by the stage itself on the evaluation data"
     else:
         record.metrics["note"] = "its inputs differ from the evaluation data's: not scored"
@@ -281,21 +296,23 @@ def run_recipe(
     if recipe.model.endswith(".onnx"):
         # An .onnx recipe: the input model is the baseline every stage is scored and timed against.
         source = Path(recipe.model)
-        manifest.baseline = StageRecord("input", "input", "input", {}, artifacts[SOURCE].sha256, 0.0,
-                                        describe_file(source, run_dir), {"path": str(source)})
+        manifest.baseline = StageRecord(name="input", kind="input", status="input", config={},
+                                        key=artifacts[SOURCE].sha256, seconds=0.0,
+                                        output=describe_file(source, run_dir), result={"path": str(source)})
     for index, spec in enumerate(recipe.stages, start=1):
         output = stage_output(run_dir, index, spec.name)
         try:
             record = run_stage(spec, stage_inputs(spec, artifacts), output, context, cache,
                                force=force, relative_to=run_dir)
         except (OnnxForgeError, OSError) as e:
-            if getattr(e, "record", None) is not None:
-                manifest.stages.append(e.record)
+            failed = stage_record(e)
+            if failed is not None:
+                manifest.stages.append(failed)
                 manifest.write()
             raise
         manifest.stages.append(record)
         manifest.write()
-        artifacts[spec.name] = StageArtifact(str(output), record.output["sha256"])
+        artifacts[spec.name] = StageArtifact(str(output), record.output_file()["sha256"])
 
     metric = None
     if measure:

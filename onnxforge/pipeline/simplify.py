@@ -44,11 +44,12 @@ from onnxforge.model_io import (
     stored_at,
 )
 from onnxforge.parity import ParityReport, Tolerance, compare_models
+from onnxforge.pipeline import codec
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.normalize import StageInput, load_stage_input
 from onnxforge.pipeline.parity_feeds import parity_feeds
 
-__all__ = ["SimplifyMethod", "SimplifyConfig", "SimplifyResult", "simplify", "simplify_model"]
+__all__ = ["SimplifyConfig", "SimplifyMethod", "SimplifyResult", "simplify", "simplify_model"]
 
 
 class SimplifyMethod(enum.Enum):
@@ -58,11 +59,14 @@ class SimplifyMethod(enum.Enum):
     ORT = "ort"
 
 
+_DEFAULT_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-3)  # frozen: one shared default is safe
+
+
 @dataclass(frozen=True, kw_only=True)
 class SimplifyConfig:
     method: SimplifyMethod = SimplifyMethod.AUTO
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
+    tolerance: Tolerance = _DEFAULT_TOLERANCE
     sample_data: DataSpec | None = None  # .npz keyed by input name: parity inputs instead of random ones
 
     def __post_init__(self) -> None:
@@ -71,11 +75,11 @@ class SimplifyConfig:
 
 
 @dataclass
-class Candidate:
+class Candidate(codec.JsonResult):
     method: str
     nodes: int | None
     bytes: int | None
-    seconds: float
+    seconds: float = field(metadata={"encode": codec.rounded(3)})
     parity: ParityReport | None = None
     error: str | None = None
 
@@ -83,45 +87,24 @@ class Candidate:
     def usable(self) -> bool:
         return self.error is None and self.parity is not None and self.parity.ok
 
-    def to_json(self) -> dict:
-        return {
-            "method": self.method,
-            "nodes": self.nodes,
-            "bytes": self.bytes,
-            "seconds": round(self.seconds, 3),
-            "parity": self.parity.to_json() if self.parity else None,
-            "error": self.error,
-        }
 
 
 MAX_GROWTH = 1.05  # a result may be this much larger than the smallest file and still win on nodes
 _SLACK = 4096  # bytes: shape annotations alone can make a tiny model's file grow by more than 5%
 
 
-@dataclass
-class SimplifyResult:
-    model: onnx.ModelProto
+@dataclass(kw_only=True)
+class SimplifyResult(codec.JsonResult):
+    model: onnx.ModelProto = field(metadata={"json": False})
+    path: Path | None = field(default=None, metadata={"json": False})  # set by simplify() once written
+    notes: list[str] = field(default_factory=list)  # what was normalized on load, simplifiers skipped
     chosen: str
     nodes_before: int
     nodes_after: int
-    candidates: list[Candidate]
-    path: Path | None = None
     bytes_before: int | None = None
     bytes_after: int | None = None
     parity_inputs: str = ""  # what parity was measured on
-    notes: list[str] = field(default_factory=list)  # what was normalized on load, simplifiers skipped
-
-    def to_json(self) -> dict:
-        return {
-            "notes": self.notes,
-            "chosen": self.chosen,
-            "nodes_before": self.nodes_before,
-            "nodes_after": self.nodes_after,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "parity_inputs": self.parity_inputs,
-            "candidates": [c.to_json() for c in self.candidates],
-        }
+    candidates: list[Candidate]
 
 
 def _count_nodes(model: onnx.ModelProto) -> int:
@@ -180,15 +163,16 @@ def _parity_feeds(model: onnx.ModelProto, config: SimplifyConfig) -> tuple[list[
     return parity_feeds(model, config.sample_data, config.input_shapes)
 
 
-def _choose(candidates: list[Candidate], before: int, before_bytes: int) -> Candidate | None:
+def _choose(candidates: list[Candidate], before: int, before_bytes: int) -> tuple[Candidate, int, int] | None:
     """The usable result with the fewest nodes among those no more than MAX_GROWTH larger than the
-    smallest file (the input's included), then the smallest file; None when none beats the input."""
-    usable = [c for c in candidates if c.usable and c.nodes is not None and c.bytes is not None]
-    smallest = min([before_bytes, *(c.bytes for c in usable)])
+    smallest file (the input's included), then the smallest file, with its node count and size; None
+    when none beats the input."""
+    usable = [(c, c.nodes, c.bytes) for c in candidates if c.usable and c.nodes is not None and c.bytes is not None]
+    smallest = min([before_bytes, *(size for _, _, size in usable)])
     limit = min(smallest, before_bytes) * MAX_GROWTH + _SLACK
-    fitting = [c for c in usable if c.bytes <= limit]
-    best = min(fitting, key=lambda c: (c.nodes, c.bytes), default=None)
-    if best is None or (best.nodes, best.bytes) >= (before, before_bytes):
+    fitting = [u for u in usable if u[2] <= limit]
+    best = min(fitting, key=lambda u: (u[1], u[2]), default=None)
+    if best is None or (best[1], best[2]) >= (before, before_bytes):
         return None
     return best
 
@@ -229,7 +213,8 @@ def simplify_model(
             except Exception as e:  # a simplifier that crashes is reported, never fatal
                 first = first_line(e)
                 candidates.append(
-                    Candidate(method.value, None, None, time.perf_counter() - start, error=f"{type(e).__name__}: {first}")
+                    Candidate(method.value, None, None, time.perf_counter() - start,
+                              error=f"{type(e).__name__}: {first}")
                 )
                 continue
             candidates.append(
@@ -238,12 +223,15 @@ def simplify_model(
             )
             produced[method.value] = result
     before = _count_nodes(model)
-    best = _choose(candidates, before, size)
-    if best is None:
-        return SimplifyResult(model, "none (input kept)", before, before, candidates, None, size, size, described,
-                              notes)
-    return SimplifyResult(produced[best.method], best.method, before, best.nodes, candidates, None, size,
-                          best.bytes, described, notes)
+    chosen = _choose(candidates, before, size)
+    if chosen is None:
+        return SimplifyResult(model=model, chosen="none (input kept)", nodes_before=before, nodes_after=before,
+                              candidates=candidates, bytes_before=size, bytes_after=size, parity_inputs=described,
+                              notes=notes)
+    best, nodes, size_after = chosen
+    return SimplifyResult(model=produced[best.method], chosen=best.method, nodes_before=before, nodes_after=nodes,
+                          candidates=candidates, bytes_before=size, bytes_after=size_after, parity_inputs=described,
+                          notes=notes)
 
 
 def _check_runs(loaded: StageInput, config: SimplifyConfig) -> None:

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import onnx
 import pytest
-
 from conftest import write_npz
+from transformer_graphs import HIDDEN, make_encoder
+
 from onnxforge.cli import main
 from onnxforge.pipeline.compare import compare_models
-from transformer_graphs import HIDDEN, make_encoder
 
 
 def _data(tmp_path, count: int = 4):

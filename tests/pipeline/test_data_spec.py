@@ -66,7 +66,8 @@ def test_the_images_mean_and_std_change_what_prune_channels_computes(image_proje
     a = _run(image_project, stage, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), run="a")
     b = _run(image_project, stage, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), run="b")
     assert a.stages[0].key != b.stages[0].key  # the preprocessing is part of the cache key
-    assert sha256(image_project / "a" / "01_prune_channels.onnx") != sha256(image_project / "b" / "01_prune_channels.onnx")
+    stage_file = "01_prune_channels.onnx"
+    assert sha256(image_project / "a" / stage_file) != sha256(image_project / "b" / stage_file)
 
 
 def test_open_data_reads_images_as_declared(image_project):

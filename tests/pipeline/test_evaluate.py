@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import make_classifier, random_images
+
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.evaluate import Metric, QualityGate, resolve_metric, run_outputs, score
 

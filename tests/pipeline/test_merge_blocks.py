@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx.reference import ReferenceEvaluator
-
 from conftest import make_classifier, run_model, save
+from onnx.reference import ReferenceEvaluator
 from onnx_graphs import model_from_text
+
 from onnxforge.errors import MergeError
 from onnxforge.pipeline.merge import (
     AudioPre,
@@ -37,7 +37,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
 def onnx_resize(x: np.ndarray, size: tuple[int, int], mode: str, spatial: tuple[int, int]) -> np.ndarray:
     """ONNX's own reference Resize (half_pixel), an implementation independent of onnxforge's numpy one."""
     sizes = list(x.shape)
-    for axis, length in zip(spatial, size):
+    for axis, length in zip(spatial, size, strict=False):
         sizes[axis] = length
     node = onnx.helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode=mode,
                                  coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_floor")

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_classifier, random_images, run_model, save, sha256, write_npz
 
 

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_model
+
 from onnxforge.datasets import load_digits_split
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_classifier, random_images, run_model, save, write_npz
 from onnx_graphs import model_from_text
+
 from onnxforge.errors import MergeError, QualityGateError, RecipeError, UsageError
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.merge import (
@@ -62,7 +62,7 @@ def test_accuracy_of_each_member_and_of_the_ensemble(tmp_path, members, labelled
     result = merge(members, tmp_path / "e.onnx",
                    MergeConfig(ensemble=EnsembleMode.VOTE, pre=ImagePre(), eval_data=eval_npz))
     accuracy = result.accuracy
-    for path, name in zip(members, ("cnn0.onnx", "cnn1.onnx", "cnn2.onnx")):
+    for path, name in zip(members, ("cnn0.onnx", "cnn1.onnx", "cnn2.onnx"), strict=False):
         expected = (run_model(path, {"x": images})[0].argmax(1) == labels).mean()
         assert accuracy["members"][name] == pytest.approx(expected)
     assert accuracy["members"]["cnn0.onnx"] == pytest.approx(40 / 60)

@@ -7,8 +7,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import run_model
+
 from onnxforge.errors import MergeError, RecipeError
 from onnxforge.pipeline.recipe import SOURCE, load_recipe
 from onnxforge.pipeline.runner import run_recipe

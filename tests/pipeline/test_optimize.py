@@ -140,8 +140,9 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(project, monkeypatch
 
 def test_eval_data_without_labels_for_an_accuracy_budget(project, cli):
     write_npz(project / "unlabelled.npz", x=random_images(16, seed=4))
-    code, _, err = cli("optimize", project / "model.onnx", "-o", project / "run", "--calibration", project / "calib.npz",
-                       "--eval", project / "unlabelled.npz", "--max-drop", "0.5")
+    code, _, err = cli("optimize", project / "model.onnx", "-o", project / "run",
+                       "--calibration", project / "calib.npz", "--eval", project / "unlabelled.npz",
+                       "--max-drop", "0.5")
     assert code == 2 and "label" in err and "Traceback" not in err
 
 
@@ -203,7 +204,7 @@ def test_report_scatter_renders_in_chromium(project, tmp_path):
     page = project / "run" / "report.html"
     dom = _chromium(binary, "--virtual-time-budget=2000", "--dump-dom", page.as_uri()).stdout
     assert dom.count('class="point') >= 2  # every ok trial is a point
-    assert 'class="point best"' in dom and "front-line" in dom or 'class="point best"' in dom
+    assert ('class="point best"' in dom and "front-line" in dom) or 'class="point best"' in dom
     shot = tmp_path / "report.png"
     _chromium(binary, "--window-size=1200,1400", f"--screenshot={shot}", page.as_uri())
     assert shot.exists() and shot.stat().st_size > 5000

@@ -99,7 +99,7 @@ def _example(annotation, folder: Path):
     if dataclasses.is_dataclass(annotation):  # a nested options block (merge's pre=ImagePre()): its defaults
         return annotation()
     if origin in (Mapping, dict, typing.get_origin(Mapping[str, int])):
-        key_t, val_t = args
+        _, val_t = args
         if typing.get_origin(val_t) is tuple:
             return {"x": (1, 3, 8, 8)}
         if val_t is np.dtype:

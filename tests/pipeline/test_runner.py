@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from conftest import TORCH_MODEL_SOURCE, make_classifier, random_images, save, sha256, write_npz
+
 from onnxforge.errors import QualityGateError
 from onnxforge.pipeline.recipe import load_recipe
 from onnxforge.pipeline.runner import run_recipe
@@ -60,7 +60,7 @@ def test_first_run_writes_every_stage_and_the_manifest(project):
     assert manifest["completed"] == ["simplify", "prune", "quantize"]
     assert result.metric == "accuracy"
 
-    for stage, name in zip(manifest["stages"], STAGE_FILES):
+    for stage, name in zip(manifest["stages"], STAGE_FILES, strict=False):
         output = stage["output"]
         assert output["path"] == name
         # the recorded hash and size are those of the file on disk

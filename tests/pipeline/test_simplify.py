@@ -8,9 +8,8 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-
 from conftest import assert_numerically_equal, make_classifier, make_foldable_model
-from onnxforge.errors import UsageError
+
 from onnxforge.pipeline import simplify as simplify_module
 from onnxforge.pipeline.simplify import SimplifyConfig, SimplifyMethod, simplify, simplify_model
 

@@ -71,7 +71,7 @@ def test_a_recipe_run_twice_reuses_everything_even_in_another_folder(project):
     elsewhere = _run(project, "other_run")
     assert set(_statuses(again).values()) == {"cached"}
     assert set(_statuses(elsewhere).values()) == {"cached"}
-    for a, b in zip(first.stages, elsewhere.stages):
+    for a, b in zip(first.stages, elsewhere.stages, strict=False):
         assert a.key == b.key and a.output["sha256"] == b.output["sha256"]
         assert sha256(project / "other_run" / b.output["path"]) == a.output["sha256"]
 
@@ -116,7 +116,7 @@ def test_two_concurrent_runs_of_one_recipe_both_succeed_with_identical_outputs(p
     manifests = [json.loads(out) for out, _ in outputs]
     hashes = [[s["output"]["sha256"] for s in m["stages"]] for m in manifests]
     assert hashes[0] == hashes[1]
-    for name, manifest in zip(("race_a", "race_b"), manifests):
+    for name, manifest in zip(("race_a", "race_b"), manifests, strict=False):
         for stage in manifest["stages"]:
             assert sha256(project / name / stage["output"]["path"]) == stage["output"]["sha256"]
 

@@ -22,15 +22,15 @@ from onnxforge.pipeline.merge.preprocess import AudioPre, ImagePre, PixelLayout,
 from onnxforge.pipeline.merge.tokenizer import TokenizerConfig
 
 __all__ = [
-    "merge",
+    "AudioPre",
+    "EnsembleMode",
+    "ImageLayout",
+    "ImagePre",
     "MergeConfig",
     "MergeResult",
-    "ImagePre",
-    "AudioPre",
     "PixelLayout",
-    "ResizeMode",
-    "ImageLayout",
     "PostKind",
-    "EnsembleMode",
+    "ResizeMode",
     "TokenizerConfig",
+    "merge",
 ]

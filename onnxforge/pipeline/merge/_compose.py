@@ -18,7 +18,7 @@ from onnx import compose, helper
 from onnxforge.errors import MergeError
 from onnxforge.model_io import TensorSpec, default_opset
 
-__all__ = ["MIN_OPSET", "block_model", "graph_names", "value_names", "unique_prefix", "join", "value_info", "fan_out"]
+__all__ = ["MIN_OPSET", "block_model", "fan_out", "graph_names", "join", "unique_prefix", "value_info", "value_names"]
 
 # The blocks use ops whose signatures are stable from opset 13 on (Softmax on one axis, ReduceSum and
 # Squeeze/Unsqueeze with axes as an input, Resize with optional roi/scales).

@@ -36,7 +36,7 @@ from onnxforge.pipeline.merge.postprocess import PostKind, PostPlan, plan_postpr
 from onnxforge.pipeline.merge.preprocess import AudioPlan, ImagePlan, plan_preprocessing
 from onnxforge.pipeline.merge.tokenizer import TokenizerPlan, plan_tokenizer
 
-__all__ = ["merge", "Composition", "compose_merged"]
+__all__ = ["Composition", "compose_merged", "merge"]
 
 PrePlan = ImagePlan | AudioPlan | TokenizerPlan
 
@@ -164,8 +164,11 @@ def _member_names(paths: Sequence[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(p) for p in paths]
 
 
+_DEFAULT_CONFIG = MergeConfig()  # frozen: one shared default is safe
+
+
 def merge(models: str | os.PathLike | Sequence[str | os.PathLike], output: str | os.PathLike,
-          config: MergeConfig = MergeConfig()) -> MergeResult:
+          config: MergeConfig = _DEFAULT_CONFIG) -> MergeResult:
     """Merge ``models`` (one, or several for an ensemble) with the pre/post-processing in ``config``
     into ``output``.
 
@@ -182,7 +185,7 @@ def merge(models: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     if not paths:
         raise UsageError("merge needs at least one model")
     out = check_output_path(output, *paths, *paths_in(config), *paths_in(config.tokenizer))
-    members = [(name, load_model(path)) for name, path in zip(_member_names(paths), paths)]
+    members = [(name, load_model(path)) for name, path in zip(_member_names(paths), paths, strict=True)]
     notes: list[str] = []
     composition = compose_merged(members, config, paths[0], notes)
     parity, parity_inputs = check_parity(composition, config)

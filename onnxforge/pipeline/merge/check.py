@@ -23,7 +23,7 @@ from onnxforge._ort_logs import session_options
 from onnxforge.model_io import TensorSpec, input_specs
 from onnxforge.parity import ParityReport, compare_outputs
 from onnxforge.pipeline.calibration import SampleSet, model_batch_size
-from onnxforge.pipeline.data_spec import load_data
+from onnxforge.pipeline.data_spec import DataSpec, load_data
 from onnxforge.pipeline.evaluate import run_outputs
 from onnxforge.pipeline.merge.build import Composition
 from onnxforge.pipeline.merge.config import MergeConfig
@@ -71,13 +71,13 @@ class _Steps:
     def run(self, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by the merged graph's output names."""
         feeds = self.network_feeds(raw)
-        by_name = dict(zip(self.c.network_outputs, self.network(feeds)))
+        by_name = dict(zip(self.c.network_outputs, self.network(feeds), strict=False))
         post = self.c.post
         if post is None:
             return by_name
         x = by_name.pop(post.network_output.name)
         mask = feeds[post.mask.name] if post.mask is not None else None
-        for name, value in zip(post.outputs, post.reference(x, mask)):
+        for name, value in zip(post.outputs, post.reference(x, mask), strict=False):
             by_name[self.c.renamed.get(name, name)] = value
         return by_name
 
@@ -113,11 +113,11 @@ def _raw_examples(c: Composition, rng: np.random.Generator) -> list[dict[str, np
 
 
 def _eval_raw(
-    c: Composition, config: MergeConfig, limit: int | None
+    c: Composition, eval_data: DataSpec, limit: int | None
 ) -> tuple[SampleSet, dict[str, np.ndarray] | None, str]:
     """The evaluation samples (as the network takes them) and the merged graph's raw inputs for them
     (None with the reason when they cannot be made)."""
-    samples = load_data(config.eval_data, input_specs(c.members[0][1]))
+    samples = load_data(eval_data, input_specs(c.members[0][1]))
     if limit is not None:
         samples = samples.take(slice(0, min(limit, len(samples))))
     if samples.is_ragged:
@@ -148,7 +148,7 @@ def _run_merged(c: Composition, merged: ort.InferenceSession, raw: Mapping[str, 
     specs = {s.name: s for s in input_specs(c.model)}
     batch = model_batch_size(list(specs.values()), preferred=_BATCH)
     samples = SampleSet({k: np.asarray(v) for k, v in raw.items()}, None, "eval")
-    return dict(zip(names, run_outputs(merged, samples, batch)))
+    return dict(zip(names, run_outputs(merged, samples, batch), strict=False))
 
 
 def check_parity(c: Composition, config: MergeConfig) -> tuple[ParityReport, list[str]]:
@@ -161,12 +161,12 @@ def check_parity(c: Composition, config: MergeConfig) -> tuple[ParityReport, lis
     described = []
     cases = [("random", feeds) for feeds in _raw_examples(c, rng)]
     if config.eval_data is not None:
-        _, raw, _ = _eval_raw(c, config, _EVAL_PARITY_SAMPLES)
+        _, raw, _ = _eval_raw(c, config.eval_data, _EVAL_PARITY_SAMPLES)
         if raw is not None and not _single_input(c):
             cases.append(("eval", raw))
     for kind, raw in cases:
         expected = steps.run(raw)
-        got = dict(zip(names, merged.run(None, dict(raw))))
+        got = dict(zip(names, merged.run(None, dict(raw)), strict=False))
         part = compare_outputs(names, [expected[n] for n in names], [got[n] for n in names], config.tolerance,
                                batch_size=int(next(iter(raw.values())).shape[0]) if not _single_input(c) else 1)
         report = part if report is None else report.merged(part)
@@ -193,7 +193,10 @@ def _accuracy_of_scores(outputs: Sequence[np.ndarray], labels: np.ndarray) -> fl
 
 def measure_accuracy(c: Composition, config: MergeConfig, notes: list[str]) -> dict[str, Any] | None:
     """Top-1 accuracy on ``config.eval_data`` of the merged graph, the network / each ensemble member."""
-    samples, raw, why = _eval_raw(c, config, None)
+    if config.eval_data is None:  # build.merge measures only with eval data
+        return None
+    eval_data = config.eval_data
+    samples, raw, why = _eval_raw(c, eval_data, None)
     if samples.labels is None:
         notes.append(f"{config.eval_data} has no 'label' array: accuracy not measured")
         return None
@@ -210,7 +213,7 @@ def measure_accuracy(c: Composition, config: MergeConfig, notes: list[str]) -> d
         result["members"] = members
     merged_accuracy = None
     if raw is None:
-        notes.append(f"the merged graph is not measured on {config.eval_data.path.name}: {why}")
+        notes.append(f"the merged graph is not measured on {eval_data.path.name}: {why}")
     else:
         predicted = _labels_from(c, _run_merged(c, session(c.model, extensions=c.uses_extensions), raw))
         if predicted is None:

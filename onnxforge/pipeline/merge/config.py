@@ -18,6 +18,9 @@ from onnxforge.pipeline.merge.tokenizer import TokenizerConfig
 __all__ = ["MergeConfig", "MergeResult"]
 
 
+_DEFAULT_TOLERANCE = Tolerance()  # frozen: one shared default is safe
+
+
 @dataclass(frozen=True, kw_only=True)
 class MergeConfig:
     """One deployable graph: ``pre`` (or ``tokenizer``) -> the model (or an ``ensemble`` of several) -> ``post``.
@@ -38,7 +41,7 @@ class MergeConfig:
     mask_input: str = "attention_mask"
     ensemble: EnsembleMode = EnsembleMode.MEAN
     eval_data: DataSpec | None = None
-    tolerance: Tolerance = Tolerance()
+    tolerance: Tolerance = _DEFAULT_TOLERANCE
 
     def __post_init__(self) -> None:
         set_data_fields(self, "eval_data")  # a str or Path from the Python API becomes a DataSpec

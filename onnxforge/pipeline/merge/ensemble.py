@@ -24,7 +24,7 @@ from onnxforge.errors import MergeError
 from onnxforge.model_io import TensorSpec, default_opset, input_specs, output_specs
 from onnxforge.pipeline.merge._compose import block_model, fan_out, join, spec_info, value_info
 
-__all__ = ["EnsembleMode", "check_members", "ensemble_model", "combine_reference", "ensemble_output_names"]
+__all__ = ["EnsembleMode", "check_members", "combine_reference", "ensemble_model", "ensemble_output_names"]
 
 
 class EnsembleMode(enum.Enum):
@@ -35,7 +35,7 @@ class EnsembleMode(enum.Enum):
 def _dims_clash(a: TensorSpec, b: TensorSpec) -> bool:
     if a.dtype != b.dtype or len(a.shape) != len(b.shape):
         return True
-    return any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a.shape, b.shape))
+    return any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a.shape, b.shape, strict=True))
 
 
 def _describe(spec: TensorSpec) -> str:
@@ -62,7 +62,7 @@ def check_members(members: Sequence[tuple[str, onnx.ModelProto]], mode: Ensemble
         if len(their_outputs) != len(outputs):
             raise MergeError(f"ensemble members give {len(outputs)} and {len(their_outputs)} outputs "
                              f"({first_name}, {name}); they are combined position by position")
-        for a, b in zip(outputs, their_outputs):
+        for a, b in zip(outputs, their_outputs, strict=True):
             if _dims_clash(a, b):
                 raise MergeError(f"ensemble members' outputs cannot be combined: {first_name} gives {_describe(a)}, "
                                  f"{name} gives {_describe(b)}")
@@ -91,7 +91,7 @@ def ensemble_model(members: Sequence[tuple[str, onnx.ModelProto]], mode: Ensembl
     prefixes = [f"m{i}/" for i in range(len(members))]
     graph = fan_out(specs, [(s.name, p + s.name) for p in prefixes for s in specs], first)
     member_outputs = []
-    for (name, model), prefix in zip(members, prefixes):
+    for (name, model), prefix in zip(members, prefixes, strict=True):
         renamed = compose.add_prefix(model, prefix)
         member_outputs.append([prefix + s.name for s in output_specs(model)])
         io_map = [(prefix + s.name, prefix + s.name) for s in specs]

@@ -26,7 +26,7 @@ from onnxforge.errors import MergeError
 from onnxforge.model_io import TensorSpec, input_specs, output_specs
 from onnxforge.pipeline.merge._compose import block_model, spec_info, value_info
 
-__all__ = ["PostKind", "PostPlan", "plan_postprocessing", "OUTPUT_NAMES"]
+__all__ = ["OUTPUT_NAMES", "PostKind", "PostPlan", "plan_postprocessing"]
 
 
 class PostKind(enum.Enum):
@@ -68,6 +68,8 @@ class PostPlan:
         inputs = [spec_info(x, "x")]
         nodes, inits = [], []
         if self.kind is PostKind.MEAN_POOL_L2:
+            if self.mask is None:  # plan_post always finds the mask for this kind
+                raise MergeError("mean-pool-l2 needs the attention mask input")
             inputs.append(spec_info(self.mask, "mask"))
             inits += [numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
                       numpy_helper.from_array(np.array([1], np.int64), "token_axis"),

@@ -38,12 +38,12 @@ from onnxforge.pipeline.calibration import ImageLayout, ImagePreprocessing
 from onnxforge.pipeline.merge._compose import block_model, spec_info, value_info
 
 __all__ = [
-    "PixelLayout",
-    "ResizeMode",
-    "ImagePre",
+    "AudioPlan",
     "AudioPre",
     "ImagePlan",
-    "AudioPlan",
+    "ImagePre",
+    "PixelLayout",
+    "ResizeMode",
     "plan_preprocessing",
 ]
 
@@ -241,7 +241,7 @@ class ImagePlan:
         x = x.astype(np.float32)
         if self.resize_to is not None:
             axes = (1, 2) if self.channels_last else (2, 3)
-            for axis, length in zip(axes, self.resize_to):
+            for axis, length in zip(axes, self.resize_to, strict=False):
                 x = _resize_axis(x, axis, length, self.pre.resize)
         y = (x * self.multiplier + self.offset).astype(self.network_input.dtype)
         return {self.network_input.name: y}
@@ -261,7 +261,7 @@ class ImagePlan:
         """Random raw inputs for the parity check: every size the input takes (two for a dynamic size)."""
         net_hw = self._net_hw()
         sizes = [self.pre.size or net_hw or (32, 32)]
-        if self.pre.dynamic_size or net_hw is None and self.pre.size is None:
+        if self.pre.dynamic_size or (net_hw is None and self.pre.size is None):
             h, w = sizes[0]
             sizes.append((h * 3 // 2 + 1, max(1, w * 3 // 4 + 3)))
         batch = self.raw_input.shape[0] if isinstance(self.raw_input.shape[0], int) else 2
@@ -276,10 +276,14 @@ class ImagePlan:
 
     def _net_hw(self) -> tuple[int, int] | None:
         dims = self.network_input.shape[1:3] if self.channels_last else self.network_input.shape[2:4]
-        return (dims[0], dims[1]) if all(isinstance(d, int) for d in dims) else None
+        h, w = dims[0], dims[1]
+        return (h, w) if isinstance(h, int) and isinstance(w, int) else None
 
     def _channels(self) -> int:
-        return int(self.network_input.shape[3 if self.channels_last else 1])
+        c = self.network_input.shape[3 if self.channels_last else 1]
+        if not isinstance(c, int):  # _plan_image refuses a dynamic channel count
+            raise MergeError(f"image pre-processing: {self.network_input.name!r} has a dynamic channel count")
+        return c
 
 
 def _resize_axis(x: np.ndarray, axis: int, length: int, mode: ResizeMode) -> np.ndarray:
@@ -303,7 +307,7 @@ def _plan_image(pre: ImagePre, network: onnx.ModelProto) -> ImagePlan:
     spec = _network_input(network, pre.input, 4, "image")
     dims = spec.shape
     norm = pre.preprocessing
-    layout = norm.layout
+    layout: ImageLayout | None = norm.layout
     if layout is ImageLayout.AUTO:
         layout = (ImageLayout.NCHW if dims[1] in (1, 3, 4) else ImageLayout.NHWC if dims[3] in (1, 3, 4) else None)
         if layout is None:
@@ -317,7 +321,8 @@ def _plan_image(pre: ImagePre, network: onnx.ModelProto) -> ImagePlan:
         if len(values) not in (1, c):
             raise MergeError(f"image {label} has {len(values)} values; {spec.name!r} has {c} channels")
     net_hw = (dims[1], dims[2]) if channels_last else (dims[2], dims[3])
-    static_hw = tuple(net_hw) if all(isinstance(d, int) for d in net_hw) else None
+    net_h, net_w = net_hw
+    static_hw = (net_h, net_w) if isinstance(net_h, int) and isinstance(net_w, int) else None
     batch = dims[0]
     if not pre.batched and isinstance(batch, int) and batch != 1:
         raise MergeError(f"a single-image input cannot feed {spec.name!r}, whose batch is fixed at {batch}",

@@ -25,8 +25,14 @@ from onnxforge.errors import MergeError, UsageError
 from onnxforge.model_io import TensorSpec, input_specs
 from onnxforge.pipeline.merge._compose import block_model, value_info
 
-__all__ = ["TokenizerConfig", "TokenizerPlan", "plan_tokenizer", "extensions_library", "EXTENSIONS_DOMAIN",
-           "EXAMPLE_TEXTS"]
+__all__ = [
+    "EXAMPLE_TEXTS",
+    "EXTENSIONS_DOMAIN",
+    "TokenizerConfig",
+    "TokenizerPlan",
+    "extensions_library",
+    "plan_tokenizer",
+]
 
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"
 VOCAB_NAME = "vocab.txt"
@@ -100,7 +106,7 @@ class TokenizerPlan:
         # The op gives one text's tokens [tokens]; the network takes a batch [batch, tokens].
         block = compose.expand_out_dim(block, 0)
         # expand_out_dim writes a dynamic dim as 0 in the new output types: declare [1, tokens] instead.
-        for out, spec in zip(block.graph.output, self.network_inputs):
+        for out, spec in zip(block.graph.output, self.network_inputs, strict=False):
             out.CopyFrom(value_info(out.name, spec.dtype, [1, "tokens"]))
         onnx.checker.check_model(block)
         return block, [(s.name, s.name) for s in self.network_inputs]
@@ -115,7 +121,7 @@ class TokenizerPlan:
         block, _ = self.block(like)
         session = ort.InferenceSession(block.SerializeToString(), options, providers=["CPUExecutionProvider"])
         outputs = session.run(None, {self.config.text_input: np.asarray(raw[self.config.text_input], dtype=object)})
-        return dict(zip([s.name for s in self.network_inputs], outputs))
+        return dict(zip([s.name for s in self.network_inputs], outputs, strict=False))
 
     def raw_from(self, network_feeds: Mapping[str, np.ndarray]) -> None:
         return None  # token ids cannot be turned back into the text a deployed model receives

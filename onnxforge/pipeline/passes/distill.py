@@ -10,25 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from onnxforge.converters.distill_config import DistillConfig
+from onnxforge.converters.distill_config import DistillConfig, DistillResult
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.registry import Artifact, Knob, KnobKind, Pass, Phase, StageContext, register
 
 
 @register
-class DistillPass(Pass):
+class DistillPass(Pass[DistillConfig, DistillResult]):
     name = "distill"
     config_cls = DistillConfig
     description = "train the pruned student against its teacher (PyTorch sources)"
     consumes = (Artifact.SOURCE, Artifact.ONNX)
     phase = Phase.RECOVERY
-    fills = {"calibration_data": "calibration", "eval_data": "eval"}
+    fills: ClassVar[Mapping[str, str]] = {"calibration_data": "calibration", "eval_data": "eval"}
 
     @classmethod
     def knobs(cls, target: str) -> tuple[Knob, ...]:
-        return (Knob("epochs", KnobKind.CHOICE, choices=(10, 30), help="training epochs (early stopping may end sooner)"),)
+        return (Knob("epochs", KnobKind.CHOICE, choices=(10, 30),
+                     help="training epochs (early stopping may end sooner)"),)
 
     @classmethod
     def search_defaults(cls, context: StageContext) -> dict[str, Any]:
@@ -36,12 +37,12 @@ class DistillPass(Pass):
         data = {"calibration_data": codec.encode(context.calibration)} if context.calibration is not None else {}
         return {**data, "time_budget_s": 600.0}
 
-    def run(self, config: DistillConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+    def run(self, config: DistillConfig, inputs: Sequence[str], output: Path, context: StageContext) -> DistillResult:
         from onnxforge.converters.distill import distill
 
         return distill(inputs[0], inputs[1], output, config, progress=context.progress)
 
-    def verified(self, result: Any) -> bool:
+    def verified(self, result: DistillResult) -> bool:
         return result.verified
 
     @staticmethod

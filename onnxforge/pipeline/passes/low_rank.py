@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from onnxforge.pipeline import codec
-from onnxforge.pipeline.prune.low_rank import LowRankConfig, low_rank
+from onnxforge.pipeline.prune.low_rank import LowRankConfig, LowRankResult, low_rank
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 
 
 @register
-class LowRankPass(Pass):
+class LowRankPass(Pass[LowRankConfig, LowRankResult]):
     name = "low_rank"
     config_cls = LowRankConfig
     description = "factor MatMul/Gemm/1x1 Conv weights by SVD"
     phase = Phase.STRUCTURE
-    fills = {"calibration_data": "calibration", "eval_data": "eval", "target": "target", "max_samples": "max_samples"}
+    fills: ClassVar[Mapping[str, str]] = {"calibration_data": "calibration", "eval_data": "eval", "target": "target",
+                                          "max_samples": "max_samples"}
 
     @classmethod
     def knobs(cls, target: str) -> tuple[Knob, ...]:
@@ -29,7 +30,7 @@ class LowRankPass(Pass):
         data = {"calibration_data": codec.encode(spec)} if spec is not None else {}
         return {**data, "measure_latency": False, "target": context.target, "gate": False}
 
-    def run(self, config: LowRankConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+    def run(self, config: LowRankConfig, inputs: Sequence[str], output: Path, context: StageContext) -> LowRankResult:
         return low_rank(inputs[0], output, config)
 
     @staticmethod

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from onnxforge.errors import MergeError, RecipeError
 from onnxforge.pipeline import codec
-from onnxforge.pipeline.merge import ImagePre, MergeConfig, merge
+from onnxforge.pipeline.merge import ImagePre, MergeConfig, MergeResult, merge
 from onnxforge.pipeline.registry import Artifact, Pass, Phase, StageContext, register
 
 
 @register
-class MergePass(Pass):
+class MergePass(Pass[MergeConfig, MergeResult]):
     name = "merge"
     config_cls = MergeConfig
     description = "pre/post-processing or an ensemble joined into one graph, parity checked"
     consumes = (Artifact.ONNX,)
     variadic = True  # an ensemble: inputs: [a, b, c]
     phase = Phase.PACKAGING
-    fills = {"eval_data": "eval"}
+    fills: ClassVar[Mapping[str, str]] = {"eval_data": "eval"}
 
     @classmethod
     def from_recipe(cls, values: dict[str, Any], context: StageContext, where: str) -> dict[str, Any]:
@@ -29,7 +29,7 @@ class MergePass(Pass):
         is what ships. Options it leaves out are taken from the calibration; options that differ are refused."""
         image = getattr(context.calibration, "image", None)
         pre = values.get("pre")
-        if image is None or not (pre == "image" or isinstance(pre, Mapping) and set(pre) == {"image"}):
+        if image is None or not (pre == "image" or (isinstance(pre, Mapping) and set(pre) == {"image"})):
             return values
         options = dict((pre["image"] or {}) if isinstance(pre, Mapping) else {})
         declared = codec.encode(ImagePre.from_preprocessing(image))["image"]
@@ -44,7 +44,7 @@ class MergePass(Pass):
                     hint=f"drop {key} here (it comes from 'calibration'), or change it there")
         return {**values, "pre": {"image": options}}
 
-    def run(self, config: MergeConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+    def run(self, config: MergeConfig, inputs: Sequence[str], output: Path, context: StageContext) -> MergeResult:
         if config.tokenizer is not None and config.tokenizer.vocab is None:
             # A stage's input is a file in the run folder, with no vocab.txt beside it; and the cache key
             # hashes only the files the config names.
@@ -52,7 +52,7 @@ class MergePass(Pass):
                              hint="tokenizer: {vocab: path/to/vocab.txt}")
         return merge(list(inputs), output, config)
 
-    def verified(self, result: Any) -> bool:
+    def verified(self, result: MergeResult) -> bool:
         return result.verified
 
     @staticmethod

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from onnxforge.pipeline import codec
-from onnxforge.pipeline.prune.channels import ChannelPruneConfig, prune_channels
+from onnxforge.pipeline.prune.channels import ChannelPruneConfig, ChannelPruneResult, prune_channels
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 
 
 @register
-class ChannelPrunePass(Pass):
+class ChannelPrunePass(Pass[ChannelPruneConfig, ChannelPruneResult]):
     name = "prune_channels"
     config_cls = ChannelPruneConfig
     description = "remove whole channels, refit the next layers by least squares"
     phase = Phase.STRUCTURE
-    fills = {"calibration_data": "calibration", "eval_data": "eval", "target": "target", "max_samples": "max_samples"}
+    fills: ClassVar[Mapping[str, str]] = {"calibration_data": "calibration", "eval_data": "eval", "target": "target",
+                                          "max_samples": "max_samples"}
 
     @classmethod
     def knobs(cls, target: str) -> tuple[Knob, ...]:
@@ -35,16 +36,19 @@ class ChannelPrunePass(Pass):
         # the search varies the ratio and scores every trial itself: the stage keeps the ratio it is given
         values = {"target": context.target, "round_to": get_target(context.target).channel_multiple, "gate": False}
         if context.calibration is not None:
-            values["calibration_data"] = codec.encode(context.calibration)  # the whole DataSpec: images keep their options
+            # the whole DataSpec: images keep their options
+            values["calibration_data"] = codec.encode(context.calibration)
         return values
 
-    def run(self, config: ChannelPruneConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+    def run(self, config: ChannelPruneConfig, inputs: Sequence[str], output: Path,
+            context: StageContext) -> ChannelPruneResult:
         return prune_channels(inputs[0], output, config)
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:
         speed = result.get("measured_speedup")
-        return (f"{result.get('ratio', 0):.0%} of channels removed, est. {result.get('macs_ratio') or 0:.1f}x fewer MACs"
+        return (f"{result.get('ratio', 0):.0%} of channels removed, "
+                f"est. {result.get('macs_ratio') or 0:.1f}x fewer MACs"
                 + (f", measured {speed:.2f}x the input's speed" if speed else "")
                 + (", repaired" if result.get("repaired") else "")
                 + ("" if result.get("quality_measured", True) else ", quality NOT measured"))

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig, prune_magnitude
+from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig, MagnitudePruneResult, prune_magnitude
 from onnxforge.pipeline.registry import Pass, Phase, StageContext, register
 
 
 @register
-class MagnitudePrunePass(Pass):
+class MagnitudePrunePass(Pass[MagnitudePruneConfig, MagnitudePruneResult]):
     name = "prune"
     config_cls = MagnitudePruneConfig
     description = "zero the smallest weights (smaller compressed file, same speed)"
     phase = Phase.SPARSITY
-    fills = {"eval_data": "eval", "target": "target", "max_samples": "max_samples"}
+    fills: ClassVar[Mapping[str, str]] = {"eval_data": "eval", "target": "target", "max_samples": "max_samples"}
 
-    def run(self, config: MagnitudePruneConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+    def run(self, config: MagnitudePruneConfig, inputs: Sequence[str], output: Path,
+            context: StageContext) -> MagnitudePruneResult:
         return prune_magnitude(inputs[0], output, config)
 
     @staticmethod

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from onnxforge.pipeline.quantize import QuantizeConfig, quantize, scheme_id
+from onnxforge.pipeline.quantize import QuantizeConfig, QuantizeResult, quantize, scheme_id
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 
 
 @register
-class QuantizePass(Pass):
+class QuantizePass(Pass[QuantizeConfig, QuantizeResult]):
     name = "quantize"
     config_cls = QuantizeConfig
     description = "int8 (static or dynamic) or fp16, measured on the target"
     phase = Phase.PRECISION
-    fills = {"target": "target", "eval_data": "eval", "max_samples": "max_samples"}
+    fills: ClassVar[Mapping[str, str]] = {"target": "target", "eval_data": "eval", "max_samples": "max_samples"}
     reads = ("calibration",)
 
     @classmethod
@@ -29,14 +29,16 @@ class QuantizePass(Pass):
 
         found = get_target(target)
         matmul = found.matmul_candidates()
-        extra = [s for s in matmul if s.method is QuantMethod.DYNAMIC][:1] + [s for s in matmul if s.method is QuantMethod.INT4]
+        extra = ([s for s in matmul if s.method is QuantMethod.DYNAMIC][:1]
+                 + [s for s in matmul if s.method is QuantMethod.INT4])
         candidates = list(dict.fromkeys([*found.quant_candidates(None), *extra]))
         schemes = tuple([scheme_id(s)] for s in candidates)
         knobs = [Knob("schemes", KnobKind.CHOICE, choices=schemes, help="the scheme measured", seed_every_choice=True)]
         if any(s.method is QuantMethod.INT4 for s in candidates):
             knobs += [
                 Knob("int4_block_size", KnobKind.CHOICE, choices=(32, 64, 128), help="int4: weights per scale along K"),
-                Knob("int4_accuracy_level", KnobKind.CHOICE, choices=(0, 4), help="int4: MatMulNBits compute (4: int8)"),
+                Knob("int4_accuracy_level", KnobKind.CHOICE, choices=(0, 4),
+                     help="int4: MatMulNBits compute (4: int8)"),
             ]
         return tuple(knobs)
 
@@ -46,12 +48,14 @@ class QuantizePass(Pass):
         return {"target": context.target, "mixed_precision": False, "metric": "rel-error", "tolerance": 1e30,
                 "error_report": False, "latency_rounds": 3}
 
-    def run(self, config: QuantizeConfig, inputs: Sequence[str], output: Path, context: StageContext) -> Any:
+    def run(self, config: QuantizeConfig, inputs: Sequence[str], output: Path, context: StageContext) -> QuantizeResult:
         return quantize(inputs[0], output, context.require_calibration(self.name), config, cache=context.cache)
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:
-        chosen = next((c for c in result.get("candidates", []) if c.get("scheme") == result.get("chosen")), {})
+        chosen: Mapping[str, Any] = next(
+            (c for c in result.get("candidates", []) if c.get("scheme") == result.get("chosen")), {})
         speed = result.get("measured_speedup", chosen.get("speedup_vs_fp32"))  # the run table's, in a run
-        pace = "" if speed is None else f", {speed:.2f}x fp32's speed" if speed >= 1 else f", {1 / speed:.2f}x SLOWER than fp32"
+        pace = ("" if speed is None else f", {speed:.2f}x fp32's speed" if speed >= 1
+                else f", {1 / speed:.2f}x SLOWER than fp32")
         return f"{result.get('chosen', '?')} of {len(result.get('candidates', []))} measured{pace}"

@@ -4,4 +4,4 @@ fitness (accuracy and latency or size) is measured on the target; see ``optimize
 from onnxforge.pipeline.search.config import Objective, OptimizeConfig, Strategy
 from onnxforge.pipeline.search.optimize import OptimizeResult, optimize
 
-__all__ = ["optimize", "OptimizeConfig", "OptimizeResult", "Objective", "Strategy"]
+__all__ = ["Objective", "OptimizeConfig", "OptimizeResult", "Strategy", "optimize"]

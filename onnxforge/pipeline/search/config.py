@@ -15,7 +15,7 @@ from onnxforge.errors import UsageError
 from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.evaluate import Metric
 
-__all__ = ["Objective", "Strategy", "OptimizeConfig", "config_from_recipe"]
+__all__ = ["Objective", "OptimizeConfig", "Strategy", "config_from_recipe"]
 
 
 class Objective(enum.Enum):

@@ -46,7 +46,7 @@ from onnxforge.pipeline.search.trial import (
 )
 from onnxforge.targets import get_target
 
-__all__ = ["optimize", "OptimizeResult"]
+__all__ = ["OptimizeResult", "optimize"]
 
 Progress = Callable[[dict[str, Any]], None]
 STUDY_FILE = "study.log"
@@ -66,13 +66,13 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
                                                 dynamic_batch=config.dynamic_batch), "export", ("source",))
         output = run_dir / "input_export.onnx"
         record = run_stage(spec, [StageArtifact(model, source_fingerprint(model))], output, context, cache)
-        reference = StageArtifact(str(output), record.output["sha256"])
+        reference = StageArtifact(str(output), record.output_file()["sha256"])
     simplify = StageSpec("simplify", SimplifyConfig(sample_data=config.eval_data), "simplify", ("reference",))
     output = run_dir / "input_simplified.onnx"
     try:
         record = run_stage(simplify, [reference], output, context, cache)
-        start = StageArtifact(str(output), record.output["sha256"])
-    except Exception as e:  # noqa: BLE001 - simplification is an optimization, not a requirement
+        start = StageArtifact(str(output), record.output_file()["sha256"])
+    except Exception as e:  # simplification is an optimization, not a requirement
         progress(f"simplify failed ({e}); trials start from the input model")
         start = reference
     return reference, start

@@ -37,7 +37,8 @@ def _build(number: int, plan: TrialPlan, ctx: TrialContext) -> tuple[dict[str, A
     return record, data
 
 
-def _time(built: tuple[dict[str, Any], bytes | None], reference: bytes, ctx: TrialContext) -> tuple[dict[str, Any], bytes | None]:
+def _time(built: tuple[dict[str, Any], bytes | None], reference: bytes,
+          ctx: TrialContext) -> tuple[dict[str, Any], bytes | None]:
     import socket
 
     record, data = built
@@ -46,7 +47,7 @@ def _time(built: tuple[dict[str, Any], bytes | None], reference: bytes, ctx: Tri
     try:
         timed = time_against_reference({"trial": data}, reference, ctx, latency_feeds(ctx))["trial"]
         record.update(timed, speedup=1.0 / timed["ratio"], timed_on=socket.gethostname())
-    except Exception as e:  # noqa: BLE001 - recorded, the search goes on
+    except Exception as e:  # recorded, the search goes on
         record.update(status="failed", error=f"timing failed: {type(e).__name__}: {str(e)[:200]}")
         return record, None
     return record, data
@@ -113,7 +114,8 @@ class RayPool:
         self._retime = ray.remote(max_retries=0)(_retime).options(num_cpus=self.node_cpus)
 
     def describe(self) -> str:
-        return f"Ray: {self.nodes} node(s), {self.parallelism} CPUs; each timing holds {self.node_cpus} CPUs (a whole node)"
+        return (f"Ray: {self.nodes} node(s), {self.parallelism} CPUs; "
+                f"each timing holds {self.node_cpus} CPUs (a whole node)")
 
     def submit(self, number: int, plan: TrialPlan) -> Any:
         return self._time.remote(self._build.remote(number, plan, self.ctx), self._reference, self.ctx)

@@ -21,7 +21,7 @@ from onnxforge.errors import UsageError
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.registry import Artifact, Knob, KnobKind, Phase, registered_passes
 
-__all__ = ["SearchSpace", "TrialPlan", "NONE"]
+__all__ = ["NONE", "SearchSpace", "TrialPlan"]
 
 NONE = "none"
 
@@ -52,7 +52,9 @@ def _check_in_knob(key: str, knob: Knob, value: Any) -> None:
             shown = ", ".join(str(_short(codec.encode(c))) for c in knob.choices)
             raise UsageError(f"search space {key}={_short(value)}: not one of the knob's choices ({shown})")
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not knob.low <= value <= knob.high:
+    low, high = knob.low, knob.high
+    assert low is not None and high is not None  # a range knob has both (Knob.__post_init__)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise UsageError(f"search space {key}={value!r}: outside the knob's range [{knob.low:g}, {knob.high:g}]")
 
 
@@ -125,9 +127,10 @@ class SearchSpace:
             return list(knob.choices)
         if knob.step is None:
             return None
-        count = int(math.floor((knob.high - knob.low) / knob.step + 1e-9)) + 1
-        values = [knob.low + i * knob.step for i in range(count)]
-        return [int(round(v)) for v in values] if knob.kind is KnobKind.INT else [round(v, 6) for v in values]
+        low, high = knob.bounds()
+        count = math.floor((high - low) / knob.step + 1e-9) + 1
+        values = [low + i * knob.step for i in range(count)]
+        return [round(v) for v in values] if knob.kind is KnobKind.INT else [round(v, 6) for v in values]
 
     def suggest(self, trial: Any) -> TrialPlan:
         """Sample a plan with an Optuna trial (define-by-run: knobs only for the passes chosen)."""
@@ -147,9 +150,11 @@ class SearchSpace:
                     encoded = [json.dumps(v) for v in grid]
                     value = json.loads(trial.suggest_categorical(key, encoded))
                 elif knob.kind is KnobKind.INT:
-                    value = trial.suggest_int(key, int(knob.low), int(knob.high), step=int(knob.step or 1))
+                    low, high = knob.bounds()
+                    value = trial.suggest_int(key, int(low), int(high), step=int(knob.step or 1))
                 else:
-                    value = trial.suggest_float(key, knob.low, knob.high, step=knob.step)
+                    low, high = knob.bounds()
+                    value = trial.suggest_float(key, low, high, step=knob.step)
                     value = round(value, 6)
                 params[key] = value
                 values[knob.field] = value
@@ -202,14 +207,15 @@ class SearchSpace:
                 combos: list[dict[str, Any]] = [{}]
                 for knob in knobs:
                     values = self.knob_values(name, knob)
-                    if knob.seed_every_choice:
+                    if values is not None and knob.seed_every_choice:
                         options = values
-                    elif knob.kind is KnobKind.CHOICE:
+                    elif values is not None and knob.kind is KnobKind.CHOICE:
                         options = values[:1]
                     elif values:
                         options = [values[len(values) // 2]]
                     else:
-                        options = [round((knob.low + knob.high) / 2, 6)]
+                        low, high = knob.bounds()
+                        options = [round((low + high) / 2, 6)]
                     combos = [{**c, f"{name}.{knob.field}": v} for c in combos for v in options]
                 for combo in combos:
                     plan = {p.name.lower(): NONE for p in sorted(self.phases)}
@@ -232,7 +238,8 @@ class SearchSpace:
             chosen = decoded.get(phase.name.lower(), NONE)
             if chosen == NONE:
                 continue
-            values = {k.field: decoded[f"{chosen}.{k.field}"] for k in self.knobs[chosen] if f"{chosen}.{k.field}" in decoded}
+            values = {k.field: decoded[f"{chosen}.{k.field}"] for k in self.knobs[chosen]
+                      if f"{chosen}.{k.field}" in decoded}
             stages.append((chosen, values))
         return TrialPlan(decoded, tuple(stages))
 

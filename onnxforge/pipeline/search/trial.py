@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,25 @@ from onnxforge.errors import CalibrationDataError, OnnxForgeError, QualityGateEr
 from onnxforge.model_io import file_sha256, load_model, model_file_size
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache
+from onnxforge.pipeline.codec import ABSENT, Absent
 from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.recipe import StageSpec
 from onnxforge.pipeline.reference import Reference
 from onnxforge.pipeline.registry import Artifact, Phase, StageContext, registered_passes
-from onnxforge.pipeline.runner import StageArtifact, run_stage
+from onnxforge.pipeline.runner import StageArtifact, run_stage, stage_record
+from onnxforge.pipeline.search.records import TrialRecord, TrialStage
 from onnxforge.pipeline.search.space import TrialPlan
 
-__all__ = ["TrialContext", "build_trial", "measure_quality", "time_against_reference", "quality_loss", "trial_reference",
-           "reference_gate"]
+__all__ = [
+    "TrialContext",
+    "build_trial",
+    "measure_quality",
+    "quality_loss",
+    "reference_gate",
+    "time_against_reference",
+    "trial_reference",
+]
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,7 @@ def stage_specs(plan: TrialPlan, context: StageContext) -> list[StageSpec]:
 @dataclass
 class BuiltTrial:
     path: Path  # the trial's final model (in ``work_dir``)
-    stages: list[dict[str, Any]]
+    stages: list[TrialStage]
     seconds: float
 
 
@@ -108,26 +118,28 @@ def build_trial(plan: TrialPlan, ctx: TrialContext, work_dir: Path) -> BuiltTria
     artifacts = {"start": StageArtifact(ctx.start_model, ctx.start_sha256)}
     if ctx.source is not None:
         artifacts["source"] = StageArtifact(ctx.source, ctx.source_sha256 or "")
-    records = []
+    records: list[TrialStage] = []
     current = Path(ctx.start_model)
     for spec in stage_specs(plan, context):
         output = work_dir / f"{spec.name}.onnx"
         try:
             record = run_stage(spec, [artifacts[i] for i in spec.inputs], output, context, cache)
         except QualityGateError as e:  # a stage's own gate: keep what it saved, the search scores it
-            if not e.best_path:
+            failed = stage_record(e)
+            if not e.best_path or failed is None:
                 raise
-            record = e.record
+            record = failed
             artifacts[spec.name] = StageArtifact(e.best_path, file_sha256(e.best_path))
-            records.append({"kind": spec.kind, "status": record.status, "cache": record.cache,
-                            "seconds": round(record.seconds, 3), "config": record.config})
+            records.append(TrialStage(kind=spec.kind, status=record.status, cache=record.cache,
+                                      seconds=record.seconds, config=record.config))
             current = Path(e.best_path)
             continue
-        artifacts[spec.name] = StageArtifact(str(output), record.output["sha256"])
-        records.append({"kind": spec.kind, "status": record.status, "cache": record.cache,
-                        "seconds": round(record.seconds, 3), "config": record.config, "summary": record.summary})
-        if "train_seconds" in (record.result or {}):  # a cached distill ran for this long when it was computed
-            records[-1]["train_seconds"] = record.result["train_seconds"]
+        artifacts[spec.name] = StageArtifact(str(output), record.output_file()["sha256"])
+        result = record.result or {}
+        records.append(TrialStage(kind=spec.kind, status=record.status, cache=record.cache, seconds=record.seconds,
+                                  config=record.config, summary=record.summary,
+                                  # a cached distill ran for this long when it was computed
+                                  train_seconds=result.get("train_seconds", ABSENT)))
         current = output
     return BuiltTrial(current, records, time.perf_counter() - start)
 
@@ -152,7 +164,8 @@ def reference_gate(reference: str, eval_path: DataSpec | Path, target: str, metr
     """The search's gate, resolved on ``reference``'s outputs on the eval data, and its score there.
 
     An accuracy budget on data without labels is a CalibrationDataError."""
-    measured = Reference(reference, eval_path if isinstance(eval_path, DataSpec) else Path(eval_path), target, metric=metric, tolerance=tolerance, eval_batch=32)
+    data = eval_path if isinstance(eval_path, DataSpec) else Path(eval_path)
+    measured = Reference(reference, data, target, metric=metric, tolerance=tolerance, eval_batch=32)
     if metric is Metric.ACCURACY and measured.samples.labels is None:
         raise CalibrationDataError(
             f"{getattr(eval_path, 'path', eval_path)}: no 'label' array; an accuracy budget (--max-drop) needs labels",
@@ -170,7 +183,7 @@ def latency_feeds(ctx: TrialContext) -> dict[str, np.ndarray]:
     return trial_reference(ctx).feeds(ctx.batch)
 
 
-def time_against_reference(models: dict[str, bytes | str], reference: bytes | str, ctx: TrialContext,
+def time_against_reference(models: Mapping[str, bytes | str], reference: bytes | str, ctx: TrialContext,
                            feeds: dict[str, np.ndarray], rounds: int | None = None) -> dict[str, dict[str, float]]:
     """Time ``models`` interleaved with the reference on this machine (Reference.time_against); p50s
     and ratios to the reference's p50 in the same run."""
@@ -179,46 +192,52 @@ def time_against_reference(models: dict[str, bytes | str], reference: bytes | st
     return {name: timing.to_json() for name, timing in timed.items()}
 
 
-def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *, timing: bool = True) -> dict[str, Any]:
+def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *,
+                  timing: bool = True) -> dict[str, Any]:
     """Build, score and (with ``timing``) time one trial; the final model is copied to ``keep``.
 
     A trial that fails (a pass that cannot handle the graph, a scheme the target rejects) is returned
     with ``status: failed`` and the reason: one trial never stops the search.
     """
     started = time.perf_counter()
-    record: dict[str, Any] = {"number": number, "plan": dict(plan.params), "describe": plan.describe(), "status": "ok"}
+    record = TrialRecord(number=number, plan=dict(plan.params), describe=plan.describe())
     work = Path(tempfile.mkdtemp(prefix="onnxforge-trial-"))
     try:
         built = build_trial(plan, ctx, work)
-        record["stages"] = built.stages
-        trained = [st for st in built.stages if "train_seconds" in st]
-        record["distilled"] = bool(trained)  # which models were trained against the source, and for how long
-        record["training_seconds"] = round(sum(st["train_seconds"] for st in trained), 3)
+        record.stages = tuple(built.stages)
+        trained = [st.train_seconds for st in built.stages if not isinstance(st.train_seconds, Absent)]
+        record.distilled = bool(trained)  # which models were trained against the source, and for how long
+        record.training_seconds = round(sum(trained), 3)
         value = measure_quality(built.path, ctx)
-        record.update(quality=value, loss=quality_loss(ctx.gate, value, ctx.reference_score),
-                      within_budget=bool(ctx.gate.passes(value, ctx.reference_score)))
-        record["bytes"] = model_file_size(built.path)
-        record["sha256"] = file_sha256(built.path)
+        record.quality = value
+        record.loss = quality_loss(ctx.gate, value, ctx.reference_score)
+        record.within_budget = bool(ctx.gate.passes(value, ctx.reference_score))
+        record.bytes = model_file_size(built.path)
+        record.sha256 = file_sha256(built.path)
         try:
             from onnxforge.model_cost import count_params_and_macs
 
-            record["params"], record["macs_estimate"] = count_params_and_macs(load_model(built.path))
+            record.params, record.macs_estimate = count_params_and_macs(load_model(built.path))
         except Exception:  # an estimate beside the measurement, never a reason to fail a trial
-            record["params"] = record["macs_estimate"] = None
+            record.params = record.macs_estimate = None
         if timing:
             timed = time_against_reference({"trial": str(built.path)}, ctx.reference_model, ctx, latency_feeds(ctx))
-            record.update(timed["trial"])
-            record["speedup"] = 1.0 / record["ratio"]
+            trial = timed["trial"]
+            record.reference_ms, record.model_ms = trial["reference_ms"], trial["model_ms"]
+            record.ratio = ratio = trial["ratio"]
+            record.speedup = 1.0 / ratio
         keep.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(keep) as tmp:  # a symlink left at ``keep`` is replaced, never written through
             shutil.copyfile(built.path, tmp)
-        record["path"] = str(keep)
+        record.path = str(keep)
     except OnnxForgeError as e:
-        record.update(status="failed", error=e.message)
+        record.status, record.error = "failed", e.message
     except Exception as e:  # a bug in a pass on this graph: recorded with its type, the search goes on
         last = traceback.extract_tb(e.__traceback__)[-1]
-        record.update(status="failed", error=f"{type(e).__name__}: {str(e)[:200]} ({Path(last.filename).name}:{last.lineno})")
+        where = f"{Path(last.filename).name}:{last.lineno}"
+        record.status, record.error = "failed", f"{type(e).__name__}: {str(e)[:200]} ({where})"
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    record["seconds"] = round(time.perf_counter() - started, 3)
-    return record
+    record.seconds = round(time.perf_counter() - started, 3)
+    # The search loop (Optuna's user attributes, Ray, the front) takes the record as JSON data.
+    return record.to_json()
