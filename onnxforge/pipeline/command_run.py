@@ -81,6 +81,13 @@ class CommandRecipe:
 
     def recipe(self) -> Recipe:
         """The parsed recipe: every option checked by the codec, as a YAML recipe's would be."""
+        model = self.mapping["model"]
+        if not model.startswith("builtin:"):
+            from onnxforge.converters.source import parse_source
+
+            path = parse_source(model).path
+            if not path.exists():
+                raise UsageError(f"{path}: no such file", hint="check the model path")
         for key, flag in (("calibration", "--calibration"), ("eval", "--eval")):
             value = self.mapping.get(key)
             path = value.get("path") if isinstance(value, Mapping) else value
