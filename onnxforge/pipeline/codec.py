@@ -61,6 +61,14 @@ class Absent(enum.Enum):
 ABSENT = Absent.ABSENT
 
 
+def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+           **metadata: Any) -> Any:
+    """A config field with its description: what ``--help``, the README's command reference and recipe
+    errors say about it (``ratio: float = option(0.5, help="share of channels removed")``). Other
+    metadata (``key=False``, ``renamed_from=...``) is passed through."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help, **metadata})
+
+
 class JsonResult:
     """A stage result (or trial record) saved through the codec: ``to_json()`` encodes every field, nested
     results included, except those marked ``metadata={"json": False}`` (an in-memory model), then adds what

@@ -85,14 +85,14 @@ class CommandRecipe:
         if not model.startswith("builtin:"):
             from onnxforge.converters.source import parse_source
 
-            path = parse_source(model).path
-            if not path.exists():
-                raise UsageError(f"{path}: no such file", hint="check the model path")
+            source = parse_source(model).path
+            if not source.exists():
+                raise UsageError(f"{source}: no such file", hint="check the model path")
         for key, flag in (("calibration", "--calibration"), ("eval", "--eval")):
             value = self.mapping.get(key)
-            path = value.get("path") if isinstance(value, Mapping) else value
-            if path is not None and not os.path.exists(path):
-                raise UsageError(f"{flag} {path}: no such file or folder")
+            data = value.get("path") if isinstance(value, Mapping) else value
+            if data is not None and not os.path.exists(data):
+                raise UsageError(f"{flag} {data}: no such file or folder")
         try:
             return recipe_from_mapping(self.mapping, Path.cwd(), "command")
         except RecipeError as e:

@@ -27,6 +27,7 @@ from onnxforge.errors import InvalidModelError, OnnxForgeError, QualityGateError
 from onnxforge.model_io import check_model, infer_shapes, save_model, serialized_size, stored_at
 from onnxforge.parity import ParityReport, Tolerance, compare_models
 from onnxforge.pipeline import codec
+from onnxforge.pipeline.codec import option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.parity_feeds import parity_feeds
@@ -39,11 +40,14 @@ _DEFAULT_TOLERANCE = Tolerance(atol=1e-2, rtol=1e-2)  # frozen: one shared defau
 
 @dataclass(frozen=True, kw_only=True)
 class Fp16Config:
-    keep_io_types: bool = True
-    op_block_list: tuple[str, ...] = ()
-    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    sample_data: DataSpec | None = None  # .npz keyed by input name: parity inputs instead of random ones
-    tolerance: Tolerance = _DEFAULT_TOLERANCE
+    keep_io_types: bool = option(True, help="inputs and outputs stay fp32 (casts inside the graph)")
+    op_block_list: tuple[str, ...] = option((), help="op types kept in fp32")
+    input_shapes: Mapping[str, tuple[int, ...]] = option(default_factory=dict, help="input shapes for the parity check")
+    sample_data: DataSpec | None = option(  # .npz keyed by input name: parity inputs instead of random ones
+        None,
+        help="parity inputs (instead of random data)",
+    )
+    tolerance: Tolerance = option(_DEFAULT_TOLERANCE, help="parity tolerance against fp32")
 
     def __post_init__(self) -> None:
         set_data_fields(self, "sample_data")  # a str or Path from the Python API becomes a DataSpec

@@ -45,6 +45,7 @@ from onnxforge.model_io import (
 )
 from onnxforge.parity import ParityReport, Tolerance, compare_models
 from onnxforge.pipeline import codec
+from onnxforge.pipeline.codec import option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.normalize import StageInput, load_stage_input
 from onnxforge.pipeline.parity_feeds import parity_feeds
@@ -64,10 +65,19 @@ _DEFAULT_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-3)  # frozen: one shared defau
 
 @dataclass(frozen=True, kw_only=True)
 class SimplifyConfig:
-    method: SimplifyMethod = SimplifyMethod.AUTO
-    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    tolerance: Tolerance = _DEFAULT_TOLERANCE
-    sample_data: DataSpec | None = None  # .npz keyed by input name: parity inputs instead of random ones
+    method: SimplifyMethod = option(
+        SimplifyMethod.AUTO,
+        help="which simplifier (auto: every one, the smallest graph with parity wins)",
+    )
+    input_shapes: Mapping[str, tuple[int, ...]] = option(
+        default_factory=dict,
+        help="input shapes for simplifiers that need static shapes",
+    )
+    tolerance: Tolerance = option(_DEFAULT_TOLERANCE, help="parity tolerance against the input model")
+    sample_data: DataSpec | None = option(  # .npz keyed by input name: parity inputs instead of random ones
+        None,
+        help="parity inputs (instead of random data)",
+    )
 
     def __post_init__(self) -> None:
         set_data_fields(self, "sample_data")  # a str or Path from the Python API becomes a DataSpec

@@ -13,7 +13,7 @@ import yaml
 from onnxforge.converters.distill import NO_ONNX_BRIDGE
 from onnxforge.errors import RecipeError, UsageError
 from onnxforge.pipeline.data_spec import DataSpec
-from onnxforge.pipeline.evaluate import QualityGate, Metric
+from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.recipe import load_recipe
 from onnxforge.pipeline.registry import StageContext
 from onnxforge.pipeline.runner import run_recipe, source_fingerprint

@@ -5,14 +5,14 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import assert_numerically_equal, write_npz
+from transformer_graphs import encoder_feeds, make_encoder
+
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize, skip_layer_norm
 from onnxforge.pipeline.quantize.skip_layer_norm import residual_sums, skip_layer_norm_slowdown
 from onnxforge.pipeline.quantize.transformer_fusion import fuse_transformer
 from onnxforge.targets import CpuTarget
-from transformer_graphs import encoder_feeds, make_encoder
 
 
 def _ort_ops(model: onnx.ModelProto, tmp_path) -> set[str]:

@@ -6,12 +6,12 @@ import textwrap
 
 import numpy as np
 import onnx
-
 from conftest import assert_numerically_equal
+from transformer_graphs import encoder_feeds, make_encoder
+
 from onnxforge.pipeline.quantize import transformer_fusion
 from onnxforge.pipeline.quantize.graphs import qattention_ready
 from onnxforge.pipeline.quantize.transformer_fusion import fuse_transformer, looks_like_transformer, padded_batch
-from transformer_graphs import encoder_feeds, make_encoder
 
 H = 32
 

@@ -40,7 +40,7 @@ from onnxforge.errors import CalibrationDataError, QualityGateError, UsageError
 from onnxforge.model_cost import count_params_and_macs
 from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
-from onnxforge.pipeline.codec import JsonResult
+from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
@@ -87,24 +87,43 @@ class Repair(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class ChannelPruneConfig:
-    ratio: float = 0.5
-    importance: Importance = Importance.L2
-    allocation: Allocation = Allocation.UNIFORM
-    repair: Repair = Repair.AUTO
-    calibration_data: DataSpec | None = None
-    calibration_samples: int = 256
-    max_samples: int | None = None  # bounds every use of the data: samples fit and eval samples scored
-    positions: int = 64  # im2col rows sampled per calibration sample for the repair
-    ridge: float = 1e-3
-    round_to: int = 1
-    exclude_nodes: tuple[str, ...] = ()
-    eval_data: DataSpec | None = None
-    metric: Metric = Metric.AUTO
-    tolerance: float | None = None
-    target: str = "cpu"  # where the quality gate runs
+    ratio: float = option(0.5, help="fraction of channels to remove")
+    importance: Importance = option(Importance.L2, help="how channels are ranked")
+    allocation: Allocation = option(
+        Allocation.UNIFORM,
+        help="the same ratio for every group, or per-group ratios from a sensitivity scan (needs calibration "
+        "data)",
+    )
+    repair: Repair = option(
+        Repair.AUTO,
+        help="refit the next layers by least squares (auto: when calibration data is given)",
+    )
+    calibration_data: DataSpec | None = option(None, help="samples for the least-squares repair")
+    calibration_samples: int = option(256, help="calibration samples fit at most")
+    max_samples: int | None = option(  # bounds every use of the data: samples fit and eval samples scored
+        None,
+        help="bounds every use of the data: samples fit and eval samples scored",
+    )
+    positions: int = option(  # im2col rows sampled per calibration sample for the repair
+        64,
+        help="im2col rows sampled per calibration sample for the repair",
+    )
+    ridge: float = option(1e-3, help="ridge term of the least-squares repair")
+    round_to: int = option(
+        1,
+        help="keep channel counts a multiple of this (the target's SIMD width runs round counts fastest)",
+    )
+    exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
+    eval_data: DataSpec | None = option(
+        None,
+        help="held-out samples the quality gate scores (default: a share of the calibration samples)",
+    )
+    metric: Metric = option(Metric.AUTO, help="quality metric against the input model")
+    tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
+    target: str = option("cpu", help="where the quality gate runs")  # where the quality gate runs
     # False: no tolerance loop; the ratio given is kept and its score reported (onnxforge optimize, which
     # varies the ratio and scores every trial on the eval data itself)
-    gate: bool = True
+    gate: bool = option(True, help="back off until the quality gate holds (no: keep the ratio given)")
 
     def __post_init__(self) -> None:
         set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec

@@ -39,7 +39,7 @@ from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
-from onnxforge.pipeline.codec import JsonResult
+from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
@@ -65,21 +65,30 @@ class RankRule(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class LowRankConfig:
-    rule: RankRule = RankRule.ENERGY
-    energy: float = 0.95
-    ratio: float = 0.5
-    max_cost: float = 0.7
-    min_params: int = 4096
-    calibration_data: DataSpec | None = None
-    calibration_samples: int = 256
-    max_samples: int | None = None  # bounds every use of the data: samples fit and eval samples scored
-    exclude_nodes: tuple[str, ...] = ()
-    eval_data: DataSpec | None = None
-    metric: Metric = Metric.AUTO
-    tolerance: float | None = None
-    measure_latency: bool = True
-    target: str = "cpu"  # where the quality gate and the timings run
-    gate: bool = True  # False: no tolerance loop, the rank rule given is kept (onnxforge optimize scores it)
+    rule: RankRule = option(RankRule.ENERGY, help="how each layer's rank is chosen")
+    energy: float = option(0.95, help="singular-value energy kept by the energy rule")
+    ratio: float = option(0.5, help="fraction of each layer's rank to remove (the ratio rule)")
+    max_cost: float = option(0.7, help="factor a layer only when its factors cost at most this share of it")
+    min_params: int = option(4096, help="layers with fewer weights are left alone")
+    calibration_data: DataSpec | None = option(None, help="samples for the data-aware factorization")
+    calibration_samples: int = option(256, help="calibration samples fit at most")
+    max_samples: int | None = option(  # bounds every use of the data: samples fit and eval samples scored
+        None,
+        help="bounds every use of the data: samples fit and eval samples scored",
+    )
+    exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
+    eval_data: DataSpec | None = option(
+        None,
+        help="held-out samples the quality gate scores (default: a share of the calibration samples)",
+    )
+    metric: Metric = option(Metric.AUTO, help="quality metric against the input model")
+    tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
+    measure_latency: bool = option(True, help="time the factored model against its input")
+    target: str = option("cpu", help="where the quality gate runs")  # where the quality gate and the timings run
+    gate: bool = option(  # False: no tolerance loop, the rank rule given is kept (onnxforge optimize scores it)
+        True,
+        help="back off until the quality gate holds (no: keep the ratio given)",
+    )
 
     def __post_init__(self) -> None:
         set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec

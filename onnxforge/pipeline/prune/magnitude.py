@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import save_model
-from onnxforge.pipeline.codec import JsonResult
+from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
@@ -45,15 +45,18 @@ class Scope(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class MagnitudePruneConfig:
-    sparsity: float = 0.5
-    scope: Scope = Scope.PER_LAYER
-    min_params: int = 64
-    exclude_nodes: tuple[str, ...] = ()
-    eval_data: DataSpec | None = None
-    metric: Metric = Metric.AUTO
-    tolerance: float | None = None
-    target: str = "cpu"  # where the quality gate runs
-    max_samples: int | None = None  # bounds every use of the data: samples fit and eval samples scored
+    sparsity: float = option(0.5, help="fraction of weights to zero")
+    scope: Scope = option(Scope.PER_LAYER, help="one threshold per layer or one for the whole model")
+    min_params: int = option(64, help="layers with fewer weights are left alone")
+    exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
+    eval_data: DataSpec | None = option(None, help="held-out samples the quality gate scores")
+    metric: Metric = option(Metric.AUTO, help="quality metric against the input model")
+    tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
+    target: str = option("cpu", help="where the quality gate runs")  # where the quality gate runs
+    max_samples: int | None = option(  # bounds every use of the data: samples fit and eval samples scored
+        None,
+        help="eval samples scored at most",
+    )
 
     def __post_init__(self) -> None:
         set_data_fields(self, "eval_data")  # a str or Path from the Python API becomes a DataSpec

@@ -11,7 +11,7 @@ from typing import Any
 from onnxruntime import quantization as ortq
 
 from onnxforge.errors import UsageError
-from onnxforge.pipeline.codec import JsonResult
+from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
@@ -80,36 +80,73 @@ class QuantizeConfig:
       compute type (0: the kernel's default, 1 fp32, 2 fp16, 3 bf16, 4 int8).
     """
 
-    target: str = "cpu"
-    schemes: tuple[QuantScheme, ...] | None = None
-    calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
-    max_samples: int | None = field(default=None, metadata={"renamed_from": "max_calibration_samples"})
-    metric: Metric = Metric.AUTO
-    tolerance: float | None = None
-    eval_data: DataSpec | None = None
-    holdout_fraction: float = 0.2
-    exclude_nodes: tuple[str, ...] = ()
-    exclude_op_types: tuple[str, ...] = ()
-    threads: int = 1
-    latency_rounds: int = 20
-    activation_symmetric: bool = False
-    weight_symmetric: bool = True
-    mixed_precision: bool = True
-    max_float_fraction: float = 0.5
-    mixed_precision_steps: int = 10
-    error_report: bool = True
-    analysis_samples: int = 32
+    target: str = option("cpu", help="where candidates are measured (the recipe's target fills it)")
+    schemes: tuple[QuantScheme, ...] | None = option(
+        None,
+        help="the candidates measured, e.g. qdq-u8s8-per-channel, qdq-u8s8-per-channel-matmul-smooth, "
+        "dynamic-s8-per-channel-smooth, int4, fp16; options -matmul, -smooth, -percentile, "
+        "-int8-embeddings (default: the target's)",
+    )
+    calibration_method: CalibrationMethod = option(
+        CalibrationMethod.MINMAX,
+        help="how activation ranges are calibrated",
+    )
+    max_samples: int | None = option(
+        None,
+        help="samples read from each data file at most: calibration, held-out and eval (nothing past them is "
+        "read)", renamed_from="max_calibration_samples",
+    )
+    metric: Metric = option(
+        Metric.AUTO,
+        help="quality metric against the fp32 model (auto: accuracy with labels, else top-1 agreement or "
+        "cosine)",
+    )
+    tolerance: float | None = option(None, help="the quality gate, in the metric's unit (see --tolerance)")
+    eval_data: DataSpec | None = option(
+        None,
+        help="held-out samples scored against fp32 (default: a share of the calibration samples)",
+    )
+    holdout_fraction: float = option(
+        0.2,
+        help="share of the calibration samples held out to score candidates without eval data",
+    )
+    exclude_nodes: tuple[str, ...] = option((), help="node names kept in float")
+    exclude_op_types: tuple[str, ...] = option((), help="op types kept in float")
+    threads: int = option(1, help="intra-op threads when timing candidates")
+    latency_rounds: int = option(20, help="interleaved timing rounds per candidate")
+    activation_symmetric: bool = option(False, help="symmetric activation ranges (zero point in the middle)")
+    weight_symmetric: bool = option(True, help="symmetric weight ranges")
+    mixed_precision: bool = option(
+        True,
+        help="when the fastest candidate misses the tolerance, return its most sensitive nodes to float",
+    )
+    max_float_fraction: float = option(0.5, help="mixed precision keeps at most this share of quantized nodes in float")
+    mixed_precision_steps: int = option(10, help="mixed precision: float-node sets tried at most")
+    error_report: bool = option(True, help="measure each node's quantization error (SQNR) for the report")
+    analysis_samples: int = option(32, help="samples the per-node error analysis runs")
     # bytes; the peak the stage stays under (memory_plan sizes its batches to it; None: 80% of the memory
     # available at the start), refused before any work when batch 1 cannot fit. Not in the cache key: it
     # decides whether the stage runs and its batch sizes, not the MinMax ranges (histogram methods on a
     # smaller batch can shift theirs slightly: see memory_plan).
-    max_memory: int | None = field(default=None, metadata={"key": False})
-    transformer_fusion: bool = True
-    residual_sums: bool = True
-    quantize_embeddings: bool = True
-    smooth_alpha: float = 0.5
-    int4_block_size: int = 32
-    int4_accuracy_level: int = 4
+    max_memory: int | None = option(
+        None,
+        help="peak memory in bytes to stay under: calibration, scoring and the error analysis are sized to it "
+        "from the data's real shapes; refused before any work when a batch of 1 cannot fit (default: 80% "
+        "of the memory available)",
+        key=False,
+    )
+    transformer_fusion: bool = option(True, help="fuse Attention/SkipLayerNorm/BiasGelu before quantizing transformers")
+    residual_sums: bool = option(True, help="keep residual Add chains in a quantization-friendly form")
+    quantize_embeddings: bool = option(
+        True,
+        help="store embedding tables in int8 with per-row scales in every candidate",
+    )
+    smooth_alpha: float = option(0.5, help="SmoothQuant migration strength for -smooth schemes")
+    int4_block_size: int = option(32, help="int4: weights per scale along K (a power of two >= 16)")
+    int4_accuracy_level: int = option(
+        4,
+        help="int4: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8)",
+    )
 
     @property
     def calibration_samples(self) -> int:

@@ -80,7 +80,8 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
 
 def search_reads(config: OptimizeConfig) -> list[Path]:
     """The data files (or folders) a search reads besides its model."""
-    return [Path(spec.path) for spec in (config.calibration, config.eval_data) if spec is not None and spec.path is not None]
+    specs = (config.calibration, config.eval_data)
+    return [Path(spec.path) for spec in specs if spec is not None and spec.path is not None]
 
 
 def _reference_gate(reference: str, config: OptimizeConfig) -> tuple[QualityGate, float]:
@@ -218,7 +219,7 @@ def optimize(
 
     def complete() -> int:  # an interrupted trial (failed without a record) is run again, not counted
         return sum(t.state is optuna.trial.TrialState.COMPLETE
-                   or t.state is optuna.trial.TrialState.FAIL and "record" in t.user_attrs
+                   or (t.state is optuna.trial.TrialState.FAIL and "record" in t.user_attrs)
                    for t in study.get_trials(deepcopy=False))
 
     def goal_met() -> bool:

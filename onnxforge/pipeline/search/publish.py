@@ -28,7 +28,7 @@ from onnxforge.pipeline.search.pareto import pareto_front
 from onnxforge.pipeline.search.space import SearchSpace
 from onnxforge.pipeline.search.trial import latency_feeds, stage_specs, time_against_reference
 
-__all__ = ["OptimizeResult", "publish", "objectives"]
+__all__ = ["OptimizeResult", "objectives", "publish"]
 
 
 @dataclass
@@ -84,7 +84,8 @@ def _recipe_for(model: str, record: dict[str, Any], config: OptimizeConfig, spac
     context = StageContext(target=config.target, calibration=config.calibration)
     for spec in stage_specs(space.plan_from_params(record["plan"]), context):
         stages.append({spec.kind: codec.encode(spec.config)})
-    recipe = {"name": f"trial-{record['number']}", "model": str(Path(model).resolve()) if not model.startswith("builtin:") else model,
+    recipe = {"name": f"trial-{record['number']}",
+              "model": str(Path(model).resolve()) if not model.startswith("builtin:") else model,
               "calibration": codec.encode(config.calibration), "eval": str(config.eval_data.path),
               "target": config.target, "stages": stages}
     if not model.endswith(".onnx"):
@@ -150,7 +151,8 @@ def publish(run_dir, model, config, space, ctx, gate, reference_score, records, 
     if best is not None:
         best_path = run_dir / "best.onnx"
         _copy(run_dir / best["path"], best_path)
-        atomic_write_text(run_dir / "best.recipe.yaml", yaml.safe_dump(_recipe_for(model, best, config, space), sort_keys=False))
+        atomic_write_text(run_dir / "best.recipe.yaml",
+                          yaml.safe_dump(_recipe_for(model, best, config, space), sort_keys=False))
     on_front = {r["number"]: r for r in front}
     for r in records:  # the table shows every trial, the front ones with their re-timed numbers
         if r["number"] in on_front:

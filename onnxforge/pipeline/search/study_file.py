@@ -25,7 +25,7 @@ from onnxforge._atomic import atomic_write_bytes
 from onnxforge.errors import RecipeError, UsageError
 from onnxforge.pipeline import codec
 
-__all__ = ["TrialRecord", "check_journal", "trial_records", "stored_path", "trial_file", "TRIALS_DIR"]
+__all__ = ["TRIALS_DIR", "TrialRecord", "check_journal", "stored_path", "trial_file", "trial_records"]
 
 TRIALS_DIR = "trials"
 _LEGACY_NAME = re.compile(r"^\d{4}\.onnx$")  # trial files are trials/NNNN.onnx
