@@ -42,13 +42,23 @@ def _print_error(error: OnnxForgeError) -> None:
         err.print(f"[dim]hint:[/] {escape(error.hint)}", highlight=False, soft_wrap=True, emoji=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: returns (and exits with) the exit code."""
+def main(argv: list[str] | None = None, *, pass_on_sigterm: bool = True) -> int:
+    """Run the command line in this process; returns the exit code.
+
+    A SIGTERM unwinds the command like Ctrl-C (no partial output) and returns 143; with
+    ``pass_on_sigterm`` (the default, for callers that run the CLI inside their own process, pytest
+    among them) the signal is then raised again for the handler that was there before, so the caller
+    stops too instead of carrying on as if the command had merely failed."""
+    import signal
+
     from onnxforge._scratch import scratch_folder
     from onnxforge._signals import sigterm_raises
 
     with sigterm_raises(), scratch_folder():  # SIGTERM unwinds like Ctrl-C; temp folders in one place
-        return _main(argv)
+        code = _main(argv)
+    if code == 143 and pass_on_sigterm:
+        signal.raise_signal(signal.SIGTERM)
+    return code
 
 
 def _main(argv: list[str] | None) -> int:
@@ -125,4 +135,4 @@ def _mute_stdout() -> None:
 
 
 def entry() -> None:
-    sys.exit(main())
+    sys.exit(main(pass_on_sigterm=False))  # the process ends with 143 either way
