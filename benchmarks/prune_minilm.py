@@ -174,6 +174,7 @@ def run(
     import onnx
 
     from benchmarks._common import markdown_table, write_results
+    from onnxforge.converters import ExportConfig, export
     from onnxforge.model_cost import count_params_and_macs
     from onnxforge.model_io import input_specs, load_model
     from onnxforge.pipeline.calibration import load_samples
@@ -181,7 +182,6 @@ def run(
     from onnxforge.pipeline.prune.low_rank import LowRankConfig, RankRule, factorize_model
     from onnxforge.pipeline.prune.repair import repair_model
     from onnxforge.targets import CpuTarget
-    from onnxforge.converters import ExportConfig, export
     from onnxforge.targets.latency import compare_latency
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["scratch_folder", "remove_stale_folders"]
+__all__ = ["remove_stale_folders", "scratch_folder"]
 
 _PREFIX = "onnxforge-"
 _LOCK = ".owner.lock"

@@ -23,7 +23,7 @@ from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.recipe import load_recipe
 from onnxforge.pipeline.runner import Progress, RunResult, run_recipe
 
-__all__ = ["demo", "DEMO_RECIPE"]
+__all__ = ["DEMO_RECIPE", "demo"]
 
 CALIBRATION_SAMPLES = 256
 

@@ -35,20 +35,20 @@ from onnxforge.errors import InvalidModelError, first_line
 
 __all__ = [
     "TensorSpec",
-    "load_model",
-    "save_model",
-    "input_specs",
-    "output_specs",
-    "file_sha256",
-    "content_sha256",
-    "model_file_size",
-    "default_opset",
-    "fits_in_protobuf",
-    "serialized_size",
-    "runnable",
-    "stored_at",
     "check_model",
+    "content_sha256",
+    "default_opset",
+    "file_sha256",
+    "fits_in_protobuf",
     "infer_shapes",
+    "input_specs",
+    "load_model",
+    "model_file_size",
+    "output_specs",
+    "runnable",
+    "save_model",
+    "serialized_size",
+    "stored_at",
 ]
 
 _PROTOBUF_LIMIT = 2**31 - 1

@@ -16,7 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["Tolerance", "OutputParity", "ParityReport", "compare_outputs", "compare_models"]
+__all__ = ["OutputParity", "ParityReport", "Tolerance", "compare_models", "compare_outputs"]
 
 
 @dataclass(frozen=True, kw_only=True)

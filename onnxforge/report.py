@@ -20,7 +20,7 @@ from typing import Any
 
 from onnxforge._atomic import atomic_write_text
 
-__all__ = ["profile_report_html", "run_report_html", "write_report", "write_run_report", "REPORT_NAME"]
+__all__ = ["REPORT_NAME", "profile_report_html", "run_report_html", "write_report", "write_run_report"]
 
 REPORT_NAME = "report.html"
 

@@ -10,7 +10,6 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
-
 from conftest import IMAGE_SHAPE, NUM_CLASSES, assert_numerically_equal, random_images, run_model
 
 

@@ -15,7 +15,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import (
     assert_numerically_equal,
     make_classifier,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from conftest import assert_numerically_equal, make_classifier, random_images, save
+
 from onnxforge.errors import InvalidModelError
 from onnxforge.model_io import (
     check_model,

@@ -13,8 +13,8 @@ import tempfile
 import numpy as np
 import pytest
 import yaml
-
 from conftest import make_classifier, random_images, save, write_npz
+
 from onnxforge.report import REPORT_NAME, bar_chart_svg, histogram_svg, profile_report_html, run_report_html
 
 CHROMIUM_FLAGS = [

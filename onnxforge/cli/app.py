@@ -13,7 +13,7 @@ from rich.markup import escape
 from onnxforge.cli.console import ReaderGone, err
 from onnxforge.errors import OnnxForgeError
 
-__all__ = ["cli", "main", "entry"]
+__all__ = ["cli", "entry", "main"]
 
 
 class _Group(click.Group):

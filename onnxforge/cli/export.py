@@ -8,8 +8,16 @@ import click
 
 from onnxforge.cli.app import cli
 from onnxforge.cli.door import run_command
-from onnxforge.cli.options import (Flag, config_options, given, given_options, input_shape_option, json_option,
-                                   output_option, save_recipe_option)
+from onnxforge.cli.options import (
+    Flag,
+    config_options,
+    given,
+    given_options,
+    input_shape_option,
+    json_option,
+    output_option,
+    save_recipe_option,
+)
 from onnxforge.converters.config import ExportConfig
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.command_run import CommandRecipe

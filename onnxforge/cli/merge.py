@@ -10,7 +10,7 @@ import click
 
 from onnxforge.cli.app import cli
 from onnxforge.cli.door import run_command
-from onnxforge.cli.options import stage_cache_options, floats, json_option, output_option, save_recipe_option, size_hw
+from onnxforge.cli.options import floats, json_option, output_option, save_recipe_option, size_hw, stage_cache_options
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.command_run import CommandRecipe
 from onnxforge.pipeline.merge import MergeConfig
@@ -60,8 +60,16 @@ def merge(ctx, models, output, pre, layout, single, size, dynamic_size, resize, 
     """Merge MODEL (or several: an ensemble) with its pre- and post-processing into one deployable graph,
     parity checked against the steps run one by one."""
     from onnxforge.parity import Tolerance
-    from onnxforge.pipeline.merge import (AudioPre, EnsembleMode, ImageLayout, ImagePre, PixelLayout, PostKind,
-                                          ResizeMode, TokenizerConfig)
+    from onnxforge.pipeline.merge import (
+        AudioPre,
+        EnsembleMode,
+        ImageLayout,
+        ImagePre,
+        PixelLayout,
+        PostKind,
+        ResizeMode,
+        TokenizerConfig,
+    )
 
     def refuse(options: dict[str, object], applies: bool, needs: str) -> None:
         given = [name for name, value in options.items() if value not in (None, False)]

@@ -144,7 +144,8 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
     recipe .yaml whose 'search:' section holds these options (its model, data and target are used)."""
     from onnxforge.pipeline.data_spec import DataSpec
     from onnxforge.pipeline.evaluate import Metric
-    from onnxforge.pipeline.search import Objective, OptimizeConfig, Strategy, optimize as run_optimize
+    from onnxforge.pipeline.search import Objective, OptimizeConfig, Strategy
+    from onnxforge.pipeline.search import optimize as run_optimize
     from onnxforge.targets.feeds import parse_input_shapes
 
     if model.endswith((".yaml", ".yml")):

@@ -33,7 +33,8 @@ def profile(model, target, batches, threads, input_shapes, sample_data, min_seco
     with --per-op the time per op and node and where each ran; --target mobile adds the ORT-format model
     and NNAPI/CoreML readiness."""
     from onnxforge.targets.feeds import parse_input_shapes
-    from onnxforge.targets.profile import ProfileConfig, profile as run_profile
+    from onnxforge.targets.profile import ProfileConfig
+    from onnxforge.targets.profile import profile as run_profile
 
     if any(b < 1 for b in batches) or any(t < 1 for t in threads):
         raise UsageError("--batch and --threads must be at least 1")

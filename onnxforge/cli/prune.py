@@ -13,9 +13,23 @@ import click
 
 from onnxforge.cli.app import cli
 from onnxforge.cli.door import run_command
-from onnxforge.cli.options import (Flag, stage_cache_options, config_options, data_spec, eval_spec, given, given_options,
-                                   image_options, json_option, model_argument, options_for_other_methods,
-                                   output_option, quality_options, save_recipe_option, target_option)
+from onnxforge.cli.options import (
+    Flag,
+    config_options,
+    data_spec,
+    eval_spec,
+    given,
+    given_options,
+    image_options,
+    json_option,
+    model_argument,
+    options_for_other_methods,
+    output_option,
+    quality_options,
+    save_recipe_option,
+    stage_cache_options,
+    target_option,
+)
 from onnxforge.converters.distill_config import DistillConfig
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.command_run import CommandRecipe

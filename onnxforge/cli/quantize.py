@@ -8,9 +8,22 @@ import click
 
 from onnxforge.cli.app import cli
 from onnxforge.cli.door import run_command
-from onnxforge.cli.options import (Flag, stage_cache_options, config_options, data_spec, given_options, image_options,
-                                   eval_spec, json_option, memory_limit, model_argument, output_option, quality_options,
-                                   save_recipe_option, target_option)
+from onnxforge.cli.options import (
+    Flag,
+    config_options,
+    data_spec,
+    eval_spec,
+    given_options,
+    image_options,
+    json_option,
+    memory_limit,
+    model_argument,
+    output_option,
+    quality_options,
+    save_recipe_option,
+    stage_cache_options,
+    target_option,
+)
 from onnxforge.pipeline.command_run import CommandRecipe
 from onnxforge.pipeline.quantize import QuantizeConfig
 

@@ -8,8 +8,18 @@ import click
 
 from onnxforge.cli.app import cli
 from onnxforge.cli.door import run_command
-from onnxforge.cli.options import (Flag, stage_cache_options, config_options, given, given_options, input_shape_option,
-                                   json_option, model_argument, output_option, save_recipe_option)
+from onnxforge.cli.options import (
+    Flag,
+    config_options,
+    given,
+    given_options,
+    input_shape_option,
+    json_option,
+    model_argument,
+    output_option,
+    save_recipe_option,
+    stage_cache_options,
+)
 from onnxforge.pipeline.command_run import CommandRecipe
 from onnxforge.pipeline.simplify import SimplifyConfig
 

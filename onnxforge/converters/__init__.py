@@ -25,26 +25,32 @@ import onnx
 import onnxruntime as ort
 
 from onnxforge._atomic import atomic_write_text, check_output_path, paths_in
-from onnxforge.converters._parity_inputs import parity_feeds, sample_feeds
-from onnxforge.converters.config import Exporter, ExportConfig, ExportResult
 from onnxforge.converters._isolation import SOURCE_TIMEOUT_S
+from onnxforge.converters._parity_inputs import parity_feeds, sample_feeds
+from onnxforge.converters.config import ExportConfig, Exporter, ExportResult
 from onnxforge.converters.source import SourceKind, SourceModel, is_python_source, resolve_source, source_files
 from onnxforge.errors import ExportError, InvalidModelError, QualityGateError
 from onnxforge.model_io import (
-    default_opset, fits_in_protobuf, infer_shapes, input_specs, load_model, output_specs, save_model,
+    default_opset,
+    fits_in_protobuf,
+    infer_shapes,
+    input_specs,
+    load_model,
+    output_specs,
+    save_model,
 )
 from onnxforge.parity import OutputParity, ParityReport, compare_outputs
 from onnxforge.targets import CpuTarget
 
 __all__ = [
-    "export",
+    "VERIFIED_KEY",
     "ExportConfig",
     "ExportResult",
     "Exporter",
-    "resolve_source",
     "SourceKind",
+    "export",
+    "resolve_source",
     "unverified_note_path",
-    "VERIFIED_KEY",
 ]
 
 VERIFIED_KEY = "onnxforge.verified"  # metadata_props entry set to "false" when parity failed

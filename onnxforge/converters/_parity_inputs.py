@@ -21,7 +21,7 @@ from onnxforge.errors import CalibrationDataError, UsageError
 from onnxforge.model_io import TensorSpec
 from onnxforge.targets.feeds import batch_from_samples
 
-__all__ = ["parity_feeds", "sample_feeds", "PARITY_BATCHES"]
+__all__ = ["PARITY_BATCHES", "parity_feeds", "sample_feeds"]
 
 PARITY_BATCHES = (1, 3)
 

@@ -12,7 +12,7 @@ import numpy as np
 from onnxforge.model_io import TensorSpec
 from onnxforge.parity import ParityReport, Tolerance
 
-__all__ = ["Exporter", "ExportConfig", "ExportResult"]
+__all__ = ["ExportConfig", "ExportResult", "Exporter"]
 
 
 class Exporter(enum.Enum):

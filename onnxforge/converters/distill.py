@@ -53,7 +53,7 @@ from onnxforge.pipeline.data_spec import load_data
 from onnxforge.pipeline.evaluate import Metric, QualityGate, score
 from onnxforge.targets import CpuTarget
 
-__all__ = ["distill", "DistillConfig", "DistillLoss", "DistillResult", "NO_ONNX_BRIDGE"]
+__all__ = ["NO_ONNX_BRIDGE", "DistillConfig", "DistillLoss", "DistillResult", "distill"]
 
 Progress = Callable[[str], None]
 

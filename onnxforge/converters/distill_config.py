@@ -16,7 +16,7 @@ from onnxforge.errors import CalibrationDataError, UsageError
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 
-__all__ = ["DistillLoss", "DistillConfig", "DistillResult"]
+__all__ = ["DistillConfig", "DistillLoss", "DistillResult"]
 
 
 class DistillLoss(enum.Enum):

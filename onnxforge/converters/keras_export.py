@@ -24,7 +24,7 @@ import onnx
 from onnxforge.converters._silence import silent_fds
 from onnxforge.errors import ExportError
 
-__all__ = ["load_keras_file", "export_keras", "run_keras", "keras_input_names"]
+__all__ = ["export_keras", "keras_input_names", "load_keras_file", "run_keras"]
 
 _TF_HINT = "install the 'tf' extra (TensorFlow and tf2onnx): pip install 'onnxforge[tf]'; or set KERAS_BACKEND=torch"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from onnxforge.errors import ExportError
 
-__all__ = ["SourceKind", "SourceModel", "SourceSpec", "parse_source", "resolve_source", "source_files", "is_python_source"]
+__all__ = ["SourceKind", "SourceModel", "SourceSpec", "is_python_source", "parse_source", "resolve_source", "source_files"]
 
 
 class SourceKind(enum.Enum):

@@ -40,7 +40,7 @@ from torch import nn
 
 from onnxforge.errors import UsageError
 
-__all__ = ["Student", "build_student", "base_name", "kept_channels", "fuse_batchnorms"]
+__all__ = ["Student", "base_name", "build_student", "fuse_batchnorms", "kept_channels"]
 
 _PRUNED_SUFFIX = re.compile(r"(__pruned\d+)+$")
 _FOLDED_BIAS = ".weight_bias"  # the exporter's name for the bias of a Conv that absorbed a BatchNorm
@@ -83,7 +83,7 @@ def _batchnorm_pairs(module: nn.Module, examples: Mapping[str, torch.Tensor]) ->
         return []
     try:
         program = torch.export.export(module, args=(), kwargs=dict(examples), strict=False)
-    except Exception as e:  # noqa: BLE001 - the dynamo export of this model would have failed too
+    except Exception as e:
         raise UsageError(f"distill: torch.export cannot trace the teacher to find its BatchNorm layers "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from e
     signature = program.graph_signature

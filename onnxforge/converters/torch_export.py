@@ -30,10 +30,10 @@ import onnx
 import torch
 
 from onnxforge.converters._silence import silent_fds
-from onnxforge.converters.config import Exporter, ExportConfig
+from onnxforge.converters.config import ExportConfig, Exporter
 from onnxforge.errors import ExportError, UsageError
 
-__all__ = ["export_torch", "export_program", "load_program", "ProgramRunner", "torch_input_names", "run_torch"]
+__all__ = ["ProgramRunner", "export_program", "export_torch", "load_program", "run_torch", "torch_input_names"]
 
 _DYNAMO_MIN_OPSET = 18
 _EXTERNAL_DATA_BYTES = 1_800_000_000

@@ -15,7 +15,7 @@ import numpy as np
 from onnxforge.errors import UsageError
 from onnxforge.model_io import TensorSpec
 
-__all__ = ["parse_input_shapes", "parse_input_dtypes", "resolve_shape", "generate_feeds", "batch_from_samples"]
+__all__ = ["batch_from_samples", "generate_feeds", "parse_input_dtypes", "parse_input_shapes", "resolve_shape"]
 
 _MAX_FEED_BYTES = 4 << 30  # generated inputs larger than this are a damaged shape, not a benchmark
 

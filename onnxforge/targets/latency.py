@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["LatencyStats", "measure_latency", "compare_latency"]
+__all__ = ["LatencyStats", "compare_latency", "measure_latency"]
 
 
 @dataclass(frozen=True)

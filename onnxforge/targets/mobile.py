@@ -38,14 +38,14 @@ from onnxforge.targets.base import ActivationType, QuantFormat, QuantScheme, Tar
 from onnxforge.targets.latency import LatencyStats, measure_latency
 
 __all__ = [
-    "MobileTarget",
-    "MobileEp",
-    "Readiness",
     "EpVerdict",
     "MobileConfig",
+    "MobileEp",
     "MobileResult",
-    "prepare_mobile",
+    "MobileTarget",
+    "Readiness",
     "check_mobile_usability",
+    "prepare_mobile",
     "xnnpack_available",
 ]
 

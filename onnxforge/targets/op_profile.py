@@ -33,7 +33,7 @@ from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
 from onnxforge.targets.latency import LatencyStats
 
-__all__ = ["OpProfileConfig", "NodeTime", "OpTypeTime", "ProviderShare", "OpProfile", "profile_ops", "parse_profile"]
+__all__ = ["NodeTime", "OpProfile", "OpProfileConfig", "OpTypeTime", "ProviderShare", "parse_profile", "profile_ops"]
 
 _KERNEL_SUFFIX = "_kernel_time"
 

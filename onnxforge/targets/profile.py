@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from onnxforge.targets.mobile import MobileResult
     from onnxforge.targets.op_profile import OpProfile
 
-__all__ = ["ProfileConfig", "ProfileResult", "Comparison", "profile"]
+__all__ = ["Comparison", "ProfileConfig", "ProfileResult", "profile"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,9 +11,9 @@ import textwrap
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import onnxruntime as ort
+import pytest
 
 keras = pytest.importorskip("keras")
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="needs KERAS_BACKEND=torch")

@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import run_model
-from onnxforge.converters import Exporter, ExportConfig, export
+
+from onnxforge.converters import ExportConfig, Exporter, export
 from onnxforge.errors import UsageError
 
 MODELS = textwrap.dedent(

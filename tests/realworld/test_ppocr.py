@@ -9,8 +9,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from cli_runs import folder, outcome, run_cli  # noqa: F401 (folder: a fixture)
-
-from realworld_models import require
 from ocr_task import (
     characters,
     classifier_inputs,
@@ -20,6 +18,7 @@ from ocr_task import (
     recognizer_inputs,
     text_lines,
 )
+from realworld_models import require
 
 pytestmark = pytest.mark.slow  # minutes: real models
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's model builders
 
-from conftest import IMAGE_SHAPE, make_classifier, make_foldable_model  # noqa: E402
+from conftest import IMAGE_SHAPE, make_classifier, make_foldable_model
 
 BASE_MODELS = {
     "classifier": make_classifier,  # x[N,3,8,8] -> logits[N,5]; Conv, Relu, Flatten, Gemm

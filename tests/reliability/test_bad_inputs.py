@@ -27,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_classifier, random_images, write_npz  # noqa: E402
+from conftest import make_classifier, random_images, write_npz
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from onnxforge.targets.latency import LatencyStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_classifier, random_images, save, write_npz  # noqa: E402
+from conftest import make_classifier, random_images, save, write_npz
 
 RECIPE = """\
 model: classifier.onnx

@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from mutations import (
     BASE_MODELS,
     apply_bytes,
@@ -38,6 +37,7 @@ from mutations import (
     damaged_models,
     write_calibration,
 )
+
 from onnxforge.errors import OnnxForgeError, QualityGateError
 
 _LONG_RUN = int(os.environ.get("ONNXFORGE_FUZZ_EXAMPLES", "0"))

@@ -14,9 +14,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_classifier, random_images, save, write_npz  # noqa: E402
-from onnxforge.errors import UsageError  # noqa: E402
-from onnxforge.pipeline.quantize.calibration_memory import (  # noqa: E402
+from conftest import make_classifier, random_images, save, write_npz
+
+from onnxforge.errors import UsageError
+from onnxforge.pipeline.quantize.calibration_memory import (
     BASELINE_BYTES,
     estimate_calibration_memory,
     parse_memory_size,

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: E402,F401
+from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: F401
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
 

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_classifier, random_images, run_model  # noqa: E402
+from conftest import make_classifier, random_images, run_model
 
 _LONG_RUN = int(os.environ.get("ONNXFORGE_FUZZ_EXAMPLES", "0"))
 _SETTINGS = (

@@ -18,10 +18,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_graphs import model_from_text  # noqa: E402
-from conftest import run_model, save  # noqa: E402
+from conftest import run_model, save
+from onnx_graphs import model_from_text
 
-from onnxforge.pipeline.calibration import npy_rows  # noqa: E402
+from onnxforge.pipeline.calibration import npy_rows
 
 BIG = 130_000
 FEATURES = 8

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: E402,F401
+from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: F401
 
 
 class CreatesMarker:

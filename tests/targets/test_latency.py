@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnxruntime as ort
 import pytest
-
 from conftest import make_classifier, random_images
+
 from onnxforge.targets.latency import LatencyStats, compare_latency, measure_latency
 
 

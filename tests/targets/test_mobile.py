@@ -11,8 +11,8 @@ import onnx
 import onnx.parser
 import onnxruntime as ort
 import pytest
-
 from conftest import assert_numerically_equal, random_images, save
+
 from onnxforge.model_io import input_specs
 from onnxforge.targets import TARGETS
 from onnxforge.targets.base import QuantFormat
