@@ -107,7 +107,9 @@ def run() -> dict:
 
             before = found(det)
             out = folder / "det_channels.onnx"
-            code, result = _stage(prune_channels, det, out, ChannelPruneConfig(ratio=0.3, calibration_data=folder / "det.npz"))
+            code, result = _stage(
+                prune_channels, det, out, ChannelPruneConfig(ratio=0.3, calibration_data=folder / "det.npz")
+            )
             best = max((t["score"] for t in result.get("tried", [])), default=None)
             rows.append(["PP-OCRv4 detector", "prune channels 0.3", _verdict(code, result), _speed(result),
                          f"lines found {before} -> {found(out)} of {sum(map(len, boxes))}"

@@ -234,7 +234,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     # External data: write both files into a private temp folder beside the target, then rename
     # the data first and the graph last, so a reader never sees a graph without its data.
     data_name = path.name + ".data"
-    with named_write_errors(path), tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as tmp_dir:
+    with (
+        named_write_errors(path),
+        tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as tmp_dir,
+    ):
         tmp_model = Path(tmp_dir) / path.name
         _write_with_external_data(model, tmp_model, data_name)
         for produced in (Path(tmp_dir) / data_name, tmp_model):
@@ -338,7 +341,11 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
         return 0
     if tensor.HasField("raw_data"):
         try:
-            bits = 4 if tensor.data_type in _FOUR_BIT else 8 * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            bits = (
+                4
+                if tensor.data_type in _FOUR_BIT
+                else 8 * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            )
         except (KeyError, TypeError, ValueError):  # a data type this onnx does not know: measure it
             return tensor.ByteSize()
         return -(-int(np.prod(tensor.dims, dtype=np.int64)) * bits // 8)

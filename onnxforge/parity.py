@@ -106,7 +106,9 @@ def compare_outputs(
         for name in names[min(len(reference), len(candidate)):]:
             outputs.append(OutputParity(name, float("inf"), float("inf"), False))
         if not outputs:
-            outputs.append(OutputParity(f"(output count {len(reference)} vs {len(candidate)})", float("inf"), float("inf"), False))
+            outputs.append(
+                OutputParity(f"(output count {len(reference)} vs {len(candidate)})", float("inf"), float("inf"), False)
+            )
     for name, ref, got in zip(names, reference, candidate):
         ref = np.asarray(ref)
         got = np.asarray(got)

@@ -81,8 +81,20 @@ def test_command_recipe_and_api_give_the_same_bytes_and_record(case, tmp_path, c
 
 def test_a_repeated_command_is_answered_from_the_cache_and_says_so(tmp_path, cli, classifier_path,
                                                                      calibration_npz):
-    args = ["prune", classifier_path, "--method", "channels", "--ratio", "0.5", "--calibration", calibration_npz, "--tolerance", "100",
-            "--cache-dir", tmp_path / "cache"]
+    args = [
+        "prune",
+        classifier_path,
+        "--method",
+        "channels",
+        "--ratio",
+        "0.5",
+        "--calibration",
+        calibration_npz,
+        "--tolerance",
+        "100",
+        "--cache-dir",
+        tmp_path / "cache",
+    ]
     code, _, err = cli(*args, "-o", tmp_path / "a.onnx", "--json", tmp_path / "a.json")
     assert code == 0, err
     assert json.loads((tmp_path / "a.json").read_text())["stage"]["status"] == "done"

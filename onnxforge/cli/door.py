@@ -73,6 +73,8 @@ def run_command(
             err.print(f"[dim]cached:[/] {escape(last.cache)} (stage key {last.key[:12]}; --no-cache recomputes)",
                       highlight=False)
         if save_recipe is not None:
-            err.print(f"[dim]recipe:[/] {escape(str(save_recipe))} (rerun with: onnxforge run {escape(str(save_recipe))})",
-                      highlight=False)
+            err.print(
+                f"[dim]recipe:[/] {escape(str(save_recipe))} (rerun with: onnxforge run {escape(str(save_recipe))})",
+                highlight=False,
+            )
     return records

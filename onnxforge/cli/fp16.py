@@ -42,9 +42,20 @@ FLAGS = (
 @save_recipe_option
 @json_option
 @click.pass_context
-def fp16(ctx: click.Context, model: Path, output: Path, input_shapes: tuple[str, ...], atol: float | None,
-         rtol: float | None, cache_dir: Path | None, no_cache: bool, force: bool, save_recipe: Path | None, json_path: str | None,
-         **_: object) -> None:
+def fp16(
+    ctx: click.Context,
+    model: Path,
+    output: Path,
+    input_shapes: tuple[str, ...],
+    atol: float | None,
+    rtol: float | None,
+    cache_dir: Path | None,
+    no_cache: bool,
+    force: bool,
+    save_recipe: Path | None,
+    json_path: str | None,
+    **_: object,
+) -> None:
     """Convert MODEL to fp16 for CUDA/TensorRT (inputs/outputs stay fp32), checking parity with fp32."""
     options = given_options(ctx, Fp16Config, FLAGS, SKIP) | parity_tolerance(ctx, atol, rtol)
     if input_shapes:

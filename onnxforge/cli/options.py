@@ -158,8 +158,15 @@ def _option_for(cls: type, f: dataclasses.Field, tp: Any, spec: Flag | None) -> 
         on = flag.removeprefix("--")
         return click.option(f"--{on}/--no-{on}", spec.param, default=bool(default), show_default=True, help=help_text)
     shown = _default_text(default)
-    return click.option(flag, spec.param, type=click_type, multiple=multiple, default=() if multiple else None,
-                        metavar=spec.metavar, help=help_text + (f"  [default: {shown}]" if shown and not multiple else ""))
+    return click.option(
+        flag,
+        spec.param,
+        type=click_type,
+        multiple=multiple,
+        default=() if multiple else None,
+        metavar=spec.metavar,
+        help=help_text + (f"  [default: {shown}]" if shown and not multiple else ""),
+    )
 
 
 def given(ctx: click.Context, param: str) -> bool:

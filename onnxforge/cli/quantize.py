@@ -74,8 +74,12 @@ def max_samples_option(f):  # type: ignore[no-untyped-def]
 @cli.command()
 @model_argument
 @output_option
-@click.option("--calibration", required=True, type=click.Path(path_type=Path),
-              help=".npz (arrays keyed by input name), a folder of .npz/.npy (read one file at a time), or a folder of images")
+@click.option(
+    "--calibration",
+    required=True,
+    type=click.Path(path_type=Path),
+    help=".npz (arrays keyed by input name), a folder of .npz/.npy (read one file at a time), or a folder of images",
+)
 @target_option
 @quality_options
 @max_samples_option
@@ -85,11 +89,29 @@ def max_samples_option(f):  # type: ignore[no-untyped-def]
 @save_recipe_option
 @json_option
 @click.pass_context
-def quantize(ctx: click.Context, model: Path, output: Path, calibration: Path, target: str, eval_data: Path | None,
-             metric: str, tolerance: float | None, max_samples: int | None, image_size: str | None, mean: str | None,
-             std: str | None, layout: str, cache_dir: Path | None, no_cache: bool, force: bool, save_recipe: Path | None,
-             json_path: str | None, **_: object) -> None:
-    """Quantize MODEL (static or dynamic INT8, INT4 weight-only, FP16 on GPU targets): measure the target's candidates, keep the fastest within tolerance."""
+def quantize(
+    ctx: click.Context,
+    model: Path,
+    output: Path,
+    calibration: Path,
+    target: str,
+    eval_data: Path | None,
+    metric: str,
+    tolerance: float | None,
+    max_samples: int | None,
+    image_size: str | None,
+    mean: str | None,
+    std: str | None,
+    layout: str,
+    cache_dir: Path | None,
+    no_cache: bool,
+    force: bool,
+    save_recipe: Path | None,
+    json_path: str | None,
+    **_: object,
+) -> None:
+    """Quantize MODEL (static or dynamic INT8, INT4 weight-only, FP16 on GPU targets): measure the target's
+    candidates, keep the fastest within tolerance."""
     options = given_options(ctx, QuantizeConfig, FLAGS, SKIP)
     options |= {k: v for k, v in (("metric", metric), ("tolerance", tolerance)) if ctx.params.get(k) is not None
                 and (k != "metric" or v != "auto")}

@@ -158,7 +158,10 @@ def _onnx_input(path: Path, notes: list[str]) -> onnx.ModelProto:
     except (onnx.shape_inference.InferenceError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "inference failed"
         raise InvalidModelError(f"{path}: shape inference fails: {first}") from e
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(path), load_external_data=False).graph.initializer):
+    if any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(str(path), load_external_data=False).graph.initializer
+    ):
         notes.append(f"read external data beside {path.name}")
     try:
         CpuTarget().session(proto.SerializeToString() if fits_in_protobuf(proto) else str(path))
@@ -204,7 +207,9 @@ def export(
         proto = export_keras(src.model, config)
         exporter = "keras"
         if config.dynamic_axes or config.input_shapes:
-            notes.append("Keras fixes shapes from its Input layers (None = dynamic); --dynamic/--input-shape were not used")
+            notes.append(
+                "Keras fixes shapes from its Input layers (None = dynamic); --dynamic/--input-shape were not used"
+            )
     elif src.kind is SourceKind.TORCH_EXPORT:
         from onnxforge.converters.torch_export import export_program
 
@@ -254,7 +259,8 @@ def export(
         atomic_write_text(note_path, json.dumps({"source": str(source), **result.to_json()}, indent=2) + "\n")
         crashed = next((shapes for shapes in parity_inputs if "onnxruntime failed" in shapes), None)
         raise QualityGateError(
-            f"export of {source}: {parity.summary()}{f' [{crashed}]' if crashed else ''}; the file is kept at {out} but is UNVERIFIED (see {note_path.name})",
+            f"export of {source}: {parity.summary()}{f' [{crashed}]' if crashed else ''}; "
+            f"the file is kept at {out} but is UNVERIFIED (see {note_path.name})",
             hint=(
                 "onnxruntime rejected a size the graph declares dynamic: the exporter baked it in; "
                 "try the other --exporter, or drop that --dynamic dim"

@@ -48,7 +48,10 @@ SOURCE_TIMEOUT_S = 1800.0
 _GRACE_S = 5.0  # between SIGTERM and SIGKILL: time to remove its temp files
 _POLL_S = 0.1  # how often the wait looks at the child while relaying its progress
 _REQUEST, _RESULT = "request.pickle", "result.pickle"
-_CHILD = "import sys; sys.path[0] = sys.argv[1]; from onnxforge.converters._isolation import child_main; child_main(sys.argv[2])"
+_CHILD = (
+    "import sys; sys.path[0] = sys.argv[1]; "
+    "from onnxforge.converters._isolation import child_main; child_main(sys.argv[2])"
+)
 
 
 class ChildTraceback(Exception):
@@ -243,7 +246,9 @@ def _publish(staged: Path, out: Path, task: str = "export") -> None:
 
     missing = [n for n in _external_data_files(header) if not (staged.parent / n).is_file()]
     if missing or not header.HasField("graph"):
-        raise ExportError(f"the {task} process reported {out} but left it incomplete ({missing[0] if missing else 'no graph'})")
+        raise ExportError(
+            f"the {task} process reported {out} but left it incomplete ({missing[0] if missing else 'no graph'})"
+        )
     note = _note_path(staged)
     if note.exists():  # written by the child with the staged paths
         data = json.loads(note.read_text())
@@ -282,7 +287,11 @@ def child_main(work: str) -> None:
         try:
             module, _, name = request["function"].partition(":")
             function = getattr(importlib.import_module(module), name)
-            kwargs = {**request["kwargs"], "output": request["output"], **({"progress": say} if request["progress"] else {})}
+            kwargs = {
+                **request["kwargs"],
+                "output": request["output"],
+                **({"progress": say} if request["progress"] else {}),
+            }
             payload: tuple[str, Any] = ("ok", function(*request["args"], **kwargs))
         except OnnxForgeError as e:
             payload = ("error", e)

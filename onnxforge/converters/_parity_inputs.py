@@ -40,7 +40,9 @@ def sample_feeds(path: Path, specs: list[TensorSpec]) -> list[dict[str, np.ndarr
         raise CalibrationDataError(f"{path}: not a readable .npz ({type(e).__name__})") from e
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
-        raise CalibrationDataError(f"{path}: no array for model input {missing[0]!r} (has: {', '.join(arrays) or 'nothing'})")
+        raise CalibrationDataError(
+            f"{path}: no array for model input {missing[0]!r} (has: {', '.join(arrays) or 'nothing'})"
+        )
     chosen = {s.name: arrays[s.name].astype(s.dtype, copy=False) for s in specs}
     for spec in specs:
         array = chosen[spec.name]
@@ -82,7 +84,9 @@ def parity_feeds(
     for spec in specs:
         shape = _base_shape(spec, examples, input_shapes)
         if len(shape) != len(spec.shape):
-            raise UsageError(f"input {spec.name!r}: rank {len(shape)} given, the model input has rank {len(spec.shape)}")
+            raise UsageError(
+                f"input {spec.name!r}: rank {len(shape)} given, the model input has rank {len(spec.shape)}"
+            )
         base[spec.name] = shape
         for axis, (declared, given) in enumerate(zip(spec.shape, shape)):
             if isinstance(declared, int):
@@ -92,7 +96,8 @@ def parity_feeds(
                 sizes.setdefault(key, given)
             elif axis != 0:
                 raise UsageError(
-                    f"input {spec.name!r} has dynamic dimension {axis} ({declared or '?'}) in shape {spec.shape_text()}",
+                    f"input {spec.name!r} has dynamic dimension {axis} ({declared or '?'}) "
+                    f"in shape {spec.shape_text()}",
                     hint=f"give it with --input-shape {spec.name}=..., or a --sample .npz",
                 )
     batch_keys = {
@@ -127,7 +132,9 @@ def parity_feeds(
     return feeds
 
 
-def _values(spec: TensorSpec, shape: tuple[int, ...], example: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+def _values(
+    spec: TensorSpec, shape: tuple[int, ...], example: np.ndarray | None, rng: np.random.Generator
+) -> np.ndarray:
     dtype = example.dtype if example is not None else spec.dtype
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)

@@ -187,7 +187,9 @@ def _evaluate(student: torch.nn.Module, samples: SampleSet, teacher_out: np.ndar
     return value, loss
 
 
-def _export_student(student: torch.nn.Module, pruned: onnx.ModelProto, examples: dict[str, torch.Tensor]) -> onnx.ModelProto:
+def _export_student(
+    student: torch.nn.Module, pruned: onnx.ModelProto, examples: dict[str, torch.Tensor]
+) -> onnx.ModelProto:
     """The trained student exported like the pruned graph: the same dynamic dims, input and output names."""
     from onnxforge.converters.torch_export import export_torch
 
@@ -248,19 +250,25 @@ def distill(
     first_batch = _tensors(train.take(slice(0, 2)).inputs)
 
     say("distill: mapping the pruned graph onto the source model")
-    student = build_student(teacher_module, pruned, first_batch, export_teacher=lambda: _teacher_export(teacher_module, first_batch))
+    student = build_student(
+        teacher_module, pruned, first_batch, export_teacher=lambda: _teacher_export(teacher_module, first_batch)
+    )
     batch = max(1, min(config.batch_size, 256))
     probe = held.take(slice(0, min(len(held), 64)))
     try:
         before = _run(student.module, probe, batch)
     except Exception as e:  # a shape the mapping got wrong: the student cannot even run
-        raise UsageError(f"distill: the student built from {source} cannot run the pruned graph's inputs "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from e
+        raise UsageError(
+            f"distill: the student built from {source} cannot run the pruned graph's inputs "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})"
+        ) from e
     parity = compare_outputs(["output"], [_onnx_first_output(pruned, probe, batch)], [before], _PARITY, len(probe))
     if not parity.ok:
-        raise UsageError(f"distill: the student built from {source} does not reproduce {Path(student_onnx).name} "
-                         f"({parity.summary()}): the graph's plan cannot be carried back onto this module",
-                         hint="prune a dynamo export of this same source, without stages that rewrite weights before it")
+        raise UsageError(
+            f"distill: the student built from {source} does not reproduce {Path(student_onnx).name} "
+            f"({parity.summary()}): the graph's plan cannot be carried back onto this module",
+            hint="prune a dynamo export of this same source, without stages that rewrite weights before it",
+        )
     parity_before = {"max_abs_error": parity.max_abs, "ok": True, "samples": len(probe)}
 
     teacher = student.teacher
@@ -281,7 +289,9 @@ def distill(
     say(f"distill: epoch 0, held-out {metric.value} {held_before:.4f}")
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
     steps = max(1, config.epochs * math.ceil(len(train) / batch))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    )
     generator = np.random.default_rng(config.seed + 1)
     labels = None if train.labels is None else torch.from_numpy(train.labels.astype(np.int64))
     started = time.perf_counter()
@@ -325,7 +335,9 @@ def distill(
                     stopped = "time budget"
                     break
             value, held_loss = _evaluate(module, held, teacher_held, metric, kind, config.temperature, batch)
-            history.append({"epoch": epoch, "loss": total / max(count, 1), "held_out": value, "held_out_loss": held_loss})
+            history.append(
+                {"epoch": epoch, "loss": total / max(count, 1), "held_out": value, "held_out_loss": held_loss}
+            )
             say(f"distill: epoch {epoch}/{config.epochs}, loss {total / max(count, 1):.4f}, "
                 f"held-out {metric.value} {value:.4f}, held-out loss {held_loss:.4f} (best {best_loss:.4f})")
             if held_loss < best_loss:

@@ -94,7 +94,9 @@ def _ensure_called(model: Any) -> None:
     try:
         model(zeros, training=False)
     except Exception as e:
-        raise ExportError(f"the Keras model failed on zeros of its input shapes: {type(e).__name__}: {str(e)[:200]}") from e
+        raise ExportError(
+            f"the Keras model failed on zeros of its input shapes: {type(e).__name__}: {str(e)[:200]}"
+        ) from e
 
 
 def _rename_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
@@ -130,10 +132,14 @@ def export_keras(model: Any, config: Any = None) -> onnx.ModelProto:
         try:
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), silent_fds():
                 warnings.simplefilter("ignore")
-                kwargs = {"opset_version": config.opset} if config is not None and getattr(config, "opset", None) else {}
+                kwargs = (
+                    {"opset_version": config.opset} if config is not None and getattr(config, "opset", None) else {}
+                )
                 model.export(str(path), format="onnx", verbose=False, **kwargs)
         except Exception as e:
-            raise ExportError(f"Keras ONNX export ({backend} backend) failed: {type(e).__name__}: {str(e)[:200]}") from e
+            raise ExportError(
+                f"Keras ONNX export ({backend} backend) failed: {type(e).__name__}: {str(e)[:200]}"
+            ) from e
         proto = onnx.load(str(path), load_external_data=True)
     output_names = list(getattr(model, "output_names", None) or [])
     if not output_names and all(o.name.isdigit() for o in proto.graph.output):

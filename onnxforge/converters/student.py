@@ -84,8 +84,10 @@ def _batchnorm_pairs(module: nn.Module, examples: Mapping[str, torch.Tensor]) ->
     try:
         program = torch.export.export(module, args=(), kwargs=dict(examples), strict=False)
     except Exception as e:
-        raise UsageError(f"distill: torch.export cannot trace the teacher to find its BatchNorm layers "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from e
+        raise UsageError(
+            f"distill: torch.export cannot trace the teacher to find its BatchNorm layers "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})"
+        ) from e
     signature = program.graph_signature
     owner = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     pairs = []
@@ -132,7 +134,9 @@ def _fits(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
     return len(small) == len(big) and all(s <= b for s, b in zip(small, big))
 
 
-def _by_value(unnamed: list[str], teacher: nn.Module, teacher_graph: onnx.ModelProto | None) -> dict[str, tuple[str, bool]]:
+def _by_value(
+    unnamed: list[str], teacher: nn.Module, teacher_graph: onnx.ModelProto | None
+) -> dict[str, tuple[str, bool]]:
     """{pruned initializer: (parameter name, transposed)} for initializers not named after a parameter,
     found on the teacher's own export: its initializer of the same base name equals a parameter (or its
     transpose)."""
@@ -246,8 +250,12 @@ def build_student(
 
 def _leaf_outputs(module: nn.Module, names: list[str], feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     captured: dict[str, torch.Tensor] = {}
-    hooks = [module.get_submodule(n).register_forward_hook(
-        lambda _m, _i, out, n=n: captured.__setitem__(n, out) if isinstance(out, torch.Tensor) else None) for n in names]
+    hooks = [
+        module.get_submodule(n).register_forward_hook(
+            lambda _m, _i, out, n=n: captured.__setitem__(n, out) if isinstance(out, torch.Tensor) else None
+        )
+        for n in names
+    ]
     try:
         with torch.no_grad():
             module(**feeds)

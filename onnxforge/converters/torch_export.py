@@ -172,7 +172,9 @@ def run_torch(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run the PyTorch model on numpy feeds (by input name) and return flat numpy outputs."""
     with torch.inference_mode():
         out = call_torch(model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
-    return [t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy() for t in _flatten_outputs(out)]
+    return [
+        t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy() for t in _flatten_outputs(out)
+    ]
 
 
 def _dynamic_axes(config: ExportConfig, input_names: list[str], output_names: list[str]) -> dict[str, dict[int, str]]:
@@ -402,7 +404,9 @@ def export_program(
     flat_examples = torch.utils._pytree.tree_leaves((example_args, example_kwargs or {}))
     examples = {n: t for n, t in zip(input_names, flat_examples) if isinstance(t, torch.Tensor)}
     if len(examples) != len(input_names):
-        raise ExportError("the .pt2 program carries no example inputs for all its inputs; re-save it with torch.export.save")
+        raise ExportError(
+            "the .pt2 program carries no example inputs for all its inputs; re-save it with torch.export.save"
+        )
     runner = ProgramRunner(program)
     try:
         with torch.inference_mode():

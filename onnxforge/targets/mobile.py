@@ -119,9 +119,14 @@ class EpVerdict:
 
     def to_json(self) -> dict:
         return {
-            "ep": self.ep.value, "readiness": self.readiness.value, "supported_nodes": self.supported_nodes,
-            "total_nodes": self.total_nodes, "partitions": self.partitions, "unsupported_ops": list(self.unsupported_ops),
-            "nodes_unsupported_dynamic_shape": self.nodes_unsupported_dynamic_shape, "caveats": list(self.caveats),
+            "ep": self.ep.value,
+            "readiness": self.readiness.value,
+            "supported_nodes": self.supported_nodes,
+            "total_nodes": self.total_nodes,
+            "partitions": self.partitions,
+            "unsupported_ops": list(self.unsupported_ops),
+            "nodes_unsupported_dynamic_shape": self.nodes_unsupported_dynamic_shape,
+            "caveats": list(self.caveats),
         }
 
 
@@ -166,8 +171,13 @@ class MobileResult:
             "ort_parity": self.parity.to_json(),
             "xnnpack_available": self.xnnpack,
             "host_emulation_latency": (
-                {**self.host_latency.to_json(), "threads": self.threads, "label": "host emulation, not a device measurement"}
-                if self.host_latency else None
+                {
+                    **self.host_latency.to_json(),
+                    "threads": self.threads,
+                    "label": "host emulation, not a device measurement",
+                }
+                if self.host_latency
+                else None
             ),
             "notes": list(self.notes),
         }
@@ -184,7 +194,9 @@ def check_mobile_usability(model_path: str | os.PathLike) -> list[EpVerdict]:
         MobileEp.COREML_NEURALNETWORK: lambda m, fixed: uc.check_coreml_partitions(
             m, fixed, "coreml_supported_neuralnetwork_ops.md"
         ),
-        MobileEp.COREML_MLPROGRAM: lambda m, fixed: uc.check_coreml_partitions(m, fixed, "coreml_supported_mlprogram_ops.md"),
+        MobileEp.COREML_MLPROGRAM: lambda m, fixed: uc.check_coreml_partitions(
+            m, fixed, "coreml_supported_mlprogram_ops.md"
+        ),
     }
     path = Path(model_path)
     with tempfile.TemporaryDirectory(prefix="onnxforge-mobile-check-") as tmp:
@@ -284,7 +296,9 @@ def _convert_to_ort(fixed_path: Path, out_dir: Path) -> tuple[Path, Path]:
     ort_model = out_dir / (fixed_path.stem + ".ort")
     configs = sorted(out_dir.glob("*required_operators*.config"))
     if not ort_model.exists() or not configs:
-        raise InvalidModelError(f"{fixed_path.name}: the ORT converter wrote no .ort/.config ({sink.getvalue()[-200:]})")
+        raise InvalidModelError(
+            f"{fixed_path.name}: the ORT converter wrote no .ort/.config ({sink.getvalue()[-200:]})"
+        )
     return ort_model, configs[0]
 
 
@@ -356,7 +370,9 @@ def prepare_mobile(
     if not fixed_inputs:
         notes.append("all input shapes were already static")
     if not xnnpack_available():
-        notes.append("XNNPACK is not in this onnxruntime build (it ships in the Android/iOS packages); host CPU EP used")
+        notes.append(
+            "XNNPACK is not in this onnxruntime build (it ships in the Android/iOS packages); host CPU EP used"
+        )
     return MobileResult(
         source=source,
         fixed_onnx=fixed_path,

@@ -186,7 +186,8 @@ def parse_profile(events: list[dict], *, skip_runs: int = 0) -> _ParsedProfile:
             args = event.get("args", {})
             node_us[name] = node_us.get(name, 0.0) + float(event["dur"])
             info.setdefault(
-                name, (str(args.get("op_name", "?")), str(args.get("provider", "?")), _shapes(args.get("output_type_shape")))
+                name,
+                (str(args.get("op_name", "?")), str(args.get("provider", "?")), _shapes(args.get("output_type_shape"))),
             )
             run_sum += float(event["dur"])
         run_sums.append(run_sum)
@@ -249,12 +250,18 @@ def _summarize(target, parsed: _ParsedProfile, plain_times, profiled_times, feed
         by_op.setdefault(node.op_type, []).append(node)
         by_provider.setdefault(node.provider, []).append(node)
     op_types = sorted(
-        (OpTypeTime(op, len(ns), sum(n.median_us for n in ns), sum(n.median_us for n in ns) / total_us) for op, ns in by_op.items()),
+        (
+            OpTypeTime(op, len(ns), sum(n.median_us for n in ns), sum(n.median_us for n in ns) / total_us)
+            for op, ns in by_op.items()
+        ),
         key=lambda o: o.median_us,
         reverse=True,
     )
     placement = sorted(
-        (ProviderShare(p, len(ns), sum(n.median_us for n in ns), sum(n.median_us for n in ns) / total_us) for p, ns in by_provider.items()),
+        (
+            ProviderShare(p, len(ns), sum(n.median_us for n in ns), sum(n.median_us for n in ns) / total_us)
+            for p, ns in by_provider.items()
+        ),
         key=lambda p: p.median_us,
         reverse=True,
     )

@@ -203,5 +203,7 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
                     "other": target.session(config.compare, threads=threads, interleaved=True)}
         timings = compare_latency(sessions, {"model": feeds, "other": other_feeds}, warmup=config.warmup,
                                   rounds=max(10, config.min_runs), min_seconds=config.min_seconds)
-        result.comparison = Comparison(model_path, Path(config.compare), timings["model"], timings["other"], batch, threads)
+        result.comparison = Comparison(
+            model_path, Path(config.compare), timings["model"], timings["other"], batch, threads
+        )
     return result

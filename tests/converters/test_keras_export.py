@@ -140,7 +140,10 @@ def test_dict_inputs_are_fed_by_name_not_dict_order(tmp_path):
     assert {i["name"]: i["shape"] for i in result["inputs"]} == {"left": ["batch", 8], "right": ["batch", 4]}
     assert [o["name"] for o in result["outputs"]] == ["scores", "gate"]
     rng = np.random.default_rng(2)
-    feeds = {"left": rng.standard_normal((3, 8)).astype(np.float32), "right": rng.standard_normal((3, 4)).astype(np.float32)}
+    feeds = {
+        "left": rng.standard_normal((3, 8)).astype(np.float32),
+        "right": rng.standard_normal((3, 4)).astype(np.float32),
+    }
     _independent_check(model, out, feeds, feeds)
 
 

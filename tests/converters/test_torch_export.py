@@ -247,7 +247,11 @@ def test_forward_with_varargs_keeps_every_example_input(tmp_path, models_file, m
     assert [i.name for i in result.inputs] == ["x", "input_1", "input_2"]
     reference, _ = models.build_varargs()
     rng = np.random.default_rng(3)
-    feeds = {"x": rng.standard_normal((5, 4)), "input_1": rng.standard_normal((5, 3)), "input_2": rng.standard_normal((5, 3))}
+    feeds = {
+        "x": rng.standard_normal((5, 4)),
+        "input_1": rng.standard_normal((5, 3)),
+        "input_2": rng.standard_normal((5, 3)),
+    }
     feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
     with torch.no_grad():
         expected = reference(*(torch.from_numpy(v) for v in feeds.values())).numpy()

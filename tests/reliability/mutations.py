@@ -66,7 +66,9 @@ def apply_bytes(data: bytes, recipe: tuple) -> bytes:
 
 
 _DIMS = st.sampled_from([0, -1, -7, 2**31 - 1, 2**40, 2**62])
-_ELEM_TYPES = st.sampled_from([0, 2, 3, 5, 6, 7, 8, 9, 10, 11, 14, 16, 17, 21, 22, 99])  # incl. UNDEFINED, STRING, bogus
+_ELEM_TYPES = st.sampled_from(
+    [0, 2, 3, 5, 6, 7, 8, 9, 10, 11, 14, 16, 17, 21, 22, 99]
+)  # incl. UNDEFINED, STRING, bogus
 _OPSETS = st.sampled_from([0, 1, 6, 7, 30, 99, 2**31 - 1, -1])
 _OP_TYPES = st.sampled_from(["FrobnicateOp", "", "conv", "Relu ", "Gemm\x00", "If", "Loop", "Scan", "QLinearConv",
                              "Softmax", "Reshape", "Where", "Split", "Resize"])

@@ -223,7 +223,17 @@ def _cli_args(command: str, model: Path, folder: Path, data: Path) -> list:
     return {
         "inspect": ["inspect", model],
         "simplify": ["simplify", model, "-o", output, "--method", "ort"],
-        "quantize": ["quantize", model, "-o", output, "--calibration", data, "--max-samples", "8", "--no-mixed-precision"],
+        "quantize": [
+            "quantize",
+            model,
+            "-o",
+            output,
+            "--calibration",
+            data,
+            "--max-samples",
+            "8",
+            "--no-mixed-precision",
+        ],
         "profile": ["profile", model, "--min-seconds", "0"],
         "profile-data": ["profile", model, "--min-seconds", "0", "--data", data],
     }[command]

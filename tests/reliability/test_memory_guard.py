@@ -234,7 +234,9 @@ def test_every_phase_s_batch_and_passes_fit_what_is_left(monkeypatch, histogram)
         size = plan.analysis_size()
         if size is not None:
             batch, passes = size
-            per_sample = forward + (3 * profile.per_sample if passes == 1 else 4 * (profile.per_sample / passes + 20 * mib))
+            per_sample = forward + (
+                3 * profile.per_sample if passes == 1 else 4 * (profile.per_sample / passes + 20 * mib)
+            )
             assert batch * per_sample + 6 * mib <= left, (limit, size)
             chosen.add(("analysis", passes > 1))
         else:

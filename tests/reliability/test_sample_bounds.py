@@ -153,8 +153,10 @@ def test_recipe_max_samples_bounds_the_stages_and_the_runners_scoring(cli, model
     _big_npz(tmp_path / "calib.npz")
     _big_npz(tmp_path / "eval.npz", labels=True, seed=2)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {model_path.name}\ncalibration: calib.npz\neval: eval.npz\nmax_samples: 32\n"
-                      "stages:\n  - quantize: {schemes: [qdq-u8s8-per-tensor], mixed_precision: false, tolerance: 100}\n")
+    recipe.write_text(
+        f"model: {model_path.name}\ncalibration: calib.npz\neval: eval.npz\nmax_samples: 32\n"
+        "stages:\n  - quantize: {schemes: [qdq-u8s8-per-tensor], mixed_precision: false, tolerance: 100}\n"
+    )
     code, _, err = cli("run", recipe, "-o", tmp_path / "run", "--json", tmp_path / "run.json")
     assert code == 0, err
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())

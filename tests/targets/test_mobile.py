@@ -159,7 +159,9 @@ def test_anonymous_dims_are_fixed_one_by_one(tmp_path, anonymous):
                 else:
                     d.dim_value = -1
     path = save(model, tmp_path / "anon.onnx")
-    result = prepare_mobile(path, tmp_path / "out", MobileConfig(input_shapes={"x": (1, 3, 8, 12)}, measure_latency=False))
+    result = prepare_mobile(
+        path, tmp_path / "out", MobileConfig(input_shapes={"x": (1, 3, 8, 12)}, measure_latency=False)
+    )
     assert result.fixed_inputs == {"x": (1, 3, 8, 12)}
     fixed = onnx.load(str(result.fixed_onnx))
     assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 12]
