@@ -16,7 +16,8 @@ dimensions make low energies keep very low ranks). Plain SVD (no data) keeps 0.9
 ranks that do not pay on these near-full-rank weights, so no layer is factored; it is not shown.
 Columns: parameters ratio (all initializers, embeddings included) and MACs ratio (weight MatMuls
 per token: what Torch-Pruning reports), measured p50 latency ratio at batch 1 and 32 (all models
-timed interleaved in one loop per batch size: what users feel), and min/mean cosine of the evaluation sentences' embeddings vs fp32.
+timed interleaved in one loop per batch size: what users feel), and min/mean cosine of the
+evaluation sentences' embeddings vs fp32.
 
 ``python -m benchmarks prune_minilm`` (or ``python benchmarks/prune_minilm.py``).
 """
