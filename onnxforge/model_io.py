@@ -32,6 +32,7 @@ from onnx import helper
 
 from onnxforge._atomic import atomic_path, named_write_errors, temp_prefix
 from onnxforge.errors import InvalidModelError, first_line
+from onnxforge.pipeline.codec import JsonResult
 
 __all__ = [
     "TensorSpec",
@@ -61,7 +62,7 @@ _NO_RAW_COPY = {onnx.TensorProto.STRING, *_FOUR_BIT}
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(JsonResult):
     """A graph input or output: its name, its dims (int, or a str for a named dynamic dim, or None), dtype."""
 
     name: str
@@ -74,9 +75,6 @@ class TensorSpec:
 
     def shape_text(self) -> str:
         return "x".join("?" if d is None else str(d) for d in self.shape) or "scalar"
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype)}
 
 
 def _value_info_spec(vi: onnx.ValueInfoProto) -> TensorSpec:

@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -34,6 +35,7 @@ import onnxruntime as ort
 
 from onnxforge.errors import InvalidModelError, OutputPathError, QualityGateError, UsageError, first_line
 from onnxforge.parity import ParityReport, Tolerance, compare_models
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.targets.base import ActivationType, QuantFormat, QuantScheme, Target
 from onnxforge.targets.latency import LatencyStats, measure_latency
 
@@ -105,7 +107,7 @@ class Readiness(enum.Enum):
 
 
 @dataclass(frozen=True)
-class EpVerdict:
+class EpVerdict(JsonResult):
     """The usability checker's verdict for one EP: YES (one partition over 75% of nodes), MAYBE, NO."""
 
     ep: MobileEp
@@ -116,18 +118,6 @@ class EpVerdict:
     unsupported_ops: tuple[str, ...]
     nodes_unsupported_dynamic_shape: int
     caveats: tuple[str, ...] = ()
-
-    def to_json(self) -> dict:
-        return {
-            "ep": self.ep.value,
-            "readiness": self.readiness.value,
-            "supported_nodes": self.supported_nodes,
-            "total_nodes": self.total_nodes,
-            "partitions": self.partitions,
-            "unsupported_ops": list(self.unsupported_ops),
-            "nodes_unsupported_dynamic_shape": self.nodes_unsupported_dynamic_shape,
-            "caveats": list(self.caveats),
-        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +133,7 @@ class MobileConfig:
 
 
 @dataclass
-class MobileResult:
+class MobileResult(JsonResult):
     source: Path
     fixed_onnx: Path
     ort_model: Path
@@ -152,35 +142,19 @@ class MobileResult:
     verdicts_as_given: list[EpVerdict]
     verdicts: list[EpVerdict]  # on the fixed model
     required_operators: list[str]
-    parity: ParityReport
-    xnnpack: bool
-    host_latency: LatencyStats | None = None
-    threads: int = MOBILE_THREADS
+    # saved as ort_parity, xnnpack_available and host_emulation_latency (with the threads and its label)
+    parity: ParityReport = field(metadata={"json": False})
+    xnnpack: bool = field(metadata={"json": False})
+    host_latency: LatencyStats | None = field(default=None, metadata={"json": False})
+    threads: int = field(default=MOBILE_THREADS, metadata={"json": False})
     notes: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return {
-            "source": str(self.source),
-            "fixed_onnx": str(self.fixed_onnx),
-            "ort_model": str(self.ort_model),
-            "operators_config": str(self.operators_config),
-            "fixed_inputs": {k: list(v) for k, v in self.fixed_inputs.items()},
-            "verdicts_as_given": [v.to_json() for v in self.verdicts_as_given],
-            "verdicts": [v.to_json() for v in self.verdicts],
-            "required_operators": self.required_operators,
-            "ort_parity": self.parity.to_json(),
-            "xnnpack_available": self.xnnpack,
-            "host_emulation_latency": (
-                {
-                    **self.host_latency.to_json(),
-                    "threads": self.threads,
-                    "label": "host emulation, not a device measurement",
-                }
-                if self.host_latency
-                else None
-            ),
-            "notes": list(self.notes),
-        }
+    def json_extra(self) -> dict[str, Any]:
+        latency = None
+        if self.host_latency is not None:
+            latency = {**self.host_latency.to_json(), "threads": self.threads,
+                       "label": "host emulation, not a device measurement"}
+        return {"ort_parity": self.parity, "xnnpack_available": self.xnnpack, "host_emulation_latency": latency}
 
 
 def check_mobile_usability(model_path: str | os.PathLike) -> list[EpVerdict]:
