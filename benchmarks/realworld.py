@@ -103,7 +103,8 @@ def run() -> dict:
             np.savez(folder / "det.npz", x=np.stack([page(seed, 480, 640)[0] for seed in range(100, 124)]))
 
             def found(path) -> int:
-                return sum(lines_found(p[0], b) for p, b in zip(_session(path).run(None, {"x": pages})[0], boxes))
+                found_per_page = _session(path).run(None, {"x": pages})[0]
+                return sum(lines_found(p[0], b) for p, b in zip(found_per_page, boxes, strict=False))
 
             before = found(det)
             out = folder / "det_channels.onnx"

@@ -125,7 +125,7 @@ def compare_outputs(
             outputs.append(
                 OutputParity(f"(output count {len(reference)} vs {len(candidate)})", float("inf"), float("inf"), False)
             )
-    for name, ref, got in zip(names, reference, candidate):
+    for name, ref, got in zip(names, reference, candidate, strict=False):
         ref = np.asarray(ref)
         got = np.asarray(got)
         if ref.shape != got.shape:

@@ -167,7 +167,7 @@ def _render_profile(result, top: int) -> None:
         verdicts = Table(title="mobile readiness (onnxruntime usability checker)")
         for col in ("EP", "as given", "fixed shapes", "supported nodes", "partitions", "unsupported ops"):
             verdicts.add_column(col)
-        for given, fixed in zip(m.verdicts_as_given, m.verdicts):
+        for given, fixed in zip(m.verdicts_as_given, m.verdicts, strict=False):
             verdicts.add_row(fixed.ep.value, given.readiness.value, fixed.readiness.value,
                              f"{fixed.supported_nodes}/{fixed.total_nodes}", str(fixed.partitions),
                              ", ".join(fixed.unsupported_ops) or "-")

@@ -171,10 +171,13 @@ def _onnx_input(path: Path, notes: list[str]) -> onnx.ModelProto:
     return proto
 
 
+_DEFAULT_CONFIG = ExportConfig()  # frozen: one shared default, as a default argument would be
+
+
 def export(
     source: str | os.PathLike,
     output: str | os.PathLike,
-    config: ExportConfig = ExportConfig(),
+    config: ExportConfig = _DEFAULT_CONFIG,
     *,
     timeout: float = SOURCE_TIMEOUT_S,
     in_process: bool = False,

@@ -47,7 +47,7 @@ def sample_feeds(path: Path, specs: list[TensorSpec]) -> list[dict[str, np.ndarr
     for spec in specs:
         array = chosen[spec.name]
         if array.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d != a for d, a in zip(spec.shape[1:], array.shape[1:])
+            isinstance(d, int) and d != a for d, a in zip(spec.shape[1:], array.shape[1:], strict=True)
         ):
             raise CalibrationDataError(
                 f"{path}: array {spec.name!r} has shape {'x'.join(map(str, array.shape))}, "
@@ -88,7 +88,7 @@ def parity_feeds(
                 f"input {spec.name!r}: rank {len(shape)} given, the model input has rank {len(spec.shape)}"
             )
         base[spec.name] = shape
-        for axis, (declared, given) in enumerate(zip(spec.shape, shape)):
+        for axis, (declared, given) in enumerate(zip(spec.shape, shape, strict=True)):
             if isinstance(declared, int):
                 continue
             key = declared if isinstance(declared, str) and declared else f"{spec.name}:{axis}"
@@ -121,7 +121,7 @@ def parity_feeds(
         feed = {}
         for spec in specs:
             shape = []
-            for axis, (declared, given) in enumerate(zip(spec.shape, base[spec.name])):
+            for axis, (declared, given) in enumerate(zip(spec.shape, base[spec.name], strict=True)):
                 if isinstance(declared, int):
                     shape.append(declared)
                 else:

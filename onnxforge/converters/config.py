@@ -17,6 +17,9 @@ from onnxforge.pipeline.codec import JsonResult
 __all__ = ["ExportConfig", "ExportResult", "Exporter"]
 
 
+_DEFAULT_TOLERANCE = Tolerance()  # frozen, so one instance serves every config
+
+
 class Exporter(enum.Enum):
     AUTO = "auto"  # dynamo first, TorchScript when dynamo fails
     DYNAMO = "dynamo"
@@ -39,7 +42,7 @@ class ExportConfig:
     dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
     opset: int | None = None
     exporter: Exporter = Exporter.AUTO
-    tolerance: Tolerance = Tolerance()
+    tolerance: Tolerance = _DEFAULT_TOLERANCE
     sample_inputs: Path | None = None
     check_parity: bool = True
     # file.py:callable sources run in a child process stopped after this long; it decides whether the export

@@ -201,7 +201,7 @@ def _export_student(
     wanted = [o.name for o in output_specs(pruned)]
     got = [o.name for o in proto.graph.output]
     if len(wanted) == len(got):  # keep the pruned graph's output names for the stages after this one
-        renames = {g: w for g, w in zip(got, wanted) if g != w}
+        renames = {g: w for g, w in zip(got, wanted, strict=True) if g != w}
         for node in proto.graph.node:
             node.output[:] = [renames.get(n, n) for n in node.output]
             node.input[:] = [renames.get(n, n) for n in node.input]

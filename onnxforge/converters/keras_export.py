@@ -104,7 +104,7 @@ def _rename_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
     taken = {i.name for i in proto.graph.input} | {n for node in proto.graph.node for n in node.output} - set(old)
     if len(names) != len(old) or len(set(names)) != len(names) or set(names) & taken:
         return
-    mapping = dict(zip(old, names))
+    mapping = dict(zip(old, names, strict=True))
     for node in proto.graph.node:
         node.input[:] = [mapping.get(n, n) for n in node.input]
         node.output[:] = [mapping.get(n, n) for n in node.output]

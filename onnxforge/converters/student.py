@@ -131,7 +131,7 @@ def _state_key(name: str, state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def _fits(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
-    return len(small) == len(big) and all(s <= b for s, b in zip(small, big))
+    return len(small) == len(big) and all(s <= b for s, b in zip(small, big, strict=True))
 
 
 def _by_value(

@@ -104,7 +104,7 @@ def _example_inputs(model: Any, config: ExportConfig, source_example: Any) -> di
                     f"the source gives {len(values)} example inputs, but forward() takes {len(names)}: "
                     + (", ".join(names) or "(none)")
                 )
-            examples = {name: _to_tensor(v) for name, v in zip(names, values)}
+            examples = {name: _to_tensor(v) for name, v in zip(names, values, strict=False)}
         if config.dynamic_batch:
             # torch.export specializes a batch of 1; any other size stays symbolic
             examples = {k: torch.cat([v, v]) if v.ndim and v.shape[0] == 1 else v for k, v in examples.items()}
@@ -402,7 +402,7 @@ def export_program(
     input_names = _program_input_names(program)
     example_args, example_kwargs = program.example_inputs or ((), {})
     flat_examples = torch.utils._pytree.tree_leaves((example_args, example_kwargs or {}))
-    examples = {n: t for n, t in zip(input_names, flat_examples) if isinstance(t, torch.Tensor)}
+    examples = {n: t for n, t in zip(input_names, flat_examples, strict=False) if isinstance(t, torch.Tensor)}
     if len(examples) != len(input_names):
         raise ExportError(
             "the .pt2 program carries no example inputs for all its inputs; re-save it with torch.export.save"

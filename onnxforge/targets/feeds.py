@@ -72,7 +72,7 @@ def resolve_shape(
             raise UsageError(
                 f"--input-shape {spec.name}: rank {len(shape)} given, the model input has rank {len(spec.shape)}"
             )
-        for given, declared in zip(shape, spec.shape):
+        for given, declared in zip(shape, spec.shape, strict=True):
             if isinstance(declared, int) and declared != given:
                 raise UsageError(
                     f"--input-shape {spec.name}={'x'.join(map(str, shape))} does not match the model's "

@@ -53,6 +53,7 @@ __all__ = [
 
 XNNPACK = "XnnpackExecutionProvider"
 MOBILE_THREADS = 2  # ORT Mobile guidance: intra-op threads = the phone's big cores, commonly 2-4
+_MOBILE_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-3)  # frozen, so one instance serves every config
 
 
 def xnnpack_available() -> bool:
@@ -127,7 +128,7 @@ class MobileConfig:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     batch: int = 1
     threads: int = MOBILE_THREADS
-    tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
+    tolerance: Tolerance = _MOBILE_TOLERANCE
     measure_latency: bool = True
     min_seconds: float = 1.0
 

@@ -51,7 +51,7 @@ def _independent_check(model, onnx_path, feeds_by_name, keras_inputs):
     got = session.run(None, feeds_by_name)
     expected = keras.tree.flatten(model(keras_inputs, training=False))
     assert len(got) == len(expected)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, keras.ops.convert_to_numpy(e), atol=1e-4, rtol=1e-3)
 
 

@@ -155,7 +155,7 @@ def _assert_torch_matches_onnx(torch_model, onnx_path, feeds, atol=1e-4, rtol=1e
     expected = _torch_outputs(torch_model, feeds)
     got = run_model(onnx_path, feeds)
     assert len(got) == len(expected)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         assert g.shape == e.shape
         np.testing.assert_allclose(g, e, atol=atol, rtol=rtol)
 

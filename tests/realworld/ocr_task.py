@@ -68,7 +68,7 @@ def read_lines(probabilities: np.ndarray, alphabet: list[str]) -> list[str]:
 
 
 def lines_read(probabilities: np.ndarray, alphabet: list[str], texts: list[str]) -> int:
-    return sum(got == want for got, want in zip(read_lines(probabilities, alphabet), texts))
+    return sum(got == want for got, want in zip(read_lines(probabilities, alphabet), texts, strict=False))
 
 
 def page(seed: int, height: int = 480, width: int = 640, lines: int = 6) -> tuple[np.ndarray, list[tuple]]:

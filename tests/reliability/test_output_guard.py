@@ -95,7 +95,7 @@ def test_guard_checks_the_data_file_a_large_output_would_write(tmp_path):
 
     data = tmp_path / "big.onnx.data"
     data.write_bytes(b"read by this command")
-    with pytest.raises(OutputPathError, match="big.onnx.data"):
+    with pytest.raises(OutputPathError, match=r"big\.onnx\.data"):
         check_output_path(tmp_path / "big.onnx", data)
 
 

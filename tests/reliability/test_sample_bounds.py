@@ -128,8 +128,8 @@ def test_without_max_samples_calibration_is_still_bounded(cli, model_path, tmp_p
 @pytest.mark.parametrize("method", ["channels", "low-rank"])
 def test_prune_reads_only_what_it_fits_and_holds_out(cli, model_path, tmp_path, rows_read, method):
     data = _big_npz(tmp_path / "big.npz")
-    code, out, err = cli("prune", model_path, "-o", tmp_path / "small.onnx", "--method", method, "--ratio", "0.25",
-                         "--calibration", data, "--tolerance", "100", "--json", "-")
+    code, _out, err = cli("prune", model_path, "-o", tmp_path / "small.onnx", "--method", method, "--ratio", "0.25",
+                          "--calibration", data, "--tolerance", "100", "--json", "-")
     assert code == 0, err
     assert rows_read[("big.npz", "x")] <= 256 + 256 + PROBE  # calibration_samples + MAX_HELD_OUT
 

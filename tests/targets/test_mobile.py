@@ -151,7 +151,7 @@ def test_anonymous_dims_are_fixed_one_by_one(tmp_path, anonymous):
     model.graph.initializer.append(onnx.numpy_helper.from_array(
         np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w"))
     for value in (model.graph.input[0], model.graph.output[0]):
-        for axis, d in enumerate(value.type.tensor_type.shape.dim):
+        for d in value.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):
                 d.Clear()
                 if anonymous == "?":
