@@ -45,7 +45,7 @@ WRITE_ERRNOS = frozenset(
     for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENAMETOOLONG", "ENOTDIR", "EISDIR", "ELOOP")
     if hasattr(errno, name)
 )
-_HINTS = {
+_HINTS: dict[int | None, str] = {  # looked up by OSError.errno, which may be None
     errno.ENOSPC: "free some space, or write to another folder",
     errno.EROFS: "the file system is read-only: write to another folder",
     errno.EACCES: "check the folder's permissions, or write to another folder",

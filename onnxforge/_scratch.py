@@ -71,9 +71,9 @@ def _hold_lock(folder: str) -> int | None:
     return fd
 
 
-def remove_stale_folders(base: str | os.PathLike) -> list[Path]:
+def remove_stale_folders(base: str | os.PathLike[str]) -> list[Path]:
     """Remove ``onnxforge-<pid>-*`` folders in ``base`` owned by this user whose process is dead; returns them."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(base))
     except OSError:

@@ -47,7 +47,7 @@ DEMO_RECIPE = {
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, allow_pickle=True, **arrays)  # the default, named so that mypy does not bind **arrays to it
 
 
 def demo(

@@ -17,7 +17,7 @@ __all__ = ["cli", "entry", "main"]
 
 
 class _Group(click.Group):
-    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except BrokenPipeError as e:

@@ -64,7 +64,7 @@ FLAGS = (
 )
 
 
-def max_samples_option(f):  # type: ignore[no-untyped-def]
+def max_samples_option(f):
     return click.option(
         "--max-samples", type=click.IntRange(min=1), default=None,
         help="samples read from each data file at most: calibration, held-out and --eval (nothing past them is read)  "

@@ -30,7 +30,7 @@ FLAGS = (
 )
 
 
-def parity_tolerance(ctx: click.Context, atol: float | None, rtol: float | None) -> dict[str, float]:
+def parity_tolerance(ctx: click.Context, atol: float | None, rtol: float | None) -> dict[str, dict[str, float]]:
     """``--atol``/``--rtol`` as a config's ``tolerance`` (only what was given)."""
     if not (given(ctx, "atol") or given(ctx, "rtol")):
         return {}

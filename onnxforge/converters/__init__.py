@@ -202,6 +202,7 @@ def export(
     examples = None
     notes: list[str] = []
     if src.kind is SourceKind.ONNX:
+        assert src.path is not None  # resolve_source gives every .onnx source its path
         proto = _onnx_input(src.path, notes)
         exporter = "none (ONNX input)"
     elif src.kind is SourceKind.KERAS:
@@ -240,9 +241,10 @@ def export(
         else:
             parity, parity_inputs = _check_parity(src, proto, config, examples)
     note_path = unverified_note_path(out)
-    failed = parity is not None and not parity.ok
-    if failed:
-        _mark_unverified(proto, parity)
+    failed_parity = parity if parity is not None and not parity.ok else None
+    failed = failed_parity is not None
+    if failed_parity is not None:
+        _mark_unverified(proto, failed_parity)
     if not saved or failed:  # an .onnx source past 2 GB was saved nowhere yet (issue 17)
         save_model(proto, out)
     result = ExportResult(
@@ -258,11 +260,11 @@ def export(
         parity_inputs=parity_inputs,
         unverified_note=note_path if failed else None,
     )
-    if failed:
+    if failed_parity is not None:
         atomic_write_text(note_path, json.dumps({"source": str(source), **result.to_json()}, indent=2) + "\n")
         crashed = next((shapes for shapes in parity_inputs if "onnxruntime failed" in shapes), None)
         raise QualityGateError(
-            f"export of {source}: {parity.summary()}{f' [{crashed}]' if crashed else ''}; "
+            f"export of {source}: {failed_parity.summary()}{f' [{crashed}]' if crashed else ''}; "
             f"the file is kept at {out} but is UNVERIFIED (see {note_path.name})",
             hint=(
                 "onnxruntime rejected a size the graph declares dynamic: the exporter baked it in; "

@@ -21,6 +21,7 @@ forge it, code that runs as the user already; the pickle grants it nothing more.
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import pickle
@@ -160,9 +161,11 @@ def _run_child(source, task: str, work: Path, timeout: float, timeout_option: st
         raise
     finally:
         _kill_group(process)
-        process.stdin.close()
+        if process.stdin is not None:  # always, as both were opened with PIPE
+            process.stdin.close()
         reader.join(timeout=_GRACE_S)  # EOF once the group is gone
-        process.stdout.close()
+        if process.stdout is not None:
+            process.stdout.close()
     _relay(lines, progress)  # what it said just before it ended
     result = work / _RESULT
     if not result.exists():
@@ -317,7 +320,8 @@ def _progress_to_parent() -> Callable[[str], None]:
     the model source prints, from Python or native code, goes to the parent's stderr."""
     pipe = os.fdopen(os.dup(1), "w", encoding="utf-8", errors="replace", buffering=1)
     os.dup2(2, 1)
-    sys.stdout.reconfigure(line_buffering=True)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # always in the child: typed TextIO, which lacks reconfigure
+        sys.stdout.reconfigure(line_buffering=True)
 
     def say(message: str) -> None:
         try:

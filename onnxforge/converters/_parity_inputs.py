@@ -120,14 +120,14 @@ def parity_feeds(
     for variant in variants:
         feed = {}
         for spec in specs:
-            shape = []
+            dims: list[int] = []
             for axis, (declared, given) in enumerate(zip(spec.shape, base[spec.name], strict=True)):
                 if isinstance(declared, int):
-                    shape.append(declared)
+                    dims.append(declared)
                 else:
                     key = declared if isinstance(declared, str) and declared else f"{spec.name}:{axis}"
-                    shape.append(variant.get(key, given if isinstance(given, int) else 1))
-            feed[spec.name] = _values(spec, tuple(shape), examples.get(spec.name), rng)
+                    dims.append(variant.get(key, given if isinstance(given, int) else 1))
+            feed[spec.name] = _values(spec, tuple(dims), examples.get(spec.name), rng)
         feeds.append(feed)
     return feeds
 

@@ -318,6 +318,7 @@ def distill(
                 s = _first(module(**feeds))
                 loss = _output_loss(kind, s, t, config.temperature)
                 if use_labels:
+                    assert labels is not None  # use_labels: the samples carry labels
                     logits = s.reshape(len(s), -1)
                     ce = F.cross_entropy(logits, labels[index], reduction="none")
                     if mix is not None:

@@ -157,7 +157,7 @@ def _builtin(text: str) -> SourceModel:
     return SourceModel(SourceKind.TORCH, text, load_pretrained(), example)
 
 
-def resolve_source(source: str | Path) -> SourceModel:
+def resolve_source(source: str | os.PathLike[str]) -> SourceModel:
     """Load what SOURCE names; raises ExportError with the reason when it cannot."""
     text = str(source)
     if text.startswith("builtin:"):

@@ -31,7 +31,7 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx
@@ -39,6 +39,10 @@ import torch
 from torch import nn
 
 from onnxforge.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
 
 __all__ = ["Student", "base_name", "build_student", "fuse_batchnorms", "kept_channels"]
 
@@ -109,7 +113,9 @@ def fuse_batchnorms(module: nn.Module, pairs: list[tuple[str, str]]) -> nn.Modul
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     for conv_name, bn_name in pairs:
-        conv, bn = module.get_submodule(conv_name), module.get_submodule(bn_name)
+        # the pairs come from the graph's Conv -> BatchNormalization nodes, so these are a conv and a batchnorm
+        conv = cast("_ConvNd", module.get_submodule(conv_name))
+        bn = cast("_BatchNorm", module.get_submodule(bn_name))
         fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
         _set_submodule(module, conv_name, fused)
         _set_submodule(module, bn_name, nn.Identity())
@@ -162,8 +168,9 @@ def _by_value(
 def _replace(module: nn.Module, key: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = key.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=owner._parameters[leaf].requires_grad)
+    param = owner._parameters.get(leaf)  # never a None parameter: keys come from state_dict(), which skips them
+    if param is not None:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=param.requires_grad)
     else:
         owner._buffers[leaf] = value
 
@@ -224,7 +231,8 @@ def build_student(
         value = value.T if key in transposed else value
         if key not in transposed and not _fits(value.shape, tuple(state[key].shape)) and value.ndim == 2 \
                 and _fits(value.T.shape, tuple(state[key].shape)):
-            value, _ = value.T, transposed.append(key)
+            value = value.T
+            transposed.append(key)
         if not _fits(value.shape, tuple(state[key].shape)):
             raise UsageError(f"distill: initializer {name} {list(value.shape)} cannot be parameter {key} "
                              f"{list(state[key].shape)} of the source model: the graph grew where pruning only cuts")

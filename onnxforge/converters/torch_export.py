@@ -42,7 +42,7 @@ _EXTERNAL_DATA_BYTES = 1_800_000_000
 def torch_input_names(model: Any) -> list[str]:
     """Names of forward()'s tensor parameters (``self`` and ``*args/**kwargs`` excluded)."""
     if isinstance(model, torch.jit.ScriptModule):
-        schema = model.forward.schema
+        schema = model.forward.schema  # type: ignore[attr-defined]  # a ScriptMethod; torch types it a Callable
         return [a.name for a in schema.arguments if a.name != "self"]
     params = _forward_parameters(model)
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -201,19 +201,29 @@ def _wants_external_data(model: Any) -> bool:
     return total > _EXTERNAL_DATA_BYTES
 
 
-def _export_dynamo(model, examples, path, opset, input_names, output_names, axes, external):
-    dynamic_shapes = None
+def _export_dynamo(
+    model: Any,
+    examples: dict[str, torch.Tensor],
+    path: Path,
+    opset: int | None,
+    input_names: list[str],
+    output_names: list[str],
+    axes: Mapping[str, Mapping[int, str]],
+    external: bool,
+) -> None:
+    by_name: dict[str, Any] | None = None  # {input: {axis: Dim} or None}
     if axes:
         dims: dict[str, torch.export.Dim] = {}
-        dynamic_shapes = {
+        by_name = {
             name: {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.get(name, {}).items()}
             or None
             for name in input_names
         }
     args, kwargs = (tuple(examples.values()), None) if takes_varargs(model) else ((), examples)
-    if dynamic_shapes is not None and takes_varargs(model):
+    dynamic_shapes: dict[str, Any] | tuple[Any, ...] | None = by_name
+    if by_name is not None and takes_varargs(model):
         # by position, like the inputs: the named parameters, then one entry for *args holding the rest
-        specs = list(dynamic_shapes.values())
+        specs = list(by_name.values())
         named = len(torch_input_names(model))
         dynamic_shapes = (*specs[:named], tuple(specs[named:]))
     torch.onnx.export(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -121,12 +121,11 @@ def compare_latency(
 
     ``feeds`` is either one feed dict shared by all sessions or a dict of feeds per session name.
     """
-    per_session = (
-        {name: feeds[name] for name in sessions}  # type: ignore[index]
-        if feeds and all(name in feeds for name in sessions)
-        and all(isinstance(v, Mapping) for v in feeds.values())
-        else {name: feeds for name in sessions}
-    )
+    # mypy cannot narrow the union from these checks on its values, hence the casts
+    if feeds and all(name in feeds for name in sessions) and all(isinstance(v, Mapping) for v in feeds.values()):
+        per_session = {name: cast("Mapping[str, np.ndarray]", feeds[name]) for name in sessions}
+    else:
+        per_session = {name: cast("Mapping[str, np.ndarray]", feeds) for name in sessions}
     for name, session in sessions.items():
         for _ in range(warmup):
             session.run(None, dict(per_session[name]))

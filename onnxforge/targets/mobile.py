@@ -312,7 +312,7 @@ def prepare_mobile(
         verdicts = check_mobile_usability(fixed_tmp) if fixed_inputs else verdicts_as_given
         ort_tmp, config_tmp = _convert_to_ort(fixed_tmp, work / "ort")
         random_feeds = feeds is None
-        if random_feeds:
+        if feeds is None:
             feeds = generate_feeds(input_specs(fixed_model), batch=config.batch)
         parity = compare_models(str(fixed_tmp), str(ort_tmp), [dict(feeds)], config.tolerance)
         host_latency = None

@@ -137,26 +137,26 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
     model = load_model(model_path)
     measured_path: Path = model_path
     mobile = None
+    thread_counts = config.threads
     if target.name == "mobile":
-        from onnxforge.targets.mobile import MOBILE_THREADS, MobileConfig, prepare_mobile
+        from onnxforge.targets.mobile import MOBILE_THREADS, MobileConfig, MobileTarget, prepare_mobile
 
         if len(config.batch_sizes) > 1:
             raise UsageError("the mobile target fixes input shapes: give one --batch")
         if config.compare is not None:
             raise UsageError("--compare is not supported with --target mobile; compare the .onnx files on cpu")
-        threads = next((t for t in config.threads if t), MOBILE_THREADS)
+        phone_threads = next((t for t in config.threads if t), MOBILE_THREADS)
         mobile = prepare_mobile(
             model_path,
             config.mobile_dir or model_path.with_name(model_path.stem + "_mobile"),
             MobileConfig(input_shapes=_shape_overrides(model, config, config.batch_sizes[0]),
-                         batch=config.batch_sizes[0], threads=threads, measure_latency=False),
+                         batch=config.batch_sizes[0], threads=phone_threads, measure_latency=False),
             feeds=_feeds(model, config, config.batch_sizes[0]),
         )
-        target = type(target)(threads=threads)
+        target = MobileTarget(threads=phone_threads)
         measured_path = mobile.ort_model
-    thread_counts = config.threads
-    if mobile is not None:  # onnxruntime's default would use every host core: not a phone's budget
-        thread_counts = tuple(t or target.threads for t in config.threads)
+        # onnxruntime's default would use every host core: not a phone's budget
+        thread_counts = tuple(t or phone_threads for t in config.threads)
     rows = []
     for threads in thread_counts:
         session = target.session(measured_path, threads=threads)
