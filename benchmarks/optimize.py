@@ -80,7 +80,9 @@ def run() -> dict:
         best_single = max(single, key=lambda r: r["speedup"])
         contenders = {
             "fp32 (exported)": reference,
-            "hand-picked: 50% channels + QDQ U8S8 per-channel": _hand_picked(folder, str(Path(local.run_dir) / "input_simplified.onnx"), calib),
+            "hand-picked: 50% channels + QDQ U8S8 per-channel": _hand_picked(
+                folder, str(Path(local.run_dir) / "input_simplified.onnx"), calib
+            ),
             f"optimize (local) chose: {local.best['describe']}": Path(local.run_dir) / "best.onnx",
             f"optimize (Ray) chose: {distributed.best['describe']}": Path(distributed.run_dir) / "best.onnx",
         }
@@ -126,9 +128,13 @@ def run() -> dict:
                    + ("the same configuration" if same else "different configurations")
                    + f" (local front: {len(local.front)} models, Ray front: {len(distributed.front)}).")
     table = markdown_table(["model", "accuracy", "p50 ms", "speedup vs fp32", "size KB"], rows)
-    front_table = markdown_table(["trial", "chain", "accuracy", "speedup (re-timed)", "size KB", "in budget"], front_rows)
+    front_table = markdown_table(
+        ["trial", "chain", "accuracy", "speedup (re-timed)", "size KB", "in budget"], front_rows
+    )
     text = f"{table}\n\nThe local front:\n\n{front_table}\n\n{summary}"
     print("### optimize on the demo CNN\n")
     print(text)
-    print(f"\nwritten {write_results('optimize', {'results': results, 'local_seconds': local_s, 'ray_seconds': ray_s, 'same_choice': same, 'local_front': local.front, 'ray_front': distributed.front, 'table': text})}")
+    payload = {"results": results, "local_seconds": local_s, "ray_seconds": ray_s, "same_choice": same,
+               "local_front": local.front, "ray_front": distributed.front, "table": text}
+    print(f"\nwritten {write_results('optimize', payload)}")
     return results

@@ -21,7 +21,10 @@ DEFAULT_RATIOS = (0.25, 0.5, 0.625)
 
 
 def run(
-    ratios: tuple[float, ...] = DEFAULT_RATIOS, threads: int | None = None, rounds: int = 30, int8_ratio: float | None = 0.5
+    ratios: tuple[float, ...] = DEFAULT_RATIOS,
+    threads: int | None = None,
+    rounds: int = 30,
+    int8_ratio: float | None = 0.5,
 ) -> dict:
     from benchmarks._common import demo_model, markdown_table, write_results
     from onnxforge.model_cost import count_params_and_macs

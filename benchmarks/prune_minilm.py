@@ -13,10 +13,11 @@ calibration activations (the cosine without the repair is shown too); ``low-rank
 MatMul factored by data-aware SVD where it pays in arithmetic (energy e kept, or a share R of each
 layer's rank removed; energy is measured on the layer's outputs, so MiniLM's few outlier hidden
 dimensions make low energies keep very low ranks). Plain SVD (no data) keeps 0.95 energy only at
-ranks that do not pay on these near-full-rank weights, so no layer is factored; it is not shown. Columns: parameters ratio (all initializers, embeddings included) and MACs
-ratio (weight MatMuls per token: what Torch-Pruning reports), measured p50 latency ratio at batch 1
-and 32 (all models timed interleaved in one loop per batch size: what users feel), and min/mean
-cosine of the evaluation sentences' embeddings vs fp32.
+ranks that do not pay on these near-full-rank weights, so no layer is factored; it is not shown.
+Columns: parameters ratio (all initializers, embeddings included) and MACs ratio (weight MatMuls
+per token: what Torch-Pruning reports), measured p50 latency ratio at batch 1 and 32 (all models
+timed interleaved in one loop per batch size: what users feel), and min/mean cosine of the
+evaluation sentences' embeddings vs fp32.
 
 ``python -m benchmarks prune_minilm`` (or ``python benchmarks/prune_minilm.py``).
 """
@@ -174,6 +175,7 @@ def run(
     import onnx
 
     from benchmarks._common import markdown_table, write_results
+    from onnxforge.converters import ExportConfig, export
     from onnxforge.model_cost import count_params_and_macs
     from onnxforge.model_io import input_specs, load_model
     from onnxforge.pipeline.calibration import load_samples
@@ -181,7 +183,6 @@ def run(
     from onnxforge.pipeline.prune.low_rank import LowRankConfig, RankRule, factorize_model
     from onnxforge.pipeline.prune.repair import repair_model
     from onnxforge.targets import CpuTarget
-    from onnxforge.converters import ExportConfig, export
     from onnxforge.targets.latency import compare_latency
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -198,7 +199,9 @@ def run(
 
         def tokens(sentences, length=None):
             padding = "max_length" if length else True
-            batch = tokenizer(sentences, padding=padding, truncation=True, max_length=length or 512, return_tensors="np")
+            batch = tokenizer(
+                sentences, padding=padding, truncation=True, max_length=length or 512, return_tensors="np"
+            )
             return {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
 
         calib_path = tmp / "calibration.npz"

@@ -52,18 +52,24 @@ def run() -> dict:
         fp32, calib, evaluation = demo_model(tmp)
         variants = {
             "ORT quantize_static defaults (QDQ S8S8 per-tensor)": "",
-            "ORT hand-picked (QDQ U8S8 per-channel)": "activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8, per_channel=True",
+            "ORT hand-picked (QDQ U8S8 per-channel)": (
+                "activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8, per_channel=True"
+            ),
         }
         paths = {"fp32": fp32}
         info = {"fp32": {"seconds": 0.0, "peak_rss_mb": None}}
         for i, (name, kwargs) in enumerate(variants.items()):
             dst = tmp / f"ort_{i}.onnx"
-            code = _ORT_RUN.format(calib=str(calib), src=str(fp32), pre=str(tmp / f"pre_{i}.onnx"), dst=str(dst), kwargs=kwargs)
+            code = _ORT_RUN.format(
+                calib=str(calib), src=str(fp32), pre=str(tmp / f"pre_{i}.onnx"), dst=str(dst), kwargs=kwargs
+            )
             peak, stdout = peak_rss_mb(code)
             paths[name] = dst
             info[name] = {"seconds": _seconds(stdout), "peak_rss_mb": peak}
         dst = tmp / "forge.onnx"
-        peak, stdout = peak_rss_mb(_FORGE_RUN.format(src=str(fp32), dst=str(dst), calib=str(calib), evaluation=str(evaluation)))
+        peak, stdout = peak_rss_mb(
+            _FORGE_RUN.format(src=str(fp32), dst=str(dst), calib=str(calib), evaluation=str(evaluation))
+        )
         chosen = next(line.split(" ", 1)[1] for line in stdout.splitlines() if line.startswith("CHOSEN"))
         forge_name = f"onnxforge default (chose {chosen})"
         paths[forge_name] = dst

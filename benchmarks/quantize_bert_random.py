@@ -61,7 +61,7 @@ def run(calibration_count: int = 160, rounds_b1: int = 15, rounds_b32: int = 4) 
         source = tmp / "random_bert.py"
         examples = Path(__file__).resolve().parents[1] / "examples"
         source.write_text(textwrap.dedent(_SOURCE.format(examples=str(examples))))
-        fp32, calib_dir, eval_dir, tokens, lengths = prepare(tmp, calibration_count, source=f"{source}:build")
+        fp32, calib_dir, eval_dir, tokens, _lengths = prepare(tmp, calibration_count, source=f"{source}:build")
         paths = {"fp32": fp32}
         info["fp32"] = {"seconds": 0.0, "peak_rss_mb": None}
         sums = tmp / "fp32_residual_sums.onnx"

@@ -103,11 +103,14 @@ def run() -> dict:
             np.savez(folder / "det.npz", x=np.stack([page(seed, 480, 640)[0] for seed in range(100, 124)]))
 
             def found(path) -> int:
-                return sum(lines_found(p[0], b) for p, b in zip(_session(path).run(None, {"x": pages})[0], boxes))
+                found_per_page = _session(path).run(None, {"x": pages})[0]
+                return sum(lines_found(p[0], b) for p, b in zip(found_per_page, boxes, strict=False))
 
             before = found(det)
             out = folder / "det_channels.onnx"
-            code, result = _stage(prune_channels, det, out, ChannelPruneConfig(ratio=0.3, calibration_data=folder / "det.npz"))
+            code, result = _stage(
+                prune_channels, det, out, ChannelPruneConfig(ratio=0.3, calibration_data=folder / "det.npz")
+            )
             best = max((t["score"] for t in result.get("tried", [])), default=None)
             rows.append(["PP-OCRv4 detector", "prune channels 0.3", _verdict(code, result), _speed(result),
                          f"lines found {before} -> {found(out)} of {sum(map(len, boxes))}"

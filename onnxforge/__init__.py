@@ -46,7 +46,7 @@ _API = {
     "get_target": ("onnxforge.targets", "get_target"),
 }
 
-__all__ = sorted(_API) + ["__version__"]
+__all__ = [*sorted(_API), "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -45,7 +45,7 @@ WRITE_ERRNOS = frozenset(
     for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENAMETOOLONG", "ENOTDIR", "EISDIR", "ELOOP")
     if hasattr(errno, name)
 )
-_HINTS = {
+_HINTS: dict[int | None, str] = {  # looked up by OSError.errno, which may be None
     errno.ENOSPC: "free some space, or write to another folder",
     errno.EROFS: "the file system is read-only: write to another folder",
     errno.EACCES: "check the folder's permissions, or write to another folder",
@@ -149,7 +149,12 @@ def _aliased_input(candidate: Path, inputs: Iterable[str | os.PathLike | None]) 
         if _same_file(candidate, path):
             return path, "an input of this command"
         # An output beside a model it shares a folder with may be one of that model's data files.
-        if path.suffix.lower() == ".onnx" and path.is_file() and os.path.lexists(candidate) and _inside(candidate, path.parent):
+        if (
+            path.suffix.lower() == ".onnx"
+            and path.is_file()
+            and os.path.lexists(candidate)
+            and _inside(candidate, path.parent)
+        ):
             for data in _external_data_files(path):
                 if _same_file(candidate, data):
                     return data, f"an external-data file of {path}, an input of this command"
@@ -207,7 +212,11 @@ def check_output_path(
 
 def temp_prefix(name: str) -> str:
     """``.<name>.`` for a temp file or folder beside ``name``, cut so that the temp name fits 255 bytes."""
-    short = os.fsencode(name)[:_TEMP_NAME_BYTES].decode("utf-8", "ignore") if len(os.fsencode(name)) > _TEMP_NAME_BYTES else name
+    short = (
+        os.fsencode(name)[:_TEMP_NAME_BYTES].decode("utf-8", "ignore")
+        if len(os.fsencode(name)) > _TEMP_NAME_BYTES
+        else name
+    )
     return f".{short}."
 
 

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["scratch_folder", "remove_stale_folders"]
+__all__ = ["remove_stale_folders", "scratch_folder"]
 
 _PREFIX = "onnxforge-"
 _LOCK = ".owner.lock"
@@ -71,9 +71,9 @@ def _hold_lock(folder: str) -> int | None:
     return fd
 
 
-def remove_stale_folders(base: str | os.PathLike) -> list[Path]:
+def remove_stale_folders(base: str | os.PathLike[str]) -> list[Path]:
     """Remove ``onnxforge-<pid>-*`` folders in ``base`` owned by this user whose process is dead; returns them."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(base))
     except OSError:

@@ -24,7 +24,7 @@ def sigterm_raises() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
+    received: list[int] = []
 
     def handler(signum, frame):
         if not received:

@@ -23,7 +23,7 @@ from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.command_run import CommandRecipe, run_to_output
 from onnxforge.pipeline.manifest import StageRecord
 
-__all__ = ["quantize", "prune", "prune_channels", "low_rank", "magnitude", "simplify", "fp16", "merge", "run_stage"]
+__all__ = ["fp16", "low_rank", "magnitude", "merge", "prune", "prune_channels", "quantize", "run_stage", "simplify"]
 
 PathLike = str | os.PathLike[str]
 CacheArg = StageCache | PathLike | bool | None
@@ -45,7 +45,7 @@ def run_stage(
     output: PathLike,
     *,
     calibration: Any = None,
-    eval: Any = None,  # noqa: A002 - the recipe's spelling
+    eval: Any = None,
     target: str | None = None,
     max_samples: int | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,

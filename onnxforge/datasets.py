@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DigitsSplit", "load_digits_split", "DIGITS_INPUT_NAME", "DIGITS_IMAGE_SIZE"]
+__all__ = ["DIGITS_IMAGE_SIZE", "DIGITS_INPUT_NAME", "DigitsSplit", "load_digits_split"]
 
 DIGITS_INPUT_NAME = "image"
 DIGITS_IMAGE_SIZE = 32

@@ -23,7 +23,7 @@ from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.recipe import load_recipe
 from onnxforge.pipeline.runner import Progress, RunResult, run_recipe
 
-__all__ = ["demo", "DEMO_RECIPE"]
+__all__ = ["DEMO_RECIPE", "demo"]
 
 CALIBRATION_SAMPLES = 256
 
@@ -47,7 +47,7 @@ DEMO_RECIPE = {
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, allow_pickle=True, **arrays)  # the default, named so that mypy does not bind **arrays to it
 
 
 def demo(

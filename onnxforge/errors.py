@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 import re
+from typing import Any
 
 _LOAD_FROM = re.compile(r"Load model from \S+ failed:\s*")
 _ORT_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
@@ -63,7 +64,7 @@ class OnnxForgeError(Exception):
         return _rebuild, (type(self), dict(self.__dict__))
 
 
-def _rebuild(cls: type, state: dict) -> OnnxForgeError:
+def _rebuild(cls: type[OnnxForgeError], state: dict[str, Any]) -> OnnxForgeError:
     error = cls.__new__(cls)
     Exception.__init__(error, state.get("message", ""))
     error.__dict__.update(state)

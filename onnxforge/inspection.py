@@ -11,12 +11,13 @@ import onnx
 
 from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import TensorSpec, default_opset, input_specs, load_model, model_file_size, output_specs
+from onnxforge.pipeline.codec import JsonResult
 
 __all__ = ["ModelInfo", "inspect_model"]
 
 
 @dataclass
-class ModelInfo:
+class ModelInfo(JsonResult):
     path: Path
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -27,20 +28,6 @@ class ModelInfo:
     nodes: int
     parameters: int
     bytes: int
-
-    def to_json(self) -> dict:
-        return {
-            "path": str(self.path),
-            "inputs": [s.to_json() for s in self.inputs],
-            "outputs": [s.to_json() for s in self.outputs],
-            "opset": self.opset,
-            "opsets": self.opsets,
-            "producer": self.producer,
-            "ops": self.ops,
-            "nodes": self.nodes,
-            "parameters": self.parameters,
-            "bytes": self.bytes,
-        }
 
 
 def _walk(graph: onnx.GraphProto, ops: Counter) -> None:

@@ -42,7 +42,7 @@ def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ..
         dims = vi.type.tensor_type.shape.dim
         if shape is None or len(shape) != len(dims):
             continue
-        for d, size in zip(dims, shape):
+        for d, size in zip(dims, shape, strict=True):
             d.Clear()
             d.dim_value = int(size)
     return copy

@@ -32,24 +32,25 @@ from onnx import helper
 
 from onnxforge._atomic import atomic_path, named_write_errors, temp_prefix
 from onnxforge.errors import InvalidModelError, first_line
+from onnxforge.pipeline.codec import JsonResult
 
 __all__ = [
     "TensorSpec",
-    "check_utf8_path",
-    "load_model",
-    "save_model",
-    "input_specs",
-    "output_specs",
-    "file_sha256",
-    "content_sha256",
-    "model_file_size",
-    "default_opset",
-    "fits_in_protobuf",
-    "serialized_size",
-    "runnable",
-    "stored_at",
     "check_model",
+    "check_utf8_path",
+    "content_sha256",
+    "default_opset",
+    "file_sha256",
+    "fits_in_protobuf",
     "infer_shapes",
+    "input_specs",
+    "load_model",
+    "model_file_size",
+    "output_specs",
+    "runnable",
+    "save_model",
+    "serialized_size",
+    "stored_at",
 ]
 
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -62,7 +63,7 @@ _NO_RAW_COPY = {onnx.TensorProto.STRING, *_FOUR_BIT}
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(JsonResult):
     """A graph input or output: its name, its dims (int, or a str for a named dynamic dim, or None), dtype."""
 
     name: str
@@ -75,9 +76,6 @@ class TensorSpec:
 
     def shape_text(self) -> str:
         return "x".join("?" if d is None else str(d) for d in self.shape) or "scalar"
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype)}
 
 
 def _value_info_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
@@ -248,7 +246,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     # External data: write both files into a private temp folder beside the target, then rename
     # the data first and the graph last, so a reader never sees a graph without its data.
     data_name = path.name + ".data"
-    with named_write_errors(path), tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as tmp_dir:
+    with (
+        named_write_errors(path),
+        tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as tmp_dir,
+    ):
         tmp_model = Path(tmp_dir) / path.name
         _write_with_external_data(model, tmp_model, data_name)
         for produced in (Path(tmp_dir) / data_name, tmp_model):
@@ -352,7 +353,11 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
         return 0
     if tensor.HasField("raw_data"):
         try:
-            bits = 4 if tensor.data_type in _FOUR_BIT else 8 * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            bits = (
+                4
+                if tensor.data_type in _FOUR_BIT
+                else 8 * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            )
         except (KeyError, TypeError, ValueError):  # a data type this onnx does not know: measure it
             return tensor.ByteSize()
         return -(-int(np.prod(tensor.dims, dtype=np.int64)) * bits // 8)

@@ -56,18 +56,27 @@ def scatter_svg(points: Sequence[dict[str, Any]], *, x_label: str, y_label: str,
     front = sorted((p for p in points if p["kind"] in ("front", "best")), key=lambda p: p["x"])
     if len(front) > 1:
         path = " ".join(f"{sx(p['x']):.1f},{sy(p['y']):.1f}" for p in front)
-        parts.append(f'<polyline class="front-line" points="{path}" fill="none" stroke="{_PALETTE[1]}" stroke-width="1.5"/>')
+        parts.append(
+            f'<polyline class="front-line" points="{path}" fill="none" stroke="{_PALETTE[1]}" stroke-width="1.5"/>'
+        )
     style = {"trial": ("#9aa3b5", 4), "failed": ("#b64a4a", 3), "baseline": (_PALETTE[2], 5),
              "front": (_PALETTE[1], 6), "best": (_PALETTE[1], 7)}
     for p in sorted(points, key=lambda p: ("trial", "failed", "baseline", "front", "best").index(p["kind"])):
         color, r = style[p["kind"]]
-        shape = (f'<rect x="{sx(p["x"]) - r:.1f}" y="{sy(p["y"]) - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{color}"'
-                 if p["kind"] == "baseline" else
-                 f'<circle cx="{sx(p["x"]):.1f}" cy="{sy(p["y"]):.1f}" r="{r}" fill="{color}"')
+        shape = (
+            f'<rect x="{sx(p["x"]) - r:.1f}" y="{sy(p["y"]) - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{color}"'
+            if p["kind"] == "baseline"
+            else f'<circle cx="{sx(p["x"]):.1f}" cy="{sy(p["y"]):.1f}" r="{r}" fill="{color}"'
+        )
         ring = ' stroke="#1d2330" stroke-width="2.5"' if p["kind"] == "best" else ""
         parts.append(f'{shape}{ring} class="point {p["kind"]}" data-trial="{_esc(p.get("number", ""))}">'
                      f'<title>{_esc(p["label"])}</title></{"rect" if p["kind"] == "baseline" else "circle"}>')
-    legend = [("front", "Pareto front"), ("best", "chosen"), ("baseline", "single-stage seed"), ("trial", "other trial")]
+    legend = [
+        ("front", "Pareto front"),
+        ("best", "chosen"),
+        ("baseline", "single-stage seed"),
+        ("trial", "other trial"),
+    ]
     for i, (kind, text) in enumerate(legend):
         x = width - right - 130
         y = top + 4 + i * 16
@@ -97,15 +106,20 @@ def optimize_report_html(payload: dict[str, Any]) -> str:
     config = payload.get("config") or {}
     body = [
         f"<h1>onnxforge optimize: {_esc(payload.get('run_dir', ''))}</h1>",
-        f'<p class="meta">budget: {_esc(payload.get("gate", ""))}; objective {_esc(config.get("objective", "latency"))} '
-        f'on {_esc(config.get("target", "cpu"))} (batch {_esc(config.get("batch", 1))}, {_esc(config.get("threads", 1))} '
-        f'thread); {len(trials)} trials in {_esc(_fmt(payload.get("wall_seconds", 0)))} s; {_esc(payload.get("executor", ""))}; '
-        f'{_esc((payload.get("machine") or {}).get("cpu", ""))}</p>',
+        f'<p class="meta">budget: {_esc(payload.get("gate", ""))}; '
+        f'objective {_esc(config.get("objective", "latency"))} '
+        f"on {_esc(config.get('target', 'cpu'))} (batch {_esc(config.get('batch', 1))}, "
+        f"{_esc(config.get('threads', 1))} "
+        f"thread); {len(trials)} trials in {_esc(_fmt(payload.get('wall_seconds', 0)))} s; "
+        f"{_esc(payload.get('executor', ''))}; "
+        f"{_esc((payload.get('machine') or {}).get('cpu', ''))}</p>",
     ]
     if best:
-        body.append(f'<p><b>chosen:</b> trial {_esc(best.get("number"))} — {_esc(best.get("describe"))}: '
-                    f'{_esc(_fmt(best.get("speedup", 0)))}x faster, {_esc(metric)} {_esc(_fmt(best.get("quality", 0)))}, '
-                    f'{_esc(_fmt(best.get("bytes", 0) / 1024))} KB (best.onnx)</p>')
+        body.append(
+            f"<p><b>chosen:</b> trial {_esc(best.get('number'))} — {_esc(best.get('describe'))}: "
+            f"{_esc(_fmt(best.get('speedup', 0)))}x faster, {_esc(metric)} {_esc(_fmt(best.get('quality', 0)))}, "
+            f"{_esc(_fmt(best.get('bytes', 0) / 1024))} KB (best.onnx)</p>"
+        )
     else:
         body.append("<p><b>no trial stayed within the budget</b></p>")
     body += ["<h2>Quality vs " + ("size" if size else "speed") + "</h2>",

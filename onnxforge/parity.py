@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from onnxforge.errors import RecipeError
+from onnxforge.pipeline import codec
+from onnxforge.pipeline.codec import JsonResult
 
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["Tolerance", "OutputParity", "ParityReport", "compare_outputs", "compare_models"]
+__all__ = ["OutputParity", "ParityReport", "Tolerance", "compare_models", "compare_outputs"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,20 +30,26 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
-class OutputParity:
-    name: str
-    max_abs: float
-    max_rel: float
-    ok: bool
+class OutputParity(JsonResult):
+    """One output's worst errors; saved as ``max_abs_error`` / ``max_rel_error``, the names readers
+    of reports and caches already know."""
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "max_abs_error": self.max_abs, "max_rel_error": self.max_rel, "ok": self.ok}
+    name: str
+    max_abs: float = field(metadata={"json": False})
+    max_rel: float = field(metadata={"json": False})
+    ok: bool = field(metadata={"json": False})
+
+    def json_extra(self) -> dict[str, Any]:
+        return {"max_abs_error": self.max_abs, "max_rel_error": self.max_rel, "ok": self.ok}
 
 
 @dataclass(frozen=True)
-class ParityReport:
+class ParityReport(JsonResult):
+    """Per-output parity at the given batch sizes; saved with its tolerance flattened (``atol``, ``rtol``)
+    and the overall ``ok``, as ``from_json`` reads it back."""
+
     outputs: list[OutputParity] = field(default_factory=list)
-    tolerance: Tolerance = Tolerance()
+    tolerance: Tolerance = field(default=Tolerance(), metadata={"json": False})
     batch_sizes: tuple[int, ...] = (1,)
 
     @property
@@ -83,14 +93,20 @@ class ParityReport:
         outputs = [OutputParity(o["name"], o["max_abs_error"], o["max_rel_error"], o["ok"]) for o in data["outputs"]]
         return cls(outputs, Tolerance(atol=data["atol"], rtol=data["rtol"]), tuple(data["batch_sizes"]))
 
-    def to_json(self) -> dict:
-        return {
-            "ok": self.ok,
-            "atol": self.tolerance.atol,
-            "rtol": self.tolerance.rtol,
-            "batch_sizes": list(self.batch_sizes),
-            "outputs": [o.to_json() for o in self.outputs],
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"ok": self.ok, "atol": self.tolerance.atol, "rtol": self.tolerance.rtol}
+
+
+def _decode_parity(data: Any, where: str, base: object) -> ParityReport:
+    try:
+        return ParityReport.from_json(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecipeError(f"{where}: not a parity report ({type(e).__name__}: {e})") from e
+
+
+# Decoding reads the saved spelling back (encoding stays JsonResult's), so results holding a report
+# can be decoded from a cache or manifest like any other field.
+codec.register_type(ParityReport, None, _decode_parity)
 
 
 def compare_outputs(
@@ -106,8 +122,10 @@ def compare_outputs(
         for name in names[min(len(reference), len(candidate)):]:
             outputs.append(OutputParity(name, float("inf"), float("inf"), False))
         if not outputs:
-            outputs.append(OutputParity(f"(output count {len(reference)} vs {len(candidate)})", float("inf"), float("inf"), False))
-    for name, ref, got in zip(names, reference, candidate):
+            outputs.append(
+                OutputParity(f"(output count {len(reference)} vs {len(candidate)})", float("inf"), float("inf"), False)
+            )
+    for name, ref, got in zip(names, reference, candidate, strict=False):
         ref = np.asarray(ref)
         got = np.asarray(got)
         if ref.shape != got.shape:

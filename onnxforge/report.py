@@ -20,7 +20,7 @@ from typing import Any
 
 from onnxforge._atomic import atomic_write_text
 
-__all__ = ["profile_report_html", "run_report_html", "write_report", "write_run_report", "REPORT_NAME"]
+__all__ = ["REPORT_NAME", "profile_report_html", "run_report_html", "write_report", "write_run_report"]
 
 REPORT_NAME = "report.html"
 
@@ -90,7 +90,9 @@ def bar_chart_svg(
             f'<text x="{label_width - 6}" y="{y + 13}" font-size="12" text-anchor="end" fill="#1d2330">'
             f"<title>{_esc(label)}</title>{_esc(shown)}</text>"
         )
-        parts.append(f'<rect class="bar" x="{label_width}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{color}" rx="2"/>')
+        parts.append(
+            f'<rect class="bar" x="{label_width}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{color}" rx="2"/>'
+        )
         parts.append(
             f'<text x="{label_width + w + 5:.1f}" y="{y + 13}" font-size="12" fill="#3a4355">{_esc(_fmt(value))}'
             f"{_esc(unit)}</text>"
@@ -136,7 +138,8 @@ def histogram_svg(
         if count:
             parts.append(
                 f'<rect class="bar" x="{x0 + 0.5:.1f}" y="{top + plot_h - h:.1f}" width="{max(1.0, x1 - x0 - 1):.1f}" '
-                f'height="{h:.1f}" fill="{color}"><title>{_fmt(edges[i])}-{_fmt(edges[i + 1])} ms: {count} runs</title></rect>'
+                f'height="{h:.1f}" fill="{color}">'
+                f"<title>{_fmt(edges[i])}-{_fmt(edges[i + 1])} ms: {count} runs</title></rect>"
             )
     for tick in (lo, (lo + hi) / 2, hi):
         parts.append(
@@ -197,7 +200,9 @@ def _page(title: str, body: Sequence[str]) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
     head = "".join(f'<th class="l">{_esc(h)}</th>' if i < left else f"<th>{_esc(h)}</th>" for i, h in enumerate(header))
     body = "".join(
-        "<tr>" + "".join(f'<td class="l">{c}</td>' if i < left else f"<td>{c}</td>" for i, c in enumerate(row)) + "</tr>"
+        "<tr>"
+        + "".join(f'<td class="l">{c}</td>' if i < left else f"<td>{c}</td>" for i, c in enumerate(row))
+        + "</tr>"
         for row in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -348,8 +353,10 @@ def run_report_html(manifest: dict) -> str:
     body = [
         f"<h1>onnxforge run: {_esc(recipe.get('name', 'pipeline'))}</h1>",
         f'<p class="meta">model {_esc(recipe.get("model", "?"))}, target {_esc(recipe.get("target", "?"))}, '
-        f'created {_esc(manifest.get("created", "?"))}; {_esc(machine.get("cpu", ""))}, {_esc(machine.get("cores", "?"))} cores; '
-        + _esc(", ".join(f"{k} {v}" for k, v in versions.items())) + "</p>",
+        f"created {_esc(manifest.get('created', '?'))}; {_esc(machine.get('cpu', ''))}, "
+        f"{_esc(machine.get('cores', '?'))} cores; "
+        + _esc(", ".join(f"{k} {v}" for k, v in versions.items()))
+        + "</p>",
     ]
     rows = []
     for s in stages:
@@ -388,7 +395,9 @@ def run_report_html(manifest: dict) -> str:
             ))
         body += ["<h2>Per-stage comparison</h2>", '<div class="charts">', *charts, "</div>"]
         histograms = [
-            _latency_histogram(s["metrics"]["latency"], f"{s['name']}: latency distribution", _PALETTE[i % len(_PALETTE)])
+            _latency_histogram(
+                s["metrics"]["latency"], f"{s['name']}: latency distribution", _PALETTE[i % len(_PALETTE)]
+            )
             for i, s in enumerate(measured)
             if isinstance(s.get("metrics", {}).get("latency"), dict)
         ]
@@ -421,4 +430,6 @@ def write_report(path: str | os.PathLike, html_text: str) -> Path:
 
 def write_run_report(manifest_json: dict, run_dir: str | os.PathLike) -> Path:
     """``report.html`` next to ``manifest.json`` in ``run_dir``."""
-    return write_report(Path(run_dir) / REPORT_NAME, run_report_html(json.loads(json.dumps(manifest_json, default=str))))
+    return write_report(
+        Path(run_dir) / REPORT_NAME, run_report_html(json.loads(json.dumps(manifest_json, default=str)))
+    )

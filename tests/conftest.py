@@ -103,7 +103,7 @@ def assert_numerically_equal(
     for feed in feed_list:
         outs_a = session_a.run(None, dict(feed))
         outs_b = session_b.run(None, dict(feed))
-        for name, a, b in zip(names_a, outs_a, outs_b):
+        for name, a, b in zip(names_a, outs_a, outs_b, strict=True):
             assert a.shape == b.shape, f"output {name!r}: shape {a.shape} vs {b.shape}"
             np.testing.assert_allclose(b, a, atol=atol, rtol=rtol, err_msg=f"output {name!r}")
 

@@ -10,7 +10,6 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
-
 from conftest import IMAGE_SHAPE, NUM_CLASSES, assert_numerically_equal, random_images, run_model
 
 
@@ -125,7 +124,7 @@ def test_quantize_json_lists_every_candidate(cli, classifier_path, calibration_n
 
 def test_quantize_json_to_file(cli, classifier_path, calibration_npz, tmp_path):
     report = tmp_path / "q.json"
-    code, out, err = cli(
+    code, _out, err = cli(
         "quantize", classifier_path, "-o", tmp_path / "int8.onnx", "--calibration", calibration_npz,
         "--tolerance", "50", "--json", report,
     )
@@ -229,7 +228,7 @@ def test_export_json(cli, torch_model_file, tmp_path):
 
 def test_export_onnx_source_copies_a_valid_model(cli, classifier_path, tmp_path):
     output = tmp_path / "copy.onnx"
-    code, out, err = cli("export", classifier_path, "-o", output)
+    code, _out, err = cli("export", classifier_path, "-o", output)
     assert code == 0, err
     assert_numerically_equal(classifier_path, output, {"x": random_images(2)})
 
@@ -269,7 +268,7 @@ def test_run_default_folder_is_runs_slash_name(cli, classifier_path, tmp_path, m
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"name: named\nmodel: {classifier_path}\nstages: [simplify]\n")
     monkeypatch.chdir(tmp_path)
-    code, out, err = cli("run", recipe)
+    code, _out, err = cli("run", recipe)
     assert code == 0, err
     _loadable(tmp_path / "runs" / "named" / "01_simplify.onnx")
     assert (tmp_path / "runs" / "named" / "manifest.json").is_file()

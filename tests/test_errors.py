@@ -15,7 +15,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import (
     assert_numerically_equal,
     make_classifier,
@@ -100,7 +99,7 @@ def test_unusable_model_file(cli, tmp_path, kind, command):
     output = tmp_path / "out.onnx"
     args = _commands(model, tmp_path, output)[command]
     with untouched(tmp_path, output):
-        code, out, err = cli(*args)
+        code, _out, err = cli(*args)
     assert code == 2, err
     line = assert_one_error_line(err)
     assert model.name in line  # the message names the file
@@ -231,7 +230,7 @@ def test_output_path_that_is_a_folder(cli, tmp_path, classifier_path):
 
 def test_export_never_overwrites_its_python_source(cli, torch_model_file, tmp_path):
     with untouched(tmp_path):
-        code, _, err = cli(
+        code, _, _err = cli(
             "export", f"{torch_model_file}:build", "-o", torch_model_file, "--input-shape", "input=1x3x8x8"
         )
     assert code == 2
@@ -239,20 +238,20 @@ def test_export_never_overwrites_its_python_source(cli, torch_model_file, tmp_pa
 
 def test_quantize_never_overwrites_its_calibration_data(cli, tmp_path, classifier_path, calibration_npz):
     with untouched(tmp_path):
-        code, _, err = cli("quantize", classifier_path, "-o", calibration_npz, "--calibration", calibration_npz,
-                           "--tolerance", "100")
+        code, _, _err = cli("quantize", classifier_path, "-o", calibration_npz, "--calibration", calibration_npz,
+                            "--tolerance", "100")
     assert code == 2
 
 
 def test_prune_never_overwrites_its_eval_data(cli, tmp_path, classifier_path, eval_npz):
     with untouched(tmp_path):
-        code, _, err = cli("prune", classifier_path, "-o", eval_npz, "--eval", eval_npz, "--tolerance", "100")
+        code, _, _err = cli("prune", classifier_path, "-o", eval_npz, "--eval", eval_npz, "--tolerance", "100")
     assert code == 2
 
 
 def test_json_report_never_overwrites_the_model(cli, tmp_path, classifier_path):
     with untouched(tmp_path):
-        code, _, err = cli("inspect", classifier_path, "--json", classifier_path)
+        code, _, _err = cli("inspect", classifier_path, "--json", classifier_path)
     assert code == 2
 
 
@@ -457,7 +456,7 @@ def test_path_with_closing_tag_does_not_crash(cli, tmp_path):
 def test_quantize_gate_failure_saves_the_best_model(cli, tmp_path, classifier_path, calibration_npz, feeds):
     output = tmp_path / "int8.onnx"
     input_hash = sha256(classifier_path)
-    code, out, err = cli(
+    code, _out, err = cli(
         "quantize", classifier_path, "-o", output, "--calibration", calibration_npz,
         "--metric", "cosine", "--tolerance", "0.999999",
     )
@@ -475,7 +474,7 @@ def test_quantize_gate_failure_saves_the_best_model(cli, tmp_path, classifier_pa
 def test_prune_gate_failure_saves_the_unpruned_model(cli, tmp_path, classifier_path, eval_npz, feeds):
     output = tmp_path / "sparse.onnx"
     input_hash = sha256(classifier_path)
-    code, out, err = cli(
+    code, _out, err = cli(
         "prune", classifier_path, "-o", output, "--sparsity", "0.95", "--eval", eval_npz,
         "--metric", "cosine", "--tolerance", "1.000001",
     )
@@ -488,7 +487,7 @@ def test_prune_gate_failure_saves_the_unpruned_model(cli, tmp_path, classifier_p
 
 def test_export_parity_failure_keeps_the_unverified_file(cli, tmp_path, torch_model_file):
     output = tmp_path / "e.onnx"
-    code, out, err = cli(
+    code, _out, err = cli(
         "export", f"{torch_model_file}:build", "-o", output, "--input-shape", "input=1x3x8x8",
         "--atol", "0", "--rtol", "0",
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from conftest import assert_numerically_equal, make_classifier, random_images, save
+
 from onnxforge.errors import InvalidModelError
 from onnxforge.model_io import (
     check_model,
@@ -56,7 +56,7 @@ def test_missing_external_data_is_reported(tmp_path):
     assert_numerically_equal(make_classifier(), loaded, {"x": random_images(2)})
     assert model_file_size(folder / "m.onnx") == sum(p.stat().st_size for p in folder.iterdir())
     (folder / "m.data").unlink()
-    with pytest.raises(InvalidModelError, match="m.data"):
+    with pytest.raises(InvalidModelError, match=r"m\.data"):
         load_model(folder / "m.onnx")
 
 

@@ -55,15 +55,15 @@ def test_command_recipe_and_api_give_the_same_bytes_and_record(case, tmp_path, c
     args, function, kwargs = _fill(CASES[case], paths)
     command_out, recipe = tmp_path / "command.onnx", tmp_path / "saved" / "recipe.yaml"
     report = tmp_path / "command.json"
-    code, out, err = cli(*args[:1], classifier_path, "-o", command_out, *args[1:], "--save-recipe", recipe,
-                         "--json", report, "--cache-dir", tmp_path / "cache-command")
+    code, _out, err = cli(*args[:1], classifier_path, "-o", command_out, *args[1:], "--save-recipe", recipe,
+                          "--json", report, "--cache-dir", tmp_path / "cache-command")
     assert code == 0, err
     record = json.loads(report.read_text())["stage"]
     assert record["status"] == "done"
 
     # the saved recipe reruns it (paths relative to the recipe's folder), with a cache of its own
-    code, out, err = cli("run", recipe, "-o", tmp_path / "run", "--cache-dir", tmp_path / "cache-recipe",
-                         "--json", tmp_path / "run.json")
+    code, _out, err = cli("run", recipe, "-o", tmp_path / "run", "--cache-dir", tmp_path / "cache-recipe",
+                          "--json", tmp_path / "run.json")
     assert code == 0, err
     manifest = json.loads((tmp_path / "run.json").read_text())
     stage = manifest["stages"][-1]
@@ -81,8 +81,20 @@ def test_command_recipe_and_api_give_the_same_bytes_and_record(case, tmp_path, c
 
 def test_a_repeated_command_is_answered_from_the_cache_and_says_so(tmp_path, cli, classifier_path,
                                                                      calibration_npz):
-    args = ["prune", classifier_path, "--method", "channels", "--ratio", "0.5", "--calibration", calibration_npz, "--tolerance", "100",
-            "--cache-dir", tmp_path / "cache"]
+    args = [
+        "prune",
+        classifier_path,
+        "--method",
+        "channels",
+        "--ratio",
+        "0.5",
+        "--calibration",
+        calibration_npz,
+        "--tolerance",
+        "100",
+        "--cache-dir",
+        tmp_path / "cache",
+    ]
     code, _, err = cli(*args, "-o", tmp_path / "a.onnx", "--json", tmp_path / "a.json")
     assert code == 0, err
     assert json.loads((tmp_path / "a.json").read_text())["stage"]["status"] == "done"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from conftest import make_classifier, random_images
+
 from onnxforge.parity import OutputParity, ParityReport, Tolerance, compare_models, compare_outputs
 
 

@@ -13,8 +13,8 @@ import tempfile
 import numpy as np
 import pytest
 import yaml
-
 from conftest import make_classifier, random_images, save, write_npz
+
 from onnxforge.report import REPORT_NAME, bar_chart_svg, histogram_svg, profile_report_html, run_report_html
 
 CHROMIUM_FLAGS = [
@@ -69,7 +69,7 @@ def test_profile_report_is_self_contained_and_complete(profile_payload):
 
 def test_cli_html_written_atomically(cli, tmp_path, classifier_path):
     report = tmp_path / "out" / "report.html"
-    code, stdout, stderr = cli("profile", classifier_path, "--per-op", "--min-seconds", "0.05", "--html", report)
+    code, _stdout, stderr = cli("profile", classifier_path, "--per-op", "--min-seconds", "0.05", "--html", report)
     assert code == 0, stderr
     assert report.is_file() and "<svg" in report.read_text()
     assert [p.name for p in report.parent.iterdir()] == ["report.html"]  # no temporary file left

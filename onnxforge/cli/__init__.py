@@ -5,7 +5,6 @@ Stage commands (export, simplify, quantize, prune, fp16, merge) build a one-stag
 the runner's ``run_stage``, its cache and its record. What they print is keyed by pass name (``cli.render``).
 """
 
-from onnxforge.cli.app import cli, entry, main
 from onnxforge.cli import (  # noqa: F401  (each module adds its command to the group)
     cache,
     compare,
@@ -19,5 +18,6 @@ from onnxforge.cli import (  # noqa: F401  (each module adds its command to the 
     run,
     simplify,
 )
+from onnxforge.cli.app import cli, entry, main
 
-__all__ = ["cli", "main", "entry"]
+__all__ = ["cli", "entry", "main"]

@@ -13,11 +13,11 @@ from rich.markup import escape
 from onnxforge.cli.console import ReaderGone, err
 from onnxforge.errors import OnnxForgeError
 
-__all__ = ["cli", "main", "entry"]
+__all__ = ["cli", "entry", "main"]
 
 
 class _Group(click.Group):
-    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except BrokenPipeError as e:

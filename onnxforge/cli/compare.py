@@ -24,12 +24,32 @@ def _target_b_option(f: Callable) -> Callable:
 @cli.command()
 @click.argument("model_a", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("model_b", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="inputs: .npz keyed by input name, or a folder of .npz/.npy")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="inputs: .npz keyed by input name, or a folder of .npz/.npy",
+)
 @target_option
 @_target_b_option
-@click.option("--threshold", type=float, default=20.0, show_default=True, metavar="DB", help="SQNR below which a tensor counts as diverged")
-@click.option("--max-samples", type=click.IntRange(min=1), default=16, show_default=True, help="samples run, one at a time")
-@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="tensor rows shown, from just before the first divergence")
+@click.option(
+    "--threshold",
+    type=float,
+    default=20.0,
+    show_default=True,
+    metavar="DB",
+    help="SQNR below which a tensor counts as diverged",
+)
+@click.option(
+    "--max-samples", type=click.IntRange(min=1), default=16, show_default=True, help="samples run, one at a time"
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="tensor rows shown, from just before the first divergence",
+)
 @click.option("--html", "html_path", metavar="PATH", default=None, help="also write an HTML report with the SQNR chart")
 @json_option
 def compare(model_a, model_b, data, target, target_b, threshold, max_samples, top, html_path, json_path):

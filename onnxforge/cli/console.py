@@ -13,8 +13,18 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["out", "err", "ReaderGone", "emit_json", "human_bytes", "status", "quiet", "print_notes", "speed_words",
-           "format_score"]
+__all__ = [
+    "ReaderGone",
+    "emit_json",
+    "err",
+    "format_score",
+    "human_bytes",
+    "out",
+    "print_notes",
+    "quiet",
+    "speed_words",
+    "status",
+]
 
 
 class ReaderGone(BaseException):

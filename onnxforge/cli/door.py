@@ -58,8 +58,9 @@ def run_command(
     except QualityGateError as e:  # exit 4 still shows every try and writes --json
         if e.result is not None:
             payload = dict(e.result)
-            if getattr(e, "record", None) is not None:
-                payload["stage"] = {k: v for k, v in e.record.to_json().items() if k != "result"}
+            record = getattr(e, "record", None)  # set by the runner on a stage's gate failure
+            if record is not None:
+                payload["stage"] = {k: v for k, v in record.to_json().items() if k != "result"}
             emit_json(json_path, payload)
             if not quiet(json_path):
                 render_stage(kind, payload, output, failed=True)
@@ -73,6 +74,8 @@ def run_command(
             err.print(f"[dim]cached:[/] {escape(last.cache)} (stage key {last.key[:12]}; --no-cache recomputes)",
                       highlight=False)
         if save_recipe is not None:
-            err.print(f"[dim]recipe:[/] {escape(str(save_recipe))} (rerun with: onnxforge run {escape(str(save_recipe))})",
-                      highlight=False)
+            err.print(
+                f"[dim]recipe:[/] {escape(str(save_recipe))} (rerun with: onnxforge run {escape(str(save_recipe))})",
+                highlight=False,
+            )
     return records

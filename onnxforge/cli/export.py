@@ -8,8 +8,16 @@ import click
 
 from onnxforge.cli.app import cli
 from onnxforge.cli.door import run_command
-from onnxforge.cli.options import (Flag, config_options, given, given_options, input_shape_option, json_option,
-                                   output_option, save_recipe_option)
+from onnxforge.cli.options import (
+    Flag,
+    config_options,
+    given,
+    given_options,
+    input_shape_option,
+    json_option,
+    output_option,
+    save_recipe_option,
+)
 from onnxforge.converters.config import ExportConfig
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.command_run import CommandRecipe
@@ -57,16 +65,29 @@ def shape_options(input_shapes: tuple[str, ...]) -> dict[str, dict]:
 @click.argument("source")
 @output_option
 @input_shape_option
-@click.option("--dynamic", "dynamic_dims", multiple=True, metavar="NAME=AXIS:DIM", help="a dynamic dim, e.g. input_ids=1:sequence")
+@click.option(
+    "--dynamic", "dynamic_dims", multiple=True, metavar="NAME=AXIS:DIM", help="a dynamic dim, e.g. input_ids=1:sequence"
+)
 @config_options(ExportConfig, flags=FLAGS, skip=SKIP)
 @click.option("--atol", type=float, default=None, help="parity: absolute tolerance  [default: 0.0001]")
 @click.option("--rtol", type=float, default=None, help="parity: relative tolerance  [default: 0.001]")
 @save_recipe_option
 @json_option
 @click.pass_context
-def export(ctx: click.Context, source: str, output: Path, input_shapes: tuple[str, ...], dynamic_dims: tuple[str, ...],
-           atol: float | None, rtol: float | None, save_recipe: Path | None, json_path: str | None, **_: object) -> None:
-    """Export SOURCE (file.py:callable, TorchScript .pt, torch.export .pt2, .keras, .onnx, builtin:digits_cnn) to ONNX, checking parity."""
+def export(
+    ctx: click.Context,
+    source: str,
+    output: Path,
+    input_shapes: tuple[str, ...],
+    dynamic_dims: tuple[str, ...],
+    atol: float | None,
+    rtol: float | None,
+    save_recipe: Path | None,
+    json_path: str | None,
+    **_: object,
+) -> None:
+    """Export SOURCE (file.py:callable, TorchScript .pt, torch.export .pt2, .keras, .onnx, builtin:digits_cnn)
+    to ONNX, checking parity."""
     options = given_options(ctx, ExportConfig, FLAGS, SKIP) | shape_options(input_shapes)
     if dynamic_dims:
         options["dynamic_axes"] = dynamic_axes(dynamic_dims)

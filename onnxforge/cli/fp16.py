@@ -8,8 +8,17 @@ import click
 
 from onnxforge.cli.app import cli
 from onnxforge.cli.door import run_command
-from onnxforge.cli.options import (Flag, stage_cache_options, config_options, given_options, input_shape_option,
-                                   json_option, model_argument, output_option, save_recipe_option)
+from onnxforge.cli.options import (
+    Flag,
+    config_options,
+    given_options,
+    input_shape_option,
+    json_option,
+    model_argument,
+    output_option,
+    save_recipe_option,
+    stage_cache_options,
+)
 from onnxforge.cli.simplify import parity_tolerance, shapes
 from onnxforge.pipeline.command_run import CommandRecipe
 from onnxforge.pipeline.fp16 import Fp16Config
@@ -33,9 +42,20 @@ FLAGS = (
 @save_recipe_option
 @json_option
 @click.pass_context
-def fp16(ctx: click.Context, model: Path, output: Path, input_shapes: tuple[str, ...], atol: float | None,
-         rtol: float | None, cache_dir: Path | None, no_cache: bool, force: bool, save_recipe: Path | None, json_path: str | None,
-         **_: object) -> None:
+def fp16(
+    ctx: click.Context,
+    model: Path,
+    output: Path,
+    input_shapes: tuple[str, ...],
+    atol: float | None,
+    rtol: float | None,
+    cache_dir: Path | None,
+    no_cache: bool,
+    force: bool,
+    save_recipe: Path | None,
+    json_path: str | None,
+    **_: object,
+) -> None:
     """Convert MODEL to fp16 for CUDA/TensorRT (inputs/outputs stay fp32), checking parity with fp32."""
     options = given_options(ctx, Fp16Config, FLAGS, SKIP) | parity_tolerance(ctx, atol, rtol)
     if input_shapes:

@@ -105,9 +105,15 @@ def _render_optimize(result, json_path: str | None) -> None:
     for r in result.front:
         mark = "[bold green]chosen[/]" if result.best and r["number"] == result.best["number"] else (
             "yes" if r["within_budget"] else "[red]no[/]")
-        table.add_row(escape(r["front_path"]), str(r["number"]), escape(r["describe"]),
-                      f"{r['quality'] * 100:.2f}%" if result.metric in ("accuracy", "agreement") else f"{r['quality']:.4f}",
-                      f"{r['speedup']:.2f}x" if r.get("speedup") else "-", human_bytes(r["bytes"]), mark)
+        table.add_row(
+            escape(r["front_path"]),
+            str(r["number"]),
+            escape(r["describe"]),
+            f"{r['quality'] * 100:.2f}%" if result.metric in ("accuracy", "agreement") else f"{r['quality']:.4f}",
+            f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
+            human_bytes(r["bytes"]),
+            mark,
+        )
     out.print(table)
     failed = [r for r in result.trials if r["status"] != "ok"]
     if failed:
@@ -117,9 +123,13 @@ def _render_optimize(result, json_path: str | None) -> None:
         out.print(f"  [yellow]note:[/] {escape(note)}")
     if result.best_path:
         b = result.best
-        out.print(f"[bold green]best[/] {result.best_path}: {escape(b['describe'])}, {b.get('speedup', 0):.2f}x the input "
-                  f"model's speed, {human_bytes(b['bytes'])}")
-    out.print(f"files in {result.run_dir.resolve()}: pareto.json, manifest.json, report: {result.run_dir / 'report.html'}")
+        out.print(
+            f"[bold green]best[/] {result.best_path}: {escape(b['describe'])}, {b.get('speedup', 0):.2f}x the input "
+            f"model's speed, {human_bytes(b['bytes'])}"
+        )
+    out.print(
+        f"files in {result.run_dir.resolve()}: pareto.json, manifest.json, report: {result.run_dir / 'report.html'}"
+    )
 
 
 @cli.command()
@@ -130,27 +140,68 @@ def _render_optimize(result, json_path: str | None) -> None:
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path),
               help="held-out samples (.npz keyed by input name; a 'label' array for accuracy)")
 @target_option
-@click.option("--max-drop", type=float, default=None, metavar="PTS", help="accuracy budget: points lost at most (needs labels)")
+@click.option(
+    "--max-drop", type=float, default=None, metavar="PTS", help="accuracy budget: points lost at most (needs labels)"
+)
 @click.option("--metric", type=click.Choice(["auto", "accuracy", "agreement", "cosine", "min-cosine", "rel-error"]),
               default="auto", show_default=True, help="the quality metric vs the input model")
 @click.option("--tolerance", type=float, default=None, help="the budget in the metric's terms (see quantize --help)")
 @click.option("--objective", type=click.Choice(["latency", "size"]), default="latency", show_default=True)
-@click.option("--trials", type=int, default=24, show_default=True, help="trials at most (completed ones of an earlier run count)")
-@click.option("--time-budget", default=None, metavar="DURATION", help="stop starting trials after this long (90s, 10m, 1h)")
+@click.option(
+    "--trials", type=int, default=24, show_default=True, help="trials at most (completed ones of an earlier run count)"
+)
+@click.option(
+    "--time-budget", default=None, metavar="DURATION", help="stop starting trials after this long (90s, 10m, 1h)"
+)
 @click.option("--strategy", type=click.Choice(["tpe", "nsga2", "random", "grid"]), default="tpe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--pass", "passes", multiple=True, metavar="NAME", help="search only these passes (repeatable)")
-@click.option("--space", "space", multiple=True, metavar="KNOB=V1,V2", help="pin a knob to values, e.g. prune_channels.ratio=0.25,0.5")
+@click.option(
+    "--space",
+    "space",
+    multiple=True,
+    metavar="KNOB=V1,V2",
+    help="pin a knob to values, e.g. prune_channels.ratio=0.25,0.5",
+)
 @click.option("--batch", type=int, default=1, show_default=True, help="batch size of the latency measurement")
 @click.option("--threads", type=int, default=1, show_default=True, help="intra-op threads of the latency measurement")
-@click.option("--min-speedup", type=float, default=None, help="stop early once a model within budget is this much faster")
-@click.option("--ray-address", default=None, metavar="ADDR", help="run trials on Ray: local (a private instance), auto, or ray://host:port")
+@click.option(
+    "--min-speedup", type=float, default=None, help="stop early once a model within budget is this much faster"
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDR",
+    help="run trials on Ray: local (a private instance), auto, or ray://host:port",
+)
 @input_shape_option
 @cache_options
 @json_option
-def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, tolerance, objective, trials, time_budget,
-             strategy, seed, passes, space, batch, threads, min_speedup, ray_address, input_shapes, cache_dir, no_cache,
-             json_path):
+def optimize(
+    model,
+    run_dir,
+    calibration,
+    eval_data,
+    target,
+    max_drop,
+    metric,
+    tolerance,
+    objective,
+    trials,
+    time_budget,
+    strategy,
+    seed,
+    passes,
+    space,
+    batch,
+    threads,
+    min_speedup,
+    ray_address,
+    input_shapes,
+    cache_dir,
+    no_cache,
+    json_path,
+):
     """Find the fastest (or smallest) model for the target within an accuracy budget: a search over
     pruning, low-rank and quantization, measured on the target; prints the Pareto front, writes best.onnx.
 
@@ -159,16 +210,15 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
     from onnxforge.pipeline.data_spec import DataSpec
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.run_guard import check_search_paths
-    from onnxforge.pipeline.search import Objective, OptimizeConfig, Strategy, optimize as run_optimize
+    from onnxforge.pipeline.search import Objective, OptimizeConfig, Strategy
+    from onnxforge.pipeline.search import optimize as run_optimize
     from onnxforge.pipeline.search.optimize import search_reads
     from onnxforge.pipeline.search.space import SearchSpace
     from onnxforge.targets.feeds import parse_input_shapes
 
     if model.endswith((".yaml", ".yml")):
         from onnxforge.pipeline.recipe import load_recipe
-        from onnxforge.pipeline.search.config import config_from_recipe
-
-        from onnxforge.pipeline.search.config import override_from_flags
+        from onnxforge.pipeline.search.config import config_from_recipe, override_from_flags
 
         recipe = load_recipe(model)
         config = config_from_recipe(recipe, Path(model).parent.resolve())
@@ -179,8 +229,9 @@ def optimize(model, run_dir, calibration, eval_data, target, max_drop, metric, t
         SearchSpace(config.target, config.passes, config.space, has_source=not recipe.model.endswith(".onnx"))
         check_search_paths(recipe.model, [Path(model), *search_reads(config)], run_dir, json_path=json_path)
         with _optimize_progress(quiet(json_path)) as update:
-            result = run_optimize(recipe.model, run_dir, config, progress=update, cache=stage_cache(cache_dir, no_cache),
-                                  notes=notes)
+            result = run_optimize(
+                recipe.model, run_dir, config, progress=update, cache=stage_cache(cache_dir, no_cache), notes=notes
+            )
         _render_optimize(result, json_path)
         return
     if calibration is None or eval_data is None:

@@ -24,9 +24,26 @@ import click
 from onnxforge.errors import UsageError
 
 __all__ = [
-    "Flag", "config_options", "given_options", "flag_spelling", "model_argument", "output_option",
-    "input_shape_option", "target_option", "timeout_option", "json_option", "quality_options", "cache_options", "stage_cache_options",
-    "image_options", "save_recipe_option", "data_spec", "eval_spec", "check_json_path", "memory_limit", "given",
+    "Flag",
+    "cache_options",
+    "check_json_path",
+    "config_options",
+    "data_spec",
+    "eval_spec",
+    "flag_spelling",
+    "given",
+    "given_options",
+    "image_options",
+    "input_shape_option",
+    "json_option",
+    "memory_limit",
+    "model_argument",
+    "output_option",
+    "quality_options",
+    "save_recipe_option",
+    "stage_cache_options",
+    "target_option",
+    "timeout_option",
 ]
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -141,8 +158,15 @@ def _option_for(cls: type, f: dataclasses.Field, tp: Any, spec: Flag | None) -> 
         on = flag.removeprefix("--")
         return click.option(f"--{on}/--no-{on}", spec.param, default=bool(default), show_default=True, help=help_text)
     shown = _default_text(default)
-    return click.option(flag, spec.param, type=click_type, multiple=multiple, default=() if multiple else None,
-                        metavar=spec.metavar, help=help_text + (f"  [default: {shown}]" if shown and not multiple else ""))
+    return click.option(
+        flag,
+        spec.param,
+        type=click_type,
+        multiple=multiple,
+        default=() if multiple else None,
+        metavar=spec.metavar,
+        help=help_text + (f"  [default: {shown}]" if shown and not multiple else ""),
+    )
 
 
 def given(ctx: click.Context, param: str) -> bool:

@@ -17,23 +17,75 @@ from onnxforge.errors import UsageError
 @cli.command()
 @model_argument
 @target_option
-@click.option("--batch", "batches", type=int, multiple=True, default=(1,), show_default=True, help="batch size (repeatable: a sweep)")
-@click.option("--threads", "threads", type=int, multiple=True, help="intra-op threads (repeatable; default: onnxruntime's, 2 on mobile)")
+@click.option(
+    "--batch",
+    "batches",
+    type=int,
+    multiple=True,
+    default=(1,),
+    show_default=True,
+    help="batch size (repeatable: a sweep)",
+)
+@click.option(
+    "--threads",
+    "threads",
+    type=int,
+    multiple=True,
+    help="intra-op threads (repeatable; default: onnxruntime's, 2 on mobile)",
+)
 @input_shape_option
-@click.option("--data", "sample_data", type=click.Path(path_type=Path), default=None, help="inputs from this .npz instead of random data")
+@click.option(
+    "--data",
+    "sample_data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="inputs from this .npz instead of random data",
+)
 @click.option("--min-seconds", type=float, default=1.0, show_default=True, help="time spent per measurement")
-@click.option("--per-op", is_flag=True, help="also profile per node and op type (onnxruntime profiler) with EP placement")
+@click.option(
+    "--per-op", is_flag=True, help="also profile per node and op type (onnxruntime profiler) with EP placement"
+)
 @click.option("--top", type=int, default=10, show_default=True, help="rows in the per-op tables")
-@click.option("--compare", "compare", type=click.Path(dir_okay=False, path_type=Path), default=None, help="time this second model interleaved with MODEL and report the ratio")
-@click.option("-o", "--output-dir", "mobile_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="mobile: folder for the .ort and ops config (default: MODEL_mobile/ beside MODEL)")
-@click.option("--html", "html_path", metavar="PATH", default=None, help="also write a self-contained HTML report with charts")
+@click.option(
+    "--compare",
+    "compare",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="time this second model interleaved with MODEL and report the ratio",
+)
+@click.option(
+    "-o",
+    "--output-dir",
+    "mobile_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="mobile: folder for the .ort and ops config (default: MODEL_mobile/ beside MODEL)",
+)
+@click.option(
+    "--html", "html_path", metavar="PATH", default=None, help="also write a self-contained HTML report with charts"
+)
 @json_option
-def profile(model, target, batches, threads, input_shapes, sample_data, min_seconds, per_op, top, compare, mobile_dir, html_path, json_path):
+def profile(
+    model,
+    target,
+    batches,
+    threads,
+    input_shapes,
+    sample_data,
+    min_seconds,
+    per_op,
+    top,
+    compare,
+    mobile_dir,
+    html_path,
+    json_path,
+):
     """Measure MODEL's latency on a target (p50/p90/p99, throughput) over batch sizes and thread counts;
     with --per-op the time per op and node and where each ran; --target mobile adds the ORT-format model
     and NNAPI/CoreML readiness."""
     from onnxforge.targets.feeds import parse_input_shapes
-    from onnxforge.targets.profile import ProfileConfig, profile as run_profile
+    from onnxforge.targets.profile import ProfileConfig
+    from onnxforge.targets.profile import profile as run_profile
 
     if any(b < 1 for b in batches) or any(t < 1 for t in threads):
         raise UsageError("--batch and --threads must be at least 1")
@@ -71,8 +123,17 @@ def _render_profile(result, top: int) -> None:
         table.add_column(col, justify="right")
     for r in result.rows:
         s = r.latency
-        table.add_row(str(r.batch), str(r.threads or "default"), f"{s.p50_ms:.3f}", f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}",
-                      f"{s.mean_ms:.3f}", f"{s.std_ms:.3f}", f"{s.throughput:.1f}", str(s.runs))
+        table.add_row(
+            str(r.batch),
+            str(r.threads or "default"),
+            f"{s.p50_ms:.3f}",
+            f"{s.p90_ms:.3f}",
+            f"{s.p99_ms:.3f}",
+            f"{s.mean_ms:.3f}",
+            f"{s.std_ms:.3f}",
+            f"{s.throughput:.1f}",
+            str(s.runs),
+        )
     out.print(table)
     if result.op_profile is not None:
         ops = result.op_profile
@@ -90,8 +151,10 @@ def _render_profile(result, top: int) -> None:
         out.print(nodes)
         placement = ", ".join(f"{p.provider}: {p.nodes} nodes ({p.share:.0%})" for p in ops.placement)
         out.print(f"EP placement: {placement}; fell back from {ops.expected_provider}: {len(ops.fallback_nodes)} nodes")
-        out.print(f"per-op sum {ops.op_sum_ms:.3f} ms vs measured p50 {ops.latency.p50_ms:.3f} ms: "
-                  f"ops account for {ops.coverage:.0%} (profiler overhead {ops.profiler_overhead:.2f}x, {ops.runs} runs)")
+        out.print(
+            f"per-op sum {ops.op_sum_ms:.3f} ms vs measured p50 {ops.latency.p50_ms:.3f} ms: "
+            f"ops account for {ops.coverage:.0%} (profiler overhead {ops.profiler_overhead:.2f}x, {ops.runs} runs)"
+        )
         for note in ops.notes:
             out.print(f"  [yellow]note:[/] {note}")
     if result.comparison is not None:
@@ -104,7 +167,7 @@ def _render_profile(result, top: int) -> None:
         verdicts = Table(title="mobile readiness (onnxruntime usability checker)")
         for col in ("EP", "as given", "fixed shapes", "supported nodes", "partitions", "unsupported ops"):
             verdicts.add_column(col)
-        for given, fixed in zip(m.verdicts_as_given, m.verdicts):
+        for given, fixed in zip(m.verdicts_as_given, m.verdicts, strict=False):
             verdicts.add_row(fixed.ep.value, given.readiness.value, fixed.readiness.value,
                              f"{fixed.supported_nodes}/{fixed.total_nodes}", str(fixed.partitions),
                              ", ".join(fixed.unsupported_ops) or "-")

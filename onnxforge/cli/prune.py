@@ -13,9 +13,23 @@ import click
 
 from onnxforge.cli.app import cli
 from onnxforge.cli.door import run_command
-from onnxforge.cli.options import (Flag, stage_cache_options, config_options, data_spec, eval_spec, given, given_options,
-                                   image_options, json_option, model_argument, options_for_other_methods,
-                                   output_option, quality_options, save_recipe_option, target_option)
+from onnxforge.cli.options import (
+    Flag,
+    config_options,
+    data_spec,
+    eval_spec,
+    given,
+    given_options,
+    image_options,
+    json_option,
+    model_argument,
+    options_for_other_methods,
+    output_option,
+    quality_options,
+    save_recipe_option,
+    stage_cache_options,
+    target_option,
+)
 from onnxforge.converters.distill_config import DistillConfig
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.command_run import CommandRecipe
@@ -70,9 +84,15 @@ CONFIGS = (MagnitudePruneConfig, ChannelPruneConfig, LowRankConfig, DistillConfi
 @cli.command()
 @model_argument
 @output_option
-@click.option("--method", "prune_method", type=click.Choice(list(METHODS)), default="magnitude", show_default=True,
-              help="magnitude: zero weights (smaller gzip, same speed); channels: remove channels (smaller and faster); "
-              "low-rank: factor dense layers by SVD")
+@click.option(
+    "--method",
+    "prune_method",
+    type=click.Choice(list(METHODS)),
+    default="magnitude",
+    show_default=True,
+    help="magnitude: zero weights (smaller gzip, same speed); channels: remove channels (smaller and faster); "
+    "low-rank: factor dense layers by SVD",
+)
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="channels: data for the least-squares repair; low-rank: for the data-aware factorization; "
               "--distill: the training data (.npz, a folder of .npz/.npy, or a folder of images)")
@@ -90,10 +110,29 @@ CONFIGS = (MagnitudePruneConfig, ChannelPruneConfig, LowRankConfig, DistillConfi
 @save_recipe_option
 @json_option
 @click.pass_context
-def prune(ctx: click.Context, model: Path, output: Path, prune_method: str, calibration: Path | None,
-          distill_source: str | None, max_samples: int | None, target: str, eval_data: Path | None, metric: str,
-          tolerance: float | None, image_size: str | None, mean: str | None, std: str | None, layout: str,
-          cache_dir: Path | None, no_cache: bool, force: bool, save_recipe: Path | None, json_path: str | None, **_: object) -> None:
+def prune(
+    ctx: click.Context,
+    model: Path,
+    output: Path,
+    prune_method: str,
+    calibration: Path | None,
+    distill_source: str | None,
+    max_samples: int | None,
+    target: str,
+    eval_data: Path | None,
+    metric: str,
+    tolerance: float | None,
+    image_size: str | None,
+    mean: str | None,
+    std: str | None,
+    layout: str,
+    cache_dir: Path | None,
+    no_cache: bool,
+    force: bool,
+    save_recipe: Path | None,
+    json_path: str | None,
+    **_: object,
+) -> None:
     """Prune MODEL: magnitude sparsity (default), structured channels (really faster) or low-rank factors.
 
     With --eval, the most-pruned model within tolerance is kept. With --distill SOURCE, the pruned

@@ -8,9 +8,22 @@ import click
 
 from onnxforge.cli.app import cli
 from onnxforge.cli.door import run_command
-from onnxforge.cli.options import (Flag, stage_cache_options, config_options, data_spec, given_options, image_options,
-                                   eval_spec, json_option, memory_limit, model_argument, output_option, quality_options,
-                                   save_recipe_option, target_option)
+from onnxforge.cli.options import (
+    Flag,
+    config_options,
+    data_spec,
+    eval_spec,
+    given_options,
+    image_options,
+    json_option,
+    memory_limit,
+    model_argument,
+    output_option,
+    quality_options,
+    save_recipe_option,
+    stage_cache_options,
+    target_option,
+)
 from onnxforge.pipeline.command_run import CommandRecipe
 from onnxforge.pipeline.quantize import QuantizeConfig
 
@@ -51,7 +64,7 @@ FLAGS = (
 )
 
 
-def max_samples_option(f):  # type: ignore[no-untyped-def]
+def max_samples_option(f):
     return click.option(
         "--max-samples", type=click.IntRange(min=1), default=None,
         help="samples read from each data file at most: calibration, held-out and --eval (nothing past them is read)  "
@@ -61,8 +74,12 @@ def max_samples_option(f):  # type: ignore[no-untyped-def]
 @cli.command()
 @model_argument
 @output_option
-@click.option("--calibration", required=True, type=click.Path(path_type=Path),
-              help=".npz (arrays keyed by input name), a folder of .npz/.npy (read one file at a time), or a folder of images")
+@click.option(
+    "--calibration",
+    required=True,
+    type=click.Path(path_type=Path),
+    help=".npz (arrays keyed by input name), a folder of .npz/.npy (read one file at a time), or a folder of images",
+)
 @target_option
 @quality_options
 @max_samples_option
@@ -72,11 +89,29 @@ def max_samples_option(f):  # type: ignore[no-untyped-def]
 @save_recipe_option
 @json_option
 @click.pass_context
-def quantize(ctx: click.Context, model: Path, output: Path, calibration: Path, target: str, eval_data: Path | None,
-             metric: str, tolerance: float | None, max_samples: int | None, image_size: str | None, mean: str | None,
-             std: str | None, layout: str, cache_dir: Path | None, no_cache: bool, force: bool, save_recipe: Path | None,
-             json_path: str | None, **_: object) -> None:
-    """Quantize MODEL (static or dynamic INT8, INT4 weight-only, FP16 on GPU targets): measure the target's candidates, keep the fastest within tolerance."""
+def quantize(
+    ctx: click.Context,
+    model: Path,
+    output: Path,
+    calibration: Path,
+    target: str,
+    eval_data: Path | None,
+    metric: str,
+    tolerance: float | None,
+    max_samples: int | None,
+    image_size: str | None,
+    mean: str | None,
+    std: str | None,
+    layout: str,
+    cache_dir: Path | None,
+    no_cache: bool,
+    force: bool,
+    save_recipe: Path | None,
+    json_path: str | None,
+    **_: object,
+) -> None:
+    """Quantize MODEL (static or dynamic INT8, INT4 weight-only, FP16 on GPU targets): measure the target's
+    candidates, keep the fastest within tolerance."""
     options = given_options(ctx, QuantizeConfig, FLAGS, SKIP)
     options |= {k: v for k, v in (("metric", metric), ("tolerance", tolerance)) if ctx.params.get(k) is not None
                 and (k != "metric" or v != "auto")}

@@ -162,8 +162,11 @@ def _quantize(payload: Payload, output: Path) -> None:
         )
     out.print(table)
     chosen = next(c for c in payload["candidates"] if c["scheme"] == payload["chosen"])
-    out.print(f"[bold green]wrote[/] {payload['path']}: {escape(chosen['scheme'])}, {speed_words(chosen['speedup_vs_fp32'])}, "
-              f"{metric} {format_score(metric, chosen['score'])} (fp32 {format_score(metric, payload['fp32_score'])})")
+    out.print(
+        f"[bold green]wrote[/] {payload['path']}: {escape(chosen['scheme'])}, "
+        f"{speed_words(chosen['speedup_vs_fp32'])}, "
+        f"{metric} {format_score(metric, chosen['score'])} (fp32 {format_score(metric, payload['fp32_score'])})"
+    )
     if chosen["float_nodes"]:
         out.print(f"  kept in float: {', '.join(chosen['float_nodes'])}")
     errors = {e["node"]: e for e in payload.get("layer_errors", [])}
@@ -177,7 +180,9 @@ def _quantize(payload: Payload, output: Path) -> None:
             return "inf" if v is None else f"{v:.1f}"
 
         for e in offenders:
-            worst.add_row(e["node"], e["op_type"], db(e["local_sqnr_db"]), db(e["sqnr_db"]), f"{e['relative_error']:.3f}")
+            worst.add_row(
+                e["node"], e["op_type"], db(e["local_sqnr_db"]), db(e["sqnr_db"]), f"{e['relative_error']:.3f}"
+            )
         out.print(worst)
     print_notes(payload["notes"])
 
@@ -239,9 +244,11 @@ def _distill(payload: Payload, output: Path) -> None:
     if pruned:
         out.print(f"pruned {pruned['ratio']:.0%} of the channels: MACs/sample {pruned['macs_before']:,} -> "
                   f"{pruned['macs_after']:,}")
-    out.print(f"[bold green]wrote[/] {output}: distilled {payload['epochs_run']} epochs in {payload['train_seconds']:.0f} s "
-              f"(best epoch {payload['best_epoch']}, stopped by {payload['stopped']}); held-out "
-              f"{payload['held_out_metric']} {payload['held_out_before']:.4f} -> {payload['held_out_after']:.4f}")
+    out.print(
+        f"[bold green]wrote[/] {output}: distilled {payload['epochs_run']} epochs in {payload['train_seconds']:.0f} s "
+        f"(best epoch {payload['best_epoch']}, stopped by {payload['stopped']}); held-out "
+        f"{payload['held_out_metric']} {payload['held_out_before']:.4f} -> {payload['held_out_after']:.4f}"
+    )
     out.print(f"  student = pruned graph before training: max err {payload['parity_before']['max_abs_error']:.1e}; "
               f"exported vs trained: max err {payload['parity_after']['max_abs_error']:.1e}")
     if payload.get("scores"):

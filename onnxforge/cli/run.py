@@ -50,9 +50,22 @@ def _render_run(result, json_path: str | None) -> None:
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="run folder (default: runs/<recipe name>)")
+@click.option(
+    "-o",
+    "--output",
+    "run_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="run folder (default: runs/<recipe name>)",
+)
 @click.option("--force", is_flag=True, help="re-run every stage, ignoring cached results")
-@click.option("--max-memory", metavar="SIZE", default=None, help="peak memory each quantize stage stays under (e.g. 2G; see quantize --help). Default: 80% of the memory available when the stage starts")
+@click.option(
+    "--max-memory",
+    metavar="SIZE",
+    default=None,
+    help="peak memory each quantize stage stays under (e.g. 2G; see quantize --help). "
+    "Default: 80% of the memory available when the stage starts",
+)
 @cache_options
 @json_option
 def run(recipe, run_dir, force, json_path, max_memory, cache_dir, no_cache):
@@ -80,7 +93,14 @@ def run(recipe, run_dir, force, json_path, max_memory, cache_dir, no_cache):
 
 
 @cli.command()
-@click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    "run_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+)
 @click.option("--force", is_flag=True, help="re-run every stage, ignoring cached results")
 @cache_options
 @json_option

@@ -8,8 +8,18 @@ import click
 
 from onnxforge.cli.app import cli
 from onnxforge.cli.door import run_command
-from onnxforge.cli.options import (Flag, stage_cache_options, config_options, given, given_options, input_shape_option,
-                                   json_option, model_argument, output_option, save_recipe_option)
+from onnxforge.cli.options import (
+    Flag,
+    config_options,
+    given,
+    given_options,
+    input_shape_option,
+    json_option,
+    model_argument,
+    output_option,
+    save_recipe_option,
+    stage_cache_options,
+)
 from onnxforge.pipeline.command_run import CommandRecipe
 from onnxforge.pipeline.simplify import SimplifyConfig
 
@@ -20,7 +30,7 @@ FLAGS = (
 )
 
 
-def parity_tolerance(ctx: click.Context, atol: float | None, rtol: float | None) -> dict[str, float]:
+def parity_tolerance(ctx: click.Context, atol: float | None, rtol: float | None) -> dict[str, dict[str, float]]:
     """``--atol``/``--rtol`` as a config's ``tolerance`` (only what was given)."""
     if not (given(ctx, "atol") or given(ctx, "rtol")):
         return {}

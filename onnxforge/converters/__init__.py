@@ -25,26 +25,32 @@ import onnx
 import onnxruntime as ort
 
 from onnxforge._atomic import atomic_write_text, check_output_path, paths_in
-from onnxforge.converters._parity_inputs import parity_feeds, sample_feeds
-from onnxforge.converters.config import Exporter, ExportConfig, ExportResult
 from onnxforge.converters._isolation import SOURCE_TIMEOUT_S
+from onnxforge.converters._parity_inputs import parity_feeds, sample_feeds
+from onnxforge.converters.config import ExportConfig, Exporter, ExportResult
 from onnxforge.converters.source import SourceKind, SourceModel, is_python_source, resolve_source, source_files
 from onnxforge.errors import ExportError, InvalidModelError, QualityGateError
 from onnxforge.model_io import (
-    default_opset, fits_in_protobuf, infer_shapes, input_specs, load_model, output_specs, save_model,
+    default_opset,
+    fits_in_protobuf,
+    infer_shapes,
+    input_specs,
+    load_model,
+    output_specs,
+    save_model,
 )
 from onnxforge.parity import OutputParity, ParityReport, compare_outputs
 from onnxforge.targets import CpuTarget
 
 __all__ = [
-    "export",
+    "VERIFIED_KEY",
     "ExportConfig",
     "ExportResult",
     "Exporter",
-    "resolve_source",
     "SourceKind",
+    "export",
+    "resolve_source",
     "unverified_note_path",
-    "VERIFIED_KEY",
 ]
 
 VERIFIED_KEY = "onnxforge.verified"  # metadata_props entry set to "false" when parity failed
@@ -152,7 +158,10 @@ def _onnx_input(path: Path, notes: list[str]) -> onnx.ModelProto:
     except (onnx.shape_inference.InferenceError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "inference failed"
         raise InvalidModelError(f"{path}: shape inference fails: {first}") from e
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(path), load_external_data=False).graph.initializer):
+    if any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(str(path), load_external_data=False).graph.initializer
+    ):
         notes.append(f"read external data beside {path.name}")
     try:
         CpuTarget().session(proto.SerializeToString() if fits_in_protobuf(proto) else str(path))
@@ -162,10 +171,13 @@ def _onnx_input(path: Path, notes: list[str]) -> onnx.ModelProto:
     return proto
 
 
+_DEFAULT_CONFIG = ExportConfig()  # frozen: one shared default, as a default argument would be
+
+
 def export(
     source: str | os.PathLike,
     output: str | os.PathLike,
-    config: ExportConfig = ExportConfig(),
+    config: ExportConfig = _DEFAULT_CONFIG,
     *,
     timeout: float = SOURCE_TIMEOUT_S,
     in_process: bool = False,
@@ -190,6 +202,7 @@ def export(
     examples = None
     notes: list[str] = []
     if src.kind is SourceKind.ONNX:
+        assert src.path is not None  # resolve_source gives every .onnx source its path
         proto = _onnx_input(src.path, notes)
         exporter = "none (ONNX input)"
     elif src.kind is SourceKind.KERAS:
@@ -198,7 +211,9 @@ def export(
         proto = export_keras(src.model, config)
         exporter = "keras"
         if config.dynamic_axes or config.input_shapes:
-            notes.append("Keras fixes shapes from its Input layers (None = dynamic); --dynamic/--input-shape were not used")
+            notes.append(
+                "Keras fixes shapes from its Input layers (None = dynamic); --dynamic/--input-shape were not used"
+            )
     elif src.kind is SourceKind.TORCH_EXPORT:
         from onnxforge.converters.torch_export import export_program
 
@@ -226,9 +241,10 @@ def export(
         else:
             parity, parity_inputs = _check_parity(src, proto, config, examples)
     note_path = unverified_note_path(out)
-    failed = parity is not None and not parity.ok
-    if failed:
-        _mark_unverified(proto, parity)
+    failed_parity = parity if parity is not None and not parity.ok else None
+    failed = failed_parity is not None
+    if failed_parity is not None:
+        _mark_unverified(proto, failed_parity)
     if not saved or failed:  # an .onnx source past 2 GB was saved nowhere yet (issue 17)
         save_model(proto, out)
     result = ExportResult(
@@ -244,11 +260,12 @@ def export(
         parity_inputs=parity_inputs,
         unverified_note=note_path if failed else None,
     )
-    if failed:
+    if failed_parity is not None:
         atomic_write_text(note_path, json.dumps({"source": str(source), **result.to_json()}, indent=2) + "\n")
         crashed = next((shapes for shapes in parity_inputs if "onnxruntime failed" in shapes), None)
         raise QualityGateError(
-            f"export of {source}: {parity.summary()}{f' [{crashed}]' if crashed else ''}; the file is kept at {out} but is UNVERIFIED (see {note_path.name})",
+            f"export of {source}: {failed_parity.summary()}{f' [{crashed}]' if crashed else ''}; "
+            f"the file is kept at {out} but is UNVERIFIED (see {note_path.name})",
             hint=(
                 "onnxruntime rejected a size the graph declares dynamic: the exporter baked it in; "
                 "try the other --exporter, or drop that --dynamic dim"

@@ -21,6 +21,7 @@ forge it, code that runs as the user already; the pickle grants it nothing more.
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import pickle
@@ -48,7 +49,10 @@ SOURCE_TIMEOUT_S = 1800.0
 _GRACE_S = 5.0  # between SIGTERM and SIGKILL: time to remove its temp files
 _POLL_S = 0.1  # how often the wait looks at the child while relaying its progress
 _REQUEST, _RESULT = "request.pickle", "result.pickle"
-_CHILD = "import sys; sys.path[0] = sys.argv[1]; from onnxforge.converters._isolation import child_main; child_main(sys.argv[2])"
+_CHILD = (
+    "import sys; sys.path[0] = sys.argv[1]; "
+    "from onnxforge.converters._isolation import child_main; child_main(sys.argv[2])"
+)
 
 
 class ChildTraceback(Exception):
@@ -157,9 +161,11 @@ def _run_child(source, task: str, work: Path, timeout: float, timeout_option: st
         raise
     finally:
         _kill_group(process)
-        process.stdin.close()
+        if process.stdin is not None:  # always, as both were opened with PIPE
+            process.stdin.close()
         reader.join(timeout=_GRACE_S)  # EOF once the group is gone
-        process.stdout.close()
+        if process.stdout is not None:
+            process.stdout.close()
     _relay(lines, progress)  # what it said just before it ended
     result = work / _RESULT
     if not result.exists():
@@ -243,7 +249,9 @@ def _publish(staged: Path, out: Path, task: str = "export") -> None:
 
     missing = [n for n in _external_data_files(header) if not (staged.parent / n).is_file()]
     if missing or not header.HasField("graph"):
-        raise ExportError(f"the {task} process reported {out} but left it incomplete ({missing[0] if missing else 'no graph'})")
+        raise ExportError(
+            f"the {task} process reported {out} but left it incomplete ({missing[0] if missing else 'no graph'})"
+        )
     note = _note_path(staged)
     if note.exists():  # written by the child with the staged paths
         data = json.loads(note.read_text())
@@ -282,7 +290,11 @@ def child_main(work: str) -> None:
         try:
             module, _, name = request["function"].partition(":")
             function = getattr(importlib.import_module(module), name)
-            kwargs = {**request["kwargs"], "output": request["output"], **({"progress": say} if request["progress"] else {})}
+            kwargs = {
+                **request["kwargs"],
+                "output": request["output"],
+                **({"progress": say} if request["progress"] else {}),
+            }
             payload: tuple[str, Any] = ("ok", function(*request["args"], **kwargs))
         except OnnxForgeError as e:
             payload = ("error", e)
@@ -308,7 +320,8 @@ def _progress_to_parent() -> Callable[[str], None]:
     the model source prints, from Python or native code, goes to the parent's stderr."""
     pipe = os.fdopen(os.dup(1), "w", encoding="utf-8", errors="replace", buffering=1)
     os.dup2(2, 1)
-    sys.stdout.reconfigure(line_buffering=True)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # always in the child: typed TextIO, which lacks reconfigure
+        sys.stdout.reconfigure(line_buffering=True)
 
     def say(message: str) -> None:
         try:

@@ -21,7 +21,7 @@ from onnxforge.errors import CalibrationDataError, UsageError
 from onnxforge.model_io import TensorSpec
 from onnxforge.targets.feeds import batch_from_samples
 
-__all__ = ["parity_feeds", "sample_feeds", "PARITY_BATCHES"]
+__all__ = ["PARITY_BATCHES", "parity_feeds", "sample_feeds"]
 
 PARITY_BATCHES = (1, 3)
 
@@ -40,12 +40,14 @@ def sample_feeds(path: Path, specs: list[TensorSpec]) -> list[dict[str, np.ndarr
         raise CalibrationDataError(f"{path}: not a readable .npz ({type(e).__name__})") from e
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
-        raise CalibrationDataError(f"{path}: no array for model input {missing[0]!r} (has: {', '.join(arrays) or 'nothing'})")
+        raise CalibrationDataError(
+            f"{path}: no array for model input {missing[0]!r} (has: {', '.join(arrays) or 'nothing'})"
+        )
     chosen = {s.name: arrays[s.name].astype(s.dtype, copy=False) for s in specs}
     for spec in specs:
         array = chosen[spec.name]
         if array.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d != a for d, a in zip(spec.shape[1:], array.shape[1:])
+            isinstance(d, int) and d != a for d, a in zip(spec.shape[1:], array.shape[1:], strict=True)
         ):
             raise CalibrationDataError(
                 f"{path}: array {spec.name!r} has shape {'x'.join(map(str, array.shape))}, "
@@ -82,9 +84,11 @@ def parity_feeds(
     for spec in specs:
         shape = _base_shape(spec, examples, input_shapes)
         if len(shape) != len(spec.shape):
-            raise UsageError(f"input {spec.name!r}: rank {len(shape)} given, the model input has rank {len(spec.shape)}")
+            raise UsageError(
+                f"input {spec.name!r}: rank {len(shape)} given, the model input has rank {len(spec.shape)}"
+            )
         base[spec.name] = shape
-        for axis, (declared, given) in enumerate(zip(spec.shape, shape)):
+        for axis, (declared, given) in enumerate(zip(spec.shape, shape, strict=True)):
             if isinstance(declared, int):
                 continue
             key = declared if isinstance(declared, str) and declared else f"{spec.name}:{axis}"
@@ -92,7 +96,8 @@ def parity_feeds(
                 sizes.setdefault(key, given)
             elif axis != 0:
                 raise UsageError(
-                    f"input {spec.name!r} has dynamic dimension {axis} ({declared or '?'}) in shape {spec.shape_text()}",
+                    f"input {spec.name!r} has dynamic dimension {axis} ({declared or '?'}) "
+                    f"in shape {spec.shape_text()}",
                     hint=f"give it with --input-shape {spec.name}=..., or a --sample .npz",
                 )
     batch_keys = {
@@ -115,19 +120,21 @@ def parity_feeds(
     for variant in variants:
         feed = {}
         for spec in specs:
-            shape = []
-            for axis, (declared, given) in enumerate(zip(spec.shape, base[spec.name])):
+            dims: list[int] = []
+            for axis, (declared, given) in enumerate(zip(spec.shape, base[spec.name], strict=True)):
                 if isinstance(declared, int):
-                    shape.append(declared)
+                    dims.append(declared)
                 else:
                     key = declared if isinstance(declared, str) and declared else f"{spec.name}:{axis}"
-                    shape.append(variant.get(key, given if isinstance(given, int) else 1))
-            feed[spec.name] = _values(spec, tuple(shape), examples.get(spec.name), rng)
+                    dims.append(variant.get(key, given if isinstance(given, int) else 1))
+            feed[spec.name] = _values(spec, tuple(dims), examples.get(spec.name), rng)
         feeds.append(feed)
     return feeds
 
 
-def _values(spec: TensorSpec, shape: tuple[int, ...], example: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+def _values(
+    spec: TensorSpec, shape: tuple[int, ...], example: np.ndarray | None, rng: np.random.Generator
+) -> np.ndarray:
     dtype = example.dtype if example is not None else spec.dtype
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)

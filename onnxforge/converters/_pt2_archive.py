@@ -79,7 +79,9 @@ def check_pt2_archive(file: BinaryIO, path: Path) -> None:
             for fqn, meta in config.items():
                 path_name = str((meta or {}).get("path_name", ""))
                 if folder == _CONSTANTS_DIR and not path_name.startswith(_TENSOR_CONSTANT_PREFIX):
-                    raise _refuse(path, f"constant {fqn!r} is a Python object ({path_name}), which only code can restore")
+                    raise _refuse(
+                        path, f"constant {fqn!r} is a Python object ({path_name}), which only code can restore"
+                    )
                 if (meta or {}).get("use_pickle"):
                     pickled.append(folder + path_name)
         for rel in pickled:

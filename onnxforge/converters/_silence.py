@@ -21,6 +21,8 @@ __all__ = ["silent_fds"]
 def silent_fds() -> Iterator[None]:
     """Point file descriptors 1 and 2 at a temp file for the block; our own error says what failed."""
     for stream in (sys.__stdout__, sys.__stderr__):
+        if stream is None:  # no console (pythonw, some daemons)
+            continue
         with contextlib.suppress(Exception):
             stream.flush()
     saved = {}

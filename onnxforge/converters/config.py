@@ -6,13 +6,18 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from onnxforge.model_io import TensorSpec
 from onnxforge.parity import ParityReport, Tolerance
+from onnxforge.pipeline.codec import JsonResult
 
-__all__ = ["Exporter", "ExportConfig", "ExportResult"]
+__all__ = ["ExportConfig", "ExportResult", "Exporter"]
+
+
+_DEFAULT_TOLERANCE = Tolerance()  # frozen, so one instance serves every config
 
 
 class Exporter(enum.Enum):
@@ -37,7 +42,7 @@ class ExportConfig:
     dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
     opset: int | None = None
     exporter: Exporter = Exporter.AUTO
-    tolerance: Tolerance = Tolerance()
+    tolerance: Tolerance = _DEFAULT_TOLERANCE
     sample_inputs: Path | None = None
     check_parity: bool = True
     # file.py:callable sources run in a child process stopped after this long; it decides whether the export
@@ -45,9 +50,8 @@ class ExportConfig:
     timeout_s: float = field(default=1800.0, metadata={"key": False})
 
 
-
 @dataclass
-class ExportResult:
+class ExportResult(JsonResult):
     path: Path
     source_kind: str
     exporter: str
@@ -64,18 +68,5 @@ class ExportResult:
     def verified(self) -> bool:
         return self.parity is not None and self.parity.ok
 
-    def to_json(self) -> dict:
-        return {
-            "path": str(self.path),
-            "source_kind": self.source_kind,
-            "exporter": self.exporter,
-            "fallback_reason": self.fallback_reason,
-            "parity": self.parity.to_json() if self.parity else None,
-            "verified": self.verified,
-            "inputs": [s.to_json() for s in self.inputs],
-            "outputs": [s.to_json() for s in self.outputs],
-            "opset": self.opset,
-            "notes": self.notes,
-            "parity_inputs": self.parity_inputs,
-            "unverified_note": str(self.unverified_note) if self.unverified_note else None,
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"verified": self.verified}

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["DigitsCNN", "load_pretrained", "CHECKPOINT_PATH"]
+__all__ = ["CHECKPOINT_PATH", "DigitsCNN", "load_pretrained"]
 
 CHECKPOINT_PATH = Path(__file__).with_name("digits_cnn.pt")
 

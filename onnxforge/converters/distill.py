@@ -53,7 +53,7 @@ from onnxforge.pipeline.data_spec import load_data
 from onnxforge.pipeline.evaluate import Metric, QualityGate, score
 from onnxforge.targets import CpuTarget
 
-__all__ = ["distill", "DistillConfig", "DistillLoss", "DistillResult", "NO_ONNX_BRIDGE"]
+__all__ = ["NO_ONNX_BRIDGE", "DistillConfig", "DistillLoss", "DistillResult", "distill"]
 
 Progress = Callable[[str], None]
 
@@ -187,7 +187,9 @@ def _evaluate(student: torch.nn.Module, samples: SampleSet, teacher_out: np.ndar
     return value, loss
 
 
-def _export_student(student: torch.nn.Module, pruned: onnx.ModelProto, examples: dict[str, torch.Tensor]) -> onnx.ModelProto:
+def _export_student(
+    student: torch.nn.Module, pruned: onnx.ModelProto, examples: dict[str, torch.Tensor]
+) -> onnx.ModelProto:
     """The trained student exported like the pruned graph: the same dynamic dims, input and output names."""
     from onnxforge.converters.torch_export import export_torch
 
@@ -199,7 +201,7 @@ def _export_student(student: torch.nn.Module, pruned: onnx.ModelProto, examples:
     wanted = [o.name for o in output_specs(pruned)]
     got = [o.name for o in proto.graph.output]
     if len(wanted) == len(got):  # keep the pruned graph's output names for the stages after this one
-        renames = {g: w for g, w in zip(got, wanted) if g != w}
+        renames = {g: w for g, w in zip(got, wanted, strict=True) if g != w}
         for node in proto.graph.node:
             node.output[:] = [renames.get(n, n) for n in node.output]
             node.input[:] = [renames.get(n, n) for n in node.input]
@@ -248,19 +250,25 @@ def distill(
     first_batch = _tensors(train.take(slice(0, 2)).inputs)
 
     say("distill: mapping the pruned graph onto the source model")
-    student = build_student(teacher_module, pruned, first_batch, export_teacher=lambda: _teacher_export(teacher_module, first_batch))
+    student = build_student(
+        teacher_module, pruned, first_batch, export_teacher=lambda: _teacher_export(teacher_module, first_batch)
+    )
     batch = max(1, min(config.batch_size, 256))
     probe = held.take(slice(0, min(len(held), 64)))
     try:
         before = _run(student.module, probe, batch)
     except Exception as e:  # a shape the mapping got wrong: the student cannot even run
-        raise UsageError(f"distill: the student built from {source} cannot run the pruned graph's inputs "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from e
+        raise UsageError(
+            f"distill: the student built from {source} cannot run the pruned graph's inputs "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})"
+        ) from e
     parity = compare_outputs(["output"], [_onnx_first_output(pruned, probe, batch)], [before], _PARITY, len(probe))
     if not parity.ok:
-        raise UsageError(f"distill: the student built from {source} does not reproduce {Path(student_onnx).name} "
-                         f"({parity.summary()}): the graph's plan cannot be carried back onto this module",
-                         hint="prune a dynamo export of this same source, without stages that rewrite weights before it")
+        raise UsageError(
+            f"distill: the student built from {source} does not reproduce {Path(student_onnx).name} "
+            f"({parity.summary()}): the graph's plan cannot be carried back onto this module",
+            hint="prune a dynamo export of this same source, without stages that rewrite weights before it",
+        )
     parity_before = {"max_abs_error": parity.max_abs, "ok": True, "samples": len(probe)}
 
     teacher = student.teacher
@@ -281,7 +289,9 @@ def distill(
     say(f"distill: epoch 0, held-out {metric.value} {held_before:.4f}")
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
     steps = max(1, config.epochs * math.ceil(len(train) / batch))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    )
     generator = np.random.default_rng(config.seed + 1)
     labels = None if train.labels is None else torch.from_numpy(train.labels.astype(np.int64))
     started = time.perf_counter()
@@ -308,6 +318,7 @@ def distill(
                 s = _first(module(**feeds))
                 loss = _output_loss(kind, s, t, config.temperature)
                 if use_labels:
+                    assert labels is not None  # use_labels: the samples carry labels
                     logits = s.reshape(len(s), -1)
                     ce = F.cross_entropy(logits, labels[index], reduction="none")
                     if mix is not None:
@@ -325,7 +336,9 @@ def distill(
                     stopped = "time budget"
                     break
             value, held_loss = _evaluate(module, held, teacher_held, metric, kind, config.temperature, batch)
-            history.append({"epoch": epoch, "loss": total / max(count, 1), "held_out": value, "held_out_loss": held_loss})
+            history.append(
+                {"epoch": epoch, "loss": total / max(count, 1), "held_out": value, "held_out_loss": held_loss}
+            )
             say(f"distill: epoch {epoch}/{config.epochs}, loss {total / max(count, 1):.4f}, "
                 f"held-out {metric.value} {value:.4f}, held-out loss {held_loss:.4f} (best {best_loss:.4f})")
             if held_loss < best_loss:

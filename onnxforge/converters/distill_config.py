@@ -13,10 +13,11 @@ from typing import Any
 
 from onnxforge.converters._isolation import SOURCE_TIMEOUT_S
 from onnxforge.errors import CalibrationDataError, UsageError
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 
-__all__ = ["DistillLoss", "DistillConfig", "DistillResult"]
+__all__ = ["DistillConfig", "DistillLoss", "DistillResult"]
 
 
 class DistillLoss(enum.Enum):
@@ -98,7 +99,7 @@ class DistillConfig:
 
 
 @dataclass
-class DistillResult:
+class DistillResult(JsonResult):
     """What a distillation did and measured.
 
     parity_before: the student built in PyTorch against the pruned ONNX model, before training
@@ -107,13 +108,13 @@ class DistillResult:
     scores: teacher, repair-only (the input ONNX model) and distilled on the eval data.
     """
 
-    path: Path | None
+    path: Path | None = field(metadata={"json": False})  # where the student went; the stage record names it
     loss: str
     held_out_metric: str
     epochs_run: int
     best_epoch: int
     stopped: str
-    train_seconds: float
+    train_seconds: float = field(metadata={"json": False})  # saved rounded to the millisecond (json_extra)
     train_samples: int
     held_out_samples: int
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -130,24 +131,5 @@ class DistillResult:
     def verified(self) -> bool:
         return bool(self.parity_after.get("ok"))
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "loss": self.loss,
-            "held_out_metric": self.held_out_metric,
-            "epochs_run": self.epochs_run,
-            "best_epoch": self.best_epoch,
-            "stopped": self.stopped,
-            "train_seconds": round(self.train_seconds, 3),
-            "train_samples": self.train_samples,
-            "held_out_samples": self.held_out_samples,
-            "history": self.history,
-            "held_out_before": self.held_out_before,
-            "held_out_after": self.held_out_after,
-            "parity_before": self.parity_before,
-            "parity_after": self.parity_after,
-            "mapping": self.mapping,
-            "scores": self.scores,
-            "gate": self.gate,
-            "verified": self.verified,
-            "notes": self.notes,
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"train_seconds": round(self.train_seconds, 3), "verified": self.verified}

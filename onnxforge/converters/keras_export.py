@@ -24,7 +24,7 @@ import onnx
 from onnxforge.converters._silence import silent_fds
 from onnxforge.errors import ExportError
 
-__all__ = ["load_keras_file", "export_keras", "run_keras", "keras_input_names"]
+__all__ = ["export_keras", "keras_input_names", "load_keras_file", "run_keras"]
 
 _TF_HINT = "install the 'tf' extra (TensorFlow and tf2onnx): pip install 'onnxforge[tf]'; or set KERAS_BACKEND=torch"
 
@@ -94,7 +94,9 @@ def _ensure_called(model: Any) -> None:
     try:
         model(zeros, training=False)
     except Exception as e:
-        raise ExportError(f"the Keras model failed on zeros of its input shapes: {type(e).__name__}: {str(e)[:200]}") from e
+        raise ExportError(
+            f"the Keras model failed on zeros of its input shapes: {type(e).__name__}: {str(e)[:200]}"
+        ) from e
 
 
 def _rename_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
@@ -102,7 +104,7 @@ def _rename_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
     taken = {i.name for i in proto.graph.input} | {n for node in proto.graph.node for n in node.output} - set(old)
     if len(names) != len(old) or len(set(names)) != len(names) or set(names) & taken:
         return
-    mapping = dict(zip(old, names))
+    mapping = dict(zip(old, names, strict=True))
     for node in proto.graph.node:
         node.input[:] = [mapping.get(n, n) for n in node.input]
         node.output[:] = [mapping.get(n, n) for n in node.output]
@@ -130,10 +132,14 @@ def export_keras(model: Any, config: Any = None) -> onnx.ModelProto:
         try:
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), silent_fds():
                 warnings.simplefilter("ignore")
-                kwargs = {"opset_version": config.opset} if config is not None and getattr(config, "opset", None) else {}
+                kwargs = (
+                    {"opset_version": config.opset} if config is not None and getattr(config, "opset", None) else {}
+                )
                 model.export(str(path), format="onnx", verbose=False, **kwargs)
         except Exception as e:
-            raise ExportError(f"Keras ONNX export ({backend} backend) failed: {type(e).__name__}: {str(e)[:200]}") from e
+            raise ExportError(
+                f"Keras ONNX export ({backend} backend) failed: {type(e).__name__}: {str(e)[:200]}"
+            ) from e
         proto = onnx.load(str(path), load_external_data=True)
     output_names = list(getattr(model, "output_names", None) or [])
     if not output_names and all(o.name.isdigit() for o in proto.graph.output):

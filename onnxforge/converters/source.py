@@ -19,7 +19,15 @@ from typing import Any
 
 from onnxforge.errors import ExportError
 
-__all__ = ["SourceKind", "SourceModel", "SourceSpec", "parse_source", "resolve_source", "source_files", "is_python_source"]
+__all__ = [
+    "SourceKind",
+    "SourceModel",
+    "SourceSpec",
+    "is_python_source",
+    "parse_source",
+    "resolve_source",
+    "source_files",
+]
 
 
 class SourceKind(enum.Enum):
@@ -92,7 +100,8 @@ def _call_factory(path: Path, attr: str) -> Any:
             raise ExportError(
                 f"{path}: importing it failed: TensorFlow is not installed"
                 + (" (KERAS_BACKEND=tensorflow)" if os.environ.get("KERAS_BACKEND") == "tensorflow" else ""),
-                hint="install the 'tf' extra (TensorFlow and tf2onnx): pip install 'onnxforge[tf]'; or set KERAS_BACKEND=torch",
+                hint="install the 'tf' extra (TensorFlow and tf2onnx): pip install 'onnxforge[tf]'; "
+                "or set KERAS_BACKEND=torch",
             ) from e
         raise ExportError(f"{path}: importing it failed: {type(e).__name__}: {e}") from e
     except Exception as e:
@@ -148,7 +157,7 @@ def _builtin(text: str) -> SourceModel:
     return SourceModel(SourceKind.TORCH, text, load_pretrained(), example)
 
 
-def resolve_source(source: str | Path) -> SourceModel:
+def resolve_source(source: str | os.PathLike[str]) -> SourceModel:
     """Load what SOURCE names; raises ExportError with the reason when it cannot."""
     text = str(source)
     if text.startswith("builtin:"):

@@ -31,7 +31,7 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx
@@ -40,7 +40,11 @@ from torch import nn
 
 from onnxforge.errors import UsageError
 
-__all__ = ["Student", "build_student", "base_name", "kept_channels", "fuse_batchnorms"]
+if TYPE_CHECKING:
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
+
+__all__ = ["Student", "base_name", "build_student", "fuse_batchnorms", "kept_channels"]
 
 _PRUNED_SUFFIX = re.compile(r"(__pruned\d+)+$")
 _FOLDED_BIAS = ".weight_bias"  # the exporter's name for the bias of a Conv that absorbed a BatchNorm
@@ -83,9 +87,11 @@ def _batchnorm_pairs(module: nn.Module, examples: Mapping[str, torch.Tensor]) ->
         return []
     try:
         program = torch.export.export(module, args=(), kwargs=dict(examples), strict=False)
-    except Exception as e:  # noqa: BLE001 - the dynamo export of this model would have failed too
-        raise UsageError(f"distill: torch.export cannot trace the teacher to find its BatchNorm layers "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from e
+    except Exception as e:
+        raise UsageError(
+            f"distill: torch.export cannot trace the teacher to find its BatchNorm layers "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})"
+        ) from e
     signature = program.graph_signature
     owner = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     pairs = []
@@ -107,7 +113,9 @@ def fuse_batchnorms(module: nn.Module, pairs: list[tuple[str, str]]) -> nn.Modul
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     for conv_name, bn_name in pairs:
-        conv, bn = module.get_submodule(conv_name), module.get_submodule(bn_name)
+        # the pairs come from the graph's Conv -> BatchNormalization nodes, so these are a conv and a batchnorm
+        conv = cast("_ConvNd", module.get_submodule(conv_name))
+        bn = cast("_BatchNorm", module.get_submodule(bn_name))
         fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
         _set_submodule(module, conv_name, fused)
         _set_submodule(module, bn_name, nn.Identity())
@@ -129,10 +137,12 @@ def _state_key(name: str, state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def _fits(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
-    return len(small) == len(big) and all(s <= b for s, b in zip(small, big))
+    return len(small) == len(big) and all(s <= b for s, b in zip(small, big, strict=True))
 
 
-def _by_value(unnamed: list[str], teacher: nn.Module, teacher_graph: onnx.ModelProto | None) -> dict[str, tuple[str, bool]]:
+def _by_value(
+    unnamed: list[str], teacher: nn.Module, teacher_graph: onnx.ModelProto | None
+) -> dict[str, tuple[str, bool]]:
     """{pruned initializer: (parameter name, transposed)} for initializers not named after a parameter,
     found on the teacher's own export: its initializer of the same base name equals a parameter (or its
     transpose)."""
@@ -158,8 +168,9 @@ def _by_value(unnamed: list[str], teacher: nn.Module, teacher_graph: onnx.ModelP
 def _replace(module: nn.Module, key: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = key.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=owner._parameters[leaf].requires_grad)
+    param = owner._parameters.get(leaf)  # never a None parameter: keys come from state_dict(), which skips them
+    if param is not None:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=param.requires_grad)
     else:
         owner._buffers[leaf] = value
 
@@ -220,7 +231,8 @@ def build_student(
         value = value.T if key in transposed else value
         if key not in transposed and not _fits(value.shape, tuple(state[key].shape)) and value.ndim == 2 \
                 and _fits(value.T.shape, tuple(state[key].shape)):
-            value, _ = value.T, transposed.append(key)
+            value = value.T
+            transposed.append(key)
         if not _fits(value.shape, tuple(state[key].shape)):
             raise UsageError(f"distill: initializer {name} {list(value.shape)} cannot be parameter {key} "
                              f"{list(state[key].shape)} of the source model: the graph grew where pruning only cuts")
@@ -246,8 +258,12 @@ def build_student(
 
 def _leaf_outputs(module: nn.Module, names: list[str], feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     captured: dict[str, torch.Tensor] = {}
-    hooks = [module.get_submodule(n).register_forward_hook(
-        lambda _m, _i, out, n=n: captured.__setitem__(n, out) if isinstance(out, torch.Tensor) else None) for n in names]
+    hooks = [
+        module.get_submodule(n).register_forward_hook(
+            lambda _m, _i, out, n=n: captured.__setitem__(n, out) if isinstance(out, torch.Tensor) else None
+        )
+        for n in names
+    ]
     try:
         with torch.no_grad():
             module(**feeds)

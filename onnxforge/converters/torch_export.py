@@ -30,10 +30,10 @@ import onnx
 import torch
 
 from onnxforge.converters._silence import silent_fds
-from onnxforge.converters.config import Exporter, ExportConfig
+from onnxforge.converters.config import ExportConfig, Exporter
 from onnxforge.errors import ExportError, UsageError
 
-__all__ = ["export_torch", "export_program", "load_program", "ProgramRunner", "torch_input_names", "run_torch"]
+__all__ = ["ProgramRunner", "export_program", "export_torch", "load_program", "run_torch", "torch_input_names"]
 
 _DYNAMO_MIN_OPSET = 18
 _EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -42,7 +42,7 @@ _EXTERNAL_DATA_BYTES = 1_800_000_000
 def torch_input_names(model: Any) -> list[str]:
     """Names of forward()'s tensor parameters (``self`` and ``*args/**kwargs`` excluded)."""
     if isinstance(model, torch.jit.ScriptModule):
-        schema = model.forward.schema
+        schema = model.forward.schema  # type: ignore[attr-defined]  # a ScriptMethod; torch types it a Callable
         return [a.name for a in schema.arguments if a.name != "self"]
     params = _forward_parameters(model)
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -104,7 +104,7 @@ def _example_inputs(model: Any, config: ExportConfig, source_example: Any) -> di
                     f"the source gives {len(values)} example inputs, but forward() takes {len(names)}: "
                     + (", ".join(names) or "(none)")
                 )
-            examples = {name: _to_tensor(v) for name, v in zip(names, values)}
+            examples = {name: _to_tensor(v) for name, v in zip(names, values, strict=False)}
         if config.dynamic_batch:
             # torch.export specializes a batch of 1; any other size stays symbolic
             examples = {k: torch.cat([v, v]) if v.ndim and v.shape[0] == 1 else v for k, v in examples.items()}
@@ -172,7 +172,9 @@ def run_torch(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run the PyTorch model on numpy feeds (by input name) and return flat numpy outputs."""
     with torch.inference_mode():
         out = call_torch(model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
-    return [t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy() for t in _flatten_outputs(out)]
+    return [
+        t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy() for t in _flatten_outputs(out)
+    ]
 
 
 def _dynamic_axes(config: ExportConfig, input_names: list[str], output_names: list[str]) -> dict[str, dict[int, str]]:
@@ -199,19 +201,29 @@ def _wants_external_data(model: Any) -> bool:
     return total > _EXTERNAL_DATA_BYTES
 
 
-def _export_dynamo(model, examples, path, opset, input_names, output_names, axes, external):
-    dynamic_shapes = None
+def _export_dynamo(
+    model: Any,
+    examples: dict[str, torch.Tensor],
+    path: Path,
+    opset: int | None,
+    input_names: list[str],
+    output_names: list[str],
+    axes: Mapping[str, Mapping[int, str]],
+    external: bool,
+) -> None:
+    by_name: dict[str, Any] | None = None  # {input: {axis: Dim} or None}
     if axes:
         dims: dict[str, torch.export.Dim] = {}
-        dynamic_shapes = {
+        by_name = {
             name: {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.get(name, {}).items()}
             or None
             for name in input_names
         }
     args, kwargs = (tuple(examples.values()), None) if takes_varargs(model) else ((), examples)
-    if dynamic_shapes is not None and takes_varargs(model):
+    dynamic_shapes: dict[str, Any] | tuple[Any, ...] | None = by_name
+    if by_name is not None and takes_varargs(model):
         # by position, like the inputs: the named parameters, then one entry for *args holding the rest
-        specs = list(dynamic_shapes.values())
+        specs = list(by_name.values())
         named = len(torch_input_names(model))
         dynamic_shapes = (*specs[:named], tuple(specs[named:]))
     torch.onnx.export(
@@ -400,9 +412,11 @@ def export_program(
     input_names = _program_input_names(program)
     example_args, example_kwargs = program.example_inputs or ((), {})
     flat_examples = torch.utils._pytree.tree_leaves((example_args, example_kwargs or {}))
-    examples = {n: t for n, t in zip(input_names, flat_examples) if isinstance(t, torch.Tensor)}
+    examples = {n: t for n, t in zip(input_names, flat_examples, strict=False) if isinstance(t, torch.Tensor)}
     if len(examples) != len(input_names):
-        raise ExportError("the .pt2 program carries no example inputs for all its inputs; re-save it with torch.export.save")
+        raise ExportError(
+            "the .pt2 program carries no example inputs for all its inputs; re-save it with torch.export.save"
+        )
     runner = ProgramRunner(program)
     try:
         with torch.inference_mode():

@@ -9,17 +9,17 @@ from onnxforge.targets.gpu import CudaTarget, TensorrtTarget
 from onnxforge.targets.mobile import MobileTarget
 
 __all__ = [
-    "Target",
+    "TARGETS",
+    "ActivationType",
     "CpuTarget",
     "CudaTarget",
-    "TensorrtTarget",
     "MobileTarget",
-    "QuantScheme",
     "QuantFormat",
     "QuantMethod",
+    "QuantScheme",
     "QuantScope",
-    "ActivationType",
-    "TARGETS",
+    "Target",
+    "TensorrtTarget",
     "get_target",
 ]
 

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from onnxforge import _ort_logs
 from onnxforge.errors import InvalidModelError, TargetUnavailableError, first_line
 
-__all__ = ["Target", "QuantScheme", "QuantFormat", "ActivationType", "QuantMethod", "QuantScope"]
+__all__ = ["ActivationType", "QuantFormat", "QuantMethod", "QuantScheme", "QuantScope", "Target"]
 
 
 class QuantMethod(enum.Enum):
@@ -104,7 +104,7 @@ class QuantScheme:
 
 
 @functools.cache
-def _runs_matmul_nbits(target: "Target") -> bool:
+def _runs_matmul_nbits(target: Target) -> bool:
     k, n, block = 32, 8, 16
     packed = np.full((n, k // block, block // 2), 0x88, np.uint8)  # every weight 0 (zero point 8)
     node = onnx.helper.make_node("MatMulNBits", ["a", "b", "scales"], ["y"], domain="com.microsoft",

@@ -16,8 +16,8 @@ import numpy as np
 from onnxforge.errors import UsageError
 from onnxforge.model_io import TensorSpec
 
-__all__ = ["parse_input_shapes", "parse_input_dtypes", "resolve_shape", "generate_feeds", "batch_from_samples",
-           "id_bounds"]
+__all__ = ["batch_from_samples", "generate_feeds", "id_bounds", "parse_input_dtypes", "parse_input_shapes",
+           "resolve_shape"]
 
 _MAX_FEED_BYTES = 4 << 30  # generated inputs larger than this are a damaged shape, not a benchmark
 
@@ -74,7 +74,7 @@ def resolve_shape(
             raise UsageError(
                 f"--input-shape {spec.name}: rank {len(shape)} given, the model input has rank {len(spec.shape)}"
             )
-        for given, declared in zip(shape, spec.shape):
+        for given, declared in zip(shape, spec.shape, strict=True):
             if isinstance(declared, int) and declared != given:
                 raise UsageError(
                     f"--input-shape {spec.name}={'x'.join(map(str, shape))} does not match the model's "

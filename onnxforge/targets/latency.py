@@ -8,18 +8,21 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["LatencyStats", "measure_latency", "compare_latency"]
+from onnxforge.pipeline.codec import JsonResult
+
+__all__ = ["LatencyStats", "compare_latency", "measure_latency"]
 
 
 @dataclass(frozen=True)
-class LatencyStats:
+class LatencyStats(JsonResult):
     """Milliseconds per run; ``throughput`` is samples per second at the measured batch size.
 
-    ``samples_ms`` keeps every timed run (not in equality or repr); ``to_json`` summarizes it as a
+    ``samples_ms`` keeps every timed run (not in equality, repr or JSON); ``to_json`` summarizes it as a
     20-bin histogram, which the HTML report draws as the latency distribution.
     """
 
@@ -30,7 +33,7 @@ class LatencyStats:
     std_ms: float
     runs: int
     batch: int
-    samples_ms: tuple[float, ...] = field(default=(), compare=False, repr=False)
+    samples_ms: tuple[float, ...] = field(default=(), compare=False, repr=False, metadata={"json": False})
 
     @property
     def throughput(self) -> float:
@@ -67,15 +70,12 @@ class LatencyStats:
             "above": int((samples > high).sum()),
         }
 
-    def to_json(self) -> dict:
-        summary = {
-            "p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "p99_ms": self.p99_ms, "mean_ms": self.mean_ms,
-            "std_ms": self.std_ms, "runs": self.runs, "batch": self.batch, "throughput_per_s": self.throughput,
-        }
+    def json_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"throughput_per_s": self.throughput}
         histogram = self.histogram()
         if histogram is not None:
-            summary["histogram"] = histogram
-        return summary
+            extra["histogram"] = histogram
+        return extra
 
 
 def _batch_of(feeds: Mapping[str, np.ndarray]) -> int:
@@ -121,12 +121,11 @@ def compare_latency(
 
     ``feeds`` is either one feed dict shared by all sessions or a dict of feeds per session name.
     """
-    per_session = (
-        {name: feeds[name] for name in sessions}  # type: ignore[index]
-        if feeds and all(name in feeds for name in sessions)
-        and all(isinstance(v, Mapping) for v in feeds.values())
-        else {name: feeds for name in sessions}
-    )
+    # mypy cannot narrow the union from these checks on its values, hence the casts
+    if feeds and all(name in feeds for name in sessions) and all(isinstance(v, Mapping) for v in feeds.values()):
+        per_session = {name: cast("Mapping[str, np.ndarray]", feeds[name]) for name in sessions}
+    else:
+        per_session = {name: cast("Mapping[str, np.ndarray]", feeds) for name in sessions}
     for name, session in sessions.items():
         for _ in range(warmup):
             session.run(None, dict(per_session[name]))

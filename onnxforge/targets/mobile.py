@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -34,23 +35,25 @@ import onnxruntime as ort
 
 from onnxforge.errors import InvalidModelError, OutputPathError, QualityGateError, UsageError, first_line
 from onnxforge.parity import ParityReport, Tolerance, compare_models
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.targets.base import ActivationType, QuantFormat, QuantScheme, Target
 from onnxforge.targets.latency import LatencyStats, measure_latency
 
 __all__ = [
-    "MobileTarget",
-    "MobileEp",
-    "Readiness",
     "EpVerdict",
     "MobileConfig",
+    "MobileEp",
     "MobileResult",
-    "prepare_mobile",
+    "MobileTarget",
+    "Readiness",
     "check_mobile_usability",
+    "prepare_mobile",
     "xnnpack_available",
 ]
 
 XNNPACK = "XnnpackExecutionProvider"
 MOBILE_THREADS = 2  # ORT Mobile guidance: intra-op threads = the phone's big cores, commonly 2-4
+_MOBILE_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-3)  # frozen, so one instance serves every config
 
 
 def xnnpack_available() -> bool:
@@ -105,7 +108,7 @@ class Readiness(enum.Enum):
 
 
 @dataclass(frozen=True)
-class EpVerdict:
+class EpVerdict(JsonResult):
     """The usability checker's verdict for one EP: YES (one partition over 75% of nodes), MAYBE, NO."""
 
     ep: MobileEp
@@ -117,13 +120,6 @@ class EpVerdict:
     nodes_unsupported_dynamic_shape: int
     caveats: tuple[str, ...] = ()
 
-    def to_json(self) -> dict:
-        return {
-            "ep": self.ep.value, "readiness": self.readiness.value, "supported_nodes": self.supported_nodes,
-            "total_nodes": self.total_nodes, "partitions": self.partitions, "unsupported_ops": list(self.unsupported_ops),
-            "nodes_unsupported_dynamic_shape": self.nodes_unsupported_dynamic_shape, "caveats": list(self.caveats),
-        }
-
 
 @dataclass(frozen=True, kw_only=True)
 class MobileConfig:
@@ -132,13 +128,13 @@ class MobileConfig:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     batch: int = 1
     threads: int = MOBILE_THREADS
-    tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
+    tolerance: Tolerance = _MOBILE_TOLERANCE
     measure_latency: bool = True
     min_seconds: float = 1.0
 
 
 @dataclass
-class MobileResult:
+class MobileResult(JsonResult):
     source: Path
     fixed_onnx: Path
     ort_model: Path
@@ -147,30 +143,19 @@ class MobileResult:
     verdicts_as_given: list[EpVerdict]
     verdicts: list[EpVerdict]  # on the fixed model
     required_operators: list[str]
-    parity: ParityReport
-    xnnpack: bool
-    host_latency: LatencyStats | None = None
-    threads: int = MOBILE_THREADS
+    # saved as ort_parity, xnnpack_available and host_emulation_latency (with the threads and its label)
+    parity: ParityReport = field(metadata={"json": False})
+    xnnpack: bool = field(metadata={"json": False})
+    host_latency: LatencyStats | None = field(default=None, metadata={"json": False})
+    threads: int = field(default=MOBILE_THREADS, metadata={"json": False})
     notes: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return {
-            "source": str(self.source),
-            "fixed_onnx": str(self.fixed_onnx),
-            "ort_model": str(self.ort_model),
-            "operators_config": str(self.operators_config),
-            "fixed_inputs": {k: list(v) for k, v in self.fixed_inputs.items()},
-            "verdicts_as_given": [v.to_json() for v in self.verdicts_as_given],
-            "verdicts": [v.to_json() for v in self.verdicts],
-            "required_operators": self.required_operators,
-            "ort_parity": self.parity.to_json(),
-            "xnnpack_available": self.xnnpack,
-            "host_emulation_latency": (
-                {**self.host_latency.to_json(), "threads": self.threads, "label": "host emulation, not a device measurement"}
-                if self.host_latency else None
-            ),
-            "notes": list(self.notes),
-        }
+    def json_extra(self) -> dict[str, Any]:
+        latency = None
+        if self.host_latency is not None:
+            latency = {**self.host_latency.to_json(), "threads": self.threads,
+                       "label": "host emulation, not a device measurement"}
+        return {"ort_parity": self.parity, "xnnpack_available": self.xnnpack, "host_emulation_latency": latency}
 
 
 def check_mobile_usability(model_path: str | os.PathLike) -> list[EpVerdict]:
@@ -184,7 +169,9 @@ def check_mobile_usability(model_path: str | os.PathLike) -> list[EpVerdict]:
         MobileEp.COREML_NEURALNETWORK: lambda m, fixed: uc.check_coreml_partitions(
             m, fixed, "coreml_supported_neuralnetwork_ops.md"
         ),
-        MobileEp.COREML_MLPROGRAM: lambda m, fixed: uc.check_coreml_partitions(m, fixed, "coreml_supported_mlprogram_ops.md"),
+        MobileEp.COREML_MLPROGRAM: lambda m, fixed: uc.check_coreml_partitions(
+            m, fixed, "coreml_supported_mlprogram_ops.md"
+        ),
     }
     path = Path(model_path)
     with tempfile.TemporaryDirectory(prefix="onnxforge-mobile-check-") as tmp:
@@ -284,7 +271,9 @@ def _convert_to_ort(fixed_path: Path, out_dir: Path) -> tuple[Path, Path]:
     ort_model = out_dir / (fixed_path.stem + ".ort")
     configs = sorted(out_dir.glob("*required_operators*.config"))
     if not ort_model.exists() or not configs:
-        raise InvalidModelError(f"{fixed_path.name}: the ORT converter wrote no .ort/.config ({sink.getvalue()[-200:]})")
+        raise InvalidModelError(
+            f"{fixed_path.name}: the ORT converter wrote no .ort/.config ({sink.getvalue()[-200:]})"
+        )
     return ort_model, configs[0]
 
 
@@ -323,7 +312,7 @@ def prepare_mobile(
         verdicts = check_mobile_usability(fixed_tmp) if fixed_inputs else verdicts_as_given
         ort_tmp, config_tmp = _convert_to_ort(fixed_tmp, work / "ort")
         random_feeds = feeds is None
-        if random_feeds:
+        if feeds is None:
             feeds = generate_feeds(input_specs(fixed_model), batch=config.batch, model=fixed_model)
         parity = compare_models(str(fixed_tmp), str(ort_tmp), [dict(feeds)], config.tolerance)
         host_latency = None
@@ -356,7 +345,9 @@ def prepare_mobile(
     if not fixed_inputs:
         notes.append("all input shapes were already static")
     if not xnnpack_available():
-        notes.append("XNNPACK is not in this onnxruntime build (it ships in the Android/iOS packages); host CPU EP used")
+        notes.append(
+            "XNNPACK is not in this onnxruntime build (it ships in the Android/iOS packages); host CPU EP used"
+        )
     return MobileResult(
         source=source,
         fixed_onnx=fixed_path,

@@ -25,15 +25,17 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from onnxforge.errors import UsageError
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
 from onnxforge.targets.latency import LatencyStats
 
-__all__ = ["OpProfileConfig", "NodeTime", "OpTypeTime", "ProviderShare", "OpProfile", "profile_ops", "parse_profile"]
+__all__ = ["NodeTime", "OpProfile", "OpProfileConfig", "OpTypeTime", "ProviderShare", "parse_profile", "profile_ops"]
 
 _KERNEL_SUFFIX = "_kernel_time"
 
@@ -47,7 +49,7 @@ class OpProfileConfig:
 
 
 @dataclass(frozen=True)
-class NodeTime:
+class NodeTime(JsonResult):
     """One node of the optimized graph: median kernel time per run (µs) and its share of the per-op sum."""
 
     name: str
@@ -57,26 +59,17 @@ class NodeTime:
     share: float
     output_shapes: tuple[tuple[int, ...], ...] = ()
 
-    def to_json(self) -> dict:
-        return {
-            "name": self.name, "op_type": self.op_type, "provider": self.provider, "median_us": self.median_us,
-            "share": self.share, "output_shapes": [list(s) for s in self.output_shapes],
-        }
-
 
 @dataclass(frozen=True)
-class OpTypeTime:
+class OpTypeTime(JsonResult):
     op_type: str
     nodes: int
     median_us: float
     share: float
 
-    def to_json(self) -> dict:
-        return {"op_type": self.op_type, "nodes": self.nodes, "median_us": self.median_us, "share": self.share}
-
 
 @dataclass(frozen=True)
-class ProviderShare:
+class ProviderShare(JsonResult):
     """EP placement: the nodes one provider ran and its share of the per-op time."""
 
     provider: str
@@ -84,12 +77,9 @@ class ProviderShare:
     median_us: float
     share: float
 
-    def to_json(self) -> dict:
-        return {"provider": self.provider, "nodes": self.nodes, "median_us": self.median_us, "share": self.share}
-
 
 @dataclass
-class OpProfile:
+class OpProfile(JsonResult):
     target: str
     expected_provider: str
     nodes: list[NodeTime]
@@ -117,23 +107,9 @@ class OpProfile:
         """Profiled p50 over plain p50 (1.10 = the profiler made each run 10% slower)."""
         return self.profiled_latency.p50_ms / self.latency.p50_ms if self.latency.p50_ms > 0 else 0.0
 
-    def to_json(self) -> dict:
-        return {
-            "target": self.target,
-            "expected_provider": self.expected_provider,
-            "runs": self.runs,
-            "op_sum_ms": self.op_sum_ms,
-            "ort_run_ms": self.ort_run_ms,
-            "latency": self.latency.to_json(),
-            "profiled_latency": self.profiled_latency.to_json(),
-            "coverage": self.coverage,
-            "profiler_overhead": self.profiler_overhead,
-            "op_types": [o.to_json() for o in self.op_types],
-            "nodes": [n.to_json() for n in self.nodes],
-            "placement": [p.to_json() for p in self.placement],
-            "fallback_nodes": [n.name for n in self.fallback_nodes],
-            "notes": list(self.notes),
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"coverage": self.coverage, "profiler_overhead": self.profiler_overhead,
+                "fallback_nodes": [n.name for n in self.fallback_nodes]}
 
 
 @dataclass(frozen=True)
@@ -186,7 +162,8 @@ def parse_profile(events: list[dict], *, skip_runs: int = 0) -> _ParsedProfile:
             args = event.get("args", {})
             node_us[name] = node_us.get(name, 0.0) + float(event["dur"])
             info.setdefault(
-                name, (str(args.get("op_name", "?")), str(args.get("provider", "?")), _shapes(args.get("output_type_shape")))
+                name,
+                (str(args.get("op_name", "?")), str(args.get("provider", "?")), _shapes(args.get("output_type_shape"))),
             )
             run_sum += float(event["dur"])
         run_sums.append(run_sum)
@@ -249,12 +226,18 @@ def _summarize(target, parsed: _ParsedProfile, plain_times, profiled_times, feed
         by_op.setdefault(node.op_type, []).append(node)
         by_provider.setdefault(node.provider, []).append(node)
     op_types = sorted(
-        (OpTypeTime(op, len(ns), sum(n.median_us for n in ns), sum(n.median_us for n in ns) / total_us) for op, ns in by_op.items()),
+        (
+            OpTypeTime(op, len(ns), sum(n.median_us for n in ns), sum(n.median_us for n in ns) / total_us)
+            for op, ns in by_op.items()
+        ),
         key=lambda o: o.median_us,
         reverse=True,
     )
     placement = sorted(
-        (ProviderShare(p, len(ns), sum(n.median_us for n in ns), sum(n.median_us for n in ns) / total_us) for p, ns in by_provider.items()),
+        (
+            ProviderShare(p, len(ns), sum(n.median_us for n in ns), sum(n.median_us for n in ns) / total_us)
+            for p, ns in by_provider.items()
+        ),
         key=lambda p: p.median_us,
         reverse=True,
     )

@@ -15,12 +15,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from onnxforge.errors import UsageError
 from onnxforge.model_io import input_specs, load_model
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.targets import get_target
 from onnxforge.targets.feeds import generate_feeds
 from onnxforge.targets.latency import LatencyStats, compare_latency, measure_latency
@@ -29,48 +30,38 @@ if TYPE_CHECKING:
     from onnxforge.targets.mobile import MobileResult
     from onnxforge.targets.op_profile import OpProfile
 
-__all__ = ["ProfileConfig", "ProfileResult", "Comparison", "profile"]
+__all__ = ["Comparison", "ProfileConfig", "ProfileResult", "profile"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProfileConfig:
+class ProfileConfig(JsonResult):
     target: str = "cpu"
     batch_sizes: tuple[int, ...] = (1,)
     threads: tuple[int | None, ...] = (None,)
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     sample_data: Path | None = None
-    warmup: int = 5
-    min_runs: int = 20
-    min_seconds: float = 1.0
+    # the JSON names what was profiled; run counts and the mobile output folder were never part of it
+    warmup: int = field(default=5, metadata={"json": False})
+    min_runs: int = field(default=20, metadata={"json": False})
+    min_seconds: float = field(default=1.0, metadata={"json": False})
     per_op: bool = False  # also profile per node / op type with onnxruntime's profiler
-    per_op_runs: int = 50
+    per_op_runs: int = field(default=50, metadata={"json": False})
     compare: Path | None = None  # a second model timed side by side with the first
-    mobile_dir: Path | None = None  # mobile target: where .ort and the ops config go
-
-    def to_json(self) -> dict:
-        return {
-            "target": self.target,
-            "batch_sizes": list(self.batch_sizes),
-            "threads": list(self.threads),
-            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
-            "sample_data": str(self.sample_data) if self.sample_data else None,
-            "per_op": self.per_op,
-            "compare": str(self.compare) if self.compare else None,
-        }
+    mobile_dir: Path | None = field(default=None, metadata={"json": False})  # mobile: where .ort and ops config go
 
 
 @dataclass
-class ProfileRow:
+class ProfileRow(JsonResult):
     batch: int
     threads: int | None
-    latency: LatencyStats
+    latency: LatencyStats = field(metadata={"json": False})  # saved flat, beside batch and threads
 
-    def to_json(self) -> dict:
-        return {"batch": self.batch, "threads": self.threads, **self.latency.to_json()}
+    def json_extra(self) -> dict[str, Any]:
+        return self.latency.to_json()
 
 
 @dataclass
-class Comparison:
+class Comparison(JsonResult):
     """Both models timed interleaved; ``ratio`` = other p50 / model p50 (below 1: the other is faster)."""
 
     model: Path
@@ -84,35 +75,25 @@ class Comparison:
     def ratio(self) -> float:
         return self.other_latency.p50_ms / self.model_latency.p50_ms if self.model_latency.p50_ms > 0 else float("inf")
 
-    def to_json(self) -> dict:
-        return {
-            "model": str(self.model), "other": str(self.other), "batch": self.batch, "threads": self.threads,
-            "model_latency": self.model_latency.to_json(), "other_latency": self.other_latency.to_json(),
-            "ratio_other_over_model": self.ratio, "speedup_of_other": 1.0 / self.ratio if self.ratio else None,
-        }
+    def json_extra(self) -> dict[str, Any]:
+        return {"ratio_other_over_model": self.ratio, "speedup_of_other": 1.0 / self.ratio if self.ratio else None}
 
 
 @dataclass
-class ProfileResult:
+class ProfileResult(JsonResult):
     path: Path
     target: str
     rows: list[ProfileRow]
-    op_profile: OpProfile | None = None
-    comparison: Comparison | None = None
-    mobile: MobileResult | None = None
+    # saved only when present, the per-op profile as "per_op"
+    op_profile: OpProfile | None = field(default=None, metadata={"json": False})
+    comparison: Comparison | None = field(default=None, metadata={"json": False})
+    mobile: MobileResult | None = field(default=None, metadata={"json": False})
     host_emulation: bool = False
     inputs: str = ""  # what was fed at the first batch: the data's samples, or generated shapes (some guessed)
 
-    def to_json(self) -> dict:
-        payload = {"path": str(self.path), "target": self.target, "host_emulation": self.host_emulation,
-                   "inputs": self.inputs, "rows": [r.to_json() for r in self.rows]}
-        if self.op_profile is not None:
-            payload["per_op"] = self.op_profile.to_json()
-        if self.comparison is not None:
-            payload["comparison"] = self.comparison.to_json()
-        if self.mobile is not None:
-            payload["mobile"] = self.mobile.to_json()
-        return payload
+    def json_extra(self) -> dict[str, Any]:
+        present = {"per_op": self.op_profile, "comparison": self.comparison, "mobile": self.mobile}
+        return {key: value for key, value in present.items() if value is not None}
 
 
 def _shape_overrides(model, config: ProfileConfig, batch: int) -> dict[str, tuple[int, ...]]:
@@ -157,26 +138,26 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
     model = load_model(model_path)
     measured_path: Path = model_path
     mobile = None
+    thread_counts = config.threads
     if target.name == "mobile":
-        from onnxforge.targets.mobile import MOBILE_THREADS, MobileConfig, prepare_mobile
+        from onnxforge.targets.mobile import MOBILE_THREADS, MobileConfig, MobileTarget, prepare_mobile
 
         if len(config.batch_sizes) > 1:
             raise UsageError("the mobile target fixes input shapes: give one --batch")
         if config.compare is not None:
             raise UsageError("--compare is not supported with --target mobile; compare the .onnx files on cpu")
-        threads = next((t for t in config.threads if t), MOBILE_THREADS)
+        phone_threads = next((t for t in config.threads if t), MOBILE_THREADS)
         mobile = prepare_mobile(
             model_path,
             config.mobile_dir or model_path.with_name(model_path.stem + "_mobile"),
             MobileConfig(input_shapes=_shape_overrides(model, config, config.batch_sizes[0]),
-                         batch=config.batch_sizes[0], threads=threads, measure_latency=False),
+                         batch=config.batch_sizes[0], threads=phone_threads, measure_latency=False),
             feeds=_feeds(model, config, config.batch_sizes[0]),
         )
-        target = type(target)(threads=threads)
+        target = MobileTarget(threads=phone_threads)
         measured_path = mobile.ort_model
-    thread_counts = config.threads
-    if mobile is not None:  # onnxruntime's default would use every host core: not a phone's budget
-        thread_counts = tuple(t or target.threads for t in config.threads)
+        # onnxruntime's default would use every host core: not a phone's budget
+        thread_counts = tuple(t or phone_threads for t in config.threads)
     rows = []
     for threads in thread_counts:
         session = target.session(measured_path, threads=threads)
@@ -204,5 +185,7 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
                     "other": target.session(config.compare, threads=threads, interleaved=True)}
         timings = compare_latency(sessions, {"model": feeds, "other": other_feeds}, warmup=config.warmup,
                                   rounds=max(10, config.min_runs), min_seconds=config.min_seconds)
-        result.comparison = Comparison(model_path, Path(config.compare), timings["model"], timings["other"], batch, threads)
+        result.comparison = Comparison(
+            model_path, Path(config.compare), timings["model"], timings["other"], batch, threads
+        )
     return result

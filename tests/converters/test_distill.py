@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import run_model
+
 from onnxforge.converters import ExportConfig, export
 from onnxforge.converters.distill import NO_ONNX_BRIDGE, DistillConfig, distill
 from onnxforge.converters.source import resolve_source
@@ -28,7 +28,7 @@ from onnxforge.errors import UsageError
 from onnxforge.pipeline.prune.channels import ChannelPruneConfig, prune_channels
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
-from test_bad_inputs import one_error_line  # noqa: E402
+from test_bad_inputs import one_error_line
 
 TEACHER = f"{Path(__file__).with_name('distill_teacher.py')}:build"
 

@@ -7,8 +7,8 @@ import pickle
 
 import onnx
 import pytest
-
 from conftest import make_classifier
+
 from onnxforge.converters._isolation import _publish
 from onnxforge.errors import ExportError, ModelSourceError, QualityGateError
 

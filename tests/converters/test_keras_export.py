@@ -11,9 +11,9 @@ import textwrap
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import onnxruntime as ort
+import pytest
 
 keras = pytest.importorskip("keras")
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="needs KERAS_BACKEND=torch")
@@ -51,7 +51,7 @@ def _independent_check(model, onnx_path, feeds_by_name, keras_inputs):
     got = session.run(None, feeds_by_name)
     expected = keras.tree.flatten(model(keras_inputs, training=False))
     assert len(got) == len(expected)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, keras.ops.convert_to_numpy(e), atol=1e-4, rtol=1e-3)
 
 
@@ -140,7 +140,10 @@ def test_dict_inputs_are_fed_by_name_not_dict_order(tmp_path):
     assert {i["name"]: i["shape"] for i in result["inputs"]} == {"left": ["batch", 8], "right": ["batch", 4]}
     assert [o["name"] for o in result["outputs"]] == ["scores", "gate"]
     rng = np.random.default_rng(2)
-    feeds = {"left": rng.standard_normal((3, 8)).astype(np.float32), "right": rng.standard_normal((3, 4)).astype(np.float32)}
+    feeds = {
+        "left": rng.standard_normal((3, 8)).astype(np.float32),
+        "right": rng.standard_normal((3, 4)).astype(np.float32),
+    }
     _independent_check(model, out, feeds, feeds)
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import run_model
-from onnxforge.converters import Exporter, ExportConfig, export
+
+from onnxforge.converters import ExportConfig, Exporter, export
 from onnxforge.errors import UsageError
 
 MODELS = textwrap.dedent(
@@ -155,7 +155,7 @@ def _assert_torch_matches_onnx(torch_model, onnx_path, feeds, atol=1e-4, rtol=1e
     expected = _torch_outputs(torch_model, feeds)
     got = run_model(onnx_path, feeds)
     assert len(got) == len(expected)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         assert g.shape == e.shape
         np.testing.assert_allclose(g, e, atol=atol, rtol=rtol)
 
@@ -247,7 +247,11 @@ def test_forward_with_varargs_keeps_every_example_input(tmp_path, models_file, m
     assert [i.name for i in result.inputs] == ["x", "input_1", "input_2"]
     reference, _ = models.build_varargs()
     rng = np.random.default_rng(3)
-    feeds = {"x": rng.standard_normal((5, 4)), "input_1": rng.standard_normal((5, 3)), "input_2": rng.standard_normal((5, 3))}
+    feeds = {
+        "x": rng.standard_normal((5, 4)),
+        "input_1": rng.standard_normal((5, 3)),
+        "input_2": rng.standard_normal((5, 3)),
+    }
     feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
     with torch.no_grad():
         expected = reference(*(torch.from_numpy(v) for v in feeds.values())).numpy()

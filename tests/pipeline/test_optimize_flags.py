@@ -15,7 +15,7 @@ from onnxforge.pipeline.search.space import SearchSpace
 
 
 @pytest.fixture
-def recipe(project):  # noqa: F811
+def recipe(project):
     path = project / "search.yaml"
     path.write_text(yaml.safe_dump({
         "model": "model.onnx", "calibration": "calib.npz", "eval": "eval.npz",
@@ -33,14 +33,14 @@ def recipe(project):  # noqa: F811
     (["--eval", "eval.npz"], "--eval"),
     (["--space", "prune_channels.ratio=2.5"], "prune_channels.ratio"),
 ])
-def test_a_flag_beside_a_recipe_is_checked_not_ignored(project, recipe, cli, args, fragment):  # noqa: F811
+def test_a_flag_beside_a_recipe_is_checked_not_ignored(project, recipe, cli, args, fragment):
     code, _, err = cli("optimize", recipe, "-o", project / "run", *args)
     assert code == 2, err
     assert err.count("error:") == 1 and fragment in err and "Traceback" not in err, err
     assert not (project / "run" / "study.log").exists()
 
 
-def test_a_flag_beside_a_recipe_overrides_it_and_the_run_says_so(project, recipe, cli):  # noqa: F811
+def test_a_flag_beside_a_recipe_overrides_it_and_the_run_says_so(project, recipe, cli):
     code, _, err = cli("optimize", recipe, "-o", project / "run", "--trials", "1")
     assert code in (0, 4), err
     pareto = json.loads((project / "run" / "pareto.json").read_text())

@@ -27,7 +27,7 @@ def _refused(cli, *args) -> str:
     return err
 
 
-def test_a_run_folder_holding_the_inputs_is_refused(project, cli):  # noqa: F811
+def test_a_run_folder_holding_the_inputs_is_refused(project, cli):
     proj = project / "proj"
     (proj / "front").mkdir(parents=True)
     shutil.copyfile(project / "model.onnx", proj / "best.onnx")
@@ -40,7 +40,7 @@ def test_a_run_folder_holding_the_inputs_is_refused(project, cli):  # noqa: F811
     assert _snapshot(proj) == before
 
 
-def test_json_naming_an_input_is_refused(project, cli):  # noqa: F811
+def test_json_naming_an_input_is_refused(project, cli):
     before = (project / "model.onnx").read_bytes()
     err = _refused(cli, project / "model.onnx", "-o", project / "run", "--calibration", project / "calib.npz",
                    "--eval", project / "eval.npz", "--json", project / "model.onnx")
@@ -48,7 +48,7 @@ def test_json_naming_an_input_is_refused(project, cli):  # noqa: F811
     assert (project / "model.onnx").read_bytes() == before
 
 
-def test_a_folder_of_someone_elses_files_is_refused(project, cli):  # noqa: F811
+def test_a_folder_of_someone_elses_files_is_refused(project, cli):
     mine = project / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("my notes")
@@ -61,7 +61,7 @@ def test_a_folder_of_someone_elses_files_is_refused(project, cli):  # noqa: F811
     assert _snapshot(mine) == before
 
 
-def test_its_own_previous_run_continues_and_keeps_a_users_files(project):  # noqa: F811
+def test_its_own_previous_run_continues_and_keeps_a_users_files(project):
     run = project / "run"
     optimize(project / "model.onnx", run, _config(project))
     (run / "front" / "notes.txt").write_text("why trial 1 won")
@@ -71,14 +71,14 @@ def test_its_own_previous_run_continues_and_keeps_a_users_files(project):  # noq
     assert (run / "NOTES.md").read_text() == "my notes"
 
 
-def test_the_library_refuses_a_run_folder_holding_its_model(project):  # noqa: F811
+def test_the_library_refuses_a_run_folder_holding_its_model(project):
     from onnxforge.errors import UsageError
 
     with pytest.raises(UsageError, match="input"):
         optimize(project / "model.onnx", project, _config(project))
 
 
-def test_a_symlink_in_its_own_run_folder_is_replaced_not_written_through(project):  # noqa: F811
+def test_a_symlink_in_its_own_run_folder_is_replaced_not_written_through(project):
     run = project / "run"
     first = optimize(project / "model.onnx", run, _config(project))
     precious = project / "precious.onnx"
@@ -93,7 +93,7 @@ def test_a_symlink_in_its_own_run_folder_is_replaced_not_written_through(project
     assert not (run / "best.onnx").is_symlink() and (run / "best.onnx").stat().st_size > 100
 
 
-def test_a_symlink_planted_where_a_trial_is_kept_is_replaced_not_written_through(project):  # noqa: F811
+def test_a_symlink_planted_where_a_trial_is_kept_is_replaced_not_written_through(project):
     run = project / "run"
 
     def interrupt_trial_2(event):

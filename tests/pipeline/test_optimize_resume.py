@@ -31,7 +31,7 @@ def _add_record(run: Path, record: dict) -> None:
     study.add_trial(optuna.trial.create_trial(values=[0.9, 1e12], user_attrs={"record": record}))
 
 
-def test_a_record_naming_a_file_outside_the_run_folder_never_deletes_it(project):  # noqa: F811
+def test_a_record_naming_a_file_outside_the_run_folder_never_deletes_it(project):
     run = project / "run"
     first = optimize(project / "model.onnx", run, _config(project))
     precious = project / "precious.onnx"
@@ -43,7 +43,7 @@ def test_a_record_naming_a_file_outside_the_run_folder_never_deletes_it(project)
     assert precious.read_bytes() == b"a user's model"
 
 
-def _refused(project: Path, run: Path) -> str:  # noqa: F811 - the fixture's value
+def _refused(project: Path, run: Path) -> str:
     from onnxforge.errors import UsageError
 
     with pytest.raises(UsageError) as raised:  # the CLI prints it as one line, exit 2
@@ -52,7 +52,7 @@ def _refused(project: Path, run: Path) -> str:  # noqa: F811 - the fixture's val
     return raised.value.message
 
 
-def test_a_record_that_does_not_fit_the_schema_is_a_clear_error(project):  # noqa: F811
+def test_a_record_that_does_not_fit_the_schema_is_a_clear_error(project):
     run = project / "run"
     first = optimize(project / "model.onnx", run, _config(project))
     _add_record(run, {**first.trials[0], "number": "seven"})
@@ -61,7 +61,7 @@ def test_a_record_that_does_not_fit_the_schema_is_a_clear_error(project):  # noq
     assert (run / "study.log").read_bytes() == before
 
 
-def test_a_line_cut_mid_write_is_dropped_with_a_warning(project):  # noqa: F811
+def test_a_line_cut_mid_write_is_dropped_with_a_warning(project):
     run = project / "run"
     with pytest.raises(KeyboardInterrupt):
         optimize(project / "model.onnx", run, _config(project), progress=_interrupt_at(2))
@@ -76,7 +76,7 @@ def test_a_line_cut_mid_write_is_dropped_with_a_warning(project):  # noqa: F811
 
 
 @pytest.mark.parametrize("garbage", [b"\xff\xfe\x00garbage\n", b"not json\n{}\n", b"{\"a\": 1}\n[1, 2\n"])
-def test_a_garbage_study_file_is_a_clear_error_and_is_left_alone(project, garbage):  # noqa: F811
+def test_a_garbage_study_file_is_a_clear_error_and_is_left_alone(project, garbage):
     run = project / "run"
     optimize(project / "model.onnx", run, _config(project))
     (run / "study.log").write_bytes(garbage)
@@ -84,7 +84,7 @@ def test_a_garbage_study_file_is_a_clear_error_and_is_left_alone(project, garbag
     assert (run / "study.log").read_bytes() == garbage
 
 
-def test_a_run_resumes_from_another_working_folder(project, tmp_path_factory, monkeypatch):  # noqa: F811
+def test_a_run_resumes_from_another_working_folder(project, tmp_path_factory, monkeypatch):
     monkeypatch.chdir(project)
     with pytest.raises(KeyboardInterrupt):
         optimize("model.onnx", "run", _config(project), progress=_interrupt_at(2))
@@ -96,7 +96,7 @@ def test_a_run_resumes_from_another_working_folder(project, tmp_path_factory, mo
         assert r.get("path") is None or not Path(r["path"]).is_absolute()
 
 
-def test_an_interrupted_trial_does_not_count_against_trials(project):  # noqa: F811
+def test_an_interrupted_trial_does_not_count_against_trials(project):
     run = project / "run"
     with pytest.raises(KeyboardInterrupt):
         optimize(project / "model.onnx", run, _config(project, trials=3), progress=_interrupt_at(2))

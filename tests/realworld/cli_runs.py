@@ -46,7 +46,7 @@ def outcome(code: int, report: Path, err: str) -> dict:
     assert code in (0, 4), f"exit {code}: {err[-2000:]}"
     data = json.loads(report.read_text())
     if code == 4:
-        assert "error:" in err and data.get("tried") or data.get("candidates"), err
+        assert ("error:" in err and data.get("tried")) or data.get("candidates"), err
     return data
 
 

@@ -68,7 +68,7 @@ def read_lines(probabilities: np.ndarray, alphabet: list[str]) -> list[str]:
 
 
 def lines_read(probabilities: np.ndarray, alphabet: list[str], texts: list[str]) -> int:
-    return sum(got == want for got, want in zip(read_lines(probabilities, alphabet), texts))
+    return sum(got == want for got, want in zip(read_lines(probabilities, alphabet), texts, strict=False))
 
 
 def page(seed: int, height: int = 480, width: int = 640, lines: int = 6) -> tuple[np.ndarray, list[tuple]]:
@@ -96,7 +96,9 @@ def lines_found(probability: np.ndarray, boxes: list[tuple], threshold: float = 
     regions = [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(labels)]
     found = 0
     for left, top, right, bottom in boxes:
-        inside = [r for r in regions if r[0] >= left - 4 and r[2] <= right + 4 and r[1] >= top - 4 and r[3] <= bottom + 4]
+        inside = [
+            r for r in regions if r[0] >= left - 4 and r[2] <= right + 4 and r[1] >= top - 4 and r[3] <= bottom + 4
+        ]
         found += len(inside) == 1 and inside[0][2] - inside[0][0] >= 0.6 * (right - left)
     return found
 

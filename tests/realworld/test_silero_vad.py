@@ -8,7 +8,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from cli_runs import folder, outcome, run_cli  # noqa: F401 (folder: a fixture)
-
 from realworld_models import require
 
 pytestmark = pytest.mark.slow  # minutes: real models

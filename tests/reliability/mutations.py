@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's model builders
 
-from conftest import IMAGE_SHAPE, make_classifier, make_foldable_model  # noqa: E402
+from conftest import IMAGE_SHAPE, make_classifier, make_foldable_model
 
 BASE_MODELS = {
     "classifier": make_classifier,  # x[N,3,8,8] -> logits[N,5]; Conv, Relu, Flatten, Gemm
@@ -66,7 +66,9 @@ def apply_bytes(data: bytes, recipe: tuple) -> bytes:
 
 
 _DIMS = st.sampled_from([0, -1, -7, 2**31 - 1, 2**40, 2**62])
-_ELEM_TYPES = st.sampled_from([0, 2, 3, 5, 6, 7, 8, 9, 10, 11, 14, 16, 17, 21, 22, 99])  # incl. UNDEFINED, STRING, bogus
+_ELEM_TYPES = st.sampled_from(
+    [0, 2, 3, 5, 6, 7, 8, 9, 10, 11, 14, 16, 17, 21, 22, 99]
+)  # incl. UNDEFINED, STRING, bogus
 _OPSETS = st.sampled_from([0, 1, 6, 7, 30, 99, 2**31 - 1, -1])
 _OP_TYPES = st.sampled_from(["FrobnicateOp", "", "conv", "Relu ", "Gemm\x00", "If", "Loop", "Scan", "QLinearConv",
                              "Softmax", "Reshape", "Where", "Split", "Resize"])

@@ -27,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_classifier, random_images, write_npz  # noqa: E402
+from conftest import make_classifier, random_images, write_npz
 
 
 @pytest.fixture
@@ -156,14 +156,30 @@ MODEL_CASES = {
     "opset_onnxruntime_refuses": (_ml_opset_unsupported, ["simplify", "quantize", "profile"], "cannot load it", 2),
     "op_the_target_cannot_run": (_custom_op, ["simplify", "quantize", "profile"], "Frobnicate", 2),
     "fails_the_checker": (_checker_failure, ["inspect", "simplify", "quantize", "profile"], "checker", 2),
-    "already_quantized": (_already_quantized, ["quantize", "fp16", "prune", "prune-channels", "low-rank"],
-                          "already quantized (it has DequantizeLinear, QuantizeLinear nodes)", 2),
-    "two_nodes_write_one_value": (_two_nodes_write_one_value, ["inspect", "simplify", "fp16", "prune", "prune-channels"],
-                                  "single static assignment", 2),
-    "opset_too_old_to_upgrade": (_opset_too_old_to_upgrade, ["simplify", "quantize", "fp16", "prune", "prune-channels",
-                                                              "low-rank"], "opset 6 is older than onnxruntime runs", 2),
-    "kernel_fails_to_initialize": (_kernel_refuses_attribute, ["simplify", "quantize", "profile"],
-                                   "Exception during initialization", 2),
+    "already_quantized": (
+        _already_quantized,
+        ["quantize", "fp16", "prune", "prune-channels", "low-rank"],
+        "already quantized (it has DequantizeLinear, QuantizeLinear nodes)",
+        2,
+    ),
+    "two_nodes_write_one_value": (
+        _two_nodes_write_one_value,
+        ["inspect", "simplify", "fp16", "prune", "prune-channels"],
+        "single static assignment",
+        2,
+    ),
+    "opset_too_old_to_upgrade": (
+        _opset_too_old_to_upgrade,
+        ["simplify", "quantize", "fp16", "prune", "prune-channels", "low-rank"],
+        "opset 6 is older than onnxruntime runs",
+        2,
+    ),
+    "kernel_fails_to_initialize": (
+        _kernel_refuses_attribute,
+        ["simplify", "quantize", "profile"],
+        "Exception during initialization",
+        2,
+    ),
 }
 
 

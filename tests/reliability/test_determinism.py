@@ -23,7 +23,7 @@ from onnxforge.targets.latency import LatencyStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_classifier, random_images, save, write_npz  # noqa: E402
+from conftest import make_classifier, random_images, save, write_npz
 
 RECIPE = """\
 model: classifier.onnx
@@ -106,9 +106,24 @@ def test_a_rerun_keeps_the_scheme_its_recorded_timings_chose(cli, tmp_path, flip
 
     def quantize(name: str, *extra) -> tuple[str, dict]:
         output = tmp_path / f"{name}.onnx"
-        code, out, err = cli("quantize", tmp_path / "classifier.onnx", "-o", output, "--calibration",
-                             tmp_path / "calib.npz", "--scheme", "qdq-u8s8-per-tensor", "--scheme", "qdq-u8s8-per-channel",
-                             "--tolerance", "100", "--no-mixed-precision", "--json", "-", *extra)
+        code, out, err = cli(
+            "quantize",
+            tmp_path / "classifier.onnx",
+            "-o",
+            output,
+            "--calibration",
+            tmp_path / "calib.npz",
+            "--scheme",
+            "qdq-u8s8-per-tensor",
+            "--scheme",
+            "qdq-u8s8-per-channel",
+            "--tolerance",
+            "100",
+            "--no-mixed-precision",
+            "--json",
+            "-",
+            *extra,
+        )
         assert code == 0, err
         return hashlib.sha256(output.read_bytes()).hexdigest(), json.loads(out)
 

@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from mutations import (
     BASE_MODELS,
     apply_bytes,
@@ -38,6 +37,7 @@ from mutations import (
     damaged_models,
     write_calibration,
 )
+
 from onnxforge.errors import OnnxForgeError, QualityGateError
 
 _LONG_RUN = int(os.environ.get("ONNXFORGE_FUZZ_EXAMPLES", "0"))
@@ -223,7 +223,17 @@ def _cli_args(command: str, model: Path, folder: Path, data: Path) -> list:
     return {
         "inspect": ["inspect", model],
         "simplify": ["simplify", model, "-o", output, "--method", "ort"],
-        "quantize": ["quantize", model, "-o", output, "--calibration", data, "--max-samples", "8", "--no-mixed-precision"],
+        "quantize": [
+            "quantize",
+            model,
+            "-o",
+            output,
+            "--calibration",
+            data,
+            "--max-samples",
+            "8",
+            "--no-mixed-precision",
+        ],
         "profile": ["profile", model, "--min-seconds", "0"],
         "profile-data": ["profile", model, "--min-seconds", "0", "--data", data],
     }[command]

@@ -14,9 +14,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_classifier, random_images, save, write_npz  # noqa: E402
-from onnxforge.errors import UsageError  # noqa: E402
-from onnxforge.pipeline.quantize.calibration_memory import (  # noqa: E402
+from conftest import make_classifier, random_images, save, write_npz
+
+from onnxforge.errors import UsageError
+from onnxforge.pipeline.quantize.calibration_memory import (
     BASELINE_BYTES,
     estimate_calibration_memory,
     parse_memory_size,
@@ -233,7 +234,9 @@ def test_every_phase_s_batch_and_passes_fit_what_is_left(monkeypatch, histogram)
         size = plan.analysis_size()
         if size is not None:
             batch, passes = size
-            per_sample = forward + (3 * profile.per_sample if passes == 1 else 4 * (profile.per_sample / passes + 20 * mib))
+            per_sample = forward + (
+                3 * profile.per_sample if passes == 1 else 4 * (profile.per_sample / passes + 20 * mib)
+            )
             assert batch * per_sample + 6 * mib <= left, (limit, size)
             chosen.add(("analysis", passes > 1))
         else:

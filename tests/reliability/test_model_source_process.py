@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: E402,F401
+from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: F401
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
 
@@ -146,8 +146,21 @@ def test_sigterm_while_the_model_source_runs(source, tmp_path):
     output = tmp_path / "out" / "model.onnx"
     env = {**os.environ, "PID_FILE": str(pid_file), "TMPDIR": str(tmp_path)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "onnxforge", "export", f"{source}:hangs", "-o", str(output), "--input-shape", "input=2x4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "onnxforge",
+            "export",
+            f"{source}:hangs",
+            "-o",
+            str(output),
+            "--input-shape",
+            "input=2x4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 120

@@ -19,8 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import make_classifier, random_images, write_npz  # noqa: E402
-from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: E402,F401
+from conftest import make_classifier, random_images, write_npz
+from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: F401
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_guard_checks_the_data_file_a_large_output_would_write(tmp_path):
 
     data = tmp_path / "big.onnx.data"
     data.write_bytes(b"read by this command")
-    with pytest.raises(OutputPathError, match="big.onnx.data"):
+    with pytest.raises(OutputPathError, match=r"big\.onnx\.data"):
         check_output_path(tmp_path / "big.onnx", data)
 
 

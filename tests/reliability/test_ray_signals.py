@@ -27,7 +27,10 @@ def _start_local_ray(reference: Path):
 def test_starting_local_ray_keeps_the_sigterm_and_sigint_handlers(tmp_path):
     pytest.importorskip("ray")
     (tmp_path / "ref.onnx").write_bytes(b"x")
-    mine = lambda signum, frame: None
+
+    def mine(signum, frame):
+        return None
+
     before = signal.signal(signal.SIGTERM, mine), signal.getsignal(signal.SIGINT)
     try:
         pool = _start_local_ray(tmp_path / "ref.onnx")

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_classifier, random_images, run_model  # noqa: E402
+from conftest import make_classifier, random_images, run_model
 
 _LONG_RUN = int(os.environ.get("ONNXFORGE_FUZZ_EXAMPLES", "0"))
 _SETTINGS = (
@@ -90,7 +90,11 @@ def recipes(draw):
         elif mutation == "stage name":
             options["name"] = draw(names)
         elif mutation == "inputs":
-            earlier = ["source", *kinds, *(o["name"] for e in stages for o in e.values() if isinstance(o.get("name"), str))]
+            earlier = [
+                "source",
+                *kinds,
+                *(o["name"] for e in stages for o in e.values() if isinstance(o.get("name"), str)),
+            ]
             options["inputs"] = draw(st.lists(st.one_of(st.sampled_from(earlier), names), max_size=2))
         elif mutation == "output-like key":
             options[draw(st.sampled_from(OUTPUT_LIKE))] = draw(data_paths)

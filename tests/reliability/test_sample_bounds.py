@@ -18,10 +18,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_graphs import model_from_text  # noqa: E402
-from conftest import run_model, save  # noqa: E402
+from conftest import run_model, save
+from onnx_graphs import model_from_text
 
-from onnxforge.pipeline.calibration import npy_rows  # noqa: E402
+from onnxforge.pipeline.calibration import npy_rows
 
 BIG = 130_000
 FEATURES = 8
@@ -128,8 +128,8 @@ def test_without_max_samples_calibration_is_still_bounded(cli, model_path, tmp_p
 @pytest.mark.parametrize("method", ["channels", "low-rank"])
 def test_prune_reads_only_what_it_fits_and_holds_out(cli, model_path, tmp_path, rows_read, method):
     data = _big_npz(tmp_path / "big.npz")
-    code, out, err = cli("prune", model_path, "-o", tmp_path / "small.onnx", "--method", method, "--ratio", "0.25",
-                         "--calibration", data, "--tolerance", "100", "--json", "-")
+    code, _out, err = cli("prune", model_path, "-o", tmp_path / "small.onnx", "--method", method, "--ratio", "0.25",
+                          "--calibration", data, "--tolerance", "100", "--json", "-")
     assert code == 0, err
     assert rows_read[("big.npz", "x")] <= 256 + 256 + PROBE  # calibration_samples + MAX_HELD_OUT
 
@@ -153,8 +153,10 @@ def test_recipe_max_samples_bounds_the_stages_and_the_runners_scoring(cli, model
     _big_npz(tmp_path / "calib.npz")
     _big_npz(tmp_path / "eval.npz", labels=True, seed=2)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {model_path.name}\ncalibration: calib.npz\neval: eval.npz\nmax_samples: 32\n"
-                      "stages:\n  - quantize: {schemes: [qdq-u8s8-per-tensor], mixed_precision: false, tolerance: 100}\n")
+    recipe.write_text(
+        f"model: {model_path.name}\ncalibration: calib.npz\neval: eval.npz\nmax_samples: 32\n"
+        "stages:\n  - quantize: {schemes: [qdq-u8s8-per-tensor], mixed_precision: false, tolerance: 100}\n"
+    )
     code, _, err = cli("run", recipe, "-o", tmp_path / "run", "--json", tmp_path / "run.json")
     assert code == 0, err
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())

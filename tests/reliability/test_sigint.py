@@ -95,7 +95,7 @@ def test_signal_during_calibration(tmp_path, signum, exit_code, word):
             time.sleep(0.3)  # well inside the batch loop
             assert process.poll() is None, "calibration ended before the signal could be sent"
             process.send_signal(signum)
-        stdout, stderr = process.communicate(timeout=120)
+        _stdout, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()

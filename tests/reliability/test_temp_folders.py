@@ -18,8 +18,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import make_classifier  # noqa: E402
-from test_sigint import _wait_for_calibration, make_slow_cnn  # noqa: E402
+from conftest import make_classifier
+from test_sigint import _wait_for_calibration, make_slow_cnn
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 fcntl = pytest.importorskip("fcntl")

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: E402,F401
+from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: F401
 
 
 class CreatesMarker:
@@ -94,7 +94,9 @@ def test_pt2_with_a_code_running_pickle_is_refused(run_cli, tmp_path, case):
     program = _saved_program(inputs / "tiny.pt2")
     member = PT2_CASES[case](program, marker)
 
-    with pytest.raises(Exception):  # the control: torch unguarded runs the pickle, then fails on what it built
+    # the control: torch unguarded runs the pickle, then fails on what it built, each case in its own way
+    # (an AssertionError, a SpecViolationError, varying with torch's version): any failure will do
+    with pytest.raises(Exception):  # noqa: B017
         torch.export.load(str(program))
     assert marker.exists(), "the crafted archive does not run its pickle; the test would prove nothing"
     marker.unlink()

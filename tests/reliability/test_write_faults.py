@@ -19,8 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import make_classifier  # noqa: E402
-from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: E402,F401
+from conftest import make_classifier
+from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: F401
 
 FAULTS = [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.ENAMETOOLONG]
 

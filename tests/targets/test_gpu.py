@@ -7,8 +7,8 @@ import dataclasses
 
 import onnxruntime as ort
 import pytest
-
 from conftest import random_images
+
 from onnxforge.errors import TargetUnavailableError
 from onnxforge.targets.cpu import CpuTarget
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnxruntime as ort
 import pytest
-
 from conftest import make_classifier, random_images
+
 from onnxforge.targets.latency import LatencyStats, compare_latency, measure_latency
 
 
@@ -71,5 +71,5 @@ def test_sessions_timed_in_turn_do_not_spin(target_name):
     assert interleaved.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     plain = target.session_options(2)
     if target_name == "cpu":  # a deployed CPU model keeps onnxruntime's default (spinning on)
-        with pytest.raises(Exception):
+        with pytest.raises(RuntimeError, match="does not have configuration"):
             plain.get_session_config_entry("session.intra_op.allow_spinning")

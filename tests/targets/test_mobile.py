@@ -11,8 +11,8 @@ import onnx
 import onnx.parser
 import onnxruntime as ort
 import pytest
-
 from conftest import assert_numerically_equal, random_images, save
+
 from onnxforge.model_io import input_specs
 from onnxforge.targets import TARGETS
 from onnxforge.targets.base import QuantFormat
@@ -151,7 +151,7 @@ def test_anonymous_dims_are_fixed_one_by_one(tmp_path, anonymous):
     model.graph.initializer.append(onnx.numpy_helper.from_array(
         np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w"))
     for value in (model.graph.input[0], model.graph.output[0]):
-        for axis, d in enumerate(value.type.tensor_type.shape.dim):
+        for d in value.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):
                 d.Clear()
                 if anonymous == "?":
@@ -159,7 +159,9 @@ def test_anonymous_dims_are_fixed_one_by_one(tmp_path, anonymous):
                 else:
                     d.dim_value = -1
     path = save(model, tmp_path / "anon.onnx")
-    result = prepare_mobile(path, tmp_path / "out", MobileConfig(input_shapes={"x": (1, 3, 8, 12)}, measure_latency=False))
+    result = prepare_mobile(
+        path, tmp_path / "out", MobileConfig(input_shapes={"x": (1, 3, 8, 12)}, measure_latency=False)
+    )
     assert result.fixed_inputs == {"x": (1, 3, 8, 12)}
     fixed = onnx.load(str(result.fixed_onnx))
     assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 12]

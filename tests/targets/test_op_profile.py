@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_classifier, random_images, save
+
 from onnxforge.targets.gpu import CudaTarget
 from onnxforge.targets.op_profile import OpProfileConfig, _summarize, parse_profile, profile_ops
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from conftest import random_images, write_npz
 
-from conftest import write_npz, random_images
 from onnxforge.errors import UsageError
 from onnxforge.targets.profile import ProfileConfig, profile
 
