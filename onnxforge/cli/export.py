@@ -26,12 +26,9 @@ from onnxforge.pipeline.command_run import CommandRecipe
 SKIP = ("input_shapes", "input_dtypes", "dynamic_axes", "tolerance")
 FLAGS = (
     Flag("sample_inputs", "--sample", help=".npz inputs for the parity check"),
-    Flag("dynamic_batch", help="make axis 0 of every input and output dynamic ('batch')"),
-    Flag("opset", help="target opset (dynamo produces at least 18)"),
-    Flag("exporter", help="which torch exporter (auto: dynamo, falling back to TorchScript)"),
-    Flag("check_parity", help="run the exported graph against the framework model"),
     Flag("timeout_s", "--timeout", click_type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-         help="file.py:callable sources run in a child process; stop it after this long  [default: 1800]"),
+         help="file.py:callable sources run in a child process; stop it after this long  "
+         "[default: 1800]"),
 )
 
 

@@ -25,9 +25,8 @@ from onnxforge.pipeline.fp16 import Fp16Config
 
 SKIP = ("input_shapes", "tolerance")
 FLAGS = (
-    Flag("op_block_list", "--block-op", help="op type to keep in fp32 (repeatable)"),
+    Flag("op_block_list", "--block-op"),
     Flag("sample_data", "--data", help="parity inputs from this .npz instead of random data"),
-    Flag("keep_io_types", help="inputs and outputs stay fp32 (casts inside the graph)"),
 )
 
 

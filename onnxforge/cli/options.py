@@ -117,12 +117,16 @@ def _default_text(value: Any) -> str | None:
     return str(value)
 
 
-def config_options(*config_classes: type, flags: Sequence[Flag] = (), skip: Sequence[str] = ()) -> Decorator:
+def config_options(*config_classes: type, flags: Sequence[Flag] = (), skip: Sequence[str] = (),
+                   labels: Mapping[type, str] | None = None) -> Decorator:
     """Add an option for every field of ``config_classes`` (a field shared by several is added once).
 
+    Help comes from the field's metadata (``codec.option(..., help=...)``); a ``Flag`` only respells a
+    field (its flag, a negation, a unit the command line takes). With ``labels`` (one command, several
+    configs: prune's methods) each help says which config reads it (``channels: ...; low-rank: ...``).
     ``skip`` names fields spelled by a shared option group (data, target, quality gate). A field whose
     type has no generic spelling must have a ``Flag`` with a ``click_type``, or be skipped: never silently
-    left without a CLI spelling (tests/test_cli_spelling.py checks every registered pass).
+    left without a CLI spelling (tests/test_one_door.py checks every registered pass).
     """
     by_field = {f.field: f for f in flags}
 
@@ -135,7 +139,8 @@ def config_options(*config_classes: type, flags: Sequence[Flag] = (), skip: Sequ
                 if f.name in skip or f.name in seen:
                     continue
                 seen.add(f.name)
-                params.append(_option_for(cls, f, hints[f.name], by_field.get(f.name)))
+                text = _labelled_help(f.name, config_classes, labels) if labels else None
+                params.append(_option_for(cls, f, hints[f.name], by_field.get(f.name), text))
         for param in reversed(params):
             command = param(command)
         return command
@@ -143,21 +148,37 @@ def config_options(*config_classes: type, flags: Sequence[Flag] = (), skip: Sequ
     return decorate
 
 
-def _option_for(cls: type, f: dataclasses.Field, tp: Any, spec: Flag | None) -> Decorator:
+def _labelled_help(name: str, config_classes: Sequence[type], labels: Mapping[type, str]) -> str:
+    """One help for a field several configs share, each part labelled by the config that reads it."""
+    by_help: dict[str, list[str]] = {}
+    for cls in config_classes:
+        found = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+        if found is not None:
+            text = found.metadata.get("help") or name.replace("_", " ")
+            default = _default_text(found.default) if found.default is not dataclasses.MISSING else None
+            by_help.setdefault(text + (f" [{default}]" if default else ""), []).append(labels[cls])
+    return "; ".join(f"{', '.join(names)}: {text}" for text, names in by_help.items())
+
+
+def _option_for(cls: type, f: dataclasses.Field, tp: Any, spec: Flag | None, labelled: str | None = None
+                ) -> Decorator:
     spec = spec or Flag(f.name)
     flag = flag_spelling(f.name, [spec])
     default = f.default if f.default is not dataclasses.MISSING else None
-    help_text = spec.help or f.metadata.get("help") or f"{cls.__name__}.{f.name}"
+    help_text = spec.help or labelled or f.metadata.get("help") or f"{cls.__name__}.{f.name}"
     found = (spec.click_type, False) if spec.click_type is not None else _click_type(tp)
     if found is None:
         raise TypeError(f"{cls.__name__}.{f.name}: no CLI spelling for {tp!r}; give it a Flag or skip it")
     click_type, multiple = found
+    if multiple:
+        help_text += " (repeatable)"
     if click_type is bool and spec.click_type is None:
         if spec.negate:
             return click.option(flag, spec.param, is_flag=True, default=False, help=help_text)
         on = flag.removeprefix("--")
-        return click.option(f"--{on}/--no-{on}", spec.param, default=bool(default), show_default=True, help=help_text)
-    shown = _default_text(default)
+        return click.option(f"--{on}/--no-{on}", spec.param, default=bool(default), show_default=not labelled,
+                            help=help_text)
+    shown = None if labelled else _default_text(default)
     return click.option(
         flag,
         spec.param,

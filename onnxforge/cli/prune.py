@@ -42,43 +42,15 @@ METHODS = {"magnitude": ("prune", MagnitudePruneConfig), "channels": ("prune_cha
 # Spelled by the shared groups: --calibration, --eval/--metric/--tolerance, --target, --max-samples.
 SHARED = ("calibration_data", "eval_data", "metric", "tolerance", "target", "max_samples")
 FLAGS = (
-    Flag("sparsity", help="magnitude: fraction of weights to zero  [default: 0.5]"),
-    Flag("scope", help="magnitude: one threshold per layer or one for the whole model"),
-    Flag("min_params", help="magnitude, low-rank: layers with fewer weights are left alone"),
-    Flag("ratio", help="channels: fraction of channels to remove [default: 0.5]; low-rank: fraction of each layer's "
-         "rank to remove (default: keep 95% of the singular-value energy)"),
-    Flag("importance", help="channels: ranking"),
-    Flag("allocation", help="channels: the same ratio for every group, or per-group ratios from a scan (needs "
-         "--calibration)"),
-    Flag("repair", help="channels: auto = least squares when --calibration is given"),
-    Flag("round_to", help="channels: keep channel counts a multiple of this (the target's SIMD width runs round "
-         "counts fastest)  [default: 1]"),
-    Flag("calibration_samples", help="channels, low-rank: calibration samples fit at most"),
-    Flag("positions", help="channels: im2col rows sampled per calibration sample for the repair"),
-    Flag("ridge", help="channels: ridge term of the least-squares repair"),
-    Flag("gate", help="channels, low-rank: back off until the quality gate holds (no: keep the ratio given)"),
-    Flag("exclude_nodes", "--exclude", help="node name to leave dense (repeatable)"),
-    Flag("rule", help="low-rank: how each layer's rank is chosen (ratio when --ratio is given)"),
-    Flag("energy", help="low-rank: singular-value energy kept by the energy rule"),
-    Flag("max_cost", help="low-rank: factor a layer only when its factors cost at most this share of it"),
-    Flag("measure_latency", help="low-rank: time the factored model against its input"),
-    Flag("epochs", help="--distill: training epochs (early stopping may end sooner)"),
+    Flag("exclude_nodes", "--exclude"),
     Flag("timeout_s", "--timeout", click_type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
          help="--distill with file.py:callable: the distillation runs in a child process; stop it after this long  "
          "[default: 1800]"),
-    Flag("loss", help="--distill: the training loss (auto: KL on logits, MSE otherwise)"),
-    Flag("temperature", help="--distill: softmax temperature of the KL loss"),
-    Flag("alpha", help="--distill: weight of the teacher's loss against the labels'"),
-    Flag("feature_weight", help="--distill: weight of the feature-matching loss"),
-    Flag("mixup", help="--distill: mixup strength of the training inputs"),
-    Flag("batch_size", help="--distill: training batch size"),
-    Flag("learning_rate", help="--distill: learning rate"),
-    Flag("seed", help="--distill: random seed"),
-    Flag("held_out", help="--distill: share of the calibration samples held out for early stopping"),
-    Flag("patience", help="--distill: epochs without improvement before stopping"),
     Flag("time_budget_s", "--time-budget", metavar="SECONDS", help="--distill: stop training after this long"),
 )
 CONFIGS = (MagnitudePruneConfig, ChannelPruneConfig, LowRankConfig, DistillConfig)
+LABELS = {MagnitudePruneConfig: "magnitude", ChannelPruneConfig: "channels", LowRankConfig: "low-rank",
+          DistillConfig: "--distill"}
 
 
 @cli.command()
@@ -103,7 +75,7 @@ CONFIGS = (MagnitudePruneConfig, ChannelPruneConfig, LowRankConfig, DistillConfi
               help="bound every use of the data: at most N calibration samples fit, at most N --eval samples are "
               "scored (a quarter of N held out without --eval); rows past them are never read")
 @target_option
-@config_options(*CONFIGS, flags=FLAGS, skip=SHARED)
+@config_options(*CONFIGS, flags=FLAGS, skip=SHARED, labels=LABELS)
 @quality_options
 @image_options
 @stage_cache_options

@@ -30,37 +30,19 @@ from onnxforge.pipeline.quantize import QuantizeConfig
 # Spelled by the shared groups: --target, --eval/--metric/--tolerance, --max-samples (the recipe's top level).
 SKIP = ("target", "eval_data", "metric", "tolerance", "max_samples")
 FLAGS = (
-    Flag("calibration_method", "--method", help="how activation ranges are calibrated"),
-    Flag("exclude_nodes", "--exclude-node", help="node name to keep in float (repeatable)"),
-    Flag("exclude_op_types", "--exclude-op", help="op type to keep in float (repeatable)"),
-    Flag("threads", help="threads when timing candidates"),
+    Flag("calibration_method", "--method"),
+    Flag("exclude_nodes", "--exclude-node"),
+    Flag("exclude_op_types", "--exclude-op"),
     Flag("max_memory", metavar="SIZE", click_type=str, convert=memory_limit,
          help="peak memory to stay under (e.g. 2G): calibration, scoring and the error analysis are sized to it from "
          "the data's real shapes; refused before any work (exit 2) when a batch of 1 cannot fit. Default: 80% of "
          "the memory available at the start"),
-    Flag("schemes", "--scheme", metavar="SCHEME",
-         help="candidate to measure, e.g. qdq-u8s8-per-channel, qdq-u8s8-per-channel-matmul-smooth, "
-         "dynamic-s8-per-channel-smooth, int4, fp16; options -matmul, -smooth, -percentile, -int8-embeddings "
-         "(repeatable; default: the target's)"),
+    Flag("schemes", "--scheme", metavar="SCHEME"),
     Flag("quantize_embeddings", "--float-embeddings", negate=True,
          help="leave embedding tables in float (default: int8 with per-row scales in every candidate)"),
-    Flag("smooth_alpha", help="SmoothQuant migration strength for -smooth schemes"),
-    Flag("int4_block_size", help="int4: weights per scale along K (a power of two >= 16)"),
-    Flag("int4_accuracy_level", click_type=click.IntRange(0, 4),
-         help="int4: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8)  [default: 4]"),
-    Flag("activation_symmetric", "--symmetric-activations", click_type=None,
-         help="symmetric activation ranges (zero point in the middle)"),
+    Flag("int4_accuracy_level", click_type=click.IntRange(0, 4)),
+    Flag("activation_symmetric", "--symmetric-activations"),
     Flag("weight_symmetric", "--asymmetric-weights", negate=True, help="asymmetric weight ranges (default symmetric)"),
-    Flag("mixed_precision", help="when the fastest candidate misses the tolerance, return its most sensitive nodes "
-         "to float"),
-    Flag("max_float_fraction", help="mixed precision keeps at most this share of quantized nodes in float"),
-    Flag("holdout_fraction", help="share of the calibration samples held out to score candidates without --eval"),
-    Flag("latency_rounds", help="interleaved timing rounds per candidate"),
-    Flag("mixed_precision_steps", help="mixed precision: float-node sets tried at most"),
-    Flag("error_report", help="measure each node's quantization error (SQNR) for the report"),
-    Flag("analysis_samples", help="samples the per-node error analysis runs"),
-    Flag("transformer_fusion", help="fuse Attention/SkipLayerNorm/BiasGelu before quantizing transformers"),
-    Flag("residual_sums", help="keep residual Add chains in a quantization-friendly form"),
 )
 
 

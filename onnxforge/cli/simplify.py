@@ -25,7 +25,6 @@ from onnxforge.pipeline.simplify import SimplifyConfig
 
 SKIP = ("input_shapes", "tolerance")  # --input-shape; --atol/--rtol
 FLAGS = (
-    Flag("method", help="which simplifier (auto: every one, the smallest graph with parity wins)"),
     Flag("sample_data", "--data", help="parity inputs from this .npz instead of random data"),
 )
 

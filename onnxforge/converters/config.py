@@ -12,7 +12,7 @@ import numpy as np
 
 from onnxforge.model_io import TensorSpec
 from onnxforge.parity import ParityReport, Tolerance
-from onnxforge.pipeline.codec import JsonResult
+from onnxforge.pipeline.codec import JsonResult, option
 
 __all__ = ["ExportConfig", "ExportResult", "Exporter"]
 
@@ -38,16 +38,17 @@ class ExportConfig:
 
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     input_dtypes: Mapping[str, np.dtype] = field(default_factory=dict)
-    dynamic_batch: bool = False
+    dynamic_batch: bool = option(False, help="make axis 0 of every input and output dynamic ('batch')")
     dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
-    opset: int | None = None
-    exporter: Exporter = Exporter.AUTO
+    opset: int | None = option(None, help="target opset (dynamo produces at least 18)")
+    exporter: Exporter = option(Exporter.AUTO, help="which torch exporter (auto: dynamo, falling back to TorchScript)")
     tolerance: Tolerance = _DEFAULT_TOLERANCE
-    sample_inputs: Path | None = None
-    check_parity: bool = True
+    sample_inputs: Path | None = option(None, help=".npz inputs for the parity check")
+    check_parity: bool = option(True, help="run the exported graph against the framework model")
     # file.py:callable sources run in a child process stopped after this long; it decides whether the export
     # finishes, not what it writes, so it is saved but not part of the cache key
-    timeout_s: float = field(default=1800.0, metadata={"key": False})
+    timeout_s: float = option(
+        1800.0, help="file.py:callable sources run in a child process; stop it after this many seconds", key=False)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 from onnxforge.converters._isolation import SOURCE_TIMEOUT_S
 from onnxforge.errors import CalibrationDataError, UsageError
-from onnxforge.pipeline.codec import JsonResult
+from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric
 
@@ -47,19 +47,25 @@ class DistillConfig:
       tolerance: the gate against the teacher on held-out data, as in the other stages.
     """
 
-    loss: DistillLoss = DistillLoss.AUTO
-    temperature: float = 4.0
-    alpha: float = 0.5
-    feature_weight: float = 0.0
-    mixup: float = 0.0
-    epochs: int = 30
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    seed: int = 0
-    held_out: float = 0.1
-    patience: int = 6
-    time_budget_s: float | None = None
-    timeout_s: float = field(default=SOURCE_TIMEOUT_S, metadata={"key": False})
+    loss: DistillLoss = option(
+        DistillLoss.AUTO, help="the training loss (auto: KL on softened logits for classifiers, MSE/cosine otherwise)"
+    )
+    temperature: float = option(4.0, help="softmax temperature of the KL loss")
+    alpha: float = option(0.5, help="weight of the cross-entropy on labels, when the calibration data has labels")
+    feature_weight: float = option(0.0, help="weight of the intermediate-feature (MSE) term")
+    mixup: float = option(0.0, help="mixup strength of the training inputs (0: off)")
+    epochs: int = option(30, help="training epochs (early stopping may end sooner)")
+    batch_size: int = option(64, help="training batch size")
+    learning_rate: float = option(1e-3, help="learning rate")
+    seed: int = option(0, help="random seed")
+    held_out: float = option(0.1, help="share of the calibration samples kept out of training, for early stopping")
+    patience: int = option(6, help="epochs without a better held-out score before training stops")
+    time_budget_s: float | None = option(None, help="seconds of training at most (none: no limit)")
+    timeout_s: float = option(
+        SOURCE_TIMEOUT_S,
+        help="a file.py:callable teacher runs in a child process; stop the distillation after this many seconds",
+        key=False,
+    )
     calibration_data: DataSpec | None = None
     eval_data: DataSpec | None = None
     metric: Metric = Metric.AUTO
