@@ -8,10 +8,11 @@ stage record, and ``--save-recipe`` writes the recipe that reruns the command wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 from rich.markup import escape
 
 from onnxforge.cli.console import emit_json, err, quiet, status
@@ -32,22 +33,26 @@ def stage_cache(cache_dir: Path | None, no_cache: bool) -> StageCache:
 def run_command(
     command: CommandRecipe,
     output: Path,
+    ctx: click.Context,
     *,
     message: str,
-    json_path: str | None = None,
-    save_recipe: Path | None = None,
-    cache_dir: Path | None = None,
-    no_cache: bool = False,
-    force: bool = False,
-    params: Mapping[str, Any] | None = None,
     extra_reads: Sequence[Any] = (),
+    cached: bool = True,
 ) -> list[StageRecord]:
-    """Run ``command`` into ``output`` through the runner; render, write ``--json`` and ``--save-recipe``."""
+    """Run ``command`` into ``output`` through the runner; render, write ``--json`` and ``--save-recipe``.
+
+    The output side (``--json``, ``--save-recipe``, ``--cache-dir``, ``--no-cache``, ``--force``) is read
+    from the command's parameters; ``cached=False`` runs without the stage cache (export: its
+    ``file.py:callable`` may import files the cache key cannot see)."""
+    params = ctx.params
+    json_path, save_recipe = params.get("json_path"), params.get("save_recipe")
+    cache_dir, no_cache = params.get("cache_dir"), params.get("no_cache", False) or not cached
+    force = params.get("force", False)
     from onnxforge.cli.render import render_stage
 
     recipe = command.recipe()
     reads = [*recipe_reads(recipe), *extra_reads]
-    check_json_path(json_path, params or {}, *reads, written=[output, save_recipe])
+    check_json_path(json_path, params, *reads, written=[output, save_recipe])
     if save_recipe is not None:
         command.save(save_recipe, *reads, output)
     kind = recipe.stages[-1].kind

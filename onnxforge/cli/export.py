@@ -79,8 +79,6 @@ def export(
     dynamic_dims: tuple[str, ...],
     atol: float | None,
     rtol: float | None,
-    save_recipe: Path | None,
-    json_path: str | None,
     **_: object,
 ) -> None:
     """Export SOURCE (file.py:callable, TorchScript .pt, torch.export .pt2, .keras, .onnx, builtin:digits_cnn)
@@ -91,5 +89,4 @@ def export(
     if given(ctx, "atol") or given(ctx, "rtol"):
         options["tolerance"] = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
     command = CommandRecipe.build(source, [("export", options)])
-    run_command(command, output, message=f"exporting {source}", json_path=json_path, save_recipe=save_recipe,
-                params=ctx.params, cache_dir=None, no_cache=True)
+    run_command(command, output, ctx, message=f"exporting {source}", cached=False)

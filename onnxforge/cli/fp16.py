@@ -48,11 +48,6 @@ def fp16(
     input_shapes: tuple[str, ...],
     atol: float | None,
     rtol: float | None,
-    cache_dir: Path | None,
-    no_cache: bool,
-    force: bool,
-    save_recipe: Path | None,
-    json_path: str | None,
     **_: object,
 ) -> None:
     """Convert MODEL to fp16 for CUDA/TensorRT (inputs/outputs stay fp32), checking parity with fp32."""
@@ -60,5 +55,4 @@ def fp16(
     if input_shapes:
         options["input_shapes"] = shapes(input_shapes)
     command = CommandRecipe.build(model, [("fp16", options)])
-    run_command(command, output, message=f"converting {model} to fp16", json_path=json_path,
-                save_recipe=save_recipe, cache_dir=cache_dir, no_cache=no_cache, force=force, params=ctx.params)
+    run_command(command, output, ctx, message=f"converting {model} to fp16")

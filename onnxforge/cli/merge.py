@@ -206,9 +206,7 @@ def merge(
         options["inputs"] = [str(m.resolve()) for m in models]
     command = CommandRecipe.build(models[0], [("merge", options)],
                                   eval_data=str(eval_data) if eval_data is not None else None)
-    run_command(command, output, message=f"merging {', '.join(m.name for m in models)}", json_path=json_path,
-                save_recipe=save_recipe, cache_dir=cache_dir, no_cache=no_cache, force=force, params=ctx.params,
-                extra_reads=[vocab])
+    run_command(command, output, ctx, message=f"merging {', '.join(m.name for m in models)}", extra_reads=[vocab])
 
 
 def _changed(config: MergeConfig) -> dict:

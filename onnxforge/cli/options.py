@@ -386,6 +386,13 @@ def data_spec(path: Path | None, image_size: str | None = None, mean: str | None
     return options if len(options) > 1 else str(path)
 
 
+def data_options(ctx: click.Context) -> tuple[Any, Any]:
+    """``--calibration`` and ``--eval`` with the image options (``image_options``), in the recipe's spelling."""
+    params = ctx.params
+    images = (params.get("image_size"), params.get("mean"), params.get("std"), params.get("layout") or "auto")
+    return data_spec(params.get("calibration"), *images), eval_spec(params.get("eval_data"), *images)
+
+
 def eval_spec(path: Path | None, image_size: str | None = None, mean: str | None = None, std: str | None = None,
               layout: str = "auto") -> Any:
     """``--eval`` in the recipe's spelling: the image options apply when it is a folder (of images)."""

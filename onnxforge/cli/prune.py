@@ -16,8 +16,7 @@ from onnxforge.cli.door import run_command
 from onnxforge.cli.options import (
     Flag,
     config_options,
-    data_spec,
-    eval_spec,
+    data_options,
     given,
     given_options,
     image_options,
@@ -94,15 +93,6 @@ def prune(
     eval_data: Path | None,
     metric: str,
     tolerance: float | None,
-    image_size: str | None,
-    mean: str | None,
-    std: str | None,
-    layout: str,
-    cache_dir: Path | None,
-    no_cache: bool,
-    force: bool,
-    save_recipe: Path | None,
-    json_path: str | None,
     **_: object,
 ) -> None:
     """Prune MODEL: magnitude sparsity (default), structured channels (really faster) or low-rank factors.
@@ -134,11 +124,11 @@ def prune(
         for key in ("metric", "tolerance"):
             options.pop(key, None)
         stages.append(("distill", given_options(ctx, DistillConfig, FLAGS, SHARED) | _gate(metric, tolerance)))
+    calibration_spec, eval_data_spec = data_options(ctx)
     command = CommandRecipe.build(
-        distill_source or model, stages, calibration=data_spec(calibration, image_size, mean, std, layout),
-        eval_data=eval_spec(eval_data, image_size, mean, std, layout), target=target, max_samples=max_samples)
-    run_command(command, output, message=f"pruning {model}", json_path=json_path, save_recipe=save_recipe,
-                cache_dir=cache_dir, no_cache=no_cache, force=force, params=ctx.params)
+        distill_source or model, stages, calibration=calibration_spec, eval_data=eval_data_spec, target=target,
+        max_samples=max_samples)
+    run_command(command, output, ctx, message=f"pruning {model}")
 
 
 def _gate(metric: str, tolerance: float | None) -> dict[str, object]:

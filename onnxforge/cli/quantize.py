@@ -11,8 +11,7 @@ from onnxforge.cli.door import run_command
 from onnxforge.cli.options import (
     Flag,
     config_options,
-    data_spec,
-    eval_spec,
+    data_options,
     given_options,
     image_options,
     json_option,
@@ -81,15 +80,6 @@ def quantize(
     metric: str,
     tolerance: float | None,
     max_samples: int | None,
-    image_size: str | None,
-    mean: str | None,
-    std: str | None,
-    layout: str,
-    cache_dir: Path | None,
-    no_cache: bool,
-    force: bool,
-    save_recipe: Path | None,
-    json_path: str | None,
     **_: object,
 ) -> None:
     """Quantize MODEL (static or dynamic INT8, INT4 weight-only, FP16 on GPU targets): measure the target's
@@ -97,9 +87,9 @@ def quantize(
     options = given_options(ctx, QuantizeConfig, FLAGS, SKIP)
     options |= {k: v for k, v in (("metric", metric), ("tolerance", tolerance)) if ctx.params.get(k) is not None
                 and (k != "metric" or v != "auto")}
+    calibration_spec, eval_data_spec = data_options(ctx)
     command = CommandRecipe.build(
-        model, [("quantize", options)], calibration=data_spec(calibration, image_size, mean, std, layout),
-        eval_data=eval_spec(eval_data, image_size, mean, std, layout), target=target, max_samples=max_samples)
-    run_command(command, output, message=f"quantizing {model}", json_path=json_path, save_recipe=save_recipe,
-                cache_dir=cache_dir, no_cache=no_cache, force=force, params=ctx.params)
+        model, [("quantize", options)], calibration=calibration_spec, eval_data=eval_data_spec, target=target,
+        max_samples=max_samples)
+    run_command(command, output, ctx, message=f"quantizing {model}")
 

@@ -61,5 +61,4 @@ def simplify(ctx: click.Context, model: Path, output: Path, input_shapes: tuple[
     if input_shapes:
         options["input_shapes"] = shapes(input_shapes)
     command = CommandRecipe.build(model, [("simplify", options)])
-    run_command(command, output, message=f"simplifying {model}", json_path=json_path, save_recipe=save_recipe,
-                cache_dir=cache_dir, no_cache=no_cache, force=force, params=ctx.params)
+    run_command(command, output, ctx, message=f"simplifying {model}")
