@@ -5,7 +5,6 @@ test runs ``onnxforge.cli.main`` must end the suite, not fail that one test and 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from signal_helpers import terminate_within
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,14 +49,7 @@ def test_sigterm_during_an_in_process_command_stops_the_caller(tmp_path):
             assert time.monotonic() < deadline, "the command did not start within 2 minutes"
             time.sleep(0.2)
         time.sleep(3.0)  # the export's child process is building the model
-        sent = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pytest.fail("pytest was still running 20 s after SIGTERM")
-        assert time.monotonic() - sent < 20
-        assert process.returncode == -signal.SIGTERM, process.stdout.read().decode(errors="replace")[-2000:]
+        terminate_within(process, 20)
         assert not after.exists(), "the suite went on to the next test after SIGTERM"
     finally:
         if process.poll() is None:
