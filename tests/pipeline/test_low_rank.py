@@ -212,3 +212,29 @@ def test_a_fixed_batch_model_is_timed_at_its_own_batch_and_written_only_at_the_e
     assert set(result.latency_speedup) == {"b4"} and result.speed["batch"] == 4
     assert "held-out calibration samples" in result.quality and result.score_after >= 0.99
     assert all("output_error" in info for info in result.factored_layers.values())
+
+
+@pytest.mark.parametrize("spectrum", ["rank_deficient", "indefinite"])
+def test_a_covariance_cholesky_refuses_falls_back_instead_of_crashing(spectrum):
+    # PP-OCR's detector: "internal error: LinAlgError: Matrix is not positive definite" from the Cholesky
+    # of an activation covariance (few samples, dead channels, float32 cancellation)
+    from onnxforge.pipeline.prune.low_rank import _Moments
+
+    rng = np.random.default_rng(9)
+    q, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    values = np.zeros(64)
+    values[:6] = [4.0, 3.0, 2.0, 1.0, 0.5, 0.25]  # six directions carry the inputs, the rest nothing
+    if spectrum == "indefinite":
+        values[6:10] = -0.05  # rounding gone wrong: negative eigenvalues far past any small damping
+    moments = _Moments(origin=np.zeros(64), count=1, total=np.zeros(64), outer=(q * values) @ q.T)
+    if spectrum == "indefinite":
+        with pytest.raises(np.linalg.LinAlgError):
+            np.linalg.cholesky(moments.covariance + 1e-3 * np.eye(64))
+    model = _mlp(rank=4)
+    factored, layers, _ = factorize_model(model, LowRankConfig(energy=0.95), fit={"x": moments})
+    assert layers and all(info["rank"] >= 1 for info in layers.values())
+    x = (rng.standard_normal((16, 6)) @ (q[:, :6] * np.sqrt(values[:6])).T).astype(np.float32)
+    (y,) = run_model(model, {"x": x})
+    (got,) = run_model(factored, {"x": x})
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - y) / np.linalg.norm(y) < 0.5  # whitened along the directions the inputs use

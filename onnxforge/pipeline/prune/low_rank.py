@@ -4,9 +4,12 @@ Plain SVD (no data): W = U S V', keep the r largest singular values, A = U_r S_r
 rank-r W in Frobenius norm). Data-aware (with calibration data): what matters is the layer's *outputs*
 on its real inputs. Inputs have a mean mu and a covariance C (centred statistics: the PCA of the
 activations; an uncentred second moment lets the mean dominate and put rank 1 on real models). With
-C = L L' (Cholesky), ||(X - mu)(W - A B)|| = ||L'(W - A B)||: take the SVD of L'W = U S V' and set
-A = L'^-1 U_r S_r, B = V_r'; the mean's part of the output, mu (W - A B), is folded into the bias
-(b' = b + mu (W - A B)), so it is kept exactly.
+C = L L' (Cholesky, of C + a small damping), ||(X - mu)(W - A B)|| = ||L'(W - A B)||: take the SVD
+of L'W = U S V' and set A = L'^-1 U_r S_r, B = V_r'; the mean's part of the output, mu (W - A B), is
+folded into the bias (b' = b + mu (W - A B)), so it is kept exactly. C is only positive semi-definite
+(fewer samples than features, dead channels) and rounding can leave it indefinite: when Cholesky
+refuses it, the damping grows x10 a few times, and then C = Q D Q' (eigendecomposition, D clipped at
+the damping) gives L' = D^1/2 Q', which whitens just as well (``_whitening``).
 
 The rank per layer: ``energy`` e keeps the smallest r whose singular values hold a share e of the
 total sum of squares (of W, or of the output *variance* when data-aware); ``ratio`` R keeps
@@ -206,11 +209,27 @@ def _decompose(w: np.ndarray, moments: _Moments | None) -> tuple:
     w64 = w.astype(np.float64)
     if moments is None:
         return (None, *np.linalg.svd(w64, full_matrices=False))
-    k = w.shape[0]
-    covariance = moments.covariance
+    upper = _whitening(moments.covariance)
+    return (upper, *np.linalg.svd(upper @ w64, full_matrices=False))
+
+
+CHOLESKY_TRIES = 4  # damping 1e-6, 1e-5, 1e-4, 1e-3 of the mean variance before the eigendecomposition
+
+
+def _whitening(covariance: np.ndarray) -> np.ndarray:
+    """An invertible U with U'U = C + damping I (C: the inputs' covariance, K x K): L' of a Cholesky
+    factor, with the damping grown x10 while Cholesky refuses C (not positive definite: PP-OCR's
+    detector), else D^1/2 Q' from C = Q D Q' with D clipped at the damping. Never raises on a
+    symmetric C of finite numbers."""
+    k = covariance.shape[0]
     damp = 1e-6 * max(float(np.trace(covariance)), 1e-30) / k + 1e-12
-    lower = np.linalg.cholesky(covariance + damp * np.eye(k))
-    return (lower.T, *np.linalg.svd(lower.T @ w64, full_matrices=False))
+    for grown in (damp * 10.0**i for i in range(CHOLESKY_TRIES)):
+        try:
+            return np.linalg.cholesky(covariance + grown * np.eye(k)).T
+        except np.linalg.LinAlgError:
+            continue
+    values, vectors = np.linalg.eigh(covariance)  # both read C's lower triangle
+    return np.sqrt(np.maximum(values, 0.0) + damp)[:, None] * vectors.T
 
 
 def _factor(
