@@ -63,7 +63,8 @@ def _initializer(model: onnx.ModelProto, node: onnx.NodeProto, index: int) -> np
 
 
 def _prune(model: onnx.ModelProto, ratio: float = 0.5, **kwargs):
-    pruned = prune_model(model, ChannelPruneConfig(ratio=ratio, repair=Repair.NONE, **kwargs))
+    # round_to 1: these graphs prune 8 channels to 4 to check the rewrite; rounding is test_prune_speed.py's
+    pruned = prune_model(model, ChannelPruneConfig(ratio=ratio, repair=Repair.NONE, round_to=1, **kwargs))
     onnx.checker.check_model(pruned.model, full_check=True)
     return pruned
 
@@ -395,7 +396,7 @@ def _dense_chain(seed: int, inputs: str = IMAGE) -> onnx.ModelProto:
 def test_least_squares_repair_reduces_output_error():
     model = _dense_chain(11)
     calibration = SampleSet({"x": _images(256, 20)}, None, "inline")
-    config = ChannelPruneConfig(ratio=0.5, repair=Repair.NONE)
+    config = ChannelPruneConfig(ratio=0.5, repair=Repair.NONE, round_to=1)
     pruned = prune_model(model, config)
     repaired, errors = repair_model(model, pruned, calibration, config)
     onnx.checker.check_model(repaired, full_check=True)
@@ -413,7 +414,7 @@ def test_least_squares_repair_reduces_output_error():
 def test_repair_feeds_a_fixed_batch_model_in_its_own_batch_size():
     model = _dense_chain(13, inputs="float[4,3,8,8] x")
     calibration = SampleSet({"x": _images(64, 21)}, None, "inline")
-    config = ChannelPruneConfig(ratio=0.5, repair=Repair.NONE)
+    config = ChannelPruneConfig(ratio=0.5, repair=Repair.NONE, round_to=1)
     pruned = prune_model(model, config)
     _, errors = repair_model(model, pruned, calibration, config)
     assert errors and not any("skipped" in e for e in errors.values())
@@ -438,13 +439,14 @@ def test_activation_importance_keeps_the_live_channels():
         dict(w1=w1, b1=b1, w2=w2),
     )
     calibration = SampleSet({"x": _images(16, 3)}, None, "inline")
-    pruned = prune_model(model, ChannelPruneConfig(ratio=0.5, repair=Repair.NONE), calibration)
+    pruned = prune_model(model, ChannelPruneConfig(ratio=0.5, repair=Repair.NONE, round_to=1), calibration)
     assert pruned.kept_outputs["a"].tolist() == [0, 1, 2, 3]  # weight norm keeps the dead ones
     pruned = prune_model(
         # prune_model takes the samples directly; the config only records where they came from
         model,
         ChannelPruneConfig(
-            ratio=0.5, importance=Importance.ACTIVATION, repair=Repair.NONE, calibration_data=Path("inline.npz")
+            ratio=0.5, importance=Importance.ACTIVATION, repair=Repair.NONE, calibration_data=Path("inline.npz"),
+            round_to=1,
         ),
         calibration,
     )
@@ -469,7 +471,8 @@ def test_sensitivity_scan_prunes_the_robust_group_harder():
     )
     calibration = SampleSet({"x": _images(32, 5)}, None, "inline")
     config = ChannelPruneConfig(
-        ratio=0.5, allocation=Allocation.SENSITIVITY, repair=Repair.NONE, calibration_data=Path("inline.npz")
+        ratio=0.5, allocation=Allocation.SENSITIVITY, repair=Repair.NONE, calibration_data=Path("inline.npz"),
+        round_to=1,
     )
     ratios, sensitivity = sensitivity_ratios(model, config, calibration)
     (group_a, group_b) = sorted(ratios)
@@ -523,7 +526,8 @@ def test_prune_channels_writes_a_smaller_model_and_reports(tmp_path, residual_pa
     calib, evaluation = residual_data
     out = tmp_path / "pruned.onnx"
     result = prune_channels(
-        residual_path, out, ChannelPruneConfig(ratio=0.5, calibration_data=calib, eval_data=evaluation, tolerance=100.0)
+        residual_path, out, ChannelPruneConfig(ratio=0.5, calibration_data=calib, eval_data=evaluation, tolerance=100.0,
+                                         round_to=1)
     )
     report = result.to_json()
     json.dumps(report)
@@ -565,6 +569,8 @@ def test_cli_prune_channels_and_default_magnitude(tmp_path, cli, residual_path, 
         evaluation,
         "--tolerance",
         "100",
+        "--round-to",
+        "1",
         "--json",
         report,
     )

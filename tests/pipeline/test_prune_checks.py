@@ -49,7 +49,7 @@ def _unknown_shape_model(seed: int = 0) -> onnx.ModelProto:
 
 def test_a_consumer_whose_input_shape_is_unknown_keeps_all_its_input_channels():
     model = _unknown_shape_model()
-    pruned = prune_model(model, ChannelPruneConfig(ratio=0.5, repair=Repair.NONE))
+    pruned = prune_model(model, ChannelPruneConfig(ratio=0.5, repair=Repair.NONE, round_to=1))
     weights = {t.name: tuple(t.dims) for t in pruned.model.graph.initializer}
     assert all(0 not in dims for dims in weights.values()), weights
     conv3 = next(n for n in pruned.model.graph.node if n.output[0] == "y")
@@ -135,8 +135,10 @@ def test_speed_is_measured_and_macs_are_estimates_at_the_data_shapes(tmp_path):
     model_path = save(_wide_cnn(), tmp_path / "cnn.onnx")  # dynamic H, W: declared shapes count them as 1
     rng = _rng(2)
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((20, 3, 32, 32)).astype(np.float32))
+    # 16 -> 8 channels: 16 -> 12 (ratio 0.25, unrounded) measured 0.70x-0.85x the input's speed here, which
+    # the speed gate now refuses (issue 23)
     result = prune_channels(model_path, tmp_path / "p.onnx", ChannelPruneConfig(
-        ratio=0.25, calibration_data=tmp_path / "calib.npz", tolerance=0.0))
+        ratio=0.5, calibration_data=tmp_path / "calib.npz", tolerance=0.0))
     report = result.to_json()
     assert report["macs_are_estimates"] and report["macs_shapes"] == {"x": [1, 3, 32, 32]}  # JSON data: lists
     # conv1 3x3x3x16 + conv2 3x3x16x16 + conv3 16x4, each at 32x32 output positions
@@ -153,7 +155,7 @@ def test_a_fixed_batch_model_is_timed_and_scored_at_its_own_batch(tmp_path):
     model_path = save(model, tmp_path / "cnn4.onnx")
     np.savez(tmp_path / "calib.npz", x=_rng(3).standard_normal((30, 3, 12, 12)).astype(np.float32))
     result = prune_channels(model_path, tmp_path / "p.onnx", ChannelPruneConfig(
-        ratio=0.25, calibration_data=tmp_path / "calib.npz", tolerance=0.0))
+        ratio=0.5, calibration_data=tmp_path / "calib.npz", tolerance=0.0))  # 16 -> 8: not slower (issue 23)
     assert result.speed["batch"] == 4 and result.score_after is not None
 
 

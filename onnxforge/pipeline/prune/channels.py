@@ -8,7 +8,9 @@
    each of its G blocks, so the Conv keeps ``group = G`` (its weight's input axis is cut block by block).
 2. Importance of each channel: ``l1``, ``l2`` or ``activation`` (onnxforge.pipeline.prune.importance).
 3. Ratio R: each prunable group of C channels keeps the max(1, C - round(R_g*C)) most important ones
-   (rounded to a multiple of ``round_to``), with R_g = R (``uniform``) or, with ``sensitivity``, R_g
+   (rounded to a multiple of ``round_to``, by default the target's ``channel_multiple``: a layer
+   narrower than the multiple is not rounded, and no count rounds past its layer's size or to zero),
+   with R_g = R (``uniform``) or, with ``sensitivity``, R_g
    ~ s_g^-1/2 from a scan (s_g = output error when group g alone is pruned at R), scaled so the
    total share removed stays R; the rewrite slices every coupled constant,
    rewrites depthwise ``group`` attributes and Reshape shape literals, drops stale shapes and checks
@@ -19,8 +21,10 @@
 Then the tolerance loop (onnxforge.pipeline.prune.backoff), on the eval data or else on held-out
 calibration samples (onnxforge.pipeline.prune.checks): try R, back off x0.75 until the quality gate
 holds (never to a ratio that removes no channel), keep the most-pruned model that passes
-(QualityGateError, exit 4, with every try's numbers, when none does). Nothing is written before the
-kept model has run and been timed against the input; MACs are estimates at the data's shapes.
+(QualityGateError, exit 4, with every try's numbers, when none does). With ``objective`` latency (the
+default) a try within the tolerance is timed against the input and one measured slower misses too.
+Nothing is written before the kept model has run and been timed against the input; MACs are
+estimates at the data's shapes.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
+from onnxforge.pipeline.prune.checks import Objective, slower_message
 from onnxforge.pipeline.prune.coupling import find_channel_groups
 from onnxforge.pipeline.prune.graph import (
     checked_model,
@@ -109,9 +114,10 @@ class ChannelPruneConfig:
         help="im2col rows sampled per calibration sample for the repair",
     )
     ridge: float = option(1e-3, help="ridge term of the least-squares repair")
-    round_to: int = option(
-        1,
-        help="keep channel counts a multiple of this (the target's SIMD width runs round counts fastest)",
+    round_to: int | None = option(
+        None,
+        help="keep channel counts a multiple of this (default: the target's SIMD width, 8 on the CPU: odd counts "
+        "ran ~2x slower at the same MACs); 1: no rounding. Layers narrower than it are not rounded",
     )
     exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
     eval_data: DataSpec | None = option(
@@ -124,12 +130,17 @@ class ChannelPruneConfig:
     # False: no tolerance loop; the ratio given is kept and its score reported (onnxforge optimize, which
     # varies the ratio and scores every trial on the eval data itself)
     gate: bool = option(True, help="back off until the quality gate holds (no: keep the ratio given)")
+    objective: Objective = option(
+        Objective.LATENCY,
+        help="latency: a try measured slower than the input misses like a quality miss (exit 4 when every "
+        "try does); size: smaller is the goal, speed is only reported",
+    )
 
     def __post_init__(self) -> None:
         set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec
         if not 0.0 < self.ratio < 1.0:
             raise UsageError(f"--ratio {self.ratio}: must be in (0, 1), the fraction of channels to remove")
-        if (self.round_to < 1 or self.calibration_samples < 1 or self.positions < 1
+        if ((self.round_to is not None and self.round_to < 1) or self.calibration_samples < 1 or self.positions < 1
                 or (self.max_samples is not None and self.max_samples < 1)):
             raise UsageError("round_to, calibration_samples, max_samples and positions must be at least 1")
         if self.ridge < 0:
@@ -151,6 +162,15 @@ class ChannelPruneConfig:
     @property
     def repairs(self) -> bool:
         return self.repair is not Repair.NONE and self.calibration_data is not None
+
+    @property
+    def channel_multiple(self) -> int:
+        """What channel counts round to: ``round_to``, else the target's SIMD multiple."""
+        if self.round_to is not None:
+            return self.round_to
+        from onnxforge.targets import get_target
+
+        return get_target(self.target).channel_multiple
 
 
 @dataclass
@@ -212,8 +232,10 @@ def _grouped_input_cut(weight: np.ndarray, groups: int, kept: np.ndarray) -> np.
 
 
 def _keep_count(channels: int, ratio: float, round_to: int) -> int:
+    """Channels a group of ``channels`` keeps at ``ratio``: at least 1, at most ``channels``, rounded to a
+    multiple of ``round_to`` (at least one multiple) unless the group is narrower than ``round_to``."""
     keep = max(1, channels - round(ratio * channels))
-    if round_to > 1:
+    if 1 < round_to <= channels:
         keep = max(round_to, round(keep / round_to) * round_to)
     return min(keep, channels)
 
@@ -254,11 +276,12 @@ def prune_model(
         if g.prunable
     }
     blocks = {g.root: g.blocks for g in groups if g.prunable}
+    round_to = config.channel_multiple
     keep = {}
     for root, n in prunable.items():
         if blocks[root] == 1:
             keep[root] = np.sort(
-                np.argsort(-scores[root], kind="stable")[: _keep_count(n, ratio_of[root], config.round_to)]
+                np.argsort(-scores[root], kind="stable")[: _keep_count(n, ratio_of[root], round_to)]
             )
             continue
         # a grouped Conv keeps its group count: the same number of channels survives in every block
@@ -413,6 +436,8 @@ def prune_channels(
     shapes = check.shapes
     params_before, macs_before = count_params_and_macs(model, shapes)
     tried: list[dict] = []
+    round_to = config.channel_multiple
+    speed_gated = config.gate and config.objective is Objective.LATENCY
 
     def attempt(ratio: float) -> tuple[tuple, bool]:
         attempt_config = replace(config, ratio=ratio)
@@ -428,33 +453,40 @@ def prune_channels(
             candidate, repair_errors = repair_model(model, pruned, fit_samples(), attempt_config)
             check.runs(candidate, "prune-channels (after the least-squares repair)")
         value = check.score(candidate) if attempt_config.repairs else unrepaired_score
-        verdict = check.passes(value)
+        within = check.passes(value)
+        speed, slower = None, False
+        if within and speed_gated and pruned.pruned_layers:
+            speed, slower = check.slower(model, candidate)  # slower than the input: a miss, like quality
         tried.append(
             {
                 "ratio": round(ratio, 4),
                 "score_without_repair": unrepaired_score,
                 "score": value,
-                "passes": verdict,
+                "passes": within and not slower,
                 "channels_removed": _channels_removed(pruned),
+                "speedup": speed["speedup"] if speed else None,
+                "slower": slower,
             }
         )
         if group_ratios is not None:
             tried[-1]["group_ratios"] = {str(k): round(v, 4) for k, v in group_ratios.items()}
-        return (ratio, pruned, candidate, repair_errors, unrepaired_score, value), verdict or not config.gate
+        outcome = (ratio, pruned, candidate, repair_errors, unrepaired_score, value, speed)
+        return outcome, (within and not slower) or not config.gate
 
     def lower(ratio: float, outcome: tuple) -> float | None:
         lowered = shrink(ratio)
-        if lowered is None or not removes_any(outcome[1].groups, lowered, config.round_to):
+        if lowered is None or not removes_any(outcome[1].groups, lowered, round_to):
             return None  # a ratio that removes no channel is not pruning: stop there
         return lowered
 
     kept = back_off(config.ratio, attempt, lower)
-    ratio, pruned, candidate, repair_errors, unrepaired_score, value = kept.outcome
+    ratio, pruned, candidate, repair_errors, unrepaired_score, value, speed = kept.outcome
     passed = kept.passed
     if not passed:
-        candidate, value = model, check.reference_score
+        candidate, value, speed = model, check.reference_score, None
     params_after, macs_after = count_params_and_macs(candidate, shapes)
-    speed = check.speedup(model, candidate) if passed and pruned.pruned_layers else None
+    if speed is None and passed and pruned.pruned_layers:
+        speed = check.speedup(model, candidate)
     result = ChannelPruneResult(
         path=out,
         ratio=ratio if passed else 0.0,
@@ -478,6 +510,15 @@ def prune_channels(
         notes=loaded.notes,
     )
     save_model(candidate, out)
+    if not passed and any(t["slower"] for t in tried):
+        raise QualityGateError(
+            f"no channel ratio down to {tried[-1]['ratio']:.3f} is both within the tolerance and not slower than "
+            f"the input: {slower_message(tried)}; the unpruned model is saved at {out}",
+            hint="check --round-to (the target's SIMD multiple runs round channel counts fastest), --exclude "
+            "the layers that slowed down, or pass --objective size to keep a smaller, slower model",
+            best_path=str(out),
+            result=result.to_json(),
+        )
     if not passed:
         gate, reference_score, best = check.failure(tried)
         raise QualityGateError(

@@ -22,7 +22,9 @@ Then the tolerance loop (onnxforge.pipeline.prune.backoff) on the eval data, els
 calibration samples (onnxforge.pipeline.prune.checks): keep more energy (e -> 1 - (1 - e)/2) or remove
 a smaller share (R -> 0.75 R) until the quality gate holds (QualityGateError, exit 4, when never).
 Whether the result is faster is measured, not assumed: input and result timed interleaved at the
-model's own batch size. Nothing is written until all of that is known.
+model's own batch size; with ``objective`` latency (the default) a try measured slower than its input
+misses like a quality miss (two thin layers can run slower than one dense one). Nothing is written
+until all of that is known.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
+from onnxforge.pipeline.prune.checks import Objective, slower_message
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     clear_inner_shapes,
@@ -86,11 +89,19 @@ class LowRankConfig:
     )
     metric: Metric = option(Metric.AUTO, help="quality metric against the input model")
     tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
-    measure_latency: bool = option(True, help="time the factored model against its input")
+    measure_latency: bool = option(
+        True,
+        help="time the factored model against its input (objective latency always times it: its gate needs it)",
+    )
     target: str = option("cpu", help="where the quality gate runs")  # where the quality gate and the timings run
     gate: bool = option(  # False: no tolerance loop, the rank rule given is kept (onnxforge optimize scores it)
         True,
         help="back off until the quality gate holds (no: keep the ratio given)",
+    )
+    objective: Objective = option(
+        Objective.LATENCY,
+        help="latency: a try measured slower than the input misses like a quality miss (exit 4 when every "
+        "try does); size: smaller is the goal, speed is only reported",
     )
 
     def __post_init__(self) -> None:
@@ -436,18 +447,22 @@ def low_rank(
                 held = _input_moments(model, nodes, check.samples)
     tried: list[dict] = []
     decompositions: dict[str, tuple] = {}
+    speed_gated = config.gate and config.objective is Objective.LATENCY
 
     def attempt(attempt_config: LowRankConfig) -> tuple[tuple, bool]:
         candidate, factored, skipped = factorize_model(model, attempt_config, fit=fit, held=held,
                                                        decompositions=decompositions)
         check.runs(candidate, "low-rank")
         value = check.score(candidate)
-        passes = check.passes(value)
+        within = check.passes(value)
+        speed, slower = None, False
+        if within and speed_gated and factored:
+            speed, slower = check.slower(model, candidate)  # slower than the input: a miss, like quality
         tried.append(
             {"energy": attempt_config.energy, "ratio": attempt_config.ratio, "layers": len(factored), "score": value,
-             "passes": passes}
+             "passes": within and not slower, "speedup": speed["speedup"] if speed else None, "slower": slower}
         )
-        return (candidate, factored, skipped, value), passes or not config.gate
+        return (candidate, factored, skipped, value, speed), (within and not slower) or not config.gate
 
     def lower(attempt_config: LowRankConfig, outcome: tuple) -> LowRankConfig | None:
         if not outcome[1]:
@@ -460,11 +475,12 @@ def low_rank(
         return None if ratio is None else replace(attempt_config, ratio=ratio)
 
     kept = back_off(config, attempt, lower)
-    candidate, factored, skipped, value = kept.outcome
+    candidate, factored, skipped, value, speed = kept.outcome
     passed = kept.passed
     if not passed:
-        candidate, factored, value = model, {}, check.reference_score
-    speed = check.speedup(model, candidate) if config.measure_latency and factored else None
+        candidate, factored, value, speed = model, {}, check.reference_score, None
+    if speed is None and config.measure_latency and factored:
+        speed = check.speedup(model, candidate)
     result = LowRankResult(
         path=out, factored_layers=factored, skipped_layers=skipped,
         params_before=count_parameters(model.graph, initializers_only=True),
@@ -474,6 +490,15 @@ def low_rank(
         quality=check.quality_note(), speed=speed, notes=loaded.notes,
     )
     save_model(candidate, out)
+    if not passed and any(t["slower"] for t in tried):
+        raise QualityGateError(
+            f"no factorization is both within the tolerance and not slower than the input: "
+            f"{slower_message(tried)}; the input model is saved at {out}",
+            hint="raise --min-params or --exclude the layers too small to gain, or pass --objective size to keep "
+            "a smaller, slower model",
+            best_path=str(out),
+            result=result.to_json(),
+        )
     if not passed:
         gate, reference_score, best = check.failure(tried)
         raise QualityGateError(
