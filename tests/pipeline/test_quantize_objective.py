@@ -60,6 +60,7 @@ def test_the_input_is_kept_when_every_int8_candidate_is_slower(cli, tmp_path, cl
     assert "no quantized candidate is faster than the input on cpu" in err and "the input is kept" in err
     assert "kept the input: no candidate within tolerance was faster" in out
     assert "fp32 (input)" in out and "kept: the input" in out and "chosen" not in out
+    assert "agrees with input" in out  # the churn column, with labels
 
 
 def test_a_candidate_faster_than_the_input_is_kept(tmp_path, classifier_path, calibration_npz, timings):
