@@ -81,6 +81,7 @@ def test_a_candidate_inside_the_noise_band_of_the_input_keeps_the_input(tmp_path
         quantize(classifier_path, tmp_path / "q.onnx", calibration_npz, config)
     assert info.value.exit_code == 4 and info.value.result is not None
     assert info.value.result["kept_input"] is True
+    assert "1.03x, inside the 5% timing noise" in info.value.message
     assert (tmp_path / "q.onnx").read_bytes() == classifier_path.read_bytes()
 
 

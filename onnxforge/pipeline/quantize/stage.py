@@ -26,7 +26,7 @@ from onnxforge.pipeline.quantize.config import INPUT_KEPT, CandidateResult, Obje
 from onnxforge.pipeline.quantize.embeddings import embedding_tables
 from onnxforge.pipeline.quantize.graphs import prepare_graphs
 from onnxforge.pipeline.quantize.opset import opset_for_schemes
-from onnxforge.pipeline.quantize.select import REWRITTEN_FP32, CandidateRun
+from onnxforge.pipeline.quantize.select import _LATENCY_TIE_FRACTION, REWRITTEN_FP32, CandidateRun
 from onnxforge.pipeline.quantize.smooth_quant import smooth_groups
 from onnxforge.targets import QuantMethod, QuantScheme, get_target
 
@@ -166,6 +166,8 @@ def _no_improvement(objective: Objective, best: CandidateResult, target: str, in
         return (f"no quantized candidate is smaller than the input (best: {best.scheme} at {measured}); "
                 f"the input is kept at {out}")
     speed = f"{best.speedup:.2f}x" if best.speedup is not None else "not timed"
+    if best.speedup is not None and best.speedup >= 1.0:
+        speed += f", inside the {_LATENCY_TIE_FRACTION:.0%} timing noise where the input's quality wins"
     return (f"no quantized candidate is faster than the input on {target} (best: {best.scheme} at {speed}); "
             f"the input is kept at {out}")
 
