@@ -95,7 +95,7 @@ def test_simplify_single_method(cli, foldable_path, tmp_path):
 # quantize
 
 
-def test_quantize_writes_an_int8_model(cli, classifier_path, calibration_npz, eval_npz, tmp_path):
+def test_quantize_writes_an_int8_model(cli, classifier_path, calibration_npz, eval_npz, tmp_path, int8_faster):
     output = tmp_path / "int8.onnx"
     code, out, err = cli(
         "quantize", classifier_path, "-o", output, "--calibration", calibration_npz, "--eval", eval_npz,
@@ -108,7 +108,7 @@ def test_quantize_writes_an_int8_model(cli, classifier_path, calibration_npz, ev
     assert "wrote" in out
 
 
-def test_quantize_json_lists_every_candidate(cli, classifier_path, calibration_npz, eval_npz, tmp_path):
+def test_quantize_json_lists_every_candidate(cli, classifier_path, calibration_npz, eval_npz, tmp_path, int8_faster):
     code, out, err = cli(
         "quantize", classifier_path, "-o", tmp_path / "int8.onnx", "--calibration", calibration_npz,
         "--eval", eval_npz, "--tolerance", "20", "--json", "-",
@@ -122,7 +122,7 @@ def test_quantize_json_lists_every_candidate(cli, classifier_path, calibration_n
     assert result["eval_samples"] == 64
 
 
-def test_quantize_json_to_file(cli, classifier_path, calibration_npz, tmp_path):
+def test_quantize_json_to_file(cli, classifier_path, calibration_npz, tmp_path, int8_faster):
     report = tmp_path / "q.json"
     code, _out, err = cli(
         "quantize", classifier_path, "-o", tmp_path / "int8.onnx", "--calibration", calibration_npz,
@@ -237,7 +237,7 @@ def test_export_onnx_source_copies_a_valid_model(cli, classifier_path, tmp_path)
 # run
 
 
-def test_run_recipe(cli, classifier_path, calibration_npz, eval_npz, tmp_path):
+def test_run_recipe(cli, classifier_path, calibration_npz, eval_npz, tmp_path, int8_faster):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         textwrap.dedent(

@@ -369,7 +369,7 @@ def test_max_samples_must_be_positive(cli, tmp_path, classifier_path, calibratio
     assert_one_error_line(err, "--max-samples")
 
 
-def test_fixed_batch_model_with_few_samples(cli, tmp_path):
+def test_fixed_batch_model_with_few_samples(cli, tmp_path, int8_faster):
     model = save(make_classifier(batch=4), tmp_path / "fixed4.onnx")
     data = write_npz(tmp_path / "calib.npz", x=random_images(10))  # 8 to calibrate, 2 held out
     code, _, err = cli("quantize", model, "-o", tmp_path / "q.onnx", "--calibration", data, "--tolerance", "100")

@@ -145,22 +145,38 @@ def _quantize(payload: Payload, output: Path) -> None:
     metric = payload["metric"]
     config = (payload.get("stage") or {}).get("config") or {}
     table = Table(title=f"quantize {_input_name(payload)} on {config.get('target', 'cpu')} ({payload['gate']})")
-    for col in ("candidate", metric, "p50 ms", "speed vs fp32", "size", "verdict"):
+    # with labels: top-1 agreement with the input's predictions beside the accuracy (churn it can hide)
+    churn = any(c.get("agreement_with_input") is not None for c in payload["candidates"])
+    for col in ("candidate", metric, *(["agrees with input"] if churn else []), "p50 ms", "speed vs fp32", "size",
+                "verdict"):
         table.add_column(col)
-    table.add_row("fp32", format_score(metric, payload["fp32_score"]), f"{payload['fp32_latency']['p50_ms']:.3f}",
-                  "1.00x", "", "reference")
+    kept_input = bool(payload.get("kept_input"))
+    size_objective = payload.get("objective") == "size"
+    table.add_row("fp32 (input)", format_score(metric, payload["fp32_score"]), *(["100.00%"] if churn else []),
+                  f"{payload['fp32_latency']['p50_ms']:.3f}", "1.00x", "",
+                  "[bold yellow]kept: the input[/]" if kept_input else "reference")
     for c in payload["candidates"]:
         speed = c["speedup_vs_fp32"]
         verdict = c["error"] or ("[bold green]chosen[/]" if c["scheme"] == payload["chosen"] and c["meets_tolerance"]
                                  else "[yellow]kept: the most accurate[/]" if c["scheme"] == payload["chosen"]
+                                 else ("not smaller" if size_objective else "not faster") if kept_input
+                                 and c["meets_tolerance"]
                                  else "ok" if c["meets_tolerance"] else "[red]over tolerance[/]")
+        agreement = c.get("agreement_with_input")
         table.add_row(
             escape(c["scheme"]), format_score(metric, c["score"]),
+            *([("-" if agreement is None else f"{agreement:.2%}")] if churn else []),
             f"{c['latency']['p50_ms']:.3f}" if c["latency"] else "-",
             "-" if speed is None else f"{speed:.2f}x" if speed >= 0.995 else f"[yellow]{speed:.2f}x (slower)[/]",
             human_bytes(c["bytes"]), verdict,
         )
     out.print(table)
+    if kept_input:
+        better = "smaller" if size_objective else "faster"
+        out.print(f"[bold yellow]kept the input:[/] no candidate within tolerance was {better} than the input; "
+                  f"wrote it unchanged to {escape(str(payload['path']))}")
+        print_notes(payload["notes"])
+        return
     chosen = next(c for c in payload["candidates"] if c["scheme"] == payload["chosen"])
     out.print(
         f"[bold green]wrote[/] {payload['path']}: {escape(chosen['scheme'])}, "

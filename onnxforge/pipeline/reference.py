@@ -213,9 +213,28 @@ class Reference:
             # a candidate's outputs are not kept: a search scores hundreds of them
             session = self.target.session(_runnable(candidate), threads=self.threads, low_memory=self.low_memory)
             outputs = run_outputs(session, self.samples, self.eval_batch)
+            if metric is Metric.ACCURACY:  # the churn beside it, from these same outputs (agreement)
+                cached_score(self._agreement_key(fingerprint),
+                             lambda: score(Metric.AGREEMENT, outputs, self.outputs, None))
             return score(metric, outputs, self.outputs, self.samples.labels)
 
         return cached_score((fingerprint, self.fingerprint, *self._key(), metric.value), compute)
+
+    def _agreement_key(self, fingerprint: str) -> tuple:
+        return (fingerprint, self.fingerprint, *self._key(), Metric.AGREEMENT.value)
+
+    def agreement(self, candidate: ModelRef) -> float:
+        """Top-1 agreement of ``candidate``'s predictions with the reference's (1 - churn). A candidate
+        scored under accuracy already has it (score() computes it from the same outputs)."""
+        fingerprint = model_fingerprint(candidate)
+        if fingerprint == self.fingerprint:
+            return 1.0
+
+        def compute() -> float:
+            session = self.target.session(_runnable(candidate), threads=self.threads, low_memory=self.low_memory)
+            return score(Metric.AGREEMENT, run_outputs(session, self.samples, self.eval_batch), self.outputs, None)
+
+        return cached_score(self._agreement_key(fingerprint), compute)
 
     def passes(self, value: float | None) -> bool:
         """Whether ``value`` is within the gate's tolerance of the reference (always, without data;

@@ -48,7 +48,7 @@ def _run(project: Path, stages: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25
     return run_recipe(load_recipe(recipe), project / run, measure=False)
 
 
-def test_an_image_folder_calibrates_prune_channels_low_rank_and_quantize(image_project):
+def test_an_image_folder_calibrates_prune_channels_low_rank_and_quantize(image_project, int8_faster):
     result = _run(image_project, "[{prune_channels: {ratio: 0.5, tolerance: 100}}, {low_rank: {tolerance: 100, "
                                  "min_params: 16}}, {quantize: {tolerance: 100, latency_rounds: 3}}]")
     assert [s.status for s in result.stages] == ["done", "done", "done"]

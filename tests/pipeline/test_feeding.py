@@ -130,7 +130,7 @@ def test_a_folder_streams_with_the_same_feeding(tmp_path, vad_path, vad_data):
         list(stream_folder(folder, input_specs(load_model(vad_path))).batches(16))
 
 
-def test_simplify_profile_and_quantize_honour_the_data(tmp_path, cli, vad_path, vad_data):
+def test_simplify_profile_and_quantize_honour_the_data(tmp_path, cli, vad_path, vad_data, int8_faster):
     data = tmp_path / "data.npz"
     np.savez(data, **vad_data, **{"sr@const": 16000})
     code, _, err = cli("simplify", vad_path, "-o", tmp_path / "s.onnx", "--data", data)

@@ -46,7 +46,7 @@ def test_min_cosine_gate_fails_where_the_mean_passes():
     assert "every sample" in min_gate.describe()
 
 
-def test_quantize_reports_min_cosine_gate(tmp_path, classifier_path, calibration_npz, eval_npz):
+def test_quantize_reports_min_cosine_gate(tmp_path, classifier_path, calibration_npz, eval_npz, int8_faster):
     from onnxforge.pipeline.quantize import QuantizeConfig, quantize
 
     config = QuantizeConfig(eval_data=eval_npz, metric=Metric.MIN_COSINE, tolerance=0.5, latency_rounds=3,

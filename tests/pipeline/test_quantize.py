@@ -19,6 +19,11 @@ QUANT_OPS = {
     "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger"
 }
 
+# The tiny classifier is overhead-bound (int8 measures ~0.73x fp32), so quantize would keep the input and
+# exit 4 (issue 23): these tests, about calibration, scoring and the choice among candidates, run with
+# int8 timed 2x faster than fp32 (conftest.int8_faster); test_quantize_objective covers the real timings.
+pytestmark = pytest.mark.usefixtures("int8_faster")
+
 U8_PER_TENSOR = QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.UINT8, per_channel=False)
 U8_PER_CHANNEL = QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.UINT8, per_channel=True)
 
@@ -42,10 +47,11 @@ def test_keeps_the_fastest_candidate_within_tolerance(tmp_path, classifier_path,
     assert (1.0 - chosen.score) * 100 <= 25
     passing = [c for c in measured if c.meets_tolerance]
     # the fastest passing candidate is kept; candidates within the tie band of the fastest count as
-    # equally fast and the earliest in the target's order wins (so a re-run keeps the same scheme)
+    # equally fast, and the better score wins, then the earliest in the target's order (issue 23)
     band = min(c.latency.p50_ms for c in passing) * (1.0 + getattr(quantize_module, "_LATENCY_TIE_FRACTION", 0.0))
-    assert chosen.latency.p50_ms <= band
-    assert all(c.latency.p50_ms > band for c in passing[: passing.index(chosen)])
+    tied = [c for c in passing if c.latency.p50_ms <= band]
+    assert chosen in tied and chosen.score == max(c.score for c in tied)
+    assert all(c.score < chosen.score for c in tied[: tied.index(chosen)])
     for c in measured:
         assert 0 < c.latency.p50_ms <= c.latency.p90_ms <= c.latency.p99_ms
         assert c.speedup == pytest.approx(result.fp32_latency.p50_ms / c.latency.p50_ms)

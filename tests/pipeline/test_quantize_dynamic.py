@@ -22,6 +22,10 @@ from onnxforge.targets import (
 )
 from onnxforge.targets.cpu import matmul_dominated
 
+# The tiny test models are overhead-bound (int8 measures ~0.73x fp32), so quantize would keep the input
+# and exit 4 (issue 23); these tests are about other things, so int8 is timed 2x faster (conftest.int8_faster).
+pytestmark = pytest.mark.usefixtures("int8_faster")
+
 HIDDEN = 64
 DYNAMIC = QuantScheme(format=QuantFormat.QOPERATOR, activations=ActivationType.UINT8, method=QuantMethod.DYNAMIC)
 STATIC = QuantScheme(format=QuantFormat.QDQ, activations=ActivationType.UINT8, per_channel=True)

@@ -136,7 +136,7 @@ def test_prune_checks_score_and_time_through_the_reference(tmp_path, classifier_
 
 
 def test_quantize_scores_and_times_its_candidates_through_the_reference(tmp_path, classifier_path, calibration_npz,
-                                                                        spied):
+                                                                        spied, int8_faster):
     from onnxforge.pipeline.quantize import QuantizeConfig, quantize
     from onnxforge.targets import ActivationType, QuantFormat, QuantScheme
 

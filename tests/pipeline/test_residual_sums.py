@@ -51,7 +51,7 @@ def test_the_slowdown_is_measured_on_the_target():
 
 
 @pytest.mark.parametrize("slowdown", [1.0, 5.0])
-def test_quantize_rewrites_only_where_the_target_measured_it_slower(slowdown, tmp_path, monkeypatch):
+def test_quantize_rewrites_only_where_the_target_measured_it_slower(slowdown, tmp_path, monkeypatch, int8_faster):
     monkeypatch.setattr(skip_layer_norm, "skip_layer_norm_slowdown", lambda target: slowdown)
     model, out = tmp_path / "encoder.onnx", tmp_path / "int8.onnx"
     onnx.save_model(make_encoder(layers=2), str(model))

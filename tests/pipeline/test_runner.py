@@ -16,6 +16,10 @@ from onnxforge.errors import QualityGateError
 from onnxforge.pipeline.recipe import load_recipe
 from onnxforge.pipeline.runner import run_recipe
 
+# The tiny test models are overhead-bound (int8 measures ~0.73x fp32), so quantize would keep the input
+# and exit 4 (issue 23); these tests are about other things, so int8 is timed 2x faster (conftest.int8_faster).
+pytestmark = pytest.mark.usefixtures("int8_faster")
+
 RECIPE = """
 name: tiny
 model: classifier.onnx

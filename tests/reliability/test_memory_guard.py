@@ -74,7 +74,7 @@ def test_quantize_refuses_over_the_limit(cli, tmp_path, classifier_path):
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()} == before
 
 
-def test_quantize_runs_under_the_limit(cli, tmp_path, classifier_path, calibration_npz):
+def test_quantize_runs_under_the_limit(cli, tmp_path, classifier_path, calibration_npz, int8_faster):
     output = tmp_path / "int8.onnx"
     code, _, err = cli("quantize", classifier_path, "-o", output, "--calibration", calibration_npz,
                        "--max-memory", "4G", "--tolerance", "100")
@@ -86,7 +86,7 @@ def _resident() -> int:
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
 
 
-def test_data_size_moves_the_verdict(cli, tmp_path, classifier_path):
+def test_data_size_moves_the_verdict(cli, tmp_path, classifier_path, int8_faster):
     """The same limit passes a small file and refuses a large one: the guard reads the size of the data
     it will read (the file's header, as far as --max-samples; rows past it are never read)."""
     small = write_npz(tmp_path / "small.npz", x=random_images(64))
@@ -304,7 +304,9 @@ def test_max_memory_is_kept_quantizing_a_detector_sized_input(tmp_path, limit):
     assert list(work.iterdir()) == []
 
 
-def test_without_max_memory_the_limit_is_a_share_of_the_available_memory(cli, tmp_path, classifier_path, monkeypatch):
+def test_without_max_memory_the_limit_is_a_share_of_the_available_memory(
+    cli, tmp_path, classifier_path, monkeypatch, int8_faster
+):
     """No --max-memory: the run is held to 80% of the memory available at the start, and refused before
     any work when that cannot hold Python, the samples and a forward pass (the OOM killer is the alternative)."""
     from onnxforge.pipeline.quantize import calibrate

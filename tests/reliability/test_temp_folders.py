@@ -89,7 +89,7 @@ def test_folder_of_a_killed_run_is_removed_at_the_next_start(tmp_path):
     assert [p.name for p in private_tmp.iterdir() if p.is_dir()] == []
 
 
-def test_pre_processing_leaves_nothing_in_the_working_folder(cli, tmp_path, monkeypatch):
+def test_pre_processing_leaves_nothing_in_the_working_folder(cli, tmp_path, monkeypatch, int8_faster):
     """onnxruntime's symbolic shape inference saves ``sym_shape_infer_temp.onnx`` into the current folder
     when it fails (here: two inputs' symbolic dims that only auto-merge reconciles); quantize's
     pre-processing runs it inside its temp folder, so the user's folder gets the output only."""

@@ -5,7 +5,8 @@ inference, which ``quantize_static`` needs to quantize activations at all); (2) 
 on the user's samples and cache the ranges; (3) quantize once per candidate scheme the target
 proposes (format, activation type, per-channel or not); (4) score each candidate on held-out
 samples against fp32 (and labels); (5) time fp32 and all candidates interleaved on the target;
-(6) keep the fastest candidate that meets the tolerance. Every candidate's numbers are returned.
+(6) keep the fastest candidate that meets the tolerance (``objective`` size: the smallest) when it
+improves on the input, which is always a candidate. Every candidate's numbers are returned.
 
 Calibration runs once, one batch at a time (calibration_ranges): bounded memory, and
 Entropy/Percentile/Distribution accept variable-length samples. When the fastest candidate
@@ -25,7 +26,10 @@ candidates quantize (QAttention); residual sums kept out of a slow SkipLayerNorm
 (skip_layer_norm); attention-mask nodes out of static ranges (attention_mask).
 
 No candidate within tolerance: the most accurate one is saved and QualityGateError (exit 4) is
-raised. A kept candidate that is not faster than fp32 is saved with a note saying so.
+raised. No candidate within tolerance faster than the input (beyond the timing tie band, fp32 timed in
+the same interleaved run; or smaller, for objective size): the input is written unchanged and
+QualityGateError (exit 4) is raised with every candidate's numbers (issue 23: never slower than the
+input).
 
 Modules by job: ``schemes`` (scheme ids, ``parse_scheme``, the codec hook), ``config``
 (QuantizeConfig, CalibrationMethod, the results), ``calibrate`` (samples, pre-processing, ranges),
@@ -36,13 +40,20 @@ composing them); ``calibration_ranges``, ``calibration_memory``, ``mixed_precisi
 ``attention_mask`` do one thing each for them.
 """
 
-from onnxforge.pipeline.quantize.config import CalibrationMethod, CandidateResult, QuantizeConfig, QuantizeResult
+from onnxforge.pipeline.quantize.config import (
+    CalibrationMethod,
+    CandidateResult,
+    Objective,
+    QuantizeConfig,
+    QuantizeResult,
+)
 from onnxforge.pipeline.quantize.schemes import parse_scheme, scheme_id  # first: registers the codec hook
 from onnxforge.pipeline.quantize.stage import quantize
 
 __all__ = [
     "CalibrationMethod",
     "CandidateResult",
+    "Objective",
     "QuantizeConfig",
     "QuantizeResult",
     "parse_scheme",

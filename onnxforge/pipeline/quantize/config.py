@@ -20,7 +20,9 @@ from onnxforge.pipeline.quantize.quant_error import NodeError
 from onnxforge.targets import QuantScheme
 from onnxforge.targets.latency import LatencyStats
 
-__all__ = ["CalibrationMethod", "CandidateResult", "QuantizeConfig", "QuantizeResult", "Ranges"]
+__all__ = [
+    "INPUT_KEPT", "CalibrationMethod", "CandidateResult", "Objective", "QuantizeConfig", "QuantizeResult", "Ranges",
+]
 
 
 class CalibrationMethod(enum.Enum):
@@ -36,6 +38,21 @@ class CalibrationMethod(enum.Enum):
             CalibrationMethod.PERCENTILE: ortq.CalibrationMethod.Percentile,
             CalibrationMethod.DISTRIBUTION: ortq.CalibrationMethod.Distribution,
         }[self]
+
+
+class Objective(enum.Enum):
+    """What the kept candidate must improve on the input (issue 23: never worse than the input).
+
+    latency: the fastest candidate within tolerance, kept only when it is measured faster than the input
+    (fp32 timed in the same interleaved run, beyond the tie band); size: the smallest within tolerance,
+    kept only when it is smaller than the input file. Otherwise the input is kept and the gate fails.
+    """
+
+    LATENCY = "latency"
+    SIZE = "size"
+
+
+INPUT_KEPT = "fp32 (input kept)"  # QuantizeResult.chosen when no candidate improves on the input
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,12 @@ class QuantizeConfig:
     """
 
     target: str = option("cpu", help="where candidates are measured (the recipe's target fills it)")
+    objective: Objective = option(
+        Objective.LATENCY,
+        help="what the kept model must improve on the input: latency (the fastest within tolerance, kept only "
+        "when measured faster than the input) or size (the smallest within tolerance, kept only when smaller); "
+        "when none does, the input is kept and the gate fails (exit 4)",
+    )
     schemes: tuple[QuantScheme, ...] | None = option(
         None,
         help="the candidates measured, e.g. qdq-u8s8-per-channel, qdq-u8s8-per-channel-matmul-smooth, "
@@ -183,6 +206,8 @@ class CandidateResult(JsonResult):
     bytes: int | None = None
     error: str | None = None
     float_nodes: list[str] = field(default_factory=list)  # nodes kept in float by mixed precision
+    # with labels: top-1 agreement with the input's own predictions (1 - churn), beside the accuracy drop
+    agreement_with_input: float | None = None
 
     def json_extra(self) -> dict[str, Any]:
         return {"latency": self.latency.to_json() if self.latency else None, "speedup_vs_fp32": self.speedup}
@@ -205,6 +230,8 @@ class QuantizeResult(JsonResult):
     mixed_precision: MixedPrecisionSearch | None = None
     layer_errors: list[NodeError] = field(default_factory=list)  # the kept model's nodes, graph order
     calibration_batches: int = 0
+    objective: str = "latency"  # the config's Objective, by value
+    kept_input: bool = False  # no candidate improved on the input: ``path`` holds the input (``chosen`` INPUT_KEPT)
 
     def json_extra(self) -> dict[str, Any]:
         return {
@@ -221,4 +248,8 @@ class QuantizeResult(JsonResult):
 
     @property
     def chosen_candidate(self) -> CandidateResult:
-        return next(c for c in self.candidates if c.scheme == self.chosen)
+        """The kept candidate (a LookupError when the input was kept)."""
+        found = next((c for c in self.candidates if c.scheme == self.chosen), None)
+        if found is None:
+            raise LookupError(f"no candidate was kept: {self.chosen}")
+        return found

@@ -5,7 +5,10 @@ when there is one, else the base one; smoothed by smooth_quant for ``-smooth`` s
 per graph), with static schemes reading ranges calibrated once per graph and method, scored on the
 held-out samples against the fp32 model's outputs (and labels) and sized; then fp32 and every
 candidate are timed interleaved on the target.
-The kept candidate is the fastest that meets the tolerance. When the fastest misses it, mixed
+The kept candidate is the fastest that meets the tolerance (objective size: the smallest), ties in
+the timing noise going to the better score; it is kept only when it improves on the input
+(improves(): faster than fp32 beyond the tie band, or smaller), else the caller keeps the input and
+raises. When the fastest misses it, mixed
 precision (mixed_precision) returns its most sensitive nodes to float until it holds, and everything
 is timed again. When no candidate meets the tolerance the most accurate one is kept (the caller
 raises). The kept model's per-node error (local and end-to-end SQNR vs fp32, quant_error) is
@@ -24,11 +27,11 @@ import onnx
 
 from onnxforge.errors import CalibrationDataError, QualityGateError
 from onnxforge.pipeline.calibration import SampleSet, model_batch_size
-from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.quantize.attention_mask import mask_nodes
 from onnxforge.pipeline.quantize.backends import error_line, quantize_candidate
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, collect
-from onnxforge.pipeline.quantize.config import CalibrationMethod, CandidateResult, QuantizeConfig, Ranges
+from onnxforge.pipeline.quantize.config import CalibrationMethod, CandidateResult, Objective, QuantizeConfig, Ranges
 from onnxforge.pipeline.quantize.graphs import Graphs
 from onnxforge.pipeline.quantize.mixed_precision import (
     MixedPrecisionSearch,
@@ -57,13 +60,36 @@ _log = logging.getLogger(__name__)
 # Determinism (issue 7, reliability): p50s move ~±15% run to run, and on small models the candidates
 # are within a few percent of each other, so "the minimum p50" picked a different scheme on each run
 # of the same recipe (3 runs, 3 choices, measured). Candidates within this fraction of the fastest
-# count as tied, and the earliest in the target's order (the list order) wins.
+# count as tied; among them the better score wins (issue 23: ties go to quality, never to a timing
+# difference inside the noise), then the earliest in the target's order (the list order). The input
+# is in that race too: a candidate must be faster than fp32 beyond this band to be kept (improves).
 _LATENCY_TIE_FRACTION = 0.05
 
 
-def _fastest(candidates: list) -> CandidateResult:
-    best = min(c.latency.p50_ms for c in candidates)
-    return next(c for c in candidates if c.latency.p50_ms <= best * (1.0 + _LATENCY_TIE_FRACTION))
+def _by_quality(candidates: Sequence[CandidateResult], gate: QualityGate | None) -> CandidateResult:
+    """The best-scoring of ``candidates`` (unscored last), the earliest among equals."""
+    sign = 1.0 if gate is None or gate.higher_is_better else -1.0
+
+    def rank(item: tuple[int, CandidateResult]) -> tuple[float, int]:
+        index, c = item
+        return (-sign * c.score if c.score is not None else float("inf"), index)
+
+    return min(enumerate(candidates), key=rank)[1]
+
+
+def _fastest(candidates: Sequence[CandidateResult], gate: QualityGate | None = None) -> CandidateResult:
+    """The fastest of ``candidates`` (every one timed): those within _LATENCY_TIE_FRACTION of the
+    minimum p50 are tied, and the tie goes to the better score under ``gate``, then to the earliest."""
+    p50 = {id(c): c.latency.p50_ms for c in candidates if c.latency is not None}
+    best = min(p50.values())
+    return _by_quality([c for c in candidates if p50[id(c)] <= best * (1.0 + _LATENCY_TIE_FRACTION)], gate)
+
+
+def _smallest(candidates: Sequence[CandidateResult], gate: QualityGate | None = None) -> CandidateResult:
+    """The smallest of ``candidates`` (every one sized); equal sizes go to the better score, then the earliest."""
+    sizes = {id(c): c.bytes for c in candidates if c.bytes is not None}
+    best = min(sizes.values())
+    return _by_quality([c for c in candidates if sizes[id(c)] == best], gate)
 
 
 def _latency_feeds(held_out: SampleSet, batch: int) -> dict:
@@ -154,6 +180,13 @@ class CandidateRun:
         """``path``'s score against fp32 on the held-out samples (Reference.score)."""
         return self.reference.score(path)
 
+    def agreement(self, path: Path) -> float | None:
+        """With labels, ``path``'s top-1 agreement with fp32's predictions (the churn an accuracy drop
+        can hide: the same accuracy with other samples wrong); None without labels (the metric says it)."""
+        if self.gate.metric is not Metric.ACCURACY:
+            return None
+        return self.reference.agreement(path)
+
     def measure(self, schemes: Sequence[QuantScheme]) -> None:
         """Quantize and score every scheme, then time them all; raises QualityGateError when every one failed."""
         failing_ops: list[str] = []
@@ -170,6 +203,7 @@ class CandidateRun:
                 continue
             _log.debug("quantized %s in %.1fs", scheme.label, time.perf_counter() - start)
             result.meets_tolerance = self.gate.passes(result.score, self.fp32_score)
+            result.agreement_with_input = self.agreement(dest)
             result.bytes = dest.stat().st_size
             self.paths[scheme.label] = dest
             self.scheme_of[scheme.label] = scheme
@@ -231,7 +265,7 @@ class CandidateRun:
         gate, config = self.gate, self.config
         search: MixedPrecisionSearch | None = None
         timed = [c for c in self.candidates if c.latency is not None]
-        fastest = _fastest(timed)
+        fastest = _fastest(timed, gate)
         to_search = [fastest] if config.mixed_precision and not fastest.meets_tolerance else []
         if to_search:
             to_search += [
@@ -266,6 +300,7 @@ class CandidateRun:
             path = step_paths.get(step.float_nodes)
             if path is not None:
                 mixed.bytes = path.stat().st_size
+                mixed.agreement_with_input = self.agreement(path)
                 self.candidates.append(mixed)
                 self.paths[label] = path
                 self.scheme_of[label] = self.scheme_of[base.scheme]
@@ -324,16 +359,31 @@ class CandidateRun:
         return search, step_paths
 
     def choose(self) -> tuple[CandidateResult, bool]:
-        """(the kept candidate, whether it meets the tolerance): the fastest passing one, ties within
-        ``_LATENCY_TIE_FRACTION`` to the earliest; else the most accurate one."""
+        """(the best candidate, whether it meets the tolerance): the fastest passing one (objective
+        latency; ties within ``_LATENCY_TIE_FRACTION`` to the better score, then the earliest) or the
+        smallest (objective size); else the most accurate one. Whether it beats the input: improves()."""
         passing = [c for c in self.candidates if c.meets_tolerance and c.latency is not None]
+        if passing and self.config.objective is Objective.SIZE:
+            sized = [c for c in passing if c.bytes is not None]
+            if sized:
+                return _smallest(sized, self.gate), True
         if passing:
-            return _fastest(passing), True
+            return _fastest(passing, self.gate), True
         measured = [(c, c.score) for c in self.candidates if c.score is not None and c.scheme in self.paths]
         best = self.gate.best(measured, lambda pair: pair[1])
         if best is None:  # never: measure() raised QualityGateError when no candidate could be scored
             raise QualityGateError("no quantized candidate could be scored")
         return best[0], False
+
+    def improves(self, chosen: CandidateResult, input_bytes: int) -> bool:
+        """Whether ``chosen`` (a passing candidate) beats the input on the objective. latency: fp32 is a
+        candidate of the same race, with the best quality, so the fastest passing candidate must be faster
+        than fp32's own timing in the same interleaved run beyond the tie band; size: smaller than the
+        input's ``input_bytes``."""
+        if self.config.objective is Objective.SIZE:
+            return chosen.bytes is not None and chosen.bytes < input_bytes
+        timed = [c.latency.p50_ms for c in self.candidates if c.meets_tolerance and c.latency is not None]
+        return bool(timed) and min(timed) * (1.0 + _LATENCY_TIE_FRACTION) < self.timings["fp32"].p50_ms
 
     def layer_errors(self, chosen: CandidateResult, notes: list[str]) -> list[NodeError]:
         """Per-node error of the kept model (of its QDQ twin when it is QOperator) on calibration samples."""

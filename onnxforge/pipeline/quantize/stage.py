@@ -15,18 +15,18 @@ from pathlib import Path
 
 import onnx
 
-from onnxforge._atomic import check_output_path, paths_in
+from onnxforge._atomic import atomic_write_bytes, check_output_path, paths_in
 from onnxforge.errors import QualityGateError, UsageError
-from onnxforge.model_io import save_model
+from onnxforge.model_io import model_file_size, save_model
 from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.normalize import load_stage_input, quantized_ops
 from onnxforge.pipeline.quantize.calibrate import data_notes, load_calibration
-from onnxforge.pipeline.quantize.config import QuantizeConfig, QuantizeResult
+from onnxforge.pipeline.quantize.config import INPUT_KEPT, CandidateResult, Objective, QuantizeConfig, QuantizeResult
 from onnxforge.pipeline.quantize.embeddings import embedding_tables
 from onnxforge.pipeline.quantize.graphs import prepare_graphs
 from onnxforge.pipeline.quantize.opset import opset_for_schemes
-from onnxforge.pipeline.quantize.select import REWRITTEN_FP32, CandidateRun
+from onnxforge.pipeline.quantize.select import _LATENCY_TIE_FRACTION, REWRITTEN_FP32, CandidateRun
 from onnxforge.pipeline.quantize.smooth_quant import smooth_groups
 from onnxforge.targets import QuantMethod, QuantScheme, get_target
 
@@ -92,7 +92,9 @@ def quantize(
         run.measure(schemes)
         search = run.mixed_precision(notes)
         chosen, passed = run.choose()
-        layer_errors = run.layer_errors(chosen, notes)
+        input_bytes = model_file_size(input_path)
+        kept_input = passed and not run.improves(chosen, input_bytes)
+        layer_errors = [] if kept_input else run.layer_errors(chosen, notes)
         notes += run.notes
         if run.timings_reused:
             notes.append("latencies as recorded by an earlier run of these same candidates on this machine (the "
@@ -102,21 +104,24 @@ def quantize(
         if REWRITTEN_FP32 in run.timings:
             speedup = run.timings["fp32"].p50_ms / run.timings[REWRITTEN_FP32].p50_ms
             notes.append(f"the rewritten fp32 graph alone runs {speedup:.2f}x the input model (part of each speedup)")
-        kept_model = onnx.load(str(run.paths[chosen.scheme]), load_external_data=True)
-        if not quantized_ops(kept_model.graph):
-            notes.append(_nothing_quantized(model))
-        save_model(kept_model, out)
+        if kept_input:
+            _keep_input(Path(input_path), out, input_bytes)
+        else:
+            kept_model = onnx.load(str(run.paths[chosen.scheme]), load_external_data=True)
+            if not quantized_ops(kept_model.graph):
+                notes.append(_nothing_quantized(model))
+            save_model(kept_model, out)
         calibration_batches = run.calibration_batches
 
-    if chosen.speedup is not None and chosen.speedup < 1.0:
+    if not kept_input and chosen.speedup is not None and chosen.speedup < 1.0:
         notes.append(
-            f"the kept model is {1 / chosen.speedup:.2f}x SLOWER than fp32 on target {target.name!r}: no candidate "
-            f"{'within tolerance ' if passed else ''}is faster; this model's time is not in ops that int8 "
-            "kernels speed up"
+            f"the kept model is {1 / chosen.speedup:.2f}x SLOWER than fp32 on target {target.name!r}: " + (
+                "it is the smallest within tolerance (--objective size)" if passed else
+                "no candidate is faster; this model's time is not in ops that int8 kernels speed up")
         )
     result = QuantizeResult(
         path=out,
-        chosen=chosen.scheme,
+        chosen=INPUT_KEPT if kept_input else chosen.scheme,
         gate=run.gate,
         fp32_score=run.fp32_score,
         fp32_latency=run.timings["fp32"],
@@ -127,7 +132,13 @@ def quantize(
         mixed_precision=search,
         layer_errors=layer_errors,
         calibration_batches=calibration_batches,
+        objective=config.objective.value,
+        kept_input=kept_input,
     )
+    if kept_input:
+        raise QualityGateError(_no_improvement(config.objective, chosen, target.name, input_bytes, out),
+                               hint=_NO_IMPROVEMENT_HINT[config.objective], best_path=str(out),
+                               result=result.to_json())
     if not passed:
         raise QualityGateError(
             f"no quantized model meets the tolerance ({run.gate.describe()}): the best, {chosen.scheme}, scores "
@@ -139,6 +150,34 @@ def quantize(
             result=result.to_json(),
         )
     return result
+
+
+_NO_IMPROVEMENT_HINT = {
+    Objective.LATENCY: "this model's time is not in ops that int8 kernels speed up (a small model is bound by "
+    "per-op overhead); keep the input, try another --target, or use --objective size to keep the smallest",
+    Objective.SIZE: "no scheme stores this model's weights in fewer bytes; keep the input",
+}
+
+
+def _no_improvement(objective: Objective, best: CandidateResult, target: str, input_bytes: int, out: Path) -> str:
+    """The gate's message when no candidate within tolerance improves on the input."""
+    if objective is Objective.SIZE:
+        measured = f"{best.bytes:,} bytes vs the input's {input_bytes:,}"
+        return (f"no quantized candidate is smaller than the input (best: {best.scheme} at {measured}); "
+                f"the input is kept at {out}")
+    speed = f"{best.speedup:.2f}x" if best.speedup is not None else "not timed"
+    if best.speedup is not None and best.speedup >= 1.0:
+        speed += f", inside the {_LATENCY_TIE_FRACTION:.0%} timing noise where the input's quality wins"
+    return (f"no quantized candidate is faster than the input on {target} (best: {best.scheme} at {speed}); "
+            f"the input is kept at {out}")
+
+
+def _keep_input(input_path: Path, out: Path, input_bytes: int) -> None:
+    """Write the input model to ``out`` unchanged: its bytes when it is one file, else re-saved with its data."""
+    if input_bytes == input_path.stat().st_size:
+        atomic_write_bytes(out, input_path.read_bytes())
+    else:
+        save_model(onnx.load(str(input_path), load_external_data=True), out)
 
 
 def _fit_schemes(
