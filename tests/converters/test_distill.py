@@ -43,7 +43,7 @@ def pruned(tmp_path_factory):
     np.savez(folder / "eval.npz", x=rng.standard_normal((200, 3, 8, 8)).astype(np.float32))
     export(TEACHER, folder / "teacher.onnx", ExportConfig(dynamic_batch=True), in_process=True)
     prune_channels(folder / "teacher.onnx", folder / "pruned.onnx",
-                   ChannelPruneConfig(ratio=0.75, calibration_data=folder / "calib.npz",
+                   ChannelPruneConfig(ratio=0.75, round_to=1, calibration_data=folder / "calib.npz",
                                       gate=False))  # keep the damage: no back-off
     return folder, folder / "pruned.onnx", folder / "calib.npz", folder / "eval.npz"
 

@@ -49,7 +49,8 @@ def _run(project: Path, stages: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25
 
 
 def test_an_image_folder_calibrates_prune_channels_low_rank_and_quantize(image_project, int8_faster):
-    result = _run(image_project, "[{prune_channels: {ratio: 0.5, tolerance: 100}}, {low_rank: {tolerance: 100, "
+    result = _run(image_project, "[{prune_channels: {ratio: 0.5, round_to: 1, tolerance: 100}}, "
+                  "{low_rank: {tolerance: 100, "
                                  "min_params: 16}}, {quantize: {tolerance: 100, latency_rounds: 3}}]")
     assert [s.status for s in result.stages] == ["done", "done", "done"]
     pruned = onnx.load(str(image_project / "run" / "01_prune_channels.onnx"))
@@ -62,7 +63,7 @@ def test_an_image_folder_calibrates_prune_channels_low_rank_and_quantize(image_p
 
 
 def test_the_images_mean_and_std_change_what_prune_channels_computes(image_project):
-    stage = "[{prune_channels: {ratio: 0.5, tolerance: 100}}]"
+    stage = "[{prune_channels: {ratio: 0.5, round_to: 1, tolerance: 100}}]"
     a = _run(image_project, stage, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), run="a")
     b = _run(image_project, stage, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), run="b")
     assert a.stages[0].key != b.stages[0].key  # the preprocessing is part of the cache key

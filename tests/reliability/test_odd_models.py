@@ -85,6 +85,7 @@ def test_channel_pruning_counts_initializers_listed_as_inputs_as_weights(cli, tm
     path = save(model, tmp_path / "m.onnx")
     report = tmp_path / "prune.json"
     code, _, err = cli("prune", path, "-o", tmp_path / "pruned.onnx", "--method", "channels", "--ratio", "0.5",
+                       "--round-to", "1",
                        "--json", report)
     assert code == 0, err
     result = json.loads(report.read_text())
@@ -99,7 +100,8 @@ def test_calibrated_channel_pruning_of_an_ir3_opset7_model(cli, tmp_path):
     """Issue 17: "pruning 2 groups produced an invalid model: conv_w__pruned1 in initializer but not in graph input"."""
     path = save(_ir3_initializers_as_inputs(dead_channels=4), tmp_path / "old.onnx")  # 4 channels to remove
     calib = write_npz(tmp_path / "calib.npz", x=random_images(32))
-    code, out, err = cli("prune", path, "-o", tmp_path / "pruned.onnx", "--method", "channels", "--calibration", calib)
+    code, out, err = cli("prune", path, "-o", tmp_path / "pruned.onnx", "--method", "channels", "--calibration", calib,
+                         "--round-to", "1")
     assert code == 0, err
     assert "IR version 3 -> 4" in out and "8 -> 4" in out
     assert_numerically_equal(make_classifier(channels=8, dead_channels=4), tmp_path / "pruned.onnx",

@@ -104,13 +104,13 @@ def quantize(
         if REWRITTEN_FP32 in run.timings:
             speedup = run.timings["fp32"].p50_ms / run.timings[REWRITTEN_FP32].p50_ms
             notes.append(f"the rewritten fp32 graph alone runs {speedup:.2f}x the input model (part of each speedup)")
+        best_model = onnx.load(str(run.paths[chosen.scheme]), load_external_data=True)
+        if not quantized_ops(best_model.graph):  # also why a kept input was not beaten (silero's If bodies)
+            notes.append(_nothing_quantized(model))
         if kept_input:
             _keep_input(Path(input_path), out, input_bytes)
         else:
-            kept_model = onnx.load(str(run.paths[chosen.scheme]), load_external_data=True)
-            if not quantized_ops(kept_model.graph):
-                notes.append(_nothing_quantized(model))
-            save_model(kept_model, out)
+            save_model(best_model, out)
         calibration_batches = run.calibration_batches
 
     if not kept_input and chosen.speedup is not None and chosen.speedup < 1.0:
