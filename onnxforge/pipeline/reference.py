@@ -254,7 +254,8 @@ class Reference:
             return self.samples.first_batch(size)
         from onnxforge.targets.feeds import generate_feeds
 
-        return generate_feeds(self.specs, batch=size, overrides=self.input_shapes)
+        # given the model, generated ids stay inside the embedding tables they index
+        return generate_feeds(self.specs, batch=size, overrides=self.input_shapes, model=self.proto)
 
     def time_against(
         self,

@@ -130,3 +130,15 @@ def test_int64_ids_feeding_an_embedding_stay_inside_its_vocabulary(tmp_path, cli
     path = save(model, tmp_path / "embed.onnx")
     code, _, err = cli("profile", path, "--min-seconds", "0")
     assert code == 0, err
+
+
+def test_the_measurement_service_times_an_embedding_on_ids_inside_its_vocabulary(tmp_path):
+    """Without data, Reference's timing feeds are generated: ids must index the table, or onnxruntime
+    refuses them (the runner's run table and the search time through these feeds)."""
+    from conftest import save
+
+    from onnxforge.pipeline.reference import Reference
+
+    path = save(_embedding_model(vocab=3), tmp_path / "embed.onnx")
+    feeds = Reference(path, None, "cpu").feeds(batch=4)
+    assert feeds["input_ids"].max() < 3
