@@ -119,22 +119,32 @@ def _render_profile(result, top: int) -> None:
     emulation = " (host emulation, not a device measurement)" if result.host_emulation else ""
     out.print(f"inputs: {escape(result.inputs)}", highlight=False)
     table = Table(title=f"{result.path.name} on {result.target}{emulation}")
-    for col in ("batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "samples/s", "runs"):
+    for col in ("batch", "threads", "p50 ms", "p90 ms", "p99 ms", "p90/p50", "p99/p50", "mean ms", "std ms",
+                "samples/s", "runs"):
         table.add_column(col, justify="right")
+    warnings = []
     for r in result.rows:
         s = r.latency
+        noisy = s.noise_warning()
+        if noisy:
+            warnings.append(f"batch {r.batch}, threads {r.threads or 'default'}: {noisy}")
+        mark = "[yellow]" if noisy else ""
         table.add_row(
             str(r.batch),
             str(r.threads or "default"),
             f"{s.p50_ms:.3f}",
             f"{s.p90_ms:.3f}",
             f"{s.p99_ms:.3f}",
+            f"{mark}{s.p90_over_p50:.2f}",
+            f"{mark}{s.p99_over_p50:.1f}",
             f"{s.mean_ms:.3f}",
             f"{s.std_ms:.3f}",
             f"{s.throughput:.1f}",
             str(s.runs),
         )
     out.print(table)
+    for warning in warnings:
+        out.print(f"  [yellow]warning:[/] {escape(warning)}")
     if result.op_profile is not None:
         ops = result.op_profile
         kinds = Table(title=f"time per op type (top {top})")
@@ -152,8 +162,10 @@ def _render_profile(result, top: int) -> None:
         placement = ", ".join(f"{p.provider}: {p.nodes} nodes ({p.share:.0%})" for p in ops.placement)
         out.print(f"EP placement: {placement}; fell back from {ops.expected_provider}: {len(ops.fallback_nodes)} nodes")
         out.print(
-            f"per-op sum {ops.op_sum_ms:.3f} ms vs measured p50 {ops.latency.p50_ms:.3f} ms: "
-            f"ops account for {ops.coverage:.0%} (profiler overhead {ops.profiler_overhead:.2f}x, {ops.runs} runs)"
+            f"per-op sum {ops.op_sum_ms:.3f} ms of onnxruntime's {ops.ort_run_ms:.3f} ms per profiled run: "
+            f"kernels account for {ops.coverage:.0%} of it; the profiler made runs {ops.profiler_overhead:.2f}x "
+            f"slower (plain p50 {ops.latency.p50_ms:.3f} ms), so per-op times are shares, not plain latencies "
+            f"({ops.runs} runs)"
         )
         for note in ops.notes:
             out.print(f"  [yellow]note:[/] {note}")

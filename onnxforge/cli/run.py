@@ -18,6 +18,16 @@ def _stage_summary(stage) -> str:
     return stage.error[:80] if stage.error else stage.summary
 
 
+def _spread(latency: dict | None) -> str:
+    """p90/p50 of a stage's timing, yellow when noisy (the threshold ``profile`` warns at)."""
+    from onnxforge.targets.latency import NOISY_P90
+
+    if not latency or not latency.get("p50_ms"):
+        return "-"
+    ratio = latency["p90_ms"] / latency["p50_ms"]
+    return f"[yellow]{ratio:.2f}[/]" if ratio > NOISY_P90 else f"{ratio:.2f}"
+
+
 def _render_run(result, json_path: str | None) -> None:
 
     emit_json(json_path, result.manifest.to_json())
@@ -25,7 +35,8 @@ def _render_run(result, json_path: str | None) -> None:
         return
     metric = result.metric
     table = Table(title=f"onnxforge run: {result.run_dir}")
-    for col in ("stage", "file", "size", metric or "quality", "p50 ms (b=1)", "speedup", "status", "what it did"):
+    for col in ("stage", "file", "size", metric or "quality", "p50 ms (b=1)", "p90/p50", "speedup", "status",
+                "what it did"):
         table.add_column(col, justify="left" if col in ("stage", "file", "status", "what it did") else "right")
     for s in [result.manifest.baseline, *result.stages] if result.manifest.baseline else result.stages:
         m = s.metrics
@@ -38,6 +49,7 @@ def _render_run(result, json_path: str | None) -> None:
             human_bytes(s.output["bytes"]) if s.output else "-",
             quality,
             f"{m['latency_p50_ms']:.3f}" if "latency_p50_ms" in m else "-",
+            _spread(m.get("latency")),
             f"{m['speedup_vs_first']:.2f}x" if "speedup_vs_first" in m else "-",
             status,
             _stage_summary(s),

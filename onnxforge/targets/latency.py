@@ -15,7 +15,12 @@ import onnxruntime as ort
 
 from onnxforge.pipeline.codec import JsonResult
 
-__all__ = ["LatencyStats", "compare_latency", "measure_latency"]
+__all__ = ["NOISY_P90", "NOISY_P99", "LatencyStats", "compare_latency", "measure_latency"]
+
+# Spread beyond which a timing is called noisy. This shared machine drifts about ±15% run to run,
+# so a quiet measurement keeps p90 within ~1.2x p50; a p99 at 2x p50 means hiccups of a whole run.
+NOISY_P90 = 1.3
+NOISY_P99 = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,26 @@ class LatencyStats(JsonResult):
             samples_ms=tuple(float(t) for t in ms),
         )
 
+    @property
+    def p90_over_p50(self) -> float:
+        """How far the slow tenth of runs sits above the median (1.0: every run alike)."""
+        return self.p90_ms / self.p50_ms if self.p50_ms > 0 else float("inf")
+
+    @property
+    def p99_over_p50(self) -> float:
+        return self.p99_ms / self.p50_ms if self.p50_ms > 0 else float("inf")
+
+    def noise_warning(self) -> str | None:
+        """A phrase when the spread says the timing is noisy (the machine was busy, or the runs are too
+        short for the clock): p90 more than ``NOISY_P90`` x p50, or p99 more than ``NOISY_P99`` x p50."""
+        if self.runs < 2:
+            return None
+        if self.p90_over_p50 > NOISY_P90 or self.p99_over_p50 > NOISY_P99:
+            return (f"noisy timing: p90 is {self.p90_over_p50:.2f}x and p99 {self.p99_over_p50:.1f}x the p50 "
+                    f"over {self.runs} runs; the machine was busy or the runs are too short to time alone: "
+                    "trust the p50 and ratios measured side by side, re-run with more --min-seconds")
+        return None
+
     def histogram(self, bins: int = 20) -> dict | None:
         """Counts of runs per latency bin (``edges_ms`` has one more entry than ``counts``), from the
         fastest run to p90 + 3 x (p90 - p10) at most; slower runs are counted in ``above``, so a few
@@ -71,7 +96,8 @@ class LatencyStats(JsonResult):
         }
 
     def json_extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"throughput_per_s": self.throughput}
+        extra: dict[str, Any] = {"throughput_per_s": self.throughput, "p90_over_p50": self.p90_over_p50,
+                                 "p99_over_p50": self.p99_over_p50}
         histogram = self.histogram()
         if histogram is not None:
             extra["histogram"] = histogram

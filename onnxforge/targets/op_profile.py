@@ -10,9 +10,11 @@ the first ``warmup`` brackets are dropped.
 Reported per node and per op type: median time per run (medians resist this shared machine's
 hiccups) and share of their sum; per provider:
 how many nodes and how much time it took (the EP placement), and which nodes ran on a provider
-other than the target's first one (a fall back). ``coverage`` = per-op sum / plain p50 latency:
-the rest is session overhead (input/output copies, allocation, the Python call), so coverage is
-below 1 for tiny models and close to 1 for heavy ones. Node names are those of the graph after
+other than the target's first one (a fall back). ``coverage`` = per-op sum / onnxruntime's own run
+time, both from the same profiled runs: the rest is the executor's overhead (input/output copies,
+allocation). It is not taken against the plain session's latency: the profiler slows every kernel
+(several times over on a tiny model, ``profiler_overhead``), so the kernel times of the profiled
+runs can add up to more than a plain run lasts. Node names are those of the graph after
 onnxruntime's optimizations, so fused nodes (``..._nchwc``, ``FusedConv``) appear under new names.
 """
 
@@ -99,8 +101,9 @@ class OpProfile(JsonResult):
 
     @property
     def coverage(self) -> float:
-        """Per-op sum over the plain session's p50 latency."""
-        return self.op_sum_ms / self.latency.p50_ms if self.latency.p50_ms > 0 else 0.0
+        """Per-op sum over onnxruntime's own run time, both medians of the same profiled runs (at most
+        1 with the sequential executor)."""
+        return self.op_sum_ms / self.ort_run_ms if self.ort_run_ms > 0 else 0.0
 
     @property
     def profiler_overhead(self) -> float:
@@ -130,7 +133,11 @@ def _shapes(entries) -> tuple[tuple[int, ...], ...]:
 
 
 def parse_profile(events: list[dict], *, skip_runs: int = 0) -> _ParsedProfile:
-    """Kernel times per node from onnxruntime profiler events, dropping the first ``skip_runs`` runs."""
+    """Kernel times per node from onnxruntime profiler events, dropping the first ``skip_runs`` runs.
+
+    A control-flow node (If, Loop, Scan) gets its own time only: the kernels of its body run inside
+    its kernel event and are profiled themselves, so their time is taken out of the parent's (summing
+    both counted the body twice: silero-vad's per-op sum came to 9x its run time)."""
     runs = sorted(
         (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
     )
@@ -151,8 +158,8 @@ def parse_profile(events: list[dict], *, skip_runs: int = 0) -> _ParsedProfile:
             k += 1
     for run in kept:
         start, end = run["ts"], run["ts"] + run["dur"]
-        run_sum = 0.0
         node_us: dict[str, float] = {}
+        open_kernels: list[tuple[str, float]] = []  # (node, end ts) of the kernels whose subgraph runs now
         while k < len(kernels) and kernels[k]["ts"] <= end:
             event = kernels[k]
             k += 1
@@ -160,13 +167,21 @@ def parse_profile(events: list[dict], *, skip_runs: int = 0) -> _ParsedProfile:
                 continue
             name = event["name"][: -len(_KERNEL_SUFFIX)]
             args = event.get("args", {})
-            node_us[name] = node_us.get(name, 0.0) + float(event["dur"])
+            dur = float(event["dur"])
+            ts = float(event["ts"])
+            while open_kernels and ts >= open_kernels[-1][1]:
+                open_kernels.pop()
+            if open_kernels and ts + dur <= open_kernels[-1][1]:
+                # inside an If/Loop/Scan body: the parent's kernel time includes it; count it once
+                parent = open_kernels[-1][0]
+                node_us[parent] = node_us.get(parent, 0.0) - dur
+            open_kernels.append((name, ts + dur))
+            node_us[name] = node_us.get(name, 0.0) + dur
             info.setdefault(
                 name,
                 (str(args.get("op_name", "?")), str(args.get("provider", "?")), _shapes(args.get("output_type_shape"))),
             )
-            run_sum += float(event["dur"])
-        run_sums.append(run_sum)
+        run_sums.append(sum(node_us.values()))
         per_run.append(node_us)
     return _ParsedProfile(
         per_node_us={name: float(np.median([run.get(name, 0.0) for run in per_run])) for name in info},

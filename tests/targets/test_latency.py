@@ -73,3 +73,15 @@ def test_sessions_timed_in_turn_do_not_spin(target_name):
     if target_name == "cpu":  # a deployed CPU model keeps onnxruntime's default (spinning on)
         with pytest.raises(RuntimeError, match="does not have configuration"):
             plain.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_a_long_tail_is_called_noisy_and_a_tight_timing_is_not():
+    quiet = LatencyStats.from_times([0.010 + 0.0001 * (i % 5) for i in range(100)], batch=1)
+    assert quiet.noise_warning() is None
+    assert quiet.to_json()["p90_over_p50"] == pytest.approx(quiet.p90_ms / quiet.p50_ms)
+    hiccups = LatencyStats.from_times([0.010] * 97 + [2.0] * 3, batch=1)  # p90 tight, p99 200x p50
+    assert hiccups.p90_over_p50 == pytest.approx(1.0)
+    warning = hiccups.noise_warning()
+    assert warning is not None and "p99" in warning and "noisy" in warning
+    spread = LatencyStats.from_times([0.010] * 60 + [0.020] * 40, batch=1)  # p90 2x p50
+    assert spread.noise_warning() is not None

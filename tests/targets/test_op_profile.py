@@ -106,3 +106,17 @@ def test_cli_compare_missing_file_is_exit_2(cli, tmp_path, classifier_path):
     code, _, stderr = cli("profile", classifier_path, "--compare", tmp_path / "nope.onnx", "--min-seconds", "0.01")
     assert code == 2
     assert "nope.onnx" in stderr
+
+
+def test_a_control_flow_node_keeps_only_its_own_time():
+    """An If's kernel event brackets its body's kernels, which are profiled too: counting both would
+    put the per-op sum above the run's own duration (silero-vad: 961%)."""
+    events = [
+        _run(0, 100), _kernel("if", "If", 10, 80), _kernel("conv", "Conv", 15, 50),
+        _kernel("inner_if", "If", 70, 15), _kernel("relu", "Relu", 72, 10), _kernel("out", "Identity", 92, 3),
+    ]
+    parsed = parse_profile(events)
+    assert parsed.per_node_us == {"if": 15.0, "conv": 50.0, "inner_if": 5.0, "relu": 10.0, "out": 3.0}
+    assert parsed.run_sums_us == [83.0]  # 80 of the If (body included) + 3, never more than the run's 100
+    result = _summarize(CudaTarget(), parsed, [1e-4], [1e-4], {"x": np.zeros((1, 4))}, OpProfileConfig())
+    assert result.coverage == pytest.approx(0.83)  # of onnxruntime's own run time in the same runs
