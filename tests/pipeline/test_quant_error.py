@@ -152,3 +152,41 @@ def test_the_report_can_be_turned_off(tmp_path):
     )
     result = quantize(model, tmp_path / "q.onnx", SampleSet({"x": data(64)}, None, "mem"), config)
     assert result.layer_errors == [] and result.to_json()["layer_errors"] == []
+
+
+def test_graph_outputs_are_always_measured_end_to_end(tmp_path):
+    """Issue 23: the node table listed five nodes above 40 dB while the network output sat at -15.6 dB.
+    The graph output is measured as the quantized model gives it (after its own Q/DQ) and ranks nowhere."""
+    fp32, qdq = quantized(tmp_path, outlier=2000.0)
+    x = data(32, seed=2)
+    errors = measure_node_errors(fp32, qdq, [{"x": x}], graph_outputs=True)
+    ends = [e for e in errors if e.graph_output]
+    assert [(e.output, e.node, e.op_type) for e in ends] == [("y", "fc4", "MatMul")]
+    assert math.isnan(ends[0].local_sqnr_db) and ends[0].to_json()["local_sqnr_db"] is None
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(str(fp32)).run(["y"], {"x": x})[0].astype(np.float64)
+    got = ort.InferenceSession(str(qdq)).run(["y"], {"x": x})[0].astype(np.float64)
+    expected = 10 * math.log10(np.sum(want**2) / np.sum((want - got) ** 2))
+    assert ends[0].sqnr_db == pytest.approx(expected, abs=0.05)
+    assert [e.node for e in errors if not e.graph_output] == [
+        e.node for e in measure_node_errors(fp32, qdq, [{"x": x}])]  # the node entries are unchanged
+    # shared over several passes (a memory limit), the output is measured once, with the same number
+    again = measure_node_errors(fp32, qdq, lambda: [{"x": x}], passes=3, graph_outputs=True)
+    assert [e.sqnr_db for e in again if e.graph_output] == pytest.approx([ends[0].sqnr_db])
+
+
+def test_the_quantize_table_always_ends_with_the_graph_outputs(tmp_path, capsys):
+    from onnxforge.cli.render import render_stage
+
+    model = tmp_path / "m.onnx"
+    onnx.save(chain_model(2000.0), model)
+    config = QuantizeConfig(schemes=(parse_scheme("qdq-u8s8-per-channel"),), metric=Metric.COSINE, tolerance=0.5,
+                            latency_rounds=3, analysis_samples=16)
+    result = quantize(model, tmp_path / "q.onnx", SampleSet({"x": data(64)}, None, "mem"), config)
+    payload = json.loads(json.dumps(result.to_json()))
+    assert [e["output"] for e in payload["layer_errors"] if e["graph_output"]] == ["y"]
+    assert all(not e.graph_output for e in result.top_offenders(10))
+    render_stage("quantize", payload, tmp_path / "q.onnx", failed=False)
+    printed = capsys.readouterr().out
+    assert "output y" in printed and printed.index("output y") > printed.index("largest quantization error")

@@ -228,7 +228,8 @@ class QuantizeResult(JsonResult):
     eval_samples: int
     notes: list[str] = field(default_factory=list)
     mixed_precision: MixedPrecisionSearch | None = None
-    layer_errors: list[NodeError] = field(default_factory=list)  # the kept model's nodes, graph order
+    # the kept model's nodes in graph order, then its graph outputs (``graph_output``: end to end only)
+    layer_errors: list[NodeError] = field(default_factory=list)
     calibration_batches: int = 0
     objective: str = "latency"  # the config's Objective, by value
     kept_input: bool = False  # no candidate improved on the input: ``path`` holds the input (``chosen`` INPUT_KEPT)
@@ -244,7 +245,7 @@ class QuantizeResult(JsonResult):
 
     def top_offenders(self, count: int = 5) -> list[NodeError]:
         """The kept model's nodes with the lowest local SQNR (the error their own quantization adds)."""
-        return rank_nodes(self.layer_errors)[:count]
+        return rank_nodes([e for e in self.layer_errors if not e.graph_output])[:count]
 
     @property
     def chosen_candidate(self) -> CandidateResult:

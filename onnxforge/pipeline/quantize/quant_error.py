@@ -11,6 +11,11 @@ taken on the node's first output:
 - **end-to-end SQNR**: the node's output in the quantized model against the fp32 model's: the
   error accumulated from every quantized node upstream, i.e. where in the network accuracy goes.
 
+With ``graph_outputs=True`` every float graph output is measured end to end too (``graph_output``
+set, no local SQNR): what the network finally gives, after the output's own Q/DQ rounding and any
+float tail. A per-node table without it once listed five nodes above 40 dB while the output sat at
+-15.6 dB, so the tables built from it always show the outputs.
+
 SQNR = 10 log10(sum x^2 / sum (x - x_q)^2) in dB over all measured samples (higher is better);
 relative error = ||x - x_q|| / ||x||. Both models run with graph optimizations off, so the
 quantized one is evaluated as the QDQ graph says (fake quantization), node by node. The sums
@@ -39,7 +44,7 @@ from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.compare import ErrorAccumulator, with_outputs
 from onnxforge.pipeline.quantize.memory_plan import balanced_shares
 
-__all__ = ["NodeError", "measure_node_errors", "quantized_nodes"]
+__all__ = ["NodeError", "layer_errors", "measure_node_errors", "output_errors", "quantized_nodes"]
 
 _QUANT_INPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime's name for a graph output's pre-Q tensor
 _REF_SUFFIX = "__onnxforge_fp32"
@@ -58,14 +63,50 @@ class NodeError(JsonResult):
     local_sqnr_db: float = field(metadata={"json": False})
     sqnr_db: float = field(metadata={"json": False})
     relative_error: float
+    graph_output: bool = False  # a graph output measured end to end (node: its fp32 producer; local: NaN)
 
     def json_extra(self) -> dict[str, Any]:
         return {"local_sqnr_db": _finite(self.local_sqnr_db), "sqnr_db": _finite(self.sqnr_db)}
 
 
 def _finite(value: float) -> float | None:
-    # JSON has no Infinity: an error-free tensor (identical outputs) is reported as null.
+    # JSON has no Infinity: an error-free tensor (identical outputs) is reported as null, as is a
+    # graph output's local SQNR (not a quantized node of its own: NaN).
     return round(value, 3) if math.isfinite(value) else None
+
+
+def layer_errors(errors: Sequence[NodeError]) -> list[NodeError]:
+    """The quantized nodes' entries of ``errors`` (the graph outputs' left out): what a ranking reads."""
+    return [e for e in errors if not e.graph_output]
+
+
+def output_errors(errors: Sequence[NodeError]) -> list[NodeError]:
+    """The graph outputs' entries of ``errors``."""
+    return [e for e in errors if e.graph_output]
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class _GraphOutput:
+    name: str
+    node: str  # the fp32 node that gives it
+    op_type: str
+
+
+def _graph_outputs(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> list[_GraphOutput]:
+    """The float outputs both graphs give under one name, with the fp32 node that produces each."""
+    in_qdq = {o.name for o in qdq.graph.output}
+    producer = {o: n for n in fp32.graph.node for o in n.output}
+    found = []
+    for out in fp32.graph.output:
+        if out.name not in in_qdq or out.type.tensor_type.elem_type not in _FLOAT_TYPES:
+            continue
+        node = producer.get(out.name)
+        found.append(_GraphOutput(out.name, (node.name or out.name) if node else out.name,
+                                  node.op_type if node else "input"))
+    return found
 
 
 @dataclass(frozen=True)
@@ -189,11 +230,13 @@ def measure_node_errors(
     *,
     passes: int = 1,
     output_sizes: Mapping[str, int] | None = None,
+    graph_outputs: bool = False,
 ) -> list[NodeError]:
     """Local and end-to-end error of each quantized node of ``qdq_path`` over ``batches`` of inputs.
 
     ``qdq_path`` must be a QDQ-format quantization of ``fp32_path`` (node names kept, as
     onnxruntime's QDQ quantizer does). Returns nodes in graph order; empty when none is quantized.
+    ``graph_outputs``: then the float graph outputs follow, end to end (``graph_output`` set).
     ``passes`` > 1 measures a share of the nodes per pass over the data (``batches`` is then a
     callable that gives them again), balanced by ``output_sizes`` (bytes of the fp32 tensors per sample).
     """
@@ -211,12 +254,17 @@ def measure_node_errors(
     else:
         names = balanced_shares([n.fp32_output for n in nodes], passes, output_sizes or {})
         shares = [[n for n in nodes if n.fp32_output in share] for share in names]
+    outputs = _graph_outputs(qdq, fp32) if graph_outputs else []
     errors: dict[str, NodeError] = {}
+    ends: list[NodeError] = []
     for share in shares:
         if share:
             again = batches() if callable(batches) else batches
-            errors.update(_measure(fp32, qdq, local_model, local_feeds, share, again, cut=passes > 1))
-    return [errors[n.name] for n in nodes]
+            measured, ends_measured = _measure(fp32, qdq, local_model, local_feeds, share, again, cut=passes > 1,
+                                               outputs=outputs if not ends else [])
+            errors.update(measured)
+            ends += ends_measured
+    return [errors[n.name] for n in nodes] + ends
 
 
 def _measure(
@@ -228,15 +276,18 @@ def _measure(
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
     cut: bool,
-) -> dict[str, NodeError]:
-    """The errors of ``nodes`` in one pass over ``batches``; ``cut``: the local model keeps only what they read."""
+    outputs: Sequence[_GraphOutput] = (),
+) -> tuple[dict[str, NodeError], list[NodeError]]:
+    """The errors of ``nodes`` (and, end to end, of ``outputs``) in one pass over ``batches``; ``cut``: the
+    local model keeps only what the nodes read."""
     measured = [n.qdq_output for n in nodes]
     local_model = _cut(local_model, measured) if cut else with_outputs(local_model, measured)
     local_inputs_read = {i.name for i in local_model.graph.input}
     local_feeds = {fed: name for fed, name in local_feeds.items() if fed in local_inputs_read}
-    fp32_names = [n.fp32_output for n in nodes] + list(local_feeds.values())
+    ends = [o.name for o in outputs]
+    fp32_names = list(dict.fromkeys([n.fp32_output for n in nodes] + list(local_feeds.values()) + ends))
     fp32_session = _session(with_outputs(fp32, fp32_names))
-    qdq_session = _session(with_outputs(qdq, measured))
+    qdq_session = _session(with_outputs(qdq, list(dict.fromkeys(measured + ends))))
     local_session = _session(local_model)
     fp32_index = {o.name: i for i, o in enumerate(fp32_session.get_outputs())}
     qdq_index = {o.name: i for i, o in enumerate(qdq_session.get_outputs())}
@@ -246,6 +297,7 @@ def _measure(
 
     local = {n.name: ErrorAccumulator() for n in nodes}
     end_to_end = {n.name: ErrorAccumulator() for n in nodes}
+    at_outputs = {name: ErrorAccumulator() for name in ends}
     for batch in batches:
         feeds = {k: batch[k] for k in input_names}
         reference = fp32_session.run(None, feeds)
@@ -257,7 +309,15 @@ def _measure(
             ref = reference[fp32_index[n.fp32_output]]
             end_to_end[n.name].add(ref, quantized[qdq_index[n.qdq_output]])
             local[n.name].add(ref, local_out[local_index[n.qdq_output]])
+        for name in ends:
+            at_outputs[name].add(reference[fp32_index[name]], quantized[qdq_index[name]])
         del reference, quantized, local_out
+    graph_ends = [
+        NodeError(node=o.node, op_type=o.op_type, output=o.name, local_sqnr_db=math.nan,
+                  sqnr_db=at_outputs[o.name].sqnr_db(), relative_error=at_outputs[o.name].relative_error(),
+                  graph_output=True)
+        for o in outputs
+    ]
     return {
         n.name: NodeError(
             node=n.name,
@@ -268,4 +328,4 @@ def _measure(
             relative_error=end_to_end[n.name].relative_error(),
         )
         for n in nodes
-    }
+    }, graph_ends

@@ -313,7 +313,8 @@ class CandidateRun:
             )
         return search
 
-    def _node_errors(self, source: Path, qdq_path: Path, size: tuple[int, int]) -> list[NodeError]:
+    def _node_errors(self, source: Path, qdq_path: Path, size: tuple[int, int], *, graph_outputs: bool = False
+                     ) -> list[NodeError]:
         """measure_node_errors on calibration samples at ``size``: (batch, passes over the nodes)."""
         batch, passes = size
         return measure_node_errors(
@@ -322,6 +323,7 @@ class CandidateRun:
             self.data.batches(self.config.analysis_samples, batch),
             passes=passes,
             output_sizes=self.data.tensor_sizes(source) if passes > 1 else None,
+            graph_outputs=graph_outputs,
         )
 
     def _search_float_nodes(
@@ -386,7 +388,8 @@ class CandidateRun:
         return bool(timed) and min(timed) * (1.0 + _LATENCY_TIE_FRACTION) < self.timings["fp32"].p50_ms
 
     def layer_errors(self, chosen: CandidateResult, notes: list[str]) -> list[NodeError]:
-        """Per-node error of the kept model (of its QDQ twin when it is QOperator) on calibration samples."""
+        """Per-node error of the kept model (of its QDQ twin when it is QOperator) on calibration samples,
+        its graph outputs' end-to-end error after the nodes'."""
         if not self.config.error_report:
             return []
         scheme = self.scheme_of[chosen.scheme]
@@ -405,7 +408,7 @@ class CandidateRun:
             if size is None:
                 notes.append(f"per-layer error report skipped: {self.data.refusal('analysis')}")
                 return []
-            return self._node_errors(source, qdq_path, size)
+            return self._node_errors(source, qdq_path, size, graph_outputs=True)
         except Exception as e:
             notes.append(f"per-layer error report failed: {error_line(e)}")
             return []
