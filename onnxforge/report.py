@@ -70,8 +70,12 @@ def bar_chart_svg(
     width: int = 520,
     color: str = _PALETTE[0],
     label_width: int = 190,
+    texts: Sequence[str] | None = None,
 ) -> str:
-    """Horizontal bars, one per (label, value), longest first as given; values printed at the bar end."""
+    """Horizontal bars, one per (label, value), in the order given; each bar's value printed at its end.
+
+    A value at or below zero draws no bar but keeps its real number (−15.6 dB reads −15.6, never 0);
+    ``texts`` replaces the printed values (e.g. "identical" for an infinite SQNR drawn at the cap)."""
     bar_h, gap, top = 18, 6, 26
     height = top + len(items) * (bar_h + gap) + 8
     peak = max((v for _, v in items), default=0.0) or 1.0
@@ -93,9 +97,10 @@ def bar_chart_svg(
         parts.append(
             f'<rect class="bar" x="{label_width}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{color}" rx="2"/>'
         )
+        shown_value = texts[i] if texts is not None else _fmt(value) + unit
         parts.append(
-            f'<text x="{label_width + w + 5:.1f}" y="{y + 13}" font-size="12" fill="#3a4355">{_esc(_fmt(value))}'
-            f"{_esc(unit)}</text>"
+            f'<text class="value" x="{label_width + w + 5:.1f}" y="{y + 13}" font-size="12" '
+            f'fill="{"#b64a4a" if value < 0 else "#3a4355"}">{_esc(shown_value)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -224,10 +229,11 @@ def _per_op_section(per_op: dict, top: int = 15) -> list[str]:
     lat = per_op["latency"]
     out = [
         "<h2>Per-op profile (onnxruntime profiler)</h2>",
-        f'<p>Per-op sum <b>{_fmt(per_op["op_sum_ms"])} ms</b> per run vs measured latency (plain session, p50) '
-        f'<b>{_fmt(lat["p50_ms"])} ms</b>: the ops account for <b>{per_op["coverage"]:.0%}</b> of it. '
-        f'onnxruntime&#39;s own run time {_fmt(per_op["ort_run_ms"])} ms; profiler overhead '
-        f'{per_op["profiler_overhead"]:.2f}x; {per_op["runs"]} profiled runs after warm-up.</p>',
+        f'<p>Per-op sum <b>{_fmt(per_op["op_sum_ms"])} ms</b> of onnxruntime&#39;s own '
+        f'<b>{_fmt(per_op["ort_run_ms"])} ms</b> per profiled run: the kernels account for '
+        f'<b>{per_op["coverage"]:.0%}</b> of it. The profiler made each run {per_op["profiler_overhead"]:.2f}x '
+        f'slower than a plain one (plain p50 {_fmt(lat["p50_ms"])} ms), so per-op times are shares of the run, '
+        f'not plain latencies; {per_op["runs"]} profiled runs after warm-up.</p>',
         '<div class="charts">',
         bar_chart_svg(
             [(o["op_type"] + f' ×{o["nodes"]}', o["median_us"]) for o in per_op["op_types"][:top]],

@@ -287,8 +287,9 @@ def compare_report_html(result: CompareResult, *, bars: int = 60) -> str:
     finite = [t for t in rows if math.isfinite(t.sqnr_db)]
     cap = max((t.sqnr_db for t in finite), default=100.0)
     step = max(1, math.ceil(len(rows) / bars))
-    chart_items = [(f"{t.name} ({t.op_type})", cap if not math.isfinite(t.sqnr_db) else max(t.sqnr_db, 0.0))
-                   for t in rows[::step]]
+    charted = rows[::step]
+    chart_items = [(f"{t.name} ({t.op_type})", t.sqnr_db if math.isfinite(t.sqnr_db) else cap) for t in charted]
+    chart_texts = [f"{db(t)} dB" if math.isfinite(t.sqnr_db) else "identical" for t in charted]
     first = result.first_divergence
     body = [
         f"<h1>compare {_esc(result.model_a.name)} vs {_esc(result.model_b.name)}</h1>",
@@ -299,7 +300,7 @@ def compare_report_html(result: CompareResult, *, bars: int = 60) -> str:
         + "</p>",
         *[f"<p class=\"meta\">{_esc(n)}</p>" for n in result.notes],
         bar_chart_svg(chart_items, title=f"SQNR per tensor, graph order{f' (every {step}th)' if step > 1 else ''}",
-                      unit=" dB", width=760, label_width=300),
+                      unit=" dB", width=760, label_width=300, texts=chart_texts),
         "<h2>Tensors</h2>",
         _table(("tensor", "op", "node", "matched by", "SQNR dB", "cosine", "max abs", "rel. error"),
                [(_esc(t.name), _esc(t.op_type), _esc(t.node), t.matched_by, db(t), f"{t.cosine:.6f}",

@@ -118,3 +118,24 @@ def test_the_accumulator_sums_large_tensors_a_chunk_at_a_time_to_the_same_number
     assert acc.dot == pytest.approx((r * v).sum(), rel=1e-12)
     assert acc.value_energy == pytest.approx(np.square(v).sum(), rel=1e-12)
     assert acc.max_abs == pytest.approx(float(np.abs(r - v).max()))
+
+
+def test_the_html_chart_labels_the_real_db_negative_and_identical_included():
+    """A -15.6 dB output was labelled "0 dB" (the bar length was clamped and its label with it)."""
+    import math
+    import re
+    from pathlib import Path
+
+    from onnxforge.pipeline.compare import CompareResult, TensorError, compare_report_html
+
+    def tensor(name: str, db: float) -> TensorError:
+        return TensorError(name, name, f"n_{name}", "MatMul", "name", db, 0.5, 1.0, 0.1)
+
+    out = tensor("y", -15.6)
+    result = CompareResult(Path("a.onnx"), Path("b.onnx"), 1, 20.0,
+                           [tensor("h1", 42.0), tensor("h2", math.inf)], [out], out)
+    page = compare_report_html(result)
+    labels = re.findall(r'<text class="value"[^>]*>([^<]*)</text>', page)
+    assert labels == ["42.0 dB", "identical", "-15.6 dB"]
+    widths = [float(w) for w in re.findall(r'class="bar"[^>]*width="([0-9.]+)"', page)]
+    assert widths[2] == 0 and widths[0] > 0  # no bar below zero; the label still says how far below
