@@ -285,7 +285,7 @@ def distill(
     best_state = copy.deepcopy(module.state_dict())
     held_before, held_loss = _evaluate(module, held, teacher_held, metric, kind, config.temperature, batch)
     best_loss, best_value = held_loss, held_before
-    history = [{"epoch": 0, "loss": None, "held_out": held_before, "held_out_loss": held_loss}]
+    history = [{"epoch": 0, "loss": None, "held_out": held_before, "held_out_loss": held_loss, "seconds": 0.0}]
     say(f"distill: epoch 0, held-out {metric.value} {held_before:.4f}")
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
     steps = max(1, config.epochs * math.ceil(len(train) / batch))
@@ -336,8 +336,9 @@ def distill(
                     stopped = "time budget"
                     break
             value, held_loss = _evaluate(module, held, teacher_held, metric, kind, config.temperature, batch)
-            history.append(
-                {"epoch": epoch, "loss": total / max(count, 1), "held_out": value, "held_out_loss": held_loss}
+            history.append(  # seconds: training time so far, at this epoch's end (the report's curve axis)
+                {"epoch": epoch, "loss": total / max(count, 1), "held_out": value, "held_out_loss": held_loss,
+                 "seconds": round(time.perf_counter() - started, 3)}
             )
             say(f"distill: epoch {epoch}/{config.epochs}, loss {total / max(count, 1):.4f}, "
                 f"held-out {metric.value} {value:.4f}, held-out loss {held_loss:.4f} (best {best_loss:.4f})")

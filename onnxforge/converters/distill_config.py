@@ -112,6 +112,9 @@ class DistillResult(JsonResult):
     (max abs error); parity_after: the exported student against the trained PyTorch one.
     held_out_before / held_out_after: the held-out metric of the student before and after training;
     scores: teacher, repair-only (the input ONNX model) and distilled on the eval data.
+    history: one entry per epoch (epoch 0: the untrained student): ``epoch``, ``loss`` (mean training
+    loss, None at epoch 0), ``held_out`` (the held-out metric), ``held_out_loss`` and ``seconds`` (training
+    time at the epoch's end); the run report draws it as the training curve.
     """
 
     path: Path | None = field(metadata={"json": False})  # where the student went; the stage record names it

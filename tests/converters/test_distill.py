@@ -81,6 +81,11 @@ def test_distillation_beats_the_repair_alone_on_held_out_data(pruned):
     assert result.held_out_after > result.held_out_before
     assert result.scores["distilled"] > result.scores["repair_only"] + 0.02  # on eval data never trained on
     assert any("epoch 1/25" in m and "held-out agreement" in m for m in messages)
+    # the per-epoch history the run report draws: epoch 0 is the untrained student
+    assert [h["epoch"] for h in result.history] == list(range(result.epochs_run + 1))
+    seconds = [h["seconds"] for h in result.history]
+    assert seconds[0] == 0.0 and seconds == sorted(seconds) and seconds[-1] <= result.train_seconds + 1e-3
+    assert result.history[0]["loss"] is None and all(h["loss"] > 0 for h in result.history[1:])
     saved = onnx.load(folder / "distilled.onnx")
     assert [o.name for o in saved.graph.output] == [o.name for o in onnx.load(path).graph.output]
     x = np.load(evaluation)["x"][:8]
