@@ -1,18 +1,17 @@
 """HTML reports a person can read offline: one self-contained file, charts as inline SVG drawn
 here in Python, no scripts, no fonts or styles fetched from anywhere.
 
-Two reports, both built from the JSON the tools already write, so a report can be rebuilt later
-from a saved result: ``profile_report_html`` (the ``onnxforge profile --json`` payload: latency
-rows and their distribution, per-op and per-node time bars, EP placement, the comparison, the
-mobile verdicts) and ``run_report_html`` (a run folder's ``manifest.json``: per-stage size,
-quality and latency side by side, and each stage's latency distribution).
+Reports are built from the JSON the tools already write, so a report can be rebuilt later from a
+saved result: here ``profile_report_html`` (the ``onnxforge profile --json`` payload: latency rows
+with their spread and distribution, per-op and per-node time bars, EP placement, the comparison, the
+mobile verdicts), the charts and page parts the others share; ``run_report.py`` draws a run folder's
+``manifest.json``, ``optimize_report.py`` an optimize run's Pareto front.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from onnxforge._atomic import atomic_write_text
 
-__all__ = ["REPORT_NAME", "profile_report_html", "run_report_html", "write_report", "write_run_report"]
+__all__ = ["REPORT_NAME", "bar_chart_svg", "histogram_svg", "profile_report_html", "write_report"]
 
 REPORT_NAME = "report.html"
 
@@ -344,87 +343,6 @@ def profile_report_html(result: dict) -> str:
     return _page(f"onnxforge profile: {name}", body)
 
 
-def run_report_html(manifest: dict) -> str:
-    """The report for a pipeline run folder, from its manifest (``Manifest.to_json()``)."""
-    recipe = manifest.get("recipe") or {}
-    # an .onnx recipe's input model is the baseline row, ahead of the stages
-    stages = ([manifest["input"]] if manifest.get("input") else []) + (manifest.get("stages") or [])
-    measured = [s for s in stages if s.get("output")]
-    metric = next(
-        (k for s in measured for k in ("accuracy", "agreement", "cosine", "rel-error") if k in s.get("metrics", {})),
-        None,
-    )
-    machine = manifest.get("machine") or {}
-    versions = manifest.get("tool_versions") or {}
-    body = [
-        f"<h1>onnxforge run: {_esc(recipe.get('name', 'pipeline'))}</h1>",
-        f'<p class="meta">model {_esc(recipe.get("model", "?"))}, target {_esc(recipe.get("target", "?"))}, '
-        f"created {_esc(manifest.get('created', '?'))}; {_esc(machine.get('cpu', ''))}, "
-        f"{_esc(machine.get('cores', '?'))} cores; "
-        + _esc(", ".join(f"{k} {v}" for k, v in versions.items()))
-        + "</p>",
-    ]
-    rows = []
-    for s in stages:
-        m = s.get("metrics", {})
-        out = s.get("output") or {}
-        quality = m.get(metric) if metric else None
-        rows.append((
-            _esc(s["name"]), _esc(s["status"]), _esc(out.get("path", "-")),
-            f'{out["bytes"] / 1024:,.1f} KB' if out.get("bytes") is not None else "-",
-            _quality_text(metric, quality),
-            _fmt(m["latency_p50_ms"]) if "latency_p50_ms" in m else "-",
-            f'{m["speedup_vs_first"]:.2f}x' if "speedup_vs_first" in m else "-",
-            _esc(s.get("error") or s.get("summary") or ""),
-        ))
-    body += [
-        "<h2>Stages</h2>",
-        _table(("stage", "status", "file", "size", metric or "quality", "p50 ms (b=1)", "speedup", "what it did"), rows,
-               left=3),
-    ]
-    if measured:
-        charts = [
-            bar_chart_svg([(s["name"], s["output"]["bytes"] / 1024) for s in measured], title="size (KB)", unit=" KB",
-                          width=360, label_width=100, color=_PALETTE[0]),
-        ]
-        if metric and any(metric in s.get("metrics", {}) for s in measured):
-            scale = 100.0 if metric in ("accuracy", "agreement") else 1.0
-            charts.append(bar_chart_svg(
-                [(s["name"], s["metrics"].get(metric, 0.0) * scale) for s in measured],
-                title=f"{metric}" + (" (%)" if scale == 100.0 else ""), unit="%" if scale == 100.0 else "",
-                width=360, label_width=100, color=_PALETTE[2],
-            ))
-        if any("latency_p50_ms" in s.get("metrics", {}) for s in measured):
-            charts.append(bar_chart_svg(
-                [(s["name"], s["metrics"].get("latency_p50_ms", 0.0)) for s in measured],
-                title="p50 latency, batch 1 (ms)", unit=" ms", width=360, label_width=100, color=_PALETTE[1],
-            ))
-        body += ["<h2>Per-stage comparison</h2>", '<div class="charts">', *charts, "</div>"]
-        histograms = [
-            _latency_histogram(
-                s["metrics"]["latency"], f"{s['name']}: latency distribution", _PALETTE[i % len(_PALETTE)]
-            )
-            for i, s in enumerate(measured)
-            if isinstance(s.get("metrics", {}).get("latency"), dict)
-        ]
-        if any(histograms):
-            body += [
-                "<h2>Latency distribution per stage</h2>",
-                '<p class="meta">All stages timed interleaved in one process (batch 1, 1 thread), so their ratios hold '
-                "even when the machine drifts.</p>",
-                '<div class="charts">', *histograms, "</div>",
-            ]
-    return _page(f"onnxforge run: {recipe.get('name', 'pipeline')}", body)
-
-
-def _quality_text(metric: str | None, value: float | None) -> str:
-    if value is None:
-        return "-"
-    if metric in ("accuracy", "agreement"):
-        return f"{value * 100:.2f}%"
-    return f"{value:.4f}"
-
-
 def write_report(path: str | os.PathLike, html_text: str) -> Path:
     """Write ``html_text`` to ``path`` atomically (a temporary file renamed into place)."""
     from onnxforge._atomic import check_output_path
@@ -432,10 +350,3 @@ def write_report(path: str | os.PathLike, html_text: str) -> Path:
     out = check_output_path(path)
     atomic_write_text(out, html_text)
     return out
-
-
-def write_run_report(manifest_json: dict, run_dir: str | os.PathLike) -> Path:
-    """``report.html`` next to ``manifest.json`` in ``run_dir``."""
-    return write_report(
-        Path(run_dir) / REPORT_NAME, run_report_html(json.loads(json.dumps(manifest_json, default=str)))
-    )

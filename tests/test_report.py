@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import make_classifier, random_images, save, write_npz
 
-from onnxforge.report import REPORT_NAME, bar_chart_svg, histogram_svg, profile_report_html, run_report_html
+from onnxforge.report import REPORT_NAME, bar_chart_svg, histogram_svg, profile_report_html
+from onnxforge.run_report import run_report_html
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

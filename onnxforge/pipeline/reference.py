@@ -6,6 +6,8 @@ checks and quantize's candidates alike.
   for the same model and data: ``evaluations``), its own score from them; a candidate's score is the
   metric of its outputs against those outputs (and labels) through ``evaluate.score``, and the gate
   (``evaluate.QualityGate``) states its tolerance in the metric's unit (``describe_tolerance``).
+- **Where time goes.** ``op_time`` profiles one model per op type (a few runs, cached), for the run
+  report's before/after chart.
 - **Latency.** ``time_against`` times every candidate interleaved with the reference in one
   ``compare_latency`` call, every session built with ``interleaved=True`` (no spinning thread pools),
   and reports each against the reference's own timing in that same call: one baseline, one ratio.
@@ -18,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -36,6 +38,10 @@ from onnxforge.pipeline.evaluations import (
 )
 from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
+
+if TYPE_CHECKING:
+    from onnxforge.pipeline.cache import StageCache
+    from onnxforge.pipeline.op_time import OpTime
 from onnxforge.targets.latency import LatencyStats, compare_latency
 
 __all__ = ["ModelRef", "Reference", "Timing"]
@@ -298,6 +304,16 @@ class Reference:
         if reference_name is not None:
             timings[reference_name] = Timing(stats[name], stats[name])
         return timings
+
+
+    def op_time(self, model: str | os.PathLike, *, feeds: Feeds | None = None, cache: StageCache | None = None
+                ) -> OpTime:
+        """Where ``model``'s time goes per op type on the reference's target (onnxruntime's profiler,
+        batch 1, 1 thread) fed ``feeds`` (default: the timing feeds ``self.feeds(1)``); ``cache`` keeps
+        and serves the profile (``pipeline/op_time.py``)."""
+        from onnxforge.pipeline.op_time import op_time
+
+        return op_time(Path(model), dict(feeds) if feeds is not None else self.feeds(1), self.target, cache)
 
 
 def _reference_name(candidates: Mapping[str, object]) -> str:

@@ -10,7 +10,8 @@ and — because their inputs' hashes change — every stage downstream of it, an
 After the stages, all stage models are scored on the evaluation data (its first ``max_samples``
 when the recipe sets it) and timed side by side (interleaved, batch 1) on the recipe's target, all
 against the first row through one ``Reference`` (pipeline/reference.py); each stage's phrase quotes
-its speed over its input from that same timing.
+its speed over its input from that same timing. Each timed row is also profiled per op type (a few
+runs, kept in the cache), so the report can show where the time went before and after each stage.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def run_stage(
     return record
 
 
-def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | None:
+def _measure(manifest: Manifest, recipe: Recipe, progress: Progress, cache: StageCache | None = None) -> str | None:
     """Score and time every stage output against the first row (the input model, else the first stage)
     through one Reference; fills each record's metrics. Returns the metric name.
 
@@ -211,7 +212,26 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | No
         r.metrics["latency"] = stats[r.name].to_json()
         r.metrics["speedup_vs_first"] = base / stats[r.name].p50_ms
     _speed_against_inputs(records, paths, stats)
+    _op_times(reference, records, paths, own_feeds, cache, progress)
     return metric_name
+
+
+def _op_times(reference: Reference, records: list[StageRecord], paths: dict[str, Path], own_feeds: dict,
+              cache: StageCache | None, progress: Progress) -> None:
+    """Each timed row's time per op type (``metrics["op_time"]``), for the report's before/after chart;
+    a model the profiler cannot run gets a note, never a failed run."""
+    timed = [r for r in records if "latency_p50_ms" in r.metrics]
+    if not timed:
+        return
+    progress("profiling where each stage's time goes (per op type)")
+    for r in timed:
+        try:
+            r.metrics["op_time"] = reference.op_time(paths[r.name], feeds=own_feeds.get(r.name),
+                                                     cache=cache).to_json()
+        except Exception as e:  # an optional chart's data: a profiler failure never fails the run
+            from onnxforge.pipeline.quantize.backends import error_line
+
+            r.metrics["note"] = (r.metrics.get("note", "") + f"; not profiled: {error_line(e)}").lstrip("; ")
 
 
 def _speed_against_inputs(records: list[StageRecord], paths: dict[str, Path], stats: dict) -> None:
@@ -316,9 +336,9 @@ def run_recipe(
 
     metric = None
     if measure:
-        metric = _measure(manifest, recipe, progress)
+        metric = _measure(manifest, recipe, progress, cache)
         manifest.write()
-    from onnxforge.report import write_run_report
+    from onnxforge.run_report import write_run_report
 
     write_run_report(manifest.to_json(), run_dir)  # report.html beside manifest.json, built from it
     return RunResult(run_dir, manifest, metric)
