@@ -36,6 +36,8 @@ __all__ = ["op_classes", "run_report_html", "write_run_report"]
 _CLASS_COVER = 0.9  # the op classes shown hold at least this share of a stage's time; the rest is "other"
 _MAX_CLASSES = 7
 _MAX_LAYER_BARS = 48
+_STOPPED = {"epochs": "every epoch asked for", "patience": "stopped early: no progress",
+            "time budget": "stopped by the time budget"}
 
 
 def _quality_text(metric: str | None, value: float | None) -> str:
@@ -62,7 +64,7 @@ def op_classes(shares: Sequence[dict[str, float]]) -> list[str]:
     for share in shares:
         held = 0.0
         for op, fraction in sorted(share.items(), key=lambda kv: -kv[1]):
-            if held >= _CLASS_COVER:
+            if held >= _CLASS_COVER - 1e-9:
                 break
             best[op] = max(best.get(op, 0.0), fraction)
             held += fraction
@@ -143,7 +145,8 @@ def _distill_section(stage: dict) -> list[str]:
             for h in history]
     return [
         f"<h2>{_esc(stage['name'])}: training curve</h2>",
-        f"<p>{len(history) - 1} epochs ({_esc(result.get('stopped', ''))}); best epoch "
+        f"<p>{len(history) - 1} epochs ({_esc(_STOPPED.get(result.get('stopped', ''), result.get('stopped', '')))}); "
+        "best epoch "
         f"{_esc(result.get('best_epoch', '?'))}, whose weights were kept. Epoch 0 is the untrained student.</p>",
         '<div class="charts">',
         line_chart_svg([("train loss", train), ("held-out loss", held_loss)], title="distillation loss per epoch",

@@ -4,24 +4,16 @@ and rendered for real in headless Chromium with charts of non-zero size."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 
 import numpy as np
 import pytest
 import yaml
+from browser import chromium, run_chromium  # noqa: F401  (chromium: a fixture)
 from conftest import make_classifier, random_images, save, write_npz
 
 from onnxforge.report import REPORT_NAME, bar_chart_svg, histogram_svg, profile_report_html
 from onnxforge.run_report import run_report_html
-
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 
 
 def _assert_self_contained(text: str) -> None:
@@ -107,36 +99,6 @@ def test_run_folder_gets_a_report_from_its_manifest(tmp_path):
 # Real rendering in headless Chromium
 
 
-def _find_or_install_chromium() -> str | None:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        return None
-    try:
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, timeout=600)
-    except (subprocess.SubprocessError, OSError):
-        return None
-    return shutil.which("chromium")
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = _find_or_install_chromium()
-    if path is None:
-        pytest.skip("headless Chromium is not installed and 'apt-get install -y chromium' failed here")
-    return path
-
-
-def _chromium(binary: str, *args: str) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile_dir:
-        return subprocess.run(
-            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", *args],
-            capture_output=True, text=True, timeout=120,
-        )
-
-
 _MEASURE_SCRIPT = """
 <script>
 window.addEventListener('load', () => {
@@ -163,7 +125,7 @@ def test_report_renders_in_chromium(chromium, tmp_path, profile_payload):
     # Layout: every chart has a real size in the browser and draws visible bars.
     probe = tmp_path / "probe.html"
     probe.write_text(html_text.replace("</body>", _MEASURE_SCRIPT + "</body>"))
-    dom = _chromium(chromium, "--virtual-time-budget=3000", "--dump-dom", probe.as_uri())
+    dom = run_chromium(chromium, "--virtual-time-budget=3000", "--dump-dom", probe.as_uri())
     match = re.search(r'<pre id="measured">(.*?)</pre>', dom.stdout, re.DOTALL)
     assert match, f"Chromium did not render the page: {dom.stderr[-500:]}"
     sizes = json.loads(match.group(1))
@@ -172,7 +134,7 @@ def test_report_renders_in_chromium(chromium, tmp_path, profile_payload):
     assert all(bars >= 1 for _, _, bars in sizes), sizes
     # Pixels: the unmodified report's screenshot is not blank and has the bar colours in it.
     shot = tmp_path / "shot.png"
-    result = _chromium(chromium, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri())
+    result = run_chromium(chromium, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri())
     assert shot.is_file(), result.stderr[-500:]
     image = Image.open(shot).convert("RGB")
     colors = image.getcolors(maxcolors=1 << 20)
