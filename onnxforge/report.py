@@ -212,12 +212,35 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) 
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _spread_cells(row: dict) -> tuple[str, str]:
+    """p90/p50 and p99/p50 of a latency row, each flagged when past the noise threshold."""
+    from onnxforge.targets.latency import NOISY_P90, NOISY_P99
+
+    p50 = row["p50_ms"] or float("nan")
+    p90, p99 = row["p90_ms"] / p50, row["p99_ms"] / p50
+    return (f'<span class="note">{p90:.2f}</span>' if p90 > NOISY_P90 else f"{p90:.2f}",
+            f'<span class="note">{p99:.1f}</span>' if p99 > NOISY_P99 else f"{p99:.1f}")
+
+
+def _noise_banner(rows: Sequence[dict]) -> list[str]:
+    from onnxforge.targets.latency import NOISY_P90, NOISY_P99
+
+    noisy = [r for r in rows if r["p50_ms"] and (r["p90_ms"] / r["p50_ms"] > NOISY_P90
+                                                 or r["p99_ms"] / r["p50_ms"] > NOISY_P99)]
+    if not noisy:
+        return []
+    return [f'<p class="banner">Noisy timing in {len(noisy)} of {len(rows)} rows (p90 above {NOISY_P90}x or p99 '
+            f"above {NOISY_P99}x the p50): the machine was busy or the runs are too short to time alone. Trust the "
+            "p50 and ratios measured side by side; re-run with more --min-seconds.</p>"]
+
+
 def _latency_rows_table(rows: Sequence[dict]) -> str:
     return _table(
-        ("batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "samples/s", "runs"),
+        ("batch", "threads", "p50 ms", "p90 ms", "p99 ms", "p90/p50", "p99/p50", "mean ms", "std ms", "samples/s",
+         "runs"),
         [
             (r["batch"], r.get("threads") or "default", _fmt(r["p50_ms"]), _fmt(r["p90_ms"]), _fmt(r["p99_ms"]),
-             _fmt(r["mean_ms"]), _fmt(r["std_ms"]), _fmt(r["throughput_per_s"]), r["runs"])
+             *_spread_cells(r), _fmt(r["mean_ms"]), _fmt(r["std_ms"]), _fmt(r["throughput_per_s"]), r["runs"])
             for r in rows
         ],
         left=0,
@@ -327,7 +350,8 @@ def profile_report_html(result: dict) -> str:
             '<p class="banner">Host emulation: timed on this machine with a phone-like thread budget, '
             "not measured on a device.</p>"
         )
-    body += ["<h2>Latency</h2>", _latency_rows_table(result["rows"]), '<div class="charts">']
+    body += ["<h2>Latency</h2>", *_noise_banner(result["rows"]), _latency_rows_table(result["rows"]),
+             '<div class="charts">']
     for i, row in enumerate(result["rows"][:6]):
         body.append(
             _latency_histogram(row, f"batch {row['batch']}, threads {row.get('threads') or 'default'}",

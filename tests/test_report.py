@@ -141,3 +141,15 @@ def test_report_renders_in_chromium(chromium, tmp_path, profile_payload):
     assert len(colors) > 50  # text and charts, not one flat colour
     blue = sum(count for count, (r, g, b) in colors if (r, g, b) == (0x3B, 0x6F, 0xB6))
     assert blue > 500, "no chart bars visible in the screenshot"
+
+
+def test_profile_report_puts_the_spread_beside_every_latency_and_flags_noise(profile_payload):
+    quiet = json.loads(json.dumps(profile_payload))
+    for row in quiet["rows"]:
+        row["p90_ms"], row["p99_ms"] = row["p50_ms"] * 1.1, row["p50_ms"] * 1.5
+    text = profile_report_html(quiet)
+    assert "p90/p50" in text and "<td>1.10</td>" in text and "Noisy timing" not in text
+    noisy = json.loads(json.dumps(quiet))
+    noisy["rows"][0]["p99_ms"] = noisy["rows"][0]["p50_ms"] * 200  # the p99 of issue 25
+    text = profile_report_html(noisy)
+    assert "Noisy timing in 1 of" in text and '<span class="note">200.0</span>' in text

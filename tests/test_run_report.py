@@ -190,3 +190,11 @@ def test_the_run_report_renders_its_charts_in_chromium(chromium, quantized_run, 
     painted = {rgb for count, rgb in colors if count > 200}
     wanted = {tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in SHARE_COLORS[:2]}
     assert wanted <= painted, "the op-time bars are not visible in the screenshot"
+
+
+def test_the_run_table_flags_a_noisy_stage_timing():
+    from onnxforge.cli.run import _spread
+
+    assert _spread({"p50_ms": 1.0, "p90_ms": 1.1}) == "1.10"
+    assert _spread({"p50_ms": 1.0, "p90_ms": 7.0}) == "[yellow]7.00[/]"
+    assert _spread(None) == "-"

@@ -40,3 +40,21 @@ def test_fixed_batch_model_keeps_its_batch(tmp_path):
 def test_unknown_target(classifier_path):
     with pytest.raises(UsageError, match="tpu"):
         profile(classifier_path, _fast(target="tpu"))
+
+
+def test_the_table_shows_the_spread_and_warns_when_the_timing_is_noisy(capsys):
+    """Issue 25: a p99 200x the p50 was printed without a word."""
+    from pathlib import Path
+
+    from onnxforge.cli.profile import _render_profile
+    from onnxforge.targets.latency import LatencyStats
+    from onnxforge.targets.profile import ProfileResult, ProfileRow
+
+    quiet = LatencyStats.from_times([0.001] * 100, batch=1)
+    noisy = LatencyStats.from_times([0.001] * 97 + [0.2] * 3, batch=4)
+    _render_profile(ProfileResult(Path("m.onnx"), "cpu", [ProfileRow(1, 1, quiet)]), top=5)
+    printed = capsys.readouterr().out
+    assert "p90/p50" in printed and "p99/p50" in printed and "noisy" not in printed
+    _render_profile(ProfileResult(Path("m.onnx"), "cpu", [ProfileRow(1, 1, quiet), ProfileRow(4, 1, noisy)]), top=5)
+    printed = capsys.readouterr().out
+    assert "warning: batch 4, threads 1: noisy timing" in " ".join(printed.split())
