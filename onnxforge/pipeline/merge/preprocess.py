@@ -202,9 +202,9 @@ class ImagePlan:
         #   sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python), adds a com.microsoft.extensions opset
         #   import and converts the graph it runs on to its own opset (17 -> 18).
         # - normalize (Normalize): Cast, Mul, Sub, Div where ours folds scale, mean and std into one Mul and
-        #   one Add: 1.27x slower, and 3 channels only.
+        #   one Add: 1.27-1.28x slower (two runs), and 3 channels only.
         # - resize (Resize + CenterCrop): another operation (keeps the aspect ratio and crops, antialiases
-        #   at opset 18; max abs 0.39 from ours on a 320 -> 224 downscale) and 3.1x slower.
+        #   at opset 18; max abs 0.39 from ours on a 320 -> 224 downscale) and 3.1-3.5x slower.
         # All of these library steps produce standard ONNX ops only: the choice is not about deployability.
 
         nodes, inits = [], []

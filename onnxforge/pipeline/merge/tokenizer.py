@@ -103,7 +103,7 @@ class TokenizerPlan:
     def block(self, like: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
         text = self.config.text_input
         # The op directly rather than pre_post_processing's BertTokenizer step (benchmarks/merge_library.py,
-        # 2026-12-07): the step wraps the same op (equal ids, 1.05x in the noise) and both need the
+        # 2026-12-07): the step wraps the same op (equal ids, 1.02-1.05x: noise) and both need the
         # extensions library at runtime, but the step sets no max_length (a 42-token text stays 42 tokens
         # where the model takes 16) and its need_token_type_ids_output flag reads inverted.
         op_outputs = [f"raw_{name}" for name in _OP_OUTPUTS]
