@@ -109,6 +109,9 @@ def test_image_pre_then_classifier_equals_classifier_on_floats(tmp_path):
     floats = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     np.testing.assert_allclose(run_model(result.path, {"x": images})[0], run_model(network, {"x": floats})[0],
                                atol=1e-5, rtol=1e-5)
+    # standard ONNX only: plain onnxruntime runs it, and no note asks for the extensions library
+    assert {n.domain for n in onnx.load(str(result.path)).graph.node} <= {""}
+    assert not any("onnxruntime-extensions" in n for n in result.notes)
 
 
 @pytest.mark.parametrize(("pre", "fragment"), [
