@@ -7,6 +7,12 @@ layers after each cut refit by least squares on the calibration data) -> quantiz
 deployable graph: uint8 digit images [N, 32, 32, 1] in, ``label`` and ``score`` out), and measures
 every stage. The merged graph takes raw pixels, not the evaluation floats, so the merge stage
 measures itself on the evaluation images turned back into uint8.
+
+The demo shows the work it does: its stage cache is private to the run folder (``RUN_DIR/.cache``),
+not the user cache every other command shares, so a first run computes every stage even where
+another checkout or an earlier run filled the shared cache. Running it again into the same folder
+re-uses that folder's stages, and each one says where it came from and when it was computed. A
+caller who wants the shared cache passes it (``cache=StageCache.default()``, ``--cache-dir``).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.recipe import load_recipe
 from onnxforge.pipeline.runner import Progress, RunResult, run_recipe
 
-__all__ = ["DEMO_RECIPE", "demo"]
+__all__ = ["CACHE_DIR", "DEMO_RECIPE", "demo"]
 
 CALIBRATION_SAMPLES = 256
+CACHE_DIR = ".cache"  # inside the run folder: the demo's own stage cache
 
 DEMO_RECIPE = {
     "name": "digits-cnn-demo",
@@ -57,7 +64,10 @@ def demo(
     progress: Progress | None = None,
     cache: StageCache | None = None,
 ) -> RunResult:
+    """Run the demo recipe into ``run_dir``; ``cache``: default ``run_dir/.cache`` (see the module docstring)."""
     run_dir = Path(run_dir)
+    if cache is None:
+        cache = StageCache(run_dir / CACHE_DIR)
     split = load_digits_split()
     data = run_dir / "data"
     data.mkdir(parents=True, exist_ok=True)

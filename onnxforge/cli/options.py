@@ -331,13 +331,19 @@ def stage_cache_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return cache_options(f)
 
 
-def cache_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--no-cache", is_flag=True, help="neither use nor fill the stage cache")(f)
-    return click.option(
-        "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-        help="the content-addressed stage cache, shared by runs and search trials "
-        "(default: $ONNXFORGE_CACHE_DIR or ~/.cache/onnxforge)",
-    )(f)
+_SHARED_CACHE_HELP = ("the content-addressed stage cache, shared by runs and search trials "
+                      "(default: $ONNXFORGE_CACHE_DIR or ~/.cache/onnxforge)")
+
+
+def cache_options(f: Callable[..., Any] | None = None, *, cache_help: str = _SHARED_CACHE_HELP) -> Any:
+    """``--cache-dir`` and ``--no-cache``; ``cache_help`` says what the default is where it is not the shared cache."""
+
+    def add(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option("--no-cache", is_flag=True, help="neither use nor fill the stage cache")(f)
+        return click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                            help=cache_help)(f)
+
+    return add(f) if f is not None else add
 
 
 def image_options(f: Callable[..., Any]) -> Callable[..., Any]:

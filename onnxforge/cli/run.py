@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from onnxforge.cli.app import cli
@@ -55,6 +56,9 @@ def _render_run(result, json_path: str | None) -> None:
             _stage_summary(s),
         )
     out.print(table)
+    for s in result.stages:  # a stage that did no work says where its file came from
+        if s.status == "cached" and s.cache:
+            out.print(f"[dim]cached:[/] {s.name}: {escape(s.cache)}")
     report = result.run_dir / "report.html"
     out.print(f"files in {result.run_dir.resolve()}; manifest: {result.manifest.path}"
               + (f"; report: {report}" if report.exists() else ""))
@@ -114,12 +118,15 @@ def run(recipe, run_dir, force, json_path, max_memory, cache_dir, no_cache):
     show_default=True,
 )
 @click.option("--force", is_flag=True, help="re-run every stage, ignoring cached results")
-@cache_options
+@cache_options(cache_help="a stage cache to use instead of the demo's own (default: RUN_DIR/.cache, private to "
+               "the run folder, so a first run computes every stage; e.g. ~/.cache/onnxforge for the shared one)")
 @json_option
 def demo(run_dir, force, json_path, cache_dir, no_cache):
     """Run the whole pipeline on the built-in digits CNN with real data, and show the per-stage table."""
     from onnxforge.demo import demo as run_demo
+    from onnxforge.pipeline.cache import StageCache
 
+    cache = StageCache(None) if no_cache else StageCache(cache_dir) if cache_dir else None  # None: the run's own
     with status("running the demo pipeline", quiet(json_path)) as update:
-        result = run_demo(run_dir, force=force, progress=update, cache=stage_cache(cache_dir, no_cache))
+        result = run_demo(run_dir, force=force, progress=update, cache=cache)
     _render_run(result, json_path)

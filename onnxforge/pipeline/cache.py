@@ -40,6 +40,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from tempfile import mkdtemp
 from typing import Any
@@ -84,6 +85,10 @@ DEFAULT_MAX_SIZE = 2 << 30
 
 _log = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def default_cache_dir() -> Path:
@@ -409,7 +414,9 @@ class StageCache:
             files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
             for name in files:
                 os.chmod(tmp / name, 0o600)
-            entry = {"format": FORMAT, "key": key, "files": files, **record}
+            # "written": when the entry was computed; a later run that restores it says so (a file's
+            # mtime would not do: a hit touches entry.json for the LRU eviction)
+            entry = {"format": FORMAT, "key": key, "files": files, "written": _utc_now(), **record}
             entry["hmac"] = sign(self._secret, entry)
             write_private(tmp / ENTRY_NAME, json.dumps(entry, indent=1, default=str) + "\n")
             try:

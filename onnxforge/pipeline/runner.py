@@ -133,11 +133,13 @@ def run_stage(
     if lookup is not None and lookup.entry is not None:  # a hit
         entry = lookup.entry
         recorded = entry["files"]["model.onnx"]
+        written = entry.get("written")
+        when = f" (entry written {written})" if isinstance(written, str) else ""
         if output.exists() and file_sha256(output) == recorded:
-            note = f"unchanged since the last run, re-using {output.name}"
+            note = f"unchanged since the last run, re-using {output.name}; in the stage cache {cache.root}{when}"
         else:
             cache.restore(lookup, output)
-            note = f"restored {output.name} from the cache"
+            note = f"restored {output.name} from the stage cache {cache.root}{when}"
         context.progress(f"{spec.name}: {note}")
         return StageRecord(**base, status="cached", seconds=0.0, output=describe_file(output, relative_to),
                            result=entry.get("result"), verified=entry.get("verified", True),

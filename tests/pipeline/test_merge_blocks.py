@@ -109,6 +109,9 @@ def test_image_pre_then_classifier_equals_classifier_on_floats(tmp_path):
     floats = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     np.testing.assert_allclose(run_model(result.path, {"x": images})[0], run_model(network, {"x": floats})[0],
                                atol=1e-5, rtol=1e-5)
+    # standard ONNX only: plain onnxruntime runs it, and no note asks for the extensions library
+    assert {n.domain for n in onnx.load(str(result.path)).graph.node} <= {""}
+    assert not any("onnxruntime-extensions" in n for n in result.notes)
 
 
 @pytest.mark.parametrize(("pre", "fragment"), [
@@ -139,6 +142,18 @@ def test_audio_pre_maps_int16_full_scale_to_minus_one_one(tmp_path):
     assert result.inputs[0].dtype == np.int16 and result.parity.ok
     samples = np.array([[-32768, -1, 0, 1, 16384, 32767] * 66 + [0, 0, 0, 0]], np.int16)
     np.testing.assert_array_equal(run_model(result.path, {"x": samples})[0], samples.astype(np.float32) / 32768)
+
+
+@pytest.mark.parametrize(("name", "pre", "shape", "dtype"), [
+    ("pixels", ImagePre(), "N,3,8,8", np.uint8),  # the image block's own output was called "pixels"
+    ("multiplier", ImagePre(dynamic_size=True), "N,3,8,8", np.uint8),  # ... and its constants had plain names
+    ("samples", AudioPre(), "N,400", np.int16),  # the audio block's output was called "samples"
+])
+def test_a_network_input_named_like_a_step_of_the_block_still_merges(tmp_path, name, pre, shape, dtype):
+    net = model_from_text(f"y = Identity ({name})", {}, f"float[{shape}] {name}", f"float[{shape}] y")
+    result = merge(save(net, tmp_path / "id.onnx"), tmp_path / "m.onnx", MergeConfig(pre=pre))
+    assert result.parity.ok, result.parity.summary()
+    assert [(s.name, s.dtype) for s in result.inputs] == [(name, np.dtype(dtype))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,10 +287,10 @@ def test_an_output_name_used_inside_the_model_stays_the_outputs_name(tmp_path):
 
 
 def test_a_block_prefix_used_inside_the_model_moves_to_the_next_free_one(tmp_path):
-    network = _clashing_model(tmp_path, "pre/pixels")
+    network = _clashing_model(tmp_path, "pre/x/pixels")  # the image block's output for input x, prefixed
     result = merge(network, tmp_path / "m.onnx", MergeConfig(pre=ImagePre()))
     values = {o for node in onnx.load(str(result.path)).graph.node for o in node.output}
-    assert "pre/pixels" in values and "pre_1/pixels" in values and result.parity.ok
+    assert "pre/x/pixels" in values and "pre_1/x/pixels" in values and result.parity.ok
     _check_3x_softmax(result.path, softmaxed=False)
 
 

@@ -172,6 +172,7 @@ def test_tokenizer_in_the_graph_turns_text_into_an_embedding(tmp_path):
     assert result.parity.ok, result.parity.summary()
     assert [(s.name, s.shape) for s in result.inputs] == [("text", (1,))]
     assert result.blocks[0] == "tokenizer (vocab.txt, 14 tokens)"
+    assert any("onnxruntime-extensions' custom ops" in n for n in result.notes)  # the deployer is told
     text = np.array(["The cats sat on a MAT."], dtype=object)
     got = session(result.path, extensions=True).run(None, {"text": text})[0]
     ids = np.array([[2, 5, 6, 11, 7, 8, 12, 9, 10, 3]])  # [CLS] the cat ##s sat on a mat . [SEP]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import textwrap
 from importlib import metadata
 from pathlib import Path
@@ -139,6 +141,11 @@ def test_a_deleted_output_file_is_restored(project):
     assert _statuses(result) == {"simplify": "cached", "prune": "cached", "quantize": "cached"}
     assert (project / "run" / "03_quantize.onnx").exists()
     assert result.stages[2].cache.startswith("restored")
+    # it says where the file came from and when that entry was computed, not only "cached"
+    cache_root = os.environ["ONNXFORGE_CACHE_DIR"]  # conftest's private cache for this test
+    assert cache_root in result.stages[2].cache
+    assert re.search(r"entry written \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", result.stages[2].cache)
+    assert cache_root in result.stages[0].cache and "unchanged since the last run" in result.stages[0].cache
 
 
 def test_new_calibration_data_reruns_only_the_stages_that_read_it(project):

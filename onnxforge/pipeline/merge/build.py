@@ -188,6 +188,10 @@ def merge(models: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     members = [(name, load_model(path)) for name, path in zip(_member_names(paths), paths, strict=True)]
     notes: list[str] = []
     composition = compose_merged(members, config, paths[0], notes)
+    if composition.uses_extensions:  # every other block is standard ONNX (benchmarks/merge_library.py)
+        notes.append("the merged graph runs only where onnxruntime-extensions' custom ops are registered "
+                     "(BertTokenizer): SessionOptions.register_custom_ops_library("
+                     "onnxruntime_extensions.get_library_path())")
     parity, parity_inputs = check_parity(composition, config)
     accuracy = measure_accuracy(composition, config, notes) if config.eval_data is not None else None
     save_model(composition.model, out)

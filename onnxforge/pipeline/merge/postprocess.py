@@ -91,6 +91,10 @@ class PostPlan:
             ]
             outputs = [value_info("embedding", dtype, [batch, x.shape[-1]])]
             return block_model("mean_pool_l2", nodes, inputs, outputs, like, initializers=inits)
+        # Ours rather than onnxruntime-extensions' steps (benchmarks/merge_library.py, 2026-12-07): its
+        # Softmax step is the same single op (equal outputs, 1.00x) and buys nothing but the library's
+        # import at build time; its ArgMax step gives the label without the score (ours: TopK k=1, label
+        # and score, 0.97x-1.00x in the noise); it has no top-k step.
         scores = "x"
         if self.softmax:
             name = "probabilities" if self.kind is PostKind.SOFTMAX else "p"

@@ -188,49 +188,66 @@ class ImagePlan:
         return [self.network_input.name]
 
     def block(self, like: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
-        """The block (raw input -> ``pixels``) and its io_map onto the network."""
+        """The block (raw input -> ``NAME/pixels``) and its io_map onto the network."""
         name = self.raw_input.name
+
+        def v(step: str) -> str:  # the block's own names: never the raw input's (it takes the network input's name)
+            return f"{name}/{step}"
+
+        # Built here rather than with onnxruntime-extensions' pre_post_processing steps, block by block as
+        # measured by benchmarks/merge_library.py (2026-12-07, 224x224 RGB, batch 1, interleaved):
+        # - layout + uint8 -> float (ChannelsLastToChannelsFirst, ImageBytesToFloat): the same Transpose,
+        #   Cast, Mul, equal outputs, 1.00x. Nothing to gain in the graph, while building through the
+        #   library imports onnxruntime_extensions (it imports transformers: +2.8 s CPU per process, and
+        #   sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python), adds a com.microsoft.extensions opset
+        #   import and converts the graph it runs on to its own opset (17 -> 18).
+        # - normalize (Normalize): Cast, Mul, Sub, Div where ours folds scale, mean and std into one Mul and
+        #   one Add: 1.27-1.28x slower (two runs), and 3 channels only.
+        # - resize (Resize + CenterCrop): another operation (keeps the aspect ratio and crops, antialiases
+        #   at opset 18; max abs 0.39 from ours on a 320 -> 224 downscale) and 3.1-3.5x slower.
+        # All of these library steps produce standard ONNX ops only: the choice is not about deployability.
+
         nodes, inits = [], []
         x = name
         if not self.pre.batched:
-            inits.append(numpy_helper.from_array(np.array([0], np.int64), "batch_axis"))
-            nodes.append(helper.make_node("Unsqueeze", [x, "batch_axis"], ["batched"]))
-            x = "batched"
+            inits.append(numpy_helper.from_array(np.array([0], np.int64), v("batch_axis")))
+            nodes.append(helper.make_node("Unsqueeze", [x, v("batch_axis")], [v("batched")]))
+            x = v("batched")
         if self.perm is not None:
-            nodes.append(helper.make_node("Transpose", [x], ["transposed"], perm=list(self.perm)))
-            x = "transposed"
-        nodes.append(helper.make_node("Cast", [x], ["as_float"], to=TensorProto.FLOAT))
-        x = "as_float"
+            nodes.append(helper.make_node("Transpose", [x], [v("transposed")], perm=list(self.perm)))
+            x = v("transposed")
+        nodes.append(helper.make_node("Cast", [x], [v("as_float")], to=TensorProto.FLOAT))
+        x = v("as_float")
         if self.resize_to is not None:
             keep = [(0, 1), (3, 4)] if self.channels_last else [(0, 2)]
             pieces = []
-            nodes.append(helper.make_node("Shape", [x], ["shape"]))
+            nodes.append(helper.make_node("Shape", [x], [v("shape")]))
             for i, (start, end) in enumerate(keep):
-                inits += [numpy_helper.from_array(np.array([start], np.int64), f"start{i}"),
-                          numpy_helper.from_array(np.array([end], np.int64), f"end{i}")]
-                nodes.append(helper.make_node("Slice", ["shape", f"start{i}", f"end{i}"], [f"kept{i}"]))
-                pieces.append(f"kept{i}")
-            inits.append(numpy_helper.from_array(np.array(self.resize_to, np.int64), "target_hw"))
-            pieces.insert(1, "target_hw")
-            nodes.append(helper.make_node("Concat", pieces, ["sizes"], axis=0))
+                inits += [numpy_helper.from_array(np.array([start], np.int64), v(f"start{i}")),
+                          numpy_helper.from_array(np.array([end], np.int64), v(f"end{i}"))]
+                nodes.append(helper.make_node("Slice", [v("shape"), v(f"start{i}"), v(f"end{i}")], [v(f"kept{i}")]))
+                pieces.append(v(f"kept{i}"))
+            inits.append(numpy_helper.from_array(np.array(self.resize_to, np.int64), v("target_hw")))
+            pieces.insert(1, v("target_hw"))
+            nodes.append(helper.make_node("Concat", pieces, [v("sizes")], axis=0))
             nodes.append(helper.make_node(
-                "Resize", [x, "", "", "sizes"], ["resized"], mode=self.pre.resize.value,
+                "Resize", [x, "", "", v("sizes")], [v("resized")], mode=self.pre.resize.value,
                 coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_floor"))
-            x = "resized"
-        inits.append(numpy_helper.from_array(self.multiplier, "multiplier"))
-        nodes.append(helper.make_node("Mul", [x, "multiplier"], ["scaled"]))
-        x = "scaled"
+            x = v("resized")
+        inits.append(numpy_helper.from_array(self.multiplier, v("multiplier")))
+        nodes.append(helper.make_node("Mul", [x, v("multiplier")], [v("scaled")]))
+        x = v("scaled")
         if np.any(self.offset):
-            inits.append(numpy_helper.from_array(self.offset, "offset"))
-            nodes.append(helper.make_node("Add", [x, "offset"], ["normalized"]))
-            x = "normalized"
+            inits.append(numpy_helper.from_array(self.offset, v("offset")))
+            nodes.append(helper.make_node("Add", [x, v("offset")], [v("normalized")]))
+            x = v("normalized")
         to = helper.np_dtype_to_tensor_dtype(self.network_input.dtype)
-        nodes.append(helper.make_node("Cast", [x], ["pixels"], to=to))
+        nodes.append(helper.make_node("Cast", [x], [v("pixels")], to=to))
         out_shape = list(self.network_input.shape)
         out_shape[0] = self.raw_input.shape[0] if self.pre.batched else 1
         model = block_model("image_pre", nodes, [spec_info(self.raw_input)],
-                            [value_info("pixels", self.network_input.dtype, out_shape)], like, initializers=inits)
-        return model, [("pixels", self.network_input.name)]
+                            [value_info(v("pixels"), self.network_input.dtype, out_shape)], like, initializers=inits)
+        return model, [(v("pixels"), self.network_input.name)]
 
     def reference(self, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The same steps in numpy: raw feeds -> the network's feeds."""
@@ -374,15 +391,16 @@ class AudioPlan:
         return helper.np_dtype_to_tensor_dtype(self.network_input.dtype)
 
     def block(self, like: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
-        nodes = [
-            helper.make_node("Cast", [self.raw_input.name], ["as_float"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", ["as_float", "scale"], ["scaled"]),
-            helper.make_node("Cast", ["scaled"], ["samples"], to=self._to),
+        name = self.raw_input.name
+        nodes = [  # the block's own names start with the raw input's, which is the network input's name
+            helper.make_node("Cast", [name], [f"{name}/as_float"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{name}/as_float", f"{name}/scale"], [f"{name}/scaled"]),
+            helper.make_node("Cast", [f"{name}/scaled"], [f"{name}/samples"], to=self._to),
         ]
-        inits = [numpy_helper.from_array(np.array(self.pre.scale, np.float32), "scale")]
+        inits = [numpy_helper.from_array(np.array(self.pre.scale, np.float32), f"{name}/scale")]
         model = block_model("audio_pre", nodes, [spec_info(self.raw_input)],
-                            [spec_info(self.network_input, "samples")], like, initializers=inits)
-        return model, [("samples", self.network_input.name)]
+                            [spec_info(self.network_input, f"{name}/samples")], like, initializers=inits)
+        return model, [(f"{name}/samples", self.network_input.name)]
 
     def reference(self, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = np.asarray(raw[self.raw_input.name]).astype(np.float32)

@@ -12,6 +12,7 @@ the op's domain and version are written in the model.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"
+_PROTOBUF_ENV = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
 VOCAB_NAME = "vocab.txt"
 _FEEDS = ("input_ids", "attention_mask", "token_type_ids")
 _OP_OUTPUTS = ("input_ids", "token_type_ids", "attention_mask")  # the op's output order
@@ -66,11 +68,20 @@ class TokenizerConfig:
 
 def extensions_library() -> str:
     """The onnxruntime-extensions custom-op library; UsageError (one line, with the install hint) without it."""
+    # Importing onnxruntime_extensions sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python for the whole
+    # process (0.15.2, its cvt module): every subprocess started later would parse models with the pure
+    # Python protobuf. The variable is put back as it was.
+    saved = os.environ.get(_PROTOBUF_ENV)
     try:
         import onnxruntime_extensions
     except ImportError as e:
         raise UsageError("the tokenizer in the graph needs onnxruntime-extensions, which is not installed",
                          hint="pip install 'onnxforge[tokenizer]'") from e
+    finally:
+        if saved is None:
+            os.environ.pop(_PROTOBUF_ENV, None)
+        else:
+            os.environ[_PROTOBUF_ENV] = saved
     return onnxruntime_extensions.get_library_path()
 
 
@@ -91,6 +102,10 @@ class TokenizerPlan:
 
     def block(self, like: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
         text = self.config.text_input
+        # The op directly rather than pre_post_processing's BertTokenizer step (benchmarks/merge_library.py,
+        # 2026-12-07): the step wraps the same op (equal ids, 1.02-1.05x: noise) and both need the
+        # extensions library at runtime, but the step sets no max_length (a 42-token text stays 42 tokens
+        # where the model takes 16) and its need_token_type_ids_output flag reads inverted.
         op_outputs = [f"raw_{name}" for name in _OP_OUTPUTS]
         nodes = [helper.make_node(
             "BertTokenizer", [text], op_outputs, domain=EXTENSIONS_DOMAIN, vocab_file=self.vocab,
