@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxforge.errors import OnnxForgeError, QualityGateError
-from onnxforge.model_io import file_sha256, input_specs, load_model
+from onnxforge.model_io import content_sha256, file_sha256, input_specs, load_model
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, code_fingerprint, stage_key
 from onnxforge.pipeline.manifest import Manifest, StageRecord, describe_file, tool_versions
@@ -60,7 +60,8 @@ class StageArtifact:
 
 
 def source_fingerprint(model: str) -> str:
-    """A hash of what an export reads: the .py/.pt/.keras/.onnx file (and, for built-ins, the checkpoint)."""
+    """A hash of what an export reads: the .py/.pt/.keras/.onnx file (for built-ins, the checkpoint; for a
+    Hugging Face folder, every file in it)."""
     if model.startswith("builtin:"):
         from onnxforge.converters.digits_cnn import CHECKPOINT_PATH
 
@@ -68,6 +69,8 @@ def source_fingerprint(model: str) -> str:
     from onnxforge.converters.source import parse_source
 
     spec = parse_source(model)
+    if spec.callable is None and spec.path.is_dir():
+        return f"folder:{content_sha256(spec.path)}"
     return f"{spec.path.suffix}:{spec.callable or ''}:{file_sha256(spec.path)}"
 
 
