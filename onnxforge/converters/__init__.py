@@ -171,6 +171,20 @@ def _onnx_input(path: Path, notes: list[str]) -> onnx.ModelProto:
     return proto
 
 
+def _traced_shapes(proto: onnx.ModelProto, examples: dict | None) -> dict[str, list[int]]:
+    """The example inputs' shapes by graph input, the batch set to 1 where the graph leaves it dynamic."""
+    shapes = {}
+    for spec in input_specs(proto):
+        example = (examples or {}).get(spec.name)
+        if example is None or len(example.shape) != len(spec.shape):
+            continue
+        shape = [int(d) for d in example.shape]
+        if shape and not isinstance(spec.shape[0], int):
+            shape[0] = 1
+        shapes[spec.name] = shape
+    return shapes
+
+
 _DEFAULT_CONFIG = ExportConfig()  # frozen: one shared default, as a default argument would be
 
 
@@ -273,6 +287,7 @@ def export(
         notes=notes,
         parity_inputs=parity_inputs,
         unverified_note=note_path if failed else None,
+        traced_shapes=_traced_shapes(proto, examples),
     )
     if failed_parity is not None:
         atomic_write_text(note_path, json.dumps({"source": str(source), **result.to_json()}, indent=2) + "\n")

@@ -76,6 +76,9 @@ class ExportResult(JsonResult):
     notes: list[str] = field(default_factory=list)
     parity_inputs: list[str] = field(default_factory=list)  # the input shapes each parity run used
     unverified_note: Path | None = None  # <out>.unverified.json, written when parity failed
+    # the input shapes the export traced with, batch 1 where the batch is dynamic: a run times the exported
+    # model at these when its recipe gives no shapes (a Hugging Face folder's sequence is dynamic)
+    traced_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def verified(self) -> bool:

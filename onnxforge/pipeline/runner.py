@@ -185,8 +185,11 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress) -> str | No
         return None
     paths = {r.name: manifest.run_dir / r.output_file()["path"] for r in records}
     first = records[0].name
+    # without shapes in the recipe, an exported model is timed at the shapes it was traced with
+    traced = (records[0].result or {}).get("traced_shapes") or {} if manifest.baseline is None else {}
+    input_shapes = dict(recipe.input_shapes) or {name: tuple(shape) for name, shape in traced.items()}
     reference = Reference(paths[first], recipe.eval_data, recipe.target, limit=recipe.max_samples, eval_batch=64,
-                          input_shapes=dict(recipe.input_shapes))
+                          input_shapes=input_shapes)
     specs = reference.specs
     own = {r.name for r in records if _takes_other_inputs(r, specs)}
     metric_name = None
