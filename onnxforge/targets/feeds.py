@@ -148,8 +148,9 @@ def _shared_dims(specs: Sequence[TensorSpec], overrides: Mapping[str, tuple[int,
     for spec in specs:
         if spec.name in overrides or not any(isinstance(d, str) and d in sizes for d in spec.shape):
             continue
-        if all(isinstance(d, int) or (isinstance(d, str) and d in sizes) for d in spec.shape):
-            shapes[spec.name] = tuple(d if isinstance(d, int) else sizes[d] for d in spec.shape)
+        dims = [d if isinstance(d, int) else sizes.get(d or "") for d in spec.shape]
+        if all(d is not None for d in dims):
+            shapes[spec.name] = tuple(int(d) for d in dims if d is not None)
     return shapes
 
 
