@@ -138,6 +138,7 @@ def load_hf_folder(folder: str | os.PathLike, task: HfTask | None = None) -> HfM
                           hint="pip install 'onnxforge[transformers]'") from e
     auto = getattr(transformers, head.auto_class)
     use_safetensors = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar is noise in a CLI
     try:
         model = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
@@ -146,6 +147,9 @@ def load_hf_folder(folder: str | os.PathLike, task: HfTask | None = None) -> HfM
         first = str(e).strip().splitlines()[0][:240] if str(e).strip() else ""
         raise ExportError(f"{folder}: transformers cannot load it as {task.value}: {type(e).__name__}: {first}",
                           hint=f"check --task (one of {_TASK_LIST})") from e
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     model = model.float().eval()
     takes = set(inspect.signature(model.forward).parameters)
     input_names = tuple(n for n in TEXT_INPUTS if n in takes)
