@@ -21,6 +21,7 @@ _API = {
     "export": ("onnxforge.converters", "export"),
     "ExportConfig": ("onnxforge.converters.config", "ExportConfig"),
     "Exporter": ("onnxforge.converters.config", "Exporter"),
+    "HfTask": ("onnxforge.converters.config", "HfTask"),
     "simplify": ("onnxforge.api", "simplify"),
     "SimplifyConfig": ("onnxforge.pipeline.simplify", "SimplifyConfig"),
     "quantize": ("onnxforge.api", "quantize"),

@@ -1,4 +1,5 @@
-"""Parity: numpy's allclose rule per output, worst errors reported, shapes and non-finite values caught."""
+"""Parity: each output's worst error held to atol + rtol * max|ref|, worst errors reported, shapes and
+non-finite values caught."""
 
 from __future__ import annotations
 
@@ -18,15 +19,39 @@ def test_identical_outputs_pass_with_zero_error():
     assert report.outputs[0].max_rel == 0.0
 
 
-def test_error_within_atol_plus_rtol_passes_and_beyond_fails():
+def test_error_within_atol_plus_rtol_times_the_outputs_scale_passes_and_beyond_fails():
     ref = np.array([0.0, 10.0], dtype=np.float32)
     tol = Tolerance(atol=1e-3, rtol=1e-2)
-    # allowed: 1e-3 at 0.0, and 1e-3 + 0.1 at 10.0
-    inside = compare_outputs(["y"], [ref], [ref + np.array([0.0009, 0.1], np.float32)], tol)
+    # allowed anywhere in the output: 1e-3 + 1e-2 * max|ref| = 0.101, also at the element that is 0.0
+    inside = compare_outputs(["y"], [ref], [ref + np.array([0.1, 0.0], np.float32)], tol)
     assert inside.ok
-    outside = compare_outputs(["y"], [ref], [ref + np.array([0.0011, 0.0], np.float32)], tol)
+    assert inside.outputs[0].allowed == pytest.approx(0.101)
+    assert inside.outputs[0].scale == pytest.approx(10.0)
+    outside = compare_outputs(["y"], [ref], [ref + np.array([0.0, 0.102], np.float32)], tol)
     assert not outside.ok
-    assert outside.max_abs == pytest.approx(0.0011, rel=1e-3)
+    assert outside.max_abs == pytest.approx(0.102, rel=1e-3)
+
+
+def test_large_magnitude_logits_pass_at_the_default_tolerance_and_the_message_gives_both_numbers():
+    # fp32 logits of size ~1e3 after a correct export: an error of 1.4e-4 sits near 0 and near 1e3 alike
+    rng = np.random.default_rng(0)
+    ref = (rng.standard_normal((4, 1000)) * 400).astype(np.float32)
+    ref[0, 0] = 1.0e-3
+    got = ref.copy()
+    got[0, 0] += 1.4e-4  # beside a near-zero logit: the per-element rule (1e-4 + 1e-3 * 1e-3) failed it
+    report = compare_outputs(["logits"], [ref], [got])
+    assert report.ok
+    assert not np.allclose(got, ref, atol=1e-4, rtol=1e-3)  # the old per-element rule
+    # beyond the bound it fails, and the message states the error and the bound it broke
+    scale = float(np.abs(ref).max())
+    bad = ref.copy()
+    bad[1, 1] += 2e-3 * scale
+    failed = compare_outputs(["logits"], [ref], [bad])
+    assert not failed.ok
+    text = failed.summary()
+    allowed = 1e-4 + 1e-3 * scale
+    assert f"{failed.max_abs:.3g} > allowed {allowed:.3g}" in text
+    assert f"max|ref| {scale:.3g}" in text and "'logits'" in text
 
 
 def test_relative_error_does_not_explode_near_zero():
@@ -90,7 +115,10 @@ def test_report_json_round_trips_the_numbers():
     data = report.to_json()
     assert data["ok"] is False
     assert data["atol"] == 0.1 and data["rtol"] == 0.0
-    assert data["outputs"] == [{"name": "y", "max_abs_error": 0.25, "max_rel_error": 2.5, "ok": False}]
+    assert data["outputs"] == [{"name": "y", "max_abs_error": 0.25, "max_rel_error": 2.5, "ok": False,
+                                "scale": 0.0, "allowed": 0.1}]
+    back = ParityReport.from_json(data)
+    assert back.outputs == report.outputs and back.summary() == report.summary()
 
 
 def test_compare_models_same_model_passes_at_two_batch_sizes(classifier):

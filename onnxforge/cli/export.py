@@ -81,8 +81,8 @@ def export(
     rtol: float | None,
     **_: object,
 ) -> None:
-    """Export SOURCE (file.py:callable, TorchScript .pt, torch.export .pt2, .keras, .onnx, builtin:digits_cnn)
-    to ONNX, checking parity."""
+    """Export SOURCE (file.py:callable, TorchScript .pt, torch.export .pt2, .keras, .onnx, builtin:digits_cnn,
+    or a Hugging Face save_pretrained folder) to ONNX, checking parity."""
     options = given_options(ctx, ExportConfig, FLAGS, SKIP) | shape_options(input_shapes)
     if dynamic_dims:
         options["dynamic_axes"] = dynamic_axes(dynamic_dims)

@@ -102,7 +102,8 @@ def _export(payload: Payload, output: Path) -> None:
     if payload.get("parity") is not None:
         out.print(f"  {_parity_summary(payload['parity'])}")
         for o in payload["parity"]["outputs"]:
-            out.print(f"    {o['name']}: max abs {o['max_abs_error']:.3g}, max rel {o['max_rel_error']:.3g}")
+            bound = f" (allowed {o['allowed']:.3g}, max|ref| {o['scale']:.3g})" if "allowed" in o else ""
+            out.print(f"    {o['name']}: max abs {o['max_abs_error']:.3g}{bound}, max rel {o['max_rel_error']:.3g}")
         out.print(f"    inputs run: {escape('; '.join(payload.get('parity_inputs') or []))}", highlight=False)
     print_notes(payload.get("notes", []))
 

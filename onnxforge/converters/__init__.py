@@ -1,9 +1,9 @@
 """Framework -> ONNX. The only place that imports torch or keras.
 
 ``export(source, output, config)`` loads SOURCE (``file.py:callable``, TorchScript ``.pt``,
-``torch.export`` ``.pt2``, ``.keras``, or ``.onnx``), exports it, runs the full ONNX checker, checks
-parity against the source framework on the same inputs (at two sizes of every dynamic dim: batch 1
-and 3, and a second sequence length), and saves the model atomically.
+``torch.export`` ``.pt2``, ``.keras``, ``.onnx``, or a Hugging Face folder), exports it,
+runs the full ONNX checker, checks parity against the source framework on the same inputs (at two
+sizes of every dynamic dim: batch 1 and 3, and a second sequence length), and saves the model atomically.
 
 A parity failure keeps the file, marked unverified twice: ``metadata_props["onnxforge.verified"] =
 "false"`` inside the model, and ``<out>.unverified.json`` beside it with the report; then it raises
@@ -29,7 +29,7 @@ from onnxforge.converters._isolation import SOURCE_TIMEOUT_S
 from onnxforge.converters._parity_inputs import parity_feeds, sample_feeds
 from onnxforge.converters.config import ExportConfig, Exporter, ExportResult
 from onnxforge.converters.source import SourceKind, SourceModel, is_python_source, resolve_source, source_files
-from onnxforge.errors import ExportError, InvalidModelError, QualityGateError
+from onnxforge.errors import ExportError, InvalidModelError, QualityGateError, UsageError
 from onnxforge.model_io import (
     default_opset,
     fits_in_protobuf,
@@ -171,6 +171,20 @@ def _onnx_input(path: Path, notes: list[str]) -> onnx.ModelProto:
     return proto
 
 
+def _traced_shapes(proto: onnx.ModelProto, examples: dict | None) -> dict[str, list[int]]:
+    """The example inputs' shapes by graph input, the batch set to 1 where the graph leaves it dynamic."""
+    shapes = {}
+    for spec in input_specs(proto):
+        example = (examples or {}).get(spec.name)
+        if example is None or len(example.shape) != len(spec.shape):
+            continue
+        shape = [int(d) for d in example.shape]
+        if shape and not isinstance(spec.shape[0], int):
+            shape[0] = 1
+        shapes[spec.name] = shape
+    return shapes
+
+
 _DEFAULT_CONFIG = ExportConfig()  # frozen: one shared default, as a default argument would be
 
 
@@ -193,11 +207,13 @@ def export(
     in this process instead (debugging; tests that patch the exporter).
     """
     out = check_output_path(output, *source_files(source), *paths_in(config))
+    if config.task is not None and not Path(source).is_dir():
+        raise UsageError(f"{source}: --task {config.task.value} is for a Hugging Face model folder, not this source")
     if is_python_source(source) and not in_process:
         from onnxforge.converters._isolation import export_in_child
 
         return export_in_child(source, out, config, timeout=timeout)
-    src = resolve_source(source)
+    src = resolve_source(source, config.task)
     fallback = None
     examples = None
     notes: list[str] = []
@@ -214,6 +230,18 @@ def export(
             notes.append(
                 "Keras fixes shapes from its Input layers (None = dynamic); --dynamic/--input-shape were not used"
             )
+    elif src.kind is SourceKind.TRANSFORMERS:
+        from onnxforge.converters.hf_folder import hf_note, plan_hf_export
+        from onnxforge.converters.torch_export import export_torch
+
+        assert src.hf is not None  # resolve_source loads every folder it returns
+        plan = plan_hf_export(src.hf, config)
+        config = plan.config  # the settled inputs drive the parity check too
+        proto, exporter, fallback, examples, _ = export_torch(src.model, config, plan.examples,
+                                                              output_names=plan.output_names)
+        notes.append(hf_note(src.hf, inferred=config.task is None))
+        if fallback:
+            notes.append(f"dynamo exporter failed ({fallback}); the TorchScript exporter produced this file")
     elif src.kind is SourceKind.TORCH_EXPORT:
         from onnxforge.converters.torch_export import export_program
 
@@ -259,6 +287,7 @@ def export(
         notes=notes,
         parity_inputs=parity_inputs,
         unverified_note=note_path if failed else None,
+        traced_shapes=_traced_shapes(proto, examples),
     )
     if failed_parity is not None:
         atomic_write_text(note_path, json.dumps({"source": str(source), **result.to_json()}, indent=2) + "\n")

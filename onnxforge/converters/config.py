@@ -14,7 +14,7 @@ from onnxforge.model_io import TensorSpec
 from onnxforge.parity import ParityReport, Tolerance
 from onnxforge.pipeline.codec import JsonResult, option
 
-__all__ = ["ExportConfig", "ExportResult", "Exporter"]
+__all__ = ["ExportConfig", "ExportResult", "Exporter", "HfTask"]
 
 
 _DEFAULT_TOLERANCE = Tolerance()  # frozen, so one instance serves every config
@@ -24,6 +24,16 @@ class Exporter(enum.Enum):
     AUTO = "auto"  # dynamo first, TorchScript when dynamo fails
     DYNAMO = "dynamo"
     TORCHSCRIPT = "torchscript"
+
+
+class HfTask(enum.Enum):
+    """What a Hugging Face folder is exported for: which head is built and which outputs the graph has."""
+
+    FEATURE_EXTRACTION = "feature-extraction"  # BertModel: last_hidden_state
+    TEXT_CLASSIFICATION = "text-classification"  # *ForSequenceClassification: logits
+    TOKEN_CLASSIFICATION = "token-classification"  # *ForTokenClassification: logits
+    QUESTION_ANSWERING = "question-answering"  # *ForQuestionAnswering: start_logits, end_logits
+    FILL_MASK = "fill-mask"  # *ForMaskedLM: logits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +55,8 @@ class ExportConfig:
     tolerance: Tolerance = _DEFAULT_TOLERANCE
     sample_inputs: Path | None = option(None, help=".npz inputs for the parity check")
     check_parity: bool = option(True, help="run the exported graph against the framework model")
+    task: HfTask | None = option(
+        None, help="a Hugging Face folder's task (default: from config.json's architectures)")
     # file.py:callable sources run in a child process stopped after this long; it decides whether the export
     # finishes, not what it writes, so it is saved but not part of the cache key
     timeout_s: float = option(
@@ -64,6 +76,9 @@ class ExportResult(JsonResult):
     notes: list[str] = field(default_factory=list)
     parity_inputs: list[str] = field(default_factory=list)  # the input shapes each parity run used
     unverified_note: Path | None = None  # <out>.unverified.json, written when parity failed
+    # the input shapes the export traced with, batch 1 where the batch is dynamic: a run times the exported
+    # model at these when its recipe gives no shapes (a Hugging Face folder's sequence is dynamic)
+    traced_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def verified(self) -> bool:

@@ -6,6 +6,8 @@ tf2onnx, which the ``tf`` extra installs.
 Names: Keras names the ONNX inputs after its Input layers, flattened in ``tree.flatten`` order
 (a dict of inputs comes out sorted by key, not in the dict's order), and leaves the outputs with
 numbered names; we rename the outputs to ``model.output_names`` and feed the model back by name.
+The TorchScript exporter names an output's batch dim after the op that made it (``Add485_dim_0``);
+axis 0 of every Keras output is the batch, so it takes the inputs' name for it (``batch``).
 """
 
 from __future__ import annotations
@@ -112,6 +114,28 @@ def _rename_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
         value.name = mapping.get(value.name, value.name)
 
 
+def _name_output_batch(proto: onnx.ModelProto) -> None:
+    """Name axis 0 of the outputs after the inputs' batch dim, when every input calls it the same.
+
+    Keras outputs are batch-first, so a dim the exporter named after an op (``Add485_dim_0``) there is
+    the batch; its name is replaced wherever it appears (outputs and value_info alike).
+    """
+    firsts = {i.type.tensor_type.shape.dim[0].dim_param if i.type.tensor_type.shape.dim else ""
+              for i in proto.graph.input}
+    if len(firsts) != 1 or not (batch := firsts.pop()):
+        return
+    input_dims = {d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    renamed = {}
+    for output in proto.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param and dims[0].dim_param not in input_dims:
+            renamed[dims[0].dim_param] = batch
+    for value in [*proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renamed:
+                dim.dim_param = renamed[dim.dim_param]
+
+
 def export_keras(model: Any, config: Any = None) -> onnx.ModelProto:
     """Export a keras.Model with ``model.export(format="onnx")``; the batch stays dynamic where
     the Keras inputs leave it None."""
@@ -148,6 +172,7 @@ def export_keras(model: Any, config: Any = None) -> onnx.ModelProto:
         output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
     if output_names:
         _rename_outputs(proto, output_names)
+    _name_output_batch(proto)
     return proto
 
 

@@ -1,5 +1,6 @@
 """Resolving a SOURCE argument to a model object: ``file.py:callable``, a TorchScript ``.pt``,
-a ``torch.export`` program ``.pt2``, a ``.keras`` file, an ``.onnx`` file, or ``builtin:digits_cnn`` (the demo CNN).
+a ``torch.export`` program ``.pt2``, a ``.keras`` file, an ``.onnx`` file, ``builtin:digits_cnn`` (the demo CNN),
+or a Hugging Face ``save_pretrained`` folder (see hf_folder).
 
 A callable may return the model, or ``(model, example_inputs)`` where example_inputs is a tuple of
 tensors/arrays or a dict keyed by input name; example inputs fix the export shapes when no
@@ -15,9 +16,13 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onnxforge.errors import ExportError
+
+if TYPE_CHECKING:
+    from onnxforge.converters.config import HfTask
+    from onnxforge.converters.hf_folder import HfModel
 
 __all__ = [
     "SourceKind",
@@ -36,6 +41,7 @@ class SourceKind(enum.Enum):
     TORCH_EXPORT = "torch.export"  # an ExportedProgram from a .pt2 file
     KERAS = "keras"
     ONNX = "onnx"
+    TRANSFORMERS = "transformers"  # a Hugging Face save_pretrained folder
 
 
 @dataclass
@@ -45,6 +51,7 @@ class SourceModel:
     model: Any = None
     example_inputs: Any = None
     path: Path | None = None
+    hf: HfModel | None = None  # a Hugging Face folder: its task, inputs and outputs (model is its module)
 
 
 @dataclass(frozen=True)
@@ -157,8 +164,11 @@ def _builtin(text: str) -> SourceModel:
     return SourceModel(SourceKind.TORCH, text, load_pretrained(), example)
 
 
-def resolve_source(source: str | os.PathLike[str]) -> SourceModel:
-    """Load what SOURCE names; raises ExportError with the reason when it cannot."""
+def resolve_source(source: str | os.PathLike[str], task: HfTask | None = None) -> SourceModel:
+    """Load what SOURCE names; raises ExportError with the reason when it cannot.
+
+    ``task`` is for a Hugging Face folder (None: read from its config.json); other sources take none.
+    """
     text = str(source)
     if text.startswith("builtin:"):
         return _builtin(text)
@@ -171,6 +181,11 @@ def resolve_source(source: str | os.PathLike[str]) -> SourceModel:
         raise ExportError(f"{text}: name the function that builds the model, e.g. {text}:build_model")
     if not path.exists():
         raise ExportError(f"{text}: no such file")
+    if path.is_dir():
+        from onnxforge.converters.hf_folder import load_hf_folder
+
+        hf = load_hf_folder(path, task)
+        return SourceModel(SourceKind.TRANSFORMERS, str(path), hf.module, path=path, hf=hf)
     if suffix == ".onnx":
         return SourceModel(SourceKind.ONNX, str(path), path=path)
     if suffix in (".pt", ".pth", ".torchscript"):
@@ -194,5 +209,6 @@ def resolve_source(source: str | os.PathLike[str]) -> SourceModel:
         return SourceModel(SourceKind.KERAS, str(path), load_keras_file(path), path=path)
     raise ExportError(
         f"{text}: unknown source type {suffix or '(no suffix)'!r}",
-        hint="give file.py:callable, a TorchScript .pt, a torch.export .pt2, a .keras file or an .onnx file",
+        hint="give file.py:callable, a TorchScript .pt, a torch.export .pt2, a .keras file, an .onnx file "
+        "or a Hugging Face model folder",
     )

@@ -21,7 +21,7 @@ import logging
 import re
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -294,9 +294,12 @@ def _first_line(error: BaseException) -> str:
 
 
 def export_torch(
-    model: Any, config: ExportConfig, source_example: Any = None
+    model: Any, config: ExportConfig, source_example: Any = None, *, output_names: Sequence[str] | None = None
 ) -> tuple[onnx.ModelProto, str, str | None, dict[str, torch.Tensor], list[str]]:
-    """Export to an in-memory ModelProto. Returns (model, exporter used, why dynamo failed, examples, output names)."""
+    """Export to an in-memory ModelProto. Returns (model, exporter used, why dynamo failed, examples, output names).
+
+    ``output_names``: the graph's outputs, one per tensor forward() returns (default ``output``/``output_K``).
+    """
     if isinstance(model, torch.nn.Module):
         model = model.eval()
     examples = _example_inputs(model, config, source_example)
@@ -310,7 +313,10 @@ def export_torch(
     n_outputs = len(_flatten_outputs(reference))
     if n_outputs == 0:
         raise ExportError("the model's forward returned no tensors")
-    output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
+    if output_names is not None and len(output_names) != n_outputs:
+        raise ExportError(f"the model's forward returned {n_outputs} tensors for outputs {', '.join(output_names)}")
+    output_names = (list(output_names) if output_names is not None
+                    else ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)])
     axes = _dynamic_axes(config, input_names, output_names)
     external = _wants_external_data(model)
 

@@ -293,7 +293,8 @@ def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe
     if unknown:
         raise RecipeError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_TOP_KEYS))}")
     if "model" not in data:
-        raise RecipeError(f"{source}: 'model' is required (file.py:callable, .onnx, .pt, .keras, builtin:NAME)")
+        raise RecipeError(f"{source}: 'model' is required (file.py:callable, .onnx, .pt, .keras, builtin:NAME, "
+                          "a Hugging Face folder)")
     model = _model_ref(data["model"], base, source)
     target = codec.decode(str, data.get("target", "cpu"), "target", base)
     if target not in TARGETS:

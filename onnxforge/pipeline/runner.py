@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxforge.errors import OnnxForgeError, QualityGateError
-from onnxforge.model_io import file_sha256, input_specs, load_model
+from onnxforge.model_io import content_sha256, file_sha256, input_specs, load_model
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, code_fingerprint, stage_key
 from onnxforge.pipeline.manifest import Manifest, StageRecord, describe_file, tool_versions
@@ -61,7 +61,8 @@ class StageArtifact:
 
 
 def source_fingerprint(model: str) -> str:
-    """A hash of what an export reads: the .py/.pt/.keras/.onnx file (and, for built-ins, the checkpoint)."""
+    """A hash of what an export reads: the .py/.pt/.keras/.onnx file (for built-ins, the checkpoint; for a
+    Hugging Face folder, every file in it)."""
     if model.startswith("builtin:"):
         from onnxforge.converters.digits_cnn import CHECKPOINT_PATH
 
@@ -69,6 +70,8 @@ def source_fingerprint(model: str) -> str:
     from onnxforge.converters.source import parse_source
 
     spec = parse_source(model)
+    if spec.callable is None and spec.path.is_dir():
+        return f"folder:{content_sha256(spec.path)}"
     return f"{spec.path.suffix}:{spec.callable or ''}:{file_sha256(spec.path)}"
 
 
@@ -185,8 +188,11 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress, cache: Stag
         return None
     paths = {r.name: manifest.run_dir / r.output_file()["path"] for r in records}
     first = records[0].name
+    # without shapes in the recipe, an exported model is timed at the shapes it was traced with
+    traced = (records[0].result or {}).get("traced_shapes") or {} if manifest.baseline is None else {}
+    input_shapes = dict(recipe.input_shapes) or {name: tuple(shape) for name, shape in traced.items()}
     reference = Reference(paths[first], recipe.eval_data, recipe.target, limit=recipe.max_samples, eval_batch=64,
-                          input_shapes=dict(recipe.input_shapes))
+                          input_shapes=input_shapes)
     specs = reference.specs
     own = {r.name for r in records if _takes_other_inputs(r, specs)}
     metric_name = None

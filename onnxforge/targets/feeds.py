@@ -1,7 +1,8 @@
 """Input feeds for a model: parsed ``--input-shape`` values and generated or sampled arrays.
 
 Generated data is deterministic (fixed seed). A dynamic first dimension takes the batch size;
-any other dynamic dimension must be given with ``--input-shape``, except where the caller accepts
+any other dynamic dimension must be given with ``--input-shape`` (inputs that share a dim name share
+its size: one input's shape gives the others'), except where the caller accepts
 a stated guess (``guess=True``: simplify's parity and profile, which say the shapes they chose):
 224 for the spatial dims of an image (rank 4, channels 1-4 first or last), 128 otherwise.
 """
@@ -134,6 +135,25 @@ def _gather_axis(node: Any) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
+def _shared_dims(specs: Sequence[TensorSpec], overrides: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Shapes for inputs not given, from the sizes given for the dims they share by name: ``--input-shape
+    input_ids=1x12`` makes an ``attention_mask`` of ``batch x sequence`` 1x12 too."""
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        if spec.name in overrides and len(overrides[spec.name]) == len(spec.shape):
+            for declared, given in zip(spec.shape, overrides[spec.name], strict=True):
+                if isinstance(declared, str) and declared:
+                    sizes.setdefault(declared, given)
+    shapes = {}
+    for spec in specs:
+        if spec.name in overrides or not any(isinstance(d, str) and d in sizes for d in spec.shape):
+            continue
+        dims = [d if isinstance(d, int) else sizes.get(d or "") for d in spec.shape]
+        if all(d is not None for d in dims):
+            shapes[spec.name] = tuple(int(d) for d in dims if d is not None)
+    return shapes
+
+
 def generate_feeds(
     specs: Sequence[TensorSpec],
     *,
@@ -155,6 +175,7 @@ def generate_feeds(
             f"--input-shape names {sorted(unknown)[0]!r}, which is not a model input; "
             f"inputs are: {', '.join(s.name for s in specs)}"
         )
+    overrides = {**_shared_dims(specs, overrides), **overrides}
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:

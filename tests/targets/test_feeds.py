@@ -46,6 +46,15 @@ def test_other_dynamic_dims_must_be_given():
     assert resolve_shape(IDS, 1, {"input_ids": (2, 16)}) == (2, 16)
 
 
+def test_inputs_sharing_a_dim_name_share_its_given_size():
+    feeds = generate_feeds([IDS, MASK], batch=1, overrides={"input_ids": (2, 12)})
+    assert feeds["attention_mask"].shape == (2, 12)
+    # a dim nobody gave is still an error
+    other = TensorSpec("pixel_mask", ("batch", "height"), np.dtype("int64"))
+    with pytest.raises(UsageError, match="height"):
+        generate_feeds([IDS, other], batch=1, overrides={"input_ids": (1, 12)})
+
+
 def test_override_must_fit_the_declared_shape():
     with pytest.raises(UsageError, match="rank"):
         resolve_shape(IMAGE, 1, {"image": (1, 3, 8)})
