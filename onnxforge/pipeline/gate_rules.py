@@ -8,7 +8,8 @@ changed on 19% of samples; an OCR model at mean cosine 0.99 that misread 4 more 
   tolerance fails only when it is beyond its sampling error too. The interval is the normal
   approximation of the paired difference ``d_i = correct_candidate_i - correct_input_i`` (McNemar's
   setting): ``mean(d) +- 1.96 * sd(d) / sqrt(n)``, in points; a drop "within noise" is one whose
-  interval reaches 0.
+  interval still reaches the allowed change (its upper end >= -tolerance). Churn is what then
+  catches a small set's real change.
 - **Churn** (accuracy): the share of samples whose top-1 class differs from the input model's may be
   at most ``max_churn`` points: two models with the same accuracy that disagree on a fifth of the
   samples are not the same model to a user.
@@ -138,10 +139,10 @@ def judge(gate: QualityGate, outputs: list[np.ndarray], reference: list[np.ndarr
         top, ref_top = _top1(first), _top1(ref_first)
         low, high = paired_interval(top == labels, ref_top == labels)
         found["interval"] = (round(low, 3), round(high, 3))
-        within_noise = high >= 0.0
+        within_noise = high >= -gate.tolerance  # the interval reaches an allowed change
         change = (value - reference_value) * 100.0
         rule(f"accuracy {change:+.1f} points, 95% CI [{low:+.1f}, {high:+.1f}]"
-             + (" (within noise)" if within_noise and change < 0 else "")
+             + (" (within noise)" if within_noise and not main_ok else "")
              + f" (allowed: -{gate.tolerance:g})", main_ok or within_noise)
         churn = float((top != ref_top).mean()) if len(top) else 0.0
         found["churn"] = churn

@@ -175,3 +175,9 @@ def test_ragged_sequences_are_compared_sample_by_sample():
     rows[0], rows[1] = ref[0], ref[1, :4]
     assert is_class_sequence(rows)
     assert position_agreement(rows, rows) == 1.0
+
+
+def test_noise_never_forgives_a_change_a_negative_tolerance_refuses():
+    labels, ref_pred, _ = _classifier_case()
+    _, verdict = _judge(Metric.AUTO, [_logits(ref_pred)], [_logits(ref_pred)], labels, tolerance=-1.0)
+    assert verdict.interval == (0.0, 0.0) and not verdict.passed  # no change, but +1 point was asked for

@@ -131,3 +131,13 @@ def test_a_recipe_metric_that_is_neither_a_name_nor_a_file_says_both(tmp_path):
         codec.decode_dataclass(QuantizeConfig, {"metric": "acuracy"}, "quantize", tmp_path)
     with pytest.raises(RecipeError, match="does not exist"):
         codec.decode_dataclass(QuantizeConfig, {"metric": "missing.py:score"}, "quantize", tmp_path)
+
+
+def test_the_api_takes_the_metric_as_the_command_does(tmp_path, classifier_path, calibration_npz, eval_npz):
+    import onnxforge.api as api
+
+    metric = tmp_path / "metric.py"
+    metric.write_text(AGREEMENT_PLUS_TEN)
+    record = api.quantize(classifier_path, tmp_path / "q.onnx", calibration=calibration_npz, eval=eval_npz,
+                          metric=f"{metric}:score", tolerance=0.5, schemes=["qdq-u8s8-per-tensor"], cache=False)
+    assert record.result["metric"] == "user" and record.result["fp32_score"] == pytest.approx(11.0)
