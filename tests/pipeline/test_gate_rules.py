@@ -181,3 +181,26 @@ def test_noise_never_forgives_a_change_a_negative_tolerance_refuses():
     labels, ref_pred, _ = _classifier_case()
     _, verdict = _judge(Metric.AUTO, [_logits(ref_pred)], [_logits(ref_pred)], labels, tolerance=-1.0)
     assert verdict.interval == (0.0, 0.0) and not verdict.passed  # no change, but +1 point was asked for
+
+
+# ----------------------------------------------------------------------------------------------
+# Through a stage: the rules gate it, and its failure names the rule
+
+
+def test_a_stage_backs_off_from_a_try_that_changes_too_many_predictions_and_says_which_rule(
+        tmp_path, classifier_path, eval_npz):
+    from onnxforge.errors import QualityGateError
+    from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig, prune_magnitude
+
+    # 95% of the weights zeroed: within a 100-point accuracy tolerance, not within 0 points of churn
+    config = MagnitudePruneConfig(sparsity=0.95, eval_data=eval_npz, tolerance=100, max_churn=0)
+    try:
+        tried = prune_magnitude(classifier_path, tmp_path / "p.onnx", config).tried
+    except QualityGateError as e:  # no sparsity down to the floor kept every prediction
+        assert "predictions changed on <= 0% of samples" in e.message
+        tried = e.result["tried"]
+    first = tried[0]
+    assert first["sparsity"] == 0.95 and not first["passes"]
+    assert "predictions changed on" in first["gate"] and first["gate"].split("; ")[0].endswith("FAILED")
+    assert "95% CI" in first["gate"]
+    assert all(t["passes"] == ("FAILED" not in t["gate"]) for t in tried)

@@ -469,6 +469,7 @@ def prune_channels(
                 "channels_removed": _channels_removed(pruned),
                 "speedup": speed["speedup"] if speed else None,
                 "slower": slower,
+                "gate": check.verdict_note(candidate),  # every rule's line: interval, churn, worst sample
             }
         )
         if group_ratios is not None:
@@ -527,7 +528,7 @@ def prune_channels(
         raise QualityGateError(
             f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}, on "
             f"{check.source}): the input scores {gate.format(reference_score)}, the best try (ratio "
-            f"{best['ratio']:.3f}) {gate.format(best['score'])}; the unpruned model is saved at {out}",
+            f"{best['ratio']:.3f}) {gate.format(best['score'])} ({best['gate']}); the unpruned model is saved at {out}",
             hint=f"loosen --tolerance (now {gate.describe_tolerance()}), pass --calibration for the "
             "least-squares repair, or --exclude sensitive layers",
             best_path=str(out),

@@ -463,7 +463,8 @@ def low_rank(
             speed, slower = check.slower(model, candidate)  # slower than the input: a miss, like quality
         tried.append(
             {"energy": attempt_config.energy, "ratio": attempt_config.ratio, "layers": len(factored), "score": value,
-             "passes": within and not slower, "speedup": speed["speedup"] if speed else None, "slower": slower}
+             "passes": within and not slower, "speedup": speed["speedup"] if speed else None, "slower": slower,
+             "gate": check.verdict_note(candidate)}
         )
         return (candidate, factored, skipped, value, speed), (within and not slower) or not config.gate
 
@@ -506,7 +507,7 @@ def low_rank(
         gate, reference_score, best = check.failure(tried)
         raise QualityGateError(
             f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
-            f"{gate.format(reference_score)}, the best try {gate.format(best['score'])}; the "
+            f"{gate.format(reference_score)}, the best try {gate.format(best['score'])} ({best['gate']}); the "
             f"input model is saved at {out}",
             hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or pass --calibration for the "
             "data-aware factorization",

@@ -160,12 +160,13 @@ def prune_magnitude(
         pruned, achieved, layers, skipped = sparsify_model(model, replace(config, sparsity=sparsity))
         serialized = pruned.SerializeToString()
         check.runs(serialized, "prune")
-        entry: dict[str, float | bool | None] = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
+        entry: dict[str, float | bool | str | None] = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
         value = check.score(serialized)
         passes = check.passes(value, serialized)
         if check.measured:
             entry["score"] = value
             entry["passes"] = passes
+            entry["gate"] = check.verdict_note(serialized)
         tried.append(entry)
         return (pruned, achieved, layers, skipped, serialized, value), passes
 
@@ -197,8 +198,9 @@ def prune_magnitude(
     if not passed:
         gate, _, _ = check.failure(tried)
         raise QualityGateError(
-            f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}); "
-            f"the unpruned model is saved at {out}",
+            f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}"
+            + (f"; the last try: {tried[-1]['gate']}" if tried and tried[-1].get("gate") else "")
+            + f"); the unpruned model is saved at {out}",
             hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or exclude sensitive layers "
             "with --exclude",
             best_path=str(out),
