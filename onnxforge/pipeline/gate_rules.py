@@ -66,6 +66,10 @@ def _flat_rows(output: np.ndarray) -> list[np.ndarray]:
 
 def sample_cosines(output: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Each sample's cosine similarity of the flattened output to the reference's."""
+    if output.dtype != object and reference.dtype != object:
+        y = output.reshape(len(output), -1).astype(np.float64)
+        r = reference.reshape(len(reference), -1).astype(np.float64)
+        return (y * r).sum(1) / np.maximum(np.linalg.norm(y, axis=1) * np.linalg.norm(r, axis=1), 1e-12)
     return np.array([float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12)
                      for a, b in zip(_flat_rows(output), _flat_rows(reference), strict=True)])
 
@@ -81,6 +85,8 @@ def _positions(output: np.ndarray) -> list[np.ndarray]:
 
 def position_agreement(output: np.ndarray, reference: np.ndarray) -> float:
     """Share of (sample, position) pairs whose argmax over the last axis equals the reference's."""
+    if output.dtype != object and reference.dtype != object:
+        return float((output.argmax(-1) == reference.argmax(-1)).mean()) if output.size else 1.0
     same = [a == b for a, b in zip(_positions(output), _positions(reference), strict=True)]
     total = sum(len(s) for s in same)
     return float(sum(int(s.sum()) for s in same) / total) if total else 1.0
