@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from onnxforge.cli.app import cli
@@ -43,6 +44,9 @@ def _render_run(result, json_path: str | None) -> None:
             _stage_summary(s),
         )
     out.print(table)
+    for s in result.stages:  # what the table's mean hides: churn, the worst sample, the interval
+        if s.metrics.get("gate_checks"):
+            out.print(f"  {escape(s.name)} vs the input: {escape(s.metrics['gate_checks'])}")
     report = result.run_dir / "report.html"
     out.print(f"files in {result.run_dir.resolve()}; manifest: {result.manifest.path}"
               + (f"; report: {report}" if report.exists() else ""))

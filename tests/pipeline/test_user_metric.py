@@ -83,6 +83,9 @@ def test_a_recipe_names_the_metric_relative_to_itself(cli, tmp_path, classifier_
     manifest = json.loads(out[out.index("{"):])
     result = manifest["stages"][0]["result"]
     assert result["metric"] == "user" and result["fp32_score"] == pytest.approx(11.0)
+    # the run table scores every stage with the run's own gate (accuracy: labels) and shows its other rules
+    checks = manifest["stages"][0]["metrics"]["gate_checks"]
+    assert "95% CI" in checks and "predictions changed on" in checks
 
 
 def test_a_metric_that_raises_is_one_line_naming_the_file_and_the_exception(cli, tmp_path, classifier_path,
