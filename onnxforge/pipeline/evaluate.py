@@ -69,7 +69,7 @@ _TOLERANCE_UNIT = {
     Metric.MIN_COSINE: "minimum cosine similarity of every sample to the reference",
     Metric.REL_ERROR: "maximum mean relative error to the reference",
     Metric.POSITION_AGREEMENT: "points of per-position top-1 disagreement with the reference (at most)",
-    Metric.USER: "drop from the input's score a file.py:function metric allows, in its own units",
+    Metric.USER: "drop from the input's score allowed, in the metric's own units",
 }
 _HIGHER_IS_BETTER = {Metric.ACCURACY: True, Metric.AGREEMENT: True, Metric.COSINE: True, Metric.MIN_COSINE: True,
                      Metric.REL_ERROR: False, Metric.POSITION_AGREEMENT: True, Metric.USER: True}
