@@ -5,7 +5,8 @@
     record.result["chosen"], record.status        # 'qdq-u8s8-per-channel', 'done' (or 'cached')
 
 Options are the pass's config fields, given as Python values (``tolerance=0.5``,
-``importance=Importance.ACTIVATION`` or ``"activation"``). Each call builds the recipe the matching command
+``importance=Importance.ACTIVATION`` or ``"activation"``; ``metric="my_metric.py:score"`` is a user metric:
+onnxforge.pipeline.user_metric). Each call builds the recipe the matching command
 builds and runs it through the runner: same cache, same gates, byte-identical output. A quality gate that
 no try meets raises ``QualityGateError`` (exit 4 on the command line): ``e.result`` holds every try's
 numbers, ``e.best_path`` the best model kept (if any), ``e.record`` the stage record.

@@ -96,7 +96,7 @@ def print_notes(notes: list[str]) -> None:
 def format_score(metric: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value * 100:.2f}%" if metric in ("accuracy", "agreement") else f"{value:.4f}"
+    return f"{value * 100:.2f}%" if metric in ("accuracy", "agreement", "position-agreement") else f"{value:.4f}"
 
 
 def speed_words(speedup: float | None, than: str = "fp32") -> str:

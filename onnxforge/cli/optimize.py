@@ -12,7 +12,7 @@ from rich.table import Table
 from onnxforge.cli.app import cli
 from onnxforge.cli.console import emit_json, err, human_bytes, out, quiet
 from onnxforge.cli.door import stage_cache
-from onnxforge.cli.options import cache_options, input_shape_option, json_option, target_option
+from onnxforge.cli.options import MetricType, cache_options, input_shape_option, json_option, target_option
 from onnxforge.errors import QualityGateError, UsageError
 
 
@@ -143,8 +143,8 @@ def _render_optimize(result, json_path: str | None) -> None:
 @click.option(
     "--max-drop", type=float, default=None, metavar="PTS", help="accuracy budget: points lost at most (needs labels)"
 )
-@click.option("--metric", type=click.Choice(["auto", "accuracy", "agreement", "cosine", "min-cosine", "rel-error"]),
-              default="auto", show_default=True, help="the quality metric vs the input model")
+@click.option("--metric", type=MetricType(), default="auto", show_default=True,
+              help="the quality metric vs the input model (see quantize --help), or file.py:function: your own")
 @click.option("--tolerance", type=float, default=None, help="the budget in the metric's terms (see quantize --help)")
 @click.option("--objective", type=click.Choice(["latency", "size"]), default="latency", show_default=True)
 @click.option(
@@ -207,6 +207,7 @@ def optimize(
 
     MODEL is an .onnx file, a framework source (file.py:callable, .pt, .pt2, .keras, builtin:NAME), or a
     recipe .yaml whose 'search:' section holds these options (its model, data and target are used)."""
+    from onnxforge.pipeline import codec
     from onnxforge.pipeline.data_spec import DataSpec
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.run_guard import check_search_paths
@@ -214,6 +215,7 @@ def optimize(
     from onnxforge.pipeline.search import optimize as run_optimize
     from onnxforge.pipeline.search.optimize import search_reads
     from onnxforge.pipeline.search.space import SearchSpace
+    from onnxforge.pipeline.user_metric import UserMetric
     from onnxforge.targets.feeds import parse_input_shapes
 
     if model.endswith((".yaml", ".yml")):
@@ -249,7 +251,8 @@ def optimize(
         raise UsageError(f"{model}: no such model file")
     config = OptimizeConfig(
         calibration=DataSpec(path=calibration), eval_data=DataSpec(path=eval_data), target=target,
-        metric=Metric(metric), tolerance=tolerance, objective=Objective(objective), trials=trials,
+        metric=codec.decode(UserMetric | Metric, metric, "--metric"), tolerance=tolerance,
+        objective=Objective(objective), trials=trials,
         time_budget_s=_duration(time_budget), strategy=Strategy(strategy), seed=seed,
         passes=tuple(passes) or None, space=_space_option(space), batch=batch, threads=threads,
         input_shapes=parse_input_shapes(input_shapes), min_speedup=min_speedup, ray_address=ray_address,

@@ -25,6 +25,7 @@ from onnxforge.errors import UsageError
 
 __all__ = [
     "Flag",
+    "MetricType",
     "cache_options",
     "check_json_path",
     "config_options",
@@ -310,15 +311,42 @@ def save_recipe_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+class MetricType(click.ParamType):
+    """``--metric``: a built-in metric's name, or ``file.py:function`` (a user metric: the file must exist;
+    it is given to the recipe by its absolute path)."""
+
+    name = "metric"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        from onnxforge.pipeline.evaluate import Metric
+
+        return "[" + "|".join(m.value for m in Metric if m is not Metric.USER) + "|FILE.py:FUNCTION]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from onnxforge.pipeline.evaluate import Metric
+        from onnxforge.pipeline.user_metric import parse_user_metric
+
+        text = str(value)
+        names = [m.value for m in Metric if m is not Metric.USER]
+        if text in names:
+            return text
+        try:
+            user = parse_user_metric(text)
+        except UsageError as e:
+            self.fail(e.message, param, ctx)
+        if user is None:
+            self.fail(f"{text!r} is not one of {', '.join(names)}, or file.py:function (your own metric)", param, ctx)
+        if not user.path.is_file():
+            self.fail(f"{user.path}: no such file (the metric {text})", param, ctx)
+        return f"{user.path.resolve()}:{user.function}"
+
+
 def quality_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    from onnxforge.pipeline.evaluate import Metric, tolerance_help
+    from onnxforge.pipeline.evaluate import METRIC_HELP, tolerance_help
 
     f = click.option("--tolerance", type=float, default=None,
                      help=f"the quality gate, in the metric's unit ({tolerance_help()})")(f)
-    f = click.option(
-        "--metric", type=click.Choice([m.value for m in Metric]), default="auto", show_default=True,
-        help="quality metric vs the input model (auto: accuracy with labels, else top-1 agreement or cosine)",
-    )(f)
+    f = click.option("--metric", type=MetricType(), default="auto", show_default=True, help=METRIC_HELP)(f)
     return click.option(
         "--eval", "eval_data", type=click.Path(path_type=Path), default=None,
         help="held-out samples (.npz keyed by input name, optional 'label' array; a folder of .npz/.npy or images)",

@@ -32,6 +32,7 @@ from onnxforge.cli.options import (
 from onnxforge.converters.distill_config import DistillConfig
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.command_run import CommandRecipe
+from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.prune.channels import ChannelPruneConfig
 from onnxforge.pipeline.prune.low_rank import LowRankConfig
 from onnxforge.pipeline.prune.magnitude import MagnitudePruneConfig
@@ -118,6 +119,9 @@ def prune(
         options["rule"] = "ratio"
     stages = [(kind, options)]
     if distill_source is not None:
+        if metric not in {m.value for m in Metric}:  # MetricType gave file.py:function
+            raise UsageError("--metric file.py:function does not apply with --distill yet: distillation gates on "
+                             "a built-in metric", hint="use --metric accuracy / agreement / cosine with --distill")
         options["inputs"] = [str(model.resolve())]  # the recipe's model is the teacher; this stage reads MODEL
         options["name"] = "prune"
         options["gate"] = False  # no gate here: distillation recovers, then it is gated

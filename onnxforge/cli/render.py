@@ -184,6 +184,8 @@ def _quantize(payload: Payload, output: Path) -> None:
         f"{speed_words(chosen['speedup_vs_fp32'])}, "
         f"{metric} {format_score(metric, chosen['score'])} (fp32 {format_score(metric, payload['fp32_score'])})"
     )
+    if chosen.get("gate_checks"):
+        out.print(f"  gate: {escape(chosen['gate_checks'])}")
     if chosen["float_nodes"]:
         out.print(f"  kept in float: {', '.join(chosen['float_nodes'])}")
     measured = payload.get("layer_errors", [])

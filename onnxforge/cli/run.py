@@ -59,6 +59,9 @@ def _render_run(result, json_path: str | None) -> None:
     for s in result.stages:  # a stage that did no work says where its file came from
         if s.status == "cached" and s.cache:
             out.print(f"[dim]cached:[/] {s.name}: {escape(s.cache)}")
+    for s in result.stages:  # what the table's mean hides: churn, the worst sample, the interval
+        if s.metrics.get("gate_checks"):
+            out.print(f"  {escape(s.name)} vs the input: {escape(s.metrics['gate_checks'])}")
     report = result.run_dir / "report.html"
     out.print(f"files in {result.run_dir.resolve()}; manifest: {result.manifest.path}"
               + (f"; report: {report}" if report.exists() else ""))

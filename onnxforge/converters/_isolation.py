@@ -43,7 +43,7 @@ import onnx
 from onnxforge._atomic import _fsync_dir, atomic_write_bytes, atomic_write_text, named_write_errors
 from onnxforge.errors import ExportError, ModelSourceError, OnnxForgeError
 
-__all__ = ["SOURCE_TIMEOUT_S", "child_main", "export_in_child", "run_in_child"]
+__all__ = ["SOURCE_TIMEOUT_S", "call_in_child", "child_main", "export_in_child", "run_in_child"]
 
 SOURCE_TIMEOUT_S = 1800.0
 _GRACE_S = 5.0  # between SIGTERM and SIGKILL: time to remove its temp files
@@ -126,6 +126,31 @@ def run_in_child(
         shutil.rmtree(staging, ignore_errors=True)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def call_in_child(function: str, args: Sequence[Any], kwargs: Mapping[str, Any], *, source: str | os.PathLike,
+                  task: str, timeout: float = SOURCE_TIMEOUT_S, timeout_option: str = "--timeout") -> Any:
+    """Call ``function`` ("package.module:name") as ``function(*args, **kwargs)`` in a child process and
+    return what it returned: ``run_in_child`` for work that writes no model (a user metric's score).
+    Raises what the function raised (an OnnxForgeError as it is), or ModelSourceError when the process
+    exited, was killed or ran past ``timeout`` seconds."""
+    work = Path(tempfile.mkdtemp(prefix="onnxforge-child-"))
+    try:
+        request = {"function": function, "args": tuple(args), "kwargs": dict(kwargs), "output": None,
+                   "progress": False, "cwd": os.getcwd(), "tempdir": str(work)}
+        (work / _REQUEST).write_bytes(pickle.dumps(request))
+        kind, value = _run_child(source, task, work, timeout, timeout_option, None)
+        if kind == "ok":
+            return value
+        if kind == "error":
+            raise value
+        if kind == "exit":
+            raise ModelSourceError(f"{source}: the code exited with code {value} before the {task} finished",
+                                   hint="it must return its value; it may not end the process")
+        name, text = value
+        raise RuntimeError(f"{name} in the {task} process: {text}") from ChildTraceback(text)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_child(source, task: str, work: Path, timeout: float, timeout_option: str,
@@ -292,7 +317,7 @@ def child_main(work: str) -> None:
             function = getattr(importlib.import_module(module), name)
             kwargs = {
                 **request["kwargs"],
-                "output": request["output"],
+                **({"output": request["output"]} if request["output"] is not None else {}),
                 **({"progress": say} if request["progress"] else {}),
             }
             payload: tuple[str, Any] = ("ok", function(*request["args"], **kwargs))

@@ -3,11 +3,17 @@
 - ``accuracy``: top-1 accuracy against labels; the tolerance is the allowed drop in points.
 - ``agreement``: share of samples whose top-1 class equals the reference's; tolerance = allowed
   disagreement in points.
+- ``position-agreement``: for a sequence of class scores ``[N, T, C]`` (CTC logits), the share of
+  (sample, position) pairs whose top-1 class equals the reference's; tolerance = allowed disagreement in points.
 - ``cosine``: mean cosine similarity of the first output to the reference's; tolerance = minimum.
 - ``min-cosine``: the worst sample's cosine similarity; tolerance = minimum (a gate on every sample,
   e.g. "every sentence embedding within 0.99", which a mean can hide).
 - ``rel-error``: mean over samples of ||y - y_ref|| / ||y_ref||; tolerance = maximum.
+- ``file.py:function``: the user's own metric (``user_metric``); tolerance = allowed drop in its units.
 ``auto`` picks accuracy with labels, agreement for a (N, classes) output, else cosine.
+
+The metric is the gate's main rule; ``gate_rules`` adds what a task sees beside it (the worst sample,
+churn, the accuracy drop's sampling error, per-position agreement of sequence outputs).
 """
 
 from __future__ import annotations
@@ -20,9 +26,13 @@ from typing import TypeVar
 import numpy as np
 import onnxruntime as ort
 
+from onnxforge.errors import UsageError
 from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.user_metric import UserMetric
 
-__all__ = ["Metric", "QualityGate", "resolve_metric", "run_outputs", "score", "tolerance_help"]
+__all__ = ["DEFAULT_MAX_CHURN", "DEFAULT_WORST_COSINE", "MAX_CHURN_HELP", "METRIC_HELP", "WORST_COSINE_HELP",
+           "Metric", "QualityGate", "resolve_metric", "run_outputs",
+           "score", "tolerance_help"]
 
 T = TypeVar("T")
 
@@ -34,6 +44,12 @@ class Metric(enum.Enum):
     COSINE = "cosine"
     MIN_COSINE = "min-cosine"
     REL_ERROR = "rel-error"
+    POSITION_AGREEMENT = "position-agreement"
+    USER = "user"  # a file.py:function metric (UserMetric); spelled by its file, never as "user"
+
+
+DEFAULT_MAX_CHURN = 5.0  # points of predictions (per sample, or per sequence position) that may change
+DEFAULT_WORST_COSINE = 0.95  # the floor of the worst sample's cosine under the (mean) cosine gate
 
 
 _DEFAULT_TOLERANCE = {
@@ -42,6 +58,8 @@ _DEFAULT_TOLERANCE = {
     Metric.COSINE: 0.99,  # minimum mean cosine
     Metric.MIN_COSINE: 0.99,  # minimum cosine of the worst sample
     Metric.REL_ERROR: 0.05,  # maximum mean relative error
+    Metric.POSITION_AGREEMENT: 1.0,  # points of per-position top-1 disagreement
+    Metric.USER: 0.0,  # the user metric's own units of drop from the input's score
 }
 # One spelling of the tolerance per metric, in the metric's own unit (what --tolerance means).
 _TOLERANCE_UNIT = {
@@ -50,22 +68,52 @@ _TOLERANCE_UNIT = {
     Metric.COSINE: "minimum mean cosine similarity to the reference",
     Metric.MIN_COSINE: "minimum cosine similarity of every sample to the reference",
     Metric.REL_ERROR: "maximum mean relative error to the reference",
+    Metric.POSITION_AGREEMENT: "points of per-position top-1 disagreement with the reference (at most)",
+    Metric.USER: "drop from the input's score allowed, in the metric's own units",
 }
 _HIGHER_IS_BETTER = {Metric.ACCURACY: True, Metric.AGREEMENT: True, Metric.COSINE: True, Metric.MIN_COSINE: True,
-                     Metric.REL_ERROR: False}
+                     Metric.REL_ERROR: False, Metric.POSITION_AGREEMENT: True, Metric.USER: True}
 
 
 @dataclass(frozen=True, kw_only=True)
 class QualityGate:
-    """A resolved metric with its tolerance; ``passes`` compares a candidate score to the reference's."""
+    """A resolved metric with its tolerance; ``passes`` compares a candidate score to the reference's
+    (the main rule alone); ``gate_rules.judge`` applies every rule to a candidate's outputs.
+
+    ``max_churn``: points of predictions (top-1 per sample, or per position of a sequence output) that
+    may change from the input model's; ``worst_cosine``: the floor of the worst sample's cosine under
+    the cosine gate; ``sequence``: the first output is a sequence of class scores (per-position
+    agreement is checked); ``user``: the file.py:function metric when ``metric`` is USER."""
 
     metric: Metric
     tolerance: float
+    max_churn: float = DEFAULT_MAX_CHURN
+    worst_cosine: float = DEFAULT_WORST_COSINE
+    sequence: bool = False
+    user: UserMetric | None = None
 
     @classmethod
-    def resolve(cls, metric: Metric, tolerance: float | None, has_labels: bool, output_shape: tuple) -> QualityGate:
-        chosen = resolve_metric(metric, has_labels, output_shape)
-        return cls(metric=chosen, tolerance=_DEFAULT_TOLERANCE[chosen] if tolerance is None else float(tolerance))
+    def resolve(cls, metric: Metric | UserMetric, tolerance: float | None, has_labels: bool, output_shape: tuple,
+                *, max_churn: float | None = None, worst_cosine: float | None = None,
+                sequence: bool = False) -> QualityGate:
+        user = metric if isinstance(metric, UserMetric) else None
+        if metric is Metric.USER:
+            raise UsageError("metric 'user' is spelled by its file: file.py:function")
+        chosen = Metric.USER if user is not None else resolve_metric(metric, has_labels, output_shape)  # type: ignore[arg-type]
+        tolerance = _DEFAULT_TOLERANCE[chosen] if tolerance is None else float(tolerance)
+        # the defaults never undercut a looser tolerance the user gave: an accuracy drop of T points
+        # changes at least T points of predictions; the worst sample is at most the mean
+        if max_churn is None:
+            max_churn = max(DEFAULT_MAX_CHURN, tolerance) if chosen is Metric.ACCURACY else DEFAULT_MAX_CHURN
+        if worst_cosine is None:
+            worst_cosine = min(DEFAULT_WORST_COSINE, tolerance) if chosen is Metric.COSINE else DEFAULT_WORST_COSINE
+        return cls(metric=chosen, tolerance=tolerance, max_churn=float(max_churn), worst_cosine=float(worst_cosine),
+                   sequence=sequence, user=user)
+
+    @property
+    def name(self) -> str:
+        """The metric as the user wrote it: its name, or file.py:function."""
+        return str(self.user) if self.user is not None else self.metric.value
 
     @property
     def higher_is_better(self) -> bool:
@@ -89,31 +137,50 @@ class QualityGate:
     def passes(self, candidate: float, reference: float) -> bool:
         if self.metric is Metric.ACCURACY:
             return (reference - candidate) * 100.0 <= self.tolerance + 1e-9
-        if self.metric is Metric.AGREEMENT:
+        if self.metric in (Metric.AGREEMENT, Metric.POSITION_AGREEMENT):
             return (1.0 - candidate) * 100.0 <= self.tolerance + 1e-9
+        if self.metric is Metric.USER:
+            return reference - candidate <= self.tolerance + 1e-9
         if self.metric in (Metric.COSINE, Metric.MIN_COSINE):
             return candidate >= self.tolerance
         return candidate <= self.tolerance
 
     def describe(self) -> str:
-        return {
-            Metric.ACCURACY: f"accuracy drop <= {self.tolerance:g} points",
+        """Every rule of the gate, as the user reads it (the main rule first; gate_rules.judge applies them)."""
+        main = {
+            Metric.ACCURACY: f"accuracy drop <= {self.tolerance:g} points (or its 95% CI reaches that)",
             Metric.AGREEMENT: f"top-1 agreement with fp32 >= {100 - self.tolerance:g}%",
+            Metric.POSITION_AGREEMENT: f"per-position top-1 agreement with fp32 >= {100 - self.tolerance:g}%",
             Metric.COSINE: f"mean cosine to fp32 >= {self.tolerance:g}",
             Metric.MIN_COSINE: f"every sample's cosine to fp32 >= {self.tolerance:g}",
             Metric.REL_ERROR: f"mean relative error to fp32 <= {self.tolerance:g}",
+            Metric.USER: f"{self.user} drop from the input's score <= {self.tolerance:g}",
         }[self.metric]
+        rules = [main]
+        if self.metric is Metric.ACCURACY:
+            rules.append(f"predictions changed on <= {self.max_churn:g}% of samples")
+        if self.metric is Metric.COSINE:
+            rules.append(f"worst sample's cosine >= {self.worst_cosine:g}")
+        if self.checks_positions:
+            rules.append(f"per-position top-1 agreement >= {100 - self.max_churn:g}%")
+        return "; ".join(rules)
+
+    @property
+    def checks_positions(self) -> bool:
+        """Whether per-position agreement is a rule beside the metric (a sequence output under cosine,
+        min-cosine or rel-error)."""
+        return self.sequence and self.metric in (Metric.COSINE, Metric.MIN_COSINE, Metric.REL_ERROR)
 
     def format(self, value: float) -> str:
-        if self.metric in (Metric.ACCURACY, Metric.AGREEMENT):
+        if self.metric in (Metric.ACCURACY, Metric.AGREEMENT, Metric.POSITION_AGREEMENT):
             return f"{value * 100:.2f}%"
         return f"{value:.4f}"
 
 
 def tolerance_help() -> str:
     """What a tolerance means for each metric, in its unit: for help texts."""
-    return "; ".join(f"{metric.value}: {unit}, default {_DEFAULT_TOLERANCE[metric]:g}"
-                     for metric, unit in _TOLERANCE_UNIT.items())
+    return "; ".join(f"{'file.py:function' if metric is Metric.USER else metric.value}: {unit}, "
+                     f"default {_DEFAULT_TOLERANCE[metric]:g}" for metric, unit in _TOLERANCE_UNIT.items())
 
 
 def resolve_metric(metric: Metric, has_labels: bool, output_shape: tuple) -> Metric:
@@ -184,9 +251,15 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
     """The metric of ``outputs`` (first output) against labels or the reference outputs.
 
     Per sample, on the flattened first output; then the mean over samples (the minimum for
-    ``min-cosine``). Ragged outputs
+    ``min-cosine``); ``position-agreement`` per (sample, position). Ragged outputs
     (variable-length samples) are compared sample by sample.
     """
+    if metric is Metric.POSITION_AGREEMENT:
+        from onnxforge.pipeline.gate_rules import position_agreement
+
+        return position_agreement(outputs[0], reference[0])
+    if metric is Metric.USER:
+        raise ValueError("a user metric is scored by Reference (in a child process), not here")
     y, ref = _rows(outputs[0]), _rows(reference[0])
     if isinstance(y, np.ndarray) and isinstance(ref, np.ndarray):
         if metric is Metric.ACCURACY:
@@ -218,3 +291,16 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
                      for a, b in zip(y, ref, strict=False)])
         )
     raise ValueError(f"unresolved metric {metric}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The help of the gate's fields in a stage config: one text for every stage (the CLI flags come from them)
+
+METRIC_HELP = ("quality metric against the input model: auto (accuracy with labels, else top-1 agreement for "
+               "class scores, else cosine), a metric's name, or file.py:function (your own score(outputs, labels, "
+               "reference) -> float, higher is better; run in a child process)")
+MAX_CHURN_HELP = ("points of predictions (top-1 per sample with labels, or per position of a sequence output) that "
+                  f"may change from the input model's [default: {DEFAULT_MAX_CHURN:g}, or an accuracy tolerance above "
+                  "it]")
+WORST_COSINE_HELP = ("under the cosine gate, the floor of the worst sample's cosine to the input model's output "
+                     f"[default: {DEFAULT_WORST_COSINE:g}, or the mean's tolerance below it]")

@@ -19,7 +19,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -38,7 +38,8 @@ MAX_OUTPUTS = 4
 _FILES: dict[str, tuple[tuple, str]] = {}
 _SAMPLES: dict[int, tuple[weakref.ref, str]] = {}
 _OUTPUTS: OrderedDict[tuple, list[np.ndarray]] = OrderedDict()
-_SCORES: dict[tuple, float] = {}
+_SCORES: dict[tuple, Any] = {}  # scores, and the gate verdicts they come with
+T = TypeVar("T")
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -107,8 +108,8 @@ def cached_outputs(key: tuple, compute: Callable[[], list[np.ndarray]]) -> list[
     return outputs
 
 
-def cached_score(key: tuple, compute: Callable[[], float]) -> float:
-    """The score stored under ``key``, else ``compute()`` (then stored)."""
+def cached_score(key: tuple, compute: Callable[[], T]) -> T:
+    """The score (or verdict) stored under ``key``, else ``compute()`` (then stored)."""
     if key not in _SCORES:
         _SCORES[key] = compute()
     return _SCORES[key]

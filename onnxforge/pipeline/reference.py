@@ -6,6 +6,10 @@ checks and quantize's candidates alike.
   for the same model and data: ``evaluations``), its own score from them; a candidate's score is the
   metric of its outputs against those outputs (and labels) through ``evaluate.score``, and the gate
   (``evaluate.QualityGate``) states its tolerance in the metric's unit (``describe_tolerance``).
+  ``verdict`` judges a candidate by every rule of the gate (``gate_rules.judge``: the worst sample,
+  churn, the accuracy drop's interval, per-position agreement), from the same outputs as its score;
+  ``passes(value, candidate)`` is that verdict. A user metric (``file.py:function``) is scored in a
+  child process (``user_metric``) on every output by name.
 - **Where time goes.** ``op_time`` profiles one model per op type (a few runs, cached), for the run
   report's before/after chart.
 - **Latency.** ``time_against`` times every candidate interleaved with the reference in one
@@ -36,6 +40,8 @@ from onnxforge.pipeline.evaluations import (
     model_fingerprint,
     samples_fingerprint,
 )
+from onnxforge.pipeline.gate_rules import GateVerdict, is_class_sequence, judge
+from onnxforge.pipeline.user_metric import UserMetric
 from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
 
@@ -79,7 +85,8 @@ class Reference:
     in memory (a SampleSet: held-out calibration samples), or None (nothing to score on: ``measured``
     is False and only timing works, on generated feeds of ``input_shapes``). ``metric`` and
     ``tolerance`` resolve the gate on the reference's outputs (``Metric.AUTO``: accuracy with
-    labels, agreement for class scores, else cosine). Scoring sessions use ``threads`` and
+    labels, agreement for class scores, else cosine; a UserMetric: the user's file.py:function);
+    ``max_churn`` and ``worst_cosine`` set the gate's other rules (``gate_rules``). Scoring sessions use ``threads`` and
     ``low_memory``, and batches of ``eval_batch`` (the model's fixed batch wins). ``specs``: the
     model's inputs when the caller has them (the model is then not loaded to read them).
     """
@@ -90,8 +97,10 @@ class Reference:
         data: SampleSet | StreamedSamples | str | os.PathLike | object | None,
         target: Target | str = "cpu",
         *,
-        metric: Metric = Metric.AUTO,
+        metric: Metric | UserMetric = Metric.AUTO,
         tolerance: float | None = None,
+        max_churn: float | None = None,
+        worst_cosine: float | None = None,
         limit: int | None = None,
         eval_batch: int = 32,
         threads: int | None = None,
@@ -103,6 +112,8 @@ class Reference:
         self.target = get_target(target)
         self.metric = metric
         self.tolerance = tolerance
+        self.max_churn = max_churn
+        self.worst_cosine = worst_cosine
         self.limit = limit
         self.threads = threads
         self.low_memory = low_memory
@@ -193,38 +204,64 @@ class Reference:
 
     @property
     def gate(self) -> QualityGate:
-        """The metric (resolved on the reference's outputs) and its tolerance."""
+        """The metric (resolved on the reference's outputs), its tolerance and the gate's other rules."""
         if self._gate is None:
             first = self.outputs[0]  # ragged (an object array of per-sample outputs) for variable-length inputs
             shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
-            self._gate = QualityGate.resolve(self.metric, self.tolerance, self.samples.labels is not None, shape)
+            self._gate = QualityGate.resolve(self.metric, self.tolerance, self.samples.labels is not None, shape,
+                                             max_churn=self.max_churn, worst_cosine=self.worst_cosine,
+                                             sequence=is_class_sequence(first))
         return self._gate
 
     @property
+    def output_names(self) -> list[str]:
+        """The reference model's output names, in order (a user metric gets its outputs by name)."""
+        return [o.name for o in self.proto.graph.output]
+
+    def _metric_of(self, outputs: list[np.ndarray]) -> float:
+        gate = self.gate
+        if gate.user is not None:
+            names = self.output_names
+            return gate.user.score(dict(zip(names, outputs, strict=False)), self.samples.labels,
+                                   dict(zip(names, self.outputs, strict=False)))
+        return score(gate.metric, outputs, self.outputs, self.samples.labels)
+
+    @property
     def value(self) -> float:
-        """The reference's own score (1.0 for agreement and cosine, its accuracy with labels)."""
+        """The reference's own score (1.0 for agreement and cosine, its accuracy with labels, the user
+        metric of its own outputs)."""
         if self._value is None:
-            self._value = score(self.gate.metric, self.outputs, self.outputs, self.samples.labels)
+            self._value = self._metric_of(self.outputs)
         return self._value
 
     def score(self, candidate: ModelRef) -> float:
         """The gate's metric of ``candidate``'s outputs against the reference's (and the labels);
         the same candidate on the same data is scored once per process."""
+        return self.verdict(candidate).value
+
+    def verdict(self, candidate: ModelRef) -> GateVerdict:
+        """``candidate`` judged by every rule of the gate (gate_rules.judge), with its score; the same
+        candidate on the same data is judged once per process."""
         fingerprint = model_fingerprint(candidate)
         if fingerprint == self.fingerprint:
-            return self.value
-        metric = self.gate.metric
+            return GateVerdict(self.value, True, ("the input model itself",))
+        gate = self.gate
 
-        def compute() -> float:
+        def compute() -> GateVerdict:
             # a candidate's outputs are not kept: a search scores hundreds of them
             session = self.target.session(_runnable(candidate), threads=self.threads, low_memory=self.low_memory)
             outputs = run_outputs(session, self.samples, self.eval_batch)
-            if metric is Metric.ACCURACY:  # the churn beside it, from these same outputs (agreement)
+            if gate.metric is Metric.ACCURACY:  # the churn beside it, from these same outputs (agreement)
                 cached_score(self._agreement_key(fingerprint),
                              lambda: score(Metric.AGREEMENT, outputs, self.outputs, None))
-            return score(metric, outputs, self.outputs, self.samples.labels)
+            value = self._metric_of(outputs)
+            return judge(gate, outputs, self.outputs, self.samples.labels, value, self.value)
 
-        return cached_score((fingerprint, self.fingerprint, *self._key(), metric.value), compute)
+        return cached_score((fingerprint, self.fingerprint, *self._key(), gate, self._user_key()), compute)
+
+    def _user_key(self) -> str | None:
+        user = self.gate.user
+        return file_fingerprint(user.path) if user is not None and user.path.is_file() else None
 
     def _agreement_key(self, fingerprint: str) -> tuple:
         return (fingerprint, self.fingerprint, *self._key(), Metric.AGREEMENT.value)
@@ -242,12 +279,17 @@ class Reference:
 
         return cached_score(self._agreement_key(fingerprint), compute)
 
-    def passes(self, value: float | None) -> bool:
-        """Whether ``value`` is within the gate's tolerance of the reference (always, without data;
-        never for a missing value when there is data)."""
+    def passes(self, value: float | None, candidate: ModelRef | None = None) -> bool:
+        """Whether ``candidate`` passes every rule of the gate (its verdict); without a candidate, whether
+        ``value`` is within the gate's tolerance of the reference (the main rule alone). Always, without
+        data; never for a missing value when there is data."""
         if not self.measured:
             return True
-        return value is not None and self.gate.passes(value, self.value)
+        if value is None:
+            return False
+        if candidate is not None:
+            return self.verdict(candidate).passed
+        return self.gate.passes(value, self.value)
 
     # ------------------------------------------------------------------------------------------
     # Latency

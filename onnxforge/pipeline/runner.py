@@ -204,7 +204,10 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress, cache: Stag
             if r.name in own or _measured_itself(r, metric.value):
                 _own_measurement(r, metric.value)
             else:
-                r.metrics[metric.value] = reference.score(paths[r.name])
+                verdict = reference.verdict(paths[r.name])  # the score, with the gate's other rules' lines
+                r.metrics[metric.value] = verdict.value
+                if r.name != first:
+                    r.metrics["gate_checks"] = verdict.message()
     progress(f"timing every stage side by side on {recipe.target} (batch 1, 1 thread)")
     own_feeds = _own_feeds(reference.target, paths, [r for r in records if r.name in own])
     timed = {r.name: paths[r.name] for r in records[1:] if r.name not in own or r.name in own_feeds}

@@ -46,7 +46,7 @@ from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
-from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
@@ -65,6 +65,7 @@ from onnxforge.pipeline.prune.graph import (
 )
 from onnxforge.pipeline.prune.importance import Importance, activation_means, channel_importance
 from onnxforge.pipeline.prune.repair import repair_model
+from onnxforge.pipeline.user_metric import UserMetric
 
 __all__ = [
     "Allocation",
@@ -124,8 +125,10 @@ class ChannelPruneConfig:
         None,
         help="held-out samples the quality gate scores (default: a share of the calibration samples)",
     )
-    metric: Metric = option(Metric.AUTO, help="quality metric against the input model")
+    metric: UserMetric | Metric = option(Metric.AUTO, help=METRIC_HELP)
     tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
+    max_churn: float | None = option(None, help=MAX_CHURN_HELP)
+    worst_cosine: float | None = option(None, help=WORST_COSINE_HELP)
     target: str = option("cpu", help="where the quality gate runs")  # where the quality gate runs
     # False: no tolerance loop; the ratio given is kept and its score reported (onnxforge optimize, which
     # varies the ratio and scores every trial on the eval data itself)
@@ -453,7 +456,7 @@ def prune_channels(
             candidate, repair_errors = repair_model(model, pruned, fit_samples(), attempt_config)
             check.runs(candidate, "prune-channels (after the least-squares repair)")
         value = check.score(candidate) if attempt_config.repairs else unrepaired_score
-        within = check.passes(value)
+        within = check.passes(value, candidate)
         speed, slower = None, False
         if within and speed_gated and pruned.pruned_layers:
             speed, slower = check.slower(model, candidate)  # slower than the input: a miss, like quality
@@ -466,6 +469,7 @@ def prune_channels(
                 "channels_removed": _channels_removed(pruned),
                 "speedup": speed["speedup"] if speed else None,
                 "slower": slower,
+                "gate": check.verdict_note(candidate),  # every rule's line: interval, churn, worst sample
             }
         )
         if group_ratios is not None:
@@ -524,7 +528,7 @@ def prune_channels(
         raise QualityGateError(
             f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}, on "
             f"{check.source}): the input scores {gate.format(reference_score)}, the best try (ratio "
-            f"{best['ratio']:.3f}) {gate.format(best['score'])}; the unpruned model is saved at {out}",
+            f"{best['ratio']:.3f}) {gate.format(best['score'])} ({best['gate']}); the unpruned model is saved at {out}",
             hint=f"loosen --tolerance (now {gate.describe_tolerance()}), pass --calibration for the "
             "least-squares repair, or --exclude sensitive layers",
             best_path=str(out),

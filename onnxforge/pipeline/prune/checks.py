@@ -89,7 +89,8 @@ class QualityCheck:
         fit: SampleSet | StreamedSamples | None = calibration
         held: SampleSet | StreamedSamples | None = None
         source: str | None = None
-        gate = {"metric": config.metric, "tolerance": config.tolerance, "eval_batch": EVAL_BATCH}
+        gate = {"metric": config.metric, "tolerance": config.tolerance, "eval_batch": EVAL_BATCH,
+                "max_churn": getattr(config, "max_churn", None), "worst_cosine": getattr(config, "worst_cosine", None)}
         if config.eval_data is not None:
             reference = Reference(model, config.eval_data, target, limit=limit, **gate)
             source = f"{len(reference.samples)} samples of the eval data"
@@ -161,8 +162,13 @@ class QualityCheck:
         """``candidate``'s score on the held-out samples on the target; None without them."""
         return self.reference.score(candidate) if self.measured else None
 
-    def passes(self, value: float | None) -> bool:
-        return self.reference.passes(value)
+    def passes(self, value: float | None, candidate: onnx.ModelProto | bytes | None = None) -> bool:
+        """Whether ``candidate`` (scored ``value``) passes every rule of the gate (Reference.passes)."""
+        return self.reference.passes(value, candidate)
+
+    def verdict_note(self, candidate: onnx.ModelProto | bytes) -> str | None:
+        """Every gate rule's line for ``candidate`` (its interval, churn, worst sample); None unmeasured."""
+        return self.reference.verdict(candidate).message() if self.measured else None
 
     def runs(self, candidate: onnx.ModelProto | bytes, stage: str) -> None:
         """InvalidModelError naming ``stage`` when ``candidate`` does not run on one batch of the feeds."""

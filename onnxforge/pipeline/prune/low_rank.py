@@ -46,7 +46,7 @@ from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
-from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
@@ -60,6 +60,7 @@ from onnxforge.pipeline.prune.graph import (
     layer_name,
     lift_constants,
 )
+from onnxforge.pipeline.user_metric import UserMetric
 
 __all__ = ["LowRankConfig", "LowRankResult", "RankRule", "factorize_model", "layer_candidates", "low_rank"]
 
@@ -87,8 +88,10 @@ class LowRankConfig:
         None,
         help="held-out samples the quality gate scores (default: a share of the calibration samples)",
     )
-    metric: Metric = option(Metric.AUTO, help="quality metric against the input model")
+    metric: UserMetric | Metric = option(Metric.AUTO, help=METRIC_HELP)
     tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
+    max_churn: float | None = option(None, help=MAX_CHURN_HELP)
+    worst_cosine: float | None = option(None, help=WORST_COSINE_HELP)
     measure_latency: bool = option(
         True,
         help="time the factored model against its input (objective latency always times it: its gate needs it)",
@@ -454,13 +457,14 @@ def low_rank(
                                                        decompositions=decompositions)
         check.runs(candidate, "low-rank")
         value = check.score(candidate)
-        within = check.passes(value)
+        within = check.passes(value, candidate)
         speed, slower = None, False
         if within and speed_gated and factored:
             speed, slower = check.slower(model, candidate)  # slower than the input: a miss, like quality
         tried.append(
             {"energy": attempt_config.energy, "ratio": attempt_config.ratio, "layers": len(factored), "score": value,
-             "passes": within and not slower, "speedup": speed["speedup"] if speed else None, "slower": slower}
+             "passes": within and not slower, "speedup": speed["speedup"] if speed else None, "slower": slower,
+             "gate": check.verdict_note(candidate)}
         )
         return (candidate, factored, skipped, value, speed), (within and not slower) or not config.gate
 
@@ -503,7 +507,7 @@ def low_rank(
         gate, reference_score, best = check.failure(tried)
         raise QualityGateError(
             f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
-            f"{gate.format(reference_score)}, the best try {gate.format(best['score'])}; the "
+            f"{gate.format(reference_score)}, the best try {gate.format(best['score'])} ({best['gate']}); the "
             f"input model is saved at {out}",
             hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or pass --calibration for the "
             "data-aware factorization",

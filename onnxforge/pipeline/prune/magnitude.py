@@ -28,10 +28,11 @@ from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import save_model
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
-from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
 from onnxforge.pipeline.prune.graph import layer_name, lift_constants
+from onnxforge.pipeline.user_metric import UserMetric
 
 __all__ = ["MagnitudePruneConfig", "MagnitudePruneResult", "Scope", "prune_magnitude", "sparsify_model"]
 
@@ -50,8 +51,10 @@ class MagnitudePruneConfig:
     min_params: int = option(64, help="layers with fewer weights are left alone")
     exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
     eval_data: DataSpec | None = option(None, help="held-out samples the quality gate scores")
-    metric: Metric = option(Metric.AUTO, help="quality metric against the input model")
+    metric: UserMetric | Metric = option(Metric.AUTO, help=METRIC_HELP)
     tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
+    max_churn: float | None = option(None, help=MAX_CHURN_HELP)
+    worst_cosine: float | None = option(None, help=WORST_COSINE_HELP)
     target: str = option("cpu", help="where the quality gate runs")  # where the quality gate runs
     max_samples: int | None = option(  # bounds every use of the data: samples fit and eval samples scored
         None,
@@ -157,12 +160,13 @@ def prune_magnitude(
         pruned, achieved, layers, skipped = sparsify_model(model, replace(config, sparsity=sparsity))
         serialized = pruned.SerializeToString()
         check.runs(serialized, "prune")
-        entry: dict[str, float | bool | None] = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
+        entry: dict[str, float | bool | str | None] = {"sparsity": round(sparsity, 4), "achieved": round(achieved, 4)}
         value = check.score(serialized)
-        passes = check.passes(value)
+        passes = check.passes(value, serialized)
         if check.measured:
             entry["score"] = value
             entry["passes"] = passes
+            entry["gate"] = check.verdict_note(serialized)
         tried.append(entry)
         return (pruned, achieved, layers, skipped, serialized, value), passes
 
@@ -194,8 +198,9 @@ def prune_magnitude(
     if not passed:
         gate, _, _ = check.failure(tried)
         raise QualityGateError(
-            f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}); "
-            f"the unpruned model is saved at {out}",
+            f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}"
+            + (f"; the last try: {tried[-1]['gate']}" if tried and tried[-1].get("gate") else "")
+            + f"); the unpruned model is saved at {out}",
             hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or exclude sensitive layers "
             "with --exclude",
             best_path=str(out),

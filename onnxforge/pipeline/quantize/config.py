@@ -13,10 +13,11 @@ from onnxruntime import quantization as ortq
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
-from onnxforge.pipeline.evaluate import Metric, QualityGate
+from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric, QualityGate
 from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
 from onnxforge.pipeline.quantize.mixed_precision import MixedPrecisionSearch, rank_nodes
 from onnxforge.pipeline.quantize.quant_error import NodeError
+from onnxforge.pipeline.user_metric import UserMetric
 from onnxforge.targets import QuantScheme
 from onnxforge.targets.latency import LatencyStats
 
@@ -119,12 +120,10 @@ class QuantizeConfig:
         help="samples read from each data file at most: calibration, held-out and eval (nothing past them is "
         "read)", renamed_from="max_calibration_samples",
     )
-    metric: Metric = option(
-        Metric.AUTO,
-        help="quality metric against the fp32 model (auto: accuracy with labels, else top-1 agreement or "
-        "cosine)",
-    )
+    metric: UserMetric | Metric = option(Metric.AUTO, help=METRIC_HELP)
     tolerance: float | None = option(None, help="the quality gate, in the metric's unit (see --tolerance)")
+    max_churn: float | None = option(None, help=MAX_CHURN_HELP)
+    worst_cosine: float | None = option(None, help=WORST_COSINE_HELP)
     eval_data: DataSpec | None = option(
         None,
         help="held-out samples scored against fp32 (default: a share of the calibration samples)",
@@ -208,6 +207,7 @@ class CandidateResult(JsonResult):
     float_nodes: list[str] = field(default_factory=list)  # nodes kept in float by mixed precision
     # with labels: top-1 agreement with the input's own predictions (1 - churn), beside the accuracy drop
     agreement_with_input: float | None = None
+    gate_checks: str | None = None  # every gate rule's line (gate_rules.GateVerdict.message)
 
     def json_extra(self) -> dict[str, Any]:
         return {"latency": self.latency.to_json() if self.latency else None, "speedup_vs_fp32": self.speedup}

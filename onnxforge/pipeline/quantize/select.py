@@ -114,6 +114,7 @@ class CandidateRun:
         self.eval_batch = data.eval_batch()  # what fits the memory limit (memory_plan)
         # fp32 on the held-out samples: what every candidate is scored against and timed beside
         self.reference = Reference(graphs.fp32, self.held_out, target, metric=config.metric, tolerance=config.tolerance,
+                                   max_churn=config.max_churn, worst_cosine=config.worst_cosine,
                                    eval_batch=self.eval_batch, threads=config.threads, low_memory=data.low_memory,
                                    specs=data.specs)
         self.gate = self.reference.gate
@@ -202,7 +203,8 @@ class CandidateRun:
                 failing_ops.append(failing_op(str(e)) or "")
                 continue
             _log.debug("quantized %s in %.1fs", scheme.label, time.perf_counter() - start)
-            result.meets_tolerance = self.gate.passes(result.score, self.fp32_score)
+            result.meets_tolerance = self.reference.passes(result.score, dest)  # every rule of the gate
+            result.gate_checks = self.reference.verdict(dest).message()
             result.agreement_with_input = self.agreement(dest)
             result.bytes = dest.stat().st_size
             self.paths[scheme.label] = dest
@@ -301,6 +303,7 @@ class CandidateRun:
             if path is not None:
                 mixed.bytes = path.stat().st_size
                 mixed.agreement_with_input = self.agreement(path)
+                mixed.gate_checks = self.reference.verdict(path).message()
                 self.candidates.append(mixed)
                 self.paths[label] = path
                 self.scheme_of[label] = self.scheme_of[base.scheme]
@@ -348,7 +351,7 @@ class CandidateRun:
             dest = self.quantize(scheme, float_nodes)
             step_paths[float_nodes] = dest
             value = self.score(dest)
-            return value, self.gate.passes(value, self.fp32_score)
+            return value, self.reference.passes(value, dest)
 
         search = search_float_nodes(
             scheme.label,

@@ -143,7 +143,8 @@ def quantize(
         raise QualityGateError(
             f"no quantized model meets the tolerance ({run.gate.describe()}): the best, {chosen.scheme}, scores "
             f"{run.gate.format(chosen.score) if chosen.score is not None else 'no score'} vs fp32 "
-            f"{run.gate.format(run.fp32_score)}; it is saved at {out}",
+            f"{run.gate.format(run.fp32_score)}" + (f" ({chosen.gate_checks})" if chosen.gate_checks else "")
+            + f"; it is saved at {out}",
             hint=f"loosen --tolerance (now {run.gate.describe_tolerance()}), add calibration data, or keep "
             "sensitive ops in float with --exclude-op",
             best_path=str(out),

@@ -14,6 +14,7 @@ from typing import Any
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.user_metric import UserMetric
 
 __all__ = ["Objective", "OptimizeConfig", "Strategy", "config_from_recipe"]
 
@@ -52,7 +53,7 @@ class OptimizeConfig:
     calibration: DataSpec
     eval_data: DataSpec
     target: str = "cpu"
-    metric: Metric = Metric.AUTO
+    metric: UserMetric | Metric = Metric.AUTO  # or file.py:function (user_metric)
     tolerance: float | None = None
     objective: Objective = Objective.LATENCY
     trials: int = 24

@@ -35,6 +35,7 @@ from onnxforge.pipeline.registry import Artifact, Phase, StageContext, registere
 from onnxforge.pipeline.runner import StageArtifact, run_stage, stage_record
 from onnxforge.pipeline.search.records import TrialRecord, TrialStage
 from onnxforge.pipeline.search.space import TrialPlan
+from onnxforge.pipeline.user_metric import UserMetric
 
 __all__ = [
     "TrialContext",
@@ -76,8 +77,10 @@ def quality_loss(gate: QualityGate, value: float, reference: float) -> float:
     or the relative error itself."""
     if gate.metric is Metric.ACCURACY:
         return (reference - value) * 100.0
-    if gate.metric is Metric.AGREEMENT:
+    if gate.metric in (Metric.AGREEMENT, Metric.POSITION_AGREEMENT):
         return (1.0 - value) * 100.0
+    if gate.metric is Metric.USER:
+        return reference - value
     if gate.metric in (Metric.COSINE, Metric.MIN_COSINE):
         return 1.0 - value
     return value
@@ -154,12 +157,15 @@ def trial_reference(ctx: TrialContext) -> Reference:
     key = (ctx.reference_model, ctx.eval_path, ctx.target, ctx.gate)
     if key not in _REFERENCES:
         _REFERENCES.clear()
-        _REFERENCES[key] = Reference(ctx.reference_model, Path(ctx.eval_path), ctx.target, metric=ctx.gate.metric,
-                                     tolerance=ctx.gate.tolerance, eval_batch=32)
+        gate = ctx.gate
+        _REFERENCES[key] = Reference(ctx.reference_model, Path(ctx.eval_path), ctx.target,
+                                     metric=gate.user if gate.user is not None else gate.metric,
+                                     tolerance=gate.tolerance, max_churn=gate.max_churn,
+                                     worst_cosine=gate.worst_cosine, eval_batch=32)
     return _REFERENCES[key]
 
 
-def reference_gate(reference: str, eval_path: DataSpec | Path, target: str, metric: Metric,
+def reference_gate(reference: str, eval_path: DataSpec | Path, target: str, metric: Metric | UserMetric,
                    tolerance: float | None) -> tuple[QualityGate, float]:
     """The search's gate, resolved on ``reference``'s outputs on the eval data, and its score there.
 
@@ -211,7 +217,7 @@ def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *
         value = measure_quality(built.path, ctx)
         record.quality = value
         record.loss = quality_loss(ctx.gate, value, ctx.reference_score)
-        record.within_budget = bool(ctx.gate.passes(value, ctx.reference_score))
+        record.within_budget = trial_reference(ctx).passes(value, built.path)  # every rule of the gate
         record.bytes = model_file_size(built.path)
         record.sha256 = file_sha256(built.path)
         try:
