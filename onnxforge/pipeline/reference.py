@@ -25,7 +25,8 @@ import onnx
 
 from onnxforge.model_io import TensorSpec
 from onnxforge.pipeline import codec
-from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, load_samples, model_batch_size
+from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, model_batch_size
+from onnxforge.pipeline.data_spec import DataSpec, as_data_spec, load_data
 from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
 from onnxforge.pipeline.evaluations import (
     cached_outputs,
@@ -149,7 +150,10 @@ class Reference:
         if self._samples is None:
             if self._data is None:
                 raise ValueError("this reference has no data to score on")
-            self._samples = load_samples(_data_path(self._data), self.specs, limit=self.limit)
+            # the one data path (open_data): image folders with their preprocessing, and folders whose files
+            # differ in a dynamic dim (sentences of different lengths) as a ragged set, as quantize reads them
+            spec = self._data if isinstance(self._data, DataSpec) else as_data_spec(_data_path(self._data))
+            self._samples = load_data(spec, self.specs, limit=self.limit, allow_ragged=True)
         return self._samples
 
     @property
