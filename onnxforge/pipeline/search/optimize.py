@@ -27,7 +27,7 @@ from typing import Any
 
 from onnxforge._atomic import atomic_write_bytes, atomic_write_text
 from onnxforge.errors import UsageError
-from onnxforge.model_io import file_sha256
+from onnxforge.model_io import file_sha256, load_model
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, stage_key
 from onnxforge.pipeline.evaluate import QualityGate
@@ -194,9 +194,13 @@ def optimize(
     run_dir.mkdir(parents=True, exist_ok=True)
     get_target(config.target).require()
     has_source = not model.endswith(".onnx")
-    space = SearchSpace(config.target, config.passes, config.space, has_source=has_source)
+    SearchSpace(config.target, config.passes, config.space, has_source=has_source)  # a bad space fails before any work
     say("preparing the input model")
     reference, start = _prepare(model, run_dir, config, cache, say)
+    notes = list(notes or [])
+    space = SearchSpace(config.target, config.passes, config.space, has_source=has_source, model=load_model(start.ref))
+    if space.inapplicable:
+        notes.append(f"not searched, nothing to act on in this model: {', '.join(space.inapplicable)}")
     gate, reference_score = _reference_gate(reference.ref, config)
     ctx = TrialContext(
         start_model=start.ref, start_sha256=start.sha256, reference_model=reference.ref,
@@ -205,7 +209,6 @@ def optimize(
         cache_root=str(cache.root) if cache.root else None,
         source=model if has_source else None, source_sha256=source_fingerprint(model) if has_source else None,
     )
-    notes = list(notes or [])
     study = _open_study(run_dir, config, space, _settings(reference.sha256, config, space), notes)
     trials_dir = run_dir / TRIALS_DIR
     pool = None
