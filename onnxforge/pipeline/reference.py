@@ -156,6 +156,17 @@ class Reference:
             self._samples = load_data(spec, self.specs, limit=self.limit, allow_ragged=True)
         return self._samples
 
+    def head(self, count: int) -> Reference:
+        """This reference on its first ``count`` samples (a coarse score): the samples and the outputs it
+        has are sliced, never read or run again."""
+        samples = self.samples.take(slice(0, count))
+        part = Reference(self.model, samples, self.target, metric=self.metric, tolerance=self.tolerance,
+                         eval_batch=self._eval_batch, threads=self.threads, low_memory=self.low_memory,
+                         input_shapes=self.input_shapes, specs=self.specs)
+        part._fingerprint = self.fingerprint
+        part._outputs = [output[:count] for output in self.outputs]
+        return part
+
     @property
     def eval_batch(self) -> int:
         return model_batch_size(self.specs, preferred=self._eval_batch)

@@ -47,6 +47,12 @@ class OptimizeConfig:
     ray_address: run trials as Ray tasks (``local`` starts a private local instance; ``auto`` or
       ``ray://host:port`` joins a cluster). Where trials run does not change what they compute.
     min_speedup: stop early once a model within budget is at least this much faster.
+    coarse_samples: every trial is scored on the first this many eval samples; front candidates are
+      scored again on all of them before the front and the choice are drawn (None: all, every trial).
+    timing_repeats: interleaved timing calls per trial (its ratio is their median; ``search.timing``).
+    timing_resolution: None (default): the sampler is steered by quality and a deterministic cost
+      estimate (size and MACs), so the plans are a function of the seed; a number: by the measured ratio
+      on a ladder of that relative step (0.1: ratios within 10% are a tie). ``search.timing``.
     """
 
     calibration: DataSpec
@@ -64,6 +70,9 @@ class OptimizeConfig:
     batch: int = 1
     threads: int = 1
     latency_rounds: int = 20
+    coarse_samples: int | None = 256
+    timing_repeats: int = 3
+    timing_resolution: float | None = None
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     dynamic_batch: bool = True
     min_speedup: float | None = None
@@ -76,6 +85,10 @@ class OptimizeConfig:
             raise UsageError(f"--time-budget {self.time_budget_s:g}s: must be positive")
         if self.batch < 1 or self.threads < 1 or self.latency_rounds < 3:
             raise UsageError("--batch and --threads must be at least 1, latency_rounds at least 3")
+        if self.coarse_samples is not None and self.coarse_samples < 1:
+            raise UsageError(f"coarse_samples {self.coarse_samples}: must be at least 1 (or None: all)")
+        if self.timing_repeats < 1 or not (self.timing_resolution is None or 0 <= self.timing_resolution < 1):
+            raise UsageError("timing_repeats must be at least 1 and timing_resolution in [0, 1)")
         if self.min_speedup is not None and self.min_speedup <= 0:
             raise UsageError("--min-speedup must be positive")
         if self.tolerance is not None and self.tolerance < 0:

@@ -26,9 +26,10 @@ from onnxforge.pipeline.registry import StageContext
 from onnxforge.pipeline.search.config import Objective, OptimizeConfig
 from onnxforge.pipeline.search.pareto import pareto_front
 from onnxforge.pipeline.search.space import SearchSpace
-from onnxforge.pipeline.search.trial import latency_feeds, stage_specs, time_against_reference
+from onnxforge.pipeline.search.timing import separate, steer_ratio
+from onnxforge.pipeline.search.trial import score_trial, stage_specs, trial_reference, trial_timer
 
-__all__ = ["OptimizeResult", "objectives", "publish"]
+__all__ = ["OptimizeResult", "objectives", "publish", "steer_objectives"]
 
 
 @dataclass
@@ -63,8 +64,20 @@ class OptimizeResult:
 
 
 def objectives(record: dict[str, Any], config: OptimizeConfig) -> tuple[float, float]:
+    """(quality loss, cost) as measured: what the front is drawn from."""
     cost = record["bytes"] if config.objective is Objective.SIZE else record["ratio"]
     return float(record["loss"]), float(cost)
+
+
+def steer_objectives(record: dict[str, Any], config: OptimizeConfig) -> tuple[float, float]:
+    """(quality loss, cost) as the sampler is told them (``timing``): for latency, the trial's
+    deterministic cost estimate, or with ``timing_resolution`` its ratio on that ladder."""
+    loss, cost = objectives(record, config)
+    if config.objective is Objective.LATENCY:
+        if config.timing_resolution is None and record.get("cost_estimate") is not None:
+            return loss, float(record["cost_estimate"])
+        cost = steer_ratio(cost, config.timing_resolution or 0.0)
+    return loss, cost
 
 
 def _front(records: list[dict[str, Any]], config: OptimizeConfig, run_dir: Path) -> list[dict[str, Any]]:
@@ -99,29 +112,48 @@ _FRONT_FILE = re.compile(r"^\d{2}_trial\d+\.(onnx|recipe\.yaml)$")  # what _publ
 RETIME_EXTRA = 6  # besides the front, the fastest within-budget trials are re-timed too
 
 
-def _retimed_front(records, config, ctx, pool, say, run_dir: Path) -> list[dict[str, Any]]:
-    """The front after re-timing it together with the fastest within-budget trials, interleaved in one
-    run: single trial timings on a busy machine can be off by tens of percent, and a front drawn from
-    them would not be consistent with itself."""
+def _retimed_front(records, config, ctx, pool, say, run_dir: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """The front after re-timing it together with the fastest within-budget trials, interleaved (the
+    median of ``timing_repeats`` calls), the two fastest within budget again with more rounds until they
+    separate (``timing.separate``): single trial timings on a busy machine can be off by tens of
+    percent, and a front drawn from them would not be consistent with itself."""
     front = _front(records, config, run_dir)
-    if not front or config.objective is not Objective.LATENCY:
+    if not front:
         return front
     usable = {r["sha256"]: r for r in reversed(records)
               if r["status"] == "ok" and r.get("path") and (run_dir / r["path"]).exists()}
-    fastest = sorted((r for r in usable.values() if r["within_budget"]), key=lambda r: r["ratio"])[:RETIME_EXTRA]
+    cost = "bytes" if config.objective is Objective.SIZE else "ratio"
+    fastest = sorted((r for r in usable.values() if r["within_budget"]), key=lambda r: r[cost])[:RETIME_EXTRA]
     candidates = {r["sha256"]: r for r in [*front, *fastest]}
+    _rescore(list(candidates.values()), ctx, run_dir, say)
+    if config.objective is not Objective.LATENCY:
+        rescored = list(candidates.values())
+        return [rescored[i] for i in pareto_front([objectives(r, config) for r in rescored])]
     say(f"re-timing {len(candidates)} models (the front and the fastest within budget) together, interleaved")
-    models = {str(r["number"]): str(run_dir / r["path"]) for r in candidates.values()}
-    rounds = max(ctx.rounds, 30)
-    timed = pool.retime(models, rounds) if pool else time_against_reference(
-        models, ctx.reference_model, ctx, latency_feeds(ctx), rounds=rounds)
-    for r in candidates.values():
-        t = timed[str(r["number"])]
-        r["trial_ratio"] = r.get("trial_ratio", r.get("ratio"))
-        r.update(ratio=t["ratio"], reference_ms=t["reference_ms"], model_ms=t["model_ms"], speedup=1.0 / t["ratio"])
     retimed = list(candidates.values())
+    for r in retimed:
+        r["model"] = str(run_dir / r["path"])
+    settled = separate(retimed, pool.retime if pool else trial_timer(ctx), max(ctx.rounds, 30), ctx.repeats)
+    for r in retimed:
+        del r["model"]
+    if not settled["separated"]:
+        first, second = settled["contenders"]
+        notes.append(f"trials {first} and {second} are within timing noise of each other after "
+                     f"{settled['rounds']} rounds; the choice between them is not significant")
     front = [retimed[i] for i in pareto_front([objectives(r, config) for r in retimed])]
     return sorted(front, key=lambda r: r["ratio"])
+
+
+def _rescore(candidates: list[dict[str, Any]], ctx, run_dir: Path, say) -> None:
+    """Coarse-then-fine: candidates scored on a subset of the eval data are scored again on all of it
+    (the trial's subset score stays as ``coarse_quality``)."""
+    everything = len(trial_reference(ctx).samples)
+    coarse = [r for r in candidates if r.get("eval_samples", everything) < everything]
+    if coarse:
+        say(f"scoring {len(coarse)} front candidates on all {everything} eval samples")
+    for r in coarse:
+        r["coarse_quality"] = r["quality"]
+        score_trial(r, run_dir / r["path"], ctx, None)
 
 
 def _copy(source: Path, destination: Path) -> None:
@@ -131,7 +163,7 @@ def _copy(source: Path, destination: Path) -> None:
 
 
 def publish(run_dir, model, config, space, ctx, gate, reference_score, records, pool, started, executor, notes, say):
-    front = _retimed_front(records, config, ctx, pool, say, run_dir)
+    front = _retimed_front(records, config, ctx, pool, say, run_dir, notes)
     within = [r for r in front if r["within_budget"]]
     key = (lambda r: r["bytes"]) if config.objective is Objective.SIZE else (lambda r: r["ratio"])
     best = min(within, key=key) if within else None
