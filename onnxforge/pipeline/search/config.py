@@ -43,7 +43,9 @@ class OptimizeConfig:
       earlier run in the same folder count).
     passes: restrict the space to these registered passes (default: every pass with knobs).
     space: pin knobs to listed values, ``{"prune_channels.ratio": [0.25, 0.5]}``.
-    batch / threads: the latency measurement's batch size and intra-op threads.
+    batch / threads: the latency measurement's batch size and intra-op threads; with several of either
+      (``batch=(1, 32)``), one front and one best model per (batch, threads) setting (``settings``):
+      trials are timed at the first, every front candidate again at each.
     ray_address: run trials as Ray tasks (``local`` starts a private local instance; ``auto`` or
       ``ray://host:port`` joins a cluster). Where trials run does not change what they compute.
     min_speedup: stop early once a model within budget is at least this much faster.
@@ -67,8 +69,8 @@ class OptimizeConfig:
     seed: int = 0
     passes: tuple[str, ...] | None = None
     space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    batch: int = 1
-    threads: int = 1
+    batch: int | tuple[int, ...] = 1
+    threads: int | tuple[int, ...] = 1
     latency_rounds: int = 20
     coarse_samples: int | None = 256
     timing_repeats: int = 3
@@ -83,7 +85,11 @@ class OptimizeConfig:
             raise UsageError(f"--trials {self.trials}: must be at least 1")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise UsageError(f"--time-budget {self.time_budget_s:g}s: must be positive")
-        if self.batch < 1 or self.threads < 1 or self.latency_rounds < 3:
+        for name in ("batch", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and (not value or len(set(value)) != len(value)):
+                raise UsageError(f"--{name} {','.join(map(str, value))}: give distinct values")
+        if min(min(s) for s in self.settings) < 1 or self.latency_rounds < 3:
             raise UsageError("--batch and --threads must be at least 1, latency_rounds at least 3")
         if self.coarse_samples is not None and self.coarse_samples < 1:
             raise UsageError(f"coarse_samples {self.coarse_samples}: must be at least 1 (or None: all)")
@@ -93,6 +99,15 @@ class OptimizeConfig:
             raise UsageError("--min-speedup must be positive")
         if self.tolerance is not None and self.tolerance < 0:
             raise UsageError(f"--tolerance {self.tolerance}: must be >= 0")
+
+    @property
+    def settings(self) -> list[tuple[int, int]]:
+        """Every (batch, threads) a front is drawn at; the first is what trials are timed at."""
+        return [(b, t) for b in _values(self.batch) for t in _values(self.threads)]
+
+
+def _values(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def config_from_recipe(recipe: Any, base: Any = None) -> OptimizeConfig:

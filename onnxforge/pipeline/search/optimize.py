@@ -221,7 +221,8 @@ def optimize(
     ctx = TrialContext(
         start_model=start.ref, start_sha256=start.sha256, reference_model=reference.ref,
         calibration=config.calibration, eval_path=str(config.eval_data.path), target=config.target, gate=gate,
-        reference_score=reference_score, batch=config.batch, threads=config.threads, rounds=config.latency_rounds,
+        reference_score=reference_score, batch=config.settings[0][0], threads=config.settings[0][1],
+        rounds=config.latency_rounds,
         cache_root=str(cache.root) if cache.root else None,
         source=model if has_source else None, source_sha256=source_fingerprint(model) if has_source else None,
         repeats=config.timing_repeats, coarse_limit=coarse, **_reference_cost(reference.ref),

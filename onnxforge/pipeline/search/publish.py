@@ -8,6 +8,7 @@ put in the run folder stays.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -45,6 +46,7 @@ class OptimizeResult:
     wall_seconds: float
     executor: str
     notes: list[str] = field(default_factory=list)
+    settings: list[dict[str, Any]] = field(default_factory=list)  # a front and a best per (batch, threads)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class OptimizeResult:
             "best_path": str(self.best_path) if self.best_path else None,
             "front": self.front,
             "trials": self.trials,
+            "settings": self.settings,
             "notes": self.notes,
         }
 
@@ -112,14 +115,16 @@ _FRONT_FILE = re.compile(r"^\d{2}_trial\d+\.(onnx|recipe\.yaml)$")  # what _publ
 RETIME_EXTRA = 6  # besides the front, the fastest within-budget trials are re-timed too
 
 
-def _retimed_front(records, config, ctx, pool, say, run_dir: Path, notes: list[str]) -> list[dict[str, Any]]:
+def _retimed_front(records, config, ctx, pool, say, run_dir: Path,
+                   notes: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The front after re-timing it together with the fastest within-budget trials, interleaved (the
     median of ``timing_repeats`` calls), the two fastest within budget again with more rounds until they
     separate (``timing.separate``): single trial timings on a busy machine can be off by tens of
-    percent, and a front drawn from them would not be consistent with itself."""
+    percent, and a front drawn from them would not be consistent with itself. Also the candidates it
+    drew the front from (what ``_setting_fronts`` times at the other settings)."""
     front = _front(records, config, run_dir)
     if not front:
-        return front
+        return front, []
     usable = {r["sha256"]: r for r in reversed(records)
               if r["status"] == "ok" and r.get("path") and (run_dir / r["path"]).exists()}
     cost = "bytes" if config.objective is Objective.SIZE else "ratio"
@@ -128,7 +133,7 @@ def _retimed_front(records, config, ctx, pool, say, run_dir: Path, notes: list[s
     _rescore(list(candidates.values()), ctx, run_dir, say)
     if config.objective is not Objective.LATENCY:
         rescored = list(candidates.values())
-        return [rescored[i] for i in pareto_front([objectives(r, config) for r in rescored])]
+        return [rescored[i] for i in pareto_front([objectives(r, config) for r in rescored])], rescored
     say(f"re-timing {len(candidates)} models (the front and the fastest within budget) together, interleaved")
     retimed = list(candidates.values())
     for r in retimed:
@@ -141,7 +146,40 @@ def _retimed_front(records, config, ctx, pool, say, run_dir: Path, notes: list[s
         notes.append(f"trials {first} and {second} are within timing noise of each other after "
                      f"{settled['rounds']} rounds; the choice between them is not significant")
     front = [retimed[i] for i in pareto_front([objectives(r, config) for r in retimed])]
-    return sorted(front, key=lambda r: r["ratio"])
+    return sorted(front, key=lambda r: r["ratio"]), retimed
+
+
+def _setting_fronts(candidates, front, best, config, ctx, say, run_dir: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """One front and one best per (batch, threads) setting beyond the first (a model that wins at one
+    thread may lose at two): the first setting's candidates re-timed at each, interleaved, until the two
+    fastest within budget separate. Each best is written as ``best_b<batch>_t<threads>.onnx``."""
+    settings = []
+    for index, (batch, threads) in enumerate(config.settings):
+        if index == 0:
+            timed, setting_front, setting_best = candidates, front, best
+        else:
+            say(f"re-timing {len(candidates)} front candidates at batch {batch}, {threads} thread(s)")
+            timed = [{**r, "model": str(run_dir / r["path"])} for r in candidates]
+            setting_ctx = dataclasses.replace(ctx, batch=batch, threads=threads)
+            settled = separate(timed, trial_timer(setting_ctx), max(ctx.rounds, 30), ctx.repeats)
+            if not settled["separated"]:
+                notes.append(f"batch {batch}, {threads} thread(s): trials {settled['contenders'][0]} and "
+                             f"{settled['contenders'][1]} are within timing noise of each other")
+            setting_front = sorted((timed[i] for i in pareto_front([objectives(r, config) for r in timed])),
+                                   key=lambda r: r["ratio"])
+            within = [r for r in setting_front if r["within_budget"]]
+            setting_best = min(within, key=lambda r: r["ratio"]) if within else None
+        best_file = None
+        if setting_best is not None:
+            best_file = f"best_b{batch}_t{threads}.onnx"
+            _copy(run_dir / setting_best["path"], run_dir / best_file)
+        settings.append({
+            "batch": batch, "threads": threads, "best": setting_best["number"] if setting_best else None,
+            "best_path": best_file,
+            "front": [{k: r.get(k) for k in ("number", "describe", "quality", "within_budget", "ratio", "speedup",
+                                               "reference_ms", "model_ms", "bytes")} for r in setting_front],
+        })
+    return settings
 
 
 def _rescore(candidates: list[dict[str, Any]], ctx, run_dir: Path, say) -> None:
@@ -163,10 +201,15 @@ def _copy(source: Path, destination: Path) -> None:
 
 
 def publish(run_dir, model, config, space, ctx, gate, reference_score, records, pool, started, executor, notes, say):
-    front = _retimed_front(records, config, ctx, pool, say, run_dir, notes)
+    front, candidates = _retimed_front(records, config, ctx, pool, say, run_dir, notes)
     within = [r for r in front if r["within_budget"]]
     key = (lambda r: r["bytes"]) if config.objective is Objective.SIZE else (lambda r: r["ratio"])
     best = min(within, key=key) if within else None
+    settings = []
+    if len(config.settings) > 1 and config.objective is Objective.LATENCY and front:
+        settings = _setting_fronts(candidates, front, best, config, ctx, say, run_dir, notes)
+    elif len(config.settings) > 1:
+        notes.append("several batch/threads settings give one front each for the latency objective only")
     front_dir = run_dir / "front"
     front_dir.mkdir(exist_ok=True)
     for old in front_dir.iterdir():  # an earlier run's front; anything else in front/ is the user's
@@ -192,7 +235,7 @@ def publish(run_dir, model, config, space, ctx, gate, reference_score, records, 
         r["on_front"] = r["number"] in on_front
     result = OptimizeResult(run_dir, gate.metric.value, gate.describe(), reference_score, records,
                             [on_front[r["number"]] for r in front], best, best_path,
-                            time.perf_counter() - started, executor, notes)
+                            time.perf_counter() - started, executor, notes, settings)
     if best is None:
         notes.append("no trial stayed within the budget: best.onnx was not written")
     payload = result.to_json()
@@ -206,7 +249,8 @@ def publish(run_dir, model, config, space, ctx, gate, reference_score, records, 
         "format": "onnxforge-manifest/1", "kind": "optimize", "model": model, "config": codec.encode(config),
         "tool_versions": tool_versions(), "machine": machine_description(), "notes": notes,
         "files": {"best": "best.onnx" if best_path else None, "pareto": "pareto.json", "report": "report.html",
-                  "front": [r["front_path"] for r in front]},
+                  "front": [r["front_path"] for r in front],
+                  "settings": {f"batch {s['batch']}, threads {s['threads']}": s["best_path"] for s in settings}},
     }, indent=1, default=str) + "\n")
     from onnxforge.optimize_report import optimize_report_html
     from onnxforge.report import write_report
