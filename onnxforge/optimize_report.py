@@ -127,6 +127,12 @@ def optimize_report_html(payload: dict[str, Any]) -> str:
              "interleaved with the input model.</p>",
              '<div class="charts">', scatter_svg(points, x_label=x_label, y_label=_quality_label(metric),
                                                  title="every trial; the Pareto front joined"), "</div>"]
+    for s in payload.get("settings") or []:  # one front per (batch, threads) setting
+        body += [f"<h2>Front at batch {_esc(s['batch'])}, {_esc(s['threads'])} thread(s)</h2>",
+                 _table(("trial", "chain", metric, "in budget", "speedup", "chosen"), [(
+                     _esc(r["number"]), _esc(r["describe"]), _esc(_fmt(r["quality"])),
+                     "yes" if r["within_budget"] else "no", f'{r["speedup"]:.2f}x' if r.get("speedup") else "-",
+                     _esc(s["best_path"]) if r["number"] == s["best"] else "") for r in s["front"]], left=2)]
     rows = []
     for r in trials:
         ok = r.get("status") == "ok"

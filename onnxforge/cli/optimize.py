@@ -48,6 +48,15 @@ def _space_option(items: tuple[str, ...]) -> dict[str, tuple]:
     return space
 
 
+def _counts(text: str, flag: str) -> int | tuple[int, ...]:
+    """``--threads 2`` or ``--threads 1,2``: one count, or several (one front per setting)."""
+    try:
+        values = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected a count or comma-separated counts, e.g. 1,2") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _given_flags(exclude: tuple[str, ...] = ()) -> dict[str, object]:
     """The current command's options typed on the command line (not defaults), by their long flag."""
     from click.core import ParameterSource
@@ -127,6 +136,10 @@ def _render_optimize(result, json_path: str | None) -> None:
             f"[bold green]best[/] {result.best_path}: {escape(b['describe'])}, {b.get('speedup', 0):.2f}x the input "
             f"model's speed, {human_bytes(b['bytes'])}"
         )
+    for s in result.settings:  # a best per (batch, threads) setting
+        chosen = next((r for r in s["front"] if r["number"] == s["best"]), None)
+        out.print(f"  batch {s['batch']}, {s['threads']} thread(s): " + (
+            f"{s['best_path']} (trial {s['best']}, {chosen['speedup']:.2f}x)" if chosen else "nothing within budget"))
     out.print(
         f"files in {result.run_dir.resolve()}: pareto.json, manifest.json, report: {result.run_dir / 'report.html'}"
     )
@@ -163,8 +176,10 @@ def _render_optimize(result, json_path: str | None) -> None:
     metavar="KNOB=V1,V2",
     help="pin a knob to values, e.g. prune_channels.ratio=0.25,0.5",
 )
-@click.option("--batch", type=int, default=1, show_default=True, help="batch size of the latency measurement")
-@click.option("--threads", type=int, default=1, show_default=True, help="intra-op threads of the latency measurement")
+@click.option("--batch", default="1", show_default=True, metavar="N[,N...]",
+              help="batch size of the latency measurement; several (1,32): one front and best per setting")
+@click.option("--threads", default="1", show_default=True, metavar="N[,N...]",
+              help="intra-op threads of the latency measurement; several (1,2): one front and best per setting")
 @click.option(
     "--min-speedup", type=float, default=None, help="stop early once a model within budget is this much faster"
 )
@@ -224,7 +239,8 @@ def optimize(
 
         recipe = load_recipe(model)
         config = config_from_recipe(recipe, Path(model).parent.resolve())
-        parse = {"--time-budget": _duration, "--space": _space_option, "--pass": tuple}
+        parse = {"--time-budget": _duration, "--space": _space_option, "--pass": tuple,
+                 "--batch": lambda v: _counts(v, "--batch"), "--threads": lambda v: _counts(v, "--threads")}
         flags = {flag: parse.get(flag, lambda v: v)(value) for flag, value in _given_flags(
             exclude=("model", "run_dir", "json_path", "cache_dir", "no_cache")).items()}
         config, notes = override_from_flags(config, flags)
@@ -254,7 +270,8 @@ def optimize(
         metric=codec.decode(UserMetric | Metric, metric, "--metric"), tolerance=tolerance,
         objective=Objective(objective), trials=trials,
         time_budget_s=_duration(time_budget), strategy=Strategy(strategy), seed=seed,
-        passes=tuple(passes) or None, space=_space_option(space), batch=batch, threads=threads,
+        passes=tuple(passes) or None, space=_space_option(space),
+        batch=_counts(batch, "--batch"), threads=_counts(threads, "--threads"),
         input_shapes=parse_input_shapes(input_shapes), min_speedup=min_speedup, ray_address=ray_address,
     )
     check_search_paths(model, search_reads(config), run_dir, json_path=json_path)

@@ -31,7 +31,8 @@ import onnx
 
 from onnxforge.model_io import TensorSpec
 from onnxforge.pipeline import codec
-from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, load_samples, model_batch_size
+from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, model_batch_size
+from onnxforge.pipeline.data_spec import DataSpec, as_data_spec, load_data
 from onnxforge.pipeline.evaluate import Metric, QualityGate, run_outputs, score
 from onnxforge.pipeline.evaluations import (
     cached_outputs,
@@ -166,8 +167,22 @@ class Reference:
         if self._samples is None:
             if self._data is None:
                 raise ValueError("this reference has no data to score on")
-            self._samples = load_samples(_data_path(self._data), self.specs, limit=self.limit)
+            # the one data path (open_data): image folders with their preprocessing, and folders whose files
+            # differ in a dynamic dim (sentences of different lengths) as a ragged set, as quantize reads them
+            spec = self._data if isinstance(self._data, DataSpec) else as_data_spec(_data_path(self._data))
+            self._samples = load_data(spec, self.specs, limit=self.limit, allow_ragged=True)
         return self._samples
+
+    def head(self, count: int) -> Reference:
+        """This reference on its first ``count`` samples (a coarse score): the samples and the outputs it
+        has are sliced, never read or run again."""
+        samples = self.samples.take(slice(0, count))
+        part = Reference(self.model, samples, self.target, metric=self.metric, tolerance=self.tolerance,
+                         max_churn=self.max_churn, worst_cosine=self.worst_cosine, eval_batch=self._eval_batch, threads=self.threads, low_memory=self.low_memory,
+                         input_shapes=self.input_shapes, specs=self.specs)
+        part._fingerprint = self.fingerprint
+        part._outputs = [output[:count] for output in self.outputs]
+        return part
 
     @property
     def eval_batch(self) -> int:

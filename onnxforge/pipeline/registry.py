@@ -13,7 +13,8 @@ CLI's run table and the report read it instead of keeping their own lists:
 - ``fills`` — config fields the recipe fills from its top level when the stage leaves them unset
   (``eval_data`` from ``eval``, ``target`` from ``target``), and ``reads`` — recipe-level data the
   pass reads outside its config (quantize reads ``calibration``): both are part of the cache key;
-- ``knobs(target)`` — what the search may vary, with ranges;
+- ``knobs(target, model)`` — what the search may vary, with ranges, on this target for this graph
+  (only what applies to it: no int4 without MatMul weights, no channel ratio without a prunable group);
 - ``run(...)`` — the work: inputs in, the output file written, a result with ``to_json()`` back (a
   pass is ``Pass[ConfigT, ResultT]``: its config class and its result class, typed);
 - ``summary(result_json)`` — one phrase for the run table and the report.
@@ -37,6 +38,7 @@ from onnxforge.errors import CalibrationDataError
 
 if TYPE_CHECKING:  # the cache and the data specs import the registry's users; the types are for the checker
     import numpy as np
+    import onnx
 
     from onnxforge.pipeline.cache import StageCache
     from onnxforge.pipeline.data_spec import DataSpec
@@ -160,8 +162,10 @@ class Pass(abc.ABC, Generic[ConfigT, ResultT]):
     reads: ClassVar[tuple[str, ...]] = ()  # recipe keys read outside the config (part of the cache key)
 
     @classmethod
-    def knobs(cls, target: str) -> tuple[Knob, ...]:
-        """What the search may vary on ``target`` (empty: the pass has nothing worth searching)."""
+    def knobs(cls, target: str, model: onnx.ModelProto | None = None) -> tuple[Knob, ...]:
+        """What the search may vary on ``target`` for ``model`` (the graph trials start from): only what
+        applies to that graph, so no trial is spent on a no-op or a setting that cannot run there. Empty:
+        nothing worth searching (on this graph). ``model`` None: every knob the pass has on ``target``."""
         return ()
 
     @classmethod

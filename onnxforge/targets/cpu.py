@@ -27,7 +27,7 @@ import onnx
 
 from onnxforge.targets.base import ActivationType, QuantFormat, QuantMethod, QuantScheme, QuantScope, Target
 
-__all__ = ["CpuTarget", "has_vnni", "matmul_dominated"]
+__all__ = ["CpuTarget", "has_matmul_weights", "has_vnni", "matmul_dominated"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,15 @@ def matmul_dominated(model: onnx.ModelProto) -> bool:
         elif node.op_type in ("Conv", "ConvTranspose", "Gemm"):
             conv += weights
     return matmul > 0 and matmul > conv
+
+
+def has_matmul_weights(model: onnx.ModelProto) -> bool:
+    """True when some MatMul multiplies by a constant weight (an initializer or a Constant node): what
+    dynamic quantization and int4 (MatMulNBits) quantize; a conv-only graph has none."""
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    return any(node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in constants
+               for node in model.graph.node)
 
 
 def _numel(dims) -> int:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from onnxforge.converters.distill_config import DistillConfig, DistillResult
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.registry import Artifact, Knob, KnobKind, Pass, Phase, StageContext, register
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @register
@@ -27,7 +30,7 @@ class DistillPass(Pass[DistillConfig, DistillResult]):
     fills: ClassVar[Mapping[str, str]] = {"calibration_data": "calibration", "eval_data": "eval"}
 
     @classmethod
-    def knobs(cls, target: str) -> tuple[Knob, ...]:
+    def knobs(cls, target: str, model: onnx.ModelProto | None = None) -> tuple[Knob, ...]:
         return (Knob("epochs", KnobKind.CHOICE, choices=(10, 30),
                      help="training epochs (early stopping may end sooner)"),)
 

@@ -6,8 +6,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import onnx
+
 from onnxforge.pipeline import codec
-from onnxforge.pipeline.prune.low_rank import LowRankConfig, LowRankResult, low_rank
+from onnxforge.pipeline.prune.low_rank import LowRankConfig, LowRankResult, layer_candidates, low_rank
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 
 
@@ -21,7 +23,9 @@ class LowRankPass(Pass[LowRankConfig, LowRankResult]):
                                           "max_samples": "max_samples"}
 
     @classmethod
-    def knobs(cls, target: str) -> tuple[Knob, ...]:
+    def knobs(cls, target: str, model: onnx.ModelProto | None = None) -> tuple[Knob, ...]:
+        if model is not None and not layer_candidates(model, LowRankConfig())[0]:
+            return ()  # no MatMul/Gemm/1x1 Conv large enough to factor
         return (Knob("energy", KnobKind.FLOAT, low=0.8, high=0.99, step=0.01, help="singular-value energy kept"),)
 
     @classmethod

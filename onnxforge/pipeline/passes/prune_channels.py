@@ -6,8 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import onnx
+
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.prune.channels import ChannelPruneConfig, ChannelPruneResult, prune_channels
+from onnxforge.pipeline.prune.coupling import prunable_groups
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 
 
@@ -21,7 +24,9 @@ class ChannelPrunePass(Pass[ChannelPruneConfig, ChannelPruneResult]):
                                           "max_samples": "max_samples"}
 
     @classmethod
-    def knobs(cls, target: str) -> tuple[Knob, ...]:
+    def knobs(cls, target: str, model: onnx.ModelProto | None = None) -> tuple[Knob, ...]:
+        if model is not None and not prunable_groups(model):
+            return ()  # every channel group is blocked (reaches an output, excluded, a single channel)
         return (
             Knob("ratio", KnobKind.FLOAT, low=0.1, high=0.8, step=0.05, help="share of channels removed per group"),
             Knob("importance", KnobKind.CHOICE, choices=("l2", "activation"), help="which channels go"),

@@ -7,8 +7,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import onnx
+
 from onnxforge.pipeline.quantize import QuantizeConfig, QuantizeResult, quantize, scheme_id
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
+from onnxforge.targets.cpu import has_matmul_weights
 
 
 @register
@@ -21,18 +24,22 @@ class QuantizePass(Pass[QuantizeConfig, QuantizeResult]):
     reads = ("calibration",)
 
     @classmethod
-    def knobs(cls, target: str) -> tuple[Knob, ...]:
-        """The target's schemes, plus two of those it adds for MatMul-dominated models (the knobs cannot
-        see the model): the first dynamic one and int4 where the target runs MatMulNBits (on a model
-        they do not fit they quantize little and lose on their own); int4's block size and accuracy
-        level when int4 is a choice."""
+    def knobs(cls, target: str, model: onnx.ModelProto | None = None) -> tuple[Knob, ...]:
+        """The target's schemes for this model, plus two of those it adds for MatMul-dominated models
+        when the model has MatMul weights at all: the first dynamic one and int4 where the target runs
+        MatMulNBits (a conv-only graph has nothing either would quantize); int4's block size and
+        accuracy level when int4 is a choice. Without a model: every scheme the target has (what a
+        pinned ``quantize.schemes`` is checked against before the model is read)."""
         from onnxforge.targets import QuantMethod, get_target
 
         found = get_target(target)
-        matmul = found.matmul_candidates()
-        extra = ([s for s in matmul if s.method is QuantMethod.DYNAMIC][:1]
-                 + [s for s in matmul if s.method is QuantMethod.INT4])
-        candidates = list(dict.fromkeys([*found.quant_candidates(None), *extra]))
+        if model is None:
+            candidates = list(dict.fromkeys([*found.quant_candidates(None), *found.matmul_candidates()]))
+        else:
+            matmul = found.matmul_candidates() if has_matmul_weights(model) else []
+            extra = ([s for s in matmul if s.method is QuantMethod.DYNAMIC][:1]
+                     + [s for s in matmul if s.method is QuantMethod.INT4])
+            candidates = list(dict.fromkeys([*found.quant_candidates(model), *extra]))
         schemes = tuple([scheme_id(s)] for s in candidates)
         knobs = [Knob("schemes", KnobKind.CHOICE, choices=schemes, help="the scheme measured", seed_every_choice=True)]
         if any(s.method is QuantMethod.INT4 for s in candidates):

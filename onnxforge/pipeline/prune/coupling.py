@@ -27,12 +27,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
-from onnxforge.pipeline.prune.channel_groups import ChannelGroups, Layout, ParamSlice, value_shape
+from onnxforge.pipeline.prune.channel_groups import ChannelGroup, ChannelGroups, Layout, ParamSlice, value_shape
 from onnxforge.pipeline.prune.graph import const_shape, layer_name, required_input
 
-__all__ = ["find_channel_groups"]
+__all__ = ["find_channel_groups", "prunable_groups"]
 
 
 _UNARY = {
@@ -366,3 +367,15 @@ def find_channel_groups(graph: ir.Graph, exclude: Iterable[str] = ()) -> Channel
         if value in cg.layouts:
             cg.block(cg.layouts[value], f"reaches graph output {value.name}")
     return cg
+
+
+def prunable_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
+    """The channel groups of ``model`` that may lose channels (not blocked, with a producer, more than one
+    channel): what channel pruning would act on; empty when it has nothing to remove."""
+    from onnxforge.pipeline.prune.graph import prepared
+
+    try:
+        graph = prepared(model).graph
+    except Exception:  # a graph shape inference cannot walk: nothing pruning could act on either
+        return []
+    return [g for g in find_channel_groups(graph).groups() if g.prunable]

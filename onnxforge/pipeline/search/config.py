@@ -44,10 +44,18 @@ class OptimizeConfig:
       earlier run in the same folder count).
     passes: restrict the space to these registered passes (default: every pass with knobs).
     space: pin knobs to listed values, ``{"prune_channels.ratio": [0.25, 0.5]}``.
-    batch / threads: the latency measurement's batch size and intra-op threads.
+    batch / threads: the latency measurement's batch size and intra-op threads; with several of either
+      (``batch=(1, 32)``), one front and one best model per (batch, threads) setting (``settings``):
+      trials are timed at the first, every front candidate again at each.
     ray_address: run trials as Ray tasks (``local`` starts a private local instance; ``auto`` or
       ``ray://host:port`` joins a cluster). Where trials run does not change what they compute.
     min_speedup: stop early once a model within budget is at least this much faster.
+    coarse_samples: every trial is scored on the first this many eval samples; front candidates are
+      scored again on all of them before the front and the choice are drawn (None: all, every trial).
+    timing_repeats: interleaved timing calls per trial (its ratio is their median; ``search.timing``).
+    timing_resolution: None (default): the sampler is steered by quality and a deterministic cost
+      estimate (size and MACs), so the plans are a function of the seed; a number: by the measured ratio
+      on a ladder of that relative step (0.1: ratios within 10% are a tie). ``search.timing``.
     """
 
     calibration: DataSpec
@@ -62,9 +70,12 @@ class OptimizeConfig:
     seed: int = 0
     passes: tuple[str, ...] | None = None
     space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    batch: int = 1
-    threads: int = 1
+    batch: int | tuple[int, ...] = 1
+    threads: int | tuple[int, ...] = 1
     latency_rounds: int = 20
+    coarse_samples: int | None = 256
+    timing_repeats: int = 3
+    timing_resolution: float | None = None
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     dynamic_batch: bool = True
     min_speedup: float | None = None
@@ -75,12 +86,29 @@ class OptimizeConfig:
             raise UsageError(f"--trials {self.trials}: must be at least 1")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise UsageError(f"--time-budget {self.time_budget_s:g}s: must be positive")
-        if self.batch < 1 or self.threads < 1 or self.latency_rounds < 3:
+        for name in ("batch", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and (not value or len(set(value)) != len(value)):
+                raise UsageError(f"--{name} {','.join(map(str, value))}: give distinct values")
+        if min(min(s) for s in self.settings) < 1 or self.latency_rounds < 3:
             raise UsageError("--batch and --threads must be at least 1, latency_rounds at least 3")
+        if self.coarse_samples is not None and self.coarse_samples < 1:
+            raise UsageError(f"coarse_samples {self.coarse_samples}: must be at least 1 (or None: all)")
+        if self.timing_repeats < 1 or not (self.timing_resolution is None or 0 <= self.timing_resolution < 1):
+            raise UsageError("timing_repeats must be at least 1 and timing_resolution in [0, 1)")
         if self.min_speedup is not None and self.min_speedup <= 0:
             raise UsageError("--min-speedup must be positive")
         if self.tolerance is not None and self.tolerance < 0:
             raise UsageError(f"--tolerance {self.tolerance}: must be >= 0")
+
+    @property
+    def settings(self) -> list[tuple[int, int]]:
+        """Every (batch, threads) a front is drawn at; the first is what trials are timed at."""
+        return [(b, t) for b in _values(self.batch) for t in _values(self.threads)]
+
+
+def _values(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def config_from_recipe(recipe: Any, base: Any = None) -> OptimizeConfig:

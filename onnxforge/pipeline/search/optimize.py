@@ -3,16 +3,19 @@
 1. The input (an .onnx, or a framework source exported first) is simplified once: every trial
    starts from that model, and the *input* model is the reference for quality and latency.
 2. An Optuna study (multi-objective: quality loss and latency ratio, or file size) proposes chains
-   of passes from the registry's knobs; it is seeded with the single-stage baselines. Each trial is
-   built through the stage cache (so a prune shared by several quantization schemes is computed
-   once), scored on the eval data and timed interleaved with the input model on the target.
+   of passes from the registry's knobs for this graph; it is seeded with the single-stage baselines.
+   Each trial is built through the stage cache (so a prune shared by several quantization schemes is
+   computed once), scored on the eval data and timed interleaved with the input model on the target
+   (the median of several calls). The sampler is steered by quality and a deterministic cost estimate,
+   so timing noise does not change the plans (``timing``); the front and the choice are timed.
 3. The study lives in ``RUN_DIR/study.log``: running ``optimize`` on the same folder continues it,
    and trials interrupted mid-way are run again (they do not count against ``trials``). The log is
    checked before it is trusted (``study_file``): trial files are relative to the run folder and
    confined to ``RUN_DIR/trials``.
 4. The Pareto front is re-timed together, interleaved, so its speedups are consistent with each
-   other; front models go to ``RUN_DIR/front/`` with a recipe each that rebuilds them, the chosen
-   one to ``RUN_DIR/best.onnx``, plus ``pareto.json``, ``manifest.json`` and ``report.html`` (``publish``).
+   other, and the two fastest within budget again with more rounds until they separate; front models
+   go to ``RUN_DIR/front/`` with a recipe each that rebuilds them, the chosen one to ``RUN_DIR/best.onnx``,
+   plus ``pareto.json``, ``manifest.json`` and ``report.html`` (``publish``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from onnxforge._atomic import atomic_write_bytes, atomic_write_text
 from onnxforge.errors import UsageError
-from onnxforge.model_io import file_sha256
+from onnxforge.model_io import file_sha256, load_model
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, stage_key
 from onnxforge.pipeline.evaluate import QualityGate
@@ -36,7 +39,7 @@ from onnxforge.pipeline.registry import StageContext
 from onnxforge.pipeline.run_guard import check_search_paths
 from onnxforge.pipeline.runner import StageArtifact, run_stage, source_fingerprint
 from onnxforge.pipeline.search.config import OptimizeConfig, Strategy
-from onnxforge.pipeline.search.publish import OptimizeResult, objectives, publish
+from onnxforge.pipeline.search.publish import OptimizeResult, publish, steer_objectives
 from onnxforge.pipeline.search.space import SearchSpace
 from onnxforge.pipeline.search.study_file import TRIALS_DIR, check_journal, stored_path, trial_records
 from onnxforge.pipeline.search.trial import (
@@ -78,13 +81,25 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
     return reference, start
 
 
+def _reference_cost(reference: str) -> dict[str, Any]:
+    """The input model's size and MACs, the baseline of every trial's cost estimate (``timing``)."""
+    from onnxforge.model_cost import count_params_and_macs
+    from onnxforge.model_io import model_file_size
+
+    try:
+        macs: int | None = count_params_and_macs(load_model(reference))[1]
+    except Exception:  # an estimate: without MACs the size ratio alone steers
+        macs = None
+    return {"reference_bytes": model_file_size(reference), "reference_macs": macs}
+
+
 def search_reads(config: OptimizeConfig) -> list[Path]:
     """The data files (or folders) a search reads besides its model."""
     specs = (config.calibration, config.eval_data)
     return [Path(spec.path) for spec in specs if spec is not None and spec.path is not None]
 
 
-def _reference_gate(reference: str, config: OptimizeConfig) -> tuple[QualityGate, float]:
+def _reference_gate(reference: str, config: OptimizeConfig) -> tuple[QualityGate, float, int]:
     return reference_gate(reference, config.eval_data.path, config.target, config.metric, config.tolerance)
 
 
@@ -194,18 +209,24 @@ def optimize(
     run_dir.mkdir(parents=True, exist_ok=True)
     get_target(config.target).require()
     has_source = not model.endswith(".onnx")
-    space = SearchSpace(config.target, config.passes, config.space, has_source=has_source)
+    SearchSpace(config.target, config.passes, config.space, has_source=has_source)  # a bad space fails before any work
     say("preparing the input model")
     reference, start = _prepare(model, run_dir, config, cache, say)
-    gate, reference_score = _reference_gate(reference.ref, config)
+    notes = list(notes or [])
+    space = SearchSpace(config.target, config.passes, config.space, has_source=has_source, model=load_model(start.ref))
+    if space.inapplicable:
+        notes.append(f"not searched, nothing to act on in this model: {', '.join(space.inapplicable)}")
+    gate, reference_score, eval_count = _reference_gate(reference.ref, config)
+    coarse = config.coarse_samples if config.coarse_samples is not None and config.coarse_samples < eval_count else None
     ctx = TrialContext(
         start_model=start.ref, start_sha256=start.sha256, reference_model=reference.ref,
         calibration=config.calibration, eval_path=str(config.eval_data.path), target=config.target, gate=gate,
-        reference_score=reference_score, batch=config.batch, threads=config.threads, rounds=config.latency_rounds,
+        reference_score=reference_score, batch=config.settings[0][0], threads=config.settings[0][1],
+        rounds=config.latency_rounds,
         cache_root=str(cache.root) if cache.root else None,
         source=model if has_source else None, source_sha256=source_fingerprint(model) if has_source else None,
+        repeats=config.timing_repeats, coarse_limit=coarse, **_reference_cost(reference.ref),
     )
-    notes = list(notes or [])
     study = _open_study(run_dir, config, space, _settings(reference.sha256, config, space), notes)
     trials_dir = run_dir / TRIALS_DIR
     pool = None
@@ -232,7 +253,7 @@ def optimize(
             record["path"] = stored_path(run_dir, Path(record["path"]))
         trial.set_user_attr("record", record)
         if record["status"] == "ok":
-            study.tell(trial, objectives(record, config))
+            study.tell(trial, steer_objectives(record, config))
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         report({"trial": record, "done": complete(), "total": config.trials, "records": _finished(study, run_dir),

@@ -8,6 +8,7 @@ put in the run folder stays.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -26,9 +27,10 @@ from onnxforge.pipeline.registry import StageContext
 from onnxforge.pipeline.search.config import Objective, OptimizeConfig
 from onnxforge.pipeline.search.pareto import pareto_front
 from onnxforge.pipeline.search.space import SearchSpace
-from onnxforge.pipeline.search.trial import latency_feeds, stage_specs, time_against_reference
+from onnxforge.pipeline.search.timing import separate, steer_ratio
+from onnxforge.pipeline.search.trial import score_trial, stage_specs, trial_reference, trial_timer
 
-__all__ = ["OptimizeResult", "objectives", "publish"]
+__all__ = ["OptimizeResult", "objectives", "publish", "steer_objectives"]
 
 
 @dataclass
@@ -44,6 +46,7 @@ class OptimizeResult:
     wall_seconds: float
     executor: str
     notes: list[str] = field(default_factory=list)
+    settings: list[dict[str, Any]] = field(default_factory=list)  # a front and a best per (batch, threads)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,13 +61,26 @@ class OptimizeResult:
             "best_path": str(self.best_path) if self.best_path else None,
             "front": self.front,
             "trials": self.trials,
+            "settings": self.settings,
             "notes": self.notes,
         }
 
 
 def objectives(record: dict[str, Any], config: OptimizeConfig) -> tuple[float, float]:
+    """(quality loss, cost) as measured: what the front is drawn from."""
     cost = record["bytes"] if config.objective is Objective.SIZE else record["ratio"]
     return float(record["loss"]), float(cost)
+
+
+def steer_objectives(record: dict[str, Any], config: OptimizeConfig) -> tuple[float, float]:
+    """(quality loss, cost) as the sampler is told them (``timing``): for latency, the trial's
+    deterministic cost estimate, or with ``timing_resolution`` its ratio on that ladder."""
+    loss, cost = objectives(record, config)
+    if config.objective is Objective.LATENCY:
+        if config.timing_resolution is None and record.get("cost_estimate") is not None:
+            return loss, float(record["cost_estimate"])
+        cost = steer_ratio(cost, config.timing_resolution or 0.0)
+    return loss, cost
 
 
 def _front(records: list[dict[str, Any]], config: OptimizeConfig, run_dir: Path) -> list[dict[str, Any]]:
@@ -99,29 +115,83 @@ _FRONT_FILE = re.compile(r"^\d{2}_trial\d+\.(onnx|recipe\.yaml)$")  # what _publ
 RETIME_EXTRA = 6  # besides the front, the fastest within-budget trials are re-timed too
 
 
-def _retimed_front(records, config, ctx, pool, say, run_dir: Path) -> list[dict[str, Any]]:
-    """The front after re-timing it together with the fastest within-budget trials, interleaved in one
-    run: single trial timings on a busy machine can be off by tens of percent, and a front drawn from
-    them would not be consistent with itself."""
+def _retimed_front(records, config, ctx, pool, say, run_dir: Path,
+                   notes: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The front after re-timing it together with the fastest within-budget trials, interleaved (the
+    median of ``timing_repeats`` calls), the two fastest within budget again with more rounds until they
+    separate (``timing.separate``): single trial timings on a busy machine can be off by tens of
+    percent, and a front drawn from them would not be consistent with itself. Also the candidates it
+    drew the front from (what ``_setting_fronts`` times at the other settings)."""
     front = _front(records, config, run_dir)
-    if not front or config.objective is not Objective.LATENCY:
-        return front
+    if not front:
+        return front, []
     usable = {r["sha256"]: r for r in reversed(records)
               if r["status"] == "ok" and r.get("path") and (run_dir / r["path"]).exists()}
-    fastest = sorted((r for r in usable.values() if r["within_budget"]), key=lambda r: r["ratio"])[:RETIME_EXTRA]
+    cost = "bytes" if config.objective is Objective.SIZE else "ratio"
+    fastest = sorted((r for r in usable.values() if r["within_budget"]), key=lambda r: r[cost])[:RETIME_EXTRA]
     candidates = {r["sha256"]: r for r in [*front, *fastest]}
+    _rescore(list(candidates.values()), ctx, run_dir, say)
+    if config.objective is not Objective.LATENCY:
+        rescored = list(candidates.values())
+        return [rescored[i] for i in pareto_front([objectives(r, config) for r in rescored])], rescored
     say(f"re-timing {len(candidates)} models (the front and the fastest within budget) together, interleaved")
-    models = {str(r["number"]): str(run_dir / r["path"]) for r in candidates.values()}
-    rounds = max(ctx.rounds, 30)
-    timed = pool.retime(models, rounds) if pool else time_against_reference(
-        models, ctx.reference_model, ctx, latency_feeds(ctx), rounds=rounds)
-    for r in candidates.values():
-        t = timed[str(r["number"])]
-        r["trial_ratio"] = r.get("trial_ratio", r.get("ratio"))
-        r.update(ratio=t["ratio"], reference_ms=t["reference_ms"], model_ms=t["model_ms"], speedup=1.0 / t["ratio"])
     retimed = list(candidates.values())
+    for r in retimed:
+        r["model"] = str(run_dir / r["path"])
+    settled = separate(retimed, pool.retime if pool else trial_timer(ctx), max(ctx.rounds, 30), ctx.repeats)
+    for r in retimed:
+        del r["model"]
+    if not settled["separated"]:
+        first, second = settled["contenders"]
+        notes.append(f"trials {first} and {second} are within timing noise of each other after "
+                     f"{settled['rounds']} rounds; the choice between them is not significant")
     front = [retimed[i] for i in pareto_front([objectives(r, config) for r in retimed])]
-    return sorted(front, key=lambda r: r["ratio"])
+    return sorted(front, key=lambda r: r["ratio"]), retimed
+
+
+def _setting_fronts(candidates, front, best, config, ctx, say, run_dir: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """One front and one best per (batch, threads) setting beyond the first (a model that wins at one
+    thread may lose at two): the first setting's candidates re-timed at each, interleaved, until the two
+    fastest within budget separate. Each best is written as ``best_b<batch>_t<threads>.onnx``."""
+    settings = []
+    for index, (batch, threads) in enumerate(config.settings):
+        if index == 0:
+            timed, setting_front, setting_best = candidates, front, best
+        else:
+            say(f"re-timing {len(candidates)} front candidates at batch {batch}, {threads} thread(s)")
+            timed = [{**r, "model": str(run_dir / r["path"])} for r in candidates]
+            setting_ctx = dataclasses.replace(ctx, batch=batch, threads=threads)
+            settled = separate(timed, trial_timer(setting_ctx), max(ctx.rounds, 30), ctx.repeats)
+            if not settled["separated"]:
+                notes.append(f"batch {batch}, {threads} thread(s): trials {settled['contenders'][0]} and "
+                             f"{settled['contenders'][1]} are within timing noise of each other")
+            setting_front = sorted((timed[i] for i in pareto_front([objectives(r, config) for r in timed])),
+                                   key=lambda r: r["ratio"])
+            within = [r for r in setting_front if r["within_budget"]]
+            setting_best = min(within, key=lambda r: r["ratio"]) if within else None
+        best_file = None
+        if setting_best is not None:
+            best_file = f"best_b{batch}_t{threads}.onnx"
+            _copy(run_dir / setting_best["path"], run_dir / best_file)
+        settings.append({
+            "batch": batch, "threads": threads, "best": setting_best["number"] if setting_best else None,
+            "best_path": best_file,
+            "front": [{k: r.get(k) for k in ("number", "describe", "quality", "within_budget", "ratio", "speedup",
+                                               "reference_ms", "model_ms", "bytes")} for r in setting_front],
+        })
+    return settings
+
+
+def _rescore(candidates: list[dict[str, Any]], ctx, run_dir: Path, say) -> None:
+    """Coarse-then-fine: candidates scored on a subset of the eval data are scored again on all of it
+    (the trial's subset score stays as ``coarse_quality``)."""
+    everything = len(trial_reference(ctx).samples)
+    coarse = [r for r in candidates if r.get("eval_samples", everything) < everything]
+    if coarse:
+        say(f"scoring {len(coarse)} front candidates on all {everything} eval samples")
+    for r in coarse:
+        r["coarse_quality"] = r["quality"]
+        score_trial(r, run_dir / r["path"], ctx, None)
 
 
 def _copy(source: Path, destination: Path) -> None:
@@ -131,10 +201,15 @@ def _copy(source: Path, destination: Path) -> None:
 
 
 def publish(run_dir, model, config, space, ctx, gate, reference_score, records, pool, started, executor, notes, say):
-    front = _retimed_front(records, config, ctx, pool, say, run_dir)
+    front, candidates = _retimed_front(records, config, ctx, pool, say, run_dir, notes)
     within = [r for r in front if r["within_budget"]]
     key = (lambda r: r["bytes"]) if config.objective is Objective.SIZE else (lambda r: r["ratio"])
     best = min(within, key=key) if within else None
+    settings = []
+    if len(config.settings) > 1 and config.objective is Objective.LATENCY and front:
+        settings = _setting_fronts(candidates, front, best, config, ctx, say, run_dir, notes)
+    elif len(config.settings) > 1:
+        notes.append("several batch/threads settings give one front each for the latency objective only")
     front_dir = run_dir / "front"
     front_dir.mkdir(exist_ok=True)
     for old in front_dir.iterdir():  # an earlier run's front; anything else in front/ is the user's
@@ -160,7 +235,7 @@ def publish(run_dir, model, config, space, ctx, gate, reference_score, records, 
         r["on_front"] = r["number"] in on_front
     result = OptimizeResult(run_dir, gate.metric.value, gate.describe(), reference_score, records,
                             [on_front[r["number"]] for r in front], best, best_path,
-                            time.perf_counter() - started, executor, notes)
+                            time.perf_counter() - started, executor, notes, settings)
     if best is None:
         notes.append("no trial stayed within the budget: best.onnx was not written")
     payload = result.to_json()
@@ -174,7 +249,8 @@ def publish(run_dir, model, config, space, ctx, gate, reference_score, records, 
         "format": "onnxforge-manifest/1", "kind": "optimize", "model": model, "config": codec.encode(config),
         "tool_versions": tool_versions(), "machine": machine_description(), "notes": notes,
         "files": {"best": "best.onnx" if best_path else None, "pareto": "pareto.json", "report": "report.html",
-                  "front": [r["front_path"] for r in front]},
+                  "front": [r["front_path"] for r in front],
+                  "settings": {f"batch {s['batch']}, threads {s['threads']}": s["best_path"] for s in settings}},
     }, indent=1, default=str) + "\n")
     from onnxforge.optimize_report import optimize_report_html
     from onnxforge.report import write_report

@@ -23,7 +23,8 @@ from typing import Any
 from onnxforge._signals import keep_signal_handlers
 from onnxforge.errors import TargetUnavailableError, UsageError
 from onnxforge.pipeline.search.space import TrialPlan
-from onnxforge.pipeline.search.trial import TrialContext, evaluate_plan, latency_feeds, time_against_reference
+from onnxforge.pipeline.search.timing import median_timing
+from onnxforge.pipeline.search.trial import TrialContext, evaluate_plan, trial_timer
 
 __all__ = ["RayPool"]
 
@@ -45,7 +46,7 @@ def _time(built: tuple[dict[str, Any], bytes | None], reference: bytes,
     if data is None:
         return record, None
     try:
-        timed = time_against_reference({"trial": data}, reference, ctx, latency_feeds(ctx))["trial"]
+        timed = median_timing({"trial": data}, trial_timer(ctx, reference), ctx.rounds, ctx.repeats)["trial"]
         record.update(timed, speedup=1.0 / timed["ratio"], timed_on=socket.gethostname())
     except Exception as e:  # recorded, the search goes on
         record.update(status="failed", error=f"timing failed: {type(e).__name__}: {str(e)[:200]}")
@@ -54,7 +55,7 @@ def _time(built: tuple[dict[str, Any], bytes | None], reference: bytes,
 
 
 def _retime(models: dict[str, bytes], reference: bytes, ctx: TrialContext, rounds: int) -> dict[str, dict[str, float]]:
-    return time_against_reference(models, reference, ctx, latency_feeds(ctx), rounds=rounds)
+    return trial_timer(ctx, reference)(models, rounds)
 
 
 def _check_reachable(address: str) -> None:

@@ -50,14 +50,17 @@ class TrialRecord(codec.JsonResult):
     quality: float | Absent = ABSENT  # the metric on the eval data
     loss: float | Absent = ABSENT  # what the search minimizes for quality (search.trial.quality_loss)
     within_budget: bool | Absent = ABSENT
+    eval_samples: int | Absent = ABSENT  # how many eval samples it was scored on (coarse, or all for the front)
     bytes: int | Absent = ABSENT
     sha256: str | Absent = ABSENT
     params: int | Absent | None = ABSENT  # estimates beside the measurement (None: could not be counted)
     macs_estimate: int | Absent | None = ABSENT
+    cost_estimate: float | Absent = ABSENT  # size and MACs relative to the input's: what steers the sampler
     reference_ms: float | Absent = ABSENT  # the input model's p50 in the same interleaved run
     model_ms: float | Absent = ABSENT
     ratio: float | Absent = ABSENT  # model_ms / reference_ms: the latency objective
     speedup: float | Absent = ABSENT
+    ratio_spread: float | Absent = ABSENT  # (max - min) / median of the ratios of its timing calls
     path: str | Absent = ABSENT  # where the trial's model was kept
     error: str | Absent = ABSENT  # why a failed trial failed
     seconds: float | Absent = ABSENT

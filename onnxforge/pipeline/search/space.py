@@ -15,11 +15,14 @@ import math
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onnxforge.errors import UsageError
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.registry import Artifact, Knob, KnobKind, Phase, registered_passes
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["NONE", "SearchSpace", "TrialPlan"]
 
@@ -67,10 +70,15 @@ def _short(value: Any) -> str:
 
 
 class SearchSpace:
-    """The space for one target: ``phases`` maps each phase to the passes (with knobs) in it."""
+    """The space for one target and one graph: ``phases`` maps each phase to the passes (with knobs) in it.
+
+    ``model``: the graph every trial starts from; each pass proposes only the knobs that apply to it
+    (``Pass.knobs(target, model)``), and ``inapplicable`` names the passes that had none for it.
+    """
 
     def __init__(self, target: str, passes: Sequence[str] | None = None,
-                 pinned: Mapping[str, Sequence[Any]] | None = None, *, has_source: bool = True) -> None:
+                 pinned: Mapping[str, Sequence[Any]] | None = None, *, has_source: bool = True,
+                 model: onnx.ModelProto | None = None) -> None:
         registry = registered_passes()
         unknown = sorted(set(passes or ()) - set(registry))
         if unknown:
@@ -78,19 +86,27 @@ class SearchSpace:
         self.target = target
         self.knobs: dict[str, tuple[Knob, ...]] = {}
         self.phases: dict[Phase, list[str]] = {}
+        self.inapplicable: list[str] = []
         for name, cls in registry.items():
-            knobs = cls.knobs(target)
-            if not knobs or (passes is not None and name not in passes):
+            if passes is not None and name not in passes:
+                continue
+            knobs = cls.knobs(target, model)
+            if not knobs:
+                if model is not None and cls.knobs(target):
+                    self.inapplicable.append(name)  # it has knobs, none of which apply to this graph
                 continue
             if Artifact.SOURCE in cls.consumes and not has_source:
                 continue  # distill trains against the framework model: an .onnx input has none
             self.knobs[name] = knobs
             self.phases.setdefault(cls.phase, []).append(name)
         if not self.knobs:
-            raise UsageError("nothing to search: no selected pass declares knobs")
+            why = f" ({', '.join(self.inapplicable)}: nothing to act on in this model)" if self.inapplicable else ""
+            raise UsageError(f"nothing to search: no selected pass declares knobs for this model{why}")
         self.pinned = {k: list(v) for k, v in (pinned or {}).items()}
         known = {f"{p}.{k.field}" for p, ks in self.knobs.items() for k in ks} | {p.name.lower() for p in self.phases}
         for key, values in self.pinned.items():
+            if key.split(".", 1)[0] in self.inapplicable:
+                raise UsageError(f"search space: {key}: {key.split('.', 1)[0]} has nothing to act on in this model")
             if key not in known:
                 raise UsageError(f"search space: unknown knob {key!r}; knobs: {', '.join(sorted(known))}")
             if not isinstance(values, list) or not values:

@@ -35,16 +35,18 @@ from onnxforge.pipeline.registry import Artifact, Phase, StageContext, registere
 from onnxforge.pipeline.runner import StageArtifact, run_stage, stage_record
 from onnxforge.pipeline.search.records import TrialRecord, TrialStage
 from onnxforge.pipeline.search.space import TrialPlan
+from onnxforge.pipeline.search.timing import cost_estimate, median_timing
 from onnxforge.pipeline.user_metric import UserMetric
 
 __all__ = [
     "TrialContext",
     "build_trial",
-    "measure_quality",
     "quality_loss",
     "reference_gate",
+    "score_trial",
     "time_against_reference",
     "trial_reference",
+    "trial_timer",
 ]
 
 
@@ -66,6 +68,10 @@ class TrialContext:
     cache_root: str | None
     source: str | None = None  # the framework model the input was exported from (what distill trains against)
     source_sha256: str | None = None
+    repeats: int = 1  # interleaved timing calls per trial; the ratio is their median (search.timing)
+    reference_bytes: int = 0  # the input model's size and MACs: the baseline of a trial's cost estimate
+    reference_macs: int | None = None
+    coarse_limit: int | None = None  # trials are scored on the first this many eval samples (None: all)
 
     def stage_context(self) -> StageContext:
         return StageContext(target=self.target, calibration=self.calibration,
@@ -150,24 +156,43 @@ def build_trial(plan: TrialPlan, ctx: TrialContext, work_dir: Path) -> BuiltTria
 _REFERENCES: dict[tuple, Reference] = {}
 
 
-def trial_reference(ctx: TrialContext) -> Reference:
-    """The search's measurement service: the input model on the eval data on the target, with the
-    search's gate; one per process (its outputs are computed once, and shared through the evaluation
-    cache with the gate optimize resolved: ``reference_gate``)."""
+def trial_reference(ctx: TrialContext, limit: int | None = None) -> Reference:
+    """The search's measurement service: the input model on the eval data (its first ``limit`` samples)
+    on the target, with the search's gate; one per process and limit (its outputs are computed once, and
+    shared through the evaluation cache with the gate optimize resolved: ``reference_gate``)."""
     key = (ctx.reference_model, ctx.eval_path, ctx.target, ctx.gate)
-    if key not in _REFERENCES:
+    if (key, None) not in _REFERENCES:
         _REFERENCES.clear()
         gate = ctx.gate
-        _REFERENCES[key] = Reference(ctx.reference_model, Path(ctx.eval_path), ctx.target,
-                                     metric=gate.user if gate.user is not None else gate.metric,
-                                     tolerance=gate.tolerance, max_churn=gate.max_churn,
-                                     worst_cosine=gate.worst_cosine, eval_batch=32)
-    return _REFERENCES[key]
+        _REFERENCES[key, None] = Reference(ctx.reference_model, Path(ctx.eval_path), ctx.target,
+                                           metric=gate.user if gate.user is not None else gate.metric,
+                                           tolerance=gate.tolerance, max_churn=gate.max_churn,
+                                           worst_cosine=gate.worst_cosine, eval_batch=32)
+    if (key, limit) not in _REFERENCES:  # the coarse one: the full one's first samples and outputs
+        _REFERENCES[key, limit] = _REFERENCES[key, None].head(limit or 0)
+    return _REFERENCES[key, limit]
+
+
+def score_trial(record: TrialRecord | dict[str, Any], model: Path, ctx: TrialContext, limit: int | None) -> None:
+    """Score ``model`` on the first ``limit`` eval samples (None: all) into ``record`` (a TrialRecord, or
+    its JSON data): ``quality``, ``loss`` and ``within_budget`` (every rule of the gate: ``Reference.passes``)
+    against the input model on those same samples, and ``eval_samples``."""
+    scorer = trial_reference(ctx, limit)
+    value = scorer.score(model)
+    reference = scorer.value if limit is not None else ctx.reference_score
+    values = {"quality": value, "loss": quality_loss(ctx.gate, value, reference),
+              "within_budget": bool(scorer.passes(value, model)), "eval_samples": len(scorer.samples)}
+    for key, v in values.items():
+        if isinstance(record, dict):
+            record[key] = v
+        else:
+            setattr(record, key, v)
 
 
 def reference_gate(reference: str, eval_path: DataSpec | Path, target: str, metric: Metric | UserMetric,
-                   tolerance: float | None) -> tuple[QualityGate, float]:
-    """The search's gate, resolved on ``reference``'s outputs on the eval data, and its score there.
+                   tolerance: float | None) -> tuple[QualityGate, float, int]:
+    """The search's gate, resolved on ``reference``'s outputs on the eval data, its score there, and how
+    many samples the eval data holds.
 
     An accuracy budget on data without labels is a CalibrationDataError."""
     data = eval_path if isinstance(eval_path, DataSpec) else Path(eval_path)
@@ -177,12 +202,7 @@ def reference_gate(reference: str, eval_path: DataSpec | Path, target: str, metr
             f"{getattr(eval_path, 'path', eval_path)}: no 'label' array; an accuracy budget (--max-drop) needs labels",
             hint="add a 'label' array to the eval data, or use --metric agreement / cosine",
         )
-    return measured.gate, measured.value
-
-
-def measure_quality(model: Path, ctx: TrialContext) -> float:
-    """The trial's score against the input model on the eval data (Reference.score)."""
-    return trial_reference(ctx).score(model)
+    return measured.gate, measured.value, len(measured.samples)
 
 
 def latency_feeds(ctx: TrialContext) -> dict[str, np.ndarray]:
@@ -196,6 +216,16 @@ def time_against_reference(models: Mapping[str, bytes | str], reference: bytes |
     timer = trial_reference(ctx) if reference == ctx.reference_model else Reference(reference, None, ctx.target)
     timed = timer.time_against(models, rounds=rounds or ctx.rounds, threads=ctx.threads, feeds=feeds)
     return {name: timing.to_json() for name, timing in timed.items()}
+
+
+def trial_timer(ctx: TrialContext, reference: bytes | str | None = None):
+    """``timer(models, rounds)``: one interleaved call timing ``models`` against ``reference`` (default: the
+    input model), as ``search.timing`` repeats it."""
+    def timer(models: Mapping[str, bytes | str], rounds: int) -> dict[str, dict[str, float]]:
+        return time_against_reference(models, reference if reference is not None else ctx.reference_model, ctx,
+                                      latency_feeds(ctx), rounds=rounds)
+
+    return timer
 
 
 def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *,
@@ -214,10 +244,7 @@ def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *
         trained = [st.train_seconds for st in built.stages if not isinstance(st.train_seconds, Absent)]
         record.distilled = bool(trained)  # which models were trained against the source, and for how long
         record.training_seconds = round(sum(trained), 3)
-        value = measure_quality(built.path, ctx)
-        record.quality = value
-        record.loss = quality_loss(ctx.gate, value, ctx.reference_score)
-        record.within_budget = trial_reference(ctx).passes(value, built.path)  # every rule of the gate
+        score_trial(record, built.path, ctx, ctx.coarse_limit)
         record.bytes = model_file_size(built.path)
         record.sha256 = file_sha256(built.path)
         try:
@@ -226,11 +253,13 @@ def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *
             record.params, record.macs_estimate = count_params_and_macs(load_model(built.path))
         except Exception:  # an estimate beside the measurement, never a reason to fail a trial
             record.params = record.macs_estimate = None
+        record.cost_estimate = cost_estimate(record.bytes, record.macs_estimate, ctx.reference_bytes,
+                                             ctx.reference_macs)
         if timing:
-            timed = time_against_reference({"trial": str(built.path)}, ctx.reference_model, ctx, latency_feeds(ctx))
-            trial = timed["trial"]
+            trial = median_timing({"trial": str(built.path)}, trial_timer(ctx), ctx.rounds, ctx.repeats)["trial"]
             record.reference_ms, record.model_ms = trial["reference_ms"], trial["model_ms"]
             record.ratio = ratio = trial["ratio"]
+            record.ratio_spread = trial["ratio_spread"]
             record.speedup = 1.0 / ratio
         keep.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(keep) as tmp:  # a symlink left at ``keep`` is replaced, never written through
