@@ -178,7 +178,8 @@ class Reference:
         has are sliced, never read or run again."""
         samples = self.samples.take(slice(0, count))
         part = Reference(self.model, samples, self.target, metric=self.metric, tolerance=self.tolerance,
-                         max_churn=self.max_churn, worst_cosine=self.worst_cosine, eval_batch=self._eval_batch, threads=self.threads, low_memory=self.low_memory,
+                         max_churn=self.max_churn, worst_cosine=self.worst_cosine, eval_batch=self._eval_batch,
+                         threads=self.threads, low_memory=self.low_memory,
                          input_shapes=self.input_shapes, specs=self.specs)
         part._fingerprint = self.fingerprint
         part._outputs = [output[:count] for output in self.outputs]
