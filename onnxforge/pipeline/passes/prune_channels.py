@@ -25,6 +25,10 @@ class ChannelPrunePass(Pass[ChannelPruneConfig, ChannelPruneResult]):
         return (
             Knob("ratio", KnobKind.FLOAT, low=0.1, high=0.8, step=0.05, help="share of channels removed per group"),
             Knob("importance", KnobKind.CHOICE, choices=("l2", "activation"), help="which channels go"),
+            # whole heads of every attention block (a model without attention ignores it); 0.125 steps are
+            # 1.5 of 12 heads: the rounding to whole heads decides
+            Knob("head_ratio", KnobKind.FLOAT, low=0.0, high=0.5, step=0.125,
+                 help="share of attention heads removed per block"),
         )
 
     @classmethod
@@ -45,8 +49,10 @@ class ChannelPrunePass(Pass[ChannelPruneConfig, ChannelPruneResult]):
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:
         speed = result.get("measured_speedup")
+        heads = sum(1 for change in result.get("pruned_layers", {}).values() if change.endswith("heads"))
         return (f"{result.get('ratio', 0):.0%} of channels removed, "
-                f"est. {result.get('macs_ratio') or 0:.1f}x fewer MACs"
+                + (f"heads removed in {heads} attention blocks, " if heads else "")
+                + f"est. {result.get('macs_ratio') or 0:.1f}x fewer MACs"
                 + (f", measured {speed:.2f}x the input's speed" if speed else "")
                 + (", repaired" if result.get("repaired") else "")
                 + ("" if result.get("quality_measured", True) else ", quality NOT measured"))
