@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 CASES = ["simplify", "quantize", "quantize_minilm", "quantize_bert_random", "prune_channels", "prune_minilm",
+         "prune_minilm_structure",
          "profiler", "pipeline", "calibration_memory", "merge_minilm", "optimize", "distill", "realworld"]
 _OWN_SECTION = {"realworld": ("<!-- realworld:start -->", "<!-- realworld:end -->")}  # README sections of their own
 

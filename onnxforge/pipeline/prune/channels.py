@@ -6,6 +6,9 @@
    inputs, MatMul -> Add(bias) -> Erf-GELU -> MatMul in transformer FFNs, with channels on the last
    axis). A group that passes through a grouped Conv (group G) keeps the same number of channels in
    each of its G blocks, so the Conv keeps ``group = G`` (its weight's input axis is cut block by block).
+   With ``head_ratio`` the attention heads of every unfused attention block are groups too
+   (onnxforge.pipeline.prune.heads: Q/K/V column slices, Wo rows, head-count Reshape constants; whole
+   heads, at least one kept; fused or unrecognized attention is refused). The back-off lowers both ratios.
 2. Importance of each channel: ``l1``, ``l2`` or ``activation`` (onnxforge.pipeline.prune.importance).
 3. Ratio R: each prunable group of C channels keeps the max(1, C - round(R_g*C)) most important ones
    (rounded to a multiple of ``round_to``, by default the target's ``channel_multiple``: a layer
