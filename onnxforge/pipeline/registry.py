@@ -94,6 +94,7 @@ class Knob:
     choices: tuple[Any, ...] = ()
     help: str = ""
     seed_every_choice: bool = False  # the search's seed trials try each choice alone (quantization schemes)
+    requires: str | None = None  # a model feature (``model_features``) without which the search leaves it out
 
     def __post_init__(self) -> None:
         if self.kind is KnobKind.CHOICE and not self.choices:

@@ -235,3 +235,21 @@ def test_cli_fused_attention_exits_2_with_one_line(tmp_path, cli):
     assert code == 2 and "fused attention" in err
     assert len([line for line in err.splitlines() if line.strip() and not line.lstrip().startswith("hint")]) == 1
     assert not out.exists() and "Traceback" not in err + stdout
+
+
+def test_the_search_varies_head_ratio_only_on_models_with_attention(tmp_path):
+    from onnxforge.pipeline.prune.heads import model_features
+    from onnxforge.pipeline.search.space import SearchSpace
+
+    encoder, dense = tmp_path / "enc.onnx", tmp_path / "dense.onnx"
+    onnx.save(make_encoder(layers=1), encoder)
+    onnx.save(onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        dense (float[N,8] x) => (float[N,8] y) { y = Relu (x) }"""), dense)
+    assert model_features(str(encoder)) == {"attention"} and model_features(str(dense)) == frozenset()
+    space = SearchSpace("cpu", ("prune_channels",))
+    assert space.fit_model(model_features(str(encoder))) == []
+    assert "head_ratio" in {k.field for k in space.knobs["prune_channels"]}
+    assert space.fit_model(model_features(str(dense))) == ["prune_channels.head_ratio"]
+    assert {k.field for k in space.knobs["prune_channels"]} == {"ratio", "importance"}
+    pinned = SearchSpace("cpu", ("prune_channels",), {"prune_channels.head_ratio": [0.25]})
+    assert pinned.fit_model(frozenset()) == []  # asked for by name: kept (and refused by the stage if it cannot)

@@ -25,10 +25,10 @@ class ChannelPrunePass(Pass[ChannelPruneConfig, ChannelPruneResult]):
         return (
             Knob("ratio", KnobKind.FLOAT, low=0.1, high=0.8, step=0.05, help="share of channels removed per group"),
             Knob("importance", KnobKind.CHOICE, choices=("l2", "activation"), help="which channels go"),
-            # whole heads of every attention block (a model without attention ignores it); 0.125 steps are
-            # 1.5 of 12 heads: the rounding to whole heads decides
+            # whole heads of every attention block; 0.125 steps are 1.5 of 12 heads: the rounding decides.
+            # Left out of the search on models without attention (SearchSpace.fit_model)
             Knob("head_ratio", KnobKind.FLOAT, low=0.0, high=0.5, step=0.125,
-                 help="share of attention heads removed per block"),
+                 help="share of attention heads removed per block", requires="attention"),
         )
 
     @classmethod

@@ -41,7 +41,7 @@ from onnxforge.pipeline.prune.graph import (
     value_name,
 )
 
-__all__ = ["AttentionBlock", "find_attention_blocks", "head_scores", "heads_kept", "prune_heads"]
+__all__ = ["AttentionBlock", "find_attention_blocks", "head_scores", "heads_kept", "model_features", "prune_heads"]
 
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                    "DecoderMaskedMultiHeadAttention", "QAttention"}
@@ -297,6 +297,14 @@ def find_attention_blocks(graph: ir.Graph, exclude: tuple[str, ...] = (), *, req
         raise UsageError("prune-channels: --head-ratio: no attention heads found in this model",
                          hint="pass --head-ratio 0 (the default) for models without attention")
     return blocks
+
+
+def model_features(path: str) -> frozenset[str]:
+    """What search knobs may require of the model at ``path`` (``Knob.requires``): ``attention`` when
+    its graph has a Softmax or a fused attention op (weights are not read)."""
+    graph = onnx.load(path, load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    return frozenset({"attention"} if "Softmax" in ops or ops & FUSED_ATTENTION else set())
 
 
 def heads_kept(heads: int, ratio: float) -> int:

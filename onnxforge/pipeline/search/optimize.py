@@ -31,6 +31,7 @@ from onnxforge.model_io import file_sha256
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, stage_key
 from onnxforge.pipeline.evaluate import QualityGate
+from onnxforge.pipeline.prune.heads import model_features
 from onnxforge.pipeline.recipe import StageSpec
 from onnxforge.pipeline.registry import StageContext
 from onnxforge.pipeline.run_guard import check_search_paths
@@ -197,6 +198,9 @@ def optimize(
     space = SearchSpace(config.target, config.passes, config.space, has_source=has_source)
     say("preparing the input model")
     reference, start = _prepare(model, run_dir, config, cache, say)
+    dropped = space.fit_model(model_features(start.ref))
+    if dropped:
+        say(f"the model has no attention: {', '.join(dropped)} left out of the search")
     gate, reference_score = _reference_gate(reference.ref, config)
     ctx = TrialContext(
         start_model=start.ref, start_sha256=start.sha256, reference_model=reference.ref,

@@ -103,6 +103,17 @@ class SearchSpace:
                     raise UsageError(f"search space: {phase_key} can be {NONE} or {', '.join(self.phases[phase])}")
         self._check_pinned_values()
 
+    def fit_model(self, features: frozenset[str]) -> list[str]:
+        """Leave out the knobs whose ``requires`` the model lacks (unless pinned): e.g. attention heads on a
+        CNN, a knob that would only multiply identical trials. Returns the knobs left out."""
+        dropped = []
+        for name, knobs in self.knobs.items():
+            kept = tuple(k for k in knobs if k.requires is None or k.requires in features
+                         or f"{name}.{k.field}" in self.pinned)
+            dropped += [f"{name}.{k.field}" for k in knobs if k not in kept]
+            self.knobs[name] = kept
+        return dropped
+
     def _check_pinned_values(self) -> None:
         registry = registered_passes()
         for name, knobs in self.knobs.items():
