@@ -253,3 +253,20 @@ def test_the_search_varies_head_ratio_only_on_models_with_attention(tmp_path):
     assert {k.field for k in space.knobs["prune_channels"]} == {"ratio", "importance"}
     pinned = SearchSpace("cpu", ("prune_channels",), {"prune_channels.head_ratio": [0.25]})
     assert pinned.fit_model(frozenset()) == []  # asked for by name: kept (and refused by the stage if it cannot)
+
+
+def test_the_back_off_never_builds_the_same_head_count_twice(tmp_path):
+    from onnxforge.errors import QualityGateError
+    from onnxforge.pipeline.prune.channels import prune_channels
+
+    path = tmp_path / "enc.onnx"
+    onnx.save(make_encoder(layers=1, seed=2), path)
+    np.savez(tmp_path / "calib.npz", **_samples(40, 13))
+    # 0.5 of 2 heads removes one; 0.375 and 0.28 remove one too (whole heads); 0.21 removes none: one try
+    config = ChannelPruneConfig(ratio=0.0, head_ratio=0.5, calibration_data=tmp_path / "calib.npz",
+                                tolerance=0.9999999)
+    with pytest.raises(QualityGateError) as info:
+        prune_channels(path, tmp_path / "p.onnx", config)
+    tried = info.value.result["tried"]
+    assert [t["head_ratio"] for t in tried] == [0.5]
+    assert info.value.exit_code == 4 and (tmp_path / "p.onnx").exists()  # the input, kept

@@ -505,12 +505,23 @@ def prune_channels(
         outcome = ((ratio, head_ratio), pruned, candidate, repair_errors, unrepaired_score, value, speed)
         return outcome, (within and not slower) or not config.gate
 
+    def kept_counts(strength: tuple[float, float], pruned: PrunedModel) -> tuple:
+        ratio, head_ratio = strength
+        return (tuple(_keep_count(g["channels"], ratio, round_to) for g in pruned.groups
+                      if g["prunable"] and g.get("blocks", 1) == 1),
+                tuple(heads_kept(h, head_ratio) for h in pruned.attention_heads.values()))
+
     def lower(strength: tuple[float, float], outcome: tuple) -> tuple[float, float] | None:
-        ratio, head_ratio = (shrink(r) or 0.0 if r > 0 else 0.0 for r in strength)
-        heads = any(heads_kept(h, head_ratio) < h for h in outcome[1].attention_heads.values())
-        if not removes_any(outcome[1].groups, ratio, round_to) and not heads:
-            return None  # a ratio that removes no channel and no head is not pruning: stop there
-        return ratio, head_ratio
+        tried_counts = kept_counts(strength, outcome[1])
+        while True:
+            ratio, head_ratio = (shrink(r) or 0.0 if r > 0 else 0.0 for r in strength)
+            heads = any(heads_kept(h, head_ratio) < h for h in outcome[1].attention_heads.values())
+            if not removes_any(outcome[1].groups, ratio, round_to) and not heads:
+                return None  # a ratio that removes no channel and no head is not pruning: stop there
+            strength = ratio, head_ratio
+            # whole heads and rounded channel counts: a lower ratio may build the same model again
+            if config.allocation is not Allocation.UNIFORM or kept_counts(strength, outcome[1]) != tried_counts:
+                return strength
 
     kept = back_off((config.ratio, config.head_ratio), attempt, lower)
     (ratio, head_ratio), pruned, candidate, repair_errors, unrepaired_score, value, speed = kept.outcome
