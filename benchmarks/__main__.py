@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 CASES = ["simplify", "quantize", "quantize_minilm", "quantize_bert_random", "prune_channels", "prune_minilm",
-         "profiler", "pipeline", "calibration_memory", "merge_minilm", "merge_library", "int4_algorithms", "optimize",
-         "distill", "realworld"]
+         "prune_minilm_structure", "profiler", "pipeline", "calibration_memory", "merge_minilm", "merge_library",
+         "int4_algorithms", "optimize", "distill", "realworld"]
 _OWN_SECTION = {"realworld": ("<!-- realworld:start -->", "<!-- realworld:end -->")}  # README sections of their own
 
 _README = Path(__file__).resolve().parents[1] / "README.md"

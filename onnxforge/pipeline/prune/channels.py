@@ -6,6 +6,9 @@
    inputs, MatMul -> Add(bias) -> Erf-GELU -> MatMul in transformer FFNs, with channels on the last
    axis). A group that passes through a grouped Conv (group G) keeps the same number of channels in
    each of its G blocks, so the Conv keeps ``group = G`` (its weight's input axis is cut block by block).
+   With ``head_ratio`` the attention heads of every unfused attention block are groups too
+   (onnxforge.pipeline.prune.heads: Q/K/V column slices, Wo rows, head-count Reshape constants; whole
+   heads, at least one kept; fused or unrecognized attention is refused). The back-off lowers both ratios.
 2. Importance of each channel: ``l1``, ``l2`` or ``activation`` (onnxforge.pipeline.prune.importance).
 3. Ratio R: each prunable group of C channels keeps the max(1, C - round(R_g*C)) most important ones
    (rounded to a multiple of ``round_to``, by default the target's ``channel_multiple``: a layer
@@ -62,7 +65,9 @@ from onnxforge.pipeline.prune.graph import (
     lift_constants,
     new_initializer,
     prepared,
+    value_name,
 )
+from onnxforge.pipeline.prune.heads import find_attention_blocks, head_scores, heads_kept, prune_heads
 from onnxforge.pipeline.prune.importance import Importance, activation_means, channel_importance
 from onnxforge.pipeline.prune.repair import repair_model
 from onnxforge.pipeline.user_metric import UserMetric
@@ -93,7 +98,12 @@ class Repair(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class ChannelPruneConfig:
-    ratio: float = option(0.5, help="fraction of channels to remove")
+    ratio: float = option(0.5, help="fraction of channels to remove (0: none, with --head-ratio)")
+    head_ratio: float = option(
+        0.0,
+        help="fraction of every attention block's heads to remove, whole heads (transformers, unfused export); "
+        "0: none",
+    )
     importance: Importance = option(Importance.L2, help="how channels are ranked")
     allocation: Allocation = option(
         Allocation.UNIFORM,
@@ -141,8 +151,11 @@ class ChannelPruneConfig:
 
     def __post_init__(self) -> None:
         set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec
-        if not 0.0 < self.ratio < 1.0:
-            raise UsageError(f"--ratio {self.ratio}: must be in (0, 1), the fraction of channels to remove")
+        if not (0.0 < self.ratio < 1.0 or (self.ratio == 0.0 and self.head_ratio > 0.0)):
+            raise UsageError(f"--ratio {self.ratio}: must be in (0, 1), the fraction of channels to remove "
+                             "(0 only with --head-ratio)")
+        if not 0.0 <= self.head_ratio < 1.0:
+            raise UsageError(f"--head-ratio {self.head_ratio}: must be in [0, 1), the fraction of heads to remove")
         if ((self.round_to is not None and self.round_to < 1) or self.calibration_samples < 1 or self.positions < 1
                 or (self.max_samples is not None and self.max_samples < 1)):
             raise UsageError("round_to, calibration_samples, max_samples and positions must be at least 1")
@@ -186,6 +199,7 @@ class PrunedModel:
     skipped_layers: dict[str, str]  # layer -> reason
     repair_layers: list[str]  # output names of layers whose input channels shrank, in graph order
     kept_outputs: dict[str, np.ndarray]  # value name -> kept channel positions (pruned values only)
+    attention_heads: dict[str, int] = field(default_factory=dict)  # attention block -> heads before pruning
 
 
 @dataclass
@@ -213,6 +227,7 @@ class ChannelPruneResult(JsonResult):
     speed: dict | None = None  # input vs pruned, timed interleaved at the model's batch (QualityCheck.speedup)
     macs_shapes: dict | None = None  # the input shapes the MAC estimates were counted at
     notes: list[str] = field(default_factory=list)  # what was normalized on load
+    head_ratio: float = 0.0
 
     def json_extra(self) -> dict[str, Any]:
         return {
@@ -260,8 +275,9 @@ def prune_model(
     graph = model_ir.graph
     cg = find_channel_groups(graph, config.exclude_nodes)
     groups = cg.groups()
-    prunable = {g.root: g.channels for g in groups if g.prunable}
-    if not prunable:
+    prunable = {g.root: g.channels for g in groups if g.prunable and config.ratio > 0}
+    blocks = find_attention_blocks(graph, config.exclude_nodes, required=not prunable) if config.head_ratio else []
+    if not prunable and not blocks:
         raise UsageError(
             "prune-channels: no channel group can be pruned safely in this model",
             hint="; ".join(f"{k}: {v}" for k, v in list(cg.skipped.items())[:3])
@@ -273,27 +289,28 @@ def prune_model(
             raise CalibrationDataError("activation importance needs calibration data")
         activations = activation_means(cg, ir.to_proto(model_ir), calibration)
     scores = channel_importance(cg, prunable, config.importance, activations)
+    heads = head_scores(blocks, ir.to_proto(model_ir), calibration, config.importance is Importance.ACTIVATION)
     ratio_of = {
         g.root: (group_ratios or {}).get(g.id, 0.0) if group_ratios is not None else config.ratio
         for g in groups
         if g.prunable
     }
-    blocks = {g.root: g.blocks for g in groups if g.prunable}
+    conv_blocks = {g.root: g.blocks for g in groups if g.prunable}
     round_to = config.channel_multiple
     keep = {}
     for root, n in prunable.items():
-        if blocks[root] == 1:
+        if conv_blocks[root] == 1:
             keep[root] = np.sort(
                 np.argsort(-scores[root], kind="stable")[: _keep_count(n, ratio_of[root], round_to)]
             )
             continue
         # a grouped Conv keeps its group count: the same number of channels survives in every block
-        size = n // blocks[root]
+        size = n // conv_blocks[root]
         per_block = _keep_count(size, ratio_of[root], 1)
         keep[root] = np.concatenate(
             [
                 b * size + np.sort(np.argsort(-scores[root][b * size : (b + 1) * size], kind="stable")[:per_block])
-                for b in range(blocks[root])
+                for b in range(conv_blocks[root])
             ]
         )
     # Gather every slice per (node, input) first: a Conv weight is cut on two axes by two groups.
@@ -331,16 +348,27 @@ def prune_model(
     for value, layout in cg.layouts.items():
         if value.name is not None and any(cg.find(g) in keep for g, _ in layout.segments):
             kept_outputs[value.name] = cg.indices(value, keep)
+    head_layers: dict[str, str] = {}
+    for block in blocks:
+        count = heads_kept(block.heads, config.head_ratio)
+        kept_heads = np.sort(np.argsort(-heads[block.name], kind="stable")[:count])
+        if len(kept_heads) < block.heads:
+            kept_outputs[value_name(block.merge.outputs[0])] = prune_heads(graph, block, kept_heads, counter)
+            head_layers[block.name] = f"{block.heads} -> {len(kept_heads)} heads"
     drop_unused_initializers(graph)
     clear_inner_shapes(graph)
-    pruned_proto = checked_model(model_ir, f"prune-channels: pruning {len(keep)} groups produced an invalid model")
+    pruned_proto = checked_model(
+        model_ir, f"prune-channels: pruning {len(keep)} groups and {len(head_layers)} attention blocks produced an "
+        "invalid model")
 
-    pruned_layers = {}
+    pruned_layers = dict(head_layers)
     for g in groups:
         if g.root in keep and len(keep[g.root]) < g.channels:
             for name in g.producers:
                 pruned_layers[name] = f"{g.channels} -> {len(keep[g.root])}"
     skipped = dict(cg.skipped)
+    if config.head_ratio and not blocks:
+        skipped["attention"] = "--head-ratio: no attention heads found in this model"
     for g in groups:
         if not g.prunable:
             for name in g.producers:
@@ -351,6 +379,7 @@ def prune_model(
         for p in cg.params
         if p.role == "consumer" and (id(p.node), p.index) in cuts and p.axis in cuts[(id(p.node), p.index)][2]
     }
+    consumers_pruned |= {id(block.out) for block in blocks if block.name in head_layers}
     for node in graph:
         if id(node) in consumers_pruned and (output := node.outputs[0].name) is not None:
             repair_layers.append(output)
@@ -361,6 +390,7 @@ def prune_model(
         skipped_layers=skipped,
         repair_layers=repair_layers,
         kept_outputs=kept_outputs,
+        attention_heads={block.name: block.heads for block in blocks},
     )
 
 
@@ -442,8 +472,9 @@ def prune_channels(
     round_to = config.channel_multiple
     speed_gated = config.gate and config.objective is Objective.LATENCY
 
-    def attempt(ratio: float) -> tuple[tuple, bool]:
-        attempt_config = replace(config, ratio=ratio)
+    def attempt(strength: tuple[float, float]) -> tuple[tuple, bool]:
+        ratio, head_ratio = strength
+        attempt_config = replace(config, ratio=ratio, head_ratio=head_ratio)
         group_ratios = None
         if attempt_config.allocation is Allocation.SENSITIVITY:
             group_ratios, _ = sensitivity_ratios(model, attempt_config, fit_samples())
@@ -463,6 +494,7 @@ def prune_channels(
         tried.append(
             {
                 "ratio": round(ratio, 4),
+                **({"head_ratio": round(head_ratio, 4)} if config.head_ratio else {}),
                 "score_without_repair": unrepaired_score,
                 "score": value,
                 "passes": within and not slower,
@@ -474,17 +506,29 @@ def prune_channels(
         )
         if group_ratios is not None:
             tried[-1]["group_ratios"] = {str(k): round(v, 4) for k, v in group_ratios.items()}
-        outcome = (ratio, pruned, candidate, repair_errors, unrepaired_score, value, speed)
+        outcome = ((ratio, head_ratio), pruned, candidate, repair_errors, unrepaired_score, value, speed)
         return outcome, (within and not slower) or not config.gate
 
-    def lower(ratio: float, outcome: tuple) -> float | None:
-        lowered = shrink(ratio)
-        if lowered is None or not removes_any(outcome[1].groups, lowered, round_to):
-            return None  # a ratio that removes no channel is not pruning: stop there
-        return lowered
+    def kept_counts(strength: tuple[float, float], pruned: PrunedModel) -> tuple:
+        ratio, head_ratio = strength
+        return (tuple(_keep_count(g["channels"], ratio, round_to) for g in pruned.groups
+                      if g["prunable"] and g.get("blocks", 1) == 1),
+                tuple(heads_kept(h, head_ratio) for h in pruned.attention_heads.values()))
 
-    kept = back_off(config.ratio, attempt, lower)
-    ratio, pruned, candidate, repair_errors, unrepaired_score, value, speed = kept.outcome
+    def lower(strength: tuple[float, float], outcome: tuple) -> tuple[float, float] | None:
+        tried_counts = kept_counts(strength, outcome[1])
+        while True:
+            ratio, head_ratio = (shrink(r) or 0.0 if r > 0 else 0.0 for r in strength)
+            heads = any(heads_kept(h, head_ratio) < h for h in outcome[1].attention_heads.values())
+            if not removes_any(outcome[1].groups, ratio, round_to) and not heads:
+                return None  # a ratio that removes no channel and no head is not pruning: stop there
+            strength = ratio, head_ratio
+            # whole heads and rounded channel counts: a lower ratio may build the same model again
+            if config.allocation is not Allocation.UNIFORM or kept_counts(strength, outcome[1]) != tried_counts:
+                return strength
+
+    kept = back_off((config.ratio, config.head_ratio), attempt, lower)
+    (ratio, head_ratio), pruned, candidate, repair_errors, unrepaired_score, value, speed = kept.outcome
     passed = kept.passed
     if not passed:
         candidate, value, speed = model, check.reference_score, None
@@ -494,6 +538,7 @@ def prune_channels(
     result = ChannelPruneResult(
         path=out,
         ratio=ratio if passed else 0.0,
+        head_ratio=head_ratio if passed else 0.0,
         groups=pruned.groups,
         pruned_layers=pruned.pruned_layers if passed else {},
         skipped_layers=pruned.skipped_layers,
@@ -540,6 +585,8 @@ def prune_channels(
 def _channels_removed(pruned: PrunedModel) -> int:
     total = 0
     for change in pruned.pruned_layers.values():
+        if change.endswith("heads"):
+            continue
         before, after = (int(v) for v in change.split(" -> "))
         total += before - after
     return total

@@ -36,6 +36,7 @@ from onnxforge.pipeline.prune.graph import (
     input_name,
     new_initializer,
     prepared,
+    value_name,
 )
 
 if TYPE_CHECKING:  # channels calls repair_model: importing it here at run time would be circular
@@ -60,6 +61,29 @@ def _im2col_rows(x: np.ndarray, node: ir.Node, kernel: tuple[int, ...], rows: np
     return picked.reshape(n * rows.shape[1], c * kh * kw)
 
 
+def _bias_add(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """(Add, its constant input) when a MatMul's only use adds a constant [out] bias: the layer x W + b,
+    refit with its bias (the mean of what the pruned inputs carried goes there)."""
+    if node.op_type != "MatMul" or node.outputs[0].is_graph_output():
+        return None
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Add":
+        return None
+    add = uses[0].node
+    index = 1 - uses[0].idx
+    bias = add.inputs[index] if index < len(add.inputs) else None
+    outputs = const_shape(node, 1)[-1]
+    if bias is None or bias.const_value is None or tuple(bias.const_value.shape) != (outputs,):
+        return None
+    return add, index
+
+
+def _target_name(node: ir.Node) -> str:
+    """The value a refit layer reproduces: its output, with the bias when it is a separate Add."""
+    found = _bias_add(node)
+    return value_name((found[0] if found else node).outputs[0])
+
+
 def _weight_matrix(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None]:
     """The layer's weights as [d, out] (x @ W = y) and its bias [out] (None when absent)."""
     w = const_array(node, 1).astype(np.float64)
@@ -69,7 +93,8 @@ def _weight_matrix(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None]:
         return w.reshape(w.shape[0], -1).T, bias
     if node.op_type == "Gemm":
         return (w.T if node.attributes.get("transB") and node.attributes["transB"].value else w), bias
-    return w, None
+    found = _bias_add(node)
+    return w, (const_array(*found).astype(np.float64) if found else None)
 
 
 def _set_weights(
@@ -83,7 +108,11 @@ def _set_weights(
     else:
         w = matrix
     node.replace_input_with(1, new_initializer(graph, w_old, w.astype(np.float32), counter))
-    if bias is not None:
+    found = _bias_add(node)
+    if bias is not None and found is not None:
+        add, index = found
+        add.replace_input_with(index, new_initializer(graph, const_input(add, index), bias.astype(np.float32), counter))
+    elif bias is not None:
         b_old = const_input(node, 2)
         new_b = bias.reshape(const_shape(node, 2)).astype(np.float32)
         node.replace_input_with(2, new_initializer(graph, b_old, new_b, counter))
@@ -170,10 +199,11 @@ def _layer_statistics(
     """Normal equations of each layer of ``chunk`` (held-out fold apart): X = the layer's input in the
     original model, cut to the kept channels; Y = its output, at the same sampled rows. Two passes."""
     y_rows: dict[str, list[np.ndarray]] = {name: [] for name in chunk}
-    for start, values in batches_of_values(reference, calibration, chunk, _BATCH):
+    targets = {name: _target_name(producers[name]) for name in chunk}
+    for start, values in batches_of_values(reference, calibration, list(dict.fromkeys(targets.values())), _BATCH):
         for name in chunk:
             node = producers[name]
-            y = values[name]
+            y = values[targets[name]]
             kept = pruned.kept_outputs.get(name)
             if kept is not None:
                 y = np.take(y, kept, axis=1 if node.op_type in ("Conv", "Gemm") else -1)
