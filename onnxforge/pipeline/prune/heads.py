@@ -41,7 +41,7 @@ from onnxforge.pipeline.prune.graph import (
     value_name,
 )
 
-__all__ = ["AttentionBlock", "find_attention_blocks", "head_scores", "heads_kept", "has_attention", "prune_heads"]
+__all__ = ["AttentionBlock", "find_attention_blocks", "has_attention", "head_scores", "heads_kept", "prune_heads"]
 
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                    "DecoderMaskedMultiHeadAttention", "QAttention"}
