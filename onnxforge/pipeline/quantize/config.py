@@ -16,6 +16,7 @@ from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
 from onnxforge.pipeline.quantize.mixed_precision import MixedPrecisionSearch, rank_nodes
+from onnxforge.pipeline.quantize.op_classes import OpClassReport
 from onnxforge.pipeline.quantize.quant_error import NodeError
 from onnxforge.targets import QuantScheme
 from onnxforge.targets.latency import LatencyStats
@@ -232,6 +233,8 @@ class QuantizeResult(JsonResult):
     calibration_batches: int = 0
     objective: str = "latency"  # the config's Objective, by value
     kept_input: bool = False  # no candidate improved on the input: ``path`` holds the input (``chosen`` INPUT_KEPT)
+    # a profiled scheme's measurement: each op type int8 vs float, and the time shares before/after (op_classes)
+    op_classes: OpClassReport | None = None
 
     def json_extra(self) -> dict[str, Any]:
         return {

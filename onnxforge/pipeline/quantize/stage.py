@@ -134,6 +134,7 @@ def quantize(
         calibration_batches=calibration_batches,
         objective=config.objective.value,
         kept_input=kept_input,
+        op_classes=run.op_classes,
     )
     if kept_input:
         raise QualityGateError(_no_improvement(config.objective, chosen, target.name, input_bytes, out),

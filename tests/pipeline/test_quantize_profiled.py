@@ -1,0 +1,97 @@
+"""The profiled scheme: only the op types measured faster in int8 on the target are quantized, the rest
+stay float with no Q/DQ between float neighbours, and the result says where the time went."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from conftest import latency_stats
+
+from onnxforge.errors import UsageError
+from onnxforge.pipeline import reference
+from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize, scheme_id
+from onnxforge.pipeline.quantize.op_classes import OpShare, measure_classes
+from onnxforge.targets import QuantScope
+
+PROFILED = parse_scheme("qdq-u8s8-per-channel-profiled")
+
+
+def _timings(fast: set[str]):
+    """compare_latency answered per label: the reference (first) at 1 ms, one-class models in ``fast``
+    at 0.5 ms, other one-class models at 1.2 ms, whole candidates at 0.5 ms."""
+
+    def timed(sessions, feeds, rounds=20, **_):
+        first = next(iter(sessions))
+        op_types = {"Conv", "Gemm", "Relu", "Flatten"}
+        return {label: latency_stats(1.0 if label == first else 0.5 if label in fast or label not in op_types
+                                     else 1.2) for label in sessions}
+
+    return timed
+
+
+def test_the_scheme_is_spelled_like_the_others():
+    assert PROFILED.scope is QuantScope.PROFILED and scheme_id(PROFILED) == "qdq-u8s8-per-channel-profiled"
+    with pytest.raises(UsageError, match="two scopes"):
+        parse_scheme("qdq-u8s8-per-channel-matmul-profiled")
+    with pytest.raises(UsageError, match="does not apply"):
+        parse_scheme("dynamic-s8-per-channel-profiled")
+
+
+def _quantize(tmp_path, classifier_path, calibration_npz):
+    config = QuantizeConfig(schemes=(PROFILED,), tolerance=100, mixed_precision=False, latency_rounds=3)
+    return quantize(classifier_path, tmp_path / "q.onnx", calibration_npz, config)
+
+
+def test_only_the_class_measured_faster_is_quantized(tmp_path, classifier_path, calibration_npz, monkeypatch):
+    monkeypatch.setattr(reference, "compare_latency", _timings(fast={"Conv"}))
+    result = _quantize(tmp_path, classifier_path, calibration_npz)
+    report = result.op_classes
+    assert report is not None and report.quantized == ["Conv"]
+    by_type = {c.op_type: c for c in report.classes}
+    assert by_type["Conv"].speedup_alone == pytest.approx(2.0) and not by_type["Gemm"].quantized
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    produced_by = {out: n.op_type for n in model.graph.node for out in n.output}
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    assert all(produced_by.get(i) != "DequantizeLinear" for i in gemm.input)  # float reads float, no Q/DQ
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert produced_by.get(conv.input[1]) == "DequantizeLinear"
+    # where the time went: fp32's op types and the candidate's, each summing to the whole
+    assert report.before and report.after
+    assert sum(s.share for s in report.before) == pytest.approx(1.0)
+    after = {s.op_type for s in report.after}
+    assert "QLinearConv" in after and "Gemm" in after and "Conv" not in after  # the int8 conv, the float Gemm
+    saved = json.loads(json.dumps(result.to_json()))["op_classes"]
+    assert saved["classes"][0]["op_type"] in ("Conv", "Gemm") and saved["after"]
+    assert any("Conv" in note and "int8" in note for note in result.notes)
+
+
+def test_no_class_faster_is_the_candidates_error(tmp_path, classifier_path, calibration_npz, monkeypatch):
+    monkeypatch.setattr(reference, "compare_latency", _timings(fast=set()))
+    with pytest.raises(Exception, match="no op type runs faster in int8"):
+        _quantize(tmp_path, classifier_path, calibration_npz)
+
+
+def test_small_classes_are_not_measured_and_stay_float():
+    class Profile:
+        op_types = [type("T", (), {"op_type": "FusedConv", "median_us": 90.0})(),
+                    type("T", (), {"op_type": "Gemm", "median_us": 8.0})(),
+                    type("T", (), {"op_type": "Softmax", "median_us": 2.0})()]
+
+    built: list[list[str]] = []
+
+    def quantize_only(ops):
+        built.append(ops)
+        return ops[0]
+
+    report = measure_classes("s", Profile(), ["Conv", "Gemm", "Softmax"], quantize_only,
+                             lambda models: {op: 1.5 if op == "Conv" else 1.01 for op in models})
+    assert built == [["Conv"], ["Gemm"]]  # Softmax: 2% of the time, never built
+    assert report.quantized == ["Conv"]  # Gemm's 1.01x is inside the noise
+    softmax = next(c for c in report.classes if c.op_type == "Softmax")
+    assert softmax.speedup_alone is None and not softmax.quantized
+    conv = next(c for c in report.classes if c.op_type == "Conv")
+    assert conv.fp32_share == pytest.approx(0.9)  # FusedConv counts as Conv
+    assert conv.int8_time_ratio == pytest.approx((1 / 1.5 - 0.1) / 0.9)
+    assert report.before[0] == OpShare("Conv", 0.9, 90.0)
