@@ -220,6 +220,13 @@ class Reference:
 
         return cached_score((fingerprint, self.fingerprint, *self._key(), metric.value), compute)
 
+    def subset(self, count: int) -> Reference:
+        """The same reference, gate metric and tolerance on the first ``count`` samples: a coarse score
+        to rank candidates before the best are scored on all of them."""
+        return Reference(self.model, self.samples.take(slice(0, count)), self.target, metric=self.gate.metric,
+                         tolerance=self.tolerance, eval_batch=self._eval_batch, threads=self.threads,
+                         low_memory=self.low_memory, specs=self._specs)
+
     def _agreement_key(self, fingerprint: str) -> tuple:
         return (fingerprint, self.fingerprint, *self._key(), Metric.AGREEMENT.value)
 

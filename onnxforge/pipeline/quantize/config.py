@@ -209,6 +209,8 @@ class CandidateResult(JsonResult):
     float_nodes: list[str] = field(default_factory=list)  # nodes kept in float by mixed precision
     # with labels: top-1 agreement with the input's own predictions (1 - churn), beside the accuracy drop
     agreement_with_input: float | None = None
+    # the score is on only this many held-out samples (coarse_scoring: it could not be kept); None: all
+    scored_samples: int | None = None
 
     def json_extra(self) -> dict[str, Any]:
         return {"latency": self.latency.to_json() if self.latency else None, "speedup_vs_fp32": self.speedup}

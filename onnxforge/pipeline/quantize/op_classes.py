@@ -77,14 +77,17 @@ class OpClassReport(JsonResult):
     def describe(self) -> str:
         """One line: each measured class and its verdict."""
         parts = []
+        small = [c for c in self.classes if c.speedup_alone is None]
         for c in self.classes:
             if c.speedup_alone is None:
-                parts.append(f"{c.op_type} {c.fp32_share:.0%} of fp32 time: not measured, float")
                 continue
             own = f", its nodes {c.int8_time_ratio:.2f}x their float time" if c.int8_time_ratio is not None else ""
             verdict = "int8" if c.quantized else "float"
             parts.append(f"{c.op_type} {c.fp32_share:.0%} of fp32 time, alone in int8 {c.speedup_alone:.2f}x{own}: "
                          f"{verdict}")
+        if small:
+            parts.append(f"{len(small)} other op type(s) under {_MIN_SHARE:.0%} of the time each stay float "
+                         f"({', '.join(c.op_type for c in small[:4])}{', ...' if len(small) > 4 else ''})")
         return "; ".join(parts)
 
 

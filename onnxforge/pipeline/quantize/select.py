@@ -32,6 +32,7 @@ from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.quantize.attention_mask import mask_nodes
 from onnxforge.pipeline.quantize.backends import error_line, quantizable_op_types, quantize_candidate
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, collect
+from onnxforge.pipeline.quantize.coarse_scoring import coarse_count, refine
 from onnxforge.pipeline.quantize.config import CalibrationMethod, CandidateResult, Objective, QuantizeConfig, Ranges
 from onnxforge.pipeline.quantize.graphs import Graphs
 from onnxforge.pipeline.quantize.mixed_precision import (
@@ -144,6 +145,8 @@ class CandidateRun:
         self._ranges: dict[tuple[Path, CalibrationMethod], Ranges] = {}
         self._masks: dict[Path, list[str]] = {}
         self._op_classes: dict[Path, OpClassReport] = {}
+        self.coarse: Reference | None = None  # the held-out subset candidates are ranked on (coarse_scoring)
+        self.refined = 0
         self.op_classes: OpClassReport | None = None  # what a profiled scheme measured (op_classes)
 
     def source(self, scheme: QuantScheme) -> Path:
@@ -237,20 +240,26 @@ class CandidateRun:
     def measure(self, schemes: Sequence[QuantScheme]) -> None:
         """Quantize and score every scheme, then time them all; raises QualityGateError when every one failed."""
         failing_ops: list[str] = []
+        count = coarse_count(len(self.held_out)) if self.config.objective is Objective.LATENCY else None
+        self.coarse = self.reference.subset(count) if count is not None else None
         for scheme in schemes:
             result = CandidateResult(scheme.label)
             self.candidates.append(result)
             start = time.perf_counter()
             try:
                 dest = self.quantize(scheme)
-                result.score = self.score(dest)
+                result.score = self.coarse.score(dest) if self.coarse else self.score(dest)
             except Exception as e:  # one failing scheme must not sink the others
                 result.error = error_line(e)
                 failing_ops.append(failing_op(str(e)) or "")
                 continue
             _log.debug("quantized %s in %.1fs", scheme.label, time.perf_counter() - start)
-            result.meets_tolerance = self.gate.passes(result.score, self.fp32_score)
-            result.agreement_with_input = self.agreement(dest)
+            if self.coarse is not None:
+                result.meets_tolerance = self.coarse.passes(result.score)
+                result.scored_samples = count
+            else:
+                result.meets_tolerance = self.gate.passes(result.score, self.fp32_score)
+                result.agreement_with_input = self.agreement(dest)
             result.bytes = dest.stat().st_size
             self.paths[scheme.label] = dest
             self.scheme_of[scheme.label] = scheme
@@ -303,6 +312,23 @@ class CandidateRun:
                 c.latency = timings[c.scheme]
                 c.speedup = timings["fp32"].p50_ms / c.latency.p50_ms
         self.timings = timings
+        if self.coarse is not None:
+            self.refined += refine(self.candidates, self._score_all, _LATENCY_TIE_FRACTION)
+
+    def _score_all(self, candidate: CandidateResult) -> tuple[float, bool]:
+        """``candidate`` scored on every held-out sample (coarse_scoring.refine), its agreement beside."""
+        path = self.paths[candidate.scheme]
+        value = self.score(path)
+        candidate.agreement_with_input = self.agreement(path)
+        return value, self.gate.passes(value, self.fp32_score)
+
+    def coarse_note(self) -> str | None:
+        """What the coarse ranking did, for the result's notes."""
+        if self.coarse is None:
+            return None
+        return (f"candidates ranked on the first {len(self.coarse.samples)} of {len(self.held_out)} held-out "
+                f"samples; {self.refined} that could be kept were scored on all of them (scored_samples marks "
+                "the others)")
 
     def mixed_precision(self, notes: list[str]) -> MixedPrecisionSearch | None:
         """When the fastest candidate misses the tolerance, add its mixed-precision version as a candidate.

@@ -96,6 +96,9 @@ def quantize(
         kept_input = passed and not run.improves(chosen, input_bytes)
         layer_errors = [] if kept_input else run.layer_errors(chosen, notes)
         notes += run.notes
+        coarse = run.coarse_note()
+        if coarse:
+            notes.append(coarse)
         if run.timings_reused:
             notes.append("latencies as recorded by an earlier run of these same candidates on this machine (the "
                          "stage cache), so the same scheme is kept; --no-cache times them again")
