@@ -95,3 +95,15 @@ def test_small_classes_are_not_measured_and_stay_float():
     assert conv.fp32_share == pytest.approx(0.9)  # FusedConv counts as Conv
     assert conv.int8_time_ratio == pytest.approx((1 / 1.5 - 0.1) / 0.9)
     assert report.before[0] == OpShare("Conv", 0.9, 90.0)
+
+
+def test_the_cli_says_where_the_time_went(cli, tmp_path, classifier_path, calibration_npz, monkeypatch):
+    monkeypatch.setattr(reference, "compare_latency", _timings(fast={"Conv"}))
+    report = tmp_path / "q.json"
+    code, out, err = cli("quantize", classifier_path, "-o", tmp_path / "q.onnx", "--calibration", calibration_npz,
+                         "--scheme", "qdq-u8s8-per-channel-profiled", "--tolerance", "100", "--no-mixed-precision",
+                         "--no-cache", "--json", report)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("time by op type"))
+    assert "fp32 Conv" in line and "QLinearConv" in line
+    assert json.loads(report.read_text())["op_classes"]["classes"]
