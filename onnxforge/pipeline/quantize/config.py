@@ -108,8 +108,8 @@ class QuantizeConfig:
     schemes: tuple[QuantScheme, ...] | None = option(
         None,
         help="the candidates measured, e.g. qdq-u8s8-per-channel, qdq-u8s8-per-channel-matmul-smooth, "
-        "dynamic-s8-per-channel-smooth, int4, fp16; options -matmul, -smooth, -percentile, "
-        "-int8-embeddings (default: the target's)",
+        "dynamic-s8-per-channel-smooth, int4, fp16; options -matmul, -profiled (only the op types measured "
+        "faster in int8 here), -smooth, -percentile, -int8-embeddings (default: the target's)",
     )
     calibration_method: CalibrationMethod = option(
         CalibrationMethod.MINMAX,
