@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import onnx
+import onnx.parser
 import pytest
 from conftest import latency_stats
 
@@ -73,28 +74,45 @@ def test_no_class_faster_is_the_candidates_error(tmp_path, classifier_path, cali
         _quantize(tmp_path, classifier_path, calibration_npz)
 
 
-def test_small_classes_are_not_measured_and_stay_float():
-    class Profile:
-        op_types = [type("T", (), {"op_type": "FusedConv", "median_us": 90.0})(),
-                    type("T", (), {"op_type": "Gemm", "median_us": 8.0})(),
-                    type("T", (), {"op_type": "Softmax", "median_us": 2.0})()]
+def _timed(name: str, op_type: str, us: float):
+    return type("NodeTime", (), {"name": name, "op_type": op_type, "median_us": us})()
 
-    built: list[list[str]] = []
 
-    def quantize_only(ops):
-        built.append(ops)
+def test_classes_split_grouped_convs_and_small_classes_stay_float():
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] y) {
+        a = Conv <kernel_shape = [1, 1]> (x, w1)
+        b = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 4> (a, w2)
+        c = MatMul (b, m)
+        y = Softmax (c)
+    }
+    """)
+    for node, name in zip(model.graph.node, ("dense", "depthwise", "mm", "soft"), strict=True):
+        node.name = name
+
+    class Profile:  # onnxruntime's names: a fused dense conv, an NCHWc depthwise one (its output's name)
+        nodes = [_timed("dense", "FusedConv", 60.0), _timed("b_nchwc", "Conv", 30.0), _timed("mm", "MatMul", 8.0),
+                 _timed("soft", "Softmax", 2.0)]
+
+    built: list[tuple[list[str], list[str]]] = []
+
+    def quantize_only(ops, floats):
+        built.append((ops, floats))
         return ops[0]
 
-    report = measure_classes("s", Profile(), ["Conv", "Gemm", "Softmax"], quantize_only,
-                             lambda models: {op: 1.5 if op == "Conv" else 1.01 for op in models})
-    assert built == [["Conv"], ["Gemm"]]  # Softmax: 2% of the time, never built
-    assert report.quantized == ["Conv"]  # Gemm's 1.01x is inside the noise
+    speed = {"Conv": 1.5, "Conv grouped": 0.98, "MatMul": 1.01}
+    report = measure_classes("s", Profile(), model, ["Conv", "MatMul", "Softmax"], quantize_only,
+                             lambda models: {c: speed[c] for c in models})
+    assert (["Conv"], ["depthwise"]) in built and (["Conv"], ["dense"]) in built  # one class of Conv at a time
+    assert all(ops != ["Softmax"] for ops, _ in built)  # 2% of the time: never built
+    assert report.quantized == ["Conv"]  # the grouped convs lose, MatMul's 1.01x is inside the noise
+    assert report.selection() == (["Conv"], ["depthwise"])
+    dense = next(c for c in report.classes if c.op_type == "Conv")
+    assert dense.fp32_share == pytest.approx(0.6) and dense.int8_time_ratio == pytest.approx((1 / 1.5 - 0.4) / 0.6)
+    assert report.before[:2] == [OpShare("Conv", 0.6, 60.0), OpShare("Conv grouped", 0.3, 30.0)]
     softmax = next(c for c in report.classes if c.op_type == "Softmax")
     assert softmax.speedup_alone is None and not softmax.quantized
-    conv = next(c for c in report.classes if c.op_type == "Conv")
-    assert conv.fp32_share == pytest.approx(0.9)  # FusedConv counts as Conv
-    assert conv.int8_time_ratio == pytest.approx((1 / 1.5 - 0.1) / 0.9)
-    assert report.before[0] == OpShare("Conv", 0.9, 90.0)
 
 
 def test_the_cli_says_where_the_time_went(cli, tmp_path, classifier_path, calibration_npz, monkeypatch):

@@ -189,10 +189,11 @@ class CandidateRun:
         if static and source not in self._masks:
             self._masks[source] = mask_nodes(onnx.load(str(source), load_external_data=False))
         profiled = static and scheme.scope is QuantScope.PROFILED and op_types is None
+        extra: list[str] = []
         if profiled:
-            op_types = self._classes(scheme, source).quantized
+            op_types, extra = self._classes(scheme, source).selection()
         quantize_candidate(source, dest, scheme, self.config, self.ranges(source, scheme) if static else None,
-                           float_nodes, self._masks.get(source, ()), op_types)
+                           [*float_nodes, *extra], self._masks.get(source, ()), op_types)
         if profiled and not float_nodes and self.op_classes is not None and not self.op_classes.after:
             self.op_classes.after = time_shares(self._profile(dest))
         return dest
@@ -215,9 +216,10 @@ class CandidateRun:
                     models, rounds=max(5, self.config.latency_rounds // 2), threads=self.config.threads, feeds=feeds)
                 return {label: t.speedup for label, t in timed.items()}
 
-            report = measure_classes(scheme.label, self._profile(source),
-                                     quantizable_op_types(source, self.config.exclude_op_types),
-                                     lambda ops: self.quantize(whole, source=source, op_types=ops), time_models)
+            report = measure_classes(
+                scheme.label, self._profile(source), onnx.load(str(source), load_external_data=False),
+                quantizable_op_types(source, self.config.exclude_op_types),
+                lambda ops, floats: self.quantize(whole, floats, source=source, op_types=ops), time_models)
             self._op_classes[source] = report
             self.op_classes = report
             self.notes.append(f"{scheme.label}: {report.describe()}")
