@@ -21,13 +21,14 @@ PROFILED = parse_scheme("qdq-u8s8-per-channel-profiled")
 
 def _timings(fast: set[str]):
     """compare_latency answered per label: the reference (first) at 1 ms, one-class models in ``fast``
-    at 0.5 ms, other one-class models at 1.2 ms, whole candidates at 0.5 ms."""
+    at 0.97 ms (a gain any class over 3% of the time can hold), other one-class models at 1.2 ms, whole
+    candidates at 0.5 ms."""
 
     def timed(sessions, feeds, rounds=20, **_):
         first = next(iter(sessions))
         op_types = {"Conv", "Gemm", "Relu", "Flatten"}
-        return {label: latency_stats(1.0 if label == first else 0.5 if label in fast or label not in op_types
-                                     else 1.2) for label in sessions}
+        return {label: latency_stats(1.0 if label == first else 0.5 if label not in op_types
+                                     else 0.97 if label in fast else 1.2) for label in sessions}
 
     return timed
 
@@ -51,7 +52,7 @@ def test_only_the_class_measured_faster_is_quantized(tmp_path, classifier_path, 
     report = result.op_classes
     assert report is not None and report.quantized == ["Conv"]
     by_type = {c.op_type: c for c in report.classes}
-    assert by_type["Conv"].speedup_alone == pytest.approx(2.0) and not by_type["Gemm"].quantized
+    assert by_type["Conv"].speedup_alone == pytest.approx(1 / 0.97) and not by_type["Gemm"].quantized
     model = onnx.load(str(tmp_path / "q.onnx"))
     produced_by = {out: n.op_type for n in model.graph.node for out in n.output}
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
@@ -101,12 +102,16 @@ def test_classes_split_grouped_convs_and_small_classes_stay_float():
         built.append((ops, floats))
         return ops[0]
 
-    speed = {"Conv": 1.5, "Conv grouped": 0.98, "MatMul": 1.01}
+    speed = {"Conv": 1.5, "Conv grouped": 0.98, "MatMul": 1.2}  # MatMul: 8% of the time cannot give 1.2x
     report = measure_classes("s", Profile(), model, ["Conv", "MatMul", "Softmax"], quantize_only,
                              lambda models: {c: speed[c] for c in models})
     assert (["Conv"], ["depthwise"]) in built and (["Conv"], ["dense"]) in built  # one class of Conv at a time
     assert all(ops != ["Softmax"] for ops, _ in built)  # 2% of the time: never built
-    assert report.quantized == ["Conv"]  # the grouped convs lose, MatMul's 1.01x is inside the noise
+    assert report.quantized == ["Conv"]  # the grouped convs lose, MatMul's gain is beyond its share: noise
+    matmul = next(c for c in report.classes if c.op_type == "MatMul")
+    assert matmul.speedup_alone == pytest.approx(1.2) and matmul.int8_time_ratio is None
+    assert "MatMul 8% of fp32 time, alone in int8 1.20x, a gain beyond its share (timing noise): float" in (
+        report.describe())
     assert report.selection() == (["Conv"], ["depthwise"])
     dense = next(c for c in report.classes if c.op_type == "Conv")
     assert dense.fp32_share == pytest.approx(0.6) and dense.int8_time_ratio == pytest.approx((1 / 1.5 - 0.4) / 0.6)
