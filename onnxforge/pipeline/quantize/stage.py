@@ -86,7 +86,7 @@ def quantize(
 
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp_dir:
         tmp = Path(tmp_dir)
-        graphs = prepare_graphs(model, tmp, config, target, data, notes)
+        graphs = prepare_graphs(model, tmp, config, target, data, notes, schemes)
         run = CandidateRun(tmp, graphs, config, target, data)
         run.records = cache
         run.measure(schemes)
