@@ -140,6 +140,18 @@ def _fp16(payload: Payload, output: Path) -> None:
     print_notes(payload.get("notes", []))
 
 
+def _op_classes(report: dict | None) -> None:
+    """Where the time went: each op type's share of the per-op time, fp32 and the profiled candidate."""
+    if not report:
+        return
+
+    def shares(rows: list[dict]) -> str:
+        return ", ".join(f"{r['op_type']} {r['share']:.0%}" for r in rows[:6]) or "-"
+
+    out.print(f"time by op type: fp32 {shares(report['before'])}; {escape(report['scheme'])} "
+              f"{shares(report['after']) if report['after'] else '(not built)'}")
+
+
 @renderer("quantize")
 def _quantize(payload: Payload, output: Path) -> None:
     """The candidate table, the kept model and its largest errors."""
@@ -172,6 +184,7 @@ def _quantize(payload: Payload, output: Path) -> None:
             human_bytes(c["bytes"]), verdict,
         )
     out.print(table)
+    _op_classes(payload.get("op_classes"))
     if kept_input:
         better = "smaller" if size_objective else "faster"
         out.print(f"[bold yellow]kept the input:[/] no candidate within tolerance was {better} than the input; "

@@ -333,6 +333,8 @@ class Reference:
         feeds: Feeds | None = None,
         own_feeds: Mapping[str, Feeds] | None = None,
         reference_name: str | None = None,
+        drop_slower_than: float | None = None,
+        rivals: Sequence[str] = (),
     ) -> dict[str, Timing]:
         """Time ``candidates`` (name -> model) interleaved with the reference in one ``compare_latency``
         call, each against the reference's p50 in that same call.
@@ -340,7 +342,9 @@ class Reference:
         ``feeds``: what every model is fed (default: ``self.feeds(batch)``); ``own_feeds``: per
         candidate, for a graph that takes other inputs. With ``seconds``, the number of rounds is
         what fits about that long (at least 3, at most ``rounds``). With ``reference_name`` the
-        reference's own timing is in the answer too, under that name (ratio 1).
+        reference's own timing is in the answer too, under that name (ratio 1). ``drop_slower_than``:
+        a candidate clearly slower than the fastest of the reference and ``rivals`` stops being timed
+        (compare_latency); its timing is from the rounds it ran.
         """
         feeds = dict(feeds) if feeds is not None else self.feeds(batch)
         own_feeds = dict(own_feeds or {})
@@ -357,7 +361,8 @@ class Reference:
                 session.run(None, dict(per_session[label]))
             one_round = max(time.perf_counter() - start, 1e-6) * 3  # compare_latency's runs_per_round
             rounds = int(min(rounds, max(3, seconds / one_round)))
-        stats = compare_latency(sessions, per_session, warmup=warmup, rounds=rounds)
+        stats = compare_latency(sessions, per_session, warmup=warmup, rounds=rounds,
+                                drop_slower_than=drop_slower_than, rivals=[name, *rivals])
         timings = {label: Timing(stats[label], stats[name]) for label in candidates}
         if reference_name is not None:
             timings[reference_name] = Timing(stats[name], stats[name])

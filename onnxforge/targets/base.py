@@ -37,6 +37,8 @@ class QuantScope(enum.Enum):
 
     ALL = "all"
     WEIGHT_MATMUL = "matmul"
+    # only the op types measured faster in int8 than in float on the target (quantize.op_classes)
+    PROFILED = "profiled"
 
 
 class QuantFormat(enum.Enum):
@@ -96,6 +98,8 @@ class QuantScheme:
             base = f"{self.format.name} {act}S8 {gran}" + (" reduce-range" if self.reduce_range else "")
             if self.scope is QuantScope.WEIGHT_MATMUL:
                 base += " matmul"
+            elif self.scope is QuantScope.PROFILED:
+                base += " profiled"
         if self.smooth:
             base += " smooth"
         if self.percentile:

@@ -17,8 +17,8 @@ import numpy as np
 from onnxforge.errors import UsageError
 from onnxforge.model_io import TensorSpec
 
-__all__ = ["batch_from_samples", "generate_feeds", "id_bounds", "parse_input_dtypes", "parse_input_shapes",
-           "resolve_shape"]
+__all__ = ["batch_from_samples", "generate_feeds", "guessed_size", "id_bounds", "parse_input_dtypes",
+           "parse_input_shapes", "resolve_shape"]
 
 _MAX_FEED_BYTES = 4 << 30  # generated inputs larger than this are a damaged shape, not a benchmark
 
@@ -57,7 +57,8 @@ GUESSED_IMAGE_SIZE = 224
 GUESSED_LENGTH = 128
 
 
-def _guess(spec: TensorSpec, axis: int) -> int:
+def guessed_size(spec: TensorSpec, axis: int) -> int:
+    """The stated guess for dynamic dim ``axis`` of ``spec``: 224 for an image side, 128 otherwise."""
     dims = spec.shape
     image = len(dims) == 4 and spec.dtype.kind == "f" and (
         (isinstance(dims[1], int) and dims[1] <= 4 and axis in (2, 3))
@@ -68,7 +69,7 @@ def _guess(spec: TensorSpec, axis: int) -> int:
 def resolve_shape(
     spec: TensorSpec, batch: int, overrides: Mapping[str, tuple[int, ...]], *, guess: bool = False
 ) -> tuple[int, ...]:
-    """The concrete shape to feed for ``spec`` (``guess``: a dynamic non-batch dim gets ``_guess``'s size)."""
+    """The concrete shape to feed for ``spec`` (``guess``: a dynamic non-batch dim gets ``guessed_size``)."""
     if spec.name in overrides:
         shape = overrides[spec.name]
         if len(shape) != len(spec.shape):
@@ -89,7 +90,7 @@ def resolve_shape(
         elif axis == 0:
             resolved.append(batch)
         elif guess:
-            resolved.append(_guess(spec, axis))
+            resolved.append(guessed_size(spec, axis))
         else:
             raise UsageError(
                 f"input {spec.name!r} has dynamic dimension {axis} ({dim or '?'}) in shape {spec.shape_text()}",

@@ -25,6 +25,7 @@ from onnxforge.pipeline.codec import JsonResult
 from onnxforge.targets import get_target
 from onnxforge.targets.feeds import generate_feeds
 from onnxforge.targets.latency import LatencyStats, compare_latency, measure_latency
+from onnxforge.targets.shape_probe import ProbedShapes, probe_shapes
 
 if TYPE_CHECKING:
     from onnxforge.targets.mobile import MobileResult
@@ -96,32 +97,45 @@ class ProfileResult(JsonResult):
         return {key: value for key, value in present.items() if value is not None}
 
 
-def _shape_overrides(model, config: ProfileConfig, batch: int) -> dict[str, tuple[int, ...]]:
-    """--batch sets the first dim; --input-shape gives the others (a fixed batch in the model still wins)."""
+def _shape_overrides(model, config: ProfileConfig, batch: int,
+                     probed: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
+    """--batch sets the first dim; --input-shape gives the others, else the probed shapes (shape_probe);
+    a fixed batch in the model still wins."""
     fixed_batch = {s.name for s in input_specs(model) if s.shape and isinstance(s.shape[0], int)}
-    return {k: v if k in fixed_batch else (batch, *v[1:]) for k, v in config.input_shapes.items()}
+    given = {**(probed or {}), **config.input_shapes}
+    return {k: v if k in fixed_batch else (batch, *v[1:]) for k, v in given.items()}
 
 
-def _feeds(model, config: ProfileConfig, batch: int) -> dict[str, np.ndarray]:
+def _feeds(model, config: ProfileConfig, batch: int,
+           probed: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
     specs = input_specs(model)
     if config.sample_data is not None:
         from onnxforge.pipeline.data_spec import load_data
 
         samples = load_data(config.sample_data, specs, limit=batch)  # one batch: nothing else is read
         return samples.first_batch(batch)
-    return generate_feeds(specs, batch=batch, overrides=_shape_overrides(model, config, batch), guess=True,
+    return generate_feeds(specs, batch=batch, overrides=_shape_overrides(model, config, batch, probed), guess=True,
                           model=model)
 
 
-def _describe_inputs(model, config: ProfileConfig, feeds: dict[str, np.ndarray]) -> str:
+def _probe(model, model_path: Path, config: ProfileConfig, target) -> ProbedShapes:
+    """Sizes the model runs with for dynamic dims neither --data nor --input-shape gives (shape_probe)."""
+    if config.sample_data is not None:
+        return ProbedShapes()
+    specs = input_specs(model)
+    if not any(s.name not in config.input_shapes and any(not isinstance(d, int) for d in s.shape[1:])
+               for s in specs):
+        return ProbedShapes()
+    return probe_shapes(target.session(model_path), specs, config.input_shapes, model)
+
+
+def _describe_inputs(model, config: ProfileConfig, feeds: dict[str, np.ndarray], probed: ProbedShapes) -> str:
     shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape)) or 'scalar'}" for k, v in feeds.items())
     if config.sample_data is not None:
         return f"samples of {config.sample_data} ({shapes})"
-    guessed = [s.name for s in input_specs(model) if s.name not in config.input_shapes
-               and any(not isinstance(d, int) for d in s.shape[1:])]
     text = f"random inputs ({shapes})"
-    if guessed:
-        text += f"; dynamic dims of {', '.join(guessed)} guessed: give --input-shape or --data to choose"
+    if probed.shapes:
+        text += f"; {probed.describe()}: give --input-shape or --data to choose"
     return text
 
 
@@ -139,6 +153,7 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
     measured_path: Path = model_path
     mobile = None
     thread_counts = config.threads
+    probed = _probe(model, model_path, config, get_target("cpu") if target.name == "mobile" else target)
     if target.name == "mobile":
         from onnxforge.targets.mobile import MOBILE_THREADS, MobileConfig, MobileTarget, prepare_mobile
 
@@ -150,9 +165,9 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
         mobile = prepare_mobile(
             model_path,
             config.mobile_dir or model_path.with_name(model_path.stem + "_mobile"),
-            MobileConfig(input_shapes=_shape_overrides(model, config, config.batch_sizes[0]),
+            MobileConfig(input_shapes=_shape_overrides(model, config, config.batch_sizes[0], probed.shapes),
                          batch=config.batch_sizes[0], threads=phone_threads, measure_latency=False),
-            feeds=_feeds(model, config, config.batch_sizes[0]),
+            feeds=_feeds(model, config, config.batch_sizes[0], probed.shapes),
         )
         target = MobileTarget(threads=phone_threads)
         measured_path = mobile.ort_model
@@ -162,7 +177,7 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
     for threads in thread_counts:
         session = target.session(measured_path, threads=threads)
         for batch in config.batch_sizes:
-            feeds = _feeds(model, config, batch)
+            feeds = _feeds(model, config, batch, probed.shapes)
             stats = measure_latency(
                 session, feeds, warmup=config.warmup, min_runs=config.min_runs, min_seconds=config.min_seconds
             )
@@ -171,15 +186,15 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
         mobile.host_latency = rows[0].latency
     result = ProfileResult(model_path, target.name, rows, mobile=mobile, host_emulation=mobile is not None)
     batch, threads = config.batch_sizes[0], thread_counts[0]
-    result.inputs = _describe_inputs(model, config, _feeds(model, config, batch))
+    result.inputs = _describe_inputs(model, config, _feeds(model, config, batch, probed.shapes), probed)
     if config.per_op:
         from onnxforge.targets.op_profile import OpProfileConfig, profile_ops
 
         op_config = OpProfileConfig(target=target, threads=threads, warmup=config.warmup, runs=config.per_op_runs)
-        result.op_profile = profile_ops(measured_path, _feeds(model, config, batch), op_config)
+        result.op_profile = profile_ops(measured_path, _feeds(model, config, batch, probed.shapes), op_config)
     if config.compare is not None:
         other = load_model(config.compare)
-        feeds = _feeds(model, config, batch)
+        feeds = _feeds(model, config, batch, probed.shapes)
         other_feeds = feeds if _same_inputs(model, other) else _feeds(other, config, batch)
         sessions = {"model": target.session(model_path, threads=threads, interleaved=True),
                     "other": target.session(config.compare, threads=threads, interleaved=True)}

@@ -55,6 +55,9 @@ def test_the_input_is_kept_when_every_int8_candidate_is_slower(cli, tmp_path, cl
     assert data["kept_input"] is True and data["chosen"] == INPUT_KEPT and data["objective"] == "latency"
     assert data["fp32_latency"]["p50_ms"] > 0 and len(data["candidates"]) >= 2
     for c in data["candidates"]:
+        if c["error"]:  # the profiled scheme, when no op type measured faster in int8 (the usual answer here)
+            assert "no op type runs faster in int8" in c["error"] and "profiled" in c["scheme"]
+            continue
         assert c["meets_tolerance"] and c["speedup_vs_fp32"] < 1.05
         assert c["agreement_with_input"] is not None and 0.0 <= c["agreement_with_input"] <= 1.0  # labels given
     assert "no quantized candidate is faster than the input on cpu" in err and "the input is kept" in err

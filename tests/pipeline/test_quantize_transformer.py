@@ -143,3 +143,11 @@ def test_float_embeddings_leave_the_table_alone(encoder_files, tmp_path):
     result = quantize(model, out, calib, _config(evaluation, "dynamic-s8-per-channel", quantize_embeddings=False))
     assert result.chosen == "DYNAMIC S8 per-channel"
     assert "Gather" in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
+def test_without_a_dynamic_candidate_the_fusions_are_not_built(encoder_files, tmp_path):
+    # only dynamic candidates read the fused graph: fusing a model no candidate reads is time to result lost
+    model, calib, evaluation = encoder_files
+    config = _config(evaluation, "qdq-u8s8-per-channel-matmul", error_report=False)
+    result = quantize(model, tmp_path / "int8.onnx", calib, config)
+    assert not any("transformer fusions" in n for n in result.notes), result.notes

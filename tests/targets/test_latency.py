@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import onnxruntime as ort
 import pytest
 from conftest import make_classifier, random_images
@@ -85,3 +87,24 @@ def test_a_long_tail_is_called_noisy_and_a_tight_timing_is_not():
     assert warning is not None and "p99" in warning and "noisy" in warning
     spread = LatencyStats.from_times([0.010] * 60 + [0.020] * 40, batch=1)  # p90 2x p50
     assert spread.noise_warning() is not None
+
+
+class _Sleeper:
+    """A stand-in session whose run takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def run(self, _outputs, _feeds):
+        time.sleep(self.seconds)
+
+
+def test_compare_latency_stops_timing_a_clearly_slower_session_but_never_a_rival():
+    sessions = {"reference": _Sleeper(0.002), "slow": _Sleeper(0.02), "close": _Sleeper(0.002)}
+    stats = compare_latency(sessions, {}, warmup=0, rounds=12, drop_slower_than=1.3, rivals=["reference"],
+                            min_rounds=4)
+    assert stats["reference"].runs == 36 and stats["close"].runs == 36  # a rival, and one as fast: timed all along
+    assert stats["slow"].runs == 12  # 4 rounds of 3 runs, then dropped
+    assert stats["slow"].p50_ms > 1.3 * stats["reference"].p50_ms
+    kept = compare_latency(sessions, {}, warmup=0, rounds=6, min_rounds=4)
+    assert kept["slow"].runs == 18  # without drop_slower_than every session runs every round

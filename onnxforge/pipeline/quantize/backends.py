@@ -35,7 +35,8 @@ from onnxforge.pipeline.quantize.embeddings import embedding_tables, quantize_em
 from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES
 from onnxforge.targets import ActivationType, QuantFormat, QuantMethod, QuantScheme, QuantScope
 
-__all__ = ["error_line", "float_readers_read_float", "op_types_to_quantize", "quantize_candidate"]
+__all__ = ["error_line", "float_readers_read_float", "op_types_to_quantize", "quantizable_op_types",
+           "quantize_candidate"]
 
 
 def quantize_candidate(
@@ -46,9 +47,11 @@ def quantize_candidate(
     ranges: Ranges | None,
     float_nodes: Sequence[str] = (),
     static_exclude: Sequence[str] = (),
+    op_types: Sequence[str] | None = None,
 ) -> None:
     """Write ``scheme`` applied to ``source`` to ``dest``. ``ranges``: the calibration ranges static
-    schemes read; ``static_exclude``: nodes static schemes leave in float (attention masks)."""
+    schemes read; ``static_exclude``: nodes static schemes leave in float (attention masks);
+    ``op_types``: a static scheme quantizes only these (a profiled scope's measured classes)."""
     excluded = list(dict.fromkeys([*config.exclude_nodes, *float_nodes]))
     if scheme.method is QuantMethod.FP16:
         from onnxforge.pipeline.fp16 import Fp16Config, to_fp16_model
@@ -73,7 +76,7 @@ def quantize_candidate(
                 extra_options={"WeightSymmetric": config.weight_symmetric},
             )
     else:
-        _static(source, dest, scheme, config, ranges, [*excluded, *static_exclude])
+        _static(source, dest, scheme, config, ranges, [*excluded, *static_exclude], op_types)
     if scheme.int8_embeddings:
         model = onnx.load(str(dest))
         quantized = quantize_embeddings(model)
@@ -82,7 +85,7 @@ def quantize_candidate(
 
 
 def _static(source: Path, dest: Path, scheme: QuantScheme, config: QuantizeConfig, ranges: Ranges | None,
-            excluded: list[str]) -> None:
+            excluded: list[str], only: Sequence[str] | None = None) -> None:
     if ranges is None:
         raise ValueError(f"{scheme.label}: static quantization needs calibration ranges")
     model = onnx.load(str(source), load_external_data=False)
@@ -92,6 +95,10 @@ def _static(source: Path, dest: Path, scheme: QuantScheme, config: QuantizeConfi
         "WeightSymmetric": config.weight_symmetric,
     }
     op_types = op_types_to_quantize(source, config.exclude_op_types)
+    if only is not None:  # onnxruntime adds Q/DQ only around these: float neighbours stay float end to end
+        op_types = [t for t in only if t not in config.exclude_op_types]
+        if not op_types:
+            raise ValueError(f"{scheme.label}: no op type to quantize")
     if scheme.scope is QuantScope.WEIGHT_MATMUL:
         constants = {i.name for i in model.graph.initializer}
         op_types = ["MatMul"]
@@ -182,6 +189,11 @@ def op_types_to_quantize(model_path: Path, excluded: Sequence[str]) -> list[str]
     """The op types in the model that onnxruntime can quantize, less ``excluded``; None (all) when none is excluded."""
     if not excluded:
         return None
+    return quantizable_op_types(model_path, excluded)
+
+
+def quantizable_op_types(model_path: Path, excluded: Sequence[str] = ()) -> list[str]:
+    """The op types in the model that onnxruntime's static quantizer handles, less ``excluded``."""
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     model = onnx.load(str(model_path), load_external_data=False)

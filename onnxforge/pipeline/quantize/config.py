@@ -16,6 +16,7 @@ from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric, QualityGate
 from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
 from onnxforge.pipeline.quantize.mixed_precision import MixedPrecisionSearch, rank_nodes
+from onnxforge.pipeline.quantize.op_classes import OpClassReport
 from onnxforge.pipeline.quantize.quant_error import NodeError
 from onnxforge.pipeline.user_metric import UserMetric
 from onnxforge.targets import QuantScheme
@@ -108,8 +109,8 @@ class QuantizeConfig:
     schemes: tuple[QuantScheme, ...] | None = option(
         None,
         help="the candidates measured, e.g. qdq-u8s8-per-channel, qdq-u8s8-per-channel-matmul-smooth, "
-        "dynamic-s8-per-channel-smooth, int4, fp16; options -matmul, -smooth, -percentile, "
-        "-int8-embeddings (default: the target's)",
+        "dynamic-s8-per-channel-smooth, int4, fp16; options -matmul, -profiled (only the op types measured "
+        "faster in int8 here), -smooth, -percentile, -int8-embeddings (default: the target's)",
     )
     calibration_method: CalibrationMethod = option(
         CalibrationMethod.MINMAX,
@@ -208,6 +209,8 @@ class CandidateResult(JsonResult):
     # with labels: top-1 agreement with the input's own predictions (1 - churn), beside the accuracy drop
     agreement_with_input: float | None = None
     gate_checks: str | None = None  # every gate rule's line (gate_rules.GateVerdict.message)
+    # the score is on only this many held-out samples (coarse_scoring: it could not be kept); None: all
+    scored_samples: int | None = None
 
     def json_extra(self) -> dict[str, Any]:
         return {"latency": self.latency.to_json() if self.latency else None, "speedup_vs_fp32": self.speedup}
@@ -233,6 +236,8 @@ class QuantizeResult(JsonResult):
     calibration_batches: int = 0
     objective: str = "latency"  # the config's Objective, by value
     kept_input: bool = False  # no candidate improved on the input: ``path`` holds the input (``chosen`` INPUT_KEPT)
+    # a profiled scheme's measurement: each op type int8 vs float, and the time shares before/after (op_classes)
+    op_classes: OpClassReport | None = None
 
     def json_extra(self) -> dict[str, Any]:
         return {

@@ -4,8 +4,9 @@
 activations, int8 weights, one scale per output channel), ``dynamic-s8-GRANULARITY`` (int8 MatMul
 weights, activation ranges computed per run), ``int4`` (MatMul weights in 4-bit blocks) and ``fp16``.
 Options follow, in this order: ``-matmul`` (static: only MatMuls with a constant weight, outputs
-float), ``-smooth`` (SmoothQuant scale migration first), ``-percentile`` (static: percentile
-calibration) and ``-int8-embeddings`` (embedding tables int8, per-row scales), e.g.
+float) or ``-profiled`` (static: only the op types measured faster in int8 on the target,
+quantize.op_classes), ``-smooth`` (SmoothQuant scale migration first), ``-percentile`` (static:
+percentile calibration) and ``-int8-embeddings`` (embedding tables int8, per-row scales), e.g.
 ``qdq-u8s8-per-channel-matmul-smooth-int8-embeddings``. A scheme's id is its label in lower case with
 dashes, so the two can never disagree.
 """
@@ -38,27 +39,30 @@ def scheme_id(scheme: QuantScheme) -> str:
     return scheme.label.lower().replace(" ", "-")
 
 
-# (suffix, the QuantScheme field it sets, the methods it applies to), in the order a label writes them
-_OPTIONS = (
-    ("-matmul", "scope", (QuantMethod.STATIC,)),
-    ("-smooth", "smooth", (QuantMethod.STATIC, QuantMethod.DYNAMIC)),
-    ("-percentile", "percentile", (QuantMethod.STATIC,)),
-    ("-int8-embeddings", "int8_embeddings", (QuantMethod.STATIC, QuantMethod.DYNAMIC, QuantMethod.INT4)),
+# (suffix, the QuantScheme field it sets, its value, the methods it applies to), in the order a label writes them
+_OPTIONS: tuple[tuple[str, str, object, tuple[QuantMethod, ...]], ...] = (
+    ("-matmul", "scope", QuantScope.WEIGHT_MATMUL, (QuantMethod.STATIC,)),
+    ("-profiled", "scope", QuantScope.PROFILED, (QuantMethod.STATIC,)),
+    ("-smooth", "smooth", True, (QuantMethod.STATIC, QuantMethod.DYNAMIC)),
+    ("-percentile", "percentile", True, (QuantMethod.STATIC,)),
+    ("-int8-embeddings", "int8_embeddings", True, (QuantMethod.STATIC, QuantMethod.DYNAMIC, QuantMethod.INT4)),
 )
 
 
 def parse_scheme(text: str) -> QuantScheme:
-    """``FORMAT-ACTsWEIGHTS-GRANULARITY[-reduce-range][-matmul][-smooth][-percentile][-int8-embeddings]``,
+    """``FORMAT-ACTsWEIGHTS-GRANULARITY[-reduce-range][-matmul|-profiled][-smooth][-percentile][-int8-embeddings]``,
     ``dynamic-s8-GRANULARITY[...]``, ``int4[...]`` or ``fp16``; e.g. ``qdq-u8s8-per-channel`` (weights int8)."""
     text = text.strip().lower()
     base = text
     options: dict[str, Any] = {}  # QuantScheme field -> value (the scope, or a flag turned on)
-    for suffix, name, _ in reversed(_OPTIONS):
+    for suffix, name, value, _ in reversed(_OPTIONS):
         if base.endswith(suffix):
+            if name in options:
+                raise UsageError(f"quantization scheme {text!r}: -matmul and -profiled are two scopes; give one")
             base = base[: -len(suffix)]
-            options[name] = QuantScope.WEIGHT_MATMUL if name == "scope" else True
+            options[name] = value
     scheme = _parse_base(base, text)
-    wrong = [s for s, name, methods in _OPTIONS if name in options and scheme.method not in methods]
+    wrong = [s for s, name, _, methods in _OPTIONS if name in options and scheme.method not in methods]
     if wrong:
         raise UsageError(f"quantization scheme {text!r}: {wrong[0][1:]} does not apply to {scheme.method.value}")
     return dataclasses.replace(scheme, **options)

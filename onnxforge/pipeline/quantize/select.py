@@ -17,9 +17,10 @@ measured on calibration samples.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,8 +30,9 @@ from onnxforge.errors import CalibrationDataError, QualityGateError
 from onnxforge.pipeline.calibration import SampleSet, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, QualityGate
 from onnxforge.pipeline.quantize.attention_mask import mask_nodes
-from onnxforge.pipeline.quantize.backends import error_line, quantize_candidate
+from onnxforge.pipeline.quantize.backends import error_line, quantizable_op_types, quantize_candidate
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, collect
+from onnxforge.pipeline.quantize.coarse_scoring import coarse_count, refine
 from onnxforge.pipeline.quantize.config import CalibrationMethod, CandidateResult, Objective, QuantizeConfig, Ranges
 from onnxforge.pipeline.quantize.graphs import Graphs
 from onnxforge.pipeline.quantize.mixed_precision import (
@@ -39,14 +41,16 @@ from onnxforge.pipeline.quantize.mixed_precision import (
     rank_nodes,
     search_float_nodes,
 )
+from onnxforge.pipeline.quantize.op_classes import OpClassReport, measure_classes, time_shares
 from onnxforge.pipeline.quantize.opset import failing_op
 from onnxforge.pipeline.quantize.quant_error import NodeError, measure_node_errors
 from onnxforge.pipeline.quantize.schemes import DYNAMIC_OP_TYPES, qdq_twin
 from onnxforge.pipeline.quantize.smooth_quant import smooth_model
 from onnxforge.pipeline.quantize.timing_record import recorded_timings, timing_key
 from onnxforge.pipeline.reference import Reference
-from onnxforge.targets import QuantFormat, QuantMethod, QuantScheme
+from onnxforge.targets import QuantFormat, QuantMethod, QuantScheme, QuantScope
 from onnxforge.targets.latency import LatencyStats
+from onnxforge.targets.op_profile import OpProfile, OpProfileConfig, profile_ops
 
 if TYPE_CHECKING:  # the cache imports the registry, which imports this stage
     from onnxforge.pipeline.cache import StageCache
@@ -64,6 +68,11 @@ _log = logging.getLogger(__name__)
 # difference inside the noise), then the earliest in the target's order (the list order). The input
 # is in that race too: a candidate must be faster than fp32 beyond this band to be kept (improves).
 _LATENCY_TIE_FRACTION = 0.05
+# Time to result (issue 23): a candidate whose median is this much above the fastest of fp32 and the
+# candidates that meet the tolerance can be neither kept nor beat the input, so after a few rounds
+# (compare_latency's min_rounds) it stops being timed. 1.3 is twice the run-to-run noise of a p50.
+_DROP_SLOWER = 1.3
+_PROFILE_RUNS = 20  # per-op profile runs for a profiled scheme (medians per node)
 
 
 def _by_quality(candidates: Sequence[CandidateResult], gate: QualityGate | None) -> CandidateResult:
@@ -136,6 +145,10 @@ class CandidateRun:
         self._smoothed: dict[Path, Path] = {}
         self._ranges: dict[tuple[Path, CalibrationMethod], Ranges] = {}
         self._masks: dict[Path, list[str]] = {}
+        self._op_classes: dict[Path, OpClassReport] = {}
+        self.coarse: Reference | None = None  # the held-out subset candidates are ranked on (coarse_scoring)
+        self.refined = 0
+        self.op_classes: OpClassReport | None = None  # what a profiled scheme measured (op_classes)
 
     def source(self, scheme: QuantScheme) -> Path:
         """The fp32 graph ``scheme`` is quantized from (see the module doc)."""
@@ -166,16 +179,55 @@ class CandidateRun:
             self.calibration_batches = self.calibration_batches or batches
         return self._ranges[key]
 
-    def quantize(self, scheme: QuantScheme, float_nodes: Sequence[str] = (), source: Path | None = None) -> Path:
+    def quantize(self, scheme: QuantScheme, float_nodes: Sequence[str] = (), source: Path | None = None,
+                 op_types: Sequence[str] | None = None) -> Path:
+        """``scheme`` applied to ``source`` (default: its graph), ``float_nodes`` kept in float; a profiled
+        scheme quantizes the op types measured faster in int8 (op_classes), or ``op_types`` when given."""
         self._count += 1
         dest = self.tmp / f"candidate_{self._count}.onnx"
         source = source or self.source(scheme)
         static = scheme.method is QuantMethod.STATIC
         if static and source not in self._masks:
             self._masks[source] = mask_nodes(onnx.load(str(source), load_external_data=False))
+        profiled = static and scheme.scope is QuantScope.PROFILED and op_types is None
+        extra: list[str] = []
+        if profiled:
+            op_types, extra = self._classes(scheme, source).selection()
         quantize_candidate(source, dest, scheme, self.config, self.ranges(source, scheme) if static else None,
-                           float_nodes, self._masks.get(source, ()))
+                           [*float_nodes, *extra], self._masks.get(source, ()), op_types)
+        if profiled and not float_nodes and self.op_classes is not None and not self.op_classes.after:
+            self.op_classes.after = time_shares(self._profile(dest))
         return dest
+
+    def _profile(self, path: Path) -> OpProfile:
+        """``path`` profiled per op on the target, on the timing feeds."""
+        feeds = _latency_feeds(self.held_out, model_batch_size(self.data.specs, preferred=1))
+        return profile_ops(path, feeds, OpProfileConfig(target=self.target, threads=self.config.threads,
+                                                        warmup=3, runs=_PROFILE_RUNS))
+
+    def _classes(self, scheme: QuantScheme, source: Path) -> OpClassReport:
+        """Which op types run faster in int8 on the target, measured once per graph (op_classes);
+        ValueError (the candidate's error) when none does."""
+        if source not in self._op_classes:
+            whole = dataclasses.replace(scheme, scope=QuantScope.ALL)
+            feeds = _latency_feeds(self.held_out, model_batch_size(self.data.specs, preferred=1))
+
+            def time_models(models: Mapping[str, Path]) -> dict[str, float]:
+                timed = Reference(source, None, self.target).time_against(
+                    models, rounds=max(5, self.config.latency_rounds // 2), threads=self.config.threads, feeds=feeds)
+                return {label: t.speedup for label, t in timed.items()}
+
+            report = measure_classes(
+                scheme.label, self._profile(source), onnx.load(str(source), load_external_data=False),
+                quantizable_op_types(source, self.config.exclude_op_types),
+                lambda ops, floats: self.quantize(whole, floats, source=source, op_types=ops), time_models)
+            self._op_classes[source] = report
+            self.op_classes = report
+            self.notes.append(f"{scheme.label}: {report.describe()}")
+        report = self._op_classes[source]
+        if not report.quantized:
+            raise ValueError(f"no op type runs faster in int8 than in float on {self.target.name}")
+        return report
 
     def score(self, path: Path) -> float:
         """``path``'s score against fp32 on the held-out samples (Reference.score)."""
@@ -191,21 +243,28 @@ class CandidateRun:
     def measure(self, schemes: Sequence[QuantScheme]) -> None:
         """Quantize and score every scheme, then time them all; raises QualityGateError when every one failed."""
         failing_ops: list[str] = []
+        count = coarse_count(len(self.held_out)) if self.config.objective is Objective.LATENCY else None
+        self.coarse = self.reference.head(count) if count is not None else None
         for scheme in schemes:
             result = CandidateResult(scheme.label)
             self.candidates.append(result)
             start = time.perf_counter()
             try:
                 dest = self.quantize(scheme)
-                result.score = self.score(dest)
+                result.score = self.coarse.score(dest) if self.coarse else self.score(dest)
             except Exception as e:  # one failing scheme must not sink the others
                 result.error = error_line(e)
                 failing_ops.append(failing_op(str(e)) or "")
                 continue
             _log.debug("quantized %s in %.1fs", scheme.label, time.perf_counter() - start)
-            result.meets_tolerance = self.reference.passes(result.score, dest)  # every rule of the gate
-            result.gate_checks = self.reference.verdict(dest).message()
-            result.agreement_with_input = self.agreement(dest)
+            if self.coarse is not None:  # ranked on a subset first (coarse_scoring); every rule of the gate
+                result.meets_tolerance = self.coarse.passes(result.score, dest)
+                result.gate_checks = self.coarse.verdict(dest).message()
+                result.scored_samples = count
+            else:
+                result.meets_tolerance = self.reference.passes(result.score, dest)
+                result.gate_checks = self.reference.verdict(dest).message()
+                result.agreement_with_input = self.agreement(dest)
             result.bytes = dest.stat().st_size
             self.paths[scheme.label] = dest
             self.scheme_of[scheme.label] = scheme
@@ -227,7 +286,8 @@ class CandidateRun:
 
     def time_all(self) -> None:
         """Time fp32 and every candidate interleaved on the target (Reference.time_against: one call, fp32's
-        own timing in it the baseline); sets each candidate's latency and speedup. The timings of the same
+        own timing in it the baseline); sets each candidate's latency and speedup. A candidate clearly
+        slower than fp32 and every passing candidate stops early (``_DROP_SLOWER``). The timings of the same
         models recorded in ``records`` (the stage cache) are reused (timing_record)."""
         models = {"fp32": self.fp32_path} | dict(self.paths)
         if self.graphs.rewritten:
@@ -242,6 +302,8 @@ class CandidateRun:
                 threads=self.config.threads,
                 feeds=feeds,
                 reference_name="fp32",
+                drop_slower_than=_DROP_SLOWER,
+                rivals=[c.scheme for c in self.candidates if c.meets_tolerance and c.scheme in models],
             )
             return {label: timed[label].stats for label in models}
 
@@ -255,6 +317,24 @@ class CandidateRun:
                 c.latency = timings[c.scheme]
                 c.speedup = timings["fp32"].p50_ms / c.latency.p50_ms
         self.timings = timings
+        if self.coarse is not None:
+            self.refined += refine(self.candidates, self._score_all, _LATENCY_TIE_FRACTION)
+
+    def _score_all(self, candidate: CandidateResult) -> tuple[float, bool]:
+        """``candidate`` scored on every held-out sample (coarse_scoring.refine), its agreement beside."""
+        path = self.paths[candidate.scheme]
+        value = self.score(path)
+        candidate.agreement_with_input = self.agreement(path)
+        candidate.gate_checks = self.reference.verdict(path).message()
+        return value, self.reference.passes(value, path)
+
+    def coarse_note(self) -> str | None:
+        """What the coarse ranking did, for the result's notes."""
+        if self.coarse is None:
+            return None
+        return (f"candidates ranked on the first {len(self.coarse.samples)} of {len(self.held_out)} held-out "
+                f"samples; {self.refined} that could be kept were scored on all of them (scored_samples marks "
+                "the others)")
 
     def mixed_precision(self, notes: list[str]) -> MixedPrecisionSearch | None:
         """When the fastest candidate misses the tolerance, add its mixed-precision version as a candidate.

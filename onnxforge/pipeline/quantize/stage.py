@@ -86,7 +86,7 @@ def quantize(
 
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp_dir:
         tmp = Path(tmp_dir)
-        graphs = prepare_graphs(model, tmp, config, target, data, notes)
+        graphs = prepare_graphs(model, tmp, config, target, data, notes, schemes)
         run = CandidateRun(tmp, graphs, config, target, data)
         run.records = cache
         run.measure(schemes)
@@ -96,6 +96,9 @@ def quantize(
         kept_input = passed and not run.improves(chosen, input_bytes)
         layer_errors = [] if kept_input else run.layer_errors(chosen, notes)
         notes += run.notes
+        coarse = run.coarse_note()
+        if coarse:
+            notes.append(coarse)
         if run.timings_reused:
             notes.append("latencies as recorded by an earlier run of these same candidates on this machine (the "
                          "stage cache), so the same scheme is kept; --no-cache times them again")
@@ -134,6 +137,7 @@ def quantize(
         calibration_batches=calibration_batches,
         objective=config.objective.value,
         kept_input=kept_input,
+        op_classes=run.op_classes,
     )
     if kept_input:
         raise QualityGateError(_no_improvement(config.objective, chosen, target.name, input_bytes, out),
