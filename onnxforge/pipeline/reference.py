@@ -34,6 +34,7 @@ from onnxforge.pipeline.evaluations import (
     model_fingerprint,
     samples_fingerprint,
 )
+from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
 from onnxforge.targets.latency import LatencyStats, compare_latency
@@ -269,6 +270,8 @@ class Reference:
         feeds: Feeds | None = None,
         own_feeds: Mapping[str, Feeds] | None = None,
         reference_name: str | None = None,
+        progress: Progress = ignore,
+        phase: str = "timing",
     ) -> dict[str, Timing]:
         """Time ``candidates`` (name -> model) interleaved with the reference in one ``compare_latency``
         call, each against the reference's p50 in that same call.
@@ -276,7 +279,8 @@ class Reference:
         ``feeds``: what every model is fed (default: ``self.feeds(batch)``); ``own_feeds``: per
         candidate, for a graph that takes other inputs. With ``seconds``, the number of rounds is
         what fits about that long (at least 3, at most ``rounds``). With ``reference_name`` the
-        reference's own timing is in the answer too, under that name (ratio 1).
+        reference's own timing is in the answer too, under that name (ratio 1). ``progress`` hears
+        ``phase`` round i/N.
         """
         feeds = dict(feeds) if feeds is not None else self.feeds(batch)
         own_feeds = dict(own_feeds or {})
@@ -293,7 +297,8 @@ class Reference:
                 session.run(None, dict(per_session[label]))
             one_round = max(time.perf_counter() - start, 1e-6) * 3  # compare_latency's runs_per_round
             rounds = int(min(rounds, max(3, seconds / one_round)))
-        stats = compare_latency(sessions, per_session, warmup=warmup, rounds=rounds)
+        stats = compare_latency(sessions, per_session, warmup=warmup, rounds=rounds,
+                                on_round=lambda done, total: step(progress, phase, done, total))
         timings = {label: Timing(stats[label], stats[name]) for label in candidates}
         if reference_name is not None:
             timings[reference_name] = Timing(stats[name], stats[name])

@@ -6,7 +6,7 @@ machine's drift (±15% run to run on a shared host) hits every model alike and r
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -116,10 +116,12 @@ def compare_latency(
     rounds: int = 30,
     runs_per_round: int = 3,
     min_seconds: float = 0.0,
+    on_round: Callable[[int, int], None] | None = None,
 ) -> dict[str, LatencyStats]:
     """Interleave the sessions: each round runs every session ``runs_per_round`` times, in turn.
 
     ``feeds`` is either one feed dict shared by all sessions or a dict of feeds per session name.
+    ``on_round(done, rounds)`` is called before the first round and after each one (progress).
     """
     # mypy cannot narrow the union from these checks on its values, hence the casts
     if feeds and all(name in feeds for name in sessions) and all(isinstance(v, Mapping) for v in feeds.values()):
@@ -132,11 +134,15 @@ def compare_latency(
     times: dict[str, list[float]] = {name: [] for name in sessions}
     start = time.perf_counter()
     done = 0
+    if on_round is not None:
+        on_round(done, rounds)
     while done < rounds or time.perf_counter() - start < min_seconds:
         for name, session in sessions.items():
             for _ in range(runs_per_round):
                 times[name].append(_time_one(session, per_session[name]))
         done += 1
+        if on_round is not None:
+            on_round(min(done, rounds), rounds)
     return {
         name: LatencyStats.from_times(values, _batch_of(per_session[name])) for name, values in times.items()
     }

@@ -26,6 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge.pipeline.calibration import SampleSet
+from onnxforge.pipeline.progress import Progress, counted, ignore, step
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.graph import (
     checked_model,
@@ -246,7 +247,8 @@ def _refit(graph: ir.Graph, node: ir.Node, stats: dict, config: ChannelPruneConf
 
 
 def repair_model(
-    original: onnx.ModelProto, pruned: PrunedModel, calibration: SampleSet, config: ChannelPruneConfig
+    original: onnx.ModelProto, pruned: PrunedModel, calibration: SampleSet, config: ChannelPruneConfig,
+    progress: Progress = ignore,
 ) -> tuple[onnx.ModelProto, dict[str, dict]]:
     """Refit each layer whose inputs shrank so its output matches ``original``'s; returns (model, errors).
 
@@ -265,8 +267,9 @@ def repair_model(
         return pruned.model, errors
     reference = onnx.shape_inference.infer_shapes(original)
     counter = [0]
+    step(progress, "repair: collecting layer statistics", message=f"{len(targets)} layers")
     stats = _layer_statistics(reference, producers, targets, pruned, calibration, config)
-    for name in targets:
+    for name in counted(progress, "repair: least-squares refit", targets, len(targets)):
         errors[name] = _refit(graph, producers[name], stats[name], config, counter)
     drop_unused_initializers(graph)
     return checked_model(model_ir, "prune-channels: the least-squares repair produced an invalid model"), errors

@@ -28,6 +28,7 @@ import onnx
 from onnxforge.errors import CalibrationDataError, QualityGateError
 from onnxforge.pipeline.calibration import SampleSet, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, QualityGate
+from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.quantize.attention_mask import mask_nodes
 from onnxforge.pipeline.quantize.backends import error_line, quantize_candidate
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, collect
@@ -129,6 +130,7 @@ class CandidateRun:
         # where timings are recorded and found (timing_record); None: always time
         self.records: StageCache | None = None
         self.timings_reused = False  # whether the latest timing was recorded by an earlier run
+        self.progress: Progress = ignore  # hears calibration, scoring and timing (onnxforge.pipeline.progress)
         self.notes: list[str] = []  # what building the graphs said (smoothing)
         self.calibration_batches = 0
         self._count = 0
@@ -161,7 +163,7 @@ class CandidateRun:
         key = (graph, method)
         if key not in self._ranges:
             cache = graph.with_name(f"{graph.stem}_ranges_{method.value}.json")
-            self._ranges[key], batches = collect(graph, method, self.data, self.config, cache)
+            self._ranges[key], batches = collect(graph, method, self.data, self.config, cache, self.progress)
             self.calibration_batches = self.calibration_batches or batches
         return self._ranges[key]
 
@@ -190,7 +192,8 @@ class CandidateRun:
     def measure(self, schemes: Sequence[QuantScheme]) -> None:
         """Quantize and score every scheme, then time them all; raises QualityGateError when every one failed."""
         failing_ops: list[str] = []
-        for scheme in schemes:
+        for index, scheme in enumerate(schemes):
+            step(self.progress, "quantizing and scoring candidates", index, len(schemes), scheme.label)
             result = CandidateResult(scheme.label)
             self.candidates.append(result)
             start = time.perf_counter()
@@ -207,6 +210,7 @@ class CandidateRun:
             result.bytes = dest.stat().st_size
             self.paths[scheme.label] = dest
             self.scheme_of[scheme.label] = scheme
+        step(self.progress, "quantizing and scoring candidates", len(schemes), len(schemes))
         if not self.paths:
             ops = [op for op in dict.fromkeys(failing_ops) if op]
             own = [op for op in ops if op in ("QuantizeLinear", "DequantizeLinear")]
@@ -240,6 +244,8 @@ class CandidateRun:
                 threads=self.config.threads,
                 feeds=feeds,
                 reference_name="fp32",
+                progress=self.progress,
+                phase=f"timing fp32 and {len(candidates)} candidate(s) interleaved",
             )
             return {label: timed[label].stats for label in models}
 
