@@ -4,6 +4,7 @@ events, the stage tag, the child-process wire form, the rate limiter and the ETA
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 
@@ -95,3 +96,29 @@ def test_the_delay_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(DELAY_ENV, "soon")
     with pytest.raises(UsageError, match=DELAY_ENV):
         progress_delay()
+
+
+def test_on_a_terminal_the_bar_shows_the_stage_phase_count_and_eta(monkeypatch):
+    from rich.console import Console
+
+    from onnxforge.cli import progress_view
+
+    screen = io.StringIO()
+    monkeypatch.setattr(progress_view, "err", Console(file=screen, force_terminal=True, width=120))
+    times = iter([0.0, 0.0, 8.0])
+    with progress_view._bar("starting", clock=lambda: next(times)) as update:
+        update(ProgressEvent("preparing", stage="quantize"))  # uncounted: no total
+        update(ProgressEvent("calibrating", 0, 64, stage="quantize"))
+        update(ProgressEvent("calibrating", 16, 64, stage="quantize", message="minmax"))
+    shown = screen.getvalue()
+    assert "quantize: calibrating" in shown and "16/64" in shown and "ETA 0:24" in shown, shown
+    assert "minmax" in shown
+
+
+def test_the_parent_reads_a_childs_event_lines():
+    from onnxforge.converters._isolation import _event
+
+    event = ProgressEvent("epoch", 3, 25, "loss 0.1000")
+    assert _event(json.dumps(event.to_json())) == event
+    assert _event("a line that is not JSON") == ProgressEvent("a line that is not JSON")
+    assert _event("[1, 2]") == ProgressEvent("[1, 2]")

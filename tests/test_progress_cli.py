@@ -44,6 +44,7 @@ def test_bad_data_found_inside_the_stage_is_one_line_unless_progress_starts_at_o
                             "--no-cache")
     assert code == 2 and stdout == ""
     assert_one_error_line(err, "no array for model input 'x'")
+    assert err.startswith("error:"), err  # and no progress line before it
 
     monkeypatch.setenv(DELAY_ENV, "0")  # the same failure with no delay: the stage's first phases show
     code, _, err = cli("quantize", classifier_path, "-o", tmp_path / "b.onnx", "--calibration", wrong, "--no-cache")

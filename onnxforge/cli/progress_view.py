@@ -111,23 +111,32 @@ def progress_delay() -> float:
 
 
 @contextlib.contextmanager
-def _bar(first: str) -> Iterator[Progress]:
+def _bar(first: str, clock: Clock = time.monotonic) -> Iterator[Progress]:
     from rich.progress import BarColumn, TextColumn
     from rich.progress import Progress as Bar
 
     pace = Pace()
     with Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
-                  TextColumn("{task.fields[eta]}"), TextColumn("[dim]{task.fields[note]}"),
-                  console=err, transient=True) as bar:
+             TextColumn("{task.fields[eta]}"), TextColumn("[dim]{task.fields[note]}"),
+             console=err, transient=True) as bar:
         task = bar.add_task(escape(first), total=None, count="", eta="", note="")
+        phase = ("", first)
 
         def update(event: ProgressEvent) -> None:
-            eta = pace.eta(event, time.monotonic())
-            label = f"{event.stage}: {event.phase}" if event.stage else event.phase
+            nonlocal task, phase
+            eta = pace.eta(event, clock())
             count = "" if event.done is None else f"{event.done}/{event.total}" if event.total else str(event.done)
-            bar.update(task, description=escape(label), total=event.total or None, completed=event.done or 0,
-                       count=count, eta=f"ETA {format_eta(eta)}" if eta is not None else "",
-                       note=escape(event.message[:60]))
+            eta_text = f"ETA {format_eta(eta)}" if eta is not None else ""
+            note = escape(event.message[:60])
+            if phase != (event.stage, event.phase):  # a new phase, a new bar: rich keeps a total once set
+                phase = (event.stage, event.phase)
+                bar.remove_task(task)
+                label = f"{event.stage}: {event.phase}" if event.stage else event.phase
+                task = bar.add_task(escape(label), total=event.total or None, completed=event.done or 0,
+                                    count=count, eta=eta_text, note=note)
+            else:
+                bar.update(task, total=event.total or None, completed=event.done or 0, count=count, eta=eta_text,
+                           note=note)
 
         yield update
 

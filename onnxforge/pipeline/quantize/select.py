@@ -339,6 +339,7 @@ class CandidateRun:
         qdq_path = (
             path if static and scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), source=source)
         )
+        step(self.progress, "mixed precision: ranking the quantized nodes", message=scheme.label)
         errors = self._node_errors(source, qdq_path, size)
         errors = [e for e in errors if e.node not in self.config.exclude_nodes]
         if static:
@@ -349,6 +350,8 @@ class CandidateRun:
         step_paths: dict[tuple[str, ...], Path] = {}
 
         def evaluate(float_nodes: tuple[str, ...]) -> tuple[float, bool]:
+            step(self.progress, "mixed precision: steps scored", len(step_paths),
+                 message=f"{len(float_nodes)} node(s) in float")  # a bisection: no total known in advance
             dest = self.quantize(scheme, float_nodes)
             step_paths[float_nodes] = dest
             value = self.score(dest)
