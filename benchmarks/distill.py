@@ -47,7 +47,7 @@ def run(ratio: float = 0.75, epochs: int = 60, lr: float = 2e-3, rounds: int = 4
         started = time.perf_counter()
         result = distill("builtin:digits_cnn", tmp / "repaired.onnx", tmp / "distilled.onnx", DistillConfig(
             epochs=epochs, learning_rate=lr, calibration_data=train, eval_data=evaluation, tolerance=100.0),
-            progress=lambda m: print(m, flush=True) if "epoch" in m else None)
+            progress=lambda event: print(event.describe(), flush=True) if event.phase == "epoch" else None)
         wall = time.perf_counter() - started
         paths = {"fp32": fp32, f"repair only ({ratio:.0%} channels)": tmp / "repaired.onnx",
                  f"distilled ({ratio:.0%} channels)": tmp / "distilled.onnx"}

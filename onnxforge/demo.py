@@ -26,8 +26,9 @@ import yaml
 from onnxforge._atomic import atomic_path, atomic_write_text
 from onnxforge.datasets import DIGITS_INPUT_NAME, load_digits_split
 from onnxforge.pipeline.cache import StageCache
+from onnxforge.pipeline.progress import Progress
 from onnxforge.pipeline.recipe import load_recipe
-from onnxforge.pipeline.runner import Progress, RunResult, run_recipe
+from onnxforge.pipeline.runner import RunResult, run_recipe
 
 __all__ = ["CACHE_DIR", "DEMO_RECIPE", "demo"]
 

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,18 @@ def assert_numerically_equal(
         for name, a, b in zip(names_a, outs_a, outs_b, strict=True):
             assert a.shape == b.shape, f"output {name!r}: shape {a.shape} vs {b.shape}"
             np.testing.assert_allclose(b, a, atol=atol, rtol=rtol, err_msg=f"output {name!r}")
+
+
+_PROGRESS_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")  # a piped progress line (onnxforge.cli.progress_view)
+
+
+def without_progress(err: str) -> str:
+    """stderr without the progress lines a command that ran past the start delay printed before its
+    error (a gate failure after calibrating, a signal mid-way): what is left is what went wrong."""
+    lines = err.splitlines(keepends=True)
+    while lines and _PROGRESS_LINE.match(lines[0]):
+        lines.pop(0)
+    return "".join(lines)
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -21,6 +21,7 @@ from conftest import (
     random_images,
     save,
     sha256,
+    without_progress,
     write_npz,
 )
 
@@ -29,9 +30,10 @@ TENSORRT_AVAILABLE = "TensorrtExecutionProvider" in ort.get_available_providers(
 
 
 def assert_one_error_line(err: str, *fragments: str, prefix: str = "error:") -> str:
-    """stderr is one ``error:`` line, optionally followed by one ``hint:`` line; returns the error line."""
+    """stderr is one ``error:`` line, optionally followed by one ``hint:`` line, after the progress lines
+    of a command that ran past the progress delay; returns the error line."""
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in without_progress(err).splitlines() if line.strip()]
     assert lines, "nothing on stderr"
     assert lines[0].startswith(prefix), err
     assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("hint:")), err

@@ -10,8 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxforge.cli.app import cli
-from onnxforge.cli.console import emit_json, human_bytes, out, quiet, status
+from onnxforge.cli.console import emit_json, human_bytes, out, quiet
 from onnxforge.cli.options import json_option, model_argument, target_option
+from onnxforge.cli.progress_view import progress_display
 
 
 def _target_b_option(f: Callable) -> Callable:
@@ -61,7 +62,7 @@ def compare(model_a, model_b, data, target, target_b, threshold, max_samples, to
         from onnxforge._atomic import check_output_path
 
         check_output_path(html_path, model_a, model_b, data)  # fail before running, not after
-    with status(f"comparing {model_a} and {model_b}", quiet(json_path)):
+    with progress_display(f"comparing {model_a} and {model_b}"):
         result = compare_models(model_a, model_b, data, target=target, target_b=target_b, threshold_db=threshold,
                                 max_samples=max_samples)
     emit_json(json_path, result.to_json())

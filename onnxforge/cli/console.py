@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,6 @@ __all__ = [
     "print_notes",
     "quiet",
     "speed_words",
-    "status",
 ]
 
 
@@ -76,16 +73,6 @@ def human_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
-
-
-@contextlib.contextmanager
-def status(message: str, is_quiet: bool) -> Iterator[Callable[[str], None]]:
-    """A spinner with the latest progress message on a terminal; nothing when piped or quiet."""
-    if is_quiet or not err.is_terminal:
-        yield lambda m: None
-        return
-    with err.status(message) as spinner:
-        yield lambda m: spinner.update(escape(m))
 
 
 def print_notes(notes: list[str]) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from onnxforge.cli.console import emit_json, err, quiet, status
+from onnxforge.cli.console import emit_json, err, quiet
 from onnxforge.cli.options import check_json_path
+from onnxforge.cli.progress_view import progress_display
 from onnxforge.errors import QualityGateError
 from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.command_run import CommandRecipe, run_to_output, stage_json
@@ -57,7 +58,7 @@ def run_command(
         command.save(save_recipe, *reads, output)
     kind = recipe.stages[-1].kind
     try:
-        with status(message, quiet(json_path)) as update:
+        with progress_display(message) as update:
             records = run_to_output(recipe, output, cache=stage_cache(cache_dir, no_cache), progress=update,
                                     force=force)
     except QualityGateError as e:  # exit 4 still shows every try and writes --json

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import click
@@ -10,9 +9,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxforge.cli.app import cli
-from onnxforge.cli.console import emit_json, err, human_bytes, out, quiet
+from onnxforge.cli.console import emit_json, human_bytes, out, quiet
 from onnxforge.cli.door import stage_cache
 from onnxforge.cli.options import MetricType, cache_options, input_shape_option, json_option, target_option
+from onnxforge.cli.progress_view import progress_display
 from onnxforge.errors import QualityGateError, UsageError
 
 
@@ -69,39 +69,6 @@ def _given_flags(exclude: tuple[str, ...] = ()) -> dict[str, object]:
         if ctx.get_parameter_source(param.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
             given[max(param.opts, key=len)] = ctx.params[param.name]
     return given
-
-
-def _optimize_progress(quiet: bool):
-    """A rich progress bar on a terminal (trials done, best so far, time left); silent otherwise."""
-    import time as _time
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    if quiet or not err.is_terminal:
-        return contextlib.nullcontext(lambda event: None)
-
-    @contextlib.contextmanager
-    def bar():
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[best]}"), console=err, transient=True) as progress:
-            task = progress.add_task("preparing", total=None, best="")
-
-            def update(event: dict) -> None:
-                if "message" in event:
-                    progress.update(task, description=escape(event["message"][:60]))
-                    return
-                ok = [r for r in event["records"] if r["status"] == "ok" and r["within_budget"] and r.get("speedup")]
-                best = max(ok, key=lambda r: r["speedup"], default=None)
-                left = ""
-                if event.get("deadline"):
-                    left = f", {max(0, event['deadline'] - _time.perf_counter()):.0f}s left"
-                progress.update(task, description="trials", total=event["total"], completed=event["done"],
-                                best=(f"best so far {best['speedup']:.2f}x (trial {best['number']})" if best else "")
-                                + left)
-
-            yield update
-
-    return bar()
 
 
 def _render_optimize(result, json_path: str | None) -> None:
@@ -246,7 +213,7 @@ def optimize(
         config, notes = override_from_flags(config, flags)
         SearchSpace(config.target, config.passes, config.space, has_source=not recipe.model.endswith(".onnx"))
         check_search_paths(recipe.model, [Path(model), *search_reads(config)], run_dir, json_path=json_path)
-        with _optimize_progress(quiet(json_path)) as update:
+        with progress_display("preparing the search") as update:
             result = run_optimize(
                 recipe.model, run_dir, config, progress=update, cache=stage_cache(cache_dir, no_cache), notes=notes
             )
@@ -276,7 +243,7 @@ def optimize(
     )
     check_search_paths(model, search_reads(config), run_dir, json_path=json_path)
     try:
-        with _optimize_progress(quiet(json_path)) as update:
+        with progress_display("preparing the search") as update:
             result = run_optimize(model, run_dir, config, progress=update, cache=stage_cache(cache_dir, no_cache))
     except QualityGateError as e:
         if getattr(e, "result", None) is not None:

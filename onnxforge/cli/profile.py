@@ -9,8 +9,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxforge.cli.app import cli
-from onnxforge.cli.console import emit_json, human_bytes, out, quiet, status
+from onnxforge.cli.console import emit_json, human_bytes, out, quiet
 from onnxforge.cli.options import input_shape_option, json_option, model_argument, target_option
+from onnxforge.cli.progress_view import progress_display
 from onnxforge.errors import UsageError
 
 
@@ -100,7 +101,7 @@ def profile(
         input_shapes=parse_input_shapes(input_shapes), sample_data=sample_data, min_seconds=min_seconds,
         per_op=per_op, compare=compare, mobile_dir=mobile_dir,
     )
-    with status(f"profiling {model}", quiet(json_path)):
+    with progress_display(f"profiling {model}"):
         result = run_profile(model, config)
     payload = result.to_json()
     emit_json(json_path, payload)

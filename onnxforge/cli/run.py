@@ -9,9 +9,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxforge.cli.app import cli
-from onnxforge.cli.console import emit_json, human_bytes, out, quiet, status
+from onnxforge.cli.console import emit_json, human_bytes, out, quiet
 from onnxforge.cli.door import stage_cache
 from onnxforge.cli.options import cache_options, check_json_path, json_option, memory_limit
+from onnxforge.cli.progress_view import progress_display
 
 
 def _stage_summary(stage) -> str:
@@ -106,7 +107,7 @@ def run(recipe, run_dir, force, json_path, max_memory, cache_dir, no_cache):
 
     reads, writes = run_paths(loaded, run_dir)
     check_json_path(json_path, {}, recipe, *reads, written=tuple(writes))
-    with status("running the pipeline", quiet(json_path)) as update:
+    with progress_display("running the pipeline") as update:
         result = run_recipe(loaded, run_dir, force=force, progress=update, cache=stage_cache(cache_dir, no_cache))
     _render_run(result, json_path)
 
@@ -130,6 +131,6 @@ def demo(run_dir, force, json_path, cache_dir, no_cache):
     from onnxforge.pipeline.cache import StageCache
 
     cache = StageCache(None) if no_cache else StageCache(cache_dir) if cache_dir else None  # None: the run's own
-    with status("running the demo pipeline", quiet(json_path)) as update:
+    with progress_display("running the demo pipeline") as update:
         result = run_demo(run_dir, force=force, progress=update, cache=cache)
     _render_run(result, json_path)

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import onnx
 
 from onnxforge._atomic import _fsync_dir, atomic_write_bytes, atomic_write_text, named_write_errors
 from onnxforge.errors import ExportError, ModelSourceError, OnnxForgeError
+from onnxforge.pipeline.progress import Progress, ProgressEvent
 
 __all__ = ["SOURCE_TIMEOUT_S", "call_in_child", "child_main", "export_in_child", "run_in_child"]
 
@@ -77,17 +78,17 @@ def run_in_child(
     task: str,
     timeout: float = SOURCE_TIMEOUT_S,
     timeout_option: str = "--timeout",
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> Any:
     """Call ``function`` ("package.module:name") as ``function(*args, output=<staged>, **kwargs)`` in a
     child process, and publish the model it saved at ``out``; returns its result, whose ``path`` is ``out``.
 
     ``out`` has been checked by the caller. For messages: ``source`` is the ``file.py:callable``
     whose code runs, ``task`` what the function does ("export"), ``timeout_option`` the setting that
-    raises ``timeout``. With ``progress``, the function is also given ``progress=`` and its messages
-    are passed on. Raises what the function raised (staged paths named as ``out``; a
-    QualityGateError's kept model is published), or ModelSourceError when the process exited, was
-    killed or ran past ``timeout`` seconds before reporting.
+    raises ``timeout``. With ``progress``, the function is also given ``progress=`` and its events
+    are passed on (one JSON line each on the child's stdout pipe). Raises what the function raised
+    (staged paths named as ``out``; a QualityGateError's kept model is published), or ModelSourceError
+    when the process exited, was killed or ran past ``timeout`` seconds before reporting.
     """
     from onnxforge.converters.source import source_files
 
@@ -154,7 +155,7 @@ def call_in_child(function: str, args: Sequence[Any], kwargs: Mapping[str, Any],
 
 
 def _run_child(source, task: str, work: Path, timeout: float, timeout_option: str,
-               progress: Callable[[str], None] | None) -> tuple[str, Any]:
+               progress: Progress | None) -> tuple[str, Any]:
     import onnxforge
 
     root = str(Path(onnxforge.__file__).resolve().parents[1])  # the same onnxforge, whatever the cwd
@@ -210,14 +211,22 @@ def _read_lines(stream, lines: queue.SimpleQueue) -> None:
         pass
 
 
-def _relay(lines: queue.SimpleQueue, progress: Callable[[str], None] | None) -> None:
+def _relay(lines: queue.SimpleQueue, progress: Progress | None) -> None:
     while True:
         try:
             line = lines.get_nowait()
         except queue.Empty:
             return
         if progress is not None:
-            progress(line)
+            progress(_event(line))
+
+
+def _event(line: str) -> ProgressEvent:
+    """The event a child wrote as one JSON line (anything else on the pipe: a phase of its own)."""
+    try:
+        return ProgressEvent.from_json(json.loads(line))
+    except (ValueError, TypeError, AttributeError):
+        return ProgressEvent(line)
 
 
 def _wait(process: subprocess.Popen, timeout: float, lines: queue.SimpleQueue, progress) -> None:
@@ -340,17 +349,17 @@ def child_main(work: str) -> None:
     os._exit(0)  # not sys.exit: a non-daemon thread the model source started must not keep us alive
 
 
-def _progress_to_parent() -> Callable[[str], None]:
-    """Keep stdout (the pipe to the parent) for progress lines and point fd 1 at stderr, so that what
-    the model source prints, from Python or native code, goes to the parent's stderr."""
+def _progress_to_parent() -> Progress:
+    """Keep stdout (the pipe to the parent) for progress events, one JSON line each, and point fd 1 at
+    stderr, so that what the model source prints, from Python or native code, goes to the parent's stderr."""
     pipe = os.fdopen(os.dup(1), "w", encoding="utf-8", errors="replace", buffering=1)
     os.dup2(2, 1)
     if isinstance(sys.stdout, io.TextIOWrapper):  # always in the child: typed TextIO, which lacks reconfigure
         sys.stdout.reconfigure(line_buffering=True)
 
-    def say(message: str) -> None:
+    def say(event: ProgressEvent) -> None:
         try:
-            pipe.write(" ".join(str(message).splitlines()) + "\n")
+            pipe.write(json.dumps(event.to_json()) + "\n")
         except (OSError, ValueError):  # the parent is gone: the stdin watcher stops us
             pass
 

@@ -30,7 +30,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,11 @@ from onnxforge.parity import Tolerance, compare_outputs
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.data_spec import load_data
 from onnxforge.pipeline.evaluate import Metric, QualityGate, score
+from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.targets import CpuTarget
 
 __all__ = ["NO_ONNX_BRIDGE", "DistillConfig", "DistillLoss", "DistillResult", "distill"]
 
-Progress = Callable[[str], None]
 
 NO_ONNX_BRIDGE = ("distill: the model is an .onnx file, and there is no maintained ONNX->PyTorch bridge to train it "
                   "(onnx2torch cannot load opset-18 exports and imports torchvision); the least-squares repair is kept")
@@ -236,7 +236,7 @@ def distill(
                             {"config": config, "in_process": True}, out=out, source=source, task="distillation",
                             timeout=config.timeout_s, timeout_option="--timeout (a recipe's distill stage: timeout_s)",
                             progress=progress)
-    say = progress or (lambda message: None)
+    say = progress or ignore
     teacher_module = _teacher(str(source))
     data = config.require_data()
     pruned = load_model(student_onnx)
@@ -249,7 +249,7 @@ def distill(
     train, held = samples.take(order).split(config.held_out)
     first_batch = _tensors(train.take(slice(0, 2)).inputs)
 
-    say("distill: mapping the pruned graph onto the source model")
+    step(say, "mapping the pruned graph onto the source model")
     student = build_student(
         teacher_module, pruned, first_batch, export_teacher=lambda: _teacher_export(teacher_module, first_batch)
     )
@@ -286,7 +286,7 @@ def distill(
     held_before, held_loss = _evaluate(module, held, teacher_held, metric, kind, config.temperature, batch)
     best_loss, best_value = held_loss, held_before
     history = [{"epoch": 0, "loss": None, "held_out": held_before, "held_out_loss": held_loss, "seconds": 0.0}]
-    say(f"distill: epoch 0, held-out {metric.value} {held_before:.4f}")
+    step(say, "epoch", 0, config.epochs, f"held-out {metric.value} {held_before:.4f}")
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.learning_rate)
     steps = max(1, config.epochs * math.ceil(len(train) / batch))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -340,8 +340,8 @@ def distill(
                 {"epoch": epoch, "loss": total / max(count, 1), "held_out": value, "held_out_loss": held_loss,
                  "seconds": round(time.perf_counter() - started, 3)}
             )
-            say(f"distill: epoch {epoch}/{config.epochs}, loss {total / max(count, 1):.4f}, "
-                f"held-out {metric.value} {value:.4f}, held-out loss {held_loss:.4f} (best {best_loss:.4f})")
+            step(say, "epoch", epoch, config.epochs, f"loss {total / max(count, 1):.4f}, held-out {metric.value} "
+                 f"{value:.4f}, held-out loss {held_loss:.4f} (best {best_loss:.4f})")
             if held_loss < best_loss:
                 best_loss, best_value, best_epoch, stale = held_loss, value, epoch, 0
                 best_state = copy.deepcopy(module.state_dict())
@@ -359,7 +359,7 @@ def distill(
     module.load_state_dict(best_state)
     module.eval()
 
-    say("distill: exporting the trained student")
+    step(say, "exporting the trained student")
     proto = _export_student(module, pruned, _tensors(train.take(slice(0, 2)).inputs))
     exported = _onnx_first_output(proto, probe, batch)
     after = compare_outputs(["output"], [_run(module, probe, batch)], [exported], _PARITY, len(probe))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,13 @@ from onnxforge._atomic import atomic_write_text, check_output_path
 from onnxforge.errors import RecipeError, UsageError
 from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.manifest import StageRecord
+from onnxforge.pipeline.progress import Progress
 from onnxforge.pipeline.recipe import SOURCE, Recipe, recipe_from_mapping
 from onnxforge.pipeline.run_guard import recipe_reads, stage_output
 from onnxforge.pipeline.runner import StageArtifact, model_artifact, run_stage, stage_inputs
 from onnxforge.targets import get_target
 
 __all__ = ["CommandRecipe", "run_to_output", "stage_json"]
-
-Progress = Callable[[str], None]
 
 # Recipe keys whose values are file paths (absolute in the mapping; relative to the recipe when saved).
 _DATA_KEYS = ("calibration", "eval")

@@ -42,6 +42,7 @@ from onnxforge.pipeline.evaluations import (
     samples_fingerprint,
 )
 from onnxforge.pipeline.gate_rules import GateVerdict, is_class_sequence, judge
+from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.user_metric import UserMetric
 from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
@@ -335,6 +336,8 @@ class Reference:
         reference_name: str | None = None,
         drop_slower_than: float | None = None,
         rivals: Sequence[str] = (),
+        progress: Progress = ignore,
+        phase: str = "timing",
     ) -> dict[str, Timing]:
         """Time ``candidates`` (name -> model) interleaved with the reference in one ``compare_latency``
         call, each against the reference's p50 in that same call.
@@ -345,6 +348,7 @@ class Reference:
         reference's own timing is in the answer too, under that name (ratio 1). ``drop_slower_than``:
         a candidate clearly slower than the fastest of the reference and ``rivals`` stops being timed
         (compare_latency); its timing is from the rounds it ran.
+        ``progress`` hears ``phase`` round i/N.
         """
         feeds = dict(feeds) if feeds is not None else self.feeds(batch)
         own_feeds = dict(own_feeds or {})
@@ -362,7 +366,8 @@ class Reference:
             one_round = max(time.perf_counter() - start, 1e-6) * 3  # compare_latency's runs_per_round
             rounds = int(min(rounds, max(3, seconds / one_round)))
         stats = compare_latency(sessions, per_session, warmup=warmup, rounds=rounds,
-                                drop_slower_than=drop_slower_than, rivals=[name, *rivals])
+                                drop_slower_than=drop_slower_than, rivals=[name, *rivals],
+                                on_round=lambda done, total: step(progress, phase, done, total))
         timings = {label: Timing(stats[label], stats[name]) for label in candidates}
         if reference_name is not None:
             timings[reference_name] = Timing(stats[name], stats[name])

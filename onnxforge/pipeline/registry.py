@@ -29,12 +29,13 @@ import abc
 import enum
 import importlib
 import pkgutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from onnxforge.errors import CalibrationDataError
+from onnxforge.pipeline.progress import Progress, ignore
 
 if TYPE_CHECKING:  # the cache and the data specs import the registry's users; the types are for the checker
     import numpy as np
@@ -123,7 +124,7 @@ class StageContext:
     input_dtypes: Mapping[str, np.dtype] = field(default_factory=dict)  # input name -> dtype (recipe ``inputs:``)
     dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # input name -> {axis: dim name}
     cache: StageCache | None = None  # where a stage may record measurements a re-run reuses (quantize's timings)
-    progress: Callable[[str], None] = lambda message: None
+    progress: Progress = ignore  # where a long stage reports its phases (onnxforge.pipeline.progress)
 
     def require_calibration(self, stage: str) -> DataSpec:
         if self.calibration is None:

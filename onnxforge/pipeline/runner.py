@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from onnxforge.model_io import content_sha256, file_sha256, input_specs, load_mo
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, code_fingerprint, stage_key
 from onnxforge.pipeline.manifest import Manifest, StageRecord, describe_file, tool_versions
+from onnxforge.pipeline.progress import Progress, ProgressEvent, counted, for_stage, ignore, step
 from onnxforge.pipeline.recipe import SOURCE, Recipe, StageSpec
 from onnxforge.pipeline.reference import Reference
 from onnxforge.pipeline.registry import StageContext, registered_passes
@@ -38,7 +38,6 @@ from onnxforge.targets.feeds import generate_feeds
 __all__ = ["RunResult", "StageArtifact", "attach_record", "model_artifact", "run_recipe", "run_stage",
            "source_fingerprint", "stage_inputs", "stage_record"]
 
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -143,15 +142,17 @@ def run_stage(
         else:
             cache.restore(lookup, output)
             note = f"restored {output.name} from the stage cache {cache.root}{when}"
-        context.progress(f"{spec.name}: {note}")
+        context.progress(ProgressEvent(note, stage=spec.name))
         return StageRecord(**base, status="cached", seconds=0.0, output=describe_file(output, relative_to),
                            result=entry.get("result"), verified=entry.get("verified", True),
                            summary=spec.pass_cls.summary(entry.get("result") or {}), cache=note)
     cache_note = "forced" if force else (lookup.reason if lookup else "not cached")
-    context.progress(f"{spec.name}: running" + (f" ({cache_note})" if cache_note.startswith("cached entry") else ""))
+    context.progress(ProgressEvent("running", stage=spec.name,
+                                   message=cache_note if cache_note.startswith("cached entry") else ""))
     start = time.perf_counter()
     try:
-        result = pass_obj.run(spec.config, [a.ref for a in inputs], output, context)
+        own = dataclasses.replace(context, progress=for_stage(context.progress, spec.name))
+        result = pass_obj.run(spec.config, [a.ref for a in inputs], output, own)
     except QualityGateError as e:
         kept = Path(e.best_path) if e.best_path else None
         attach_record(e, StageRecord(**base, status="quality-gate-failed", seconds=time.perf_counter() - start,
@@ -197,10 +198,9 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress, cache: Stag
     own = {r.name for r in records if _takes_other_inputs(r, specs)}
     metric_name = None
     if reference.measured:
-        progress("scoring every stage on the evaluation data")
         metric = reference.gate.metric
         metric_name = metric.value
-        for r in records:
+        for r in counted(progress, "scoring every stage on the evaluation data", records, len(records)):
             if r.name in own or _measured_itself(r, metric.value):
                 _own_measurement(r, metric.value)
             else:
@@ -208,10 +208,11 @@ def _measure(manifest: Manifest, recipe: Recipe, progress: Progress, cache: Stag
                 r.metrics[metric.value] = verdict.value
                 if r.name != first:
                     r.metrics["gate_checks"] = verdict.message()
-    progress(f"timing every stage side by side on {recipe.target} (batch 1, 1 thread)")
     own_feeds = _own_feeds(reference.target, paths, [r for r in records if r.name in own])
     timed = {r.name: paths[r.name] for r in records[1:] if r.name not in own or r.name in own_feeds}
-    timings = reference.time_against(timed, rounds=30, batch=1, threads=1, own_feeds=own_feeds, reference_name=first)
+    timings = reference.time_against(timed, rounds=30, batch=1, threads=1, own_feeds=own_feeds, reference_name=first,
+                                     progress=progress,
+                                     phase=f"timing every stage side by side on {recipe.target} (batch 1, 1 thread)")
     for r in records:
         r.metrics["bytes"] = r.output_file()["bytes"]
     stats = {name: t.stats for name, t in timings.items()}
@@ -234,8 +235,8 @@ def _op_times(reference: Reference, records: list[StageRecord], paths: dict[str,
     timed = [r for r in records if "latency_p50_ms" in r.metrics]
     if not timed:
         return
-    progress("profiling where each stage's time goes (per op type)")
-    for r in timed:
+    for index, r in enumerate(timed):
+        step(progress, "profiling where each stage's time goes (per op type)", index, len(timed), r.name)
         try:
             r.metrics["op_time"] = reference.op_time(paths[r.name], feeds=own_feeds.get(r.name),
                                                      cache=cache).to_json()
@@ -313,7 +314,7 @@ def run_recipe(
     ``cache``: where finished stages are kept and found (default: the user cache directory);
     ``force`` recomputes every stage without looking in it.
     """
-    progress = progress or (lambda message: None)
+    progress = progress or ignore
     cache = cache if cache is not None else StageCache.default()
     run_dir = Path(run_dir)
     check_run_paths(recipe, run_dir)  # a stage output may not overwrite what the run reads

@@ -6,7 +6,7 @@ machine's drift (±15% run to run on a shared host) hits every model alike and r
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -145,6 +145,7 @@ def compare_latency(
     drop_slower_than: float | None = None,
     rivals: Collection[str] | None = None,
     min_rounds: int = 5,
+    on_round: Callable[[int, int], None] | None = None,
 ) -> dict[str, LatencyStats]:
     """Interleave the sessions: each round runs every session ``runs_per_round`` times, in turn.
 
@@ -153,6 +154,7 @@ def compare_latency(
     factor above the fastest median among ``rivals`` (default: every session) stops being timed; its
     stats are from the rounds it ran. Rivals are never dropped. On a shared host p50s move ~15% run to
     run, so a factor like 1.3 drops only what is clearly slower (what no choice would keep).
+    ``on_round(done, rounds)`` is called before the first round and after each one (progress).
     """
     # mypy cannot narrow the union from these checks on its values, hence the casts
     if feeds and all(name in feeds for name in sessions) and all(isinstance(v, Mapping) for v in feeds.values()):
@@ -167,6 +169,8 @@ def compare_latency(
     kept = set(sessions) if rivals is None else set(rivals) & set(sessions)
     start = time.perf_counter()
     done = 0
+    if on_round is not None:
+        on_round(done, rounds)
     while done < rounds or time.perf_counter() - start < min_seconds:
         for name, session in sessions.items():
             if name not in racing:
@@ -178,6 +182,8 @@ def compare_latency(
             best = min(float(np.median(times[name])) for name in kept)
             racing = {name for name in racing
                       if name in kept or float(np.median(times[name])) <= best * drop_slower_than}
+        if on_round is not None:
+            on_round(min(done, rounds), rounds)
     return {
         name: LatencyStats.from_times(values, _batch_of(per_session[name])) for name, values in times.items()
     }

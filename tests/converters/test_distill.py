@@ -74,7 +74,7 @@ def test_distillation_beats_the_repair_alone_on_held_out_data(pruned):
     result = distill(TEACHER, path, folder / "distilled.onnx",
                      DistillConfig(epochs=25, learning_rate=3e-3, calibration_data=calib, eval_data=evaluation,
                                    tolerance=100.0, feature_weight=0.5),
-                     progress=messages.append)
+                     progress=lambda event: messages.append(event.describe()))
     assert result.parity_before["max_abs_error"] < 1e-4  # the untrained student was the pruned graph
     assert result.verified and result.parity_after["max_abs_error"] < 1e-4
     assert result.loss == "kl" and result.held_out_metric == "agreement"
@@ -120,8 +120,8 @@ def test_an_onnx_only_source_is_refused_in_one_line(pruned, tmp_path):
 def test_an_interrupted_training_leaves_nothing_half_written(pruned, tmp_path):
     _, path, calib, _ = pruned
 
-    def interrupt(message: str) -> None:
-        if "epoch 2/" in message:
+    def interrupt(event) -> None:
+        if "epoch 2/" in event.describe():
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

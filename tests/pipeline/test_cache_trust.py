@@ -104,7 +104,8 @@ def test_a_rehashed_entry_is_detected_discarded_and_recomputed(project, tmp_path
     entry["files"]["model.onnx"] = hashlib.sha256(planted).hexdigest()  # the sha256 updated beside it
     (folder / "entry.json").write_text(json.dumps(entry))
     messages = []
-    result = _run(project, StageCache(tmp_path / "cache"), "run2", progress=messages.append)
+    result = _run(project, StageCache(tmp_path / "cache"), "run2",
+                  progress=lambda event: messages.append(event.describe()))
     assert result.stages[1].status == "done"
     assert "not signed" in result.stages[1].cache
     assert result.stages[1].output["sha256"] == first.stages[1].output["sha256"]

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_classifier, random_images, run_model, save, sha256, write_npz
+from conftest import make_classifier, random_images, run_model, save, sha256, without_progress, write_npz
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def eval_images(tmp_path, models):
 
 
 def one_error(err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in without_progress(err).splitlines() if line.strip()]
     assert "Traceback" not in err and lines and lines[0].startswith("error:"), err
     assert len(lines) <= 2, err
     for fragment in fragments:

@@ -92,18 +92,32 @@ def test_latency_objective_measures_speed_against_the_input(project):
     assert all("trial_ratio" in r for r in result.front)  # the front was re-timed together
 
 
-def test_resume_reuses_completed_trials_and_reruns_interrupted_ones(project):
+def test_resume_reuses_completed_trials_and_reruns_interrupted_ones(project, monkeypatch):
+    import sys
+
+    search_module = sys.modules["onnxforge.pipeline.search.optimize"]  # the attribute is the function
+
     finished = []
+    evaluate = search_module.evaluate_plan
+
+    def recorded(*args, **kwargs):
+        finished.append(evaluate(*args, **kwargs))  # the record the search keeps (its path made relative)
+        return finished[-1]
+
+    counts = []
 
     def interrupt_third_trial(event):
-        if "trial" in event:
-            finished.append(event["trial"])
-        if event.get("message", "").startswith("trial 2:"):
+        if event.phase == "trials":
+            counts.append((event.done, event.total))
+        if event.message.startswith("trial 2:"):
             raise KeyboardInterrupt  # Ctrl-C while trial 2 is being built
 
+    monkeypatch.setattr(search_module, "evaluate_plan", recorded)
     with pytest.raises(KeyboardInterrupt):
         optimize(project / "model.onnx", project / "run", _config(project), progress=interrupt_third_trial)
+    monkeypatch.undo()
     assert [r["number"] for r in finished] == [0, 1]
+    assert counts == [(0, 10), (1, 10), (1, 10), (2, 10), (2, 10)]  # trial i/N before and after each trial
     result = optimize(project / "model.onnx", project / "run", _config(project))
     assert result.trials[:2] == [{**r, **{k: v for k, v in result.trials[i].items() if k not in r}}
                                  for i, r in enumerate(finished)]  # the same records: not recomputed

@@ -97,7 +97,7 @@ def test_a_symlink_planted_where_a_trial_is_kept_is_replaced_not_written_through
     run = project / "run"
 
     def interrupt_trial_2(event):
-        if event.get("message", "").startswith("trial 2:"):
+        if event.message.startswith("trial 2:"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -16,7 +16,7 @@ from onnxforge.pipeline.search import optimize
 
 def _interrupt_at(number: int):
     def progress(event):
-        if event.get("message", "").startswith(f"trial {number}:"):
+        if event.message.startswith(f"trial {number}:"):
             raise KeyboardInterrupt  # Ctrl-C while this trial is being built
     return progress
 

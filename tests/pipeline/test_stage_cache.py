@@ -92,7 +92,7 @@ def test_a_tampered_cache_entry_is_detected_and_recomputed(project, tmp_path):
     entry.write_bytes(entry.read_bytes()[:-10] + b"0123456789")
     messages = []
     result = run_recipe(load_recipe(project / "recipe.yaml"), project / "run2", measure=False, cache=cache,
-                        progress=messages.append)
+                        progress=lambda event: messages.append(event.describe()))
     assert _statuses(result)["half"] == "done"
     assert "does not match its recorded sha256" in result.stages[1].cache
     assert any("half: running (cached entry was modified" in m for m in messages)

@@ -27,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_classifier, random_images, write_npz
+from conftest import make_classifier, random_images, without_progress, write_npz
 
 
 @pytest.fixture
@@ -58,8 +58,10 @@ def untouched(folder: Path):
 
 
 def one_error_line(err: str, *fragments: str) -> str:
+    """One ``error:`` line and at most a hint, after the progress lines of a command that ran past the
+    progress delay (a prune before a teacher that exits); returns the error line."""
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in without_progress(err).splitlines() if line.strip()]
     assert lines and lines[0].startswith("error:"), err
     assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("hint:")), err
     for fragment in fragments:

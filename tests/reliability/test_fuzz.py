@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import without_progress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mutations import (
@@ -213,7 +214,7 @@ def _assert_clean_exit(code: int, err: str, args: list) -> None:
     assert code in (0, 2, 3, 4), f"exit {code} for {args}:\n{err}"
     assert "Traceback" not in err, err
     if code:
-        lines = [line for line in err.splitlines() if line.strip()]
+        lines = [line for line in without_progress(err).splitlines() if line.strip()]  # after what ran
         assert lines and lines[0].startswith("error:"), err
         assert len(lines) <= 2, f"more than an error line and a hint:\n{err}"
 

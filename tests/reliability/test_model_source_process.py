@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from conftest import without_progress
 from test_bad_inputs import one_error_line, run_cli, untouched  # noqa: F401
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
@@ -174,7 +175,7 @@ def test_sigterm_while_the_model_source_runs(source, tmp_path):
             process.kill()
             process.communicate()
     assert process.returncode == 143, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = [line for line in without_progress(stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "terminated" in lines[0], stderr
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)

@@ -35,7 +35,7 @@ class LowRankPass(Pass[LowRankConfig, LowRankResult]):
         return {**data, "measure_latency": False, "target": context.target, "gate": False}
 
     def run(self, config: LowRankConfig, inputs: Sequence[str], output: Path, context: StageContext) -> LowRankResult:
-        return low_rank(inputs[0], output, config)
+        return low_rank(inputs[0], output, config, progress=context.progress)
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:

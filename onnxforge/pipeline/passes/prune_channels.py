@@ -50,7 +50,7 @@ class ChannelPrunePass(Pass[ChannelPruneConfig, ChannelPruneResult]):
 
     def run(self, config: ChannelPruneConfig, inputs: Sequence[str], output: Path,
             context: StageContext) -> ChannelPruneResult:
-        return prune_channels(inputs[0], output, config)
+        return prune_channels(inputs[0], output, config, progress=context.progress)
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:

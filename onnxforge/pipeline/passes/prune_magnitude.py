@@ -20,7 +20,7 @@ class MagnitudePrunePass(Pass[MagnitudePruneConfig, MagnitudePruneResult]):
 
     def run(self, config: MagnitudePruneConfig, inputs: Sequence[str], output: Path,
             context: StageContext) -> MagnitudePruneResult:
-        return prune_magnitude(inputs[0], output, config)
+        return prune_magnitude(inputs[0], output, config, progress=context.progress)
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:

@@ -59,7 +59,8 @@ class QuantizePass(Pass[QuantizeConfig, QuantizeResult]):
                 "error_report": False, "latency_rounds": 3, "objective": "size"}
 
     def run(self, config: QuantizeConfig, inputs: Sequence[str], output: Path, context: StageContext) -> QuantizeResult:
-        return quantize(inputs[0], output, context.require_calibration(self.name), config, cache=context.cache)
+        return quantize(inputs[0], output, context.require_calibration(self.name), config, cache=context.cache,
+                        progress=context.progress)
 
     @staticmethod
     def summary(result: Mapping[str, Any]) -> str:

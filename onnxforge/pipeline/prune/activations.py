@@ -12,7 +12,7 @@ from onnxforge.model_io import input_specs
 from onnxforge.pipeline.calibration import SampleSet, model_batch_size
 from onnxforge.targets.cpu import CpuTarget
 
-__all__ = ["batches_of_values"]
+__all__ = ["batches_of_values", "value_batches"]
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
@@ -31,7 +31,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 def batches_of_values(
     model: onnx.ModelProto, samples: SampleSet, names: list[str], batch: int
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(first sample index, {name: value}) for each full batch of ``samples``."""
+    """(first sample index, {name: value}) for each full batch of ``samples`` (``value_batches`` of them)."""
     session = CpuTarget().session(_with_outputs(model, names))
     fixed = model_batch_size(input_specs(model), preferred=-1)
     batch = fixed if fixed > 0 else batch
@@ -40,3 +40,9 @@ def batches_of_values(
         if fixed > 0 and n != fixed:
             continue  # a fixed-batch model cannot take a short last batch
         yield start, dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def value_batches(model: onnx.ModelProto, samples: SampleSet, batch: int) -> int:
+    """How many batches ``batches_of_values`` yields: a fixed-batch model's own batch, whole batches only."""
+    fixed = model_batch_size(input_specs(model), preferred=-1)
+    return len(samples) // fixed if fixed > 0 else -(-len(samples) // batch)

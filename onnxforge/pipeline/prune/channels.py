@@ -51,6 +51,7 @@ from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
 from onnxforge.pipeline.normalize import load_stage_input
+from onnxforge.pipeline.progress import Progress, counted, ignore, step
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
 from onnxforge.pipeline.prune.checks import Objective, slower_message
@@ -395,7 +396,8 @@ def prune_model(
 
 
 def sensitivity_ratios(
-    model: onnx.ModelProto, config: ChannelPruneConfig, calibration: SampleSet, max_ratio: float = 0.9
+    model: onnx.ModelProto, config: ChannelPruneConfig, calibration: SampleSet, max_ratio: float = 0.9,
+    progress: Progress = ignore,
 ) -> tuple[dict[int, float], dict[int, float]]:
     """Per-group ratios from a sensitivity scan: (ratios by group id, sensitivities by group id).
 
@@ -409,7 +411,7 @@ def sensitivity_ratios(
     prunable = {g["id"]: g["channels"] for g in baseline.groups if g["prunable"]}
     reference = _model_outputs(model, calibration)
     sensitivity = {}
-    for gid in prunable:
+    for gid in counted(progress, "sensitivity scan: groups scored", list(prunable), len(prunable)):
         probe = prune_model(model, config, calibration, group_ratios={gid: config.ratio}, input_shapes=shapes)
         out = _model_outputs(probe.model, calibration)
         sensitivity[gid] = float(np.linalg.norm(out - reference) / max(float(np.linalg.norm(reference)), 1e-12))
@@ -443,7 +445,8 @@ def _model_outputs(model: onnx.ModelProto, samples: SampleSet) -> np.ndarray:
 
 
 def prune_channels(
-    input_path: str | os.PathLike, output: str | os.PathLike, config: ChannelPruneConfig = ChannelPruneConfig()
+    input_path: str | os.PathLike, output: str | os.PathLike, config: ChannelPruneConfig = ChannelPruneConfig(),
+    *, progress: Progress = ignore,
 ) -> ChannelPruneResult:
     """Prune ``input_path``'s channels into ``output``, lowering the ratio until the quality gate holds.
 
@@ -460,7 +463,8 @@ def prune_channels(
     data: SampleSet | StreamedSamples | None = None
     if config.calibration_data is not None:
         data = open_data(config.calibration_data, input_specs(model), equal_shapes=True)  # read as deep as used
-    check, calibration = QualityCheck.measure(model, config, data, max_fit=config.calibration_samples)
+    check, calibration = QualityCheck.measure(model, config, data, max_fit=config.calibration_samples,
+                                              progress=progress)
 
     def fit_samples() -> SampleSet:
         if calibration is None:  # never: the config refuses sensitivity and repair without calibration data
@@ -477,14 +481,15 @@ def prune_channels(
         attempt_config = replace(config, ratio=ratio, head_ratio=head_ratio)
         group_ratios = None
         if attempt_config.allocation is Allocation.SENSITIVITY:
-            group_ratios, _ = sensitivity_ratios(model, attempt_config, fit_samples())
+            group_ratios, _ = sensitivity_ratios(model, attempt_config, fit_samples(), progress=progress)
+        step(progress, f"try {len(tried) + 1}: pruning", message=f"ratio {ratio:.3f}")
         pruned = prune_model(model, attempt_config, calibration, group_ratios, input_shapes=shapes)
         candidate = pruned.model
         repair_errors: dict[str, dict] = {}
         check.runs(candidate, "prune-channels")
         unrepaired_score = check.score(candidate)
         if attempt_config.repairs:
-            candidate, repair_errors = repair_model(model, pruned, fit_samples(), attempt_config)
+            candidate, repair_errors = repair_model(model, pruned, fit_samples(), attempt_config, progress)
             check.runs(candidate, "prune-channels (after the least-squares repair)")
         value = check.score(candidate) if attempt_config.repairs else unrepaired_score
         within = check.passes(value, candidate)

@@ -30,6 +30,7 @@ from onnxforge.errors import InvalidModelError, OnnxForgeError
 from onnxforge.model_io import input_specs
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, model_batch_size
 from onnxforge.pipeline.evaluate import QualityGate
+from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.reference import Reference
 from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
@@ -65,6 +66,7 @@ class QualityCheck:
     source: str | None = None  # what quality is measured on
     feeds: dict[str, np.ndarray] | None = None
     shapes: dict[str, tuple[int, ...]] | None = None  # input shapes at batch 1, from the data
+    progress: Progress = ignore  # hears the quality and speed checks (onnxforge.pipeline.progress)
 
     @classmethod
     def measure(
@@ -73,6 +75,7 @@ class QualityCheck:
         config,
         calibration: SampleSet | StreamedSamples | None = None,
         max_fit: int | None = None,
+        progress: Progress = ignore,
     ) -> tuple[QualityCheck, SampleSet | None]:
         """The checks for ``model`` and the samples left to fit on (at most ``max_fit``, in memory).
 
@@ -119,8 +122,9 @@ class QualityCheck:
             except OnnxForgeError:
                 pass  # a dynamic dim nobody gave: the candidate is only loaded, and not timed
         if reference.measured:
+            step(progress, "scoring the input model")
             reference.value  # noqa: B018 - the input's outputs and score, before any candidate is built
-        return cls(target, batch, reference, source, feeds, shapes), fit
+        return cls(target, batch, reference, source, feeds, shapes, progress), fit
 
     @property
     def measured(self) -> bool:
@@ -160,7 +164,10 @@ class QualityCheck:
 
     def score(self, candidate: onnx.ModelProto | bytes) -> float | None:
         """``candidate``'s score on the held-out samples on the target; None without them."""
-        return self.reference.score(candidate) if self.measured else None
+        if not self.measured:
+            return None
+        step(self.progress, "quality check")
+        return self.reference.score(candidate)
 
     def passes(self, value: float | None, candidate: onnx.ModelProto | bytes | None = None) -> bool:
         """Whether ``candidate`` (scored ``value``) passes every rule of the gate (Reference.passes)."""
@@ -187,7 +194,8 @@ class QualityCheck:
             return None
         timer = self.reference if model is self.reference.model else Reference(model, None, self.target)
         timing = timer.time_against(
-            {"candidate": candidate}, rounds=20, warmup=2, seconds=TIMING_SECONDS, feeds=self.feeds
+            {"candidate": candidate}, rounds=20, warmup=2, seconds=TIMING_SECONDS, feeds=self.feeds,
+            progress=self.progress, phase="speed check (input and candidate interleaved)",
         )["candidate"]
         return {
             "batch": self.batch,

@@ -48,6 +48,7 @@ from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
 from onnxforge.pipeline.normalize import load_stage_input
+from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.activations import batches_of_values
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
 from onnxforge.pipeline.prune.checks import Objective, slower_message
@@ -422,7 +423,8 @@ def factorize_model(
 
 
 def low_rank(
-    input_path: str | os.PathLike, output: str | os.PathLike, config: LowRankConfig = LowRankConfig()
+    input_path: str | os.PathLike, output: str | os.PathLike, config: LowRankConfig = LowRankConfig(),
+    *, progress: Progress = ignore,
 ) -> LowRankResult:
     """Factor ``input_path``'s dense layers into ``output``, keeping more rank until the quality gate holds.
 
@@ -438,7 +440,8 @@ def low_rank(
     data: SampleSet | StreamedSamples | None = None
     if config.calibration_data is not None:
         data = open_data(config.calibration_data, input_specs(model), equal_shapes=True)  # read as deep as used
-    check, calibration = QualityCheck.measure(model, config, data, max_fit=config.calibration_samples)
+    check, calibration = QualityCheck.measure(model, config, data, max_fit=config.calibration_samples,
+                                              progress=progress)
     fit = held = None
     if calibration is not None:
         names, _ = layer_candidates(model, config)
@@ -453,6 +456,8 @@ def low_rank(
     speed_gated = config.gate and config.objective is Objective.LATENCY
 
     def attempt(attempt_config: LowRankConfig) -> tuple[tuple, bool]:
+        step(progress, f"try {len(tried) + 1}: factoring", message=f"energy {attempt_config.energy}"
+             if attempt_config.rule is RankRule.ENERGY else f"rank ratio {attempt_config.ratio}")
         candidate, factored, skipped = factorize_model(model, attempt_config, fit=fit, held=held,
                                                        decompositions=decompositions)
         check.runs(candidate, "low-rank")

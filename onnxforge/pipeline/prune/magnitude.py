@@ -30,6 +30,7 @@ from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
 from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
 from onnxforge.pipeline.normalize import load_stage_input
+from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
 from onnxforge.pipeline.prune.graph import layer_name, lift_constants
 from onnxforge.pipeline.user_metric import UserMetric
@@ -146,17 +147,19 @@ def _gzip_size(data: bytes) -> int:
 
 
 def prune_magnitude(
-    input_path: str | os.PathLike, output: str | os.PathLike, config: MagnitudePruneConfig = MagnitudePruneConfig()
+    input_path: str | os.PathLike, output: str | os.PathLike, config: MagnitudePruneConfig = MagnitudePruneConfig(),
+    *, progress: Progress = ignore,
 ) -> MagnitudePruneResult:
     """Sparsify ``input_path`` into ``output``. With ``eval_data``, lower sparsity until the gate holds."""
     out = check_output_path(output, input_path, *paths_in(config))
     loaded = load_stage_input(input_path, "prune")
     model = loaded.model
     before = model.SerializeToString()
-    check, _ = QualityCheck.measure(model, config)
+    check, _ = QualityCheck.measure(model, config, progress=progress)
     tried: list[dict] = []
 
     def attempt(sparsity: float) -> tuple[tuple, bool]:
+        step(progress, f"try {len(tried) + 1}: sparsifying", message=f"sparsity {sparsity:.3f}")
         pruned, achieved, layers, skipped = sparsify_model(model, replace(config, sparsity=sparsity))
         serialized = pruned.SerializeToString()
         check.runs(serialized, "prune")

@@ -26,7 +26,8 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge.pipeline.calibration import SampleSet
-from onnxforge.pipeline.prune.activations import batches_of_values
+from onnxforge.pipeline.progress import Progress, counted, ignore
+from onnxforge.pipeline.prune.activations import batches_of_values, value_batches
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     const_array,
@@ -195,12 +196,16 @@ def _layer_statistics(
     pruned: PrunedModel,
     calibration: SampleSet,
     config: ChannelPruneConfig,
+    progress: Progress = ignore,
 ) -> dict[str, dict]:
     """Normal equations of each layer of ``chunk`` (held-out fold apart): X = the layer's input in the
-    original model, cut to the kept channels; Y = its output, at the same sampled rows. Two passes."""
+    original model, cut to the kept channels; Y = its output, at the same sampled rows. Two passes
+    over the calibration batches, each reported to ``progress``."""
+    batches = value_batches(reference, calibration, _BATCH)
     y_rows: dict[str, list[np.ndarray]] = {name: [] for name in chunk}
     targets = {name: _target_name(producers[name]) for name in chunk}
-    for start, values in batches_of_values(reference, calibration, list(dict.fromkeys(targets.values())), _BATCH):
+    outputs = batches_of_values(reference, calibration, list(dict.fromkeys(targets.values())), _BATCH)
+    for start, values in counted(progress, "repair: layer outputs (pass 1/2)", outputs, batches):
         for name in chunk:
             node = producers[name]
             y = values[targets[name]]
@@ -216,7 +221,9 @@ def _layer_statistics(
         d = w0.shape[0] + (b0 is not None)
         stats[name] = {fold: [np.zeros((d, d)), np.zeros((d, w0.shape[1])), 0.0] for fold in ("fit", "check")}
     inputs = list(dict.fromkeys(input_name(producers[name]) for name in chunk))
-    for index, (start, values) in enumerate(batches_of_values(reference, calibration, inputs, _BATCH)):
+    layer_inputs = batches_of_values(reference, calibration, inputs, _BATCH)
+    for index, (start, values) in enumerate(counted(progress, "repair: layer inputs (pass 2/2)", layer_inputs,
+                                                    batches)):
         for name in chunk:
             node = producers[name]
             x = values[input_name(node)]
@@ -276,7 +283,8 @@ def _refit(graph: ir.Graph, node: ir.Node, stats: dict, config: ChannelPruneConf
 
 
 def repair_model(
-    original: onnx.ModelProto, pruned: PrunedModel, calibration: SampleSet, config: ChannelPruneConfig
+    original: onnx.ModelProto, pruned: PrunedModel, calibration: SampleSet, config: ChannelPruneConfig,
+    progress: Progress = ignore,
 ) -> tuple[onnx.ModelProto, dict[str, dict]]:
     """Refit each layer whose inputs shrank so its output matches ``original``'s; returns (model, errors).
 
@@ -295,8 +303,8 @@ def repair_model(
         return pruned.model, errors
     reference = onnx.shape_inference.infer_shapes(original)
     counter = [0]
-    stats = _layer_statistics(reference, producers, targets, pruned, calibration, config)
-    for name in targets:
+    stats = _layer_statistics(reference, producers, targets, pruned, calibration, config, progress)
+    for name in counted(progress, "repair: least-squares refit", targets, len(targets)):
         errors[name] = _refit(graph, producers[name], stats[name], config, counter)
     drop_unused_initializers(graph)
     return checked_model(model_ir, "prune-channels: the least-squares repair produced an invalid model"), errors

@@ -40,6 +40,7 @@ from onnxforge.pipeline.calibration import (
     open_calibration,
 )
 from onnxforge.pipeline.data_spec import DataKind, DataSpec, as_data_spec, load_data
+from onnxforge.pipeline.progress import Progress, counted, ignore
 from onnxforge.pipeline.quantize.backends import error_line, op_types_to_quantize
 from onnxforge.pipeline.quantize.calibration_ranges import collect_ranges
 from onnxforge.pipeline.quantize.config import CalibrationMethod, QuantizeConfig, Ranges
@@ -218,7 +219,8 @@ def data_notes(calibration: object, config: QuantizeConfig, data: CalibrationDat
 
 
 def collect(
-    model_path: Path, method: CalibrationMethod, data: CalibrationData, config: QuantizeConfig, cache: Path
+    model_path: Path, method: CalibrationMethod, data: CalibrationData, config: QuantizeConfig, cache: Path,
+    progress: Progress = ignore,
 ) -> tuple[Ranges, int]:
     """The activation ranges of ``model_path`` on the calibration samples, written to ``cache``;
     returns them and the calibration batches run. Under a memory plan the batch and the passes over
@@ -228,10 +230,12 @@ def collect(
         batch, groups = data.plan.calibration_batch(data.source, histogram=method is not CalibrationMethod.MINMAX)
         if groups > 1:  # shares balanced by the sizes of this graph's tensors at the data's shapes
             sizes = data.tensor_sizes(model_path)
+    total = -(-len(data.calib) // max(1, batch or 1))
+    phase = f"calibrating ({method.value})" + (f", {groups} passes over the tensors" if groups > 1 else "")
     try:
         batches = collect_ranges(
             model_path,
-            lambda: iter(data.reader(batch=batch).get_next, None),
+            lambda: counted(progress, phase, iter(data.reader(batch=batch).get_next, None), total),
             method.to_ort(),
             cache,
             op_types=op_types_to_quantize(model_path, config.exclude_op_types),

@@ -29,6 +29,7 @@ import onnx
 from onnxforge.errors import CalibrationDataError, QualityGateError
 from onnxforge.pipeline.calibration import SampleSet, model_batch_size
 from onnxforge.pipeline.evaluate import Metric, QualityGate
+from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.quantize.attention_mask import mask_nodes
 from onnxforge.pipeline.quantize.backends import error_line, quantizable_op_types, quantize_candidate
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, collect
@@ -139,6 +140,7 @@ class CandidateRun:
         # where timings are recorded and found (timing_record); None: always time
         self.records: StageCache | None = None
         self.timings_reused = False  # whether the latest timing was recorded by an earlier run
+        self.progress: Progress = ignore  # hears calibration, scoring and timing (onnxforge.pipeline.progress)
         self.notes: list[str] = []  # what building the graphs said (smoothing)
         self.calibration_batches = 0
         self._count = 0
@@ -175,7 +177,7 @@ class CandidateRun:
         key = (graph, method)
         if key not in self._ranges:
             cache = graph.with_name(f"{graph.stem}_ranges_{method.value}.json")
-            self._ranges[key], batches = collect(graph, method, self.data, self.config, cache)
+            self._ranges[key], batches = collect(graph, method, self.data, self.config, cache, self.progress)
             self.calibration_batches = self.calibration_batches or batches
         return self._ranges[key]
 
@@ -245,7 +247,8 @@ class CandidateRun:
         failing_ops: list[str] = []
         count = coarse_count(len(self.held_out)) if self.config.objective is Objective.LATENCY else None
         self.coarse = self.reference.head(count) if count is not None else None
-        for scheme in schemes:
+        for index, scheme in enumerate(schemes):
+            step(self.progress, "quantizing and scoring candidates", index, len(schemes), scheme.label)
             result = CandidateResult(scheme.label)
             self.candidates.append(result)
             start = time.perf_counter()
@@ -268,6 +271,7 @@ class CandidateRun:
             result.bytes = dest.stat().st_size
             self.paths[scheme.label] = dest
             self.scheme_of[scheme.label] = scheme
+        step(self.progress, "quantizing and scoring candidates", len(schemes), len(schemes))
         if not self.paths:
             ops = [op for op in dict.fromkeys(failing_ops) if op]
             own = [op for op in ops if op in ("QuantizeLinear", "DequantizeLinear")]
@@ -304,6 +308,8 @@ class CandidateRun:
                 reference_name="fp32",
                 drop_slower_than=_DROP_SLOWER,
                 rivals=[c.scheme for c in self.candidates if c.meets_tolerance and c.scheme in models],
+                progress=self.progress,
+                phase=f"timing fp32 and {len(candidates)} candidate(s) interleaved",
             )
             return {label: timed[label].stats for label in models}
 
@@ -418,6 +424,7 @@ class CandidateRun:
         qdq_path = (
             path if static and scheme.format is QuantFormat.QDQ else self.quantize(qdq_twin(scheme), source=source)
         )
+        step(self.progress, "mixed precision: ranking the quantized nodes", message=scheme.label)
         errors = self._node_errors(source, qdq_path, size)
         errors = [e for e in errors if e.node not in self.config.exclude_nodes]
         if static:
@@ -428,6 +435,8 @@ class CandidateRun:
         step_paths: dict[tuple[str, ...], Path] = {}
 
         def evaluate(float_nodes: tuple[str, ...]) -> tuple[float, bool]:
+            step(self.progress, "mixed precision: steps scored", len(step_paths),
+                 message=f"{len(float_nodes)} node(s) in float")  # a bisection: no total known in advance
             dest = self.quantize(scheme, float_nodes)
             step_paths[float_nodes] = dest
             value = self.score(dest)

@@ -21,6 +21,7 @@ from onnxforge.model_io import model_file_size, save_model
 from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.normalize import load_stage_input, quantized_ops
+from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.quantize.calibrate import data_notes, load_calibration
 from onnxforge.pipeline.quantize.config import INPUT_KEPT, CandidateResult, Objective, QuantizeConfig, QuantizeResult
 from onnxforge.pipeline.quantize.embeddings import embedding_tables
@@ -53,11 +54,13 @@ def quantize(
     config: QuantizeConfig = _DEFAULT_CONFIG,
     *,
     cache: StageCache | None = None,
+    progress: Progress = ignore,
 ) -> QuantizeResult:
     """Quantize ``input_path`` with ``calibration`` data and write the chosen model to ``output``.
 
     ``cache``: where the candidates' timings are recorded, so that a re-run with the same candidates
-    reuses them and keeps the same scheme (timing_record); None times every run.
+    reuses them and keeps the same scheme (timing_record); None times every run. ``progress`` hears
+    each phase: calibration batches, each candidate scored k/K, the timing rounds.
 
     ``calibration``: a DataSpec (how every stage names its data), an .npz path, a folder of .npz/.npy
     or of images, an ImageFolder (declared preprocessing), a SampleSet, or any iterable of samples
@@ -74,6 +77,7 @@ def quantize(
     loaded = load_stage_input(input_path, "quantize")
     model = loaded.model
     loaded.session(target)  # must load on the target: else calibration fails first and its error blames the data
+    step(progress, "reading the calibration data")
     data = load_calibration(model, calibration, config)
     schemes = list(config.schemes or target.quant_candidates(model))
     if not schemes:
@@ -86,14 +90,19 @@ def quantize(
 
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp_dir:
         tmp = Path(tmp_dir)
+        step(progress, "preparing the fp32 graphs")
         graphs = prepare_graphs(model, tmp, config, target, data, notes, schemes)
+        step(progress, "running fp32 on the held-out samples")
         run = CandidateRun(tmp, graphs, config, target, data)
         run.records = cache
+        run.progress = progress
         run.measure(schemes)
         search = run.mixed_precision(notes)
         chosen, passed = run.choose()
         input_bytes = model_file_size(input_path)
         kept_input = passed and not run.improves(chosen, input_bytes)
+        if not kept_input:
+            step(progress, "measuring the kept model's per-node error")
         layer_errors = [] if kept_input else run.layer_errors(chosen, notes)
         notes += run.notes
         coarse = run.coarse_note()

@@ -24,7 +24,6 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from onnxforge.model_io import file_sha256, load_model
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache, stage_key
 from onnxforge.pipeline.evaluate import QualityGate
+from onnxforge.pipeline.progress import Progress, ProgressEvent, ignore
 from onnxforge.pipeline.recipe import StageSpec
 from onnxforge.pipeline.registry import StageContext
 from onnxforge.pipeline.run_guard import check_search_paths
@@ -51,12 +51,11 @@ from onnxforge.targets import get_target
 
 __all__ = ["OptimizeResult", "optimize"]
 
-Progress = Callable[[dict[str, Any]], None]
 STUDY_FILE = "study.log"
 SETTINGS_FILE = "search.json"
 
 
-def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCache, progress: Callable[[str], None]):
+def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCache, progress: Progress):
     """(reference model, start model): the input (exported first when it is a source) and its simplified form."""
     from onnxforge.converters.config import ExportConfig
     from onnxforge.pipeline.simplify import SimplifyConfig
@@ -76,7 +75,7 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
         record = run_stage(simplify, [reference], output, context, cache)
         start = StageArtifact(str(output), record.output_file()["sha256"])
     except Exception as e:  # simplification is an optimization, not a requirement
-        progress(f"simplify failed ({e}); trials start from the input model")
+        progress(ProgressEvent(f"simplify failed ({e}); trials start from the input model"))
         start = reference
     return reference, start
 
@@ -182,6 +181,18 @@ def _finished(study, run_dir: Path, notes: list[str] | None = None) -> list[dict
     return sorted(checked, key=lambda r: r["number"])
 
 
+def _standing(number: int, record: dict[str, Any], records: list[dict[str, Any]], deadline: float | None) -> str:
+    """What a finished trial adds to the progress line: its status, the best so far, the budget left."""
+    ok = [r for r in records if r["status"] == "ok" and r["within_budget"] and r.get("speedup")]
+    best = max(ok, key=lambda r: r["speedup"], default=None)
+    text = f"trial {number} {record['status']}"
+    if best is not None:
+        text += f"; best so far {best['speedup']:.2f}x (trial {best['number']})"
+    if deadline is not None:
+        text += f"; {max(0.0, deadline - time.perf_counter()):.0f}s of the time budget left"
+    return text
+
+
 def optimize(
     model: str | os.PathLike,
     run_dir: str | os.PathLike,
@@ -198,8 +209,8 @@ def optimize(
     import optuna
 
     started = time.perf_counter()
-    report = progress or (lambda event: None)
-    say = lambda message: report({"message": message})  # noqa: E731
+    report = progress or ignore
+    say = lambda message: report(ProgressEvent(message))  # noqa: E731
     cache = cache if cache is not None else StageCache.default()
     model = str(model)
     run_dir = Path(run_dir)
@@ -211,7 +222,7 @@ def optimize(
     has_source = not model.endswith(".onnx")
     SearchSpace(config.target, config.passes, config.space, has_source=has_source)  # a bad space fails before any work
     say("preparing the input model")
-    reference, start = _prepare(model, run_dir, config, cache, say)
+    reference, start = _prepare(model, run_dir, config, cache, report)
     notes = list(notes or [])
     space = SearchSpace(config.target, config.passes, config.space, has_source=has_source, model=load_model(start.ref))
     if space.inapplicable:
@@ -256,8 +267,8 @@ def optimize(
             study.tell(trial, steer_objectives(record, config))
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        report({"trial": record, "done": complete(), "total": config.trials, "records": _finished(study, run_dir),
-                "deadline": deadline})
+        report(ProgressEvent("trials", complete(), config.trials,
+                             _standing(trial.number, record, _finished(study, run_dir), deadline)))
 
     def grid_done() -> bool:  # the grid strategy runs its enqueued plans, nothing sampled beyond them
         return config.strategy is Strategy.GRID and not study.get_trials(
@@ -272,7 +283,7 @@ def optimize(
             while not out_of_budget():
                 trial = study.ask()
                 plan = space.suggest(trial)
-                say(f"trial {trial.number}: {plan.describe()}")
+                report(ProgressEvent("trials", complete(), config.trials, f"trial {trial.number}: {plan.describe()}"))
                 tell(trial, evaluate_plan(trial.number, plan, ctx, trials_dir / f"{trial.number:04d}.onnx"))
         else:
             in_flight: dict[Any, Any] = {}
