@@ -62,9 +62,9 @@ def compare(model_a, model_b, data, target, target_b, threshold, max_samples, to
         from onnxforge._atomic import check_output_path
 
         check_output_path(html_path, model_a, model_b, data)  # fail before running, not after
-    with progress_display(f"comparing {model_a} and {model_b}"):
+    with progress_display(f"comparing {model_a} and {model_b}") as update:
         result = compare_models(model_a, model_b, data, target=target, target_b=target_b, threshold_db=threshold,
-                                max_samples=max_samples)
+                                max_samples=max_samples, progress=update)
     emit_json(json_path, result.to_json())
     if html_path:
         from onnxforge.report import write_report

@@ -101,8 +101,8 @@ def profile(
         input_shapes=parse_input_shapes(input_shapes), sample_data=sample_data, min_seconds=min_seconds,
         per_op=per_op, compare=compare, mobile_dir=mobile_dir,
     )
-    with progress_display(f"profiling {model}"):
-        result = run_profile(model, config)
+    with progress_display(f"profiling {model}") as update:
+        result = run_profile(model, config, update)
     payload = result.to_json()
     emit_json(json_path, payload)
     if html_path:

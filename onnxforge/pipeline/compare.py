@@ -28,6 +28,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge.pipeline import codec
+from onnxforge.pipeline.progress import Progress, counted, ignore
 
 __all__ = [
     "CompareResult",
@@ -200,10 +201,12 @@ def compare_models(
     target_b: str | None = None,
     threshold_db: float = DEFAULT_THRESHOLD_DB,
     max_samples: int = 16,
+    progress: Progress = ignore,
 ) -> CompareResult:
     """Run ``model_a`` and ``model_b`` (on ``target``; B on ``target_b`` when given) on up to
     ``max_samples`` samples of ``data`` (an .npz, a folder, or anything onnxforge's calibration
-    readers take) and report each matched tensor's error, B against A (see the module doc)."""
+    readers take) and report each matched tensor's error, B against A (see the module doc); each
+    sample is reported to ``progress``."""
     from onnxforge.errors import InvalidModelError, UsageError
     from onnxforge.model_io import input_specs, load_model
     from onnxforge.pipeline.calibration import open_calibration
@@ -231,7 +234,7 @@ def compare_models(
     acc = {p.name: ErrorAccumulator() for p in [*pairs, *outputs]}
     skipped: dict[str, str] = {}
     count = 0
-    for feeds in samples.batches(1):
+    for feeds in counted(progress, "running both models sample by sample", samples.batches(1), len(samples)):
         run_a = dict(zip(names_a, session_a.run(None, {k: feeds[k] for k in (s.name for s in specs)}), strict=True))
         feeds_b = {i.name: feeds[i.name] for i in session_b.get_inputs()}
         run_b = dict(zip(names_b_out, session_b.run(None, feeds_b), strict=True))

@@ -22,6 +22,7 @@ import numpy as np
 from onnxforge.errors import UsageError
 from onnxforge.model_io import input_specs, load_model
 from onnxforge.pipeline.codec import JsonResult
+from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.targets import get_target
 from onnxforge.targets.feeds import generate_feeds
 from onnxforge.targets.latency import LatencyStats, compare_latency, measure_latency
@@ -143,9 +144,11 @@ def _same_inputs(a, b) -> bool:
     return [(s.name, s.dtype) for s in input_specs(a)] == [(s.name, s.dtype) for s in input_specs(b)]
 
 
-def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig()) -> ProfileResult:
+def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig(),
+            progress: Progress = ignore) -> ProfileResult:
     """Measure latency for every (batch, threads) pair; then, as configured, the per-op profile
-    (first batch and thread count), the interleaved comparison, and the mobile package."""
+    (first batch and thread count), the interleaved comparison, and the mobile package. Each step is
+    reported to ``progress``."""
     target = get_target(config.target)
     target.require()
     model_path = Path(model_path)
@@ -173,15 +176,19 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
         measured_path = mobile.ort_model
         # onnxruntime's default would use every host core: not a phone's budget
         thread_counts = tuple(t or phone_threads for t in config.threads)
-    rows = []
+    rows: list[ProfileRow] = []
+    settings = len(thread_counts) * len(config.batch_sizes)
     for threads in thread_counts:
         session = target.session(measured_path, threads=threads)
         for batch in config.batch_sizes:
+            step(progress, "latency per batch and thread count", len(rows), settings,
+                 f"batch {batch}, threads {threads or 'default'}")
             feeds = _feeds(model, config, batch, probed.shapes)
             stats = measure_latency(
                 session, feeds, warmup=config.warmup, min_runs=config.min_runs, min_seconds=config.min_seconds
             )
             rows.append(ProfileRow(batch, threads, stats))
+    step(progress, "latency per batch and thread count", len(rows), settings)
     if mobile is not None:
         mobile.host_latency = rows[0].latency
     result = ProfileResult(model_path, target.name, rows, mobile=mobile, host_emulation=mobile is not None)
@@ -191,6 +198,7 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
         from onnxforge.targets.op_profile import OpProfileConfig, profile_ops
 
         op_config = OpProfileConfig(target=target, threads=threads, warmup=config.warmup, runs=config.per_op_runs)
+        step(progress, "per-op profile", message=f"{config.per_op_runs} profiled runs")
         result.op_profile = profile_ops(measured_path, _feeds(model, config, batch, probed.shapes), op_config)
     if config.compare is not None:
         other = load_model(config.compare)
@@ -199,7 +207,8 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
         sessions = {"model": target.session(model_path, threads=threads, interleaved=True),
                     "other": target.session(config.compare, threads=threads, interleaved=True)}
         timings = compare_latency(sessions, {"model": feeds, "other": other_feeds}, warmup=config.warmup,
-                                  rounds=max(10, config.min_runs), min_seconds=config.min_seconds)
+                                  rounds=max(10, config.min_runs), min_seconds=config.min_seconds,
+                                  on_round=lambda done, total: step(progress, "interleaved comparison", done, total))
         result.comparison = Comparison(
             model_path, Path(config.compare), timings["model"], timings["other"], batch, threads
         )
