@@ -179,6 +179,7 @@ def tune_session_file(
     min_gain: float = MIN_GAIN,
     seconds: float = 3.0,
     reads: tuple[str | os.PathLike | None, ...] = (),
+    measure: Measure | None = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> SessionTuning:
     """Tune ``model``'s session on ``target`` (fed ``data``'s first samples, else generated inputs of
@@ -186,7 +187,8 @@ def tune_session_file(
     onnxforge wrote earlier is removed when none did (it was measured for another model or machine)."""
     path = Path(model)
     reference = Reference(path, data, target, input_shapes=input_shapes)
-    tuning = tune_session(reference, threads=threads, min_gain=min_gain, seconds=seconds, progress=progress)
+    tuning = tune_session(reference, threads=threads, min_gain=min_gain, seconds=seconds, measure=measure,
+                          progress=progress)
     sidecar = settings_path(path)
     if tuning.improved:
         measured = {"speedup": tuning.speedup, "target": reference.target.name, "min_gain": min_gain,
