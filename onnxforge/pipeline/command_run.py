@@ -62,6 +62,7 @@ class CommandRecipe:
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         dynamic_batch: bool = False,
         max_samples: int | None = None,
+        tune_session: bool = False,
     ) -> CommandRecipe:
         """``stages``: ``(kind, options)`` in order, options in the recipe's spelling (codec-encoded)."""
         mapping: dict[str, Any] = {"model": _absolute_model(str(model))}
@@ -76,6 +77,8 @@ class CommandRecipe:
             mapping["dynamic_batch"] = True
         if max_samples is not None:
             mapping["max_samples"] = max_samples
+        if tune_session:
+            mapping["tune_session"] = True
         mapping["stages"] = [{kind: dict(options)} if options else kind for kind, options in stages]
         return cls(mapping)
 
@@ -149,7 +152,19 @@ def run_to_output(
             record = run_stage(spec, stage_inputs(spec, artifacts), path, context, cache, force=force)
             records.append(record)
             artifacts[spec.name] = StageArtifact(str(path), record.output_file()["sha256"])
+    if recipe.tune_session:
+        tune_output(recipe, output, context.progress)
     return records
+
+
+def tune_output(recipe: Recipe, model: Path, progress: Progress) -> None:
+    """The recipe's ``tune_session``: session options measured for its final ``model`` (on the eval data's
+    first samples, else generated inputs), written beside it when faster twice (``session_tuning``)."""
+    from onnxforge.pipeline.session_tuning import tune_session_file
+
+    tuning = tune_session_file(model, recipe.eval_data, recipe.target, input_shapes=recipe.input_shapes,
+                               reads=tuple(recipe_reads(recipe)), progress=progress)
+    progress(f"session: {tuning.summary()}" + (f"; wrote {Path(tuning.written).name}" if tuning.written else ""))
 
 
 def stage_json(records: Sequence[StageRecord]) -> dict[str, Any]:

@@ -345,6 +345,10 @@ def run_recipe(
         manifest.write()
         artifacts[spec.name] = StageArtifact(str(output), record.output_file()["sha256"])
 
+    if recipe.tune_session and recipe.stages:
+        from onnxforge.pipeline.command_run import tune_output
+
+        tune_output(recipe, stage_output(run_dir, len(recipe.stages), recipe.stages[-1].name), progress)
     metric = None
     if measure:
         metric = _measure(manifest, recipe, progress, cache)

@@ -1,0 +1,40 @@
+"""``tune_session`` through the one door: a command's ``--tune-session`` and a recipe's ``tune_session: true``
+write the final model's measured session options beside it; without it nothing is written."""
+
+from __future__ import annotations
+
+from onnxforge.targets.session_settings import GraphLevel, read_settings, settings_path
+
+
+def test_quantize_tune_session_writes_beside_the_output(tmp_path, classifier_path, calibration_npz, cli,
+                                                        int8_faster):
+    # int8_faster answers every interleaved timing 2x faster than the reference: every setting holds twice,
+    # the combination does not beat the best single one, so the first setting tried is chosen
+    out = tmp_path / "q.onnx"
+    code, _, err = cli("quantize", classifier_path, "-o", out, "--calibration", calibration_npz, "--tune-session",
+                       "--no-cache")
+    assert code == 0, err
+    assert read_settings(settings_path(out)).graph_optimization is GraphLevel.BASIC
+    assert not settings_path(classifier_path).exists()  # the input is never touched
+    code, out_text, err = cli("profile", out, "--min-seconds", "0")
+    assert code == 0, err
+    assert "graph_optimization=basic" in out_text
+
+
+def test_without_the_flag_nothing_is_written(tmp_path, classifier_path, calibration_npz, cli, int8_faster):
+    out = tmp_path / "q.onnx"
+    code, _, err = cli("quantize", classifier_path, "-o", out, "--calibration", calibration_npz, "--no-cache")
+    assert code == 0, err
+    assert not settings_path(out).exists()
+
+
+def test_recipe_tunes_the_last_stage(tmp_path, classifier_path, int8_faster):
+    from onnxforge.pipeline.recipe import load_recipe
+    from onnxforge.pipeline.runner import run_recipe
+
+    (tmp_path / "recipe.yaml").write_text(
+        f"model: {classifier_path}\ntune_session: true\nstages:\n  - simplify\n")
+    result = run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run")
+    last = result.run_dir / result.manifest.stages[-1].output_file()["path"]
+    assert settings_path(last).is_file()
+    assert read_settings(settings_path(last)).graph_optimization is GraphLevel.BASIC
