@@ -268,7 +268,8 @@ def tune_session_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--tune-session", is_flag=True, default=False,
         help="also measure onnxruntime session options (graph level, threads, NCHWc, memory) for the output and "
-        "write those faster twice by >3% beside it as OUTPUT.session.json (profile and the API apply it)")(f)
+        "write those faster twice by >3% beside the final model as OUTPUT.session.json (optimize: best.session.json); "
+        "profile and the API apply it")(f)
 
 
 def timeout_option(help_text: str) -> Decorator:

@@ -3,6 +3,10 @@ write the final model's measured session options beside it; without it nothing i
 
 from __future__ import annotations
 
+import json
+
+from test_optimize import project  # noqa: F401 - the fixture
+
 from onnxforge.targets.session_settings import GraphLevel, read_settings, settings_path
 
 
@@ -38,3 +42,14 @@ def test_recipe_tunes_the_last_stage(tmp_path, classifier_path, int8_faster):
     last = result.run_dir / result.manifest.stages[-1].output_file()["path"]
     assert settings_path(last).is_file()
     assert read_settings(settings_path(last)).graph_optimization is GraphLevel.BASIC
+
+
+def test_optimize_tunes_best(project, cli, int8_faster):
+    code, _, err = cli("optimize", project / "model.onnx", "-o", project / "run", "--calibration",
+                       project / "calib.npz", "--eval", project / "eval.npz", "--pass", "prune_channels",
+                       "--trials", "1", "--space", "prune_channels.ratio=0.5", "--space",
+                       "prune_channels.importance=l2", "--objective", "size", "--max-drop", "100", "--tune-session")
+    assert code == 0, err
+    assert read_settings(settings_path(project / "run" / "best.onnx")).graph_optimization is GraphLevel.BASIC
+    manifest = json.loads((project / "run" / "manifest.json").read_text())
+    assert manifest["files"]["session"] == "best.session.json"
