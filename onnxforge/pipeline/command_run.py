@@ -18,6 +18,7 @@ removed afterwards. Running the same command twice is answered from the cache, a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -153,18 +154,20 @@ def run_to_output(
             records.append(record)
             artifacts[spec.name] = StageArtifact(str(path), record.output_file()["sha256"])
     if recipe.tune_session:
-        tune_output(recipe, output, context.progress)
+        records[-1] = tune_output(recipe, output, records[-1], context.progress)
     return records
 
 
-def tune_output(recipe: Recipe, model: Path, progress: Progress) -> None:
+def tune_output(recipe: Recipe, model: Path, record: StageRecord, progress: Progress) -> StageRecord:
     """The recipe's ``tune_session``: session options measured for its final ``model`` (on the eval data's
-    first samples, else generated inputs), written beside it when faster twice (``session_tuning``)."""
+    first samples, else generated inputs), written beside it when faster twice (``session_tuning``); returns
+    the last stage's ``record`` with what was measured under its result's ``session``."""
     from onnxforge.pipeline.session_tuning import tune_session_file
 
     tuning = tune_session_file(model, recipe.eval_data, recipe.target, input_shapes=recipe.input_shapes,
                                reads=tuple(recipe_reads(recipe)), progress=progress)
     progress(f"session: {tuning.summary()}" + (f"; wrote {Path(tuning.written).name}" if tuning.written else ""))
+    return dataclasses.replace(record, result={**(record.result or {}), "session": tuning.to_json()})
 
 
 def stage_json(records: Sequence[StageRecord]) -> dict[str, Any]:

@@ -348,7 +348,9 @@ def run_recipe(
     if recipe.tune_session and recipe.stages:
         from onnxforge.pipeline.command_run import tune_output
 
-        tune_output(recipe, stage_output(run_dir, len(recipe.stages), recipe.stages[-1].name), progress)
+        last = stage_output(run_dir, len(recipe.stages), recipe.stages[-1].name)
+        manifest.stages[-1] = tune_output(recipe, last, manifest.stages[-1], progress)
+        manifest.write()
     metric = None
     if measure:
         metric = _measure(manifest, recipe, progress, cache)

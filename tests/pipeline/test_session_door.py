@@ -16,9 +16,11 @@ def test_quantize_tune_session_writes_beside_the_output(tmp_path, classifier_pat
     # the combination does not beat the best single one, so the first setting tried is chosen
     out = tmp_path / "q.onnx"
     code, _, err = cli("quantize", classifier_path, "-o", out, "--calibration", calibration_npz, "--tune-session",
-                       "--no-cache")
+                       "--no-cache", "--json", tmp_path / "q.json")
     assert code == 0, err
     assert read_settings(settings_path(out)).graph_optimization is GraphLevel.BASIC
+    session = json.loads((tmp_path / "q.json").read_text())["session"]
+    assert session["chosen"] == {"graph_optimization": "basic"} and session["written"] == str(settings_path(out))
     assert not settings_path(classifier_path).exists()  # the input is never touched
     code, out_text, err = cli("profile", out, "--min-seconds", "0")
     assert code == 0, err
@@ -42,6 +44,8 @@ def test_recipe_tunes_the_last_stage(tmp_path, classifier_path, int8_faster):
     last = result.run_dir / result.manifest.stages[-1].output_file()["path"]
     assert settings_path(last).is_file()
     assert read_settings(settings_path(last)).graph_optimization is GraphLevel.BASIC
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["stages"][-1]["result"]["session"]["chosen"] == {"graph_optimization": "basic"}
 
 
 def test_optimize_tunes_best(project, cli, int8_faster):
