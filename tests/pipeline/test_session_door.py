@@ -5,9 +5,25 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from conftest import latency_stats
 from test_optimize import project  # noqa: F401 - the fixture
 
+from onnxforge.pipeline.session_tuning import CONTROL
 from onnxforge.targets.session_settings import GraphLevel, read_settings, settings_path
+
+
+@pytest.fixture
+def int8_faster(monkeypatch):
+    """conftest's int8_faster, with session tuning's A/A control timed like the reference (no noise): every
+    other model or setting runs in 0.5 ms against 1 ms."""
+    from onnxforge.pipeline import reference
+
+    def timed(sessions, feeds, rounds=20, **_):
+        first = next(iter(sessions))  # time_against puts the reference first
+        return {label: latency_stats(1.0 if label in (first, CONTROL) else 0.5) for label in sessions}
+
+    monkeypatch.setattr(reference, "compare_latency", timed)
 
 
 def test_quantize_tune_session_writes_beside_the_output(tmp_path, classifier_path, calibration_npz, cli,
