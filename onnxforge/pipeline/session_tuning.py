@@ -7,8 +7,8 @@ interleaved with the defaults in one ``Reference.time_against`` call, beside a s
 defaults (an A/A control: its "speedup" over the first is the run's noise). The bar in each run is
 ``min_gain`` (3%) faster, or twice the control's distance from 1 when that is larger. Those over the
 bar go to a second, fresh interleaved call; a setting is kept only when it clears the bar both times.
-(On this 2-core box under load 11, "2 threads", which is onnxruntime's default here, once measured
-1.24x then 1.17x the defaults: two confirming runs alone let that noise through.) The kept knobs are
+(On this 2-core box under load ~11, the defaults timed against themselves ranged 0.95x-1.19x from run
+to run: a fixed 3% bar alone would let that noise through.) The kept knobs are
 then combined and the combination confirmed the same way, twice; it is chosen when it holds and
 beats the best single setting's worse-of-two speedup, else that single setting is. Nothing kept: the
 defaults stay and nothing is written. On a shared machine drifting ±15% run to run only the ratios
