@@ -15,7 +15,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from onnxforge.cli.console import emit_json, err, quiet, status
+from onnxforge.cli.console import emit_json, err, out, quiet, status
 from onnxforge.cli.options import check_json_path
 from onnxforge.errors import QualityGateError
 from onnxforge.pipeline.cache import StageCache
@@ -75,6 +75,10 @@ def run_command(
     if not quiet(json_path):
         render_stage(kind, payload, output, failed=False)
         last = records[-1]
+        session = (last.result or {}).get("session")
+        if isinstance(session, dict):  # --tune-session: what was measured for the output's session
+            written = f"; wrote {Path(session['written']).name}" if session.get("written") else ""
+            out.print(f"session: {escape(str(session.get('summary', '')))}{escape(written)}", highlight=False)
         if last.status == "cached":
             err.print(f"[dim]cached:[/] {escape(last.cache)} (stage key {last.key[:12]}; --no-cache recomputes)",
                       highlight=False)

@@ -76,7 +76,7 @@ class SessionTuning(JsonResult):
         return SessionSettings(intra_op_threads=self.threads)
 
     def json_extra(self) -> dict[str, Any]:
-        return {"chosen": self.chosen.changes()}
+        return {"chosen": self.chosen.changes(), "summary": self.summary()}
 
     def summary(self) -> str:
         if not self.improved or self.speedup is None:

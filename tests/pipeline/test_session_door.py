@@ -34,6 +34,10 @@ def test_quantize_tune_session_writes_beside_the_output(tmp_path, classifier_pat
     code, _, err = cli("quantize", classifier_path, "-o", out, "--calibration", calibration_npz, "--tune-session",
                        "--no-cache", "--json", tmp_path / "q.json")
     assert code == 0, err
+    code, text, err = cli("quantize", classifier_path, "-o", out, "--calibration", calibration_npz, "--tune-session")
+    assert code == 0, err
+    assert "session: graph_optimization=basic: 2.00x the defaults' speed (confirmed twice); wrote q.session.json" \
+        in text
     assert read_settings(settings_path(out)).graph_optimization is GraphLevel.BASIC
     session = json.loads((tmp_path / "q.json").read_text())["session"]
     assert session["chosen"] == {"graph_optimization": "basic"} and session["written"] == str(settings_path(out))
