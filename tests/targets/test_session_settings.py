@@ -89,6 +89,18 @@ def test_profile_threads_flag_wins_over_the_sidecar(classifier_path, monkeypatch
     assert built[0].graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 
 
+def test_profile_compare_runs_each_model_with_its_own_settings(classifier_path, tmp_path, monkeypatch):
+    import shutil
+
+    other = tmp_path / "other.onnx"
+    shutil.copyfile(classifier_path, other)
+    write_settings(other, SessionSettings(mem_pattern=False), {})
+    built = _capture_sessions(monkeypatch)
+    profile(classifier_path, ProfileConfig(min_seconds=0.0, min_runs=3, warmup=1, compare=other))
+    model_options, other_options = built[-2:]
+    assert model_options.enable_mem_pattern and not other_options.enable_mem_pattern
+
+
 @pytest.mark.parametrize("text, words", [
     ("{not json", "not valid JSON"),
     ('{"format": "onnxforge-session/1", "settings": {"graph_optimization": "fastest"}}', "'fastest' is not one of"),
