@@ -80,8 +80,11 @@ class SessionTuning(JsonResult):
 
     def summary(self) -> str:
         if not self.improved or self.speedup is None:
+            noise = max((abs(c - 1) for c in self.controls), default=0.0)
+            bar = max(self.min_gain, 2 * noise)
+            why = f" (twice the defaults' own noise, {noise:.0%})" if bar > self.min_gain else ""
             return (f"onnxruntime's defaults kept: no setting of {len(self.trials)} tried was faster by more than "
-                    f"{self.min_gain:.0%} twice")
+                    f"{bar:.0%} twice{why}")
         return f"{self.chosen.label}: {self.speedup:.2f}x the defaults' speed (confirmed twice)"
 
 

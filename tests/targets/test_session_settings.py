@@ -154,6 +154,7 @@ def test_a_gain_within_the_control_noise_is_not_kept(classifier_path):
     noisy = {CONTROL: 1.10, "no arena": 1.15}
     tuning = tune_session_file(classifier_path, measure=_fake([noisy, noisy])[0])
     assert not tuning.improved and tuning.controls == (1.10,)
+    assert "faster by more than 20% twice (twice the defaults' own noise, 10%)" in tuning.summary()
     clear = {CONTROL: 1.10, "no arena": 1.25}
     tuning = tune_session_file(classifier_path, measure=_fake([clear, clear])[0])
     assert tuning.chosen == SessionSettings(cpu_mem_arena=False) and tuning.controls == (1.10, 1.10)
