@@ -45,6 +45,10 @@ _API = {
     "optimize": ("onnxforge.pipeline.search", "optimize"),
     "OptimizeConfig": ("onnxforge.pipeline.search", "OptimizeConfig"),
     "get_target": ("onnxforge.targets", "get_target"),
+    "SessionSettings": ("onnxforge.targets.session_settings", "SessionSettings"),
+    "session_options": ("onnxforge.targets.session_settings", "session_options"),
+    "InferenceSession": ("onnxforge.targets.session_settings", "InferenceSession"),
+    "tune_session": ("onnxforge.pipeline.session_tuning", "tune_session_file"),
 }
 
 __all__ = [*sorted(_API), "__version__"]

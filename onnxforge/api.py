@@ -53,15 +53,18 @@ def run_stage(
     inputs: Sequence[PathLike] | None = None,
     cache: CacheArg = None,
     force: bool = False,
+    tune_session: bool = False,
     **options: Any,
 ) -> StageRecord:
     """Run one registered pass ``kind`` on ``model`` into ``output``, as ``onnxforge run`` would run a
-    one-stage recipe with these data, target and options; returns its record (status ``done``/``cached``)."""
+    one-stage recipe with these data, target and options; returns its record (status ``done``/``cached``).
+    ``tune_session``: also write ``output``'s measured session options beside it (``onnxforge.tune_session``)."""
     stage_options = {name: codec.encode(value) for name, value in options.items()}
     if inputs:
         stage_options["inputs"] = [str(Path(p).resolve()) for p in inputs]
     command = CommandRecipe.build(model, [(kind, stage_options)], calibration=calibration, eval_data=eval,
-                                  target=target, input_shapes=input_shapes, max_samples=max_samples)
+                                  target=target, input_shapes=input_shapes, max_samples=max_samples,
+                                  tune_session=tune_session)
     return run_to_output(command.recipe(), output, cache=_cache(cache), force=force)[-1]
 
 

@@ -128,7 +128,8 @@ COMMANDS = {"export": ["export"], "simplify": ["simplify"], "fp16": ["fp16"], "q
 RECIPE_LEVEL = {"calibration": "calibration", "eval_data": "eval", "target": "target", "max_samples": "max_samples",
                 "image_size": "calibration.image_size", "mean": "calibration.mean", "std": "calibration.std",
                 "layout": "calibration.layout", "model": "model", "source": "model", "models": "model + inputs",
-                "distill_source": "model (the teacher) + inputs", "prune_method": "the stage kind"}
+                "distill_source": "model (the teacher) + inputs", "prune_method": "the stage kind",
+                "tune_session": "tune_session"}
 # fields spelled by shared groups or composite flags, per field name -> the flag(s)
 COMPOSITE = {"input_shapes": "--input-shape", "input_dtypes": "--input-shape", "dynamic_axes": "--dynamic",
              "tolerance": "--tolerance / --atol --rtol", "calibration_data": "--calibration", "eval_data": "--eval",

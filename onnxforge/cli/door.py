@@ -15,7 +15,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from onnxforge.cli.console import emit_json, err, quiet
+from onnxforge.cli.console import emit_json, err, out, quiet
 from onnxforge.cli.options import check_json_path
 from onnxforge.cli.progress_view import progress_display
 from onnxforge.errors import QualityGateError
@@ -76,6 +76,10 @@ def run_command(
     if not quiet(json_path):
         render_stage(kind, payload, output, failed=False)
         last = records[-1]
+        session = (last.result or {}).get("session")
+        if isinstance(session, dict):  # --tune-session: what was measured for the output's session
+            written = f"; wrote {Path(session['written']).name}" if session.get("written") else ""
+            out.print(f"session: {escape(str(session.get('summary', '')))}{escape(written)}", highlight=False)
         if last.status == "cached":
             err.print(f"[dim]cached:[/] {escape(last.cache)} (stage key {last.key[:12]}; --no-cache recomputes)",
                       highlight=False)

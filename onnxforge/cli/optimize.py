@@ -11,7 +11,14 @@ from rich.table import Table
 from onnxforge.cli.app import cli
 from onnxforge.cli.console import emit_json, human_bytes, out, quiet
 from onnxforge.cli.door import stage_cache
-from onnxforge.cli.options import MetricType, cache_options, input_shape_option, json_option, target_option
+from onnxforge.cli.options import (
+    MetricType,
+    cache_options,
+    input_shape_option,
+    json_option,
+    target_option,
+    tune_session_option,
+)
 from onnxforge.cli.progress_view import progress_display
 from onnxforge.errors import QualityGateError, UsageError
 
@@ -156,6 +163,7 @@ def _render_optimize(result, json_path: str | None) -> None:
     metavar="ADDR",
     help="run trials on Ray: local (a private instance), auto, or ray://host:port",
 )
+@tune_session_option
 @input_shape_option
 @cache_options
 @json_option
@@ -179,6 +187,7 @@ def optimize(
     threads,
     min_speedup,
     ray_address,
+    tune_session,
     input_shapes,
     cache_dir,
     no_cache,
@@ -240,6 +249,7 @@ def optimize(
         passes=tuple(passes) or None, space=_space_option(space),
         batch=_counts(batch, "--batch"), threads=_counts(threads, "--threads"),
         input_shapes=parse_input_shapes(input_shapes), min_speedup=min_speedup, ray_address=ray_address,
+        tune_session=tune_session,
     )
     check_search_paths(model, search_reads(config), run_dir, json_path=json_path)
     try:

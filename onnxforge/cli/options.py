@@ -45,6 +45,7 @@ __all__ = [
     "stage_cache_options",
     "target_option",
     "timeout_option",
+    "tune_session_option",
 ]
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -260,6 +261,15 @@ def target_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--target", default="cpu", show_default=True, type=click.Choice(list(TARGETS)), help="execution target"
     )(f)
+
+
+def tune_session_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The recipe's ``tune_session``: the output's session options measured, written beside it."""
+    return click.option(
+        "--tune-session", is_flag=True, default=False,
+        help="also measure onnxruntime session options (graph level, threads, NCHWc, memory) for the output and "
+        "write those faster twice by >3% beside the final model as OUTPUT.session.json (optimize: best.session.json); "
+        "profile and the API apply it")(f)
 
 
 def timeout_option(help_text: str) -> Decorator:

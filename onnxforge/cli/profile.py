@@ -119,6 +119,10 @@ def profile(
 def _render_profile(result, top: int) -> None:
     emulation = " (host emulation, not a device measurement)" if result.host_emulation else ""
     out.print(f"inputs: {escape(result.inputs)}", highlight=False)
+    if result.session_settings is not None:
+        applied = ", ".join(f"{k}={v}" for k, v in result.session_settings.items()) or "onnxruntime defaults"
+        out.print(f"session settings from {escape(result.path.with_suffix('.session.json').name)}: {escape(applied)}",
+                  highlight=False)
     table = Table(title=f"{result.path.name} on {result.target}{emulation}")
     for col in ("batch", "threads", "p50 ms", "p90 ms", "p99 ms", "p90/p50", "p99/p50", "mean ms", "std ms",
                 "samples/s", "runs"):

@@ -22,6 +22,7 @@ from onnxforge.cli.options import (
     save_recipe_option,
     stage_cache_options,
     target_option,
+    tune_session_option,
 )
 from onnxforge.pipeline.command_run import CommandRecipe
 from onnxforge.pipeline.quantize import QuantizeConfig
@@ -64,6 +65,7 @@ def max_samples_option(f):
 @target_option
 @quality_options
 @max_samples_option
+@tune_session_option
 @config_options(QuantizeConfig, flags=FLAGS, skip=SKIP)
 @image_options
 @stage_cache_options
@@ -80,6 +82,7 @@ def quantize(
     metric: str,
     tolerance: float | None,
     max_samples: int | None,
+    tune_session: bool,
     **_: object,
 ) -> None:
     """Quantize MODEL (static or dynamic INT8, INT4 weight-only, FP16 on GPU targets): measure the target's
@@ -90,6 +93,6 @@ def quantize(
     calibration_spec, eval_data_spec = data_options(ctx)
     command = CommandRecipe.build(
         model, [("quantize", options)], calibration=calibration_spec, eval_data=eval_data_spec, target=target,
-        max_samples=max_samples)
+        max_samples=max_samples, tune_session=tune_session)
     run_command(command, output, ctx, message=f"quantizing {model}")
 

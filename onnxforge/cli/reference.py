@@ -29,6 +29,7 @@ def _recipe_spelling(command: str, param: click.Parameter) -> str:
         return ""
     flags = {f.param: f.field for f in getattr(module, "FLAGS", ())}
     top = {"calibration": "`calibration`", "eval_data": "`eval`", "target": "`target`", "max_samples": "`max_samples`",
+           "tune_session": "`tune_session`",
            "image_size": "`calibration.image_size`", "mean": "`calibration.mean`", "std": "`calibration.std`",
            "layout": "`calibration.layout`", "input_shapes": "`input_shapes`", "metric": "stage `metric`",
            "tolerance": "stage `tolerance`", "atol": "stage `tolerance.atol`", "rtol": "stage `tolerance.rtol`",

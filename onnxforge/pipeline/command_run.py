@@ -18,6 +18,7 @@ removed afterwards. Running the same command twice is answered from the cache, a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -31,7 +32,7 @@ from onnxforge._atomic import atomic_write_text, check_output_path
 from onnxforge.errors import RecipeError, UsageError
 from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.manifest import StageRecord
-from onnxforge.pipeline.progress import Progress
+from onnxforge.pipeline.progress import Progress, step
 from onnxforge.pipeline.recipe import SOURCE, Recipe, recipe_from_mapping
 from onnxforge.pipeline.run_guard import recipe_reads, stage_output
 from onnxforge.pipeline.runner import StageArtifact, model_artifact, run_stage, stage_inputs
@@ -61,6 +62,7 @@ class CommandRecipe:
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         dynamic_batch: bool = False,
         max_samples: int | None = None,
+        tune_session: bool = False,
     ) -> CommandRecipe:
         """``stages``: ``(kind, options)`` in order, options in the recipe's spelling (codec-encoded)."""
         mapping: dict[str, Any] = {"model": _absolute_model(str(model))}
@@ -75,6 +77,8 @@ class CommandRecipe:
             mapping["dynamic_batch"] = True
         if max_samples is not None:
             mapping["max_samples"] = max_samples
+        if tune_session:
+            mapping["tune_session"] = True
         mapping["stages"] = [{kind: dict(options)} if options else kind for kind, options in stages]
         return cls(mapping)
 
@@ -148,7 +152,22 @@ def run_to_output(
             record = run_stage(spec, stage_inputs(spec, artifacts), path, context, cache, force=force)
             records.append(record)
             artifacts[spec.name] = StageArtifact(str(path), record.output_file()["sha256"])
+    if recipe.tune_session:
+        records[-1] = tune_output(recipe, output, records[-1], context.progress)
     return records
+
+
+def tune_output(recipe: Recipe, model: Path, record: StageRecord, progress: Progress) -> StageRecord:
+    """The recipe's ``tune_session``: session options measured for its final ``model`` (on the eval data's
+    first samples, else generated inputs), written beside it when faster twice (``session_tuning``); returns
+    the last stage's ``record`` with what was measured under its result's ``session``."""
+    from onnxforge.pipeline.session_tuning import tune_session_file
+
+    tuning = tune_session_file(model, recipe.eval_data, recipe.target, input_shapes=recipe.input_shapes,
+                               reads=tuple(recipe_reads(recipe)), progress=progress)
+    step(progress, "session options",
+         message=tuning.summary() + (f"; wrote {Path(tuning.written).name}" if tuning.written else ""))
+    return dataclasses.replace(record, result={**(record.result or {}), "session": tuning.to_json()})
 
 
 def stage_json(records: Sequence[StageRecord]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ dynamic_batch: true
 calibration: calib.npz         # arrays keyed by input name, first axis = samples
 eval: eval.npz                 # held-out samples (+ 'label' for accuracy)
 max_samples: 256               # optional: samples read from each data file at most (eval scoring too)
+tune_session: true             # optional: measure session options for the last stage's model (.session.json)
 target: cpu
 stages:
   - export
@@ -61,7 +62,7 @@ __all__ = [
 
 SOURCE = "source"  # the name by which a stage names the recipe's model as its input
 _TOP_KEYS = {"model", "inputs", "input_shapes", "dynamic_batch", "calibration", "eval", "max_samples", "target",
-             "stages", "name", "search"}
+             "stages", "name", "search", "tune_session"}
 INPUT_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 _STAGE_KEYS = {"name", "inputs"}
 
@@ -118,6 +119,8 @@ class Recipe:
     dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # from ``inputs:``; fills export
     search: Mapping[str, Any] | None = None  # the optimize section, read by onnxforge.pipeline.search
     max_samples: int | None = None  # eval samples the runner scores at most; fills the stages' max_samples
+    # the last stage's model gets the session options measured faster for it beside it (session_tuning)
+    tune_session: bool = False
 
     def context(self, progress=None) -> StageContext:
         return StageContext(
@@ -137,6 +140,7 @@ class Recipe:
             "target": self.target,
             "input_shapes": codec.encode(self.input_shapes),
             "dynamic_batch": self.dynamic_batch,
+            "tune_session": self.tune_session,
             "input_dtypes": codec.encode(self.input_dtypes),
             "dynamic_axes": codec.encode(self.dynamic_axes),
             "stages": [
@@ -335,6 +339,7 @@ def recipe_from_mapping(data: Any, base: Path, source: str = "recipe") -> Recipe
         max_samples=context.max_samples,
         name=_plain_name(name, source),
         search=dict(search) if search else None,
+        tune_session=codec.decode(bool, data.get("tune_session", False), "tune_session", base),
     )
 
 

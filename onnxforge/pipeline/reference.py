@@ -46,6 +46,7 @@ from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.user_metric import UserMetric
 from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
+from onnxforge.targets.session_settings import SessionSettings
 
 if TYPE_CHECKING:
     from onnxforge.pipeline.cache import StageCache
@@ -338,6 +339,7 @@ class Reference:
         rivals: Sequence[str] = (),
         progress: Progress = ignore,
         phase: str = "timing",
+        settings: Mapping[str, SessionSettings] | None = None,
     ) -> dict[str, Timing]:
         """Time ``candidates`` (name -> model) interleaved with the reference in one ``compare_latency``
         call, each against the reference's p50 in that same call.
@@ -348,16 +350,21 @@ class Reference:
         reference's own timing is in the answer too, under that name (ratio 1). ``drop_slower_than``:
         a candidate clearly slower than the fastest of the reference and ``rivals`` stops being timed
         (compare_latency); its timing is from the rounds it ran.
-        ``progress`` hears ``phase`` round i/N.
+        ``progress`` hears ``phase`` round i/N. ``settings``: session options per candidate (or for the
+        reference, under ``reference_name``): how session tuning times one model under several settings
+        (``session_tuning``).
         """
         feeds = dict(feeds) if feeds is not None else self.feeds(batch)
         own_feeds = dict(own_feeds or {})
         name = reference_name if reference_name is not None else _reference_name(candidates)
         if name in candidates:
             raise ValueError(f"{name!r} names both the reference and a candidate")
-        sessions = {name: self.target.session(_runnable(self.model), threads=threads, interleaved=True)}
+        settings = dict(settings or {})
+        sessions = {name: self.target.session(_runnable(self.model), threads=threads, interleaved=True,
+                                              settings=settings.get(name))}
         for label, model in candidates.items():
-            sessions[label] = self.target.session(_runnable(model), threads=threads, interleaved=True)
+            sessions[label] = self.target.session(_runnable(model), threads=threads, interleaved=True,
+                                                  settings=settings.get(label))
         per_session = {label: own_feeds.get(label, feeds) for label in sessions}
         if seconds is not None:
             start = time.perf_counter()

@@ -63,7 +63,8 @@ def check_run_paths(recipe: Recipe, run_dir: str | os.PathLike) -> None:
 SEARCH_MARKER = "search.json"  # written first by every search: the folder is a search's run folder
 # what a search writes at the top of its run folder (folders: trials/, front/)
 SEARCH_OUTPUTS = frozenset({SEARCH_MARKER, "study.log", "input_export.onnx", "input_simplified.onnx", "pareto.json",
-                            "manifest.json", "report.html", "best.onnx", "best.recipe.yaml", "trials", "front"})
+                            "manifest.json", "report.html", "best.onnx", "best.recipe.yaml", "best.session.json",
+                            "trials", "front"})
 
 
 def _written_by_search(name: str) -> bool:

@@ -346,6 +346,12 @@ def run_recipe(
         manifest.write()
         artifacts[spec.name] = StageArtifact(str(output), record.output_file()["sha256"])
 
+    if recipe.tune_session and recipe.stages:
+        from onnxforge.pipeline.command_run import tune_output
+
+        last = stage_output(run_dir, len(recipe.stages), recipe.stages[-1].name)
+        manifest.stages[-1] = tune_output(recipe, last, manifest.stages[-1], progress)
+        manifest.write()
     metric = None
     if measure:
         metric = _measure(manifest, recipe, progress, cache)

@@ -7,6 +7,7 @@ import enum
 import functools
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -15,6 +16,9 @@ import onnxruntime as ort
 
 from onnxforge import _ort_logs
 from onnxforge.errors import InvalidModelError, TargetUnavailableError, first_line
+
+if TYPE_CHECKING:
+    from onnxforge.targets.session_settings import SessionSettings
 
 __all__ = ["ActivationType", "QuantFormat", "QuantMethod", "QuantScheme", "QuantScope", "Target"]
 
@@ -196,6 +200,7 @@ class Target:
         interleaved: bool = False,
         name: str | None = None,
         low_memory: bool = False,
+        settings: SessionSettings | None = None,
     ) -> ort.InferenceSession:
         """An InferenceSession on this target; a model onnxruntime cannot load is InvalidModelError.
 
@@ -206,6 +211,8 @@ class Target:
         thread pool does not spin between runs (see ``session_options``).
         ``low_memory`` turns off the CPU arena and memory patterns: memory goes back after each run
         (for sessions that score or analyse under a memory limit; never for timing).
+        ``settings``: session options measured for this model (``session_settings``, its ``.session.json``);
+        their thread count wins over ``threads``.
         A provider that onnxruntime could not start is TargetUnavailableError, not a CPU fallback.
         """
         if isinstance(model, onnx.ModelProto):
@@ -213,11 +220,15 @@ class Target:
 
             with runnable(model) as source:
                 return self.session(source, threads=threads, profile_prefix=profile_prefix, interleaved=interleaved,
-                                    name=name or "the model", low_memory=low_memory)
+                                    name=name or "the model", low_memory=low_memory, settings=settings)
         self.require()
         source = model if isinstance(model, bytes) else str(model)
         where = name or ("the model" if isinstance(model, bytes) else str(model))
+        if settings is not None and settings.intra_op_threads is not None:
+            threads = settings.intra_op_threads
         options = self.session_options(threads, interleaved=interleaved)
+        if settings is not None:
+            settings.apply(options)
         if low_memory:
             options.enable_cpu_mem_arena = False
             options.enable_mem_pattern = False

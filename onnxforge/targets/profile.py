@@ -11,6 +11,7 @@ of their p50s, the number that holds on a noisy machine. On the mobile target, r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.targets import get_target
 from onnxforge.targets.feeds import generate_feeds
 from onnxforge.targets.latency import LatencyStats, compare_latency, measure_latency
+from onnxforge.targets.session_settings import SessionSettings, settings_for
 from onnxforge.targets.shape_probe import ProbedShapes, probe_shapes
 
 if TYPE_CHECKING:
@@ -92,6 +94,8 @@ class ProfileResult(JsonResult):
     mobile: MobileResult | None = field(default=None, metadata={"json": False})
     host_emulation: bool = False
     inputs: str = ""  # what was fed at the first batch: the data's samples, or generated shapes (some guessed)
+    # the model's .session.json applied (its changes from onnxruntime's defaults); None: the file is absent
+    session_settings: dict[str, Any] | None = None
 
     def json_extra(self) -> dict[str, Any]:
         present = {"per_op": self.op_profile, "comparison": self.comparison, "mobile": self.mobile}
@@ -140,6 +144,13 @@ def _describe_inputs(model, config: ProfileConfig, feeds: dict[str, np.ndarray],
     return text
 
 
+def _with_threads(settings: SessionSettings | None, threads: int | None) -> SessionSettings | None:
+    """A --threads given on the command line wins over the thread count in the model's settings."""
+    if settings is None or threads is None:
+        return settings
+    return dataclasses.replace(settings, intra_op_threads=threads)
+
+
 def _same_inputs(a, b) -> bool:
     return [(s.name, s.dtype) for s in input_specs(a)] == [(s.name, s.dtype) for s in input_specs(b)]
 
@@ -176,22 +187,24 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
         measured_path = mobile.ort_model
         # onnxruntime's default would use every host core: not a phone's budget
         thread_counts = tuple(t or phone_threads for t in config.threads)
+    settings = settings_for(model_path) if mobile is None else None  # the deployable's session options
     rows: list[ProfileRow] = []
-    settings = len(thread_counts) * len(config.batch_sizes)
+    steps = len(thread_counts) * len(config.batch_sizes)
     for threads in thread_counts:
-        session = target.session(measured_path, threads=threads)
+        session = target.session(measured_path, threads=threads, settings=_with_threads(settings, threads))
         for batch in config.batch_sizes:
-            step(progress, "latency per batch and thread count", len(rows), settings,
+            step(progress, "latency per batch and thread count", len(rows), steps,
                  f"batch {batch}, threads {threads or 'default'}")
             feeds = _feeds(model, config, batch, probed.shapes)
             stats = measure_latency(
                 session, feeds, warmup=config.warmup, min_runs=config.min_runs, min_seconds=config.min_seconds
             )
             rows.append(ProfileRow(batch, threads, stats))
-    step(progress, "latency per batch and thread count", len(rows), settings)
+    step(progress, "latency per batch and thread count", len(rows), steps)
     if mobile is not None:
         mobile.host_latency = rows[0].latency
-    result = ProfileResult(model_path, target.name, rows, mobile=mobile, host_emulation=mobile is not None)
+    result = ProfileResult(model_path, target.name, rows, mobile=mobile, host_emulation=mobile is not None,
+                           session_settings=settings.changes() if settings is not None else None)
     batch, threads = config.batch_sizes[0], thread_counts[0]
     result.inputs = _describe_inputs(model, config, _feeds(model, config, batch, probed.shapes), probed)
     if config.per_op:
@@ -204,8 +217,11 @@ def profile(model_path: str | os.PathLike, config: ProfileConfig = ProfileConfig
         other = load_model(config.compare)
         feeds = _feeds(model, config, batch, probed.shapes)
         other_feeds = feeds if _same_inputs(model, other) else _feeds(other, config, batch)
-        sessions = {"model": target.session(model_path, threads=threads, interleaved=True),
-                    "other": target.session(config.compare, threads=threads, interleaved=True)}
+        other_settings = settings_for(config.compare)
+        sessions = {"model": target.session(model_path, threads=threads, interleaved=True,
+                                            settings=_with_threads(settings, threads)),
+                    "other": target.session(config.compare, threads=threads, interleaved=True,
+                                            settings=_with_threads(other_settings, threads))}
         timings = compare_latency(sessions, {"model": feeds, "other": other_feeds}, warmup=config.warmup,
                                   rounds=max(10, config.min_runs), min_seconds=config.min_seconds,
                                   on_round=lambda done, total: step(progress, "interleaved comparison", done, total))

@@ -80,6 +80,8 @@ class OptimizeConfig:
     dynamic_batch: bool = True
     min_speedup: float | None = None
     ray_address: str | None = field(default=None, metadata={"key": False})
+    # best.onnx gets its measured session options beside it (session_tuning); not part of the search
+    tune_session: bool = field(default=False, metadata={"key": False})
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -132,6 +134,7 @@ def config_from_recipe(recipe: Any, base: Any = None) -> OptimizeConfig:
     rest = {k: v for k, v in values.items() if k not in decoded}
     rest.setdefault("input_shapes", codec.encode(recipe.input_shapes))
     rest.setdefault("dynamic_batch", recipe.dynamic_batch)
+    rest.setdefault("tune_session", recipe.tune_session)
     config = codec.decode_dataclass(OptimizeConfig, {**rest, "calibration": str(recipe.calibration.path),
                                                       "eval_data": str(recipe.eval_data.path)}, "search", base)
     import dataclasses
@@ -144,7 +147,8 @@ def config_from_recipe(recipe: Any, base: Any = None) -> OptimizeConfig:
 FLAG_FIELDS = {"--trials": "trials", "--time-budget": "time_budget_s", "--strategy": "strategy", "--seed": "seed",
                "--objective": "objective", "--pass": "passes", "--space": "space", "--batch": "batch",
                "--threads": "threads", "--min-speedup": "min_speedup", "--metric": "metric", "--tolerance": "tolerance",
-               "--max-drop": "tolerance", "--ray-address": "ray_address"}
+               "--max-drop": "tolerance", "--ray-address": "ray_address",
+               "--tune-session": "tune_session"}
 RECIPE_OWNED = {"--calibration": "calibration", "--eval": "eval", "--target": "target", "--input-shape": "input_shapes"}
 
 

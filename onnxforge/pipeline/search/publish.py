@@ -228,6 +228,14 @@ def publish(run_dir, model, config, space, ctx, gate, reference_score, records, 
         _copy(run_dir / best["path"], best_path)
         atomic_write_text(run_dir / "best.recipe.yaml",
                           yaml.safe_dump(_recipe_for(model, best, config, space), sort_keys=False))
+        if config.tune_session:
+            from onnxforge.pipeline.session_tuning import tune_session_file
+
+            say("timing session settings for best.onnx")
+            tuning = tune_session_file(best_path, config.eval_data, config.target, threads=ctx.threads,
+                                       input_shapes=config.input_shapes)
+            notes.append(f"best.onnx session: {tuning.summary()}"
+                         + (f"; written to {Path(tuning.written).name}" if tuning.written else ""))
     on_front = {r["number"]: r for r in front}
     for r in records:  # the table shows every trial, the front ones with their re-timed numbers
         if r["number"] in on_front:
@@ -249,6 +257,7 @@ def publish(run_dir, model, config, space, ctx, gate, reference_score, records, 
         "format": "onnxforge-manifest/1", "kind": "optimize", "model": model, "config": codec.encode(config),
         "tool_versions": tool_versions(), "machine": machine_description(), "notes": notes,
         "files": {"best": "best.onnx" if best_path else None, "pareto": "pareto.json", "report": "report.html",
+                  "session": "best.session.json" if (run_dir / "best.session.json").is_file() else None,
                   "front": [r["front_path"] for r in front],
                   "settings": {f"batch {s['batch']}, threads {s['threads']}": s["best_path"] for s in settings}},
     }, indent=1, default=str) + "\n")
