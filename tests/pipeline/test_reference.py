@@ -109,18 +109,23 @@ def test_the_gate_states_its_tolerance_in_its_unit():
 
 @pytest.fixture
 def spied(monkeypatch) -> dict[str, list]:
-    calls: dict[str, list] = {"score": [], "time_against": []}
-    score, time_against = Reference.score, Reference.time_against
+    calls: dict[str, list] = {"score": [], "verdict": [], "time_against": []}
+    score, verdict, time_against = Reference.score, Reference.verdict, Reference.time_against
 
     def spy_score(self, candidate):
         calls["score"].append(candidate)
         return score(self, candidate)
+
+    def spy_verdict(self, candidate):  # a score with every rule of the gate judged from the same outputs
+        calls["verdict"].append(candidate)
+        return verdict(self, candidate)
 
     def spy_time(self, candidates, **kwargs):
         calls["time_against"].append(sorted(candidates))
         return time_against(self, candidates, **kwargs)
 
     monkeypatch.setattr(Reference, "score", spy_score)
+    monkeypatch.setattr(Reference, "verdict", spy_verdict)
     monkeypatch.setattr(Reference, "time_against", spy_time)
     return calls
 
@@ -158,5 +163,5 @@ def test_the_runner_scores_and_times_every_row_through_the_reference(tmp_path, c
         "name: r\nmodel: classifier.onnx\neval: eval.npz\nstages:\n  - simplify\n  - fp16\n")
     result = run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run")
     assert spied["time_against"] == [["fp16", "simplify"]]  # the input is the reference: one call
-    assert len(spied["score"]) == 3
+    assert len(spied["score"]) + len(spied["verdict"]) == 3  # every row, the input's included
     assert result.manifest.baseline.metrics["speedup_vs_first"] == 1.0
