@@ -2,8 +2,10 @@
 parameters cannot be tied to the graph's initializers by name.
 
 Rule. The module runs the graph's nodes in order with torch ops (one function per ONNX op, below);
-every float initializer with more than one element is an ``nn.Parameter``, everything else (shape
-constants, integer tables, scalars) a fixed tensor. Training changes only those values, so the
+every float initializer with more than one element is an ``nn.Parameter``, except tables read only
+by Gather (token embeddings: pruning never cuts them, and their dense gradient and Adam state, 30k x
+384 on MiniLM, cost more than the rest of a step); everything else (shape constants, integer tables,
+scalars) is a fixed tensor. Training changes only those values, so the
 trained student is the pruned graph with its float initializers replaced (``trained_graph``): the
 same nodes, names, dims and opset, no re-export and nothing to map back.
 
@@ -199,10 +201,15 @@ class GraphStudent(nn.Module):
         self.names: dict[str, str] = {}  # initializer -> parameter key (parameter names cannot hold dots)
         self.fixed: dict[str, torch.Tensor] = {}
         self.weights = nn.ParameterDict()
+        readers: dict[str, set[str]] = {}
+        for node in model.graph.node:
+            for position, name in enumerate(node.input):
+                readers.setdefault(name, set()).add(node.op_type if position == 0 else f"{node.op_type}:{position}")
         for i, init in enumerate(model.graph.initializer):
             array = np.array(numpy_helper.to_array(init))
             tensor = torch.from_numpy(array)
-            if tensor.is_floating_point() and tensor.numel() > 1:
+            table = readers.get(init.name) == {"Gather"}
+            if tensor.is_floating_point() and tensor.numel() > 1 and not table:
                 key = f"w{i}"
                 self.names[init.name] = key
                 self.weights[key] = nn.Parameter(tensor)
