@@ -12,6 +12,10 @@ int8-embeddings``, what onnxforge's default chose for fp32 MiniLM; gate: min cos
 own input, objective size, so a loaded machine's timing noise cannot make it keep the input), on fp32
 and on the pruned graphs named in ``quantized``.
 
+``--distill-seconds N`` adds recovery by distillation (benchmarks/_minilm_distill.py): ffn 0.5 (+ heads
+2/12) repaired vs distilled for N seconds against the transformers model, then int8, on the Hugging
+Face folder's export; its own table (sentence embedding = mean of ``last_hidden_state`` over real tokens).
+
 ``python -m benchmarks prune_minilm_structure`` (or ``python benchmarks/prune_minilm_structure.py``).
 """
 
@@ -104,10 +108,32 @@ def run(settings: tuple[tuple[float, float], ...] = DEFAULT_SETTINGS,
     return info
 
 
+def run_distillation(budget_s: float, settings: tuple[tuple[float, float], ...] = ((0.5, 0.0), (0.5, 2 / 12)),
+                     calibration_count: int = 256) -> dict:
+    """Repaired vs distilled (``budget_s`` of training each) vs + int8; see benchmarks/_minilm_distill.py."""
+    from benchmarks._common import write_results
+    from benchmarks._minilm_distill import run_distill
+
+    info, table = run_distill(settings, budget_s, calibration_count)
+    print(f"### Recovery on all-MiniLM-L6-v2's folder: repaired vs distilled {budget_s:g} s "
+          f"(batch 32, 1 thread, interleaved)\n")
+    print(table)
+    path = write_results("prune_minilm_distill", {"results": info, "table": table, "budget_s": budget_s,
+                                                  "settings": list(settings)})
+    print(f"\nwritten {path}")
+    return info
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calibration-count", type=int, default=64)
     parser.add_argument("--rounds-b32", type=int, default=4)
+    parser.add_argument("--distill-seconds", type=float, default=0.0,
+                        help="also distill ffn 0.5 (+ heads 2/12) for this many seconds each (0: skip)")
+    parser.add_argument("--skip-structure", action="store_true", help="only the distillation section")
     args = parser.parse_args()
-    run(calibration_count=args.calibration_count, rounds_b32=args.rounds_b32)
+    if not args.skip_structure:
+        run(calibration_count=args.calibration_count, rounds_b32=args.rounds_b32)
+    if args.distill_seconds > 0:
+        run_distillation(args.distill_seconds)

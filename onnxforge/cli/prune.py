@@ -70,7 +70,7 @@ LABELS = {MagnitudePruneConfig: "magnitude", ChannelPruneConfig: "channels", Low
               "--distill: the training data (.npz, a folder of .npz/.npy, or a folder of images)")
 @click.option("--distill", "distill_source", metavar="SOURCE", default=None,
               help="channels: then train the pruned model against SOURCE, the PyTorch model MODEL was exported from "
-              "(file.py:callable or builtin:NAME), on the --calibration data")
+              "(file.py:callable, builtin:NAME, or a Hugging Face folder), on the --calibration data")
 @click.option("--max-samples", type=click.IntRange(min=1), default=None,
               help="bound every use of the data: at most N calibration samples fit, at most N --eval samples are "
               "scored (a quarter of N held out without --eval); rows past them are never read")

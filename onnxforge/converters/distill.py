@@ -2,12 +2,15 @@
 
 ``distill(source, student_onnx, output, config)``:
 
-1. The teacher is SOURCE (an ``nn.Module``: ``file.py:callable`` or ``builtin:NAME``; TorchScript,
-   ``.pt2`` and Keras sources are refused for now); the student is
-   the pruned (repaired) ONNX graph carried back onto a copy of it (onnxforge.converters.student)
-   and checked to reproduce that graph (parity before training).
+1. The teacher is SOURCE (an ``nn.Module``: ``file.py:callable`` or ``builtin:NAME``, or a Hugging Face
+   folder: the transformers model; TorchScript, ``.pt2`` and Keras sources are refused for now); the
+   student is the pruned (repaired) ONNX graph carried back onto a copy of it
+   (onnxforge.converters.student) or, for a Hugging Face folder, whose export cannot be tied to its
+   parameters by name, the graph itself run in torch (onnxforge.converters.graph_student); either is
+   checked to reproduce that graph (parity before training).
 2. Loss on the first output: KL(softmax(t/T) || softmax(s/T)) * T^2 for class scores, MSE or
-   1 - cosine for embeddings; plus alpha * cross-entropy when the data has labels, plus
+   1 - cosine for embeddings (per token, real tokens only, for [N, S, D] outputs of inputs with an
+   attention mask: padding is never trained on); plus alpha * cross-entropy when the data has labels, plus
    feature_weight * sum over cut layers of MSE(student, teacher's kept channels) / Var(teacher).
    BatchNorm layers the graph kept stay in eval mode (their statistics are the graph's).
 3. Adam with a cosine schedule; the samples are shuffled with the seed, ``held_out`` of them never
@@ -16,8 +19,9 @@
    (accuracy with labels, agreement with the teacher for class scores, cosine for embeddings) is
    reported; ``patience`` epochs without progress or the time budget stop training. The untrained
    student is epoch 0: training never returns something with a worse held-out loss.
-4. The best student is exported (dynamo, as ``export`` does), checked against the trained PyTorch
-   student (parity after), gated against the teacher on the eval data, and saved atomically:
+4. The best student is exported (dynamo, as ``export`` does; a graph student writes its trained
+   values into the pruned graph's initializers), checked against the trained PyTorch student (parity after),
+   gated against the teacher on the eval data, and saved atomically:
    an interrupted run leaves no file.
 
 A ``file.py`` teacher is the user's code, which may end or hang its process: all four steps then run
@@ -43,6 +47,7 @@ from onnxforge._atomic import check_output_path, paths_in
 from onnxforge.converters._isolation import run_in_child
 from onnxforge.converters.config import ExportConfig
 from onnxforge.converters.distill_config import DistillConfig, DistillLoss, DistillResult
+from onnxforge.converters.graph_student import GraphStudent
 from onnxforge.converters.source import SourceKind, is_python_source, resolve_source, source_files
 from onnxforge.converters.student import Student, build_student, kept_channels
 from onnxforge.errors import QualityGateError, UsageError
@@ -52,6 +57,7 @@ from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.data_spec import load_data
 from onnxforge.pipeline.evaluate import Metric, QualityGate, score
 from onnxforge.pipeline.progress import Progress, ignore, step
+from onnxforge.pipeline.prune.activations import token_mask
 from onnxforge.targets import CpuTarget
 
 __all__ = ["NO_ONNX_BRIDGE", "DistillConfig", "DistillLoss", "DistillResult", "distill"]
@@ -62,15 +68,19 @@ NO_ONNX_BRIDGE = ("distill: the model is an .onnx file, and there is no maintain
 _PARITY = Tolerance(atol=1e-4, rtol=1e-3)
 
 
-def _teacher(source: str):
+def _teacher(source: str) -> tuple[torch.nn.Module, bool]:
+    """(the teacher module, whether the student is the graph itself: a Hugging Face folder's export shares
+    and renumbers initializers, so they cannot be tied to the module's parameters by name)."""
     text = str(source)
     if text.lower().endswith(".onnx"):
         raise UsageError(NO_ONNX_BRIDGE, hint="pass the framework source instead: file.py:callable or builtin:NAME")
     src = resolve_source(text)
+    if src.kind is SourceKind.TRANSFORMERS:  # a Hugging Face folder: the transformers model, as export built it
+        return src.model.eval(), True
     if src.kind is not SourceKind.TORCH:
         raise UsageError(f"distill: {text} is a {src.kind.value} model; distillation trains a PyTorch nn.Module",
                          hint="pass file.py:callable that builds the nn.Module")
-    return src.model.eval()
+    return src.model.eval(), False
 
 
 def _first(value: Any) -> torch.Tensor:
@@ -118,7 +128,17 @@ def _held_out_metric(loss: DistillLoss, has_labels: bool) -> Metric:
     return Metric.COSINE
 
 
-def _output_loss(kind: DistillLoss, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+def _batch_mask(feeds: Mapping[str, np.ndarray | torch.Tensor]) -> torch.Tensor | None:
+    """[N, S] bool, True at real tokens (the feeds' attention mask; see ``token_mask``), or None."""
+    found = token_mask({k: np.asarray(v) for k, v in feeds.items()})
+    return None if found is None else torch.from_numpy(found)
+
+
+def _output_loss(kind: DistillLoss, s: torch.Tensor, t: torch.Tensor, temperature: float,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss per sample, averaged; per real token (rows of ``mask``) for [N, S, ...] outputs."""
+    if mask is not None and s.dim() >= 3 and tuple(s.shape[:2]) == tuple(mask.shape):
+        s, t = s[mask], t[mask]
     s, t = s.reshape(len(s), -1), t.reshape(len(t), -1)
     if kind is DistillLoss.KL:
         return F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True,
@@ -183,7 +203,8 @@ def _evaluate(student: torch.nn.Module, samples: SampleSet, teacher_out: np.ndar
     out = _run(student, samples, batch)
     value = score(metric, [out], [teacher_out], samples.labels)
     with torch.no_grad():
-        loss = float(_output_loss(kind, torch.from_numpy(out), torch.from_numpy(teacher_out), temperature))
+        loss = float(_output_loss(kind, torch.from_numpy(out), torch.from_numpy(teacher_out), temperature,
+                                  _batch_mask(samples.inputs)))
     return value, loss
 
 
@@ -237,7 +258,7 @@ def distill(
                             timeout=config.timeout_s, timeout_option="--timeout (a recipe's distill stage: timeout_s)",
                             progress=progress)
     say = progress or ignore
-    teacher_module = _teacher(str(source))
+    teacher_module, graph_student = _teacher(str(source))
     data = config.require_data()
     pruned = load_model(student_onnx)
     specs = input_specs(pruned)
@@ -250,9 +271,12 @@ def distill(
     first_batch = _tensors(train.take(slice(0, 2)).inputs)
 
     step(say, "mapping the pruned graph onto the source model")
-    student = build_student(
-        teacher_module, pruned, first_batch, export_teacher=lambda: _teacher_export(teacher_module, first_batch)
-    )
+    if graph_student:
+        student = Student(GraphStudent(pruned), teacher_module, {})
+    else:
+        student = build_student(
+            teacher_module, pruned, first_batch, export_teacher=lambda: _teacher_export(teacher_module, first_batch)
+        )
     batch = max(1, min(config.batch_size, 256))
     probe = held.take(slice(0, min(len(held), 64)))
     try:
@@ -278,7 +302,7 @@ def distill(
     metric = _held_out_metric(kind, has_labels)
     use_labels = has_labels and kind is DistillLoss.KL and config.alpha > 0
     kept = kept_channels(student, _tensors(train.take(slice(0, min(len(train), 64))).inputs)) \
-        if config.feature_weight > 0 else {}
+        if config.feature_weight > 0 and not graph_student else {}  # a graph student has no named layers
     features = _Features(student, kept) if kept else None
 
     module = student.module
@@ -316,7 +340,7 @@ def distill(
                 else:
                     t = torch.from_numpy(teacher_train[index])
                 s = _first(module(**feeds))
-                loss = _output_loss(kind, s, t, config.temperature)
+                loss = _output_loss(kind, s, t, config.temperature, _batch_mask(feeds))
                 if use_labels:
                     assert labels is not None  # use_labels: the samples carry labels
                     logits = s.reshape(len(s), -1)
@@ -360,7 +384,10 @@ def distill(
     module.eval()
 
     step(say, "exporting the trained student")
-    proto = _export_student(module, pruned, _tensors(train.take(slice(0, 2)).inputs))
+    if isinstance(module, GraphStudent):
+        proto = module.trained_graph()
+    else:
+        proto = _export_student(module, pruned, _tensors(train.take(slice(0, 2)).inputs))
     exported = _onnx_first_output(proto, probe, batch)
     after = compare_outputs(["output"], [_run(module, probe, batch)], [exported], _PARITY, len(probe))
     result = DistillResult(

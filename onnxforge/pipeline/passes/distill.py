@@ -1,6 +1,7 @@
 """``distill``: the pruned (repaired) model trained against the framework model it came from.
 
-Inputs: the recipe's model (the teacher, a PyTorch source) and the pruned ONNX graph (the student's
+Inputs: the recipe's model (the teacher: a PyTorch source, or a Hugging Face folder, whose student is
+the pruned graph itself run in torch) and the pruned ONNX graph (the student's
 structure and starting weights): ``- distill: {inputs: [source, prune_channels]}``. Training runs
 in PyTorch (onnxforge.converters.distill); an .onnx recipe model has no bridge back to PyTorch, and
 the stage says so in one line.
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 class DistillPass(Pass[DistillConfig, DistillResult]):
     name = "distill"
     config_cls = DistillConfig
-    description = "train the pruned student against its teacher (PyTorch sources)"
+    description = "train the pruned student against its teacher (PyTorch sources, Hugging Face folders)"
     consumes = (Artifact.SOURCE, Artifact.ONNX)
     phase = Phase.RECOVERY
     fills: ClassVar[Mapping[str, str]] = {"calibration_data": "calibration", "eval_data": "eval"}

@@ -440,7 +440,7 @@ def removes_any(groups: list[dict], ratio: float, round_to: int) -> bool:
 
 def _model_outputs(model: onnx.ModelProto, samples: SampleSet) -> np.ndarray:
     name = model.graph.output[0].name
-    chunks = [values[name] for _, values in batches_of_values(model, samples, [name], 32)]
+    chunks = [values[name] for _, values, _ in batches_of_values(model, samples, [name], 32)]
     return np.concatenate(chunks).astype(np.float64)
 
 

@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.calibration import SampleSet
-from onnxforge.pipeline.prune.activations import batches_of_values
+from onnxforge.pipeline.prune.activations import batches_of_values, token_rows
 from onnxforge.pipeline.prune.graph import (
     const_array,
     const_input,
@@ -327,9 +327,9 @@ def head_scores(blocks: list[AttentionBlock], model: onnx.ModelProto, calibratio
         return {b.name: _weight_scores(b) for b in blocks}
     names = [value_name(b.merge.outputs[0]) for b in blocks]
     sums: dict[str, list] = {b.name: [0.0, 0.0, 0] for b in blocks}  # sum c, sum c^2, rows
-    for _, values in batches_of_values(model, calibration, names, 8):
-        for block, name in zip(blocks, names, strict=True):
-            x = values[name].astype(np.float64).reshape(-1, block.heads, block.head_dim)
+    for _, values, mask in batches_of_values(model, calibration, names, 8):
+        for block, name in zip(blocks, names, strict=True):  # real tokens only: pad rows are never read
+            x = token_rows(values[name], mask).astype(np.float64).reshape(-1, block.heads, block.head_dim)
             wo = const_array(block.out, 1).astype(np.float64).reshape(block.heads, block.head_dim, -1)
             contribution = np.einsum("rhd,hdo->rho", x, wo)
             entry = sums[block.name]

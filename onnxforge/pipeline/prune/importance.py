@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge.pipeline.calibration import SampleSet
-from onnxforge.pipeline.prune.activations import batches_of_values
+from onnxforge.pipeline.prune.activations import batches_of_values, token_rows
 from onnxforge.pipeline.prune.channel_groups import ChannelGroups, ParamSlice
 from onnxforge.pipeline.prune.graph import const_array, value_name
 
@@ -95,9 +95,12 @@ def activation_means(cg: ChannelGroups, model: onnx.ModelProto, calibration: Sam
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     names = [value_name(r) for r in refs]
-    for _, values in batches_of_values(model, calibration, names, 32):
+    for _, values, mask in batches_of_values(model, calibration, names, 32):
         for ref, name in zip(refs, names, strict=True):
-            total, count = _channel_means(values[name], cg.layouts[ref].axis)
+            value, axis = values[name], cg.layouts[ref].axis
+            if axis in (-1, value.ndim - 1):  # features last ([N, S, D]): real tokens only
+                value, axis = token_rows(value, mask), -1
+            total, count = _channel_means(value, axis)
             sums[name] = sums.get(name, 0) + total
             counts[name] = counts.get(name, 0) + count
     return {name: sums[name] / max(counts[name], 1) for name in sums}

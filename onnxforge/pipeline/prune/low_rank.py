@@ -49,7 +49,7 @@ from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
-from onnxforge.pipeline.prune.activations import batches_of_values
+from onnxforge.pipeline.prune.activations import batches_of_values, token_rows
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
 from onnxforge.pipeline.prune.checks import Objective, slower_message
 from onnxforge.pipeline.prune.graph import (
@@ -209,10 +209,10 @@ def _input_moments(model: onnx.ModelProto, nodes: list[ir.Node], samples: Sample
     """Moments of each layer's input features (channels for a 1x1 Conv) over ``samples``, batch by batch."""
     names = list(dict.fromkeys(input_name(n) for n in nodes))
     moments: dict[str, _Moments] = {}
-    for _, values in batches_of_values(model, samples, names, 8):
+    for _, values, mask in batches_of_values(model, samples, names, 8):
         for name in names:
             x = values[name].astype(np.float32)
-            rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if x.ndim == 4 else x.reshape(-1, x.shape[-1])
+            rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if x.ndim == 4 else token_rows(x, mask)
             if name not in moments:
                 moments[name] = _Moments(rows.mean(0, dtype=np.float64))
             moments[name].add(rows)

@@ -7,7 +7,10 @@ channels), solve the ridge problem ``min_W ||[X 1] W - Y||^2 + lam ||W - W0||^2`
 is the sliced weight and bias and ``lam = a * trace(X'X) / d``:  ``W = (X'X + lam I)^-1 (X'Y + lam W0)``.
 ``a`` is picked from ``ridge * 10^k`` (k = 0..5) by the error on every 4th calibration sample, held
 out of the fit (the errors reported are on those held-out rows); a refit that does not lower that
-error is not applied. Rows are sampled (``positions`` per sample) and X'X is accumulated in
+error is not applied. Token rows ([N, S, D] activations) at padding are left out of X'X, X'Y and the
+errors (the feeds' attention mask, ``activations.token_mask``): the model never reads them, and on
+sentences padded to their longest they were most of the rows the fit spent its capacity on.
+Rows are sampled (``positions`` per sample) and X'X is accumulated in
 batches of a few samples, so memory stays small. Every layer is fit to what its repaired upstream
 layers aim to reproduce (the original activations at the kept channels), so all of them come from
 one pass over the original model: refitting each on the pruned model as repaired so far took a pass
@@ -27,7 +30,7 @@ import onnx_ir as ir
 
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.progress import Progress, counted, ignore
-from onnxforge.pipeline.prune.activations import batches_of_values, value_batches
+from onnxforge.pipeline.prune.activations import batches_of_values, real_rows, token_rows, value_batches
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     const_array,
@@ -153,15 +156,23 @@ def _rows_for(name: str, start: int, n: int, positions: int, total: int) -> np.n
     return np.stack([rng.choice(total, p, replace=False) for _ in range(n)])
 
 
-def _layer_rows(node: ir.Node, x: np.ndarray, name: str, start: int, positions: int, out_spatial: tuple[int, ...]):
+def _layer_rows(node: ir.Node, x: np.ndarray, name: str, start: int, positions: int, out_spatial: tuple[int, ...],
+                mask: np.ndarray | None):
     """(X rows [R, d], row selector to apply to the layer's output)."""
     if node.op_type == "Conv":
         total = int(np.prod(out_spatial))
         rows = _rows_for(name, start, x.shape[0], positions, total)
         kernel = const_shape(node, 1)[2:]
         return _im2col_rows(x, node, kernel, rows), rows
-    flat = x.reshape(-1, x.shape[-1])
-    return flat, None
+    return token_rows(x, mask), None
+
+
+def _row_samples(x: np.ndarray, rows: int, samples: int, mask: np.ndarray | None) -> np.ndarray:
+    """The sample (within the batch of ``samples``) each of the ``rows`` rows taken from ``x`` came from."""
+    real = real_rows(x, mask)
+    if real is None:
+        return np.arange(rows) // max(rows // samples, 1)
+    return (np.arange(len(real)) // max(len(real) // samples, 1))[real]
 
 
 def _output_spatial(node: ir.Node, x: np.ndarray) -> tuple[int, ...]:
@@ -178,12 +189,12 @@ def _output_spatial(node: ir.Node, x: np.ndarray) -> tuple[int, ...]:
     )
 
 
-def _output_rows(y: np.ndarray, op: str, rows: np.ndarray | None) -> np.ndarray:
+def _output_rows(y: np.ndarray, op: str, rows: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray:
     if op == "Conv":
         n, c = y.shape[:2]
         flat = y.reshape(n, c, -1)
         return flat[np.arange(n)[:, None], :, rows].reshape(-1, c)  # [N, P, C] -> rows
-    return y.reshape(-1, y.shape[-1])
+    return token_rows(y, mask)
 
 
 _BATCH = 4  # samples per pass: the layers' activations at 480 x 640 are hundreds of MB per sample
@@ -205,7 +216,7 @@ def _layer_statistics(
     y_rows: dict[str, list[np.ndarray]] = {name: [] for name in chunk}
     targets = {name: _target_name(producers[name]) for name in chunk}
     outputs = batches_of_values(reference, calibration, list(dict.fromkeys(targets.values())), _BATCH)
-    for start, values in counted(progress, "repair: layer outputs (pass 1/2)", outputs, batches):
+    for start, values, mask in counted(progress, "repair: layer outputs (pass 1/2)", outputs, batches):
         for name in chunk:
             node = producers[name]
             y = values[targets[name]]
@@ -214,7 +225,7 @@ def _layer_statistics(
                 y = np.take(y, kept, axis=1 if node.op_type in ("Conv", "Gemm") else -1)
             rows = _rows_for(name, start, len(y), config.positions, int(np.prod(y.shape[2:]))) \
                 if node.op_type == "Conv" else None
-            y_rows[name].append(_output_rows(y, node.op_type, rows).astype(np.float64))
+            y_rows[name].append(_output_rows(y, node.op_type, rows, mask).astype(np.float64))
     stats: dict[str, dict] = {}
     for name in chunk:
         w0, b0 = _weight_matrix(producers[name])
@@ -222,7 +233,7 @@ def _layer_statistics(
         stats[name] = {fold: [np.zeros((d, d)), np.zeros((d, w0.shape[1])), 0.0] for fold in ("fit", "check")}
     inputs = list(dict.fromkeys(input_name(producers[name]) for name in chunk))
     layer_inputs = batches_of_values(reference, calibration, inputs, _BATCH)
-    for index, (start, values) in enumerate(counted(progress, "repair: layer inputs (pass 2/2)", layer_inputs,
+    for index, (start, values, mask) in enumerate(counted(progress, "repair: layer inputs (pass 2/2)", layer_inputs,
                                                     batches)):
         for name in chunk:
             node = producers[name]
@@ -231,15 +242,17 @@ def _layer_statistics(
             if kept_inputs is not None:
                 x = np.take(x, kept_inputs, axis=1 if node.op_type in ("Conv", "Gemm") else -1)
             yr = y_rows[name][index]
-            xr, _ = _layer_rows(node, x, name, start, config.positions, _output_spatial(node, x))
+            xr, _ = _layer_rows(node, x, name, start, config.positions, _output_spatial(node, x), mask)
+            batch_mask = mask if node.op_type != "Conv" else None
+            samples = batch_mask.shape[0] if batch_mask is not None else len(x)
+            sample = start + _row_samples(x, len(xr), samples, batch_mask)
             xr = xr.astype(np.float64)
             if _weight_matrix(node)[1] is not None:
                 xr = np.hstack([xr, np.ones((len(xr), 1))])
-            sample = start + np.arange(len(xr)) // (len(xr) // len(x))
-            for fold, mask in (("fit", sample % 4 != 3), ("check", sample % 4 == 3)):
-                stats[name][fold][0] += xr[mask].T @ xr[mask]
-                stats[name][fold][1] += xr[mask].T @ yr[mask]
-                stats[name][fold][2] += float((yr[mask] ** 2).sum())
+            for fold, chosen in (("fit", sample % 4 != 3), ("check", sample % 4 == 3)):
+                stats[name][fold][0] += xr[chosen].T @ xr[chosen]
+                stats[name][fold][1] += xr[chosen].T @ yr[chosen]
+                stats[name][fold][2] += float((yr[chosen] ** 2).sum())
     return stats
 
 
