@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -27,6 +26,7 @@ import onnx_ir as ir
 
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.prune.activations import batches_of_values
+from onnxforge.pipeline.prune.channel_config import ChannelPruneConfig, PrunedModel
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     const_array,
@@ -38,9 +38,6 @@ from onnxforge.pipeline.prune.graph import (
     prepared,
     value_name,
 )
-
-if TYPE_CHECKING:  # channels calls repair_model: importing it here at run time would be circular
-    from onnxforge.pipeline.prune.channels import ChannelPruneConfig, PrunedModel
 
 __all__ = ["repair_model"]
 
