@@ -38,6 +38,7 @@ from onnxforge.pipeline.quantize.mixed_precision import (
     node_groups,
     rank_nodes,
     search_float_nodes,
+    share_in_float,
 )
 from onnxforge.pipeline.quantize.opset import failing_op
 from onnxforge.pipeline.quantize.quant_error import NodeError, measure_node_errors
@@ -197,6 +198,8 @@ class CandidateRun:
             start = time.perf_counter()
             try:
                 dest = self.quantize(scheme)
+                if self.config.float_share > 0:
+                    dest = self._share_in_float(scheme, dest, result)
                 result.score = self.score(dest)
             except Exception as e:  # one failing scheme must not sink the others
                 result.error = error_line(e)
@@ -207,8 +210,8 @@ class CandidateRun:
             result.gate_checks = self.reference.verdict(dest).message()
             result.agreement_with_input = self.agreement(dest)
             result.bytes = dest.stat().st_size
-            self.paths[scheme.label] = dest
-            self.scheme_of[scheme.label] = scheme
+            self.paths[result.scheme] = dest
+            self.scheme_of[result.scheme] = scheme
         if not self.paths:
             ops = [op for op in dict.fromkeys(failing_ops) if op]
             own = [op for op in ops if op in ("QuantizeLinear", "DequantizeLinear")]
@@ -329,10 +332,10 @@ class CandidateRun:
             graph_outputs=graph_outputs,
         )
 
-    def _search_float_nodes(
-        self, scheme: QuantScheme, path: Path, size: tuple[int, int]
-    ) -> tuple[MixedPrecisionSearch, dict[tuple[str, ...], Path]]:
-        """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
+    def _ranking(self, scheme: QuantScheme, path: Path, size: tuple[int, int]
+                 ) -> tuple[list[NodeError], dict[str, tuple[str, ...]]]:
+        """``scheme``'s quantized nodes, worst local SQNR first (on calibration samples), and the nodes each
+        must bring back to float with it (mixed_precision.node_groups)."""
         static = scheme.method is QuantMethod.STATIC
         source = self.source(scheme)
         qdq_path = (
@@ -345,6 +348,33 @@ class CandidateRun:
         else:  # dynamic: only its integer MatMuls can go back to float, each on its own
             errors = [e for e in errors if e.op_type in DYNAMIC_OP_TYPES]
             groups = {e.node: (e.node,) for e in errors}
+        return rank_nodes(errors), groups
+
+    def _share_in_float(self, scheme: QuantScheme, path: Path, result: CandidateResult) -> Path:
+        """``scheme`` quantized again with ``config.float_share`` of its quantized nodes in float, the most
+        sensitive first (share_in_float); ``path`` itself when the scheme has no int8 nodes to undo or the
+        per-node analysis does not fit (a note says which). Relabels ``result`` with the float nodes."""
+        if scheme.method not in (QuantMethod.STATIC, QuantMethod.DYNAMIC):
+            self.notes.append(f"float_share skipped on {scheme.label}: {scheme.method.value} has no per-node int8 "
+                              "to undo")
+            return path
+        size = self.data.analysis_size()  # ranking the nodes measures every quantized node's output
+        if size is None:
+            self.notes.append(f"float_share skipped on {scheme.label}: {self.data.refusal('analysis')}")
+            return path
+        ranking, groups = self._ranking(scheme, path, size)
+        nodes = share_in_float(ranking, groups, self.config.float_share)
+        if not nodes:
+            return path
+        result.scheme = f"{scheme.label} + {len(nodes)} float node(s)"
+        result.float_nodes = list(nodes)
+        return self.quantize(scheme, nodes)
+
+    def _search_float_nodes(
+        self, scheme: QuantScheme, path: Path, size: tuple[int, int]
+    ) -> tuple[MixedPrecisionSearch, dict[tuple[str, ...], Path]]:
+        """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
+        ranking, groups = self._ranking(scheme, path, size)
         step_paths: dict[tuple[str, ...], Path] = {}
 
         def evaluate(float_nodes: tuple[str, ...]) -> tuple[float, bool]:
@@ -355,7 +385,7 @@ class CandidateRun:
 
         search = search_float_nodes(
             scheme.label,
-            rank_nodes(errors),
+            ranking,
             groups,
             evaluate,
             max_float_fraction=self.config.max_float_fraction,
