@@ -211,6 +211,17 @@ def test_float_share_keeps_the_sensitive_layer_in_float_without_a_search(tmp_pat
     assert fc3.op_type == "MatMul"
 
 
+def test_mixed_precision_after_float_share_keeps_the_share_in_float(tmp_path, outlier_path, eval_path):
+    config = fast_config(eval_path, metric=Metric.REL_ERROR, tolerance=1e-9, mixed_precision_steps=2, float_share=0.2)
+    with pytest.raises(QualityGateError) as info:
+        quantize(outlier_path, tmp_path / "q.onnx", samples(64, 1), config)
+    assert info.value.message.count("float node(s)") >= 2  # the best is mixed precision on top of the share
+    saved = onnx.load(tmp_path / "q.onnx")
+    fc3 = next(n for n in saved.graph.node if n.name == "fc3")
+    producers = {o: n.op_type for n in saved.graph.node for o in n.output}
+    assert fc3.op_type == "MatMul" and producers.get(fc3.input[0]) != "DequantizeLinear"
+
+
 def test_float_share_out_of_range_is_a_usage_error(eval_path):
     with pytest.raises(UsageError, match="float_share"):
         fast_config(eval_path, float_share=1.0)

@@ -288,7 +288,8 @@ class CandidateRun:
                 continue
             found = None
             try:
-                found, step_paths = self._search_float_nodes(self.scheme_of[base.scheme], self.paths[base.scheme], size)
+                found, step_paths = self._search_float_nodes(self.scheme_of[base.scheme], self.paths[base.scheme], size,
+                                                             base.float_nodes)
             except Exception as e:  # the analysis is an improvement, not a requirement
                 notes.append(f"mixed precision could not run on {base.scheme}: {error_line(e)}")
             if found is None:
@@ -301,7 +302,7 @@ class CandidateRun:
                 continue
             label = f"{base.scheme} + {len(step.float_nodes)} float node(s)"
             mixed = CandidateResult(label, score=step.score, meets_tolerance=step.meets_tolerance)
-            mixed.float_nodes = list(step.float_nodes)
+            mixed.float_nodes = [*base.float_nodes, *step.float_nodes]  # float_share's nodes stay float too
             path = step_paths.get(step.float_nodes)
             if path is not None:
                 mixed.bytes = path.stat().st_size
@@ -371,14 +372,14 @@ class CandidateRun:
         return self.quantize(scheme, nodes)
 
     def _search_float_nodes(
-        self, scheme: QuantScheme, path: Path, size: tuple[int, int]
+        self, scheme: QuantScheme, path: Path, size: tuple[int, int], already: Sequence[str] = ()
     ) -> tuple[MixedPrecisionSearch, dict[tuple[str, ...], Path]]:
         """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
         ranking, groups = self._ranking(scheme, path, size)
         step_paths: dict[tuple[str, ...], Path] = {}
 
         def evaluate(float_nodes: tuple[str, ...]) -> tuple[float, bool]:
-            dest = self.quantize(scheme, float_nodes)
+            dest = self.quantize(scheme, (*already, *float_nodes))  # ``path`` has ``already`` in float
             step_paths[float_nodes] = dest
             value = self.score(dest)
             return value, self.reference.passes(value, dest)
