@@ -19,7 +19,8 @@ from conftest import assert_numerically_equal, run_model, save
 from onnx_graphs import model_from_text
 
 from onnxforge.errors import QualityGateError
-from onnxforge.pipeline.prune.channels import ChannelPruneConfig, Repair, _keep_count, prune_model
+from onnxforge.pipeline.prune.channel_rewrite import keep_count
+from onnxforge.pipeline.prune.channels import ChannelPruneConfig, Repair, prune_model
 from onnxforge.pipeline.prune.checks import Objective
 from onnxforge.pipeline.prune.low_rank import LowRankConfig, low_rank
 from onnxforge.targets import get_target
@@ -79,12 +80,12 @@ def test_channel_counts_round_to_the_targets_multiple_by_default():
 
 
 def test_rounding_never_goes_past_a_layers_size_or_to_zero():
-    assert _keep_count(6, 0.5, 8) == 3  # narrower than the multiple: not rounded
-    assert _keep_count(6, 0.99, 8) == 1
-    assert _keep_count(8, 0.9, 8) == 8  # one multiple at least, never 0
-    assert _keep_count(24, 0.9, 8) == 8
-    assert _keep_count(15, 0.1, 8) == 15  # 14 rounds to 16: capped at the layer's size
-    assert _keep_count(40, 0.5, 8) == 16 and _keep_count(40, 0.5, 1) == 20
+    assert keep_count(6, 0.5, 8) == 3  # narrower than the multiple: not rounded
+    assert keep_count(6, 0.99, 8) == 1
+    assert keep_count(8, 0.9, 8) == 8  # one multiple at least, never 0
+    assert keep_count(24, 0.9, 8) == 8
+    assert keep_count(15, 0.1, 8) == 15  # 14 rounds to 16: capped at the layer's size
+    assert keep_count(40, 0.5, 8) == 16 and keep_count(40, 0.5, 1) == 20
 
 
 def test_the_cli_and_a_recipe_round_by_default(tmp_path, cli):

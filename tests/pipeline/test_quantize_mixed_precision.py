@@ -14,7 +14,7 @@ from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize, scheme_id
-from onnxforge.pipeline.quantize.mixed_precision import node_groups, rank_nodes, search_float_nodes
+from onnxforge.pipeline.quantize.mixed_precision import node_groups, rank_nodes, search_float_nodes, share_in_float
 from onnxforge.pipeline.quantize.quant_error import NodeError
 from onnxforge.targets import ActivationType, QuantFormat, QuantScheme
 
@@ -184,6 +184,47 @@ def test_a_failing_step_is_recorded_not_raised():
 
     search = search_float_nodes("s", ranking, {}, evaluate, max_float_fraction=1.0)
     assert search.steps[0].error.startswith("RuntimeError") and search.best.float_nodes == ("a", "b")
+
+
+def test_a_share_in_float_takes_the_worst_nodes_with_their_groups():
+    ranking = [_error(f"n{i}", float(i)) for i in range(10)]
+    groups = {"n0": ("n0", "n5"), "n1": ("n1",), "n2": ("n2", "n3", "n4")}
+    assert share_in_float(ranking, groups, 0.0) == ()
+    assert share_in_float(ranking, groups, 0.05) == ("n0", "n5")  # the worst group, even past the share
+    assert share_in_float(ranking, groups, 0.3) == ("n0", "n5", "n1")
+    # n2's group (3 more) would pass 4 of 10: it stops there rather than let n3 or n4 jump ahead
+    assert share_in_float(ranking, groups, 0.4) == ("n0", "n5", "n1")
+    assert share_in_float(ranking, groups, 0.6) == ("n0", "n5", "n1", "n2", "n3", "n4")
+
+
+def test_float_share_keeps_the_sensitive_layer_in_float_without_a_search(tmp_path, outlier_path, eval_path):
+    plain = quantize(outlier_path, tmp_path / "p.onnx", samples(64, 1),
+                     fast_config(eval_path, mixed_precision=False, tolerance=1e30)).chosen_candidate
+    config = fast_config(eval_path, mixed_precision=False, tolerance=1e30, float_share=0.2)
+    result = quantize(outlier_path, tmp_path / "q.onnx", samples(64, 1), config)
+    (shared,) = result.candidates  # the scheme itself, quantized once with its worst nodes in float
+    assert "fc3" in shared.float_nodes and shared.scheme == f"{U8_PER_CHANNEL.label} + {len(shared.float_nodes)} " \
+        "float node(s)"
+    assert shared.score > plain.score and not plain.float_nodes
+    assert result.mixed_precision is None  # no gated search ran: the share alone decided
+    fc3 = next(n for n in onnx.load(tmp_path / "q.onnx").graph.node if n.name == "fc3")
+    assert fc3.op_type == "MatMul"
+
+
+def test_mixed_precision_after_float_share_keeps_the_share_in_float(tmp_path, outlier_path, eval_path):
+    config = fast_config(eval_path, metric=Metric.REL_ERROR, tolerance=1e-9, mixed_precision_steps=2, float_share=0.2)
+    with pytest.raises(QualityGateError) as info:
+        quantize(outlier_path, tmp_path / "q.onnx", samples(64, 1), config)
+    assert info.value.message.count("float node(s)") >= 2  # the best is mixed precision on top of the share
+    saved = onnx.load(tmp_path / "q.onnx")
+    fc3 = next(n for n in saved.graph.node if n.name == "fc3")
+    producers = {o: n.op_type for n in saved.graph.node for o in n.output}
+    assert fc3.op_type == "MatMul" and producers.get(fc3.input[0]) != "DequantizeLinear"
+
+
+def test_float_share_out_of_range_is_a_usage_error(eval_path):
+    with pytest.raises(UsageError, match="float_share"):
+        fast_config(eval_path, float_share=1.0)
 
 
 def test_groups_bring_the_producer_of_a_quantized_input(tmp_path, outlier_path):

@@ -214,7 +214,8 @@ def test_knobs_name_real_config_fields_and_decode():
                     codec.decode(annotation, choice, f"{name}.{knob.field}")
     assert {k.field for k in PASSES["prune_channels"].knobs("cpu")} >= {"ratio"}
     # the CPU runs MatMulNBits: int4 is a scheme choice, with its block size and accuracy level
-    assert {k.field for k in PASSES["quantize"].knobs("cpu")} == {"schemes", "int4_block_size", "int4_accuracy_level"}
+    assert {k.field for k in PASSES["quantize"].knobs("cpu")} == {"schemes", "int4_block_size", "int4_accuracy_level",
+                                                            "float_share"}
 
 
 def test_phase_orders_structure_before_precision():

@@ -38,7 +38,7 @@ def test_a_conv_only_graph_gets_no_int4_and_no_dynamic_schemes():
     cnn = make_classifier(0, channels=8)
     assert not any("int4" in s or "dynamic" in s for s in _schemes(cnn))
     fields = {k.field for k in registered_passes()["quantize"].knobs("cpu", cnn)}
-    assert fields == {"schemes"}  # int4's block size and accuracy level go with int4
+    assert fields == {"schemes", "float_share"}  # int4's block size and accuracy level go with int4
     seeds = SearchSpace("cpu", ("quantize",), model=cnn).seeds()
     assert seeds and not any("int4" in str(s) or "dynamic" in str(s) for s in seeds)
 

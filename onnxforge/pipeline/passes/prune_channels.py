@@ -14,6 +14,11 @@ from onnxforge.pipeline.prune.coupling import prunable_groups
 from onnxforge.pipeline.prune.heads import has_attention
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 
+# early / middle / late multipliers the search tries (none: uniform; each is scaled back to the ratio in
+# total): the late, wide layers hold redundant channels; the early ones run at full resolution (time)
+DEPTH_PRESETS: tuple[list[float], ...] = ([], [0.5, 1.0, 1.5], [1.5, 1.0, 0.5], [0.75, 1.5, 0.75])
+DEPTH_BUCKETS = 3
+
 
 @register
 class ChannelPrunePass(Pass[ChannelPruneConfig, ChannelPruneResult]):
@@ -26,12 +31,20 @@ class ChannelPrunePass(Pass[ChannelPruneConfig, ChannelPruneResult]):
 
     @classmethod
     def knobs(cls, target: str, model: onnx.ModelProto | None = None) -> tuple[Knob, ...]:
-        channels = model is None or bool(prunable_groups(model))  # not every group blocked (outputs, excluded, 1 wide)
+        groups = len(prunable_groups(model)) if model is not None else None  # not blocked (outputs, 1 wide, ...)
         heads = model is None or has_attention(model)
-        knobs = (
+        knobs: tuple[Knob, ...] = (
             Knob("ratio", KnobKind.FLOAT, low=0.1, high=0.8, step=0.05, help="share of channels removed per group"),
             Knob("importance", KnobKind.CHOICE, choices=("l2", "activation"), help="which channels go"),
-        ) if channels else ()
+        ) if groups is None or groups else ()
+        # where the ratio goes: with one group both allocations are the ratio itself, and a depth bucket
+        # needs a group of its own (uniform first: the seed trial is the plain ratio)
+        if groups is None or groups >= 2:
+            knobs += (Knob("allocation", KnobKind.CHOICE, choices=("uniform", "sensitivity"),
+                           help="same ratio everywhere, or robust groups give up more"),)
+        if groups is None or groups >= DEPTH_BUCKETS:
+            knobs += (Knob("depth_scales", KnobKind.CHOICE, choices=DEPTH_PRESETS,
+                           help="ratio multipliers for early, middle and late groups (total share kept)"),)
         # whole heads of every attention block, offered only where the graph has attention (on a CNN it
         # would only multiply identical trials); 0.125 steps are 1.5 of 12 heads: the rounding decides
         return knobs + ((Knob("head_ratio", KnobKind.FLOAT, low=0.0, high=0.5, step=0.125,

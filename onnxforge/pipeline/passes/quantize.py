@@ -13,6 +13,8 @@ from onnxforge.pipeline.quantize import QuantizeConfig, QuantizeResult, quantize
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 from onnxforge.targets.cpu import has_matmul_weights
 
+FLOAT_SHARES = (0.0, 0.05, 0.1, 0.2)
+
 
 @register
 class QuantizePass(Pass[QuantizeConfig, QuantizeResult]):
@@ -28,7 +30,8 @@ class QuantizePass(Pass[QuantizeConfig, QuantizeResult]):
         """The target's schemes for this model, plus two of those it adds for MatMul-dominated models
         when the model has MatMul weights at all: the first dynamic one and int4 where the target runs
         MatMulNBits (a conv-only graph has nothing either would quantize); int4's block size and
-        accuracy level when int4 is a choice. Without a model: every scheme the target has (what a
+        accuracy level when int4 is a choice; the share of nodes kept in float when an int8 scheme is.
+        Without a model: every scheme the target has (what a
         pinned ``quantize.schemes`` is checked against before the model is read)."""
         from onnxforge.targets import QuantMethod, get_target
 
@@ -42,6 +45,11 @@ class QuantizePass(Pass[QuantizeConfig, QuantizeResult]):
             candidates = list(dict.fromkeys([*found.quant_candidates(model), *extra]))
         schemes = tuple([scheme_id(s)] for s in candidates)
         knobs = [Knob("schemes", KnobKind.CHOICE, choices=schemes, help="the scheme measured", seed_every_choice=True)]
+        if any(s.method in (QuantMethod.STATIC, QuantMethod.DYNAMIC) for s in candidates):
+            # a little speed for quality: the most sensitive int8 nodes stay float (0 first: the seeds quantize
+            # everything); fp16 and int4 trials ignore it (a note says so)
+            knobs.append(Knob("float_share", KnobKind.CHOICE, choices=FLOAT_SHARES,
+                              help="int8: share of quantized nodes kept in float, most sensitive first"))
         if any(s.method is QuantMethod.INT4 for s in candidates):
             knobs += [
                 Knob("int4_block_size", KnobKind.CHOICE, choices=(32, 64, 128), help="int4: weights per scale along K"),

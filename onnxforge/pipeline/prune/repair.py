@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -31,6 +30,7 @@ import onnx_ir as ir
 from onnxforge.pipeline.calibration import SampleSet
 from onnxforge.pipeline.progress import Progress, counted, ignore
 from onnxforge.pipeline.prune.activations import batches_of_values, real_rows, token_rows, value_batches
+from onnxforge.pipeline.prune.channel_config import ChannelPruneConfig, PrunedModel
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     const_array,
@@ -42,9 +42,6 @@ from onnxforge.pipeline.prune.graph import (
     prepared,
     value_name,
 )
-
-if TYPE_CHECKING:  # channels calls repair_model: importing it here at run time would be circular
-    from onnxforge.pipeline.prune.channels import ChannelPruneConfig, PrunedModel
 
 __all__ = ["repair_model"]
 

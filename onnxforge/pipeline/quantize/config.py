@@ -86,6 +86,8 @@ class QuantizeConfig:
     mixed_precision: when the fastest candidate misses the tolerance, return its most sensitive
       nodes to float until it holds, trying at most ``mixed_precision_steps`` quantizations and
       at most ``max_float_fraction`` of the quantized nodes.
+    float_share: every static or dynamic int8 candidate keeps this share of its quantized nodes in
+      float, the most sensitive first (mixed_precision.share_in_float): a fixed trade, no gate.
     error_report: measure each quantized node's SQNR vs fp32 on ``analysis_samples`` calibration
       samples (also the samples mixed precision ranks nodes on).
     transformer_fusion: onnxscript/onnxruntime transformer fusions (Attention -> QAttention for dynamic
@@ -145,6 +147,11 @@ class QuantizeConfig:
     )
     max_float_fraction: float = option(0.5, help="mixed precision keeps at most this share of quantized nodes in float")
     mixed_precision_steps: int = option(10, help="mixed precision: float-node sets tried at most")
+    float_share: float = option(
+        0.0,
+        help="share of each int8 candidate's quantized nodes kept in float from the start, the most sensitive "
+        "first (local SQNR on calibration samples, each with the nodes it needs in float), no gate; 0: none",
+    )
     error_report: bool = option(True, help="measure each node's quantization error (SQNR) for the report")
     analysis_samples: int = option(32, help="samples the per-node error analysis runs")
     # bytes; the peak the stage stays under (memory_plan sizes its batches to it; None: 80% of the memory
@@ -182,6 +189,9 @@ class QuantizeConfig:
             raise UsageError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if not 0.0 < self.max_float_fraction <= 1.0:
             raise UsageError(f"max_float_fraction must be in (0, 1], got {self.max_float_fraction}")
+        if not 0.0 <= self.float_share < 1.0:
+            raise UsageError(f"float_share must be in [0, 1), the share of quantized nodes kept in float, got "
+                             f"{self.float_share}")
         if (self.max_samples is not None and self.max_samples < 1) or self.analysis_samples < 1:
             raise UsageError("max_samples and analysis_samples must be at least 1")
         if not 0.0 < self.smooth_alpha < 1.0:

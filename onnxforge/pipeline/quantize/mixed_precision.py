@@ -30,7 +30,8 @@ from onnxforge.errors import first_line
 from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.quantize.quant_error import NodeError
 
-__all__ = ["MixedPrecisionSearch", "MixedPrecisionStep", "node_groups", "rank_nodes", "search_float_nodes"]
+__all__ = ["MixedPrecisionSearch", "MixedPrecisionStep", "node_groups", "rank_nodes", "search_float_nodes",
+           "share_in_float"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,23 @@ def node_groups(qdq: onnx.ModelProto, nodes: Sequence[str]) -> dict[str, tuple[s
                 members.add(producer[tensor])
         groups[n.name] = tuple(sorted(members, key=list(nodes).index))
     return groups
+
+
+def share_in_float(ranking: Sequence[NodeError], groups: dict[str, tuple[str, ...]], share: float
+                   ) -> tuple[str, ...]:
+    """A fixed share of the nodes kept in float, without a gate (the search's ``float_share`` knob):
+    the ranking's nodes in order (worst first), each with its group, while the count stays within
+    ``share`` of the ranked nodes; the worst node's group always, when ``share`` > 0. Worst first."""
+    if share <= 0 or not ranking:
+        return ()
+    limit = share * len(ranking)
+    chosen: dict[str, None] = {}
+    for e in ranking:
+        new = [name for name in groups.get(e.node, (e.node,)) if name not in chosen]
+        if chosen and len(chosen) + len(new) > limit:
+            break  # a large group next does not let a less sensitive one jump ahead of it
+        chosen.update(dict.fromkeys(new))
+    return tuple(chosen)
 
 
 def _schedule(count: int, limit: int) -> list[int]:

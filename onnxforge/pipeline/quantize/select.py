@@ -41,6 +41,7 @@ from onnxforge.pipeline.quantize.mixed_precision import (
     node_groups,
     rank_nodes,
     search_float_nodes,
+    share_in_float,
 )
 from onnxforge.pipeline.quantize.op_classes import OpClassReport, measure_classes, time_shares
 from onnxforge.pipeline.quantize.opset import failing_op
@@ -254,6 +255,8 @@ class CandidateRun:
             start = time.perf_counter()
             try:
                 dest = self.quantize(scheme)
+                if self.config.float_share > 0:
+                    dest = self._share_in_float(scheme, dest, result)
                 result.score = self.coarse.score(dest) if self.coarse else self.score(dest)
             except Exception as e:  # one failing scheme must not sink the others
                 result.error = error_line(e)
@@ -269,8 +272,8 @@ class CandidateRun:
                 result.gate_checks = self.reference.verdict(dest).message()
                 result.agreement_with_input = self.agreement(dest)
             result.bytes = dest.stat().st_size
-            self.paths[scheme.label] = dest
-            self.scheme_of[scheme.label] = scheme
+            self.paths[result.scheme] = dest
+            self.scheme_of[result.scheme] = scheme
         step(self.progress, "quantizing and scoring candidates", len(schemes), len(schemes))
         if not self.paths:
             ops = [op for op in dict.fromkeys(failing_ops) if op]
@@ -371,7 +374,8 @@ class CandidateRun:
                 continue
             found = None
             try:
-                found, step_paths = self._search_float_nodes(self.scheme_of[base.scheme], self.paths[base.scheme], size)
+                found, step_paths = self._search_float_nodes(self.scheme_of[base.scheme], self.paths[base.scheme], size,
+                                                             base.float_nodes)
             except Exception as e:  # the analysis is an improvement, not a requirement
                 notes.append(f"mixed precision could not run on {base.scheme}: {error_line(e)}")
             if found is None:
@@ -384,7 +388,7 @@ class CandidateRun:
                 continue
             label = f"{base.scheme} + {len(step.float_nodes)} float node(s)"
             mixed = CandidateResult(label, score=step.score, meets_tolerance=step.meets_tolerance)
-            mixed.float_nodes = list(step.float_nodes)
+            mixed.float_nodes = [*base.float_nodes, *step.float_nodes]  # float_share's nodes stay float too
             path = step_paths.get(step.float_nodes)
             if path is not None:
                 mixed.bytes = path.stat().st_size
@@ -415,10 +419,10 @@ class CandidateRun:
             graph_outputs=graph_outputs,
         )
 
-    def _search_float_nodes(
-        self, scheme: QuantScheme, path: Path, size: tuple[int, int]
-    ) -> tuple[MixedPrecisionSearch, dict[tuple[str, ...], Path]]:
-        """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
+    def _ranking(self, scheme: QuantScheme, path: Path, size: tuple[int, int]
+                 ) -> tuple[list[NodeError], dict[str, tuple[str, ...]]]:
+        """``scheme``'s quantized nodes, worst local SQNR first (on calibration samples), and the nodes each
+        must bring back to float with it (mixed_precision.node_groups)."""
         static = scheme.method is QuantMethod.STATIC
         source = self.source(scheme)
         qdq_path = (
@@ -432,19 +436,46 @@ class CandidateRun:
         else:  # dynamic: only its integer MatMuls can go back to float, each on its own
             errors = [e for e in errors if e.op_type in DYNAMIC_OP_TYPES]
             groups = {e.node: (e.node,) for e in errors}
+        return rank_nodes(errors), groups
+
+    def _share_in_float(self, scheme: QuantScheme, path: Path, result: CandidateResult) -> Path:
+        """``scheme`` quantized again with ``config.float_share`` of its quantized nodes in float, the most
+        sensitive first (share_in_float); ``path`` itself when the scheme has no int8 nodes to undo or the
+        per-node analysis does not fit (a note says which). Relabels ``result`` with the float nodes."""
+        if scheme.method not in (QuantMethod.STATIC, QuantMethod.DYNAMIC):
+            self.notes.append(f"float_share skipped on {scheme.label}: {scheme.method.value} has no per-node int8 "
+                              "to undo")
+            return path
+        size = self.data.analysis_size()  # ranking the nodes measures every quantized node's output
+        if size is None:
+            self.notes.append(f"float_share skipped on {scheme.label}: {self.data.refusal('analysis')}")
+            return path
+        ranking, groups = self._ranking(scheme, path, size)
+        nodes = share_in_float(ranking, groups, self.config.float_share)
+        if not nodes:
+            return path
+        result.scheme = f"{scheme.label} + {len(nodes)} float node(s)"
+        result.float_nodes = list(nodes)
+        return self.quantize(scheme, nodes)
+
+    def _search_float_nodes(
+        self, scheme: QuantScheme, path: Path, size: tuple[int, int], already: Sequence[str] = ()
+    ) -> tuple[MixedPrecisionSearch, dict[tuple[str, ...], Path]]:
+        """Rank ``scheme``'s quantized nodes by local SQNR on calibration samples; search float nodes."""
+        ranking, groups = self._ranking(scheme, path, size)
         step_paths: dict[tuple[str, ...], Path] = {}
 
         def evaluate(float_nodes: tuple[str, ...]) -> tuple[float, bool]:
             step(self.progress, "mixed precision: steps scored", len(step_paths),
                  message=f"{len(float_nodes)} node(s) in float")  # a bisection: no total known in advance
-            dest = self.quantize(scheme, float_nodes)
+            dest = self.quantize(scheme, (*already, *float_nodes))  # ``path`` has ``already`` in float
             step_paths[float_nodes] = dest
             value = self.score(dest)
             return value, self.reference.passes(value, dest)
 
         search = search_float_nodes(
             scheme.label,
-            rank_nodes(errors),
+            ranking,
             groups,
             evaluate,
             max_float_fraction=self.config.max_float_fraction,
