@@ -209,7 +209,8 @@ def test_the_space_comes_from_the_registry():
 
 
 def test_report_scatter_renders_in_chromium(project, tmp_path):
-    from test_report import _chromium, _find_or_install_chromium
+    from browser import _find_or_install_chromium
+    from browser import run_chromium as _chromium
 
     binary = _find_or_install_chromium()
     if binary is None:

@@ -90,6 +90,8 @@ def _example(annotation, folder: Path):
         from onnxforge.pipeline.quantize import parse_scheme
 
         return parse_scheme("qdq-u8s8-per-tensor")
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):  # an optional choice: its first
+        return next(iter(annotation))
     if annotation in (int, float):
         return annotation(3)
     if annotation is str:

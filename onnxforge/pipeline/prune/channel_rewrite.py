@@ -41,7 +41,10 @@ def _grouped_input_cut(weight: np.ndarray, groups: int, kept: np.ndarray) -> np.
 
 def keep_count(channels: int, ratio: float, round_to: int) -> int:
     """Channels a group of ``channels`` keeps at ``ratio``: at least 1, at most ``channels``, rounded to a
-    multiple of ``round_to`` (at least one multiple) unless the group is narrower than ``round_to``."""
+    multiple of ``round_to`` (at least one multiple) unless the group is narrower than ``round_to``. A
+    ratio of 0 keeps every channel (rounding never prunes on its own)."""
+    if ratio <= 0:
+        return channels
     keep = max(1, channels - round(ratio * channels))
     if 1 < round_to <= channels:
         keep = max(round_to, round(keep / round_to) * round_to)
