@@ -107,6 +107,10 @@ def _latency_feeds(held_out: SampleSet, batch: int) -> dict:
     return held_out.first_batch(batch)
 
 
+class NothingFaster(ValueError):
+    """A profiled scheme found no op type measured faster in int8 on the target: it has nothing to do."""
+
+
 class CandidateRun:
     """The candidates of one quantize() call and the fp32 reference they are measured against.
 
@@ -210,7 +214,7 @@ class CandidateRun:
 
     def _classes(self, scheme: QuantScheme, source: Path) -> OpClassReport:
         """Which op types run faster in int8 on the target, measured once per graph (op_classes);
-        ValueError (the candidate's error) when none does."""
+        NothingFaster when none does (the profiled candidate does not apply: it is left out, not failed)."""
         if source not in self._op_classes:
             whole = dataclasses.replace(scheme, scope=QuantScope.ALL)
             feeds = _latency_feeds(self.held_out, model_batch_size(self.data.specs, preferred=1))
@@ -229,7 +233,7 @@ class CandidateRun:
             self.notes.append(f"{scheme.label}: {report.describe()}")
         report = self._op_classes[source]
         if not report.quantized:
-            raise ValueError(f"no op type runs faster in int8 than in float on {self.target.name}")
+            raise NothingFaster(f"no op type runs faster in int8 than in float on {self.target.name}")
         return report
 
     def score(self, path: Path) -> float:
@@ -258,6 +262,10 @@ class CandidateRun:
                 if self.config.float_share > 0:
                     dest = self._share_in_float(scheme, dest, result)
                 result.score = self.coarse.score(dest) if self.coarse else self.score(dest)
+            except NothingFaster as e:  # a profiled scheme with nothing to quantize here: not a candidate
+                self.candidates.remove(result)
+                self.notes.append(f"{scheme.label} left out: {e}")
+                continue
             except Exception as e:  # one failing scheme must not sink the others
                 result.error = error_line(e)
                 failing_ops.append(failing_op(str(e)) or "")
@@ -275,6 +283,9 @@ class CandidateRun:
             self.paths[result.scheme] = dest
             self.scheme_of[result.scheme] = scheme
         step(self.progress, "quantizing and scoring candidates", len(schemes), len(schemes))
+        if not self.candidates:  # every scheme was a profiled one with nothing measured faster
+            raise QualityGateError(f"no op type runs faster in int8 than in float on {self.target.name}: "
+                                   "nothing to quantize", hint="keep the fp32 model, or name another --scheme")
         if not self.paths:
             ops = [op for op in dict.fromkeys(failing_ops) if op]
             own = [op for op in ops if op in ("QuantizeLinear", "DequantizeLinear")]
