@@ -148,7 +148,7 @@ class QualityGate:
     def describe(self) -> str:
         """Every rule of the gate, as the user reads it (the main rule first; gate_rules.judge applies them)."""
         main = {
-            Metric.ACCURACY: f"accuracy drop <= {self.tolerance:g} points (or its 95% CI reaches that)",
+            Metric.ACCURACY: f"accuracy drop <= {self.tolerance:g} points",
             Metric.AGREEMENT: f"top-1 agreement with fp32 >= {100 - self.tolerance:g}%",
             Metric.POSITION_AGREEMENT: f"per-position top-1 agreement with fp32 >= {100 - self.tolerance:g}%",
             Metric.COSINE: f"mean cosine to fp32 >= {self.tolerance:g}",

@@ -49,7 +49,7 @@ def test_the_input_is_kept_when_every_int8_candidate_is_slower(cli, tmp_path, cl
     code, out, err = cli("quantize", classifier_path, "-o", output, "--calibration", calibration_npz,
                          "--eval", eval_npz, "--tolerance", "100", "--no-mixed-precision", "--no-cache",
                          "--json", report)
-    assert code == 4, err
+    assert code == 4, out + err
     assert output.read_bytes() == classifier_path.read_bytes()  # the input, unchanged
     data = json.loads(report.read_text())
     assert data["kept_input"] is True and data["chosen"] == INPUT_KEPT and data["objective"] == "latency"
