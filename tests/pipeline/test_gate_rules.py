@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from onnxforge.pipeline.evaluate import Metric, QualityGate, score
-from onnxforge.pipeline.gate_rules import is_class_sequence, judge, paired_interval, position_agreement
+from onnxforge.pipeline.gate_rules import (
+    decoded_sequences,
+    is_class_sequence,
+    judge,
+    paired_interval,
+    position_agreement,
+    sequence_changes,
+)
 
 
 def _judge(metric, outputs, reference, labels=None, **gate_options):
@@ -150,6 +157,52 @@ def test_a_sequence_with_high_mean_cosine_but_flipped_positions_fails_per_positi
     assert position_agreement(cand, ref) == pytest.approx(1 - flip.mean())
     assert not verdict.passed and verdict.failures[0].startswith("per-position top-1 agreement")
     assert "per-position top-1 agreement >= 95%" in gate.describe()
+
+
+def _one_hot_lines(lines, classes=6, blank=0):
+    """CTC-like softmax outputs [N, T, C] whose argmax at each frame is ``lines[n][t]``."""
+    steps = max(len(line) for line in lines)
+    probs = np.full((len(lines), steps, classes), 0.1, np.float32)
+    for n, line in enumerate(lines):
+        frames = list(line) + [blank] * (steps - len(line))
+        probs[n, np.arange(steps), frames] = 0.5
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def test_ctc_decoding_merges_runs_and_drops_the_blank():
+    out = _one_hot_lines([[0, 1, 1, 0, 2, 0, 0], [3, 0, 3, 3, 0, 0, 0]])
+    assert decoded_sequences(out, blank=0) == [(1, 2), (3, 3)]
+
+
+def test_one_misread_line_among_many_frames_fails_by_default_though_every_other_rule_passes():
+    lines = [[0, c, c, 0, (c + 1) % 5 + 1, 0, 0, 0, 0, 0] for c in range(1, 5)] * 10  # 40 lines, blank-dominated
+    ref = _one_hot_lines(lines)
+    misread = ref.copy()
+    misread[7, 4, 5] = misread[7, 4].max() * 1.05  # one frame of one line: another character wins by a hair
+    misread /= misread.sum(-1, keepdims=True)
+    shifted = [list(line) for line in lines]
+    shifted[3][1], shifted[3][3] = 0, lines[3][1]  # one line's character a frame later: reads the same
+    gate, verdict = _judge(Metric.AUTO, [misread], [ref])
+    assert gate.checks_sequences and "decoded sequences changed on <= 0% of samples" in gate.describe()
+    assert verdict.value > 0.999 and verdict.worst_cosine > 0.95 and position_agreement(misread, ref) > 0.99
+    assert not verdict.passed and verdict.failures == ("decoded sequences changed on 1 of 40 samples "
+                                                       "(2.5%; allowed: <= 0%) FAILED",)
+    assert verdict.sequence_churn == pytest.approx(1 / 40)
+    assert sequence_changes(_one_hot_lines(shifted), ref) == 0.0
+    shifted_verdict = _judge(Metric.AUTO, [_one_hot_lines(shifted)], [ref])[1]
+    assert shifted_verdict.sequence_churn == 0.0
+    assert not any(f.startswith("decoded") for f in shifted_verdict.failures)
+    _, allowed = _judge(Metric.AUTO, [misread], [ref], max_churn=5)  # an explicit allowance
+    assert allowed.passed
+
+
+def test_the_search_keeps_the_resolved_sequence_allowance():
+    ref = _one_hot_lines([[0, 1, 0]] * 4)
+    gate = QualityGate.resolve(Metric.AUTO, None, False, ref.shape, sequence=True)
+    assert (gate.max_churn, gate.sequence_churn) == (5.0, 0.0)
+    again = QualityGate.resolve(gate.metric, gate.tolerance, False, ref.shape, max_churn=gate.max_churn,
+                                sequence_churn=gate.sequence_churn, sequence=True)
+    assert again == gate
 
 
 def test_log_probabilities_are_a_sequence_too_and_hidden_states_are_not():
