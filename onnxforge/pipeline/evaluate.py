@@ -19,6 +19,7 @@ churn, the accuracy drop's sampling error, per-position agreement of sequence ou
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -99,12 +100,12 @@ class QualityGate:
 
     @classmethod
     def resolve(cls, metric: Metric | UserMetric, tolerance: float | None, has_labels: bool, output_shape: tuple,
-                *, max_churn: float | None = None, worst_cosine: float | None = None,
+                *, ids: bool = False, max_churn: float | None = None, worst_cosine: float | None = None,
                 sequence_churn: float | None = None, sequence: bool = False) -> QualityGate:
         user = metric if isinstance(metric, UserMetric) else None
         if metric is Metric.USER:
             raise UsageError("metric 'user' is spelled by its file: file.py:function")
-        chosen = Metric.USER if user is not None else resolve_metric(metric, has_labels, output_shape)  # type: ignore[arg-type]
+        chosen = Metric.USER if user is not None else resolve_metric(metric, has_labels, output_shape, ids)  # type: ignore[arg-type]
         tolerance = _DEFAULT_TOLERANCE[chosen] if tolerance is None else float(tolerance)
         # the defaults never undercut a looser tolerance the user gave: an accuracy drop of T points
         # changes at least T points of predictions; the worst sample is at most the mean
@@ -198,11 +199,18 @@ def tolerance_help() -> str:
                      f"default {_DEFAULT_TOLERANCE[metric]:g}" for metric, unit in _TOLERANCE_UNIT.items())
 
 
-def resolve_metric(metric: Metric, has_labels: bool, output_shape: tuple) -> Metric:
+def resolve_metric(metric: Metric, has_labels: bool, output_shape: tuple, ids: bool = False) -> Metric:
+    """AUTO made concrete for an output of ``output_shape`` (integer class ids when ``ids``: a model with its
+    argmax inside): a sequence of ids (more than one per sample, as a CTC head decoded in the graph gives)
+    is judged per position and by its decoded sequences; one id per sample like class scores."""
     if metric is not Metric.AUTO:
         return metric
+    if ids and math.prod(output_shape[1:]) > 1:
+        return Metric.POSITION_AGREEMENT
     if has_labels:
         return Metric.ACCURACY
+    if ids:
+        return Metric.AGREEMENT
     if len(output_shape) == 2 and output_shape[1] > 1:
         return Metric.AGREEMENT
     return Metric.COSINE
@@ -275,14 +283,17 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
         return position_agreement(outputs[0], reference[0])
     if metric is Metric.USER:
         raise ValueError("a user metric is scored by Reference (in a child process), not here")
+    if metric in (Metric.ACCURACY, Metric.AGREEMENT):
+        from onnxforge.pipeline.gate_rules import predicted_classes
+
+        predicted = predicted_classes(outputs[0])
+        if metric is Metric.AGREEMENT:
+            return float((predicted == predicted_classes(reference[0])).mean()) if len(predicted) else 1.0
+        if labels is None:
+            raise ValueError("accuracy needs labels")
+        return float((predicted == np.asarray(labels).reshape(-1)[:len(predicted)]).mean())
     y, ref = _rows(outputs[0]), _rows(reference[0])
     if isinstance(y, np.ndarray) and isinstance(ref, np.ndarray):
-        if metric is Metric.ACCURACY:
-            if labels is None:
-                raise ValueError("accuracy needs labels")
-            return float((y.argmax(1) == labels).mean())
-        if metric is Metric.AGREEMENT:
-            return float((y.argmax(1) == ref.argmax(1)).mean())
         if metric in (Metric.COSINE, Metric.MIN_COSINE):
             den = np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1)
             cosines = (y * ref).sum(1) / np.maximum(den, 1e-12)
@@ -290,12 +301,6 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
         if metric is Metric.REL_ERROR:
             return float(np.mean(np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)))
         raise ValueError(f"unresolved metric {metric}")
-    if metric is Metric.ACCURACY:
-        if labels is None:
-            raise ValueError("accuracy needs labels")
-        return float(np.mean([int(np.argmax(r)) == int(lab) for r, lab in zip(y, labels, strict=False)]))
-    if metric is Metric.AGREEMENT:
-        return float(np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(y, ref, strict=False)]))
     if metric in (Metric.COSINE, Metric.MIN_COSINE):
         cosines = [float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12)
                    for a, b in zip(y, ref, strict=False)]

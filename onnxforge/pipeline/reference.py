@@ -41,7 +41,7 @@ from onnxforge.pipeline.evaluations import (
     model_fingerprint,
     samples_fingerprint,
 )
-from onnxforge.pipeline.gate_rules import GateVerdict, is_class_sequence, judge
+from onnxforge.pipeline.gate_rules import GateVerdict, are_ids, is_class_sequence, judge
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.user_metric import UserMetric
 from onnxforge.targets import get_target
@@ -232,7 +232,7 @@ class Reference:
             shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
             self._gate = QualityGate.resolve(self.metric, self.tolerance, self.samples.labels is not None, shape,
                                              max_churn=self.max_churn, worst_cosine=self.worst_cosine,
-                                             sequence_churn=self.sequence_churn,
+                                             sequence_churn=self.sequence_churn, ids=are_ids(first),
                                              sequence=is_class_sequence(first))
         return self._gate
 

@@ -7,6 +7,7 @@ import pytest
 
 from onnxforge.pipeline.evaluate import Metric, QualityGate, score
 from onnxforge.pipeline.gate_rules import (
+    are_ids,
     decoded_sequences,
     is_class_sequence,
     judge,
@@ -19,7 +20,7 @@ from onnxforge.pipeline.gate_rules import (
 def _judge(metric, outputs, reference, labels=None, **gate_options):
     first = reference[0]
     gate = QualityGate.resolve(metric, gate_options.pop("tolerance", None), labels is not None, first.shape,
-                               sequence=is_class_sequence(first), **gate_options)
+                               ids=are_ids(first), sequence=is_class_sequence(first), **gate_options)
     value = score(gate.metric, outputs, reference, labels)
     return gate, judge(gate, outputs, reference, labels, value, score(gate.metric, reference, reference, labels))
 
@@ -257,3 +258,42 @@ def test_a_stage_backs_off_from_a_try_that_changes_too_many_predictions_and_says
     assert "predictions changed on" in first["gate"] and first["gate"].split("; ")[0].endswith("FAILED")
     assert "95% CI" in first["gate"]
     assert all(t["passes"] == ("FAILED" not in t["gate"]) for t in tried)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class ids: a model with its argmax inside (a captcha reader returns [1, T] character ids)
+
+
+def test_a_class_id_per_sample_is_compared_as_the_class_itself_not_its_argmax():
+    ref = np.arange(40, dtype=np.int64) % 7
+    changed = ref.copy()
+    changed[:10] = (changed[:10] + 1) % 7  # a quarter of the answers
+    gate, verdict = _judge(Metric.AUTO, [changed], [ref])
+    assert gate.metric is Metric.AGREEMENT and not gate.sequence
+    assert verdict.value == pytest.approx(0.75) and not verdict.passed  # argmax of one id is always 0: 100%
+    labels = ref.copy()
+    gate, verdict = _judge(Metric.AUTO, [changed.reshape(40, 1)], [ref.reshape(40, 1)], labels)
+    assert gate.metric is Metric.ACCURACY and verdict.value == pytest.approx(0.75)
+    assert verdict.churn == pytest.approx(0.25)
+
+
+def test_a_sequence_of_ids_is_judged_by_position_and_by_what_it_reads():
+    lines = np.array([[0, c, c, 0, (c % 5) + 1, 0, 0, 0] for c in range(1, 6)] * 8, dtype=np.int64)
+    misread = lines.copy()
+    misread[11, 4] = 9  # one id of one line
+    gate, verdict = _judge(Metric.AUTO, [misread], [lines])
+    assert gate.metric is Metric.POSITION_AGREEMENT and gate.sequence and gate.checks_sequences
+    assert verdict.value == pytest.approx(1 - 1 / lines.size)  # within the 1-point per-position tolerance
+    assert not verdict.passed and verdict.failures[0].startswith("decoded sequences changed on 1 of 40 samples")
+    shifted = lines.copy()
+    shifted[0, 1:3] = [0, lines[0, 1]]  # a character a frame later reads the same
+    assert sequence_changes(shifted, lines) == 0.0
+
+
+def test_ragged_id_sequences_of_different_lengths_are_changed_sequences():
+    ref = np.empty(2, dtype=object)
+    ref[0], ref[1] = np.array([[0, 3, 3, 0]]), np.array([[0, 2, 0, 4, 0, 0]])
+    out = np.empty(2, dtype=object)
+    out[0], out[1] = np.array([[0, 3, 0, 0]]), np.array([[0, 2, 0, 0, 0, 0]])
+    assert is_class_sequence(ref) and position_agreement(out, ref) == pytest.approx(8 / 10)
+    assert sequence_changes(out, ref) == pytest.approx(0.5)
