@@ -22,13 +22,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxforge.errors import InvalidModelError, OnnxForgeError
+from onnxforge.errors import InvalidModelError, OnnxForgeError, QualityGateError
 from onnxforge.model_io import input_specs
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, model_batch_size
+from onnxforge.pipeline.codec import JsonResult
 from onnxforge.pipeline.evaluate import QualityGate
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.reference import Reference
@@ -36,7 +38,7 @@ from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
 from onnxforge.targets.feeds import generate_feeds
 
-__all__ = ["HOLDOUT", "SLOWER_THAN_INPUT", "Objective", "QualityCheck", "slower_message"]
+__all__ = ["HOLDOUT", "SLOWER_THAN_INPUT", "Objective", "QualityCheck", "gate_missed", "slower_message"]
 
 HOLDOUT = 0.2  # share of the calibration samples held out to check quality when there is no eval data
 MAX_HELD_OUT = 256
@@ -224,6 +226,35 @@ def slower_message(tried: list[dict]) -> str:
     speeds = [t["speedup"] for t in tried if t.get("slower")]
     return (f"every try within the tolerance ran slower than the input (measured {min(speeds):.2f}x-"
             f"{max(speeds):.2f}x its speed, under {SLOWER_THAN_INPUT})")
+
+
+def gate_missed(
+    check: QualityCheck, tried: list[dict], *, tries: str, kept: str, out: Path, result: JsonResult,
+    remedies: str, slower_hint: str = "", label: str | None = None,
+) -> QualityGateError:
+    """The QualityGateError (exit 4) a prune stage raises when its back-off found no try that passes.
+
+    ``tries`` names what was tried ("channel ratio down to 0.316"), ``kept`` the model saved at ``out``
+    in its place ("unpruned", "input"), ``result`` the stage's result (every try, for the table and
+    ``--json``). When every try within the tolerance ran slower than the input the message says so and
+    ``slower_hint`` is the hint; otherwise it names the input's score and the best try's (by its
+    ``label`` key, "ratio"), and the hint is to loosen the tolerance, then ``remedies``.
+    """
+    saved = f"the {kept} model is saved at {out}"
+    if any(t.get("slower") for t in tried):
+        return QualityGateError(
+            f"no {tries} is both within the tolerance and not slower than the input: {slower_message(tried)}; "
+            f"{saved}",
+            hint=slower_hint, best_path=str(out), result=result.to_json(),
+        )
+    gate, reference_score, best = check.failure(tried)
+    which = f" ({label} {best[label]:.3f})" if label is not None else ""
+    return QualityGateError(
+        f"no {tries} meets the tolerance ({check.describe()}, on {check.source}): the input scores "
+        f"{gate.format(reference_score)}, the best try{which} {gate.format(best['score'])} ({best['gate']}); {saved}",
+        hint=f"loosen --tolerance (now {gate.describe_tolerance()}), {remedies}",
+        best_path=str(out), result=result.to_json(),
+    )
 
 
 def _shapes(feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

@@ -40,7 +40,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
-from onnxforge.errors import QualityGateError, UsageError
+from onnxforge.errors import UsageError
 from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
@@ -51,7 +51,7 @@ from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.activations import batches_of_values, token_rows
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
-from onnxforge.pipeline.prune.checks import Objective, slower_message
+from onnxforge.pipeline.prune.checks import Objective, gate_missed
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     clear_inner_shapes,
@@ -499,24 +499,11 @@ def low_rank(
         quality=check.quality_note(), speed=speed, notes=loaded.notes,
     )
     save_model(candidate, out)
-    if not passed and any(t["slower"] for t in tried):
-        raise QualityGateError(
-            f"no factorization is both within the tolerance and not slower than the input: "
-            f"{slower_message(tried)}; the input model is saved at {out}",
-            hint="raise --min-params or --exclude the layers too small to gain, or pass --objective size to keep "
-            "a smaller, slower model",
-            best_path=str(out),
-            result=result.to_json(),
-        )
     if not passed:
-        gate, reference_score, best = check.failure(tried)
-        raise QualityGateError(
-            f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
-            f"{gate.format(reference_score)}, the best try {gate.format(best['score'])} ({best['gate']}); the "
-            f"input model is saved at {out}",
-            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or pass --calibration for the "
-            "data-aware factorization",
-            best_path=str(out),
-            result=result.to_json(),
+        raise gate_missed(
+            check, tried, tries="factorization", kept="input", out=out, result=result,
+            remedies="or pass --calibration for the data-aware factorization",
+            slower_hint="raise --min-params or --exclude the layers too small to gain, or pass --objective size to "
+            "keep a smaller, slower model",
         )
     return result

@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
-from onnxforge.errors import QualityGateError, UsageError
+from onnxforge.errors import UsageError
 from onnxforge.model_io import save_model
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
@@ -32,6 +32,7 @@ from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSIN
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
+from onnxforge.pipeline.prune.checks import gate_missed
 from onnxforge.pipeline.prune.graph import layer_name, lift_constants
 from onnxforge.pipeline.user_metric import UserMetric
 
@@ -199,14 +200,8 @@ def prune_magnitude(
         notes=loaded.notes,
     )
     if not passed:
-        gate, _, _ = check.failure(tried)
-        raise QualityGateError(
-            f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}"
-            + (f"; the last try: {tried[-1]['gate']}" if tried and tried[-1].get("gate") else "")
-            + f"); the unpruned model is saved at {out}",
-            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or exclude sensitive layers "
-            "with --exclude",
-            best_path=str(out),
-            result=result.to_json(),
+        raise gate_missed(
+            check, tried, tries=f"sparsity down to {kept.last:.3f}", kept="unpruned", out=out, result=result,
+            label="sparsity", remedies="or exclude sensitive layers with --exclude",
         )
     return result
