@@ -95,7 +95,7 @@ class QualityCheck:
         held: SampleSet | StreamedSamples | None = None
         source: str | None = None
         gate = {"metric": config.metric, "tolerance": config.tolerance, "eval_batch": EVAL_BATCH,
-                "max_churn": getattr(config, "max_churn", None), "worst_cosine": getattr(config, "worst_cosine", None)}
+                "max_churn": config.max_churn, "worst_cosine": config.worst_cosine}
         if config.eval_data is not None:
             reference = Reference(model, config.eval_data, target, limit=limit, **gate)
             source = f"{len(reference.samples)} samples of the eval data"

@@ -46,7 +46,7 @@ from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
-from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
+from onnxforge.pipeline.gate_fields import GateFields
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.activations import batches_of_values, token_rows
@@ -61,7 +61,6 @@ from onnxforge.pipeline.prune.graph import (
     layer_name,
     lift_constants,
 )
-from onnxforge.pipeline.user_metric import UserMetric
 
 __all__ = ["LowRankConfig", "LowRankResult", "RankRule", "factorize_model", "layer_candidates", "low_rank"]
 
@@ -72,7 +71,7 @@ class RankRule(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class LowRankConfig:
+class LowRankConfig(GateFields):
     rule: RankRule = option(RankRule.ENERGY, help="how each layer's rank is chosen")
     energy: float = option(0.95, help="singular-value energy kept by the energy rule")
     ratio: float = option(0.5, help="fraction of each layer's rank to remove (the ratio rule)")
@@ -85,14 +84,6 @@ class LowRankConfig:
         help="bounds every use of the data: samples fit and eval samples scored",
     )
     exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
-    eval_data: DataSpec | None = option(
-        None,
-        help="held-out samples the quality gate scores (default: a share of the calibration samples)",
-    )
-    metric: UserMetric | Metric = option(Metric.AUTO, help=METRIC_HELP)
-    tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
-    max_churn: float | None = option(None, help=MAX_CHURN_HELP)
-    worst_cosine: float | None = option(None, help=WORST_COSINE_HELP)
     measure_latency: bool = option(
         True,
         help="time the factored model against its input (objective latency always times it: its gate needs it)",
