@@ -153,8 +153,7 @@ def prune_channels(
         while True:
             ratio, head_ratio = (shrink(r) or 0.0 if r > 0 else 0.0 for r in strength)
             heads = any(heads_kept(h, head_ratio) < h for h in outcome[1].attention_heads.values())
-            channels = ratio > 0.0 and removes_any(outcome[1].groups, ratio, round_to)
-            if not channels and not heads:
+            if not removes_any(outcome[1].groups, ratio, round_to) and not heads:  # ratio 0 removes none
                 return None  # a ratio that removes no channel and no head is not pruning: stop there
             strength = ratio, head_ratio
             # whole heads and rounded channel counts: a lower ratio may build the same model again
