@@ -13,8 +13,7 @@ import onnx
 from onnxforge.errors import CalibrationDataError, UsageError
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
-from onnxforge.pipeline.gate_fields import GateFields
-from onnxforge.pipeline.prune.checks import Objective
+from onnxforge.pipeline.prune.checks import BackOffFields
 from onnxforge.pipeline.prune.importance import Importance
 
 __all__ = ["Allocation", "ChannelPruneConfig", "ChannelPruneResult", "PrunedModel", "Repair"]
@@ -32,7 +31,7 @@ class Repair(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ChannelPruneConfig(GateFields):
+class ChannelPruneConfig(BackOffFields):
     ratio: float = option(0.5, help="fraction of channels to remove (0: none, with --head-ratio)")
     head_ratio: float = option(
         0.0,
@@ -72,15 +71,6 @@ class ChannelPruneConfig(GateFields):
         "ran ~2x slower at the same MACs); 1: no rounding. Layers narrower than it are not rounded",
     )
     exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
-    target: str = option("cpu", help="where the quality gate runs")  # where the quality gate runs
-    # False: no tolerance loop; the ratio given is kept and its score reported (onnxforge optimize, which
-    # varies the ratio and scores every trial on the eval data itself)
-    gate: bool = option(True, help="back off until the quality gate holds (no: keep the ratio given)")
-    objective: Objective = option(
-        Objective.LATENCY,
-        help="latency: a try measured slower than the input misses like a quality miss (exit 4 when every "
-        "try does); size: smaller is the goal, speed is only reported",
-    )
 
     def __post_init__(self) -> None:
         set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec

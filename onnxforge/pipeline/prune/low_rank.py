@@ -46,12 +46,11 @@ from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
-from onnxforge.pipeline.gate_fields import GateFields
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.activations import batches_of_values, token_rows
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
-from onnxforge.pipeline.prune.checks import Objective, gate_missed
+from onnxforge.pipeline.prune.checks import BackOffFields, Objective, gate_missed
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     clear_inner_shapes,
@@ -71,7 +70,7 @@ class RankRule(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class LowRankConfig(GateFields):
+class LowRankConfig(BackOffFields):
     rule: RankRule = option(RankRule.ENERGY, help="how each layer's rank is chosen")
     energy: float = option(0.95, help="singular-value energy kept by the energy rule")
     ratio: float = option(0.5, help="fraction of each layer's rank to remove (the ratio rule)")
@@ -87,16 +86,6 @@ class LowRankConfig(GateFields):
     measure_latency: bool = option(
         True,
         help="time the factored model against its input (objective latency always times it: its gate needs it)",
-    )
-    target: str = option("cpu", help="where the quality gate runs")  # where the quality gate and the timings run
-    gate: bool = option(  # False: no tolerance loop, the rank rule given is kept (onnxforge optimize scores it)
-        True,
-        help="back off until the quality gate holds (no: keep the ratio given)",
-    )
-    objective: Objective = option(
-        Objective.LATENCY,
-        help="latency: a try measured slower than the input misses like a quality miss (exit 4 when every "
-        "try does); size: smaller is the goal, speed is only reported",
     )
 
     def __post_init__(self) -> None:

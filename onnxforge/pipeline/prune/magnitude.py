@@ -28,11 +28,10 @@ from onnxforge.errors import UsageError
 from onnxforge.model_io import save_model
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import set_data_fields
-from onnxforge.pipeline.gate_fields import GateFields
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
-from onnxforge.pipeline.prune.checks import gate_missed
+from onnxforge.pipeline.prune.checks import CheckFields, gate_missed
 from onnxforge.pipeline.prune.graph import layer_name, lift_constants
 
 __all__ = ["MagnitudePruneConfig", "MagnitudePruneResult", "Scope", "prune_magnitude", "sparsify_model"]
@@ -46,12 +45,11 @@ class Scope(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MagnitudePruneConfig(GateFields):
+class MagnitudePruneConfig(CheckFields):
     sparsity: float = option(0.5, help="fraction of weights to zero")
     scope: Scope = option(Scope.PER_LAYER, help="one threshold per layer or one for the whole model")
     min_params: int = option(64, help="layers with fewer weights are left alone")
     exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
-    target: str = option("cpu", help="where the quality gate runs")  # where the quality gate runs
     max_samples: int | None = option(  # bounds every use of the data: samples fit and eval samples scored
         None,
         help="eval samples scored at most",
