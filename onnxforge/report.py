@@ -4,26 +4,26 @@ here in Python, no scripts, no fonts or styles fetched from anywhere.
 Reports are built from the JSON the tools already write, so a report can be rebuilt later from a
 saved result: here ``profile_report_html`` (the ``onnxforge profile --json`` payload: latency rows
 with their spread and distribution, per-op and per-node time bars, EP placement, the comparison, the
-mobile verdicts), the charts and page parts the others share; ``run_report.py`` draws a run folder's
-``manifest.json``, ``optimize_report.py`` an optimize run's Pareto front.
+mobile verdicts) and the page parts the others share; ``run_report.py`` draws a run folder's
+``manifest.json``, ``optimize_report.py`` an optimize run's Pareto front. Every chart is drawn in
+``report_charts.py`` (bar_chart_svg and histogram_svg are imported from there).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from onnxforge._atomic import atomic_write_text
+from onnxforge.report_charts import _PALETTE, _esc, _fmt, bar_chart_svg, histogram_svg
 
 __all__ = ["REPORT_NAME", "bar_chart_svg", "histogram_svg", "profile_report_html", "write_report"]
 
 REPORT_NAME = "report.html"
 
-_PALETTE = ("#3b6fb6", "#d9822b", "#2f9e6e", "#b64a4a", "#7a5bb6", "#8c8c8c")
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", Arial, sans-serif; margin: 24px auto;
        max-width: 1100px; color: #1d2330; background: #fff; padding: 0 16px; }
@@ -42,139 +42,7 @@ svg text { font-family: inherit; }
 
 
 # ----------------------------------------------------------------------------------------------
-# SVG charts
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    if abs(value) >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3g}"
-
-
-def bar_chart_svg(
-    items: Sequence[tuple[str, float]],
-    *,
-    title: str,
-    unit: str = "",
-    width: int = 520,
-    color: str = _PALETTE[0],
-    label_width: int = 190,
-    texts: Sequence[str] | None = None,
-) -> str:
-    """Horizontal bars, one per (label, value), in the order given; each bar's value printed at its end.
-
-    A value at or below zero draws no bar but keeps its real number (−15.6 dB reads −15.6, never 0);
-    ``texts`` replaces the printed values (e.g. "identical" for an infinite SQNR drawn at the cap)."""
-    bar_h, gap, top = 18, 6, 26
-    height = top + len(items) * (bar_h + gap) + 8
-    peak = max((v for _, v in items), default=0.0) or 1.0
-    span = width - label_width - 80
-    parts = [
-        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
-        f"<title>{_esc(title)}</title>",
-        f'<text x="0" y="16" font-size="13" font-weight="600" fill="#1d2330">{_esc(title)}</text>',
-    ]
-    for i, (label, value) in enumerate(items):
-        y = top + i * (bar_h + gap)
-        w = max(1.0, span * (value / peak)) if value > 0 else 0.0
-        shown = label if len(label) <= 28 else label[:26] + "…"
-        parts.append(
-            f'<text x="{label_width - 6}" y="{y + 13}" font-size="12" text-anchor="end" fill="#1d2330">'
-            f"<title>{_esc(label)}</title>{_esc(shown)}</text>"
-        )
-        parts.append(
-            f'<rect class="bar" x="{label_width}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{color}" rx="2"/>'
-        )
-        shown_value = texts[i] if texts is not None else _fmt(value) + unit
-        parts.append(
-            f'<text class="value" x="{label_width + w + 5:.1f}" y="{y + 13}" font-size="12" '
-            f'fill="{"#b64a4a" if value < 0 else "#3a4355"}">{_esc(shown_value)}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def histogram_svg(
-    edges: Sequence[float],
-    counts: Sequence[int],
-    *,
-    title: str,
-    markers: Sequence[tuple[str, float]] = (),
-    above: int = 0,
-    width: int = 520,
-    height: int = 200,
-    color: str = _PALETTE[0],
-) -> str:
-    """Run counts per latency bin (ms), with dashed lines for the p50/p90/p99 markers (legend top right)."""
-    left, right, top, bottom = 40, 26, 26, 34
-    plot_w, plot_h = width - left - right, height - top - bottom
-    lo, hi = float(edges[0]), float(edges[-1])
-    span = (hi - lo) or 1.0
-    peak = max(counts, default=0) or 1
-
-    def x_of(value: float) -> float:
-        return left + plot_w * (value - lo) / span
-
-    parts = [
-        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
-        f"<title>{_esc(title)}</title>",
-        f'<text x="0" y="16" font-size="13" font-weight="600" fill="#1d2330">{_esc(title)}</text>',
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#8a93a6"/>',
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#8a93a6"/>',
-        f'<text x="{left - 4}" y="{top + 10}" font-size="11" text-anchor="end" fill="#5a6477">{peak}</text>',
-        f'<text x="{left - 4}" y="{top + plot_h}" font-size="11" text-anchor="end" fill="#5a6477">0</text>',
-    ]
-    for i, count in enumerate(counts):
-        x0, x1 = x_of(edges[i]), x_of(edges[i + 1])
-        h = plot_h * count / peak
-        if count:
-            parts.append(
-                f'<rect class="bar" x="{x0 + 0.5:.1f}" y="{top + plot_h - h:.1f}" width="{max(1.0, x1 - x0 - 1):.1f}" '
-                f'height="{h:.1f}" fill="{color}">'
-                f"<title>{_fmt(edges[i])}-{_fmt(edges[i + 1])} ms: {count} runs</title></rect>"
-            )
-    for tick in (lo, (lo + hi) / 2, hi):
-        parts.append(
-            f'<text x="{x_of(tick):.1f}" y="{top + plot_h + 14}" font-size="11" text-anchor="middle" fill="#5a6477">'
-            f"{_esc(_fmt(tick))}</text>"
-        )
-    parts.append(
-        f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" font-size="11" text-anchor="middle" fill="#5a6477">'
-        "ms per run</text>"
-    )
-    legend_x = width - right
-    for i, (name, value) in reversed(list(enumerate(markers))):
-        marker_color = _PALETTE[(i + 1) % len(_PALETTE)]
-        if lo <= value <= hi:  # a marker in the clipped tail keeps its legend entry only
-            x = x_of(value)
-            parts.append(
-                f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{marker_color}" '
-                'stroke-dasharray="4 3" stroke-width="1.5"/>'
-            )
-        label = f"{name} {_fmt(value)}"
-        parts.append(
-            f'<text x="{legend_x}" y="16" font-size="11" text-anchor="end" fill="{marker_color}">{_esc(label)}</text>'
-        )
-        legend_x -= 7 * len(label) + 10
-    if above:
-        parts.append(
-            f'<text x="{left + plot_w}" y="{top + plot_h + 28}" font-size="11" text-anchor="end" fill="#5a6477">'
-            f"+{above} slower runs not drawn</text>"
-        )
-    parts.append("</svg>")
-    return "".join(parts)
+# Charts (drawn in report_charts)
 
 
 def _latency_histogram(latency: dict, title: str, color: str = _PALETTE[0]) -> str:

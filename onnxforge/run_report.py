@@ -17,18 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxforge.report import (
-    _PALETTE,
-    REPORT_NAME,
-    _esc,
-    _fmt,
-    _latency_histogram,
-    _page,
-    _table,
-    bar_chart_svg,
-    write_report,
-)
-from onnxforge.report_charts import line_chart_svg, stacked_bars_svg
+from onnxforge.report import REPORT_NAME, _latency_histogram, _page, _table, write_report
+from onnxforge.report_charts import _PALETTE, _esc, _fmt, bar_chart_svg, line_chart_svg, stacked_bars_svg
 from onnxforge.targets.latency import NOISY_P90
 
 __all__ = ["op_classes", "run_report_html", "write_run_report"]

@@ -12,8 +12,9 @@ from onnxforge.cli.app import cli
 from onnxforge.cli.console import emit_json, human_bytes, out, quiet
 from onnxforge.cli.door import stage_cache
 from onnxforge.cli.options import (
-    MetricType,
     cache_options,
+    config_options,
+    gate_options,
     input_shape_option,
     json_option,
     target_option,
@@ -21,6 +22,7 @@ from onnxforge.cli.options import (
 )
 from onnxforge.cli.progress_view import progress_display
 from onnxforge.errors import QualityGateError, UsageError
+from onnxforge.pipeline.gate_fields import GateRules
 
 
 def _duration(text: str | None) -> float | None:
@@ -130,9 +132,8 @@ def _render_optimize(result, json_path: str | None) -> None:
 @click.option(
     "--max-drop", type=float, default=None, metavar="PTS", help="accuracy budget: points lost at most (needs labels)"
 )
-@click.option("--metric", type=MetricType(), default="auto", show_default=True,
-              help="the quality metric vs the input model (see quantize --help), or file.py:function: your own")
-@click.option("--tolerance", type=float, default=None, help="the budget in the metric's terms (see quantize --help)")
+@gate_options
+@config_options(GateRules, skip=("metric", "tolerance"))  # --max-churn, --worst-cosine: as every gated stage's
 @click.option("--objective", type=click.Choice(["latency", "size"]), default="latency", show_default=True)
 @click.option(
     "--trials", type=int, default=24, show_default=True, help="trials at most (completed ones of an earlier run count)"
@@ -176,6 +177,8 @@ def optimize(
     max_drop,
     metric,
     tolerance,
+    max_churn,
+    worst_cosine,
     objective,
     trials,
     time_budget,
@@ -243,7 +246,8 @@ def optimize(
         raise UsageError(f"{model}: no such model file")
     config = OptimizeConfig(
         calibration=DataSpec(path=calibration), eval_data=DataSpec(path=eval_data), target=target,
-        metric=codec.decode(UserMetric | Metric, metric, "--metric"), tolerance=tolerance,
+        metric=codec.decode(UserMetric | Metric, metric, "--metric"), tolerance=tolerance, max_churn=max_churn,
+        worst_cosine=worst_cosine,
         objective=Objective(objective), trials=trials,
         time_budget_s=_duration(time_budget), strategy=Strategy(strategy), seed=seed,
         passes=tuple(passes) or None, space=_space_option(space),

@@ -32,6 +32,7 @@ __all__ = [
     "data_spec",
     "eval_spec",
     "flag_spelling",
+    "gate_options",
     "given",
     "given_options",
     "image_options",
@@ -351,12 +352,20 @@ class MetricType(click.ParamType):
         return f"{user.path.resolve()}:{user.function}"
 
 
-def quality_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def gate_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--metric`` and ``--tolerance``, the gate's rules every gated command shares (stage commands and
+    optimize); the other rules, ``--max-churn`` and ``--worst-cosine``, are generated from the same
+    declaration (gate_fields.GateRules) by ``config_options``."""
     from onnxforge.pipeline.evaluate import METRIC_HELP, tolerance_help
 
     f = click.option("--tolerance", type=float, default=None,
                      help=f"the quality gate, in the metric's unit ({tolerance_help()})")(f)
-    f = click.option("--metric", type=MetricType(), default="auto", show_default=True, help=METRIC_HELP)(f)
+    return click.option("--metric", type=MetricType(), default="auto", show_default=True, help=METRIC_HELP)(f)
+
+
+def quality_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--eval`` and the gate's ``--metric`` and ``--tolerance`` (gate_options)."""
+    f = gate_options(f)
     return click.option(
         "--eval", "eval_data", type=click.Path(path_type=Path), default=None,
         help="held-out samples (.npz keyed by input name, optional 'label' array; a folder of .npz/.npy or images)",

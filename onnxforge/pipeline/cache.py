@@ -25,8 +25,9 @@ sha256 of every file in the entry, and an HMAC of both under the user's cache ke
   left alone and counted.
 - Beside the entries it keeps small signed *records* (``<root>/records/<kind>/<key>.json``):
   measurements a re-run may reuse, such as quantize's candidate timings (so that the scheme it keeps
-  does not flip with the machine's load). A record that does not match its signature is removed and
-  ignored.
+  does not flip with the machine's load) and the run report's per-op profiles (so that an unchanged
+  stage is not profiled again), both through ``recorded``. A record that does not match its signature
+  is removed and ignored.
 - The root is ``$ONNXFORGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/onnxforge``, else ``~/.cache/onnxforge``;
   ``--cache-dir`` overrides it, and ``--no-cache`` (``StageCache(None)``) turns it off.
 """
@@ -39,11 +40,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from tempfile import mkdtemp
-from typing import Any
+from typing import Any, TypeVar
 
 from onnxforge._atomic import atomic_path
 from onnxforge.errors import CacheError, OnnxForgeError
@@ -426,3 +428,24 @@ class StageCache:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+T = TypeVar("T")
+
+
+def recorded(cache: StageCache | None, kind: str, key: str, measure: Callable[[], T], *,
+             decode: Callable[[Any], T], encode: Callable[[T], Any]) -> tuple[T, bool]:
+    """A measurement kept as a record: (the record under ``kind``/``key``, decoded; True) when ``cache``
+    holds one, else (``measure()``; False), then recorded as ``encode`` spells it. ``key`` names all the
+    measurement depends on (``stage_key`` of the model fingerprints, the feeds, the target, the code).
+    A record ``decode`` refuses (KeyError, TypeError, ValueError: another shape) is measured again."""
+    data = cache.record(kind, key) if cache is not None else None
+    if data is not None:
+        try:
+            return decode(data), True
+        except (KeyError, TypeError, ValueError):
+            pass  # a record of another shape: measure again
+    value = measure()
+    if cache is not None:
+        cache.save_record(kind, key, encode(value))
+    return value, False

@@ -281,7 +281,8 @@ def _error(pair: _Pair, acc: ErrorAccumulator) -> TensorError:
 
 def compare_report_html(result: CompareResult, *, bars: int = 60) -> str:
     """A self-contained page: SQNR per tensor in graph order (a chart and a table), the first divergence."""
-    from onnxforge.report import _esc, _page, _table, bar_chart_svg
+    from onnxforge.report import _page, _table
+    from onnxforge.report_charts import _esc, bar_chart_svg
 
     def db(t: TensorError) -> str:
         return "identical" if not math.isfinite(t.sqnr_db) else f"{t.sqnr_db:.1f}"

@@ -3,7 +3,7 @@
 - **Fingerprints.** A file's sha256 is computed once per process while its (size, mtime, inode) stay
   the same: a search's hundred trials, each with several stages, hash their data file once. A model
   given as bytes or a ModelProto is hashed by its serialized bytes; samples in memory (held-out
-  calibration samples) by their arrays, once per SampleSet object.
+  calibration samples) by their arrays, once per SampleSet object; a set of feeds by its arrays.
 - **Evaluations** (Olive caches evaluations the same way): a model's outputs on a data set are kept
   under (model fingerprint, data fingerprint, sample limit, target) and a candidate's score under
   (candidate, reference, data, metric, limit, target), so the same model on the same data runs once
@@ -17,7 +17,7 @@ import hashlib
 import os
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ __all__ = [
     "cached_outputs",
     "cached_score",
     "clear_evaluations",
+    "feeds_fingerprint",
     "file_fingerprint",
     "model_fingerprint",
     "samples_fingerprint",
@@ -72,6 +73,16 @@ def model_fingerprint(model: str | os.PathLike | bytes | onnx.ModelProto) -> str
     path = Path(model)
     data = path.with_name(path.name + ".data")
     return file_fingerprint(path) + (":" + file_fingerprint(data) if data.exists() else "")
+
+
+def feeds_fingerprint(feeds: Mapping[str, np.ndarray]) -> str:
+    """Fingerprint of one set of feeds (input name -> array): names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for name in sorted(feeds):
+        value = np.ascontiguousarray(feeds[name])
+        digest.update(f"{name}:{value.dtype}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def samples_fingerprint(samples: Any) -> str:

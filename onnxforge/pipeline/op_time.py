@@ -5,22 +5,22 @@ Each model is profiled with onnxruntime's profiler (``targets/op_profile.py``) o
 run's timing uses, at batch 1 and 1 thread, for a few runs (``RUNS`` after ``WARMUP``): enough for
 shares, which is all this answers — the latency column stays the interleaved timing's. The op types
 are those of the graph onnxruntime runs after its own fusions (``FusedConv``, ``QLinearConv``).
-A profile is kept as a cache record keyed by the model file's sha256, the feeds, the target, the tool
-versions and onnxforge's code, so a re-run with unchanged stages profiles nothing again.
+A profile is kept as a cache record (cache.recorded) keyed by the model's fingerprint (its file's sha256,
+with its external data), the feeds, the target, the tool versions and onnxforge's code, so a re-run with
+unchanged stages profiles nothing again.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from onnxforge.model_io import file_sha256
-from onnxforge.pipeline.cache import StageCache, code_fingerprint, stage_key
+from onnxforge.pipeline.cache import StageCache, code_fingerprint, recorded, stage_key
 from onnxforge.pipeline.codec import JsonResult
+from onnxforge.pipeline.evaluations import feeds_fingerprint, model_fingerprint
 from onnxforge.pipeline.manifest import tool_versions
 from onnxforge.targets.base import Target
 from onnxforge.targets.op_profile import OpProfileConfig, profile_ops
@@ -49,31 +49,16 @@ class OpTime(JsonResult):
                    profiler_overhead=float(data["profiler_overhead"]))
 
 
-def _feeds_fingerprint(feeds: Mapping[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(feeds):
-        array = np.ascontiguousarray(feeds[name])
-        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def op_time(path: Path, feeds: Mapping[str, np.ndarray], target: Target, cache: StageCache | None) -> OpTime:
     """The per-op-type time of ``path`` on ``target`` fed ``feeds`` (batch 1, 1 thread), from ``cache``
-    when a run already profiled this very file on these feeds."""
-    key = stage_key({"model": file_sha256(path), "feeds": _feeds_fingerprint(feeds), "target": target.name,
+    when a run already profiled this very model on these feeds."""
+    key = stage_key({"model": model_fingerprint(path), "feeds": feeds_fingerprint(feeds), "target": target.name,
                      "runs": [WARMUP, RUNS], "versions": tool_versions(), "code": code_fingerprint()})
-    if cache is not None:
-        stored = cache.record(_RECORD_KIND, key)
-        if isinstance(stored, dict):
-            try:
-                return OpTime.from_json(stored)
-            except (KeyError, TypeError, ValueError):
-                pass  # a record of another shape: profile again
-    profile = profile_ops(path, feeds, OpProfileConfig(target=target, threads=1, warmup=WARMUP, runs=RUNS))
-    result = OpTime(per_op_us={o.op_type: o.median_us for o in profile.op_types},
-                    op_sum_us=sum(o.median_us for o in profile.op_types), runs=profile.runs,
-                    profiler_overhead=profile.profiler_overhead)
-    if cache is not None:
-        cache.save_record(_RECORD_KIND, key, result.to_json())
-    return result
+
+    def measure() -> OpTime:
+        profile = profile_ops(path, feeds, OpProfileConfig(target=target, threads=1, warmup=WARMUP, runs=RUNS))
+        return OpTime(per_op_us={o.op_type: o.median_us for o in profile.op_types},
+                      op_sum_us=sum(o.median_us for o in profile.op_types), runs=profile.runs,
+                      profiler_overhead=profile.profiler_overhead)
+
+    return recorded(cache, _RECORD_KIND, key, measure, decode=OpTime.from_json, encode=OpTime.to_json)[0]

@@ -151,6 +151,9 @@ def test_impossible_gate_saves_the_dense_model_and_raises(tmp_path, classifier_p
         prune_magnitude(classifier_path, output, config)
     assert info.value.exit_code == 4
     assert info.value.best_path == str(output)
+    # the same message as the other prune stages (checks.gate_missed): the input's score and the best try's
+    assert "the input scores" in info.value.message and "the best try (sparsity " in info.value.message
+    assert info.value.hint.startswith("loosen --tolerance (now ")
     assert_numerically_equal(classifier_path, output, feeds_two_batches, atol=0, rtol=0)
 
 

@@ -19,7 +19,7 @@ from conftest import assert_numerically_equal, run_model, save
 from onnx_graphs import model_from_text
 
 from onnxforge.errors import QualityGateError
-from onnxforge.pipeline.prune.channel_rewrite import keep_count
+from onnxforge.pipeline.prune.channel_rewrite import keep_count, removes_any
 from onnxforge.pipeline.prune.channels import ChannelPruneConfig, Repair, prune_model
 from onnxforge.pipeline.prune.checks import Objective
 from onnxforge.pipeline.prune.low_rank import LowRankConfig, low_rank
@@ -86,6 +86,15 @@ def test_rounding_never_goes_past_a_layers_size_or_to_zero():
     assert keep_count(24, 0.9, 8) == 8
     assert keep_count(15, 0.1, 8) == 15  # 14 rounds to 16: capped at the layer's size
     assert keep_count(40, 0.5, 8) == 16 and keep_count(40, 0.5, 1) == 20
+
+
+def test_ratio_zero_removes_nothing_however_a_group_rounds():
+    # 20 channels at ratio 0 would round to 16: rounding never prunes on its own (the back-off relies on it
+    # to stop at ratio 0 when no head is left to remove)
+    assert keep_count(20, 0.0, 16) == 20
+    groups = [{"prunable": True, "channels": 20}, {"prunable": True, "channels": 40, "blocks": 2}]
+    assert not removes_any(groups, 0.0, 16)
+    assert removes_any(groups, 0.3, 16)
 
 
 def test_the_cli_and_a_recipe_round_by_default(tmp_path, cli):

@@ -172,3 +172,28 @@ def test_a_record_is_verified_and_cleared_with_the_cache(tmp_path):
     cache.clear()
     assert cache.record("quantize-timings", "k2") is None
     assert StageCache(None).record("quantize-timings", "k2") is None  # --no-cache: nothing recorded or read
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_recorded_measurement_is_measured_once_and_again_when_its_record_has_another_shape(tmp_path, on):
+    """cache.recorded, which op_time's profiles and quantize's timings go through."""
+    from onnxforge.pipeline.cache import recorded
+
+    cache = StageCache(tmp_path / "cache") if on else None
+    calls = []
+
+    def measure() -> dict:
+        calls.append(1)
+        return {"p50_ms": float(len(calls))}
+
+    def decode(data) -> dict:
+        return {"p50_ms": float(data["p50_ms"])}
+
+    first = recorded(cache, "test-kind", "k", measure, decode=decode, encode=dict)
+    second = recorded(cache, "test-kind", "k", measure, decode=decode, encode=dict)
+    assert first == ({"p50_ms": 1.0}, False)
+    assert second == (({"p50_ms": 1.0}, True) if on else ({"p50_ms": 2.0}, False))  # no cache: measured each time
+    if cache is not None:
+        cache.save_record("test-kind", "k", {"other": "shape"})
+        assert recorded(cache, "test-kind", "k", measure, decode=decode, encode=dict) == ({"p50_ms": 2.0}, False)
+        assert cache.record("test-kind", "k") == {"p50_ms": 2.0}  # the new measurement replaced it

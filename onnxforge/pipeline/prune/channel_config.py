@@ -13,10 +13,8 @@ import onnx
 from onnxforge.errors import CalibrationDataError, UsageError
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
-from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
-from onnxforge.pipeline.prune.checks import Objective
+from onnxforge.pipeline.prune.checks import BackOffFields
 from onnxforge.pipeline.prune.importance import Importance
-from onnxforge.pipeline.user_metric import UserMetric
 
 __all__ = ["Allocation", "ChannelPruneConfig", "ChannelPruneResult", "PrunedModel", "Repair"]
 
@@ -33,7 +31,7 @@ class Repair(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ChannelPruneConfig:
+class ChannelPruneConfig(BackOffFields):
     ratio: float = option(0.5, help="fraction of channels to remove (0: none, with --head-ratio)")
     head_ratio: float = option(
         0.0,
@@ -73,23 +71,6 @@ class ChannelPruneConfig:
         "ran ~2x slower at the same MACs); 1: no rounding. Layers narrower than it are not rounded",
     )
     exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
-    eval_data: DataSpec | None = option(
-        None,
-        help="held-out samples the quality gate scores (default: a share of the calibration samples)",
-    )
-    metric: UserMetric | Metric = option(Metric.AUTO, help=METRIC_HELP)
-    tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
-    max_churn: float | None = option(None, help=MAX_CHURN_HELP)
-    worst_cosine: float | None = option(None, help=WORST_COSINE_HELP)
-    target: str = option("cpu", help="where the quality gate runs")  # where the quality gate runs
-    # False: no tolerance loop; the ratio given is kept and its score reported (onnxforge optimize, which
-    # varies the ratio and scores every trial on the eval data itself)
-    gate: bool = option(True, help="back off until the quality gate holds (no: keep the ratio given)")
-    objective: Objective = option(
-        Objective.LATENCY,
-        help="latency: a try measured slower than the input misses like a quality miss (exit 4 when every "
-        "try does); size: smaller is the goal, speed is only reported",
-    )
 
     def __post_init__(self) -> None:
         set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec

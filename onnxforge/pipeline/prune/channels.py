@@ -38,7 +38,7 @@ import os
 from dataclasses import replace
 
 from onnxforge._atomic import check_output_path, paths_in
-from onnxforge.errors import CalibrationDataError, QualityGateError
+from onnxforge.errors import CalibrationDataError
 from onnxforge.model_cost import count_params_and_macs
 from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
@@ -55,7 +55,7 @@ from onnxforge.pipeline.prune.channel_config import (
     Repair,
 )
 from onnxforge.pipeline.prune.channel_rewrite import channels_removed, keep_count, prune_model, removes_any
-from onnxforge.pipeline.prune.checks import Objective, slower_message
+from onnxforge.pipeline.prune.checks import Objective, gate_missed
 from onnxforge.pipeline.prune.graph import lift_constants
 from onnxforge.pipeline.prune.heads import heads_kept
 from onnxforge.pipeline.prune.importance import Importance
@@ -153,8 +153,7 @@ def prune_channels(
         while True:
             ratio, head_ratio = (shrink(r) or 0.0 if r > 0 else 0.0 for r in strength)
             heads = any(heads_kept(h, head_ratio) < h for h in outcome[1].attention_heads.values())
-            channels = ratio > 0.0 and removes_any(outcome[1].groups, ratio, round_to)
-            if not channels and not heads:
+            if not removes_any(outcome[1].groups, ratio, round_to) and not heads:  # ratio 0 removes none
                 return None  # a ratio that removes no channel and no head is not pruning: stop there
             strength = ratio, head_ratio
             # whole heads and rounded channel counts: a lower ratio may build the same model again
@@ -194,24 +193,12 @@ def prune_channels(
         notes=loaded.notes,
     )
     save_model(candidate, out)
-    if not passed and any(t["slower"] for t in tried):
-        raise QualityGateError(
-            f"no channel ratio down to {tried[-1]['ratio']:.3f} is both within the tolerance and not slower than "
-            f"the input: {slower_message(tried)}; the unpruned model is saved at {out}",
-            hint="check --round-to (the target's SIMD multiple runs round channel counts fastest), --exclude "
-            "the layers that slowed down, or pass --objective size to keep a smaller, slower model",
-            best_path=str(out),
-            result=result.to_json(),
-        )
     if not passed:
-        gate, reference_score, best = check.failure(tried)
-        raise QualityGateError(
-            f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}, on "
-            f"{check.source}): the input scores {gate.format(reference_score)}, the best try (ratio "
-            f"{best['ratio']:.3f}) {gate.format(best['score'])} ({best['gate']}); the unpruned model is saved at {out}",
-            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), pass --calibration for the "
-            "least-squares repair, or --exclude sensitive layers",
-            best_path=str(out),
-            result=result.to_json(),
+        raise gate_missed(
+            check, tried, tries=f"channel ratio down to {tried[-1]['ratio']:.3f}", kept="unpruned", out=out,
+            result=result, label="ratio",
+            remedies="pass --calibration for the least-squares repair, or --exclude sensitive layers",
+            slower_hint="check --round-to (the target's SIMD multiple runs round channel counts fastest), --exclude "
+            "the layers that slowed down, or pass --objective size to keep a smaller, slower model",
         )
     return result

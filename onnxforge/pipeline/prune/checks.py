@@ -22,21 +22,25 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxforge.errors import InvalidModelError, OnnxForgeError
+from onnxforge.errors import InvalidModelError, OnnxForgeError, QualityGateError
 from onnxforge.model_io import input_specs
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, model_batch_size
+from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.evaluate import QualityGate
+from onnxforge.pipeline.gate_fields import GateFields
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.reference import Reference
 from onnxforge.targets import get_target
 from onnxforge.targets.base import Target
 from onnxforge.targets.feeds import generate_feeds
 
-__all__ = ["HOLDOUT", "SLOWER_THAN_INPUT", "Objective", "QualityCheck", "slower_message"]
+__all__ = ["HOLDOUT", "SLOWER_THAN_INPUT", "BackOffFields", "CheckFields", "Objective", "QualityCheck", "gate_missed",
+           "slower_message"]
 
 HOLDOUT = 0.2  # share of the calibration samples held out to check quality when there is no eval data
 MAX_HELD_OUT = 256
@@ -51,6 +55,27 @@ class Objective(enum.Enum):
 
     LATENCY = "latency"
     SIZE = "size"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckFields(GateFields):
+    """What every prune stage's checks read (QualityCheck.measure): the gate and where it runs."""
+
+    target: str = option("cpu", help="where the quality gate runs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackOffFields(CheckFields):
+    """Structure pruning's back-off (channels, low-rank): whether it backs off and what a try must improve."""
+
+    # False: no tolerance loop; the strength given is kept and its score reported (onnxforge optimize, which
+    # varies it and scores every trial on the eval data itself)
+    gate: bool = option(True, help="back off until the quality gate holds (no: keep the ratio given)")
+    objective: Objective = option(
+        Objective.LATENCY,
+        help="latency: a try measured slower than the input misses like a quality miss (exit 4 when every "
+        "try does); size: smaller is the goal, speed is only reported",
+    )
 
 
 @dataclass
@@ -72,7 +97,7 @@ class QualityCheck:
     def measure(
         cls,
         model: onnx.ModelProto,
-        config,
+        config: CheckFields,
         calibration: SampleSet | StreamedSamples | None = None,
         max_fit: int | None = None,
         progress: Progress = ignore,
@@ -92,10 +117,13 @@ class QualityCheck:
         fit: SampleSet | StreamedSamples | None = calibration
         held: SampleSet | StreamedSamples | None = None
         source: str | None = None
-        gate = {"metric": config.metric, "tolerance": config.tolerance, "eval_batch": EVAL_BATCH,
-                "max_churn": getattr(config, "max_churn", None), "worst_cosine": getattr(config, "worst_cosine", None)}
+
+        def reference_on(data: object, limit: int | None = None) -> Reference:  # the input model on data
+            return Reference(model, data, target, metric=config.metric, tolerance=config.tolerance, limit=limit,
+                             max_churn=config.max_churn, worst_cosine=config.worst_cosine, eval_batch=EVAL_BATCH)
+
         if config.eval_data is not None:
-            reference = Reference(model, config.eval_data, target, limit=limit, **gate)
+            reference = reference_on(config.eval_data, limit)
             source = f"{len(reference.samples)} samples of the eval data"
             if limit is not None:
                 source += f" (the first {limit}: --max-samples)"
@@ -104,10 +132,10 @@ class QualityCheck:
         elif calibration is not None and len(calibration) >= 2:
             max_held = MAX_HELD_OUT if limit is None else min(MAX_HELD_OUT, max(1, limit // 4))
             fit, held = calibration.split(HOLDOUT, max_fit=max_fit, max_held=max_held)
-            reference = Reference(model, held.materialize(), target, **gate)
+            reference = reference_on(held.materialize())
             source = f"{len(reference.samples)} held-out calibration samples (not used to fit)"
         else:
-            reference = Reference(model, None, target, **gate)  # times candidates; no quality to measure
+            reference = reference_on(None)  # times candidates; no quality to measure
         if fit is not None:
             fit = fit.materialize()
         data = reference.samples if reference.measured else calibration
@@ -224,6 +252,35 @@ def slower_message(tried: list[dict]) -> str:
     speeds = [t["speedup"] for t in tried if t.get("slower")]
     return (f"every try within the tolerance ran slower than the input (measured {min(speeds):.2f}x-"
             f"{max(speeds):.2f}x its speed, under {SLOWER_THAN_INPUT})")
+
+
+def gate_missed(
+    check: QualityCheck, tried: list[dict], *, tries: str, kept: str, out: Path, result: JsonResult,
+    remedies: str, slower_hint: str = "", label: str | None = None,
+) -> QualityGateError:
+    """The QualityGateError (exit 4) a prune stage raises when its back-off found no try that passes.
+
+    ``tries`` names what was tried ("channel ratio down to 0.316"), ``kept`` the model saved at ``out``
+    in its place ("unpruned", "input"), ``result`` the stage's result (every try, for the table and
+    ``--json``). When every try within the tolerance ran slower than the input the message says so and
+    ``slower_hint`` is the hint; otherwise it names the input's score and the best try's (by its
+    ``label`` key, "ratio"), and the hint is to loosen the tolerance, then ``remedies``.
+    """
+    saved = f"the {kept} model is saved at {out}"
+    if any(t.get("slower") for t in tried):
+        return QualityGateError(
+            f"no {tries} is both within the tolerance and not slower than the input: {slower_message(tried)}; "
+            f"{saved}",
+            hint=slower_hint, best_path=str(out), result=result.to_json(),
+        )
+    gate, reference_score, best = check.failure(tried)
+    which = f" ({label} {best[label]:.3f})" if label is not None else ""
+    return QualityGateError(
+        f"no {tries} meets the tolerance ({check.describe()}, on {check.source}): the input scores "
+        f"{gate.format(reference_score)}, the best try{which} {gate.format(best['score'])} ({best['gate']}); {saved}",
+        hint=f"loosen --tolerance (now {gate.describe_tolerance()}), {remedies}",
+        best_path=str(out), result=result.to_json(),
+    )
 
 
 def _shapes(feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

@@ -40,18 +40,17 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
-from onnxforge.errors import QualityGateError, UsageError
+from onnxforge.errors import UsageError
 from onnxforge.model_cost import count_parameters
 from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
-from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.activations import batches_of_values, token_rows
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off, shrink
-from onnxforge.pipeline.prune.checks import Objective, slower_message
+from onnxforge.pipeline.prune.checks import BackOffFields, Objective, gate_missed
 from onnxforge.pipeline.prune.graph import (
     checked_model,
     clear_inner_shapes,
@@ -61,7 +60,6 @@ from onnxforge.pipeline.prune.graph import (
     layer_name,
     lift_constants,
 )
-from onnxforge.pipeline.user_metric import UserMetric
 
 __all__ = ["LowRankConfig", "LowRankResult", "RankRule", "factorize_model", "layer_candidates", "low_rank"]
 
@@ -72,7 +70,7 @@ class RankRule(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class LowRankConfig:
+class LowRankConfig(BackOffFields):
     rule: RankRule = option(RankRule.ENERGY, help="how each layer's rank is chosen")
     energy: float = option(0.95, help="singular-value energy kept by the energy rule")
     ratio: float = option(0.5, help="fraction of each layer's rank to remove (the ratio rule)")
@@ -85,27 +83,9 @@ class LowRankConfig:
         help="bounds every use of the data: samples fit and eval samples scored",
     )
     exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
-    eval_data: DataSpec | None = option(
-        None,
-        help="held-out samples the quality gate scores (default: a share of the calibration samples)",
-    )
-    metric: UserMetric | Metric = option(Metric.AUTO, help=METRIC_HELP)
-    tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
-    max_churn: float | None = option(None, help=MAX_CHURN_HELP)
-    worst_cosine: float | None = option(None, help=WORST_COSINE_HELP)
     measure_latency: bool = option(
         True,
         help="time the factored model against its input (objective latency always times it: its gate needs it)",
-    )
-    target: str = option("cpu", help="where the quality gate runs")  # where the quality gate and the timings run
-    gate: bool = option(  # False: no tolerance loop, the rank rule given is kept (onnxforge optimize scores it)
-        True,
-        help="back off until the quality gate holds (no: keep the ratio given)",
-    )
-    objective: Objective = option(
-        Objective.LATENCY,
-        help="latency: a try measured slower than the input misses like a quality miss (exit 4 when every "
-        "try does); size: smaller is the goal, speed is only reported",
     )
 
     def __post_init__(self) -> None:
@@ -499,24 +479,11 @@ def low_rank(
         quality=check.quality_note(), speed=speed, notes=loaded.notes,
     )
     save_model(candidate, out)
-    if not passed and any(t["slower"] for t in tried):
-        raise QualityGateError(
-            f"no factorization is both within the tolerance and not slower than the input: "
-            f"{slower_message(tried)}; the input model is saved at {out}",
-            hint="raise --min-params or --exclude the layers too small to gain, or pass --objective size to keep "
-            "a smaller, slower model",
-            best_path=str(out),
-            result=result.to_json(),
-        )
     if not passed:
-        gate, reference_score, best = check.failure(tried)
-        raise QualityGateError(
-            f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
-            f"{gate.format(reference_score)}, the best try {gate.format(best['score'])} ({best['gate']}); the "
-            f"input model is saved at {out}",
-            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or pass --calibration for the "
-            "data-aware factorization",
-            best_path=str(out),
-            result=result.to_json(),
+        raise gate_missed(
+            check, tried, tries="factorization", kept="input", out=out, result=result,
+            remedies="or pass --calibration for the data-aware factorization",
+            slower_hint="raise --min-params or --exclude the layers too small to gain, or pass --objective size to "
+            "keep a smaller, slower model",
         )
     return result

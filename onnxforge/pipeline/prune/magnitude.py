@@ -24,16 +24,15 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge._atomic import check_output_path, paths_in
-from onnxforge.errors import QualityGateError, UsageError
+from onnxforge.errors import UsageError
 from onnxforge.model_io import save_model
 from onnxforge.pipeline.codec import JsonResult, option
-from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
-from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
+from onnxforge.pipeline.data_spec import set_data_fields
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
+from onnxforge.pipeline.prune.checks import CheckFields, gate_missed
 from onnxforge.pipeline.prune.graph import layer_name, lift_constants
-from onnxforge.pipeline.user_metric import UserMetric
 
 __all__ = ["MagnitudePruneConfig", "MagnitudePruneResult", "Scope", "prune_magnitude", "sparsify_model"]
 
@@ -46,17 +45,11 @@ class Scope(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MagnitudePruneConfig:
+class MagnitudePruneConfig(CheckFields):
     sparsity: float = option(0.5, help="fraction of weights to zero")
     scope: Scope = option(Scope.PER_LAYER, help="one threshold per layer or one for the whole model")
     min_params: int = option(64, help="layers with fewer weights are left alone")
     exclude_nodes: tuple[str, ...] = option((), help="node names left dense")
-    eval_data: DataSpec | None = option(None, help="held-out samples the quality gate scores")
-    metric: UserMetric | Metric = option(Metric.AUTO, help=METRIC_HELP)
-    tolerance: float | None = option(None, help="the quality gate, in the metric's unit")
-    max_churn: float | None = option(None, help=MAX_CHURN_HELP)
-    worst_cosine: float | None = option(None, help=WORST_COSINE_HELP)
-    target: str = option("cpu", help="where the quality gate runs")  # where the quality gate runs
     max_samples: int | None = option(  # bounds every use of the data: samples fit and eval samples scored
         None,
         help="eval samples scored at most",
@@ -199,14 +192,8 @@ def prune_magnitude(
         notes=loaded.notes,
     )
     if not passed:
-        gate, _, _ = check.failure(tried)
-        raise QualityGateError(
-            f"no sparsity down to {kept.last:.3f} meets the tolerance ({check.describe()}"
-            + (f"; the last try: {tried[-1]['gate']}" if tried and tried[-1].get("gate") else "")
-            + f"); the unpruned model is saved at {out}",
-            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or exclude sensitive layers "
-            "with --exclude",
-            best_path=str(out),
-            result=result.to_json(),
+        raise gate_missed(
+            check, tried, tries=f"sparsity down to {kept.last:.3f}", kept="unpruned", out=out, result=result,
+            label="sparsity", remedies="or exclude sensitive layers with --exclude",
         )
     return result

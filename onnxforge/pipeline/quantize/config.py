@@ -12,13 +12,13 @@ from onnxruntime import quantization as ortq
 
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.codec import JsonResult, option
-from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
-from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric, QualityGate
+from onnxforge.pipeline.data_spec import set_data_fields
+from onnxforge.pipeline.evaluate import QualityGate
+from onnxforge.pipeline.gate_fields import GateFields
 from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
 from onnxforge.pipeline.quantize.mixed_precision import MixedPrecisionSearch, rank_nodes
 from onnxforge.pipeline.quantize.op_classes import OpClassReport
 from onnxforge.pipeline.quantize.quant_error import NodeError
-from onnxforge.pipeline.user_metric import UserMetric
 from onnxforge.targets import QuantScheme
 from onnxforge.targets.latency import LatencyStats
 
@@ -69,7 +69,7 @@ DEFAULT_CALIBRATION_SAMPLES = 256
 
 
 @dataclass(frozen=True, kw_only=True)
-class QuantizeConfig:
+class QuantizeConfig(GateFields):
     """How to quantize.
 
     schemes: the candidates to measure; None lets the target propose them.
@@ -122,14 +122,6 @@ class QuantizeConfig:
         None,
         help="samples read from each data file at most: calibration, held-out and eval (nothing past them is "
         "read)", renamed_from="max_calibration_samples",
-    )
-    metric: UserMetric | Metric = option(Metric.AUTO, help=METRIC_HELP)
-    tolerance: float | None = option(None, help="the quality gate, in the metric's unit (see --tolerance)")
-    max_churn: float | None = option(None, help=MAX_CHURN_HELP)
-    worst_cosine: float | None = option(None, help=WORST_COSINE_HELP)
-    eval_data: DataSpec | None = option(
-        None,
-        help="held-out samples scored against fp32 (default: a share of the calibration samples)",
     )
     holdout_fraction: float = option(
         0.2,

@@ -9,13 +9,13 @@ are recorded, keyed by what was timed: the sha256 of every model, the feeds, the
 rounds, the machine, onnxruntime's version and onnxforge's code. Calibration and quantization are
 deterministic given their inputs (tests/reliability/test_determinism.py), so a re-run builds the same
 candidates, finds their timings and makes the same choice; anything that changes a candidate's bytes
-changes the key and is timed afresh. Without a cache (``--no-cache``) every run times.
+changes the key and is timed afresh. Without a cache (``--no-cache``) every run times. The record is
+kept as every measurement the cache keeps is (cache.recorded), like the run report's per-op profiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import platform
 from collections.abc import Callable, Mapping
@@ -25,27 +25,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from onnxforge.model_io import file_sha256
+from onnxforge.pipeline.evaluations import feeds_fingerprint, model_fingerprint
 from onnxforge.targets.latency import LatencyStats
 
 __all__ = ["recorded_timings", "timing_key"]
 
 KIND = "quantize-timings"
-
-
-def _model_digest(path: Path) -> str:
-    digest = file_sha256(path)
-    data = path.with_name(path.name + ".data")  # external data, as onnxforge writes it
-    return digest + (":" + file_sha256(data) if data.exists() else "")
-
-
-def _feeds_digest(feeds: Mapping[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(feeds):
-        value = np.ascontiguousarray(feeds[name])
-        digest.update(f"{name}:{value.dtype}:{value.shape}".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
 
 
 def timing_key(models: Mapping[str, Path], feeds: Mapping[str, np.ndarray], *, target: str, threads: int,
@@ -54,8 +39,8 @@ def timing_key(models: Mapping[str, Path], feeds: Mapping[str, np.ndarray], *, t
     from onnxforge.pipeline.cache import code_fingerprint, stage_key
 
     return stage_key({
-        "models": {label: _model_digest(path) for label, path in models.items()},
-        "feeds": _feeds_digest(feeds),
+        "models": {label: model_fingerprint(path) for label, path in models.items()},
+        "feeds": feeds_fingerprint(feeds),
         "target": target, "threads": threads, "rounds": rounds,
         "machine": [platform.node(), platform.machine(), os.cpu_count()],
         "onnxruntime": ort.__version__,
@@ -68,16 +53,15 @@ def recorded_timings(
 ) -> tuple[dict[str, LatencyStats], bool]:
     """(timings by label, whether they were recorded earlier): the record under ``key`` in ``cache``
     (a StageCache, or None) when it holds every label, else ``measure()``, which is then recorded."""
-    data = cache.record(KIND, key) if cache is not None else None
-    if isinstance(data, dict) and set(data) == set(labels):
-        try:
-            return {label: _stats(data[label]) for label in labels}, True
-        except (TypeError, ValueError):
-            pass  # a record of another shape: time again
-    timings = measure()
-    if cache is not None:
-        cache.save_record(KIND, key, {label: dataclasses.asdict(stats) for label, stats in timings.items()})
-    return timings, False
+    from onnxforge.pipeline.cache import recorded
+
+    def decode(data: Any) -> dict[str, LatencyStats]:
+        if not isinstance(data, dict) or set(data) != set(labels):
+            raise ValueError("a record of other candidates")
+        return {label: _stats(data[label]) for label in labels}
+
+    return recorded(cache, KIND, key, measure, decode=decode,
+                    encode=lambda timings: {label: dataclasses.asdict(stats) for label, stats in timings.items()})
 
 
 def _stats(values: dict) -> LatencyStats:

@@ -14,7 +14,7 @@ from typing import Any
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.evaluate import Metric
-from onnxforge.pipeline.user_metric import UserMetric
+from onnxforge.pipeline.gate_fields import GateRules
 
 __all__ = ["Objective", "OptimizeConfig", "Strategy", "config_from_recipe"]
 
@@ -32,13 +32,13 @@ class Strategy(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class OptimizeConfig:
+class OptimizeConfig(GateRules):
     """How to search.
 
     calibration / eval_data: samples for the stages (repair, quantization) and for the fitness; eval
       data with a ``label`` array gives accuracy, else agreement (classifiers) or cosine (embeddings).
-    metric / tolerance: the accuracy budget, as in quantize (``--max-drop PTS`` is accuracy with a
-      tolerance of PTS points).
+    metric / tolerance / max_churn / worst_cosine: the accuracy budget, the gate's rules as in quantize
+      (``GateRules``; ``--max-drop PTS`` is accuracy with a tolerance of PTS points).
     objective: what "best" means among models within budget.
     trials / time_budget_s: the search stops at whichever comes first (completed trials of an
       earlier run in the same folder count).
@@ -61,8 +61,6 @@ class OptimizeConfig:
     calibration: DataSpec
     eval_data: DataSpec
     target: str = "cpu"
-    metric: UserMetric | Metric = Metric.AUTO  # or file.py:function (user_metric)
-    tolerance: float | None = None
     objective: Objective = Objective.LATENCY
     trials: int = 24
     time_budget_s: float | None = None
@@ -147,7 +145,8 @@ def config_from_recipe(recipe: Any, base: Any = None) -> OptimizeConfig:
 FLAG_FIELDS = {"--trials": "trials", "--time-budget": "time_budget_s", "--strategy": "strategy", "--seed": "seed",
                "--objective": "objective", "--pass": "passes", "--space": "space", "--batch": "batch",
                "--threads": "threads", "--min-speedup": "min_speedup", "--metric": "metric", "--tolerance": "tolerance",
-               "--max-drop": "tolerance", "--ray-address": "ray_address",
+               "--max-churn": "max_churn", "--worst-cosine": "worst_cosine", "--max-drop": "tolerance",
+               "--ray-address": "ray_address",
                "--tune-session": "tune_session"}
 RECIPE_OWNED = {"--calibration": "calibration", "--eval": "eval", "--target": "target", "--input-shape": "input_shapes"}
 

@@ -99,7 +99,8 @@ def search_reads(config: OptimizeConfig) -> list[Path]:
 
 
 def _reference_gate(reference: str, config: OptimizeConfig) -> tuple[QualityGate, float, int]:
-    return reference_gate(reference, config.eval_data.path, config.target, config.metric, config.tolerance)
+    return reference_gate(reference, config.eval_data.path, config.target, config.metric, config.tolerance,
+                          max_churn=config.max_churn, worst_cosine=config.worst_cosine)
 
 
 def _settings(model_sha: str, config: OptimizeConfig, space: SearchSpace) -> dict[str, Any]:
@@ -107,6 +108,9 @@ def _settings(model_sha: str, config: OptimizeConfig, space: SearchSpace) -> dic
     fingerprint = codec.fingerprint(config)
     for volatile in ("trials", "time_budget_s", "min_speedup"):  # a larger budget continues the same study
         fingerprint.pop(volatile, None)
+    for rule in ("max_churn", "worst_cosine"):  # left at their defaults: a folder from before they existed resumes
+        if fingerprint.get(rule) is None:
+            fingerprint.pop(rule, None)
     return {"model": model_sha, "config": fingerprint, "space": space.describe(),
             "key": stage_key({"model": model_sha, "config": fingerprint})}
 

@@ -191,13 +191,15 @@ def score_trial(record: TrialRecord | dict[str, Any], model: Path, ctx: TrialCon
 
 
 def reference_gate(reference: str, eval_path: DataSpec | Path, target: str, metric: Metric | UserMetric,
-                   tolerance: float | None) -> tuple[QualityGate, float, int]:
-    """The search's gate, resolved on ``reference``'s outputs on the eval data, its score there, and how
-    many samples the eval data holds.
+                   tolerance: float | None, *, max_churn: float | None = None, worst_cosine: float | None = None,
+                   ) -> tuple[QualityGate, float, int]:
+    """The search's gate (its rules None: their defaults), resolved on ``reference``'s outputs on the eval
+    data, its score there, and how many samples the eval data holds.
 
     An accuracy budget on data without labels is a CalibrationDataError."""
     data = eval_path if isinstance(eval_path, DataSpec) else Path(eval_path)
-    measured = Reference(reference, data, target, metric=metric, tolerance=tolerance, eval_batch=32)
+    measured = Reference(reference, data, target, metric=metric, tolerance=tolerance, max_churn=max_churn,
+                         worst_cosine=worst_cosine, eval_batch=32)
     if metric is Metric.ACCURACY and measured.samples.labels is None:
         raise CalibrationDataError(
             f"{getattr(eval_path, 'path', eval_path)}: no 'label' array; an accuracy budget (--max-drop) needs labels",
