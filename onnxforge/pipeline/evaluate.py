@@ -133,6 +133,14 @@ class QualityGate:
         (cosine, min-cosine) or a maximum (rel-error)."""
         return _TOLERANCE_UNIT[self.metric]
 
+    def relax_hint(self) -> str:
+        """What a user may loosen when a candidate misses this gate, in the flags that do it."""
+        text = f"loosen --tolerance (now {self.describe_tolerance()})"
+        if self.checks_sequences:
+            text += (f", let some decoded sequences change with --max-churn (now {self.sequence_churn:g}%), or gate on "
+                     "the task itself with --metric file.py:score")
+        return text
+
     def describe_tolerance(self) -> str:
         """The tolerance with its unit, e.g. ``0.5 (points of accuracy the candidate may lose (at most))``."""
         return f"{self.tolerance:g} ({self.unit})"

@@ -204,6 +204,8 @@ def test_the_search_keeps_the_resolved_sequence_allowance():
     again = QualityGate.resolve(gate.metric, gate.tolerance, False, ref.shape, max_churn=gate.max_churn,
                                 sequence_churn=gate.sequence_churn, sequence=True)
     assert again == gate
+    assert "--max-churn (now 0%)" in gate.relax_hint() and "--metric file.py:score" in gate.relax_hint()
+    assert "--max-churn" not in QualityGate.resolve(Metric.AUTO, None, False, (4, 8)).relax_hint()
 
 
 def test_log_probabilities_are_a_sequence_too_and_hidden_states_are_not():

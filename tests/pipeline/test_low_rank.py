@@ -127,8 +127,13 @@ def test_low_rank_stage_saves_and_reports(tmp_path):
             tmp_path / "lr2.onnx",
             LowRankConfig(energy=0.5, eval_data=tmp_path / "eval.npz", tolerance=-1.0),
         )
-    assert info.value.exit_code == 4
+    assert info.value.exit_code == 4 and "pass --calibration" in info.value.hint
     assert_numerically_equal(model_path, tmp_path / "lr2.onnx", _feeds())
+    with pytest.raises(QualityGateError) as info:  # the hint never asks for what was given
+        low_rank(model_path, tmp_path / "lr3.onnx", LowRankConfig(energy=0.5, eval_data=tmp_path / "eval.npz",
+                                                                  calibration_data=tmp_path / "eval.npz",
+                                                                  tolerance=-1.0))
+    assert "--calibration" not in info.value.hint and "raise --energy (now 0.5)" in info.value.hint
 
 
 def test_cli_prune_low_rank(tmp_path, cli):

@@ -547,7 +547,12 @@ def test_prune_channels_unmet_gate_saves_the_original_and_exits_4(tmp_path, resi
             residual_path, out, ChannelPruneConfig(ratio=0.5, repair=Repair.NONE, eval_data=evaluation, tolerance=-1.0)
         )
     assert info.value.exit_code == 4 and info.value.best_path == str(out)
+    assert "pass --calibration" in info.value.hint  # no calibration was given: the repair needs it
     assert_numerically_equal(residual_path, out, {"x": _images(4, 2)})
+    with pytest.raises(QualityGateError) as info:  # given: the hint never asks for it again
+        prune_channels(residual_path, tmp_path / "repaired.onnx",
+                       ChannelPruneConfig(ratio=0.5, calibration_data=_calib, eval_data=evaluation, tolerance=-1.0))
+    assert "--calibration" not in info.value.hint and "--exclude" in info.value.hint
 
 
 def test_cli_prune_channels_and_default_magnitude(tmp_path, cli, residual_path, residual_data):

@@ -197,7 +197,8 @@ def prune_channels(
         raise gate_missed(
             check, tried, tries=f"channel ratio down to {tried[-1]['ratio']:.3f}", kept="unpruned", out=out,
             result=result, label="ratio",
-            remedies="pass --calibration for the least-squares repair, or --exclude sensitive layers",
+            remedies=("pass --calibration for the least-squares repair, or " if config.calibration_data is None
+                      else "or ") + "--exclude sensitive layers",
             slower_hint="check --round-to (the target's SIMD multiple runs round channel counts fastest), --exclude "
             "the layers that slowed down, or pass --objective size to keep a smaller, slower model",
         )

@@ -278,7 +278,7 @@ def gate_missed(
     return QualityGateError(
         f"no {tries} meets the tolerance ({check.describe()}, on {check.source}): the input scores "
         f"{gate.format(reference_score)}, the best try{which} {gate.format(best['score'])} ({best['gate']}); {saved}",
-        hint=f"loosen --tolerance (now {gate.describe_tolerance()}), {remedies}",
+        hint=f"{gate.relax_hint()}, {remedies}",
         best_path=str(out), result=result.to_json(),
     )
 

@@ -402,6 +402,15 @@ def factorize_model(
     return checked_model(model_ir, "low-rank: the factored model is invalid"), factored, skipped
 
 
+def _remedies(config: LowRankConfig) -> str:
+    """What else may pass the gate, never asking for what was given."""
+    if config.calibration_data is None:
+        return "or pass --calibration for the data-aware factorization"
+    keep_more = (f"raise --energy (now {config.energy:g})" if config.rule is RankRule.ENERGY
+                 else f"lower --ratio (now {config.ratio:g})")
+    return f"{keep_more}, or --exclude the layers that lose the most"
+
+
 def low_rank(
     input_path: str | os.PathLike, output: str | os.PathLike, config: LowRankConfig = LowRankConfig(),
     *, progress: Progress = ignore,
@@ -482,7 +491,7 @@ def low_rank(
     if not passed:
         raise gate_missed(
             check, tried, tries="factorization", kept="input", out=out, result=result,
-            remedies="or pass --calibration for the data-aware factorization",
+            remedies=_remedies(config),
             slower_hint="raise --min-params or --exclude the layers too small to gain, or pass --objective size to "
             "keep a smaller, slower model",
         )

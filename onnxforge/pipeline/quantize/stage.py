@@ -158,8 +158,7 @@ def quantize(
             f"{run.gate.format(chosen.score) if chosen.score is not None else 'no score'} vs fp32 "
             f"{run.gate.format(run.fp32_score)}" + (f" ({chosen.gate_checks})" if chosen.gate_checks else "")
             + f"; it is saved at {out}",
-            hint=f"loosen --tolerance (now {run.gate.describe_tolerance()}), add calibration data, or keep "
-            "sensitive ops in float with --exclude-op",
+            hint=f"{run.gate.relax_hint()}, add calibration data, or keep sensitive ops in float with --exclude-op",
             best_path=str(out),
             result=result.to_json(),
         )
