@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from onnxforge.pipeline.calibration import SampleSet, StreamedSamples, model_bat
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.evaluate import QualityGate
 from onnxforge.pipeline.gate_fields import GateFields
+from onnxforge.pipeline.objective import Objective
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.reference import Reference
 from onnxforge.targets import get_target
@@ -47,14 +47,6 @@ MAX_HELD_OUT = 256
 EVAL_BATCH = 8  # batch for scoring: a detector's activations at 32 x 3 x 480 x 640 are gigabytes
 TIMING_SECONDS = 3.0  # about how long the interleaved timing of input and candidate takes
 SLOWER_THAN_INPUT = 0.95  # a speedup under this is slower than the input, beyond the noise of one timing
-
-
-class Objective(enum.Enum):
-    """What structure pruning is for: ``latency`` (a try measured slower than its input misses) or ``size``
-    (smaller is the goal; speed is reported only)."""
-
-    LATENCY = "latency"
-    SIZE = "size"
 
 
 @dataclass(frozen=True, kw_only=True)

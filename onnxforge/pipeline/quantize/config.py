@@ -15,6 +15,7 @@ from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import set_data_fields
 from onnxforge.pipeline.evaluate import QualityGate
 from onnxforge.pipeline.gate_fields import GateFields
+from onnxforge.pipeline.objective import Objective
 from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
 from onnxforge.pipeline.quantize.mixed_precision import MixedPrecisionSearch, rank_nodes
 from onnxforge.pipeline.quantize.op_classes import OpClassReport
@@ -40,18 +41,6 @@ class CalibrationMethod(enum.Enum):
             CalibrationMethod.PERCENTILE: ortq.CalibrationMethod.Percentile,
             CalibrationMethod.DISTRIBUTION: ortq.CalibrationMethod.Distribution,
         }[self]
-
-
-class Objective(enum.Enum):
-    """What the kept candidate must improve on the input (issue 23: never worse than the input).
-
-    latency: the fastest candidate within tolerance, kept only when it is measured faster than the input
-    (fp32 timed in the same interleaved run, beyond the tie band); size: the smallest within tolerance,
-    kept only when it is smaller than the input file. Otherwise the input is kept and the gate fails.
-    """
-
-    LATENCY = "latency"
-    SIZE = "size"
 
 
 INPUT_KEPT = "fp32 (input kept)"  # QuantizeResult.chosen when no candidate improves on the input

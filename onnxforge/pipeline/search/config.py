@@ -15,13 +15,9 @@ from onnxforge.errors import UsageError
 from onnxforge.pipeline.data_spec import DataSpec
 from onnxforge.pipeline.evaluate import Metric
 from onnxforge.pipeline.gate_fields import GateRules
+from onnxforge.pipeline.objective import Objective
 
 __all__ = ["Objective", "OptimizeConfig", "Strategy", "config_from_recipe"]
-
-
-class Objective(enum.Enum):
-    LATENCY = "latency"  # the fastest model within the budget, timed on the target
-    SIZE = "size"  # the smallest file within the budget
 
 
 class Strategy(enum.Enum):
