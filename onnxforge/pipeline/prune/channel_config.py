@@ -13,7 +13,7 @@ import onnx
 from onnxforge.errors import CalibrationDataError, UsageError
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
-from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
+from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric, set_metric_field
 from onnxforge.pipeline.prune.checks import Objective
 from onnxforge.pipeline.prune.importance import Importance
 from onnxforge.pipeline.user_metric import UserMetric
@@ -93,6 +93,7 @@ class ChannelPruneConfig:
 
     def __post_init__(self) -> None:
         set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec
+        set_metric_field(self)  # and a metric's name or file.py:function a Metric / UserMetric
         if not (0.0 < self.ratio < 1.0 or (self.ratio == 0.0 and self.head_ratio > 0.0)):
             raise UsageError(f"--ratio {self.ratio}: must be in (0, 1), the fraction of channels to remove "
                              "(0 only with --head-ratio)")

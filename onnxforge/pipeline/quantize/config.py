@@ -13,7 +13,14 @@ from onnxruntime import quantization as ortq
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
-from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric, QualityGate
+from onnxforge.pipeline.evaluate import (
+    MAX_CHURN_HELP,
+    METRIC_HELP,
+    WORST_COSINE_HELP,
+    Metric,
+    QualityGate,
+    set_metric_field,
+)
 from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
 from onnxforge.pipeline.quantize.mixed_precision import MixedPrecisionSearch, rank_nodes
 from onnxforge.pipeline.quantize.op_classes import OpClassReport
@@ -185,6 +192,7 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         set_data_fields(self, "eval_data")  # a str or Path from the Python API becomes a DataSpec
+        set_metric_field(self)  # and a metric's name or file.py:function a Metric / UserMetric
         if not 0.0 < self.holdout_fraction < 1.0:
             raise UsageError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if not 0.0 < self.max_float_fraction <= 1.0:
