@@ -19,6 +19,7 @@ churn, the accuracy drop's sampling error, per-position agreement of sequence ou
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,6 +51,9 @@ class Metric(enum.Enum):
 
 DEFAULT_MAX_CHURN = 5.0  # points of predictions (per sample, or per sequence position) that may change
 DEFAULT_WORST_COSINE = 0.95  # the floor of the worst sample's cosine under the (mean) cosine gate
+# points of samples whose decoded sequence (a CTC line of text, a box's classes) may read differently: a
+# changed line is a changed task result, so none by default; an explicit max_churn sets it too
+DEFAULT_SEQUENCE_CHURN = 0.0
 
 
 _DEFAULT_TOLERANCE = {
@@ -82,33 +86,37 @@ class QualityGate:
 
     ``max_churn``: points of predictions (top-1 per sample, or per position of a sequence output) that
     may change from the input model's; ``worst_cosine``: the floor of the worst sample's cosine under
-    the cosine gate; ``sequence``: the first output is a sequence of class scores (per-position
-    agreement is checked); ``user``: the file.py:function metric when ``metric`` is USER."""
+    the cosine gate; ``sequence_churn``: points of samples whose decoded sequence may change;
+    ``sequence``: the first output is a sequence of class scores (per-position agreement and decoded
+    sequences are checked); ``user``: the file.py:function metric when ``metric`` is USER."""
 
     metric: Metric
     tolerance: float
     max_churn: float = DEFAULT_MAX_CHURN
     worst_cosine: float = DEFAULT_WORST_COSINE
+    sequence_churn: float = DEFAULT_SEQUENCE_CHURN
     sequence: bool = False
     user: UserMetric | None = None
 
     @classmethod
     def resolve(cls, metric: Metric | UserMetric, tolerance: float | None, has_labels: bool, output_shape: tuple,
-                *, max_churn: float | None = None, worst_cosine: float | None = None,
-                sequence: bool = False) -> QualityGate:
+                *, ids: bool = False, max_churn: float | None = None, worst_cosine: float | None = None,
+                sequence_churn: float | None = None, sequence: bool = False) -> QualityGate:
         user = metric if isinstance(metric, UserMetric) else None
         if metric is Metric.USER:
             raise UsageError("metric 'user' is spelled by its file: file.py:function")
-        chosen = Metric.USER if user is not None else resolve_metric(metric, has_labels, output_shape)  # type: ignore[arg-type]
+        chosen = Metric.USER if user is not None else resolve_metric(metric, has_labels, output_shape, ids)  # type: ignore[arg-type]
         tolerance = _DEFAULT_TOLERANCE[chosen] if tolerance is None else float(tolerance)
         # the defaults never undercut a looser tolerance the user gave: an accuracy drop of T points
         # changes at least T points of predictions; the worst sample is at most the mean
+        if sequence_churn is None:
+            sequence_churn = DEFAULT_SEQUENCE_CHURN if max_churn is None else max_churn
         if max_churn is None:
             max_churn = max(DEFAULT_MAX_CHURN, tolerance) if chosen is Metric.ACCURACY else DEFAULT_MAX_CHURN
         if worst_cosine is None:
             worst_cosine = min(DEFAULT_WORST_COSINE, tolerance) if chosen is Metric.COSINE else DEFAULT_WORST_COSINE
         return cls(metric=chosen, tolerance=tolerance, max_churn=float(max_churn), worst_cosine=float(worst_cosine),
-                   sequence=sequence, user=user)
+                   sequence_churn=float(sequence_churn), sequence=sequence, user=user)
 
     @property
     def name(self) -> str:
@@ -163,6 +171,8 @@ class QualityGate:
             rules.append(f"worst sample's cosine >= {self.worst_cosine:g}")
         if self.checks_positions:
             rules.append(f"per-position top-1 agreement >= {100 - self.max_churn:g}%")
+        if self.checks_sequences:
+            rules.append(f"decoded sequences changed on <= {self.sequence_churn:g}% of samples")
         return "; ".join(rules)
 
     @property
@@ -170,6 +180,12 @@ class QualityGate:
         """Whether per-position agreement is a rule beside the metric (a sequence output under cosine,
         min-cosine or rel-error)."""
         return self.sequence and self.metric in (Metric.COSINE, Metric.MIN_COSINE, Metric.REL_ERROR)
+
+    @property
+    def checks_sequences(self) -> bool:
+        """Whether the decoded sequences are compared with the input's (``gate_rules.sequence_changes``): a
+        sequence output under the per-position rule, or the position-agreement metric (which names one)."""
+        return self.checks_positions or self.metric is Metric.POSITION_AGREEMENT
 
     def format(self, value: float) -> str:
         if self.metric in (Metric.ACCURACY, Metric.AGREEMENT, Metric.POSITION_AGREEMENT):
@@ -203,11 +219,18 @@ def set_metric_field(config: Any) -> None:
     object.__setattr__(config, "metric", as_metric(config.metric))
 
 
-def resolve_metric(metric: Metric, has_labels: bool, output_shape: tuple) -> Metric:
+def resolve_metric(metric: Metric, has_labels: bool, output_shape: tuple, ids: bool = False) -> Metric:
+    """AUTO made concrete for an output of ``output_shape`` (integer class ids when ``ids``: a model with its
+    argmax inside): a sequence of ids (more than one per sample, as a CTC head decoded in the graph gives)
+    is judged per position and by its decoded sequences; one id per sample like class scores."""
     if metric is not Metric.AUTO:
         return metric
+    if ids and math.prod(output_shape[1:]) > 1:
+        return Metric.POSITION_AGREEMENT
     if has_labels:
         return Metric.ACCURACY
+    if ids:
+        return Metric.AGREEMENT
     if len(output_shape) == 2 and output_shape[1] > 1:
         return Metric.AGREEMENT
     return Metric.COSINE
@@ -280,14 +303,17 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
         return position_agreement(outputs[0], reference[0])
     if metric is Metric.USER:
         raise ValueError("a user metric is scored by Reference (in a child process), not here")
+    if metric in (Metric.ACCURACY, Metric.AGREEMENT):
+        from onnxforge.pipeline.gate_rules import predicted_classes
+
+        predicted = predicted_classes(outputs[0])
+        if metric is Metric.AGREEMENT:
+            return float((predicted == predicted_classes(reference[0])).mean()) if len(predicted) else 1.0
+        if labels is None:
+            raise ValueError("accuracy needs labels")
+        return float((predicted == np.asarray(labels).reshape(-1)[:len(predicted)]).mean())
     y, ref = _rows(outputs[0]), _rows(reference[0])
     if isinstance(y, np.ndarray) and isinstance(ref, np.ndarray):
-        if metric is Metric.ACCURACY:
-            if labels is None:
-                raise ValueError("accuracy needs labels")
-            return float((y.argmax(1) == labels).mean())
-        if metric is Metric.AGREEMENT:
-            return float((y.argmax(1) == ref.argmax(1)).mean())
         if metric in (Metric.COSINE, Metric.MIN_COSINE):
             den = np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1)
             cosines = (y * ref).sum(1) / np.maximum(den, 1e-12)
@@ -295,12 +321,6 @@ def score(metric: Metric, outputs: list[np.ndarray], reference: list[np.ndarray]
         if metric is Metric.REL_ERROR:
             return float(np.mean(np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)))
         raise ValueError(f"unresolved metric {metric}")
-    if metric is Metric.ACCURACY:
-        if labels is None:
-            raise ValueError("accuracy needs labels")
-        return float(np.mean([int(np.argmax(r)) == int(lab) for r, lab in zip(y, labels, strict=False)]))
-    if metric is Metric.AGREEMENT:
-        return float(np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(y, ref, strict=False)]))
     if metric in (Metric.COSINE, Metric.MIN_COSINE):
         cosines = [float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12)
                    for a, b in zip(y, ref, strict=False)]
@@ -321,6 +341,7 @@ METRIC_HELP = ("quality metric against the input model: auto (accuracy with labe
                "reference) -> float, higher is better; run in a child process)")
 MAX_CHURN_HELP = ("points of predictions (top-1 per sample with labels, or per position of a sequence output) that "
                   f"may change from the input model's [default: {DEFAULT_MAX_CHURN:g}, or an accuracy tolerance above "
-                  "it]")
+                  "it]; for a sequence output also the points of samples whose decoded sequence may change "
+                  f"[default: {DEFAULT_SEQUENCE_CHURN:g}]")
 WORST_COSINE_HELP = ("under the cosine gate, the floor of the worst sample's cosine to the input model's output "
                      f"[default: {DEFAULT_WORST_COSINE:g}, or the mean's tolerance below it]")

@@ -41,7 +41,7 @@ from onnxforge.pipeline.evaluations import (
     model_fingerprint,
     samples_fingerprint,
 )
-from onnxforge.pipeline.gate_rules import GateVerdict, is_class_sequence, judge
+from onnxforge.pipeline.gate_rules import GateVerdict, are_ids, is_class_sequence, judge
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.user_metric import UserMetric
 from onnxforge.targets import get_target
@@ -89,7 +89,8 @@ class Reference:
     is False and only timing works, on generated feeds of ``input_shapes``). ``metric`` and
     ``tolerance`` resolve the gate on the reference's outputs (``Metric.AUTO``: accuracy with
     labels, agreement for class scores, else cosine; a UserMetric: the user's file.py:function);
-    ``max_churn`` and ``worst_cosine`` set the gate's other rules (``gate_rules``). Scoring sessions use ``threads`` and
+    ``max_churn``, ``worst_cosine`` and ``sequence_churn`` set the gate's other rules (``gate_rules``).
+    Scoring sessions use ``threads`` and
     ``low_memory``, and batches of ``eval_batch`` (the model's fixed batch wins). ``specs``: the
     model's inputs when the caller has them (the model is then not loaded to read them).
     """
@@ -104,6 +105,7 @@ class Reference:
         tolerance: float | None = None,
         max_churn: float | None = None,
         worst_cosine: float | None = None,
+        sequence_churn: float | None = None,
         limit: int | None = None,
         eval_batch: int = 32,
         threads: int | None = None,
@@ -117,6 +119,7 @@ class Reference:
         self.tolerance = tolerance
         self.max_churn = max_churn
         self.worst_cosine = worst_cosine
+        self.sequence_churn = sequence_churn
         self.limit = limit
         self.threads = threads
         self.low_memory = low_memory
@@ -180,7 +183,8 @@ class Reference:
         has are sliced, never read or run again."""
         samples = self.samples.take(slice(0, count))
         part = Reference(self.model, samples, self.target, metric=self.metric, tolerance=self.tolerance,
-                         max_churn=self.max_churn, worst_cosine=self.worst_cosine, eval_batch=self._eval_batch,
+                         max_churn=self.max_churn, worst_cosine=self.worst_cosine,
+                         sequence_churn=self.sequence_churn, eval_batch=self._eval_batch,
                          threads=self.threads, low_memory=self.low_memory,
                          input_shapes=self.input_shapes, specs=self.specs)
         part._fingerprint = self.fingerprint
@@ -228,6 +232,7 @@ class Reference:
             shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
             self._gate = QualityGate.resolve(self.metric, self.tolerance, self.samples.class_ids is not None, shape,
                                              max_churn=self.max_churn, worst_cosine=self.worst_cosine,
+                                             sequence_churn=self.sequence_churn, ids=are_ids(first),
                                              sequence=is_class_sequence(first))
         return self._gate
 

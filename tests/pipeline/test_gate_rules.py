@@ -6,13 +6,21 @@ import numpy as np
 import pytest
 
 from onnxforge.pipeline.evaluate import Metric, QualityGate, score
-from onnxforge.pipeline.gate_rules import is_class_sequence, judge, paired_interval, position_agreement
+from onnxforge.pipeline.gate_rules import (
+    are_ids,
+    decoded_sequences,
+    is_class_sequence,
+    judge,
+    paired_interval,
+    position_agreement,
+    sequence_changes,
+)
 
 
 def _judge(metric, outputs, reference, labels=None, **gate_options):
     first = reference[0]
     gate = QualityGate.resolve(metric, gate_options.pop("tolerance", None), labels is not None, first.shape,
-                               sequence=is_class_sequence(first), **gate_options)
+                               ids=are_ids(first), sequence=is_class_sequence(first), **gate_options)
     value = score(gate.metric, outputs, reference, labels)
     return gate, judge(gate, outputs, reference, labels, value, score(gate.metric, reference, reference, labels))
 
@@ -152,6 +160,52 @@ def test_a_sequence_with_high_mean_cosine_but_flipped_positions_fails_per_positi
     assert "per-position top-1 agreement >= 95%" in gate.describe()
 
 
+def _one_hot_lines(lines, classes=6, blank=0):
+    """CTC-like softmax outputs [N, T, C] whose argmax at each frame is ``lines[n][t]``."""
+    steps = max(len(line) for line in lines)
+    probs = np.full((len(lines), steps, classes), 0.1, np.float32)
+    for n, line in enumerate(lines):
+        frames = list(line) + [blank] * (steps - len(line))
+        probs[n, np.arange(steps), frames] = 0.5
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def test_ctc_decoding_merges_runs_and_drops_the_blank():
+    out = _one_hot_lines([[0, 1, 1, 0, 2, 0, 0], [3, 0, 3, 3, 0, 0, 0]])
+    assert decoded_sequences(out, blank=0) == [(1, 2), (3, 3)]
+
+
+def test_one_misread_line_among_many_frames_fails_by_default_though_every_other_rule_passes():
+    lines = [[0, c, c, 0, (c + 1) % 5 + 1, 0, 0, 0, 0, 0] for c in range(1, 5)] * 10  # 40 lines, blank-dominated
+    ref = _one_hot_lines(lines)
+    misread = ref.copy()
+    misread[7, 4, 5] = misread[7, 4].max() * 1.05  # one frame of one line: another character wins by a hair
+    misread /= misread.sum(-1, keepdims=True)
+    shifted = [list(line) for line in lines]
+    shifted[3][1], shifted[3][3] = 0, lines[3][1]  # one line's character a frame later: reads the same
+    gate, verdict = _judge(Metric.AUTO, [misread], [ref])
+    assert gate.checks_sequences and "decoded sequences changed on <= 0% of samples" in gate.describe()
+    assert verdict.value > 0.999 and verdict.worst_cosine > 0.95 and position_agreement(misread, ref) > 0.99
+    assert not verdict.passed and verdict.failures == ("decoded sequences changed on 1 of 40 samples "
+                                                       "(2.5%; allowed: <= 0%) FAILED",)
+    assert verdict.sequence_churn == pytest.approx(1 / 40)
+    assert sequence_changes(_one_hot_lines(shifted), ref) == 0.0
+    shifted_verdict = _judge(Metric.AUTO, [_one_hot_lines(shifted)], [ref])[1]
+    assert shifted_verdict.sequence_churn == 0.0
+    assert not any(f.startswith("decoded") for f in shifted_verdict.failures)
+    _, allowed = _judge(Metric.AUTO, [misread], [ref], max_churn=5)  # an explicit allowance
+    assert allowed.passed
+
+
+def test_the_search_keeps_the_resolved_sequence_allowance():
+    ref = _one_hot_lines([[0, 1, 0]] * 4)
+    gate = QualityGate.resolve(Metric.AUTO, None, False, ref.shape, sequence=True)
+    assert (gate.max_churn, gate.sequence_churn) == (5.0, 0.0)
+    again = QualityGate.resolve(gate.metric, gate.tolerance, False, ref.shape, max_churn=gate.max_churn,
+                                sequence_churn=gate.sequence_churn, sequence=True)
+    assert again == gate
+
+
 def test_log_probabilities_are_a_sequence_too_and_hidden_states_are_not():
     ref, _, _ = _ctc()
     assert is_class_sequence(np.log(ref))
@@ -204,3 +258,42 @@ def test_a_stage_backs_off_from_a_try_that_changes_too_many_predictions_and_says
     assert "predictions changed on" in first["gate"] and first["gate"].split("; ")[0].endswith("FAILED")
     assert "95% CI" in first["gate"]
     assert all(t["passes"] == ("FAILED" not in t["gate"]) for t in tried)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class ids: a model with its argmax inside (a captcha reader returns [1, T] character ids)
+
+
+def test_a_class_id_per_sample_is_compared_as_the_class_itself_not_its_argmax():
+    ref = np.arange(40, dtype=np.int64) % 7
+    changed = ref.copy()
+    changed[:10] = (changed[:10] + 1) % 7  # a quarter of the answers
+    gate, verdict = _judge(Metric.AUTO, [changed], [ref])
+    assert gate.metric is Metric.AGREEMENT and not gate.sequence
+    assert verdict.value == pytest.approx(0.75) and not verdict.passed  # argmax of one id is always 0: 100%
+    labels = ref.copy()
+    gate, verdict = _judge(Metric.AUTO, [changed.reshape(40, 1)], [ref.reshape(40, 1)], labels)
+    assert gate.metric is Metric.ACCURACY and verdict.value == pytest.approx(0.75)
+    assert verdict.churn == pytest.approx(0.25)
+
+
+def test_a_sequence_of_ids_is_judged_by_position_and_by_what_it_reads():
+    lines = np.array([[0, c, c, 0, (c % 5) + 1, 0, 0, 0] for c in range(1, 6)] * 8, dtype=np.int64)
+    misread = lines.copy()
+    misread[11, 4] = 9  # one id of one line
+    gate, verdict = _judge(Metric.AUTO, [misread], [lines])
+    assert gate.metric is Metric.POSITION_AGREEMENT and gate.sequence and gate.checks_sequences
+    assert verdict.value == pytest.approx(1 - 1 / lines.size)  # within the 1-point per-position tolerance
+    assert not verdict.passed and verdict.failures[0].startswith("decoded sequences changed on 1 of 40 samples")
+    shifted = lines.copy()
+    shifted[0, 1:3] = [0, lines[0, 1]]  # a character a frame later reads the same
+    assert sequence_changes(shifted, lines) == 0.0
+
+
+def test_ragged_id_sequences_of_different_lengths_are_changed_sequences():
+    ref = np.empty(2, dtype=object)
+    ref[0], ref[1] = np.array([[0, 3, 3, 0]]), np.array([[0, 2, 0, 4, 0, 0]])
+    out = np.empty(2, dtype=object)
+    out[0], out[1] = np.array([[0, 3, 0, 0]]), np.array([[0, 2, 0, 0, 0, 0]])
+    assert is_class_sequence(ref) and position_agreement(out, ref) == pytest.approx(8 / 10)
+    assert sequence_changes(out, ref) == pytest.approx(0.5)

@@ -67,7 +67,7 @@ def test_recognizer_low_rank_keeps_reading_the_lines(folder, rec):
     if code == 0:
         assert data["quality_measured"] and data["speed"]["batch"] == 1 and data["measured_speedup"] > 0
         after = lines_read(_run(out, {"x": images})[0], alphabet, texts)
-        assert after >= before - 2, f"OCR {before} -> {after} of {len(texts)} lines"
+        assert after >= before, f"OCR {before} -> {after} of {len(texts)} lines"  # decoded lines gate it
         assert all(info["rank"] > 1 for info in data["factored_layers"].values())  # not rank 1 ("energy 0.97")
 
 

@@ -167,7 +167,8 @@ def trial_reference(ctx: TrialContext, limit: int | None = None) -> Reference:
         _REFERENCES[key, None] = Reference(ctx.reference_model, Path(ctx.eval_path), ctx.target,
                                            metric=gate.user if gate.user is not None else gate.metric,
                                            tolerance=gate.tolerance, max_churn=gate.max_churn,
-                                           worst_cosine=gate.worst_cosine, eval_batch=32)
+                                           worst_cosine=gate.worst_cosine, sequence_churn=gate.sequence_churn,
+                                           eval_batch=32)
     if (key, limit) not in _REFERENCES:  # the coarse one: the full one's first samples and outputs
         _REFERENCES[key, limit] = _REFERENCES[key, None].head(limit or 0)
     return _REFERENCES[key, limit]
