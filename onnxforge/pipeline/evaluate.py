@@ -22,18 +22,18 @@ import enum
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.calibration import SampleSet
-from onnxforge.pipeline.user_metric import UserMetric
+from onnxforge.pipeline.user_metric import UserMetric, parse_user_metric
 
 __all__ = ["DEFAULT_MAX_CHURN", "DEFAULT_WORST_COSINE", "MAX_CHURN_HELP", "METRIC_HELP", "WORST_COSINE_HELP",
-           "Metric", "QualityGate", "resolve_metric", "run_outputs",
-           "score", "tolerance_help"]
+           "Metric", "QualityGate", "as_metric", "resolve_metric", "run_outputs",
+           "score", "set_metric_field", "tolerance_help"]
 
 T = TypeVar("T")
 
@@ -205,6 +205,26 @@ def tolerance_help() -> str:
     """What a tolerance means for each metric, in its unit: for help texts."""
     return "; ".join(f"{'file.py:function' if metric is Metric.USER else metric.value}: {unit}, "
                      f"default {_DEFAULT_TOLERANCE[metric]:g}" for metric, unit in _TOLERANCE_UNIT.items())
+
+
+def as_metric(value: Metric | UserMetric | str) -> Metric | UserMetric:
+    """A config's metric as the Python API may give it: a Metric, a UserMetric, or the text a command
+    line takes (a metric's name, or ``file.py:function``, relative to the working folder)."""
+    if isinstance(value, (Metric, UserMetric)):
+        return value
+    if isinstance(value, str):
+        user = parse_user_metric(value)
+        if user is not None:
+            return user
+        if value in {m.value for m in Metric if m is not Metric.USER}:
+            return Metric(value)
+    choices = ", ".join(m.value for m in Metric if m is not Metric.USER)
+    raise UsageError(f"metric {value!r}: not one of {choices}, or file.py:function (a user metric)")
+
+
+def set_metric_field(config: Any) -> None:
+    """For a frozen config's ``__post_init__``: its ``metric`` as a Metric or UserMetric (as_metric)."""
+    object.__setattr__(config, "metric", as_metric(config.metric))
 
 
 def resolve_metric(metric: Metric, has_labels: bool, output_shape: tuple, ids: bool = False) -> Metric:

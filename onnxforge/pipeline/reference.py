@@ -230,7 +230,7 @@ class Reference:
         if self._gate is None:
             first = self.outputs[0]  # ragged (an object array of per-sample outputs) for variable-length inputs
             shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
-            self._gate = QualityGate.resolve(self.metric, self.tolerance, self.samples.labels is not None, shape,
+            self._gate = QualityGate.resolve(self.metric, self.tolerance, self.samples.class_ids is not None, shape,
                                              max_churn=self.max_churn, worst_cosine=self.worst_cosine,
                                              sequence_churn=self.sequence_churn, ids=are_ids(first),
                                              sequence=is_class_sequence(first))
@@ -247,7 +247,7 @@ class Reference:
             names = self.output_names
             return gate.user.score(dict(zip(names, outputs, strict=False)), self.samples.labels,
                                    dict(zip(names, self.outputs, strict=False)))
-        return score(gate.metric, outputs, self.outputs, self.samples.labels)
+        return score(gate.metric, outputs, self.outputs, self.samples.class_ids)
 
     @property
     def value(self) -> float:
@@ -278,7 +278,7 @@ class Reference:
                 cached_score(self._agreement_key(fingerprint),
                              lambda: score(Metric.AGREEMENT, outputs, self.outputs, None))
             value = self._metric_of(outputs)
-            return judge(gate, outputs, self.outputs, self.samples.labels, value, self.value)
+            return judge(gate, outputs, self.outputs, self.samples.class_ids, value, self.value)
 
         return cached_score((fingerprint, self.fingerprint, *self._key(), gate, self._user_key()), compute)
 

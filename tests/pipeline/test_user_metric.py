@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import textwrap
 
+import numpy as np
 import pytest
+from conftest import random_images, run_model, write_npz
 
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.evaluate import Metric
@@ -144,3 +146,49 @@ def test_the_api_takes_the_metric_as_the_command_does(tmp_path, classifier_path,
     record = api.quantize(classifier_path, tmp_path / "q.onnx", calibration=calibration_npz, eval=eval_npz,
                           metric=f"{metric}:score", tolerance=0.5, schemes=["qdq-u8s8-per-tensor"], cache=False)
     assert record.result["metric"] == "user" and record.result["fp32_score"] == pytest.approx(11.0)
+
+
+# the class names as text labels: the metric reads them (a unicode array, no pickle) and names its own
+# prediction per sample; the input model reads every label right, so it scores 1
+NAMES_READ = """
+import numpy as np
+
+def score(outputs, labels, reference):
+    assert labels.dtype.kind == "U", labels.dtype
+    (name,) = outputs
+    said = np.array([f"class {i}" for i in outputs[name].argmax(1)])
+    return float((said == labels).mean())
+"""
+
+
+def test_text_labels_reach_the_user_metric_and_no_builtin_takes_them_for_class_ids(
+        cli, tmp_path, classifier, classifier_path, calibration_npz):
+    images = random_images(32, seed=2)
+    names = np.array([f"class {i}" for i in run_model(classifier, {"x": images})[0].argmax(1)])
+    eval_data = write_npz(tmp_path / "eval_text.npz", x=images, label=names)
+    metric = tmp_path / "names.py"
+    metric.write_text(NAMES_READ)
+    code, out, err = cli(*_quantize_args(classifier_path, calibration_npz, eval_data, tmp_path / "q.onnx",
+                                         "--metric", f"{metric}:score", "--tolerance", "0.5", "--json", "-"))
+    assert code == 0, err
+    result = json.loads(out[out.index("{"):])
+    assert result["metric"] == "user" and result["fp32_score"] == pytest.approx(1.0)
+    # without a user metric, text labels are no class ids: auto falls back to agreement, accuracy says why
+    code, out, err = cli(*_quantize_args(classifier_path, calibration_npz, eval_data, tmp_path / "q2.onnx",
+                                         "--json", "-"))
+    assert code == 0, err
+    assert json.loads(out[out.index("{"):])["metric"] == "agreement"
+    code, _, err = cli(*_quantize_args(classifier_path, calibration_npz, eval_data, tmp_path / "q3.onnx",
+                                       "--metric", "accuracy"))
+    assert code == 2 and "integer class ids" in err and "Traceback" not in err
+
+
+def test_a_config_built_in_python_takes_the_metric_as_text(tmp_path):
+    from onnxforge.errors import UsageError
+
+    (tmp_path / "m.py").write_text(AGREEMENT_PLUS_TEN)
+    assert QuantizeConfig(metric=f"{tmp_path / 'm.py'}:score").metric == UserMetric(path=tmp_path / "m.py",
+                                                                                  function="score")
+    assert QuantizeConfig(metric="cosine").metric is Metric.COSINE
+    with pytest.raises(UsageError, match="not one of auto, accuracy"):
+        QuantizeConfig(metric="acuracy")

@@ -194,10 +194,12 @@ def _checked_arrays(
             and np.all(labels == np.round(labels))
         ):
             labels = labels.astype(np.int64)  # whole-number float labels are class ids too
-        if labels.ndim == 0 or labels.dtype.kind not in "biu":  # found by fuzzing: a scalar or text label crashed
+        text = labels.dtype.kind == "U" and labels.ndim == 1  # a string per sample, for a user metric
+        if labels.ndim == 0 or not (labels.dtype.kind in "biu" or text):  # found by fuzzing: a scalar crashed
             raise CalibrationDataError(
-                f"{path}: {LABEL_KEY!r} must be an array of integer class ids, one per sample; got "
-                f"{labels.dtype} of shape {'x'.join(map(str, labels.shape)) or 'scalar'}"
+                f"{path}: {LABEL_KEY!r} must be an array of integer class ids or of strings (numpy unicode, "
+                f"for a user metric), one per sample; got {labels.dtype} of shape "
+                f"{'x'.join(map(str, labels.shape)) or 'scalar'}"
             )
         if len(labels) != n:
             raise CalibrationDataError(f"{path}: {len(labels)} labels for {n} samples")

@@ -77,7 +77,8 @@ def group_batches(
 
 @dataclass(frozen=True)
 class SampleSet:
-    """Samples in memory, keyed by model input name, plus optional labels.
+    """Samples in memory, keyed by model input name, plus optional labels: integer class ids, or
+    text (one string per sample, for a user metric: an OCR line's words, a transcript).
 
     Each input is either one array with samples on the first axis, or (a *ragged* set, for
     variable-length inputs) an object array holding one array per sample, without the sample axis.
@@ -96,6 +97,12 @@ class SampleSet:
     @property
     def is_ragged(self) -> bool:
         return any(v.dtype == object for v in self.inputs.values())
+
+    @property
+    def class_ids(self) -> np.ndarray | None:
+        """The labels when they are class ids (what accuracy and distillation use); None without
+        labels or with text labels (those go to a user metric only)."""
+        return self.labels if self.labels is not None and self.labels.dtype.kind in "biu" else None
 
     def take(self, index: slice | np.ndarray) -> SampleSet:
         labels = None if self.labels is None else self.labels[index]

@@ -13,6 +13,7 @@ import onnx
 from onnxforge.errors import CalibrationDataError, UsageError
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, set_data_fields
+from onnxforge.pipeline.evaluate import set_metric_field
 from onnxforge.pipeline.prune.checks import BackOffFields
 from onnxforge.pipeline.prune.importance import Importance
 
@@ -74,6 +75,7 @@ class ChannelPruneConfig(BackOffFields):
 
     def __post_init__(self) -> None:
         set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec
+        set_metric_field(self)  # and a metric's name or file.py:function a Metric / UserMetric
         if not (0.0 < self.ratio < 1.0 or (self.ratio == 0.0 and self.head_ratio > 0.0)):
             raise UsageError(f"--ratio {self.ratio}: must be in (0, 1), the fraction of channels to remove "
                              "(0 only with --head-ratio)")

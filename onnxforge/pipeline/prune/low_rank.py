@@ -46,6 +46,7 @@ from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
+from onnxforge.pipeline.evaluate import set_metric_field
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.activations import batches_of_values, token_rows
@@ -90,6 +91,7 @@ class LowRankConfig(BackOffFields):
 
     def __post_init__(self) -> None:
         set_data_fields(self, "calibration_data", "eval_data")  # a str or Path from the Python API becomes a DataSpec
+        set_metric_field(self)  # and a metric's name or file.py:function a Metric / UserMetric
         if self.max_samples is not None and self.max_samples < 1:
             raise UsageError("--max-samples must be at least 1")
         if not 0.0 < self.energy < 1.0:

@@ -28,6 +28,7 @@ from onnxforge.errors import UsageError
 from onnxforge.model_io import save_model
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import set_data_fields
+from onnxforge.pipeline.evaluate import set_metric_field
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.backoff import QualityCheck, back_off
@@ -57,6 +58,7 @@ class MagnitudePruneConfig(CheckFields):
 
     def __post_init__(self) -> None:
         set_data_fields(self, "eval_data")  # a str or Path from the Python API becomes a DataSpec
+        set_metric_field(self)  # and a metric's name or file.py:function a Metric / UserMetric
         if self.max_samples is not None and self.max_samples < 1:
             raise UsageError("--max-samples must be at least 1")
         if not 0.0 <= self.sparsity < 1.0:

@@ -13,7 +13,7 @@ from onnxruntime import quantization as ortq
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import set_data_fields
-from onnxforge.pipeline.evaluate import QualityGate
+from onnxforge.pipeline.evaluate import QualityGate, set_metric_field
 from onnxforge.pipeline.gate_fields import GateFields
 from onnxforge.pipeline.objective import Objective
 from onnxforge.pipeline.quantize import schemes  # noqa: F401  (registers QuantScheme's codec hook)
@@ -166,6 +166,7 @@ class QuantizeConfig(GateFields):
 
     def __post_init__(self) -> None:
         set_data_fields(self, "eval_data")  # a str or Path from the Python API becomes a DataSpec
+        set_metric_field(self)  # and a metric's name or file.py:function a Metric / UserMetric
         if not 0.0 < self.holdout_fraction < 1.0:
             raise UsageError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if not 0.0 < self.max_float_fraction <= 1.0:

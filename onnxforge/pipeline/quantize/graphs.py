@@ -2,9 +2,9 @@
 
 - ``fp32``: the input model pre-processed (calibrate.preprocess): the reference every candidate is
   scored and timed against.
-- ``base``: what static, int4 and fp16 candidates quantize: ``fp32``, for transformers with residual
-  sums kept out of a slow SkipLayerNormalization kernel (skip_layer_norm) when the target measures
-  it slower.
+- ``base``: what static, int4 and fp16 candidates quantize: ``fp32`` with written-out hard-swish
+  activations fused (activation_fusion), for transformers with residual sums kept out of a slow
+  SkipLayerNormalization kernel (skip_layer_norm) when the target measures it slower.
 - ``fused``: transformers with a dynamic candidate only, what those quantize: the transformer fusions
   (transformer_fusion) when they fused something, matched the outputs and left every Attention
   ready for QAttention (static QDQ cannot quantize a fused Attention, whose QKV projection would
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxforge.pipeline.quantize.activation_fusion import fuse_activations, may_fuse
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, name_nodes, preprocess
 from onnxforge.pipeline.quantize.config import QuantizeConfig
 from onnxforge.pipeline.quantize.skip_layer_norm import residual_sums, should_keep_unfused
@@ -68,13 +69,13 @@ def prepare_graphs(
     fused graph is built only when one of ``schemes`` is dynamic: nothing else reads it, and fusing
     and checking it took 37 of 372 s on PP-OCRv4's recognizer, whose candidates are all static."""
     fp32 = preprocess(model, folder, notes)
+    base = _fused_activations(fp32, folder, data, notes)
     if not looks_like_transformer(model):
-        return Graphs(fp32, fp32)
+        return Graphs(fp32, base)
     reference = onnx.load(str(fp32))
     sums, slowdown = should_keep_unfused(target) if config.residual_sums else (False, None)
-    base = fp32
     if sums:
-        rewritten, count = residual_sums(reference)
+        rewritten, count = residual_sums(onnx.load(str(base)))
         if count:
             base = folder / "fp32_residual_sums.onnx"
             onnx.save_model(rewritten, str(base))
@@ -106,3 +107,24 @@ def prepare_graphs(
             notes.append("fused Attention cannot become QAttention (mask or weights): dynamic candidates use the "
                          "unfused graph")
     return Graphs(fp32, base, fused, transformer=True)
+
+
+def _fused_activations(fp32: Path, folder: Path, data: CalibrationData, notes: list[str]) -> Path:
+    """``fp32`` with its written-out hard-swish activations fused (activation_fusion), checked on calibration
+    batches; ``fp32`` itself when nothing fused or the check does not fit in memory."""
+    model = onnx.load(str(fp32))
+    if not may_fuse(model):
+        return fp32
+    batch = data.statistics_batch()
+    if batch is None:
+        notes.append(f"hard-swish fusion skipped: checking it would not fit ({data.refusal('statistics')})")
+        return fp32
+    fusion = fuse_activations(model, list(data.batches(_PARITY_SAMPLES, batch)()))
+    if fusion.note:
+        notes.append(fusion.note)
+    if fusion.model is None:
+        return fp32
+    path = folder / "fp32_activations_fused.onnx"
+    onnx.save_model(fusion.model, str(path))
+    name_nodes(path)
+    return path

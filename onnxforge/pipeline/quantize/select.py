@@ -134,9 +134,10 @@ class CandidateRun:
                                    eval_batch=self.eval_batch, threads=config.threads, low_memory=data.low_memory,
                                    specs=data.specs)
         self.gate = self.reference.gate
-        if self.gate.metric is Metric.ACCURACY and self.held_out.labels is None:
+        if self.gate.metric is Metric.ACCURACY and self.held_out.class_ids is None:
             raise CalibrationDataError(
-                f"{self.held_out.source}: accuracy needs a 'label' array", hint="or use --metric agreement"
+                f"{self.held_out.source}: accuracy needs a 'label' array of integer class ids",
+                hint="or use --metric agreement; text labels are for a user metric (file.py:function)",
             )
         self.fp32_score = self.reference.value
         self.candidates: list[CandidateResult] = []

@@ -13,7 +13,7 @@ from typing import Any
 
 from onnxforge.errors import UsageError
 from onnxforge.pipeline.data_spec import DataSpec
-from onnxforge.pipeline.evaluate import Metric
+from onnxforge.pipeline.evaluate import Metric, set_metric_field
 from onnxforge.pipeline.gate_fields import GateRules
 from onnxforge.pipeline.objective import Objective
 
@@ -78,6 +78,7 @@ class OptimizeConfig(GateRules):
     tune_session: bool = field(default=False, metadata={"key": False})
 
     def __post_init__(self) -> None:
+        set_metric_field(self)  # a metric's name or file.py:function from the Python API
         if self.trials < 1:
             raise UsageError(f"--trials {self.trials}: must be at least 1")
         if self.time_budget_s is not None and self.time_budget_s <= 0:

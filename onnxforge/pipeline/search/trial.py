@@ -200,9 +200,10 @@ def reference_gate(reference: str, eval_path: DataSpec | Path, target: str, metr
     data = eval_path if isinstance(eval_path, DataSpec) else Path(eval_path)
     measured = Reference(reference, data, target, metric=metric, tolerance=tolerance, max_churn=max_churn,
                          worst_cosine=worst_cosine, eval_batch=32)
-    if metric is Metric.ACCURACY and measured.samples.labels is None:
+    if metric is Metric.ACCURACY and measured.samples.class_ids is None:
         raise CalibrationDataError(
-            f"{getattr(eval_path, 'path', eval_path)}: no 'label' array; an accuracy budget (--max-drop) needs labels",
+            f"{getattr(eval_path, 'path', eval_path)}: no 'label' array of class ids; an accuracy budget "
+            "(--max-drop) needs them",
             hint="add a 'label' array to the eval data, or use --metric agreement / cosine",
         )
     return measured.gate, measured.value, len(measured.samples)
