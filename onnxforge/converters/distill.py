@@ -201,7 +201,7 @@ def _evaluate(student: torch.nn.Module, samples: SampleSet, teacher_out: np.ndar
               kind: DistillLoss, temperature: float, batch: int) -> tuple[float, float]:
     student.eval()
     out = _run(student, samples, batch)
-    value = score(metric, [out], [teacher_out], samples.labels)
+    value = score(metric, [out], [teacher_out], samples.class_labels)
     with torch.no_grad():
         loss = float(_output_loss(kind, torch.from_numpy(out), torch.from_numpy(teacher_out), temperature,
                                   _batch_mask(samples.inputs)))
@@ -297,7 +297,7 @@ def distill(
 
     teacher = student.teacher
     teacher_train, teacher_held = _run(teacher, train, batch), _run(teacher, held, batch)
-    has_labels = samples.labels is not None
+    has_labels = samples.class_labels is not None
     kind = _choose_loss(config, teacher_train, has_labels)
     metric = _held_out_metric(kind, has_labels)
     use_labels = has_labels and kind is DistillLoss.KL and config.alpha > 0
@@ -317,7 +317,7 @@ def distill(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
     )
     generator = np.random.default_rng(config.seed + 1)
-    labels = None if train.labels is None else torch.from_numpy(train.labels.astype(np.int64))
+    labels = None if train.class_labels is None else torch.from_numpy(train.class_labels.astype(np.int64))
     started = time.perf_counter()
     best_epoch, stale, stopped, epoch = 0, 0, "epochs", 0
     try:
@@ -422,11 +422,11 @@ def _gate(config: DistillConfig, result: DistillResult, teacher: torch.nn.Module
         return None
     samples = load_data(config.eval_data, specs)
     reference = _run(teacher, samples, 64)
-    gate = QualityGate.resolve(config.metric, config.tolerance, samples.labels is not None, reference.shape)
+    gate = QualityGate.resolve(config.metric, config.tolerance, samples.class_labels is not None, reference.shape)
     scores = {
-        "teacher": score(gate.metric, [reference], [reference], samples.labels),
-        "repair_only": score(gate.metric, [_onnx_first_output(pruned, samples, 64)], [reference], samples.labels),
-        "distilled": score(gate.metric, [_onnx_first_output(proto, samples, 64)], [reference], samples.labels),
+        "teacher": score(gate.metric, [reference], [reference], samples.class_labels),
+        "repair_only": score(gate.metric, [_onnx_first_output(pruned, samples, 64)], [reference], samples.class_labels),
+        "distilled": score(gate.metric, [_onnx_first_output(proto, samples, 64)], [reference], samples.class_labels),
     }
     result.scores, result.gate = scores, gate.describe()
     if gate.passes(scores["distilled"], scores["teacher"]):

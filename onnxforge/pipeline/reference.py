@@ -42,6 +42,7 @@ from onnxforge.pipeline.evaluations import (
     samples_fingerprint,
 )
 from onnxforge.pipeline.gate_rules import GateVerdict, are_ids, is_class_sequence, judge
+from onnxforge.pipeline.output_heads import is_linear_head
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.user_metric import UserMetric
 from onnxforge.targets import get_target
@@ -230,11 +231,15 @@ class Reference:
         if self._gate is None:
             first = self.outputs[0]  # ragged (an object array of per-sample outputs) for variable-length inputs
             shape = (len(first), *first[0].shape) if first.dtype == object else tuple(first.shape)
-            self._gate = QualityGate.resolve(self.metric, self.tolerance, self.samples.labels is not None, shape,
+            self._gate = QualityGate.resolve(self.metric, self.tolerance, self.samples.class_labels is not None, shape,
                                              max_churn=self.max_churn, worst_cosine=self.worst_cosine,
                                              sequence_churn=self.sequence_churn, ids=are_ids(first),
-                                             sequence=is_class_sequence(first))
+                                             sequence=is_class_sequence(first, linear_head=self._linear_head()))
         return self._gate
+
+    def _linear_head(self) -> bool:
+        """Whether the first output is a linear layer's scores (raw CTC scores are judged as classes)."""
+        return bool(self.proto.graph.output) and is_linear_head(self.proto, self.proto.graph.output[0].name)
 
     @property
     def output_names(self) -> list[str]:
@@ -247,7 +252,7 @@ class Reference:
             names = self.output_names
             return gate.user.score(dict(zip(names, outputs, strict=False)), self.samples.labels,
                                    dict(zip(names, self.outputs, strict=False)))
-        return score(gate.metric, outputs, self.outputs, self.samples.labels)
+        return score(gate.metric, outputs, self.outputs, self.samples.class_labels)
 
     @property
     def value(self) -> float:
@@ -278,7 +283,7 @@ class Reference:
                 cached_score(self._agreement_key(fingerprint),
                              lambda: score(Metric.AGREEMENT, outputs, self.outputs, None))
             value = self._metric_of(outputs)
-            return judge(gate, outputs, self.outputs, self.samples.labels, value, self.value)
+            return judge(gate, outputs, self.outputs, self.samples.class_labels, value, self.value)
 
         return cached_score((fingerprint, self.fingerprint, *self._key(), gate, self._user_key()), compute)
 

@@ -194,10 +194,13 @@ def _checked_arrays(
             and np.all(labels == np.round(labels))
         ):
             labels = labels.astype(np.int64)  # whole-number float labels are class ids too
-        if labels.ndim == 0 or labels.dtype.kind not in "biu":  # found by fuzzing: a scalar or text label crashed
+        if labels.dtype.kind == "S":  # bytes: text as NumPy's 'S' dtype stores it
+            labels = np.char.decode(labels, "utf-8", errors="replace")
+        # integer class ids, or text a user metric reads (a captcha's characters); a scalar crashed (fuzzing)
+        if labels.ndim == 0 or labels.dtype.kind not in "biuU" or (labels.dtype.kind == "U" and labels.ndim != 1):
             raise CalibrationDataError(
-                f"{path}: {LABEL_KEY!r} must be an array of integer class ids, one per sample; got "
-                f"{labels.dtype} of shape {'x'.join(map(str, labels.shape)) or 'scalar'}"
+                f"{path}: {LABEL_KEY!r} must be an array of integer class ids, or of text (for a file.py:function "
+                f"metric), one per sample; got {labels.dtype} of shape {'x'.join(map(str, labels.shape)) or 'scalar'}"
             )
         if len(labels) != n:
             raise CalibrationDataError(f"{path}: {len(labels)} labels for {n} samples")

@@ -77,7 +77,7 @@ def group_batches(
 
 @dataclass(frozen=True)
 class SampleSet:
-    """Samples in memory, keyed by model input name, plus optional labels.
+    """Samples in memory, keyed by model input name, plus optional labels (class ids, or text for a user metric).
 
     Each input is either one array with samples on the first axis, or (a *ragged* set, for
     variable-length inputs) an object array holding one array per sample, without the sample axis.
@@ -92,6 +92,12 @@ class SampleSet:
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values()))) if self.inputs else 0
+
+    @property
+    def class_labels(self) -> np.ndarray | None:
+        """The labels when they are class ids (what accuracy compares predictions with); None without
+        labels or when they are text, which only a user metric (file.py:function) reads."""
+        return self.labels if self.labels is not None and self.labels.dtype.kind in "biu" else None
 
     @property
     def is_ragged(self) -> bool:

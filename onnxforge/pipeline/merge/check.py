@@ -197,10 +197,10 @@ def measure_accuracy(c: Composition, config: MergeConfig, notes: list[str]) -> d
         return None
     eval_data = config.eval_data
     samples, raw, why = _eval_raw(c, eval_data, None)
-    if samples.labels is None:
-        notes.append(f"{config.eval_data} has no 'label' array: accuracy not measured")
+    if samples.class_labels is None:
+        notes.append(f"{config.eval_data} has no 'label' array of class ids: accuracy not measured")
         return None
-    labels = samples.labels
+    labels = samples.class_labels
     members = {}
     specs = input_specs(c.members[0][1])
     for name, model in c.members:

@@ -47,6 +47,7 @@ from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
 from onnxforge.pipeline.codec import JsonResult, option
 from onnxforge.pipeline.data_spec import DataSpec, open_data, set_data_fields
 from onnxforge.pipeline.evaluate import MAX_CHURN_HELP, METRIC_HELP, WORST_COSINE_HELP, Metric
+from onnxforge.pipeline.gate_rules import loosen_hint
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.activations import batches_of_values, token_rows
@@ -514,9 +515,10 @@ def low_rank(
             f"no factorization meets the tolerance ({check.describe()}, on {check.source}): the input scores "
             f"{gate.format(reference_score)}, the best try {gate.format(best['score'])} ({best['gate']}); the "
             f"input model is saved at {out}",
-            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), or pass --calibration for the "
-            "data-aware factorization",
+            hint=loosen_hint(gate, best["gate"]) + ("" if config.calibration_data is not None else
+                                                    ", or pass --calibration for the data-aware factorization"),
             best_path=str(out),
             result=result.to_json(),
         )
     return result
+

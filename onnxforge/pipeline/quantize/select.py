@@ -134,9 +134,11 @@ class CandidateRun:
                                    eval_batch=self.eval_batch, threads=config.threads, low_memory=data.low_memory,
                                    specs=data.specs)
         self.gate = self.reference.gate
-        if self.gate.metric is Metric.ACCURACY and self.held_out.labels is None:
+        if self.gate.metric is Metric.ACCURACY and self.held_out.class_labels is None:
             raise CalibrationDataError(
-                f"{self.held_out.source}: accuracy needs a 'label' array", hint="or use --metric agreement"
+                f"{self.held_out.source}: accuracy needs a 'label' array of class ids"
+                + (" (this one holds text)" if self.held_out.labels is not None else ""),
+                hint="or use --metric agreement, or a file.py:function metric that reads text labels"
             )
         self.fp32_score = self.reference.value
         self.candidates: list[CandidateResult] = []

@@ -198,9 +198,10 @@ def reference_gate(reference: str, eval_path: DataSpec | Path, target: str, metr
     An accuracy budget on data without labels is a CalibrationDataError."""
     data = eval_path if isinstance(eval_path, DataSpec) else Path(eval_path)
     measured = Reference(reference, data, target, metric=metric, tolerance=tolerance, eval_batch=32)
-    if metric is Metric.ACCURACY and measured.samples.labels is None:
+    if metric is Metric.ACCURACY and measured.samples.class_labels is None:
         raise CalibrationDataError(
-            f"{getattr(eval_path, 'path', eval_path)}: no 'label' array; an accuracy budget (--max-drop) needs labels",
+            f"{getattr(eval_path, 'path', eval_path)}: no 'label' array of class ids; an accuracy budget (--max-drop) "
+            "needs them",
             hint="add a 'label' array to the eval data, or use --metric agreement / cosine",
         )
     return measured.gate, measured.value, len(measured.samples)
