@@ -104,6 +104,7 @@ def test_raw_scores_need_a_dominant_blank_and_some_characters():
     assert not is_class_sequence(noise, linear_head=True)  # no class tops half the positions
     blank_only = np.einsum("ntf,fc->ntc", np.tile(np.eye(FEATURES)[0], (4, STEPS, 1)), _weight())
     assert not is_class_sequence(blank_only, linear_head=True)  # nothing is ever read: no sequence to judge
+    assert not is_class_sequence(scores[:, :1], linear_head=True)  # one position per sample: a classifier
 
 
 def test_text_labels_reach_a_user_metric_and_never_make_accuracy(tmp_path):
