@@ -180,6 +180,8 @@ def run() -> dict:
             delta = float(np.mean(np.abs(speech(out) - speech(vad))))
             rows.append(["silero-vad", "quantize", _verdict(code, result), _speed(result),
                          f"speech probability mean abs change {delta:.3f}"])
+        captcha, missing = captcha_rows(folder)
+        rows, skipped = rows + captcha, skipped + missing
     table = markdown_table(["model", "stage", "result", "speed vs input", "quality (task)"], rows)
     if skipped:
         table += "\n\nSkipped: " + "; ".join(skipped)
@@ -188,5 +190,69 @@ def run() -> dict:
     return {"rows": rows}
 
 
+# ----------------------------------------------------------------------------------------------
+# ddddocr's captcha reader (its own block: ``python -m benchmarks.realworld captcha`` runs it alone)
+
+
+def captcha_rows(folder: Path, count: int = 32) -> tuple[list[list[str]], list[str]]:
+    """Rows for ddddocr's captcha reader (``common.onnx``, MIT): quantize and low-rank with the default gates
+    and with the task itself as the metric (``captcha_metric.py:score`` on text labels, tolerance 0); captchas
+    read before and after, on ``count`` held-out ImageCaptcha captchas (captcha_task.py)."""
+    sys.path.insert(0, str(_TASK))
+    from captcha_task import captcha_inputs, captcha_texts, charset, read_text
+    from realworld_models import model_path
+
+    from onnxforge.pipeline.prune.low_rank import LowRankConfig, low_rank
+    from onnxforge.pipeline.quantize import QuantizeConfig, quantize
+    from onnxforge.pipeline.user_metric import parse_user_metric
+
+    reader = model_path("captcha_ocr")
+    if reader is None:
+        return [], ["ddddocr captcha reader: ddddocr not installed"]
+    try:
+        texts = captcha_texts(count, seed=1)
+        images = captcha_inputs(texts, seed=1)[:, 0]
+        calibration = captcha_inputs(captcha_texts(16, seed=7), seed=7)[:, 0]
+    except ImportError:
+        return [], ["ddddocr captcha reader: captcha (the captcha generator) not installed"]
+    np.savez(folder / "captcha_eval.npz", input1=images, label=np.array(texts))
+    np.savez(folder / "captcha_calib.npz", input1=calibration)
+    characters = charset(reader.parent)
+
+    def read(path) -> set[str]:
+        session = _session(path)
+        got = [read_text(session.run(None, {"input1": x[None]})[0], characters).lower() for x in images]
+        return {t for t, g in zip(texts, got, strict=True) if g == t}
+
+    before = read(reader)
+    task = parse_user_metric(str(_TASK / "captcha_metric.py") + ":score")
+    data = {"calibration_data": folder / "captcha_calib.npz", "eval_data": folder / "captcha_eval.npz"}
+    stages = (
+        ("quantize", quantize, QuantizeConfig(eval_data=data["eval_data"])),
+        ("quantize, task metric", quantize, QuantizeConfig(eval_data=data["eval_data"], metric=task, tolerance=0.0)),
+        ("low-rank", low_rank, LowRankConfig(**data)),
+        ("low-rank, task metric", low_rank, LowRankConfig(**data, metric=task, tolerance=0.0)),
+    )
+    rows = []
+    for index, (name, fn, config) in enumerate(stages):
+        out = folder / f"captcha_{index}.onnx"
+        args = (reader, out, data["calibration_data"], config) if fn is quantize else (reader, out, config)
+        with _time_to_result() as took:
+            code, result = _stage(fn, *args)
+        after = read(out)
+        lost = sorted(before - after)
+        rows.append(["ddddocr captcha reader", name, _verdict(code, result), _speed(result),
+                     f"captchas read {len(before)} -> {len(after)} of {count}"
+                     + (f" ({len(lost)} the input read no longer read)" if lost else "")
+                     + f"; took {took[0]:.0f} s ({took[1]:.0f} CPU-s)"])
+    return rows, []
+
+
 if __name__ == "__main__":
-    run()
+    if sys.argv[1:] == ["captcha"]:
+        with tempfile.TemporaryDirectory(prefix="bench-captcha-") as tmp:
+            captcha, missing = captcha_rows(Path(tmp))
+        print(markdown_table(["model", "stage", "result", "speed vs input", "quality (task)"], captcha))
+        print("\n".join(missing))
+    else:
+        run()
