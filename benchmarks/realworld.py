@@ -180,8 +180,9 @@ def run() -> dict:
             delta = float(np.mean(np.abs(speech(out) - speech(vad))))
             rows.append(["silero-vad", "quantize", _verdict(code, result), _speed(result),
                          f"speech probability mean abs change {delta:.3f}"])
-        captcha, missing = captcha_rows(folder)
-        rows, skipped = rows + captcha, skipped + missing
+        for block in (captcha_rows, captcha_detector_rows):
+            captcha, missing = block(folder)
+            rows, skipped = rows + captcha, skipped + missing
     table = markdown_table(["model", "stage", "result", "speed vs input", "quality (task)"], rows)
     if skipped:
         table += "\n\nSkipped: " + "; ".join(skipped)
@@ -248,10 +249,46 @@ def captcha_rows(folder: Path, count: int = 32) -> tuple[list[list[str]], list[s
     return rows, []
 
 
+def captcha_detector_rows(folder: Path) -> tuple[list[list[str]], list[str]]:
+    """A row for ddddocr's detector (``common_det.onnx``, MIT): quantize with the default gates; characters of
+    16 held-out click-captcha pages found before and after (captcha_det_task.py)."""
+    sys.path.insert(0, str(_TASK))
+    from captcha_det_task import characters_found, click_pages
+    from realworld_models import model_path
+
+    from onnxforge.pipeline.quantize import QuantizeConfig, quantize
+
+    detector = model_path("captcha_det")
+    if detector is None:
+        return [], ["ddddocr detector: ddddocr not installed"]
+    try:
+        pages, boxes, ratios = click_pages(range(100, 116))
+    except ImportError:
+        return [], ["ddddocr detector: captcha (its font draws the pages) not installed"]
+    np.savez(folder / "det_eval.npz", images=pages)
+    np.savez(folder / "det_calib.npz", images=click_pages(range(200, 216))[0])
+
+    def found(path) -> int:
+        session = _session(path)
+        return sum(characters_found(session.run(None, {"images": page[None]})[0], b, r)
+                   for page, b, r in zip(pages, boxes, ratios, strict=True))
+
+    out = folder / "det_q.onnx"
+    with _time_to_result() as took:
+        code, result = _stage(quantize, detector, out, folder / "det_calib.npz",
+                              QuantizeConfig(eval_data=folder / "det_eval.npz"))
+    row = ["ddddocr detector", "quantize", _verdict(code, result), _speed(result),
+           f"characters found {found(detector)} -> {found(out)} of {sum(map(len, boxes))}; took {took[0]:.0f} s "
+           f"({took[1]:.0f} CPU-s)"]
+    return [row], []
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["captcha"]:
         with tempfile.TemporaryDirectory(prefix="bench-captcha-") as tmp:
             captcha, missing = captcha_rows(Path(tmp))
+            detector, absent = captcha_detector_rows(Path(tmp))
+            captcha, missing = captcha + detector, missing + absent
         print(markdown_table(["model", "stage", "result", "speed vs input", "quality (task)"], captcha))
         print("\n".join(missing))
     else:

@@ -1,13 +1,16 @@
-"""ddddocr's captcha reader (real weights, from the ``ddddocr`` wheel), judged by what it reads: ImageCaptcha
-captchas (captcha_task.py). Its conventions: batch fixed at 1, a dynamic width, an LSTM, and raw CTC scores
-``[T, 1, 8210]`` from a Gemm where it declares ``[1, seqlen]``. A stage exits 0 only with every captcha the
-input reads still read; else 4, with its numbers (issue 23: low-rank exited 0 reading 16 of 32 against 30)."""
+"""ddddocr's captcha reader and detector (real weights, from the ``ddddocr`` wheel), judged by what they read
+and find: ImageCaptcha captchas (captcha_task.py), click-captcha pages (captcha_det_task.py). The reader's
+conventions: batch fixed at 1, a dynamic width, an LSTM, and raw CTC scores ``[T, 1, 8210]`` from a Gemm where
+it declares ``[1, seqlen]``. A stage exits 0 only with every captcha the input reads still read (every
+character it finds still found); else 4, with its numbers (issue 23: low-rank exited 0 reading 16 of 32
+captchas against the input's 30)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from captcha_det_task import characters_found, click_pages
 from captcha_task import captcha_inputs, captcha_texts, charset, read_text
 from cli_runs import folder, outcome, run_cli  # noqa: F401 (folder: a fixture)
 from realworld_models import require
@@ -17,10 +20,14 @@ pytestmark = pytest.mark.slow  # a minute or more: a 54 MB model quantized and f
 pytest.importorskip("captcha", reason="captcha is not installed (pip install 'onnxforge[realworld]')")
 
 
-def _read(path, images: np.ndarray, characters: list[str]) -> list[str]:
+def _session(path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.log_severity_level = 2, 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _read(path, images: np.ndarray, characters: list[str]) -> list[str]:
+    session = _session(path)
     return [read_text(session.run(None, {"input1": image[None]})[0], characters).lower() for image in images]
 
 
@@ -87,3 +94,29 @@ def test_low_rank_never_exits_0_reading_fewer_captchas(folder, reader):
     else:
         assert now == read and all(t["score"] is not None for t in data["tried"])
         assert "--max-churn" in err or "--tolerance" in err
+
+
+def test_detector_quantize_never_exits_0_finding_fewer_characters(folder):
+    path = require("captcha_det")
+    pages, boxes, ratios = click_pages(range(100, 112))
+    np.savez(folder / "det_eval.npz", images=pages)
+    np.savez(folder / "det_calib.npz", images=click_pages(range(200, 208))[0])
+
+    def found(model) -> int:
+        session = _session(model)
+        return sum(characters_found(session.run(None, {"images": page[None]})[0], b, r)
+                   for page, b, r in zip(pages, boxes, ratios, strict=True))
+
+    before = found(path)
+    assert before >= 40, f"fp32 finds {before} of 48"  # 43 of 48 measured
+    out, report = folder / "det_q.onnx", folder / "det_q.json"
+    code, _, err, _ = run_cli("quantize", path, "-o", out, "--calibration", folder / "det_calib.npz", "--eval",
+                              folder / "det_eval.npz", "--json", report)
+    data = outcome(code, report, err)
+    after = found(out)
+    if code == 0:
+        assert after >= before, f"exit 0 finding {after} characters of 48 against the input's {before}"
+        assert next(c for c in data["candidates"] if c["scheme"] == data["chosen"])["speedup_vs_fp32"] > 1.0
+    else:
+        assert after == before
+
