@@ -43,6 +43,7 @@ from onnxforge.model_cost import count_params_and_macs
 from onnxforge.model_io import input_specs, save_model
 from onnxforge.pipeline.calibration import SampleSet, StreamedSamples
 from onnxforge.pipeline.data_spec import open_data
+from onnxforge.pipeline.gate_rules import loosen_hint
 from onnxforge.pipeline.normalize import load_stage_input
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.prune.allocation import allocated_ratios, sensitivity_ratios
@@ -209,8 +210,8 @@ def prune_channels(
             f"no channel ratio down to {tried[-1]['ratio']:.3f} meets the tolerance ({check.describe()}, on "
             f"{check.source}): the input scores {gate.format(reference_score)}, the best try (ratio "
             f"{best['ratio']:.3f}) {gate.format(best['score'])} ({best['gate']}); the unpruned model is saved at {out}",
-            hint=f"loosen --tolerance (now {gate.describe_tolerance()}), pass --calibration for the "
-            "least-squares repair, or --exclude sensitive layers",
+            hint=loosen_hint(gate, best["gate"]) + ", pass --calibration for the least-squares repair, or --exclude "
+            "sensitive layers",
             best_path=str(out),
             result=result.to_json(),
         )

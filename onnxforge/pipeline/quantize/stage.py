@@ -20,6 +20,7 @@ from onnxforge.errors import QualityGateError, UsageError
 from onnxforge.model_io import model_file_size, save_model
 from onnxforge.pipeline.cache import StageCache
 from onnxforge.pipeline.data_spec import DataSpec
+from onnxforge.pipeline.gate_rules import loosen_hint
 from onnxforge.pipeline.normalize import load_stage_input, quantized_ops
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.quantize.calibrate import data_notes, load_calibration
@@ -158,8 +159,8 @@ def quantize(
             f"{run.gate.format(chosen.score) if chosen.score is not None else 'no score'} vs fp32 "
             f"{run.gate.format(run.fp32_score)}" + (f" ({chosen.gate_checks})" if chosen.gate_checks else "")
             + f"; it is saved at {out}",
-            hint=f"loosen --tolerance (now {run.gate.describe_tolerance()}), add calibration data, or keep "
-            "sensitive ops in float with --exclude-op",
+            hint=loosen_hint(run.gate, chosen.gate_checks or "") + ", add calibration data, or keep sensitive ops "
+            "in float with --exclude-op",
             best_path=str(out),
             result=result.to_json(),
         )
