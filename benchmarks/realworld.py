@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import markdown_table, peak_rss_mb, write_results
+from benchmarks._realworld_captcha import captcha_detector_rows, captcha_rows
 from benchmarks._realworld_mobilenet import mobilenet_rows
 from benchmarks._realworld_recognizer import recognizer_rows
 from benchmarks._stage_outcome import session as _session
@@ -124,6 +125,9 @@ def run() -> dict:
         rows += keras_rows
         if why:
             skipped.append(why)
+        for block in (captcha_rows, captcha_detector_rows):
+            captcha, missing = block(folder)
+            rows, skipped = rows + captcha, skipped + missing
     done.set()
     table = markdown_table(["model", "stage", "result", "speed vs input", "quality (task)"], rows)
     table += (f"\n\nLoad average (1 min) {min(load):.1f}-{max(load):.1f} during the run (median {np.median(load):.1f}) "
@@ -137,4 +141,12 @@ def run() -> dict:
 
 
 if __name__ == "__main__":
-    run()
+    if sys.argv[1:] == ["captcha"]:
+        with tempfile.TemporaryDirectory(prefix="bench-captcha-") as tmp:
+            captcha, missing = captcha_rows(Path(tmp))
+            detector, absent = captcha_detector_rows(Path(tmp))
+            captcha, missing = captcha + detector, missing + absent
+        print(markdown_table(["model", "stage", "result", "speed vs input", "quality (task)"], captcha))
+        print("\n".join(missing))
+    else:
+        run()

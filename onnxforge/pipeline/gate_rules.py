@@ -19,8 +19,12 @@ changed on 19% of samples; an OCR model at mean cosine 0.99 that misread 4 more 
   rel-error): the share of (sample, position) pairs whose argmax over ``C`` equals the input's must be
   at least ``100 - max_churn`` percent. An output is taken for such a sequence when it is 3-D with
   ``C > 1`` and, along its last axis, a distribution (non-negative, summing to 1: softmax) or a
-  log-distribution (logsumexp 0: log-softmax), as CTC heads give; raw logits are not recognized:
-  name ``--metric position-agreement`` for them.
+  log-distribution (logsumexp 0: log-softmax), as CTC heads give. Raw scores are taken for one when the
+  graph computes them with a linear layer (``output_heads.is_linear_head``: a CTC head without its softmax,
+  like ddddocr's captcha reader, ``Gemm -> Reshape`` to ``[T, 1, 8210]``) and one class is the top class
+  on at least half the positions but not on all (CTC's blank: 84% of the captcha reader's frames); a
+  low-rank reader at mean cosine 0.990 read 16 of 32 captchas against the input's 30 and passed the cosine
+  gate. Other raw scores are not recognized: name ``--metric position-agreement`` for them.
 - **Class ids** (an integer output: a model whose argmax is in its graph, like a captcha reader that
   returns ``[1, T]`` character ids): ``auto`` compares the ids themselves, never their argmax (which is
   always 0 for one id): top-1 agreement, or accuracy with labels, for one id per sample; for more, the
@@ -47,8 +51,8 @@ import numpy as np
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.evaluate import Metric, QualityGate
 
-__all__ = ["GateVerdict", "are_ids", "decoded_sequences", "is_class_sequence", "judge", "paired_interval",
-           "position_agreement", "predicted_classes", "sample_cosines", "sequence_changes"]
+__all__ = ["GateVerdict", "are_ids", "decoded_sequences", "is_class_sequence", "judge",
+           "paired_interval", "position_agreement", "predicted_classes", "sample_cosines", "sequence_changes"]
 
 Z_95 = 1.959964
 
@@ -142,10 +146,12 @@ def sequence_changes(output: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(changed))
 
 
-def is_class_sequence(output: np.ndarray) -> bool:
+def is_class_sequence(output: np.ndarray, *, linear_head: bool = False) -> bool:
     """Whether ``output`` is a sequence of classes: scores ``[N, T, C]`` (per sample ``[T, C]`` when
-    ragged), C > 1, a distribution or log-distribution along C (see the module doc); or integer ids with
-    more than one per sample (``[N, T]``: a CTC head decoded in the graph)."""
+    ragged), C > 1, a distribution or log-distribution along C, or, when the graph computes them with a
+    linear layer (``linear_head``), raw scores whose most frequent top class (a blank) tops at least half
+    the positions but not all (see the module doc); or integer ids with more than one per sample
+    (``[N, T]``: a CTC head decoded in the graph)."""
     if are_ids(output):
         return all(np.size(r) > 1 for r in output) if output.dtype == object else math.prod(output.shape[1:]) > 1
     rows = list(output) if output.dtype == object else None
@@ -161,7 +167,12 @@ def is_class_sequence(output: np.ndarray) -> bool:
         return True
     top = values.max(-1, keepdims=True)
     logsumexp = top[:, 0] + np.log(np.exp(values - top).sum(-1))
-    return bool(values.max() <= 1e-4 and np.abs(logsumexp).max() < 1e-2)
+    if values.max() <= 1e-4 and np.abs(logsumexp).max() < 1e-2:
+        return True
+    if not linear_head or len(values) < 2 * min(len(output), 64):  # [N, 1, C]: one class per sample, no sequence
+        return False
+    blank_share = np.bincount(values.argmax(-1)).max() / len(values)
+    return bool(0.5 <= blank_share < 1.0)
 
 
 def paired_interval(candidate_correct: np.ndarray, reference_correct: np.ndarray) -> tuple[float, float]:
@@ -228,3 +239,4 @@ def judge(gate: QualityGate, outputs: list[np.ndarray], reference: list[np.ndarr
         rule(f"decoded sequences changed on {count} of {len(first)} samples ({changed * 100:.1f}%; allowed: "
              f"<= {gate.sequence_churn:g}%)", changed * 100.0 <= gate.sequence_churn + 1e-9)
     return GateVerdict(value, not failures, tuple(checks), tuple(failures), **found)
+

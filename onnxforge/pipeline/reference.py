@@ -42,6 +42,7 @@ from onnxforge.pipeline.evaluations import (
     samples_fingerprint,
 )
 from onnxforge.pipeline.gate_rules import GateVerdict, are_ids, is_class_sequence, judge
+from onnxforge.pipeline.output_heads import is_linear_head
 from onnxforge.pipeline.progress import Progress, ignore, step
 from onnxforge.pipeline.user_metric import UserMetric
 from onnxforge.targets import get_target
@@ -233,8 +234,12 @@ class Reference:
             self._gate = QualityGate.resolve(self.metric, self.tolerance, self.samples.class_ids is not None, shape,
                                              max_churn=self.max_churn, worst_cosine=self.worst_cosine,
                                              sequence_churn=self.sequence_churn, ids=are_ids(first),
-                                             sequence=is_class_sequence(first))
+                                             sequence=is_class_sequence(first, linear_head=self._linear_head()))
         return self._gate
+
+    def _linear_head(self) -> bool:
+        """Whether the first output is a linear layer's scores (raw CTC scores are judged as classes)."""
+        return bool(self.proto.graph.output) and is_linear_head(self.proto, self.proto.graph.output[0].name)
 
     @property
     def output_names(self) -> list[str]:

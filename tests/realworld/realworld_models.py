@@ -3,9 +3,11 @@
 - ``rapidocr-onnxruntime`` (Apache-2.0; the models are PaddleOCR's, Apache-2.0): PP-OCRv4's text
   detector and recognizer and PaddleOCR's mobile v2.0 direction classifier, in ``rapidocr_onnxruntime/models/``.
 - ``silero-vad`` (MIT): ``silero_vad/data/silero_vad.onnx``.
+- ``ddddocr`` (MIT): its captcha reader ``ddddocr/common.onnx`` (the ``beta=True`` engine's; its characters
+  in ``ddddocr/charsets.py``) and its detector ``ddddocr/common_det.onnx``.
 
 Install them with the ``realworld`` extra (``pip install 'onnxforge[realworld]'``). The packages are
-located without being imported (rapidocr's ``__init__`` imports OpenCV), in this interpreter's
+located without being imported (rapidocr's and ddddocr's ``__init__`` import OpenCV), in this interpreter's
 path and in the folders listed in ``ONNXFORGE_REALWORLD_SITE`` (``os.pathsep``-separated
 site-packages folders, e.g. a side virtual environment's). A model that is not found skips its tests.
 """
@@ -23,6 +25,8 @@ PACKAGES = {
     "ppocr_rec": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx"),
     "ppocr_cls": ("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
     "silero_vad": ("silero_vad", "data/silero_vad.onnx"),
+    "captcha_ocr": ("ddddocr", "common.onnx"),
+    "captcha_det": ("ddddocr", "common_det.onnx"),
 }
 EXTRA_SITE = "ONNXFORGE_REALWORLD_SITE"
 

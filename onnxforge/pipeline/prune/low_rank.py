@@ -498,3 +498,4 @@ def low_rank(
             "keep a smaller, slower model",
         )
     return result
+
