@@ -123,7 +123,7 @@ def test_text_labels_reach_a_user_metric_and_never_make_accuracy(tmp_path):
     from onnxforge.pipeline.user_metric import parse_user_metric
 
     assert Reference(model, data, "cpu", metric=parse_user_metric(f"{metric}:score")).value == 80.0
-    with pytest.raises(CalibrationDataError, match="integer class ids, or of text"):
+    with pytest.raises(CalibrationDataError, match="integer class ids or of strings"):
         load_samples(write_npz(tmp_path / "bad.npz", x=frames, label=np.ones((40, 2), np.complex64)),
                      input_specs(_reader(_weight())))
 
