@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import assert_numerically_equal
 from onnx import helper, numpy_helper
@@ -117,3 +118,35 @@ def test_the_search_may_choose_attention_fusion_on_transformers_only(classifier)
     knobs = {k.field: k for k in QuantizePass.knobs("cpu", pooled_encoder(1))}
     assert knobs["fuse_attention"].choices == (True, False)
     assert "fuse_attention" not in {k.field for k in QuantizePass.knobs("cpu", classifier)}
+
+
+def test_attention_fusion_is_a_pinnable_knob_before_the_model_is_read():
+    assert "fuse_attention" in {k.field for k in QuantizePass.knobs("cpu")}  # how a pinned value is checked
+
+
+@pytest.mark.usefixtures("int8_faster")  # the tiny encoder is overhead-bound: only the graph is under test
+@pytest.mark.parametrize("fuse_attention", [True, False])
+def test_quantize_runs_a_pooled_encoder_on_real_tokens(tmp_path, fuse_attention):
+    from onnxforge.pipeline.evaluate import Metric
+    from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize
+
+    model = tmp_path / "pooled.onnx"
+    onnx.save_model(pooled_encoder(), str(model))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, sample in enumerate(singles((5, 3, 7, 4, 6, 2, 8, 5), seed=3)):
+        np.savez(calib / f"{i:02d}.npz", **sample)
+    out = tmp_path / "int8.onnx"
+    result = quantize(model, out, calib, QuantizeConfig(
+        metric=Metric.COSINE, tolerance=0.9, latency_rounds=2, mixed_precision=False, error_report=False,
+        fuse_attention=fuse_attention, quantize_embeddings=False,
+        schemes=(parse_scheme("dynamic-s8-per-channel"),)))
+
+    assert any("padding removal" in n and "real tokens" in n for n in result.notes)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "GatherND" in ops and ("QAttention" in ops) == fuse_attention
+    feeds = _padded()  # a padded batch: the embeddings of int8 on real tokens stay those of fp32
+    a = ort.InferenceSession(str(model)).run(None, feeds)[0]
+    b = ort.InferenceSession(str(out)).run(None, feeds)[0]
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() > 0.99
