@@ -11,9 +11,11 @@ weight, elementwise ops with per-token or rank <= len(rest) operands, LayerNorma
 axis, GELU variants, Cast), and every input and used output is per token or such an operand. With
 ``M`` the one 2-D integer graph input never used as Gather indices (the attention mask) and
 ``idx = Transpose(NonZero(M))`` (``[T, 2]``, T the real tokens), every connected group of token-wise
-nodes that holds a MatMul runs on ``GatherND(x, idx)`` (``[T, *rest]``) and hands its results to
-the rest of the graph as ``ScatterND(zeros[B, S, *rest], idx, y)``: attention and pooling see the
-padded layout, with zeros where the padding was.
+nodes that holds a MatMul runs on ``Unsqueeze(GatherND(x, idx), 0)`` (``[1, T, *rest]``: the rank
+kept, since onnxruntime turns a 2-D MatMul + Add into a Gemm its QDQ fusion does not take, and a
+static int8 MiniLM then dequantized every weight on every run, 0.3x fp32, measured) and hands its
+results to the rest of the graph as ``ScatterND(zeros[B, S, *rest], idx, Squeeze(y, 0))``: attention
+and pooling see the padded layout, with zeros where the padding was.
 
 Padded positions' own outputs become zeros, so the rewrite is kept only when every graph output
 matches the input graph's on the padded batch, on it with half of its first row masked, and on
@@ -239,6 +241,10 @@ def _rewrite(model: onnx.ModelProto, mask: str, groups: list[list[int]], shapes:
         helper.make_node("Transpose", [f"{mask}_nonzero"], [index], name=f"{mask}_token_index", perm=[1, 0]),
         helper.make_node("Shape", [mask], [mask_shape], name=f"{mask}_token_shape"),
     ]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    axes_name = f"{mask}_token_axis0"
+    if opset >= 13:
+        graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), axes_name))
     zeros: dict[tuple[tuple[int, ...], int], str] = {}
     # ConstantOfShape([B, S, *rest]) per (rest, dtype): one per layout, shared by every scatter.
     dtypes = shapes.dtypes
@@ -269,13 +275,15 @@ def _rewrite(model: onnx.ModelProto, mask: str, groups: list[list[int]], shapes:
                 continue
             if name not in packed:
                 packed[name] = f"{name}_packed"
-                body.append(helper.make_node("GatherND", [name, index], [packed[name]], name=f"{name}_pack"))
+                body.append(helper.make_node("GatherND", [name, index], [f"{name}_rows"], name=f"{name}_pack"))
+                body.append(_axis0("Unsqueeze", f"{name}_rows", packed[name], axes_name, opset))
             node.input[position] = packed[name]
         body.append(node)
         for position, name in enumerate(node.output):
             if name and name in outside_uses:
                 node.output[position] = f"{name}_packed"
-                body.append(helper.make_node("ScatterND", [zeros_for(name), index, f"{name}_packed"], [name],
+                body.append(_axis0("Squeeze", f"{name}_packed", f"{name}_packed_rows", axes_name, opset))
+                body.append(helper.make_node("ScatterND", [zeros_for(name), index, f"{name}_packed_rows"], [name],
                                              name=f"{name}_unpack"))
     for i in kept:  # a group's own consumers of a tensor also unpacked for the rest read the packed one
         for position, name in enumerate(nodes[i].input):
@@ -294,5 +302,12 @@ def _rewrite(model: onnx.ModelProto, mask: str, groups: list[list[int]], shapes:
         if not name.endswith("_packed") and name in outside_uses:
             continue  # the scattered tensor: its original [B, S, *rest] info still holds
         graph.value_info.append(helper.make_tensor_value_info(
-            name, shapes.dtypes[source], [f"{mask}_tokens", *(shapes.rest(source) or ())]))
+            name, shapes.dtypes[source], [1, f"{mask}_tokens", *(shapes.rest(source) or ())]))
     return out
+
+
+def _axis0(op: str, source: str, target: str, axes_name: str, opset: int) -> onnx.NodeProto:
+    """Unsqueeze/Squeeze of axis 0 (axes an input from opset 13, an attribute before)."""
+    if opset >= 13:
+        return helper.make_node(op, [source, axes_name], [target], name=f"{target}_{op.lower()}")
+    return helper.make_node(op, [source], [target], name=f"{target}_{op.lower()}", axes=[0])
