@@ -71,15 +71,14 @@ def run(trials: int = 3, rounds_b1: int = 10, rounds_b32: int = 6) -> dict:
         seconds = time.perf_counter() - start
         result = json.loads(report.read_text())
         result = result.get("result", result)
+        described = {t["number"]: t["describe"] for t in result["trials"]}
         chosen: dict[str, str] = {}
-        for setting in result.get("settings") or []:
-            label = f"optimize b32 t{setting['threads']}: {setting['best']['describe']}"
-            chosen[f"t{setting['threads']}"] = setting["best"]["describe"]
-            paths[label] = Path(setting["best_path"])
-            info[label] = {"seconds": seconds, "peak_rss_mb": None}
-        if not chosen and result.get("best_path"):
-            label = f"optimize b32: {result['best']['describe']}"
-            paths[label] = Path(result["best_path"])
+        for setting in result.get("settings") or []:  # a best per (batch, threads): a trial number and a file
+            if setting["best"] is None:
+                continue
+            chosen[f"t{setting['threads']}"] = described[setting["best"]]
+            label = f"optimize b32 t{setting['threads']}: {described[setting['best']]}"
+            paths[label] = run_dir / setting["best_path"]
             info[label] = {"seconds": seconds, "peak_rss_mb": None}
         seq = measure(paths, info, tokens, rounds_b1, rounds_b32)
 
