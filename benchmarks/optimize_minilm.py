@@ -11,7 +11,10 @@ cosine of each of the 40 held-out sentences embedded alone against fp32, speedup
 (padded), 1 and 2 threads, all models interleaved per setting. ``padding`` is the share of padded
 positions in the batch-32 feed (time the padding removal no longer spends).
 
-``python -m benchmarks optimize_minilm``. Heavy on a 2-core host (~15 minutes).
+``python -m benchmarks optimize_minilm``. Heavy on a 2-core host: the three trials took 6 minutes at
+load ~10, and the search's re-timing at each (batch, threads) setting then ran past 30 minutes, doubling
+rounds (up to 240 x 5 calls) to separate the two quantized models, which sit within timing noise of each
+other at batch 32. Not yet run to the end: no README table.
 """
 
 from __future__ import annotations
