@@ -13,7 +13,7 @@ from pathlib import Path
 
 CASES = ["simplify", "quantize", "quantize_minilm", "quantize_bert_random", "prune_channels", "prune_minilm",
          "prune_minilm_structure", "profiler", "pipeline", "calibration_memory", "merge_minilm", "merge_library",
-         "int4_algorithms", "optimize", "optimize_knobs", "distill", "realworld"]
+         "int4_algorithms", "optimize", "optimize_knobs", "optimize_minilm", "distill", "realworld"]
 _OWN_SECTION = {"realworld": ("<!-- realworld:start -->", "<!-- realworld:end -->")}  # README sections of their own
 
 _README = Path(__file__).resolve().parents[1] / "README.md"

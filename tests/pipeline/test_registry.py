@@ -215,9 +215,10 @@ def test_knobs_name_real_config_fields_and_decode():
                 for choice in knob.choices:  # every choice decodes as a recipe value would
                     codec.decode(annotation, choice, f"{name}.{knob.field}")
     assert {k.field for k in PASSES["prune_channels"].knobs("cpu")} >= {"ratio"}
-    # the CPU runs MatMulNBits: int4 is a scheme choice, with its block size and accuracy level
+    # the CPU runs MatMulNBits: int4 is a scheme choice, with its block size and accuracy level; dynamic
+    # int8 on transformers brings the attention-fusion choice (pinnable before the model is read)
     assert {k.field for k in PASSES["quantize"].knobs("cpu")} == {"schemes", "int4_block_size", "int4_accuracy_level",
-                                                            "float_share"}
+                                                            "float_share", "fuse_attention"}
 
 
 def test_phase_orders_structure_before_precision():

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import onnx
 
 from onnxforge.pipeline.quantize import QuantizeConfig, QuantizeResult, quantize, scheme_id
+from onnxforge.pipeline.quantize.transformer_fusion import looks_like_transformer
 from onnxforge.pipeline.registry import Knob, KnobKind, Pass, Phase, StageContext, register
 from onnxforge.targets.cpu import has_matmul_weights
 
@@ -30,9 +31,9 @@ class QuantizePass(Pass[QuantizeConfig, QuantizeResult]):
         """The target's schemes for this model, plus two of those it adds for MatMul-dominated models
         when the model has MatMul weights at all: the first dynamic one and int4 where the target runs
         MatMulNBits (a conv-only graph has nothing either would quantize); int4's block size and
-        accuracy level when int4 is a choice; the share of nodes kept in float when an int8 scheme is.
-        Without a model: every scheme the target has (what a
-        pinned ``quantize.schemes`` is checked against before the model is read)."""
+        accuracy level when int4 is a choice; the share of nodes kept in float when an int8 scheme is;
+        whether attention is fused on transformers with a dynamic scheme. Without a model: every scheme
+        the target has (what a pinned ``quantize.schemes`` is checked against before the model is read)."""
         from onnxforge.targets import QuantMethod, get_target
 
         found = get_target(target)
@@ -50,6 +51,12 @@ class QuantizePass(Pass[QuantizeConfig, QuantizeResult]):
             # everything); fp16 and int4 trials ignore it (a note says so)
             knobs.append(Knob("float_share", KnobKind.CHOICE, choices=FLOAT_SHARES,
                               help="int8: share of quantized nodes kept in float, most sensitive first"))
+        if (model is None or looks_like_transformer(model)) and any(
+                s.method is QuantMethod.DYNAMIC for s in candidates):
+            # QAttention is faster at batch 1, three whole-batch MatMuls at batch 32 (MiniLM here): the
+            # quantize stage times at batch 1, the search at its own
+            knobs.append(Knob("fuse_attention", KnobKind.CHOICE, choices=(True, False),
+                              help="dynamic int8 on transformers: attention fused into QAttention"))
         if any(s.method is QuantMethod.INT4 for s in candidates):
             knobs += [
                 Knob("int4_block_size", KnobKind.CHOICE, choices=(32, 64, 128), help="int4: weights per scale along K"),

@@ -81,8 +81,13 @@ class QuantizeConfig(GateFields):
       samples (also the samples mixed precision ranks nodes on).
     transformer_fusion: onnxscript/onnxruntime transformer fusions (Attention -> QAttention for dynamic
       candidates), kept only when something fused and the outputs match (transformer_fusion).
+    fuse_attention: with transformer_fusion, fuse attention into Attention (QAttention once quantized);
+      False fuses only GELU and keeps the Q/K/V projections as whole-batch MatMuls (faster at large
+      batches on the CPU measured; the search's knob decides at its batch).
     residual_sums: on transformers, write residual Adds as Sum where the target runs SkipLayerNormalization
       measurably slower than Add + LayerNormalization (skip_layer_norm).
+    remove_padding: on transformers with a 2-D mask input, run the token-wise layers (projections,
+      FFN, normalizations) on the real tokens only, kept when every output matches (token_packing).
     quantize_embeddings: every int8/int4 candidate also stores its embedding tables in int8 with per-row
       scales (embeddings; a scheme can ask for it alone with ``-int8-embeddings``).
     smooth_alpha: SmoothQuant migration strength for ``-smooth`` schemes (smooth_quant).
@@ -147,7 +152,17 @@ class QuantizeConfig(GateFields):
         key=False,
     )
     transformer_fusion: bool = option(True, help="fuse Attention/SkipLayerNorm/BiasGelu before quantizing transformers")
+    fuse_attention: bool = option(
+        True,
+        help="with transformer fusion: fuse attention into Attention/QAttention (no: only GELU is fused and the "
+        "Q/K/V projections stay whole-batch MatMuls, faster at large batches)",
+    )
     residual_sums: bool = option(True, help="keep residual Add chains in a quantization-friendly form")
+    remove_padding: bool = option(
+        True,
+        help="transformers with a mask input: run the per-token layers on real tokens only (padding removed "
+        "inside the graph), kept when the outputs match",
+    )
     quantize_embeddings: bool = option(
         True,
         help="store embedding tables in int8 with per-row scales in every candidate",

@@ -10,6 +10,9 @@
   ready for QAttention (static QDQ cannot quantize a fused Attention, whose QKV projection would
   stay fp32: those candidates keep ``base``).
 
+On transformers, ``base`` and ``fused`` then run their token-wise layers on real tokens only
+(token_packing, ``remove_padding``) when the outputs do not show padded positions.
+
 Smoothed variants (smooth_quant) of either are built on demand by the candidate run, from
 calibration samples.
 """
@@ -27,6 +30,7 @@ from onnxforge.pipeline.quantize.activation_fusion import fuse_activations, may_
 from onnxforge.pipeline.quantize.calibrate import CalibrationData, name_nodes, preprocess
 from onnxforge.pipeline.quantize.config import QuantizeConfig
 from onnxforge.pipeline.quantize.skip_layer_norm import residual_sums, should_keep_unfused
+from onnxforge.pipeline.quantize.token_packing import pack_tokens
 from onnxforge.pipeline.quantize.transformer_fusion import fuse_transformer, looks_like_transformer, padded_batch
 from onnxforge.targets import QuantMethod, QuantScheme
 
@@ -74,15 +78,29 @@ def prepare_graphs(
         return Graphs(fp32, base)
     reference = onnx.load(str(fp32))
     sums, slowdown = should_keep_unfused(target) if config.residual_sums else (False, None)
-    if sums:
-        rewritten, count = residual_sums(onnx.load(str(base)))
-        if count:
-            base = folder / "fp32_residual_sums.onnx"
-            onnx.save_model(rewritten, str(base))
-            notes.append(
-                f"SkipLayerNormalization ran {slowdown:.1f}x slower than Add + LayerNormalization on target "
-                f"{target.name!r}: {count} residual Add(s) written as Sum so onnxruntime keeps them unfused"
-            )
+    singles = [{k: np.asarray(v)[None] for k, v in sample.items()}
+               for sample in data.calib.take(slice(0, min(8, len(data.calib)))).samples()]
+    packed_notes: list[str] = []
+
+    def packed(graph: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto, bool]:
+        if not config.remove_padding:
+            return graph, False
+        result = pack_tokens(graph, singles)
+        packed_notes.append(f"{label}: {result.note}")
+        return result.model, result.packed > 0
+
+    start = onnx.load(str(base))  # hard-swish fused, when any
+    rewritten, count = residual_sums(start) if sums else (start, 0)
+    rewritten, packed_base = packed(rewritten, "unfused graph")
+    if count or packed_base:
+        base = folder / "fp32_rewritten.onnx"
+        onnx.save_model(rewritten, str(base))
+        name_nodes(base)
+    if count:
+        notes.append(
+            f"SkipLayerNormalization ran {slowdown:.1f}x slower than Add + LayerNormalization on target "
+            f"{target.name!r}: {count} residual Add(s) written as Sum so onnxruntime keeps them unfused"
+        )
     fused = None
     fusion_wanted = config.transformer_fusion and any(s.method is QuantMethod.DYNAMIC for s in schemes)
     batch = data.statistics_batch() if fusion_wanted else None
@@ -90,22 +108,23 @@ def prepare_graphs(
         notes.append(f"transformer fusions skipped: checking them would not fit ({data.refusal('statistics')})")
     elif fusion_wanted and batch is not None:
         samples = list(data.batches(_PARITY_SAMPLES, batch)())
-        first = data.calib.take(slice(0, min(8, len(data.calib)))).samples()
-        padded = padded_batch([{k: np.asarray(v)[None] for k, v in sample.items()} for sample in first])
+        padded = padded_batch(singles)
         if padded is not None:
             samples.append(padded)
-        fusion = fuse_transformer(reference, samples)
+        fusion = fuse_transformer(reference, samples, attention=config.fuse_attention)
         notes.append(fusion.note)
-        if fusion.fused and qattention_ready(fusion.model):
+        if fusion.fused and (not config.fuse_attention or qattention_ready(fusion.model)):
             graph = fusion.model
             if sums:
                 graph, _ = residual_sums(graph)
+            graph, _ = packed(graph, "fused graph")
             fused = folder / "fp32_fused.onnx"
             onnx.save_model(graph, str(fused))
             name_nodes(fused)
         elif fusion.fused:
             notes.append("fused Attention cannot become QAttention (mask or weights): dynamic candidates use the "
                          "unfused graph")
+    notes.extend(packed_notes)
     return Graphs(fp32, base, fused, transformer=True)
 
 

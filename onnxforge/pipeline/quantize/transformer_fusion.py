@@ -14,6 +14,11 @@ when its QKV weight is one initializer, ``qkv_hidden_sizes`` is absent, and the 
   ``mask_index = Cast(M, int32)`` when, for several masks M with zeros in them, the bias is 0 at
   every key where M is 1 and <= -1e4 where M is 0, whatever the query (checked by running the graph).
 
+With ``attention=False`` only the GELU fusions run (erf-GELU -> Gelu, + bias -> BiasGelu): the Q/K/V
+projections stay MatMuls. QAttention computes its projection as one small GEMM per batch row and
+head; at batch 32 three whole-batch MatMuls can be faster (measured on MiniLM: ``quantize``
+times candidates at batch 1, so the search's ``quantize.fuse_attention`` knob decides at its batch).
+
 The fused graph is kept only when its outputs match the input model's on the given samples
 (relative max difference <= 1e-3; a padded batch built from variable-length samples is among them,
 so a wrong mask shows); otherwise the graph is kept unfused, with a note either way.
@@ -71,18 +76,26 @@ def _counts(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node if n.op_type in FUSED_OPS)
 
 
-def fuse_transformer(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]] = ()) -> FusionResult:
+def fuse_transformer(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]] = (), *,
+                     attention: bool = True) -> FusionResult:
     """``model`` with transformer fusions when they fused something and the outputs match on
-    ``samples`` (feed dicts; none given: no parity check); otherwise ``model`` as given."""
+    ``samples`` (feed dicts; none given: no parity check); otherwise ``model`` as given.
+    ``attention=False``: the GELU fusions only."""
     before = _counts(model)
-    fused_model, tool = _onnxscript_fusions(model), "onnxscript ort_fusions"
-    if fused_model is None or not _gained(before, _counts(fused_model), _STRUCTURAL):
-        fused_model, tool = _ort_optimizer(model), "onnxruntime.transformers optimizer"
-    if fused_model is None or not _gained(before, _counts(fused_model), _STRUCTURAL):
-        return FusionResult(
-            model, {}, "transformer fusions found no Attention/SkipLayerNorm pattern: graph kept unfused"
-        )
-    fused_model, converted = _prepare_qattention(fused_model, samples)
+    if attention:
+        fused_model, tool = _onnxscript_fusions(model), "onnxscript ort_fusions"
+        if fused_model is None or not _gained(before, _counts(fused_model), _STRUCTURAL):
+            fused_model, tool = _ort_optimizer(model), "onnxruntime.transformers optimizer"
+        if fused_model is None or not _gained(before, _counts(fused_model), _STRUCTURAL):
+            return FusionResult(
+                model, {}, "transformer fusions found no Attention/SkipLayerNorm pattern: graph kept unfused"
+            )
+        fused_model, converted = _prepare_qattention(fused_model, samples)
+    else:
+        fused_model, tool, converted = _gelu_fusions(model), "onnxscript GELU fusions, attention unfused", 0
+        if fused_model is None or not _gained(before, _counts(fused_model), FUSED_OPS):
+            return FusionResult(model, {}, "transformer fusions (attention unfused) found no GELU pattern: graph "
+                                           "kept unfused")
     gained = _gained(before, _counts(fused_model), FUSED_OPS)
     if samples:
         diff = _parity(model, fused_model, samples)
@@ -110,6 +123,26 @@ def _onnxscript_fusions(model: onnx.ModelProto) -> onnx.ModelProto | None:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             fused, _ = optimize_for_ort(ir.from_proto(model))
         return ir.to_proto(fused)
+    except Exception:  # the fusions are an optimisation: a failure keeps the graph
+        return None
+
+
+def _gelu_fusions(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    try:
+        from onnxscript import optimizer
+        from onnxscript.rewriter.ort_fusions.bias_gelu import fuse_bias_gelu
+        from onnxscript.rewriter.ort_fusions.erfgelu import fuse_erfgelu
+        from onnxscript.rewriter.ort_fusions.gelu import fuse_gelu
+
+        graph_model = ir.from_proto(model)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            common_passes.ShapeInferencePass()(graph_model)
+            optimizer.optimize(graph_model)
+            fuse_erfgelu(graph_model)
+            fuse_gelu(graph_model)
+            fuse_bias_gelu(graph_model)
+            optimizer.optimize(graph_model)
+        return ir.to_proto(graph_model)
     except Exception:  # the fusions are an optimisation: a failure keeps the graph
         return None
 
