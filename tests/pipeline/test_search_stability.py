@@ -107,3 +107,19 @@ def test_a_choice_within_noise_is_reported_as_such():
     timer, _ = _timer({"1": 0.50, "2": 0.50}, noise=0.05)
     settled = separate(records, timer, rounds=10, repeats=3, max_doublings=2)
     assert not settled["separated"] and settled["rounds"] == 40
+
+
+def test_two_equal_slow_models_stop_at_the_time_budget_not_after_every_doubling():
+    records = [{"number": n, "model": str(n), "within_budget": True, "ratio": 0.0} for n in (1, 2)]
+    timer, calls = _timer({"1": 0.50, "2": 0.50}, noise=0.05)
+    now = [0.0]
+
+    def slow_timer(models, rounds):  # each model's round "takes" 50 ms on a fake clock
+        now[0] += 0.05 * rounds * len(models) * 1.0
+        return timer(models, rounds)
+
+    settled = separate(records, slow_timer, rounds=30, repeats=5, budget_s=120.0, clock=lambda: now[0])
+    # 30 rounds x 2 models x 5 calls = 15 s; the next doubling (60 rounds) adds 30 s, then 60 s: the one after
+    # (240 rounds, 120 s) would pass 120 s and is not started
+    assert not settled["separated"] and settled["stopped"] == "time budget" and settled["rounds"] == 120
+    assert now[0] <= 120.0 and max(calls) == 120

@@ -144,7 +144,8 @@ def _retimed_front(records, config, ctx, pool, say, run_dir: Path,
     if not settled["separated"]:
         first, second = settled["contenders"]
         notes.append(f"trials {first} and {second} are within timing noise of each other after "
-                     f"{settled['rounds']} rounds; the choice between them is not significant")
+                     f"{settled['rounds']} rounds" + (" (the re-timing's time budget ran out)" if settled.get("stopped")
+                                                     else "") + "; the choice between them is not significant")
     front = [retimed[i] for i in pareto_front([objectives(r, config) for r in retimed])]
     return sorted(front, key=lambda r: r["ratio"]), retimed
 

@@ -16,14 +16,16 @@ plans from the noise, and the same command on the same data ends at different be
   change when a ratio's noise crosses a rung.
 - **The final choice** re-times the front together (``separate``): the fastest within budget and its
   runner-up are re-timed with twice the rounds until no call of the one overlaps the other's, or
-  the rounds run out (then the pick is reported as within noise). At least five calls each: with
-  fewer, two equal models would look apart too often.
+  the rounds or the time budget run out (then the pick is reported as within noise: two equal models
+  never separate, and doubling the rounds of a 100 ms encoder ran for over 30 minutes). At least five
+  calls each: with fewer, two equal models would look apart too often.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -66,8 +68,12 @@ def steer_ratio(ratio: float, resolution: float) -> float:
     return round(math.exp(round(math.log(ratio) / step) * step), 6)
 
 
+SEPARATE_BUDGET_S = 120.0  # re-timing two contenders again stops once the next doubling would pass this
+
+
 def separate(records: list[dict[str, Any]], timer: Timer, rounds: int, repeats: int, *,
-             max_doublings: int = 3) -> dict[str, Any]:
+             max_doublings: int = 3, budget_s: float = SEPARATE_BUDGET_S,
+             clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Re-time ``records`` (trial records with ``path`` resolved by the caller into ``model``) together,
     then the fastest two within budget again with doubled rounds until they separate.
 
@@ -75,11 +81,16 @@ def separate(records: list[dict[str, Any]], timer: Timer, rounds: int, repeats: 
     (keeping the trial's own ratio as ``trial_ratio``) and returns how the choice was settled:
     ``{"rounds": ..., "separated": bool, "contenders": [numbers]}``. Two models are separated when no
     call of the one overlaps the calls of the other (the slower one's fastest call is slower than the
-    faster one's slowest)."""
+    faster one's slowest). A doubling whose time, extrapolated from the calls so far, would take the
+    re-timing past ``budget_s`` is not started (``"stopped": "time budget"``)."""
     bounds: dict[Any, tuple[float, float]] = {}
+    start = clock()
+    per_model_round = [0.0]  # seconds one model's round took in the last call
 
     def apply(chosen: list[dict[str, Any]], rounds: int) -> None:
+        began = clock()
         timed = median_timing({str(r["number"]): r["model"] for r in chosen}, timer, rounds, max(5, repeats))
+        per_model_round[0] = (clock() - began) / max(1, len(chosen) * rounds)
         for r in chosen:
             t = timed[str(r["number"])]
             bounds[r["number"]] = (t["ratio_low"], t["ratio_high"])
@@ -100,6 +111,9 @@ def separate(records: list[dict[str, Any]], timer: Timer, rounds: int, repeats: 
             return settled
         settled["separated"] = False
         if settled["rounds"] >= rounds * 2 ** max_doublings:
+            break
+        if clock() - start + per_model_round[0] * 2 * settled["rounds"] * 2 > budget_s:
+            settled["stopped"] = "time budget"
             break
         settled["rounds"] *= 2
         apply([first, second], settled["rounds"])
