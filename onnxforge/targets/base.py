@@ -142,6 +142,11 @@ class Target:
     # Channel counts this target runs fastest in multiples of (CPU: onnxruntime's NCHWc blocks of 8;
     # GPU tensor cores want 8 as well). Structured pruning rounds to it when a search drives it.
     channel_multiple: int = 8
+    # What the search's latency estimate charges (``search.timing.cost_estimate``): one kernel launch at
+    # batch 1 in multiply-accumulates of float compute, and how much faster an int8 MAC runs than a float
+    # one. Defaults: what the CPU measured (see CpuTarget); a target measured otherwise sets its own.
+    kernel_overhead_macs: int = 180_000
+    int8_mac_speedup: float = 3.0
 
     def unavailable_reason(self) -> str | None:
         """None when usable here, else a one-line reason."""

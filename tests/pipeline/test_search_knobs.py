@@ -72,3 +72,24 @@ def test_every_pass_takes_the_model():
     for name, cls in registered_passes().items():
         for knob in cls.knobs("cpu", model):  # a subset of the model-blind knobs, field for field
             assert knob.field in {k.field for k in cls.knobs("cpu")}, name
+
+
+def test_recovery_is_sampled_only_after_a_structure_pass():
+    """A distill after no pruning is skipped when the chain is built: the sampler never proposes it
+    (it spent trials on such copies of a quantize-only plan), nor does the grid."""
+    import optuna
+
+    cnn = make_classifier(0, channels=8)
+    space = SearchSpace("cpu", ("prune_channels", "distill", "quantize"), model=cnn,
+                        pinned={"prune_channels.ratio": [0.5], "quantize.float_share": [0.0]})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["minimize"] * 2)
+    plans = []
+    for _ in range(40):
+        trial = study.ask()
+        plans.append(space.suggest(trial))
+        study.tell(trial, (0.0, 1.0))
+    assert any(p.params["recovery"] == "distill" for p in plans)  # it is still searched, after a prune
+    for plan in [*plans, *(space.plan_from_params(p) for p in space.grid())]:
+        names = [name for name, _ in plan.stages]
+        assert "distill" not in names or names[0] == "prune_channels"
+    assert any(p["recovery"] == "distill" for p in space.grid())

@@ -123,3 +123,20 @@ def test_two_equal_slow_models_stop_at_the_time_budget_not_after_every_doubling(
     # (240 rounds, 120 s) would pass 120 s and is not started
     assert not settled["separated"] and settled["stopped"] == "time budget" and settled["rounds"] == 120
     assert now[0] <= 120.0 and max(calls) == 120
+
+
+def test_the_cost_estimate_charges_launches_and_int8_by_its_macs():
+    """The sampler's latency stand-in: an int8 copy of a model (4x smaller file, same MACs) is estimated at
+    most ``int8_speedup`` faster, and a model pruned to few MACs is bounded by its kernel launches."""
+    from onnxforge.model_cost import ComputeCost
+    from onnxforge.pipeline.search.timing import cost_estimate
+
+    reference = ComputeCost(float_macs=66_000_000, integer_macs=0, kernels=15)
+    weights = {"kernel_macs": 180_000, "int8_speedup": 3.0}
+    int8 = cost_estimate(500, ComputeCost(0, 66_000_000, 19), 2000, reference, **weights)
+    assert 1 / 3.0 < int8 < 0.5
+    pruned = cost_estimate(100, ComputeCost(4_000_000, 0, 15), 2000, reference, **weights)
+    assert pruned < int8
+    tiny = cost_estimate(1, ComputeCost(1, 0, 15), 2000, reference, **weights)
+    assert tiny == pytest.approx(15 * 180_000 / (66_000_000 + 15 * 180_000), rel=1e-3)
+    assert cost_estimate(500, None, 2000, reference, **weights) == 0.25  # uncounted: the size ratio

@@ -81,15 +81,15 @@ def _prepare(model: str, run_dir: Path, config: OptimizeConfig, cache: StageCach
 
 
 def _reference_cost(reference: str) -> dict[str, Any]:
-    """The input model's size and MACs, the baseline of every trial's cost estimate (``timing``)."""
-    from onnxforge.model_cost import count_params_and_macs
+    """The input model's size and compute, the baseline of every trial's cost estimate (``timing``)."""
+    from onnxforge.model_cost import ComputeCost, compute_cost
     from onnxforge.model_io import model_file_size
 
     try:
-        macs: int | None = count_params_and_macs(load_model(reference))[1]
+        cost: ComputeCost | None = compute_cost(load_model(reference))
     except Exception:  # an estimate: without MACs the size ratio alone steers
-        macs = None
-    return {"reference_bytes": model_file_size(reference), "reference_macs": macs}
+        cost = None
+    return {"reference_bytes": model_file_size(reference), "reference_cost": cost}
 
 
 def search_reads(config: OptimizeConfig) -> list[Path]:

@@ -130,6 +130,13 @@ class SearchSpace:
 
     # -- sampling ------------------------------------------------------------------------------
 
+    @staticmethod
+    def phase_applies(phase: Phase, chosen: Mapping[str, Any]) -> bool:
+        """Whether a trial that chose ``chosen`` (phase name -> pass) so far picks a pass for ``phase``:
+        recovery retrains what a structure pass removed, so without one it is not sampled (a distill
+        after nothing is skipped when the chain is built, and the sampler would spend trials on copies)."""
+        return phase is not Phase.RECOVERY or chosen.get(Phase.STRUCTURE.name.lower(), NONE) != NONE
+
     def phase_choices(self, phase: Phase) -> list[str]:
         pinned = self.pinned.get(phase.name.lower())
         return list(pinned) if pinned else [NONE, *self.phases[phase]]
@@ -153,6 +160,9 @@ class SearchSpace:
         params: dict[str, Any] = {}
         stages = []
         for phase in sorted(self.phases):
+            if not self.phase_applies(phase, params):
+                params[phase.name.lower()] = NONE
+                continue
             choices = self.phase_choices(phase)
             chosen = trial.suggest_categorical(phase.name.lower(), choices)
             params[phase.name.lower()] = chosen
@@ -195,7 +205,7 @@ class SearchSpace:
         for phase in sorted(self.phases):
             extended = []
             for plan in plans:
-                for chosen in self.phase_choices(phase):
+                for chosen in (self.phase_choices(phase) if self.phase_applies(phase, plan) else [NONE]):
                     if chosen == NONE:
                         extended.append({**plan, phase.name.lower(): NONE})
                         continue

@@ -8,9 +8,13 @@ plans from the noise, and the same command on the same data ends at different be
   trial and the input model in turn, each call's ratio against the input's p50 in that same call), and
   ``ratio_spread`` says how far those calls disagreed ((max - min) / median).
 - **The sampler** is steered, by default, by what does not move between runs: the quality loss and the
-  trial's ``cost_estimate`` (its size and MAC count relative to the input's, both counted on the built
-  model). The plan sequence is then a function of the seed and the data, whatever the timings; the
-  front and the choice are still drawn from timings, never from the estimate. With a ``resolution``
+  trial's ``cost_estimate``, a latency model counted on the built graph relative to the input's (float
+  MACs, int8 MACs at the target's int8 speedup, and a fixed cost per kernel launched: at batch 1 a small
+  model's time is mostly launches, and an int8 model is faster only by its MACs, not by its 4x smaller
+  file; an estimate from file size told the sampler quantization alone was 4-400x faster and it spent
+  its trials on quantization schemes instead of structure). The plan sequence is then a function of
+  the seed and the data, whatever the timings; the front and the choice are still drawn from timings,
+  never from the estimate. With a ``resolution``
   the sampler is told the median ratio on a ladder of steps of that size instead (``steer_ratio``):
   it learns what only timing shows (a scheme the target runs slowly), at the price of plans that
   change when a ratio's noise crosses a rung.
@@ -27,7 +31,10 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from onnxforge.model_cost import ComputeCost
 
 __all__ = ["cost_estimate", "median_timing", "separate", "steer_ratio"]
 
@@ -50,13 +57,18 @@ def median_timing(models: Mapping[str, Any], timer: Timer, rounds: int, repeats:
     return out
 
 
-def cost_estimate(size: int, macs: int | None, reference_size: int, reference_macs: int | None) -> float:
-    """The geometric mean of the size ratio and the MAC ratio to the input model (the size ratio alone
-    when MACs could not be counted): a deterministic stand-in for the latency ratio, for steering only."""
-    size_ratio = size / reference_size if reference_size > 0 else 1.0
-    if not macs or not reference_macs:
-        return round(size_ratio, 6)
-    return round(math.sqrt(size_ratio * macs / reference_macs), 6)
+def cost_estimate(size: int, cost: ComputeCost | None, reference_size: int, reference_cost: ComputeCost | None, *,
+                  kernel_macs: float, int8_speedup: float) -> float:
+    """The estimated latency ratio to the input model, for steering only: ``float MACs + integer MACs /
+    int8_speedup + kernels * kernel_macs`` over the same for the input (the target's two constants:
+    ``Target.kernel_overhead_macs``, ``Target.int8_mac_speedup``); the size ratio when MACs could not
+    be counted."""
+    def latency(c: ComputeCost) -> float:
+        return c.float_macs + c.integer_macs / int8_speedup + c.kernels * kernel_macs
+
+    if cost is None or reference_cost is None or latency(reference_cost) <= 0:
+        return round(size / reference_size if reference_size > 0 else 1.0, 6)
+    return round(latency(cost) / latency(reference_cost), 6)
 
 
 def steer_ratio(ratio: float, resolution: float) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 
 from onnxforge._atomic import atomic_path
 from onnxforge.errors import CalibrationDataError, OnnxForgeError, QualityGateError
+from onnxforge.model_cost import ComputeCost, compute_cost
 from onnxforge.model_io import file_sha256, load_model, model_file_size
 from onnxforge.pipeline import codec
 from onnxforge.pipeline.cache import StageCache
@@ -37,6 +38,7 @@ from onnxforge.pipeline.search.records import TrialRecord, TrialStage
 from onnxforge.pipeline.search.space import TrialPlan
 from onnxforge.pipeline.search.timing import cost_estimate, median_timing
 from onnxforge.pipeline.user_metric import UserMetric
+from onnxforge.targets import get_target
 
 __all__ = [
     "TrialContext",
@@ -69,8 +71,8 @@ class TrialContext:
     source: str | None = None  # the framework model the input was exported from (what distill trains against)
     source_sha256: str | None = None
     repeats: int = 1  # interleaved timing calls per trial; the ratio is their median (search.timing)
-    reference_bytes: int = 0  # the input model's size and MACs: the baseline of a trial's cost estimate
-    reference_macs: int | None = None
+    reference_bytes: int = 0  # the input model's size and compute: the baseline of a trial's cost estimate
+    reference_cost: ComputeCost | None = None
     coarse_limit: int | None = None  # trials are scored on the first this many eval samples (None: all)
 
     def stage_context(self) -> StageContext:
@@ -251,14 +253,19 @@ def evaluate_plan(number: int, plan: TrialPlan, ctx: TrialContext, keep: Path, *
         score_trial(record, built.path, ctx, ctx.coarse_limit)
         record.bytes = model_file_size(built.path)
         record.sha256 = file_sha256(built.path)
+        cost: ComputeCost | None = None
         try:
-            from onnxforge.model_cost import count_params_and_macs
+            from onnxforge.model_cost import count_parameters
 
-            record.params, record.macs_estimate = count_params_and_macs(load_model(built.path))
+            built_model = load_model(built.path)
+            cost = compute_cost(built_model)
+            record.params, record.macs_estimate = count_parameters(built_model.graph, initializers_only=True), cost.macs
         except Exception:  # an estimate beside the measurement, never a reason to fail a trial
             record.params = record.macs_estimate = None
-        record.cost_estimate = cost_estimate(record.bytes, record.macs_estimate, ctx.reference_bytes,
-                                             ctx.reference_macs)
+        target = get_target(ctx.target)
+        record.cost_estimate = cost_estimate(record.bytes, cost, ctx.reference_bytes, ctx.reference_cost,
+                                             kernel_macs=target.kernel_overhead_macs,
+                                             int8_speedup=target.int8_mac_speedup)
         if timing:
             trial = median_timing({"trial": str(built.path)}, trial_timer(ctx), ctx.rounds, ctx.repeats)["trial"]
             record.reference_ms, record.model_ms = trial["reference_ms"], trial["model_ms"]
