@@ -240,7 +240,7 @@ _CALIBRATION_FIELDS = {
     "shape": ["ok", "rank-1", "rank+1", "scalar", "wrong-channels", "wrong-hw", "empty-dim"],
     "poison": [None, "nan", "inf", "-inf", "huge"],
     "key": ["x", "X", "image", "", "label"],
-    "extra": [None, "label-ok", "label-short", "label-scalar", "label-strings", "label-float", "junk"],
+    "extra": [None, "label-ok", "label-short", "label-scalar", "label-bytes", "label-float", "junk"],
 }
 
 
@@ -287,8 +287,8 @@ def build_calibration(recipe: dict) -> dict[str, np.ndarray]:
         arrays["label"] = np.zeros(max(n - 1, 0), np.int64)
     elif extra == "label-scalar":
         arrays["label"] = np.int64(3)
-    elif extra == "label-strings":
-        arrays["label"] = np.array(["cat"] * n)
+    elif extra == "label-bytes":  # text labels (numpy unicode) are valid, for a user metric; bytes are not
+        arrays["label"] = np.array([b"cat"] * n)
     elif extra == "label-float":
         arrays["label"] = np.linspace(0.0, 4.5, n)
     elif extra == "junk":

@@ -319,7 +319,7 @@ def test_fuzz_findings_are_clean_errors(tmp_path, case, command, fragment):
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [("label-scalar", "'label' must be an array"),  # len() of a 0-d array: TypeError
-     ("label-strings", "'label' must be an array")],  # int('cat') in evaluate.score: ValueError
+     ("label-bytes", "'label' must be an array")],  # int(b'cat') in evaluate.score was a ValueError
 )
 def test_bad_labels_are_clean_errors(tmp_path, extra, fragment):
     model = tmp_path / "model.onnx"
