@@ -124,18 +124,24 @@ def test_attention_fusion_is_a_pinnable_knob_before_the_model_is_read():
     assert "fuse_attention" in {k.field for k in QuantizePass.knobs("cpu")}  # how a pinned value is checked
 
 
-@pytest.mark.usefixtures("int8_faster")  # the tiny encoder is overhead-bound: only the graph is under test
-@pytest.mark.parametrize("fuse_attention", [True, False])
-def test_quantize_runs_a_pooled_encoder_on_real_tokens(tmp_path, fuse_attention):
-    from onnxforge.pipeline.evaluate import Metric
-    from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize
-
+def _pooled_encoder_and_sentences(tmp_path):
+    """The pooled encoder saved, and a folder of variable-length sentences (one .npz each) to calibrate on."""
     model = tmp_path / "pooled.onnx"
     onnx.save_model(pooled_encoder(), str(model))
     calib = tmp_path / "calib"
     calib.mkdir()
     for i, sample in enumerate(singles((5, 3, 7, 4, 6, 2, 8, 5), seed=3)):
         np.savez(calib / f"{i:02d}.npz", **sample)
+    return model, calib
+
+
+@pytest.mark.usefixtures("int8_faster")  # the tiny encoder is overhead-bound: only the graph is under test
+@pytest.mark.parametrize("fuse_attention", [True, False])
+def test_quantize_runs_a_pooled_encoder_on_real_tokens(tmp_path, fuse_attention):
+    from onnxforge.pipeline.evaluate import Metric
+    from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize
+
+    model, calib = _pooled_encoder_and_sentences(tmp_path)
     out = tmp_path / "int8.onnx"
     result = quantize(model, out, calib, QuantizeConfig(
         metric=Metric.COSINE, tolerance=0.9, latency_rounds=2, mixed_precision=False, error_report=False,
@@ -159,12 +165,7 @@ def test_static_int8_on_real_tokens_keeps_int8_matmuls(tmp_path):
     from onnxforge.pipeline.evaluate import Metric
     from onnxforge.pipeline.quantize import QuantizeConfig, parse_scheme, quantize
 
-    model = tmp_path / "pooled.onnx"
-    onnx.save_model(pooled_encoder(), str(model))
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    for i, sample in enumerate(singles((5, 3, 7, 4, 6, 2, 8, 5), seed=3)):
-        np.savez(calib / f"{i:02d}.npz", **sample)
+    model, calib = _pooled_encoder_and_sentences(tmp_path)
     out = tmp_path / "int8.onnx"
     result = quantize(model, out, calib, QuantizeConfig(
         metric=Metric.COSINE, tolerance=0.9, latency_rounds=2, mixed_precision=False, error_report=False,
