@@ -247,12 +247,13 @@ class CandidateRun:
         """``path``'s score against fp32 on the held-out samples (Reference.score)."""
         return self.reference.score(path)
 
-    def agreement(self, path: Path) -> float | None:
-        """With labels, ``path``'s top-1 agreement with fp32's predictions (the churn an accuracy drop
-        can hide: the same accuracy with other samples wrong); None without labels (the metric says it)."""
+    def agreement(self, path: Path, scorer: Reference | None = None) -> float | None:
+        """With labels, ``path``'s top-1 agreement with fp32's predictions on ``scorer``'s samples (default:
+        all held-out ones; the churn an accuracy drop can hide: the same accuracy with other samples wrong);
+        None without labels (the metric says it)."""
         if self.gate.metric is not Metric.ACCURACY:
             return None
-        return self.reference.agreement(path)
+        return (scorer or self.reference).agreement(path)
 
     def measure(self, schemes: Sequence[QuantScheme]) -> None:
         """Quantize and score every scheme, then time them all; raises QualityGateError when every one failed."""
@@ -281,6 +282,7 @@ class CandidateRun:
             if self.coarse is not None:  # ranked on a subset first (coarse_scoring); every rule of the gate
                 result.meets_tolerance = self.coarse.passes(result.score, dest)
                 result.gate_checks = self.coarse.verdict(dest).message()
+                result.agreement_with_input = self.agreement(dest, self.coarse)  # on all samples if refined
                 result.scored_samples = count
             else:
                 result.meets_tolerance = self.reference.passes(result.score, dest)
